@@ -1,0 +1,241 @@
+"""One loader for every kind of model reference.
+
+`load(ref)` accepts an embedded name (`smollm2-135m`, `gemma3-270m`), a tiny test model (`tiny-llama`,
+...), a path to a `.gguf` file, a local model folder, or a hub id. GGUF weights are dequantised once
+and cached as safetensors under a content key, so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esa.errors import EsaError
+from esa.models import embedded, tiny
+from esa.models.inventory import KINDS, WeightSpec, weight_inventory
+from esa.store import atomic_path, cache_dir, content_key
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        from esa.errors import unknown
+
+        raise unknown("dtype", dtype, DTYPES)
+    return DTYPES[dtype]
+
+
+def known_models() -> list[str]:
+    return sorted(embedded.EMBEDDED) + sorted(tiny.TINY_CONFIGS)
+
+
+@dataclass
+class ModelInfo:
+    """What a run needs to know about a model, and what a report prints about it."""
+
+    ref: str
+    source: str  # embedded | tiny | gguf | local | hub
+    family: str  # config.model_type
+    architecture: str
+    n_params: int
+    n_params_active: int  # per token: MoE counts only the routed experts
+    n_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    moe: bool
+    n_experts: int
+    experts_per_token: int
+    instruct: bool
+    dtype: str
+    n_weights_studied: int
+    weights_by_kind: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    info: ModelInfo
+    inventory: list[WeightSpec]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load(
+    ref: str,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, str] | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    seed: int = 0,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load a model and its tokenizer, in eval mode, with gradients off for every parameter.
+
+    `device_map`/`max_memory` are passed to accelerate for models too big for one device; otherwise
+    the model is moved to `device` (default: cuda if available, else cpu).
+    """
+    torch_dtype = parse_dtype(dtype)
+    t0 = time.perf_counter()
+    hf_kwargs: dict[str, Any] = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        hf_kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        hf_kwargs.update(device_map=device_map, max_memory=max_memory)
+
+    if ref in tiny.TINY_CONFIGS:
+        model = tiny.tiny_model(ref, seed=seed, dtype=torch_dtype)
+        tokenizer, source = tiny.tiny_tokenizer(), "tiny"
+    elif ref in embedded.EMBEDDED:
+        folder = _dequantised_folder(embedded.gguf_path(ref))
+        model, tokenizer = _from_pretrained(str(folder), hf_kwargs)
+        source = "embedded"
+    elif ref.endswith(".gguf"):
+        if not Path(ref).is_file():
+            raise EsaError(f"GGUF file {ref!r} does not exist")
+        folder = _dequantised_folder(Path(ref))
+        model, tokenizer = _from_pretrained(str(folder), hf_kwargs)
+        source = "gguf"
+    elif Path(ref).is_dir():
+        model, tokenizer = _from_pretrained(ref, hf_kwargs, revision=revision)
+        source = "local"
+    elif _looks_like_hub_id(ref):
+        model, tokenizer = _from_hub(ref, hf_kwargs, revision)
+        source = "hub"
+    else:
+        raise EsaError(
+            f"unknown model {ref!r}; embedded and test models: {', '.join(known_models())}. "
+            "A hub id (org/name) needs network access or a local copy; a local folder or .gguf path must exist."
+        )
+
+    if device_map is None:
+        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    info = describe(model, ref, source)
+    log.info("loaded %s (%s, %.1fM params) in %.1fs", ref, source, info.n_params / 1e6, time.perf_counter() - t0)
+    return LoadedModel(model, tokenizer, info, weight_inventory(model))
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not ref.startswith((".", "/"))
+
+
+def _from_pretrained(path: str, hf_kwargs: dict[str, Any], revision: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(hf_kwargs)
+    if revision:
+        kw["revision"] = revision
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=None, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=hf_kwargs.get("trust_remote_code", False))
+    return model, tokenizer
+
+
+def _from_hub(ref: str, hf_kwargs: dict[str, Any], revision: str | None):
+    try:
+        return _from_pretrained(ref, hf_kwargs, revision)
+    except OSError as e:  # transformers raises OSError for unreachable / unknown repos
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise EsaError(
+            f"could not load hub model {ref!r}: {str(e).splitlines()[0]}. Hub ids need network access"
+            f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ''} or a local copy in the Hugging Face cache; "
+            f"offline, use an embedded model ({', '.join(sorted(embedded.EMBEDDED))}), a local folder, or a .gguf file."
+        ) from e
+
+
+def _dequantised_folder(gguf: Path) -> Path:
+    """Dequantise a GGUF once into a safetensors folder keyed by the file's identity and library version."""
+    import transformers
+
+    st = gguf.stat()
+    key = content_key({"gguf": gguf.name, "size": st.st_size, "transformers": transformers.__version__})
+    folder = cache_dir("models") / f"{gguf.stem}-{key}"
+    if (folder / "complete").exists():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("dequantising %s once (about 30-75 s on 2 CPU cores); cached in %s", gguf.name, folder)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers refuses to save a model that still carries its GGUF quantizer; the weights are plain
+    # fp32 tensors by now, so detaching it is safe.
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    tmp = folder.with_name(folder.name + ".partial")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "complete").write_text(gguf.name + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def describe(model: torch.nn.Module, ref: str, source: str) -> ModelInfo:
+    cfg = model.config
+    inventory = weight_inventory(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_experts = int(getattr(cfg, "num_local_experts", 0) or getattr(cfg, "num_experts", 0) or 0)
+    per_tok = int(getattr(cfg, "num_experts_per_tok", 0) or 0)
+    active = n_params
+    if n_experts and per_tok:
+        expert_params = sum(s.numel for s in inventory if s.kind == "expert")
+        active = n_params - expert_params + expert_params * per_tok // n_experts
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    by_kind = {k: sum(s.numel for s in inventory if s.kind == k) for k in KINDS}
+    lowered = ref.lower()
+    name_or_path = str(getattr(cfg, "_name_or_path", "")).lower()
+    instruct = ref in embedded.EMBEDDED and embedded.EMBEDDED[ref].instruct or any(
+        t in lowered or t in name_or_path for t in ("instruct", "-it", "chat")
+    )
+    return ModelInfo(
+        ref=ref,
+        source=source,
+        family=cfg.model_type,
+        architecture=type(model).__name__,
+        n_params=n_params,
+        n_params_active=active,
+        n_layers=int(text_cfg.num_hidden_layers),
+        hidden_size=int(text_cfg.hidden_size),
+        vocab_size=int(text_cfg.vocab_size),
+        max_positions=int(getattr(text_cfg, "max_position_embeddings", 0) or 0),
+        moe=bool(n_experts),
+        n_experts=n_experts,
+        experts_per_token=per_tok,
+        instruct=bool(instruct),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        n_weights_studied=sum(s.numel for s in inventory),
+        weights_by_kind={k: v for k, v in by_kind.items() if v},
+    )

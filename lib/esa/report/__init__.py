@@ -1,0 +1,1 @@
+"""Figures, tables, the scorecard of the research guide's success criteria, and the run index."""
