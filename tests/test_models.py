@@ -1,0 +1,105 @@
+"""The loader: tiny models of every architecture, inventories, descriptions, and bad references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from esa.errors import EsaError
+from esa.models import EMBEDDED, TINY_CONFIGS, load, parse_dtype, weight_inventory
+from esa.models.inventory import classify
+
+EXPECTED_FAMILY = {"tiny-llama": "llama", "tiny-mistral": "mistral", "tiny-phi3": "phi3",
+                   "tiny-mixtral": "mixtral", "tiny-gptneox": "gpt_neox"}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_tiny_models_load_and_describe(name):
+    lm = load(name, device="cpu")
+    info = lm.info
+    assert info.family == EXPECTED_FAMILY[name]
+    assert info.n_params == sum(p.numel() for p in lm.model.parameters())
+    assert info.n_layers == 2 and info.source == "tiny"
+    assert not any(p.requires_grad for p in lm.model.parameters())
+    # every block has attention and (dense or expert) MLP weights, all 2-D or 3-D expert tensors
+    kinds = {s.kind for s in lm.inventory}
+    assert "attention" in kinds and (kinds & {"mlp", "expert"})
+    assert {s.layer for s in lm.inventory} == {0, 1}
+    assert info.n_weights_studied == sum(s.numel for s in lm.inventory)
+    if name == "tiny-mixtral":
+        assert info.moe and info.n_experts == 4 and "router" in kinds
+        assert info.n_params_active < info.n_params
+    else:
+        assert not info.moe and info.n_params_active == info.n_params
+
+
+def test_tiny_models_are_seeded():
+    a, b, c = load("tiny-llama", seed=1), load("tiny-llama", seed=1), load("tiny-llama", seed=2)
+    pa, pb, pc = (dict(m.model.named_parameters()) for m in (a, b, c))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert not all(torch.equal(pa[k], pc[k]) for k in pa)
+
+
+def test_inventory_excludes_norms_embeddings_and_head_unless_asked():
+    lm = load("tiny-llama")
+    names = [s.name for s in lm.inventory]
+    assert not any("norm" in n or "embed" in n or "lm_head" in n for n in names)
+    full = weight_inventory(lm.model, include_embeddings=True, include_lm_head=True)
+    assert {s.kind for s in full} >= {"embedding", "lm_head"}
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("model.layers.0.self_attn.qkv_proj.weight", ("qkv", "attention")),
+        ("model.layers.0.self_attn.v_proj.weight", ("v", "attention")),
+        ("model.layers.3.mlp.gate_up_proj.weight", ("gate_up", "mlp")),
+        ("model.layers.3.mlp.down_proj.weight", ("down", "mlp")),
+        ("model.layers.1.mlp.gate.weight", ("router", "router")),
+        ("model.layers.1.mlp.experts.down_proj", ("down", "expert")),
+        ("gpt_neox.layers.0.attention.dense.weight", ("o", "attention")),
+        ("model.layers.0.input_layernorm.weight", None),
+    ],
+)
+def test_classify(name, expected):
+    assert classify(name) == expected
+
+
+def test_unravel_ravel_roundtrip_for_expert_tensors():
+    lm = load("tiny-mixtral")
+    spec = next(s for s in lm.inventory if s.kind == "expert")
+    flat = torch.randperm(spec.numel)[:50]
+    e, r, c = spec.unravel(flat)
+    assert torch.equal(spec.ravel(e, r, c), flat)
+    p = lm.model.get_parameter(spec.name)
+    assert torch.equal(p.reshape(-1)[flat], p[e, r, c])
+
+
+def test_bad_references_give_clear_errors():
+    with pytest.raises(EsaError, match="unknown model 'no-such-model'.*smollm2-135m.*tiny-llama"):
+        load("no-such-model")
+    with pytest.raises(EsaError, match="does not exist"):
+        load("/nonexistent/model.gguf")
+    with pytest.raises(EsaError, match="unknown dtype 'float8'.*bfloat16"):
+        parse_dtype("float8")
+
+
+def test_hub_id_offline_error_names_the_alternatives(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EsaError, match="meta-llama/Llama-3.1-8B.*network.*smollm2-135m"):
+        load("meta-llama/Llama-3.1-8B")
+
+
+def test_bf16_load():
+    lm = load("tiny-llama", dtype="bf16")
+    assert lm.info.dtype == "bfloat16"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EMBEDDED))
+def test_embedded_models_load_from_cache(name):
+    lm = load(name)
+    assert lm.info.source == "embedded"
+    assert lm.info.n_params > 100e6
+    assert lm.info.family in ("llama", "gemma3", "gemma3_text")
+    assert lm.info.instruct == EMBEDDED[name].instruct
