@@ -55,13 +55,13 @@ extended-all: env
 	$(RUN) --profile extended
 
 smoke-llama: env
-	$(RUN) --profile smoke --models $(LLAMA) --only 1
+	$(RUN) --profile smoke --models $(LLAMA) --run-id smoke-llama --fail-fast
 
 standard-llama: env
-	$(RUN) --profile standard --models $(LLAMA) --only 1,2,3
+	$(RUN) --profile standard --models $(LLAMA) --run-id standard-llama --fail-fast
 
 extended-llama: env
-	$(RUN) --profile extended --models $(LLAMA)
+	$(RUN) --profile extended --models $(LLAMA) --run-id extended-llama --fail-fast
 
 generate-docs: env
 	$(RUN) --generate-docs

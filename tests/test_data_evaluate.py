@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def test_local_file_windows_are_non_overlapping_and_split_disjoint(tok, textfile
     assert torch.equal(ev.ids.reshape(-1), torch.from_numpy(stream[: ev.n_windows * 64]))
     # calibration text is the first 80% of the file, evaluation the rest
     corpus = data.get_corpus(textfile)
-    assert corpus.calib_text + corpus.eval_text == open(textfile).read()
+    assert corpus.calib_text + corpus.eval_text == Path(textfile).read_text()
     assert ca.n_windows == 5 and ca.split == "calib"
 
 

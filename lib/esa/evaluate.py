@@ -55,7 +55,6 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate `model` on windows (ids of shape (n, seqlen)). Device: the model's input embedding's."""
     ids = wins.ids if isinstance(wins, Windows) else wins
-    skip_first = bool(wins.bos) if isinstance(wins, Windows) else False
     n, seqlen = ids.shape
     vocab = model.get_output_embeddings().weight.shape[0]
     bs = batch_size or auto_batch_size(seqlen, vocab)

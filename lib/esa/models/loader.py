@@ -7,8 +7,10 @@ and cached as safetensors under a content key, so later loads take seconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,9 +19,9 @@ from typing import Any
 import torch
 
 from esa.errors import EsaError
-from esa.models import embedded, tiny
+from esa.models import embedded, micro, tiny
 from esa.models.inventory import KINDS, WeightSpec, weight_inventory
-from esa.store import atomic_path, cache_dir, content_key
+from esa.store import cache_dir, content_key
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def known_models() -> list[str]:
-    return sorted(embedded.EMBEDDED) + sorted(tiny.TINY_CONFIGS)
+    return sorted(embedded.EMBEDDED) + sorted(tiny.TINY_CONFIGS) + sorted(micro.MICRO_SUITE)
 
 
 @dataclass
@@ -109,6 +111,9 @@ def load(
     if ref in tiny.TINY_CONFIGS:
         model = tiny.tiny_model(ref, seed=seed, dtype=torch_dtype)
         tokenizer, source = tiny.tiny_tokenizer(), "tiny"
+    elif micro.is_micro(ref):  # trained here on first use, then cached (esa.models.micro)
+        model, tokenizer = micro.load_micro(ref, dtype=torch_dtype, seed=seed)
+        source = "micro"
     elif ref in embedded.EMBEDDED:
         folder = _dequantised_folder(embedded.gguf_path(ref))
         model, tokenizer = _from_pretrained(str(folder), hf_kwargs)
@@ -187,19 +192,20 @@ def _dequantised_folder(gguf: Path) -> Path:
     # fp32 tensors by now, so detaching it is safe.
     model.hf_quantizer = None
     if hasattr(model, "is_quantized"):
-        try:
+        with contextlib.suppress(AttributeError):  # a read-only property in some versions
             model.is_quantized = False
-        except AttributeError:
-            pass
-    tmp = folder.with_name(folder.name + ".partial")
-    import shutil
-
+    # a per-process temporary folder, renamed into place when complete: parallel workers (run_all --jobs)
+    # may dequantise the same file at once, and a crash leaves nothing that is read back.
+    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "complete").write_text(gguf.name + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    if (folder / "complete").exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
     return folder
 
 

@@ -1,0 +1,243 @@
+"""reports/<run>/index.html: the front page of a run.
+
+Every notebook of the run folder (from its stamps) with links to the executed notebook and both HTML
+renderings, status and time; the success-criteria scorecard (esa.report.scorecard.read_all) as
+PASS/FAIL/n-a; the key figures under figures/<run>/ as embedded thumbnails linking to the full PNGs;
+and a summary of the manifest. One self-contained file: inline CSS, no JavaScript.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from esa.report import html as h
+from esa.runner.layout import outputs
+from esa.runner.state import all_stamps
+from esa.store import atomic_path, read_json
+
+MAX_FIGURES_PER_NOTEBOOK = 12  # an index is an overview; the notebook HTML has every figure
+
+_STATUS_CSS = {"ok": "ok", "failed": "failed", "not run": "notrun"}
+
+
+def _rel(target: Path, start: Path) -> str:
+    return Path(os.path.relpath(target, start)).as_posix()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    if isinstance(value, list | tuple):
+        return ", ".join(_fmt(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def _seconds(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return ""
+    return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def _notebook_rows(
+    run_dir: Path, stamps: dict[str, dict[str, Any]], manifest: dict[str, Any], order: list[str]
+) -> list[list[str]]:
+    pos = {name: i for i, name in enumerate(order)}
+    names = sorted(stamps, key=lambda n: (pos.get(n, len(pos)), n))
+    rows = []
+    for i, name in enumerate(names, 1):
+        st = stamps[name]
+        out = outputs(run_dir, name)
+        files = " · ".join(
+            h.link(_rel(p, run_dir) if p.is_file() else None, label)
+            for p, label in ((out.executed, "ipynb"), (out.html, "HTML"), (out.html_nocode, "HTML, no code"))
+        )
+        status = st.get("status", "?")
+        cell = h.badge(status, _STATUS_CSS.get(status, "na"))
+        fail = (st.get("failure") or {}).get("summary") or st.get("render_error")
+        if fail:
+            cell += f'<div class="err">{h.esc(fail)}</div>'
+        title = f"<b>{h.esc(st.get('title') or name)}</b><br><span class='muted'>{h.esc(name)}</span>"
+        models = ", ".join((st.get("parameters") or {}).get("models") or [])
+        rows.append(
+            [
+                str(i),
+                h.esc(f"{st.get('phase', '')}/{st.get('week', '')}"),
+                title,
+                h.esc(models),
+                cell,
+                h.esc(_seconds(st.get("seconds"))),
+                h.esc(st.get("started", "")),
+                files,
+            ]
+        )
+    for entry in manifest.get("notebooks", []):  # selected but never started (dependency failed, fail-fast)
+        if entry.get("status") == "not run" and entry.get("notebook") not in stamps:
+            rows.append(
+                [
+                    "",
+                    "",
+                    f"<b>{h.esc(entry['notebook'])}</b>",
+                    "",
+                    h.badge("not run", "notrun") + f'<div class="err">{h.esc(entry.get("reason", ""))}</div>',
+                    "",
+                    "",
+                    "",
+                ]
+            )
+    return rows
+
+
+def _scorecard(run_dir: Path) -> tuple[str, dict[str, int]]:
+    from esa.report.scorecard import read_all
+
+    try:
+        rows = read_all(run_dir)
+    except (OSError, ValueError) as err:
+        return f'<p class="err">scorecard unreadable: {h.esc(err)}</p>', {}
+    if not rows:
+        return '<p class="muted">No notebook of this run wrote success criteria.</p>', {}
+    counts = {"PASS": 0, "FAIL": 0, "n/a": 0}
+    body = []
+    for r in sorted(rows, key=lambda r: (r.get("phase", 0), r.get("notebook", ""), r.get("id", ""))):
+        result = {True: "PASS", False: "FAIL"}.get(r.get("passed"), "n/a")
+        counts[result] += 1
+        body.append(
+            [
+                h.esc(r.get("id")),
+                h.esc(r.get("phase")),
+                h.esc(r.get("text")),
+                h.esc(_fmt(r.get("measured"))),
+                h.esc(r.get("threshold")),
+                h.badge(result, "n-a" if result == "n/a" else result),
+                h.esc(r.get("evidence"))
+                + (f"<br><span class='muted'>{h.esc(r['note'])}</span>" if r.get("note") else ""),
+                h.esc(r.get("notebook")),
+            ]
+        )
+    headers = [
+        "Criterion",
+        "Phase",
+        "Success criterion",
+        "Measured",
+        "Threshold",
+        "Result",
+        "Evidence",
+        "Notebook",
+    ]
+    return h.table(headers, body, numeric=[3]), counts
+
+
+def _figures(run_dir: Path, fig_dir: Path, order: list[str]) -> str:
+    if not fig_dir.is_dir():
+        return '<p class="muted">No figures for this run.</p>'
+    pos = {name: i for i, name in enumerate(order)}
+    groups: dict[str, list[Path]] = {}
+    for png in sorted(fig_dir.rglob("*.png")):
+        if png.name.startswith("."):
+            continue  # a temporary file of an interrupted write
+        rel = png.relative_to(fig_dir)
+        groups.setdefault(rel.parts[0] if len(rel.parts) > 1 else "(run)", []).append(png)
+    if not groups:
+        return '<p class="muted">No figures for this run.</p>'
+    parts = []
+    for name in sorted(groups, key=lambda n: (pos.get(n, len(pos)), n)):
+        pngs = groups[name]
+        figs = []
+        for png in pngs[:MAX_FIGURES_PER_NOTEBOOK]:
+            href = _rel(png, run_dir)
+            src = h.thumbnail_src(png) or href
+            figs.append(
+                f'<figure><a href="{h.esc(href)}"><img src="{h.esc(src)}" alt="{h.esc(png.stem)}" '
+                f'loading="lazy"></a><figcaption>{h.esc(png.stem)}</figcaption></figure>'
+            )
+        more = len(pngs) - MAX_FIGURES_PER_NOTEBOOK
+        note = (
+            f'<p class="muted">{more} more figure(s) in {h.esc(_rel(png.parent, run_dir))}</p>'
+            if more > 0
+            else ""
+        )
+        parts.append(f"<h3>{h.esc(name)}</h3><div class='figs'>{''.join(figs)}</div>{note}")
+    return "".join(parts)
+
+
+def _manifest_summary(manifest: dict[str, Any], run_dir: Path) -> str:
+    if not manifest:
+        return '<p class="muted">No manifest yet.</p>'
+    env = manifest.get("environment", {})
+    commit = env.get("git_commit") or "unknown"
+    if env.get("git_dirty"):
+        commit += " (uncommitted changes)"
+    pkgs = ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items() if v)
+    pairs = [
+        ("run id", manifest.get("run_id")),
+        ("profile", manifest.get("profile")),
+        ("models (--models)", _fmt(manifest.get("models")) or "from the schedule"),
+        ("overrides", manifest.get("overrides") or "none"),
+        (
+            "last invocation",
+            f"{manifest.get('started')} -> {manifest.get('finished')} "
+            f"({_seconds(manifest.get('wall_seconds'))})",
+        ),
+        (
+            "executor",
+            f"{manifest.get('executor')} (jobs {manifest.get('jobs')}), kernel {manifest.get('kernel')}",
+        ),
+        ("git commit", commit),
+        ("python / platform", f"{env.get('python')} / {env.get('platform')}"),
+        ("host / GPUs", f"{env.get('host')} / {', '.join(env.get('gpus') or []) or 'none'}"),
+        ("packages", pkgs),
+        ("command", " ".join(manifest.get("command") or [])),
+    ]
+    return h.definition_list(pairs) + f"<p>{h.link('manifest.json', 'Full manifest (JSON)')}</p>"
+
+
+def write_index(run_dir: Path, fig_dir: Path, order: list[str] | None = None) -> Path:
+    """Write reports/<run>/index.html (atomic) and return its path."""
+    order = order or []
+    stamps = all_stamps(run_dir)
+    try:
+        manifest = read_json(run_dir / "manifest.json")
+    except (OSError, ValueError):
+        manifest = {}
+    n_ok = sum(s.get("status") == "ok" for s in stamps.values())
+    n_failed = sum(s.get("status") == "failed" for s in stamps.values())
+    score_html, counts = _scorecard(run_dir)
+    total_s = sum(s.get("seconds") or 0 for s in stamps.values())
+    cards = [
+        (str(n_ok), "notebooks ok"),
+        (str(n_failed), "failed"),
+        (str(counts.get("PASS", 0)), "criteria PASS"),
+        (str(counts.get("FAIL", 0)), "FAIL"),
+        (str(counts.get("n/a", 0)), "n/a"),
+        (_seconds(total_s), "notebook time (sum)"),
+    ]
+    body = (
+        "<div class='cards'>"
+        + "".join(f"<div class='card'><b>{h.esc(v)}</b><span>{h.esc(k)}</span></div>" for v, k in cards)
+        + "</div>"
+        + "<h2>Notebooks</h2>"
+        + h.table(
+            ["#", "Phase/week", "Notebook", "Models", "Status", "Time", "Started", "Outputs"],
+            _notebook_rows(run_dir, stamps, manifest, order),
+            numeric=[5],
+        )
+        + "<h2>Success criteria</h2>"
+        + score_html
+        + "<h2>Key figures</h2>"
+        + _figures(run_dir, fig_dir, order)
+        + "<h2>Manifest</h2>"
+        + _manifest_summary(manifest, run_dir)
+    )
+    env = manifest.get("environment", {})
+    subtitle = h.esc(
+        f"profile {manifest.get('profile', '?')} · commit {(env.get('git_commit') or 'unknown')[:12]} · "
+        f"last invocation finished {manifest.get('finished', '?')}"
+    )
+    text = h.page(f"critical-weights run: {run_dir.name}", body, subtitle)
+    path = run_dir / "index.html"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,124 @@
+"""Command line of run_all.py: parse flags into a RunConfig and run, plan or re-render."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from esa.errors import EsaError
+from esa.runner.driver import RunConfig, format_plan, generate_docs, make_plan, run
+from esa.runner.executors import EXECUTORS
+from esa.store import REPO_ROOT
+
+
+def _overrides(pairs: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise EsaError(f"--set expects KEY=VALUE (a profile setting), got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)  # "8" -> 8, "[1,2]" -> [1, 2], "null" -> None
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_all.py",
+        description="Execute the notebooks of params/schedule.yaml with papermill into reports/<run>/, render "
+        "HTML with and without code, and write reports/<run>/index.html and a manifest.",
+        epilog="The run id defaults to the profile name, so a rerun reuses reports/<profile>/ and skips every "
+        "notebook whose source, parameters and lib/esa code are unchanged since its last successful run.",
+    )
+    p.add_argument(
+        "--profile", default="smoke", help="params/profiles/<name>.yaml (smoke, standard, extended)"
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="SEL",
+        help="phase (1), phase/week (2/3) or notebook id; repeatable or comma-separated",
+    )
+    p.add_argument("--models", help="comma list of models for every notebook (overrides the schedule)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a profile setting, e.g. --set eval_windows=4 (repeatable)",
+    )
+    p.add_argument("--run-id", help="run folder name under reports/ (default: the profile name)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--force", action="store_true", help="rerun selected notebooks even if up to date")
+    p.add_argument("--fail-fast", action="store_true", help="start nothing new after the first failure")
+    p.add_argument("--jobs", type=int, default=1, help="notebooks run concurrently (one GPU each if any)")
+    p.add_argument(
+        "--executor",
+        default="process",
+        choices=sorted(EXECUTORS),
+        help="process: local worker processes; slurm: submitit job arrays; local: submitit locally",
+    )
+    p.add_argument("--kernel", default="esa", help="Jupyter kernel name (make installs 'esa' into the venv)")
+    p.add_argument("--timeout", type=float, help="per-cell time limit in seconds (default none)")
+    p.add_argument(
+        "--generate-docs",
+        action="store_true",
+        help="re-render HTML and index of a run (--run-id, default the latest) without executing",
+    )
+    p.add_argument("--root", type=Path, default=REPO_ROOT, help=argparse.SUPPRESS)
+    p.add_argument("--notebooks-dir", type=Path, help="notebook sources (default <repo>/notebooks)")
+    p.add_argument("--params-dir", type=Path, help="params folder (default $ESA_PARAMS_DIR or <repo>/params)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    if args.models is not None and not models:
+        raise EsaError("--models is empty; give a comma list such as smollm2-135m,gemma3-270m")
+    return RunConfig(
+        profile=args.profile,
+        only=list(args.only),
+        models=models,
+        overrides=_overrides(args.overrides),
+        run_id=args.run_id,
+        root=args.root.resolve(),
+        notebooks_dir=args.notebooks_dir,
+        params_dir=args.params_dir,
+        kernel=args.kernel,
+        force=args.force,
+        fail_fast=args.fail_fast,
+        jobs=args.jobs,
+        executor=args.executor,
+        timeout=args.timeout,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.generate_docs:
+            index = generate_docs(cfg)
+        elif args.dry_run:
+            print(format_plan(make_plan(cfg)))
+            return 0
+        else:
+            result = run(cfg)
+            print(result.index)
+            return result.exit_code
+    except EsaError as err:
+        print(f"run_all.py: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # Completed notebooks have their stamps; partial files are temporary names, removed next run.
+        print(
+            "run_all.py: interrupted; completed notebooks are kept, rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(index)
+    return 0

@@ -1,0 +1,367 @@
+"""The run: plan (what runs, what is up to date), execute through an executor, write manifest and index.
+
+The default run id is the profile name (reports/smoke/, reports/standard/, ...): reruns of the same
+profile reuse the run folder, so notebooks whose key is unchanged are skipped and the index gathers
+every notebook ever completed there. Give `--run-id` for a separate folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from esa.errors import EsaError
+from esa.params import load_profile, params_dir
+from esa.runner import executors, schedule
+from esa.runner import notebook as nbrun
+from esa.runner.layout import figures_dir, outputs
+from esa.runner.manifest import environment
+from esa.runner.state import (
+    all_stamps,
+    code_hash,
+    file_hash,
+    is_up_to_date,
+    notebook_key,
+    read_stamp,
+    remove_partial_files,
+    run_lock,
+)
+from esa.runner.task import Task
+from esa.store import REPO_ROOT, write_json
+
+
+@dataclass
+class RunConfig:
+    profile: str = "smoke"
+    only: list[str] = field(default_factory=list)
+    models: list[str] | None = None  # overrides every schedule entry's models
+    overrides: dict[str, Any] = field(default_factory=dict)  # profile settings, validated by load_profile
+    run_id: str | None = None  # None: the profile name
+    root: Path = REPO_ROOT  # kernel cwd; reports/ and figures/ live here
+    notebooks_dir: Path | None = None  # None: <root>/notebooks
+    params_dir: Path | None = None  # None: $ESA_PARAMS_DIR or <root>/params
+    kernel: str = "esa"
+    force: bool = False
+    fail_fast: bool = False
+    jobs: int = 1
+    executor: str = "process"
+    timeout: float | None = None  # per-cell seconds
+
+    @property
+    def run_name(self) -> str:
+        return self.run_id or self.profile
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.root) / "reports" / self.run_name
+
+
+@dataclass
+class PlanItem:
+    entry: schedule.Entry
+    task: Task
+    action: str  # "run" | "skip"
+    reason: str
+
+
+@dataclass
+class Plan:
+    config: RunConfig
+    items: list[PlanItem]
+    added_dependencies: list[str]
+    profile: dict[str, Any]
+
+    @property
+    def to_run(self) -> list[PlanItem]:
+        return [i for i in self.items if i.action == "run"]
+
+
+def _resolve_params_dir(cfg: RunConfig) -> Path:
+    if cfg.params_dir is not None:
+        return Path(cfg.params_dir).resolve()
+    if "ESA_PARAMS_DIR" in os.environ:
+        return params_dir().resolve()
+    return (Path(cfg.root) / "params").resolve()
+
+
+def _rel(path: Path, root: Path) -> str:
+    """A path relative to the repo root when inside it, so keys survive moving the checkout."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def make_plan(cfg: RunConfig) -> Plan:
+    """Resolve the schedule for `cfg`; every bad input is an EsaError raised before anything runs."""
+    if cfg.jobs < 1:
+        raise EsaError(f"--jobs must be >= 1, got {cfg.jobs}")
+    executors.get_executor(cfg.executor)
+    pdir = _resolve_params_dir(cfg)
+    if not (pdir / "schedule.yaml").is_file():
+        raise EsaError(f"no schedule.yaml in params dir {pdir}")
+    os.environ["ESA_PARAMS_DIR"] = str(pdir)  # esa.params and the kernels read the same params
+    profile = load_profile(cfg.profile, cfg.overrides)
+    chosen, added = schedule.select(schedule.entries(), cfg.only)
+    root = Path(cfg.root).resolve()
+    nb_dir = Path(cfg.notebooks_dir or root / "notebooks").resolve()
+    run_dir = cfg.run_dir.resolve()
+    code = code_hash()
+    keys: dict[str, str] = {}
+    items: list[PlanItem] = []
+    for entry in chosen:
+        source = nb_dir / f"{entry.id}.py"
+        nbrun.check_parameters_cell(nbrun.read_source(source), source)
+        models = schedule.resolve_models(entry, profile, cfg.models)
+        parameters = {
+            "profile": cfg.profile,
+            "models": models,
+            "run_dir": _rel(run_dir, root),
+            "overrides": dict(cfg.overrides),
+        }
+        model_files = {}
+        for m in models:
+            path = pdir / "models" / f"{m}.yaml"
+            model_files[m] = path.read_text() if path.is_file() else None
+        key = notebook_key(
+            file_hash(source),
+            parameters,
+            profile.as_dict(),
+            model_files,
+            code,
+            [keys[d] for d in entry.depends_on],
+            cfg.kernel,
+        )
+        keys[entry.id] = key
+        task = Task(
+            notebook=entry.id,
+            title=entry.title,
+            phase=entry.phase,
+            week=entry.week,
+            source=str(source),
+            root=str(root),
+            run_dir=str(run_dir),
+            params_dir=str(pdir),
+            kernel=cfg.kernel,
+            parameters=parameters,
+            key=key,
+            depends_on=list(entry.depends_on),
+            timeout=cfg.timeout,
+        )
+        # --force applies to what was asked for, not to dependencies pulled in to satisfy it.
+        action, reason = _decide(cfg.force and entry.id not in added, run_dir, entry.id, key)
+        items.append(PlanItem(entry, task, action, reason))
+    # A notebook whose dependency reruns must rerun too (its inputs change even if its key would not).
+    rerun = {i.entry.id for i in items if i.action == "run"}
+    for item in items:
+        if item.action == "skip" and any(d in rerun for d in item.entry.depends_on):
+            item.action, item.reason = "run", "a dependency reruns"
+            rerun.add(item.entry.id)
+    return Plan(cfg, items, added, profile.as_dict())
+
+
+def _decide(force: bool, run_dir: Path, notebook: str, key: str) -> tuple[str, str]:
+    if force:
+        return "run", "--force"
+    if is_up_to_date(run_dir, notebook, key, outputs(run_dir, notebook).executed):
+        return "skip", "up to date"
+    stamp = read_stamp(run_dir, notebook)
+    if stamp is None:
+        return "run", "no completed run"
+    if stamp.get("status") != "ok":
+        return "run", "last run failed"
+    return "run", "source, parameters or code changed"
+
+
+def format_plan(plan: Plan) -> str:
+    cfg = plan.config
+    lines = [
+        f"run {cfg.run_name!r}: profile {cfg.profile}, {len(plan.items)} notebook(s), "
+        f"{len(plan.to_run)} to run, executor {cfg.executor}, jobs {cfg.jobs}, kernel {cfg.kernel}",
+        f"  run folder: {cfg.run_dir}",
+    ]
+    if plan.added_dependencies:
+        lines.append(f"  added as dependencies of the selection: {', '.join(plan.added_dependencies)}")
+    if cfg.executor != "process" and plan.to_run:
+        levels = executors._levels([i.task for i in plan.to_run])
+        lines.append(
+            f"  submitit {cfg.executor}: {len(levels)} job array(s) of sizes {[len(lv) for lv in levels]}"
+        )
+        if cfg.executor == "slurm":
+            cluster = executors.cluster_config(Path(plan.items[0].task.params_dir), "slurm")
+            header = executors.sbatch_preview(
+                cluster, cfg.run_dir / "submitit", max(len(lv) for lv in levels)
+            )
+            lines.extend("    " + line for line in header.splitlines())
+    for n, item in enumerate(plan.items, 1):
+        e = item.entry
+        deps = f"  after {', '.join(e.depends_on)}" if e.depends_on else ""
+        lines.append(
+            f"  {n:>2}. [{e.phase_week:>4}] {e.id:<40} {item.action:<4} ({item.reason})  "
+            f"models={','.join(item.task.parameters['models'])}{deps}"
+        )
+    return "\n".join(lines)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    index: Path
+    results: dict[str, dict[str, Any]]
+    failures: list[str]
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """Execute the plan; failures are collected (others still run unless fail_fast); exit code 1 on any."""
+    plan = make_plan(cfg)
+    _log(format_plan(plan))
+    run_dir = cfg.run_dir.resolve()
+    if plan.to_run:
+        nbrun.check_kernel(cfg.kernel)
+        executors.preflight(cfg.executor)
+    started = time.time()
+    with run_lock(run_dir):
+        for folder in (run_dir, figures_dir(Path(cfg.root), cfg.run_name)):
+            if folder.is_dir():
+                for path in remove_partial_files(folder):
+                    _log(f"  removed partial file left by an interrupted run: {path}")
+        total = len(plan.to_run)
+        counter = {"n": 0}
+
+        def on_done(result: dict[str, Any]) -> None:
+            counter["n"] += 1
+            status = result.get("status")
+            extra = f" ({result['reason']})" if result.get("reason") else ""
+            _log(
+                f"[{counter['n']}/{total}] {result['notebook']}: {status} in {result.get('seconds', 0):.1f} s{extra}"
+            )
+            if status == "failed" and result.get("failure"):
+                _log("  " + result["failure"]["summary"].replace("\n", "\n  "))
+
+        opts = executors.ExecOptions(
+            run_dir=run_dir,
+            jobs=cfg.jobs,
+            fail_fast=cfg.fail_fast,
+            params_dir=Path(plan.items[0].task.params_dir) if plan.items else None,
+            cluster=executors.cluster_config(Path(os.environ["ESA_PARAMS_DIR"]), cfg.executor)
+            if cfg.executor != "process"
+            else {},
+        )
+        results = executors.get_executor(cfg.executor)([i.task for i in plan.to_run], opts, on_done)
+        for item in plan.items:
+            if item.action == "skip":
+                _log(f"  {item.entry.id}: up to date, skipped")
+        finished = time.time()
+        write_manifest(plan, results, started, finished)
+        index = build_index(cfg)
+    failures = [
+        r["failure"]["summary"] if r.get("failure") else f"{name}: {r.get('status')} ({r.get('reason', '')})"
+        for name, r in results.items()
+        if r.get("status") != "ok"
+    ]
+    if failures:
+        _log(f"\n{len(failures)} notebook(s) did not finish ok:")
+        for f in failures:
+            _log("  - " + f.replace("\n", "\n    "))
+    return RunResult(1 if failures else 0, index, results, failures)
+
+
+def write_manifest(plan: Plan, results: dict[str, dict[str, Any]], started: float, finished: float) -> Path:
+    cfg = plan.config
+    run_dir = cfg.run_dir.resolve()
+    actions = {i.entry.id: ("executed" if i.action == "run" else "skipped (up to date)") for i in plan.items}
+    notebooks = []
+    for name, stamp in all_stamps(run_dir).items():
+        entry = {
+            k: stamp.get(k)
+            for k in (
+                "notebook",
+                "title",
+                "phase",
+                "week",
+                "status",
+                "started",
+                "seconds",
+                "key",
+                "parameters",
+                "cuda_visible_devices",
+            )
+        }
+        entry["this_invocation"] = actions.get(name, "not selected")
+        if stamp.get("failure"):
+            entry["failure"] = stamp["failure"].get("summary")
+        notebooks.append(entry)
+    for name, res in results.items():  # not run: no stamp was written
+        if res.get("status") == "not run":
+            notebooks.append(
+                {
+                    "notebook": name,
+                    "status": "not run",
+                    "reason": res.get("reason"),
+                    "this_invocation": "not run",
+                }
+            )
+    manifest = {
+        "run_id": cfg.run_name,
+        "profile": cfg.profile,
+        "profile_settings": plan.profile,
+        "models": cfg.models,
+        "overrides": cfg.overrides,
+        "only": cfg.only,
+        "executor": cfg.executor,
+        "jobs": cfg.jobs,
+        "kernel": cfg.kernel,
+        "force": cfg.force,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished)),
+        "wall_seconds": round(finished - started, 2),
+        "command": sys.argv,
+        "environment": environment(),
+        "code_hash": code_hash(),
+        "notebooks": notebooks,
+    }
+    return write_json(run_dir / "manifest.json", manifest)
+
+
+def build_index(cfg: RunConfig) -> Path:
+    from esa.report.index import write_index
+
+    order: list[str] = []
+    with contextlib.suppress(EsaError):  # a broken schedule must not stop the index: use stamp order
+        order = [e.id for e in schedule.entries()]
+    return write_index(cfg.run_dir.resolve(), figures_dir(Path(cfg.root), cfg.run_name).resolve(), order)
+
+
+def latest_run(root: Path) -> str:
+    manifests = sorted((root / "reports").glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not manifests:
+        raise EsaError(f"no run with a manifest under {root / 'reports'}; run run_all.py first")
+    return manifests[-1].parent.name
+
+
+def generate_docs(cfg: RunConfig) -> Path:
+    """Re-render both HTMLs of every executed notebook of a run and its index, without executing.
+
+    The run is `cfg.run_id` if given, else the run whose manifest was written last.
+    """
+    if cfg.run_id is None:
+        cfg.run_id = latest_run(Path(cfg.root))
+    run_dir = cfg.run_dir.resolve()
+    if not run_dir.is_dir():
+        raise EsaError(f"no run folder {run_dir}")
+    with run_lock(run_dir):
+        for name in all_stamps(run_dir):
+            out = outputs(run_dir, name)
+            if out.executed.is_file():
+                nbrun.render_html(out.executed, out.html, out.html_nocode)
+                _log(f"  rendered {name}")
+        return build_index(cfg)

@@ -1,0 +1,267 @@
+"""How the tasks of a run are executed: a registry of engines with one signature.
+
+- `process` (default): a `concurrent.futures.ProcessPoolExecutor` with `--jobs` worker processes; a task
+  is submitted once the tasks it depends on have finished `ok`. On a GPU machine each worker is pinned
+  to one GPU (CUDA_VISIBLE_DEVICES, round-robin over the visible ones) before it starts any kernel, so
+  every notebook it runs sees exactly one GPU. On CPU it still runs notebooks in parallel.
+- `slurm`: the same tasks as submitit job arrays, one array per dependency level (a level is submitted
+  when the previous one has finished), with partition / GPUs / time from params/cluster.yaml.
+- `local`: submitit's local executor, the same code path as `slurm` without a cluster (used by tests).
+
+Every engine calls `esa.runner.task.run_task` and reports each finished task through `on_done`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from esa.errors import EsaError, unknown
+from esa.runner.task import Task, run_task
+
+Result = dict[str, Any]
+OnDone = Callable[[Result], None]
+
+
+@dataclass
+class ExecOptions:
+    run_dir: Path
+    jobs: int = 1
+    fail_fast: bool = False
+    params_dir: Path | None = None
+    cluster: dict[str, Any] = field(default_factory=dict)  # params/cluster.yaml section of the executor
+
+
+def not_run(task: Task, reason: str) -> Result:
+    return {"notebook": task.notebook, "status": "not run", "reason": reason, "seconds": 0.0, "failure": None}
+
+
+def crashed(task: Task, message: str) -> Result:
+    return {
+        "notebook": task.notebook,
+        "status": "failed",
+        "seconds": 0.0,
+        "failure": {"message": message, "cell": None, "summary": f"{task.notebook} failed: {message}"},
+    }
+
+
+def _blocked_by(task: Task, results: dict[str, Result]) -> str | None:
+    """Name of a dependency in this run that did not finish ok (deps outside the run are up to date)."""
+    for dep in task.depends_on:
+        if dep in results and results[dep].get("status") != "ok":
+            return dep
+    return None
+
+
+# ---------------------------------------------------------------- process pool (--jobs)
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: CUDA_VISIBLE_DEVICES if set, else those nvidia-smi lists."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def _pin_worker(slots: Any, gpus: list[str]) -> None:
+    """Pool initializer: take a worker slot and pin this process (and its kernels) to one GPU."""
+    slot = slots.get()
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+
+
+def run_processes(tasks: list[Task], opts: ExecOptions, on_done: OnDone) -> dict[str, Result]:
+    results: dict[str, Result] = {}
+    pending = list(tasks)  # already in dependency order
+    ctx = mp.get_context("spawn")  # fork after importing torch/zmq threads is unsafe
+    slots = ctx.Queue()
+    for i in range(opts.jobs):
+        slots.put(i)
+    stop_reason = ""
+
+    def finish(task: Task, result: Result) -> None:
+        nonlocal stop_reason
+        results[task.notebook] = result
+        on_done(result)
+        if opts.fail_fast and result.get("status") == "failed" and not stop_reason:
+            stop_reason = f"--fail-fast after {task.notebook} failed"
+
+    with ProcessPoolExecutor(
+        max_workers=opts.jobs, mp_context=ctx, initializer=_pin_worker, initargs=(slots, visible_gpus())
+    ) as pool:
+        running: dict[Any, Task] = {}
+        while pending or running:
+            for task in list(pending):
+                if stop_reason:
+                    break
+                if len(running) >= opts.jobs:
+                    break
+                if any(
+                    d in {t.notebook for t in pending} | {t.notebook for t in running.values()}
+                    for d in task.depends_on
+                ):
+                    continue  # a dependency has not finished yet
+                pending.remove(task)
+                dep = _blocked_by(task, results)
+                if dep:
+                    finish(task, not_run(task, f"dependency {dep} did not finish ok"))
+                    continue
+                running[pool.submit(run_task, task.as_dict())] = task
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                task = running.pop(fut)
+                try:
+                    finish(task, fut.result())
+                except Exception as err:  # noqa: BLE001 - a dead worker process is a failure of its task
+                    finish(task, crashed(task, f"worker process died: {type(err).__name__}: {err}"))
+    for task in pending:
+        finish(task, not_run(task, stop_reason or "not started"))
+    return results
+
+
+# ---------------------------------------------------------------- submitit (--executor local|slurm)
+
+# params/cluster.yaml keys -> submitit AutoExecutor parameters.
+_SUBMITIT_KEYS = {
+    "partition": "slurm_partition",
+    "gpus": "gpus_per_node",
+    "time_min": "timeout_min",
+    "cpus": "cpus_per_task",
+    "mem_gb": "mem_gb",
+    "array_parallelism": "slurm_array_parallelism",
+    "account": "slurm_account",
+    "qos": "slurm_qos",
+    "constraint": "slurm_constraint",
+    "extra": "slurm_additional_parameters",
+}
+
+
+def cluster_config(params_dir: Path, executor: str) -> dict[str, Any]:
+    """The `executor` section of params/cluster.yaml as submitit parameters (defaults if absent)."""
+    path = params_dir / "cluster.yaml"
+    data = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    section = dict(data.get(executor) or {})
+    bad = sorted(set(section) - set(_SUBMITIT_KEYS))
+    if bad:
+        raise EsaError(f"{path}: unknown {executor} setting(s) {bad}; accepted: {sorted(_SUBMITIT_KEYS)}")
+    section.setdefault("time_min", 60)
+    return {_SUBMITIT_KEYS[k]: v for k, v in section.items() if v is not None}
+
+
+def preflight(executor: str) -> None:
+    """Checks that need no task: fail before the run starts, not after planning and locking."""
+    get_executor(executor)
+    if executor == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise EsaError(
+            "--executor slurm needs SLURM (sbatch and srun on PATH); use --executor local to run the same "
+            "submitit path on this machine"
+        )
+
+
+def sbatch_preview(cluster: dict[str, Any], folder: Path, n_tasks: int) -> str:
+    """The #SBATCH header submitit would write for `cluster` (shown by --dry-run; needs no cluster)."""
+    from submitit.slurm import slurm
+
+    generic = {
+        "name": "job_name",
+        "timeout_min": "time",
+        "mem_gb": "mem",
+        "cpus_per_task": "cpus_per_task",
+        "gpus_per_node": "gpus_per_node",
+    }
+    kwargs: dict[str, Any] = {}
+    for key, value in cluster.items():
+        name = key.removeprefix("slurm_") if key.startswith("slurm_") else generic.get(key, key)
+        kwargs[name] = slurm._convert_mem(value) if name == "mem" else value
+    kwargs.pop("job_name", None)
+    text = slurm._make_sbatch_string(
+        command="<python -m submitit.core._submit ...>",
+        folder=folder,
+        job_name="esa-notebook",
+        map_count=n_tasks,
+        **kwargs,
+    )
+    return "\n".join(line for line in text.splitlines() if line.startswith("#SBATCH"))
+
+
+def _levels(tasks: list[Task]) -> list[list[Task]]:
+    """Group tasks into dependency levels: level n depends only on levels < n (or outside the run)."""
+    ids = {t.notebook for t in tasks}
+    level: dict[str, int] = {}
+    for t in tasks:  # tasks are in dependency order, so deps already have a level
+        level[t.notebook] = 1 + max((level[d] for d in t.depends_on if d in ids), default=-1)
+    return [[t for t in tasks if level[t.notebook] == n] for n in range(max(level.values(), default=-1) + 1)]
+
+
+def _run_submitit(tasks: list[Task], opts: ExecOptions, on_done: OnDone, cluster: str) -> dict[str, Result]:
+    import submitit
+
+    preflight(cluster)
+    executor = submitit.AutoExecutor(folder=opts.run_dir / "submitit" / "%j", cluster=cluster)
+    executor.update_parameters(name="esa-notebook", **opts.cluster)
+    results: dict[str, Result] = {}
+    stop_reason = ""
+    for wave in _levels(tasks):
+        runnable = []
+        for task in wave:
+            dep = _blocked_by(task, results)
+            reason = stop_reason or (f"dependency {dep} did not finish ok" if dep else "")
+            if reason:
+                results[task.notebook] = not_run(task, reason)
+                on_done(results[task.notebook])
+            else:
+                runnable.append(task)
+        if not runnable:
+            continue
+        jobs = executor.map_array(run_task, [t.as_dict() for t in runnable])
+        for task, job in zip(runnable, jobs, strict=True):
+            try:
+                result = job.result()
+            except Exception as err:  # noqa: BLE001 - the job itself died (time limit, node failure)
+                result = crashed(task, f"submitit job {job.job_id} failed: {type(err).__name__}: {err}")
+            result["job_id"] = job.job_id
+            results[task.notebook] = result
+            on_done(result)
+            if opts.fail_fast and result.get("status") == "failed" and not stop_reason:
+                stop_reason = f"--fail-fast after {task.notebook} failed"
+    return results
+
+
+def run_submitit_local(tasks: list[Task], opts: ExecOptions, on_done: OnDone) -> dict[str, Result]:
+    return _run_submitit(tasks, opts, on_done, "local")
+
+
+def run_submitit_slurm(tasks: list[Task], opts: ExecOptions, on_done: OnDone) -> dict[str, Result]:
+    return _run_submitit(tasks, opts, on_done, "slurm")
+
+
+EXECUTORS: dict[str, Callable[[list[Task], ExecOptions, OnDone], dict[str, Result]]] = {
+    "process": run_processes,
+    "local": run_submitit_local,
+    "slurm": run_submitit_slurm,
+}
+
+
+def get_executor(name: str) -> Callable[[list[Task], ExecOptions, OnDone], dict[str, Result]]:
+    if name not in EXECUTORS:
+        raise unknown("executor", name, EXECUTORS)
+    return EXECUTORS[name]

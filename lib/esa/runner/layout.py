@@ -1,0 +1,39 @@
+"""Where a run puts things: one place, so the runner, the index and the tests agree.
+
+reports/<run>/
+  index.html                      the run's front page (esa.report.index)
+  manifest.json                   git commit, package versions, parameters, timings, status
+  input/<id>.ipynb                unexecuted notebook written by jupytext (papermill's input)
+  notebooks/<id>.ipynb            executed notebook
+  html/<id>.html, <id>.nocode.html  renderings with and without code
+  state/<id>.json                 stamp of the last execution (key, status, timings, failure)
+  data/<id>/, scorecard/<id>.json  written by the notebook itself (esa.nb, esa.report.scorecard)
+  submitit/                       submitit's job files when --executor local|slurm
+figures/<run>/<id>/*.png          figures (esa.nb.NotebookContext.savefig)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Outputs:
+    input: Path
+    executed: Path
+    html: Path
+    html_nocode: Path
+
+
+def outputs(run_dir: Path, notebook: str) -> Outputs:
+    return Outputs(
+        input=run_dir / "input" / f"{notebook}.ipynb",
+        executed=run_dir / "notebooks" / f"{notebook}.ipynb",
+        html=run_dir / "html" / f"{notebook}.html",
+        html_nocode=run_dir / "html" / f"{notebook}.nocode.html",
+    )
+
+
+def figures_dir(root: Path, run_id: str) -> Path:
+    return root / "figures" / run_id
