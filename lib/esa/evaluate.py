@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from esa.data import Windows
+from esa.dispatch import input_device
 from esa.progress import progress
 
 # Cap on a batch's fp32 logits (batch x seqlen x vocab x 4 bytes): Gemma's 262k vocabulary makes logits,
@@ -58,7 +59,7 @@ def evaluate(
     n, seqlen = ids.shape
     vocab = model.get_output_embeddings().weight.shape[0]
     bs = batch_size or auto_batch_size(seqlen, vocab)
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)  # the embedding's execution device: right for accelerate-dispatched models too
     nll_sum = torch.zeros(n, dtype=torch.float64)
     correct = 0
     was_training = model.training

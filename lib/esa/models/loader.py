@@ -81,7 +81,10 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embedding's execution device (also right for a dispatched model)."""
+        from esa.dispatch import input_device
+
+        return input_device(self.model)
 
 
 def load(
@@ -94,11 +97,15 @@ def load(
     revision: str | None = None,
     seed: int = 0,
     attn_implementation: str | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a model and its tokenizer, in eval mode, with gradients off for every parameter.
 
     `device_map`/`max_memory` are passed to accelerate for models too big for one device; otherwise
-    the model is moved to `device` (default: cuda if available, else cpu).
+    the model is moved to `device` (default: cuda if available, else cpu). Blocks mapped to "disk" go to
+    `offload_folder` (default: a fresh folder under the cache). Tiny and micro models, which are built
+    rather than loaded, are dispatched the same way (esa.dispatch); see esa.dispatch for which passes
+    can use offloaded weights.
     """
     torch_dtype = parse_dtype(dtype)
     t0 = time.perf_counter()
@@ -107,6 +114,14 @@ def load(
         hf_kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
         hf_kwargs.update(device_map=device_map, max_memory=max_memory)
+        may_offload = isinstance(device_map, str) and max_memory is not None or (
+            isinstance(device_map, dict) and "disk" in device_map.values())
+        if offload_folder is None and may_offload:
+            from esa.dispatch import default_offload_folder
+
+            offload_folder = default_offload_folder()
+        if offload_folder is not None:
+            hf_kwargs["offload_folder"] = str(offload_folder)
 
     if ref in tiny.TINY_CONFIGS:
         model = tiny.tiny_model(ref, seed=seed, dtype=torch_dtype)
@@ -136,6 +151,10 @@ def load(
             "A hub id (org/name) needs network access or a local copy; a local folder or .gguf path must exist."
         )
 
+    if device_map is not None and source in ("tiny", "micro"):
+        from esa.dispatch import dispatch
+
+        model = dispatch(model, device_map, max_memory, offload_folder)
     if device_map is None:
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(dev)

@@ -1,0 +1,373 @@
+"""Memory guard: estimate what a pass needs before running it, and fail early with a usable message.
+
+`estimate(model, pass_name, batch_size, seqlen)` returns a `MemoryEstimate`: a breakdown in bytes
+(weights, fp32 accumulators, gradients in flight, activations, logits, Hutchinson overhead, offload
+staging) in total and per device. `check(...)` compares it with the free memory of each target device
+(`torch.cuda.mem_get_info` on GPUs, MemAvailable on the CPU) and raises `EsaError` naming the estimate,
+what is available and concrete remedies, instead of letting the pass die with an OOM half-way.
+
+The model of memory (bytes; b = bytes per element of the model dtype, B = batch, T = seqlen,
+h = hidden, I = MLP intermediate (x experts_per_token for MoE), a = attention heads, L = layers,
+V = vocab, N = studied weights, n_max = the largest studied parameter):
+- weights: every parameter, b each (already allocated when the model is loaded: `check` then counts
+  only the rest against free memory).
+- accumulators: gradient metrics, Hutchinson and act_mag keep one fp32 score per studied weight: 4N.
+- gradients in flight: the metrics fold each .grad into its accumulator in a post-accumulate-grad hook
+  and free it at once, so at most the largest studied gradient plus its fp32 copy live: n_max (b + 4).
+- activations kept for backward: L B T (ACT_HIDDEN h + ACT_INTER I + ACT_ATTN a T) b. The factors
+  count the tensors autograd saves in a pre-norm decoder layer (norm inputs and their fp32 upcasts,
+  q/k/v/o inputs, rotated q/k, MLP gate/up/activation outputs; eager or math attention also stores
+  the a x T x T scores and probabilities), in the spirit of Korthikanti et al. 2022 ("Reducing
+  activation recomputation in large transformer models", sec. 4.1). Without backward (evaluation,
+  act_mag, perturbation) only about one layer's worth is alive: B T (EVAL_HIDDEN h + EVAL_INTER I +
+  EVAL_ATTN a T) b.
+- logits: the model's (B, T, V) output in its dtype, its fp32 copy and the fp32 log-softmax of the
+  loss: B T V (b + 8); backward adds the fp32 and model-dtype gradients: B T V (2b + 12) in all.
+- Hutchinson (double backward): `autograd.grad(create_graph=True)` holds every studied gradient at
+  once (N b), the int8 probes (N), and the first backward's graph (about one more activation set and
+  the logits' gradient).
+- offload staging: accelerate loads an offloaded block's weights for its forward: the largest block.
+These are estimates: tests/bench/gpu_check.py records them next to the measured peak
+(torch.cuda.max_memory_allocated) so the factors can be checked on real hardware.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from esa.errors import EsaError
+
+# Saved-for-backward elements per token per layer, in units of h, I and a*T (see module docstring).
+ACT_HIDDEN = 16.0
+ACT_INTER = 4.0
+ACT_ATTN = 3.0  # eager/math attention: scores, probabilities (often upcast to fp32)
+# Live elements per token inside one layer when nothing is kept for backward.
+EVAL_HIDDEN = 6.0
+EVAL_INTER = 3.0
+EVAL_ATTN = 2.0
+HEADROOM = 0.9  # use at most this share of the free memory (allocator fragmentation, CUDA context, ...)
+GIB = 1 << 30
+
+_GRADIENT_PASSES = ("grad_x_weight", "grad_squared", "hutchinson_diag")
+PASSES = ("eval", "perturb", "act_mag", *_GRADIENT_PASSES)
+
+
+@dataclass
+class ModelShape:
+    """The sizes that drive memory use, read from a model (real, dispatched or on `meta`)."""
+
+    n_params: int
+    dtype_bytes: int
+    n_studied: int
+    largest_studied: int
+    hidden: int
+    intermediate: int  # per token: MoE intermediate x experts_per_token
+    layers: int
+    heads: int
+    vocab: int
+    materialised_attention: bool  # eager/math attention keeps (a, T, T) scores
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, specs: list[Any] | None = None) -> ModelShape:
+        from esa.models.inventory import weight_inventory
+
+        specs = weight_inventory(model) if specs is None else specs
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        hidden = int(cfg.hidden_size)
+        k = int(getattr(cfg, "num_experts_per_tok", 0) or 0)
+        inter = int(getattr(cfg, "moe_intermediate_size", 0) or getattr(cfg, "intermediate_size", 0) or 4 * hidden)
+        attn = str(getattr(cfg, "_attn_implementation", None) or "eager")
+        p0 = next(model.parameters())
+        return cls(
+            n_params=sum(p.numel() for p in model.parameters()),
+            dtype_bytes=p0.element_size(),
+            n_studied=sum(s.numel for s in specs),
+            largest_studied=max((s.numel for s in specs), default=0),
+            hidden=hidden,
+            intermediate=inter * max(1, k),
+            layers=int(cfg.num_hidden_layers),
+            heads=int(cfg.num_attention_heads),
+            vocab=int(cfg.vocab_size),
+            materialised_attention=attn in ("eager", "math"),
+        )
+
+
+@dataclass
+class MemoryEstimate:
+    pass_name: str
+    batch_size: int
+    seqlen: int
+    components: dict[str, int]  # bytes, whole model
+    per_device: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> component -> bytes
+    resident_weights: dict[str, int] = field(default_factory=dict)  # device -> weight bytes already allocated
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+    def need(self, device: str, loaded: bool = True) -> int:
+        """Bytes `device` must still find free: everything, less its weights when they are already loaded."""
+        comp = self.per_device.get(device, {})
+        return sum(v for k, v in comp.items() if not (loaded and k == "weights"))
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total"] = self.total
+        d["total_gib"] = round(self.total / GIB, 3)
+        d["components_gib"] = {k: round(v / GIB, 3) for k, v in self.components.items()}
+        return d
+
+
+# ---------------------------------------------------------------- per-pass components
+def _activations(s: ModelShape, b: int, t: int, backward: bool) -> int:
+    attn = s.heads * t if s.materialised_attention else 0
+    if backward:
+        per_tok = ACT_HIDDEN * s.hidden + ACT_INTER * s.intermediate + ACT_ATTN * attn
+        return int(s.layers * b * t * per_tok * s.dtype_bytes)
+    per_tok = EVAL_HIDDEN * s.hidden + EVAL_INTER * s.intermediate + EVAL_ATTN * attn
+    return int(b * t * per_tok * s.dtype_bytes)
+
+
+def _logits(s: ModelShape, b: int, t: int, backward: bool) -> int:
+    per = (2 * s.dtype_bytes + 12) if backward else (s.dtype_bytes + 8)
+    return int(b * t * s.vocab * per)
+
+
+def _forward_only(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    return {"activations": _activations(s, b, t, False), "logits": _logits(s, b, t, False)}
+
+
+def _act_mag(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    # fp32 sums of squared inputs are tiny; the scores themselves are one fp32 per studied weight
+    return {**_forward_only(s, b, t), "accumulators": 4 * s.n_studied}
+
+
+def _gradient(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    return {
+        "accumulators": 4 * s.n_studied,
+        "grads_in_flight": s.largest_studied * (s.dtype_bytes + 4),
+        "activations": _activations(s, b, t, True),
+        "logits": _logits(s, b, t, True),
+    }
+
+
+def _hutchinson(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    d = _gradient(s, b, t)
+    d["grads_in_flight"] = s.largest_studied * (s.dtype_bytes + 8)  # Hv, v.float() and the product
+    d["hutchinson"] = (s.n_studied * (s.dtype_bytes + 1)  # all first-order grads at once + int8 probes
+                       + _activations(s, b, t, True) + b * t * s.vocab * 4)  # graph of the first backward
+    return d
+
+
+_PASS_FNS: dict[str, Callable[[ModelShape, int, int], dict[str, int]]] = {
+    "eval": _forward_only,
+    "perturb": _forward_only,  # the backup of the selected values is negligible
+    "act_mag": _act_mag,
+    "grad_x_weight": _gradient,
+    "grad_squared": _gradient,
+    "hutchinson_diag": _hutchinson,
+}
+
+
+# ---------------------------------------------------------------- placement over devices
+def _exec_device(module: torch.nn.Module, default: str) -> str:
+    from esa.dispatch import execution_device
+
+    dev = execution_device(module)
+    return default if dev.type == "meta" else str(dev)
+
+
+def _placement(model: torch.nn.Module, specs: list[Any], target: str) -> dict[str, dict[str, float]]:
+    """Per device: resident weight bytes, studied numel, largest studied, share of layers, logits share."""
+    out: dict[str, dict[str, float]] = {}
+
+    def slot(dev: str) -> dict[str, float]:
+        return out.setdefault(dev, {"weights": 0, "studied": 0, "largest": 0, "layers": 0.0, "logits": 0.0,
+                                    "staging": 0})
+
+    # a meta parameter of an undispatched model (planning before a load) lives on `target`
+    dispatched = bool(getattr(model, "hf_device_map", None))
+    owner_dev: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if p.device.type != "meta":
+                owner_dev[full] = str(p.device)
+                slot(str(p.device))["weights"] += p.numel() * p.element_size()
+            elif dispatched:  # offloaded: staged on the execution device for each forward
+                dev = _exec_device(mod, target)
+                owner_dev[full] = dev
+            else:
+                owner_dev[full] = target
+                slot(target)["weights"] += p.numel() * p.element_size()
+    if dispatched:
+        for name, dev in model.hf_device_map.items():
+            mod = model.get_submodule(name)
+            if dev in ("cpu", "disk") and any(p.device.type == "meta" for p in mod.parameters()):
+                size = sum(p.numel() * p.element_size() for p in mod.parameters())
+                st = slot(_exec_device(mod, target))
+                st["staging"] = max(st["staging"], size)
+    layer_dev: dict[int, str] = {}
+    for s in specs:
+        dev = owner_dev.get(s.name, target)
+        st = slot(dev)
+        st["studied"] += s.numel
+        st["largest"] = max(st["largest"], s.numel)
+        layer_dev.setdefault(s.layer, dev)
+    n_layers = max(1, len(layer_dev))
+    for dev in layer_dev.values():
+        slot(dev)["layers"] += 1.0 / n_layers
+    if not layer_dev:
+        slot(target)["layers"] = 1.0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    slot(_exec_device(head, target) if head is not None else target)["logits"] = 1.0
+    return out
+
+
+def estimate(
+    model: torch.nn.Module,
+    pass_name: str,
+    batch_size: int,
+    seqlen: int,
+    specs: list[Any] | None = None,
+    target: str | torch.device | None = None,
+) -> MemoryEstimate:
+    """Memory a pass over `model` needs, whole and per device (see the module docstring for the model).
+
+    `specs`: the studied weights (default: the model's inventory). `target`: the device a model still on
+    `meta` (built for planning, not loaded) would be placed on; default cuda:0 if available, else cpu.
+    """
+    if pass_name not in _PASS_FNS:
+        from esa.errors import unknown
+
+        raise unknown("pass", pass_name, _PASS_FNS)
+    if batch_size < 1 or seqlen < 1:
+        raise EsaError(f"batch_size and seqlen must be >= 1, got {batch_size} and {seqlen}")
+    from esa.models.inventory import weight_inventory
+
+    specs = weight_inventory(model) if specs is None else specs
+    shape = ModelShape.of(model, specs)
+    tgt = str(torch.device(target)) if target is not None else ("cuda:0" if torch.cuda.is_available() else "cpu")
+    if tgt == "cuda":
+        tgt = "cuda:0"
+    comps = {"weights": shape.n_params * shape.dtype_bytes, **_PASS_FNS[pass_name](shape, batch_size, seqlen)}
+    place = _placement(model, specs, tgt)
+    per_device: dict[str, dict[str, int]] = {}
+    resident: dict[str, int] = {}
+    for dev, pl in place.items():
+        # the same model of memory, restricted to what this device holds
+        local = ModelShape(**{**asdict(shape), "n_studied": int(pl["studied"]), "largest_studied": int(pl["largest"])})
+        part = _PASS_FNS[pass_name](local, batch_size, seqlen)
+        part["activations"] = int(part.get("activations", 0) * (pl["layers"] if "grads_in_flight" in part else
+                                                               (1.0 if pl["layers"] else 0.0)))
+        if "hutchinson" in part:
+            act_full = _activations(shape, batch_size, seqlen, True)
+            part["hutchinson"] += int(act_full * pl["layers"]) - act_full
+        part["logits"] = int(part.get("logits", 0) * pl["logits"])
+        part = {"weights": int(pl["weights"]), **part, "offload_staging": int(pl["staging"])}
+        per_device[dev] = {k: v for k, v in part.items() if v}
+        if not dev.startswith("meta"):
+            resident[dev] = int(pl["weights"])
+    comps["offload_staging"] = max((int(pl["staging"]) for pl in place.values()), default=0)
+    return MemoryEstimate(pass_name, batch_size, seqlen, {k: v for k, v in comps.items() if v}, per_device, resident)
+
+
+# ---------------------------------------------------------------- free memory
+def free_bytes(device: str | torch.device) -> int:
+    """Free memory of one device: CUDA's free bytes, or the CPU's MemAvailable."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free)
+    if dev.type == "cpu":
+        return _cpu_available()
+    if dev.type == "meta" or str(device) == "disk":
+        return 1 << 62
+    raise EsaError(f"cannot read the free memory of device {device!r}; supported: cpu, cuda")
+
+
+def _cpu_available() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # psutil is optional: fall back to the kernel's own estimate
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def check(
+    model: torch.nn.Module,
+    pass_name: str,
+    batch_size: int,
+    seqlen: int,
+    specs: list[Any] | None = None,
+    loaded: bool = True,
+    available: dict[str, int] | None = None,
+    headroom: float = HEADROOM,
+    target: str | torch.device | None = None,
+) -> MemoryEstimate:
+    """Raise EsaError before the pass if a device cannot hold what it needs; return the estimate otherwise.
+
+    `loaded`: the weights are already allocated (their memory is not free any more, so only the rest is
+    checked); False to plan a model built on `meta`. `available`: device -> free bytes, to override the
+    measurement (tests, or a budget smaller than the machine's).
+    """
+    est = estimate(model, pass_name, batch_size, seqlen, specs, target)
+    short = []
+    for dev in est.per_device:
+        if dev in ("disk", "meta"):
+            continue
+        need = est.need(dev, loaded)
+        have = available[dev] if available and dev in available else free_bytes(dev)
+        if need > headroom * have:
+            short.append((dev, need, have))
+    if short:
+        raise EsaError(_message(est, short, headroom, loaded, model))
+    return est
+
+
+def _gib(n: float) -> str:
+    """Human-readable bytes (GiB for model-sized numbers, smaller units for tiny test models)."""
+    for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _message(est: MemoryEstimate, short: Iterable[tuple[str, int, int]], headroom: float, loaded: bool,
+             model: torch.nn.Module) -> str:
+    lines = [f"not enough memory for {est.pass_name} (batch {est.batch_size} x seqlen {est.seqlen}):"]
+    for dev, need, have in short:
+        parts = ", ".join(f"{k} {_gib(v)}" for k, v in est.per_device[dev].items() if not (loaded and k == "weights"))
+        lines.append(f"  {dev}: needs about {_gib(need)} ({parts}) but {_gib(have)} is free "
+                     f"(using at most {headroom:.0%} of it)")
+    lines.append(f"  whole pass: about {_gib(est.total)} ({', '.join(f'{k} {_gib(v)}' for k, v in est.components.items())})")
+    lines.append("Try:")
+    dtype_bytes = next(model.parameters()).element_size()
+    if dtype_bytes > 2:
+        lines.append("  - dtype='bfloat16' (halves weights and activations; scores stay fp32)")
+    big_act = est.components.get("activations", 0) + est.components.get("logits", 0) + est.components.get("hutchinson", 0)
+    if est.batch_size > 1 and big_act > 0.2 * est.total:
+        lines.append(f"  - a smaller batch size (activations and logits scale with it; now {est.batch_size})")
+    elif big_act > 0.2 * est.total:
+        lines.append(f"  - a shorter seqlen (activations and logits scale with it; now {est.seqlen})")
+    if est.components.get("accumulators", 0) > 0.2 * est.total:
+        lines.append("  - fewer studied weights at once (pass a subset of the inventory, e.g. a few layers per run): "
+                     "the fp32 accumulators are one per studied weight")
+    lines.append("  - device_map='auto' with max_memory={0: '70GiB', 1: '70GiB', ...} to spread the model over GPUs")
+    if est.pass_name in ("eval",):
+        lines.append("  - CPU/disk offload (device_map='auto', max_memory={0: ..., 'cpu': ...}, offload_folder=...): "
+                     "fine for evaluation")
+    else:
+        lines.append("  - CPU/disk offload only for evaluation: gradient metrics and perturbations need the studied "
+                     "weights resident (esa.dispatch.require_resident)")
+    return "\n".join(lines)
