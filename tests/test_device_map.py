@@ -4,8 +4,6 @@ work on offloaded weights must fail with an EsaError rather than give silently w
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
@@ -90,7 +88,7 @@ def test_unknown_strategy():
 
 
 # ---------------------------------------------------------------- sensitivity on a split model
-metrics = pytest.importorskip("esa.sensitivity.metrics")
+from esa.sensitivity import metrics  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["grad_x_weight", "grad_squared", "act_mag", "hutchinson_diag"])
@@ -105,12 +103,6 @@ def test_metrics_identical_on_resident_weights(single, split, name):
     assert all(float(a[n].abs().sum()) > 0 for n in a)  # real scores, not an all-zero accumulator
 
 
-def _guarded(module) -> bool:
-    return "require_resident" in inspect.getsource(module)
-
-
-@pytest.mark.xfail(not _guarded(metrics), strict=False,
-                   reason="esa.sensitivity.metrics does not call esa.dispatch.require_resident yet (engineer A)")
 @pytest.mark.parametrize("name", ["grad_x_weight", "grad_squared", "act_mag", "hutchinson_diag"])
 def test_metrics_refuse_offloaded_weights(split, name):
     cfg = metrics.MetricConfig(batch_size=2, show_progress=False)
@@ -127,7 +119,7 @@ def test_require_resident_message(split):
 
 
 # ---------------------------------------------------------------- perturbation on a split model
-perturb = pytest.importorskip("esa.perturb")
+from esa import perturb  # noqa: E402
 
 
 def _state(model, names):
@@ -150,8 +142,6 @@ def test_perturbation_round_trip_on_resident_weights(single, split, op):
         assert torch.equal(before[n].view(torch.int32), after[n].view(torch.int32)), n
 
 
-@pytest.mark.xfail(not _guarded(perturb.apply), strict=False,
-                   reason="esa.perturb.apply.perturbed does not call esa.dispatch.require_resident yet (engineer B)")
 def test_perturbation_refuses_offloaded_weights(split):
     targets = {"model.layers.1.mlp.down_proj.weight": torch.tensor([0, 5])}
     with pytest.raises(EsaError, match="offloaded"), perturb.perturbed(split.model, targets, perturb.PerturbSpec("zero")):

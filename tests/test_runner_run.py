@@ -19,6 +19,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+
 from esa.runner import cli, executors, schedule
 from esa.runner.layout import outputs
 

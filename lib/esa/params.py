@@ -44,6 +44,9 @@ class Profile:
     perturb_prob: float = 0.5
     dose_scales: list[float] = field(default_factory=lambda: [0.01, 0.1])
     controls: list[str] = field(default_factory=lambda: ["random_k", "bottom_k"])
+    perturb_eval_windows: int | None = None  # Phase 3 sweeps: evaluation windows per condition (None: eval_windows)
+    highres_topk: int = 500  # Phase 2 week 3: the high-resolution top-k
+    highres_seeds: list[int] = field(default_factory=lambda: [1337, 123, 999, 2024, 7])  # week 3 seeds
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,8 +15,8 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
-    PretrainedConfig,
     Phi3Config,
+    PretrainedConfig,
 )
 
 VOCAB = 384  # ByT5: 3 specials + 256 bytes + 125 sentinels

@@ -1,0 +1,90 @@
+"""Week 8 experiments: how many of the top-k carry the damage, restore-one, and damage-ranking stability.
+
+- `cumulative_ablation`: perturb the global top-1, top-10, ... (by rank) and measure the damage each time.
+- `restore_one`: perturb all of the top-k but leave the single top weight alone (and the top weight
+  alone, and all of them), to see whether one weight carries the damage (as a super weight would).
+- `ranking_stability`: are the conditions' damage rankings the same on different evaluation samples?
+  Random halves of the evaluation windows are drawn repeatedly; Spearman's rho between the two halves'
+  rankings of the conditions is reported with its spread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats as sps
+
+from esa.evaluate import evaluate
+from esa.models.inventory import WeightSpec
+from esa.perturb.apply import count_targets, targets_from_selection
+from esa.perturb.ops import PerturbSpec
+from esa.perturb.sweep import AllNonFinite, evaluate_perturbed
+
+
+def _row(label: str, n: int, res, stats, base) -> dict:
+    return dict(condition=label, n_weights=n, ppl=res.ppl, log_ppl=res.log_ppl, delta_ppl=res.ppl - base.ppl,
+                delta_log_ppl=res.log_ppl - base.log_ppl, accuracy=res.accuracy,
+                n_nonfinite_windows=res.n_nonfinite_windows, n_inf_weights=stats.n_inf, n_nan_weights=stats.n_nan)
+
+
+def _eval(model, windows, targets, spec, seed, batch_size, base, label) -> dict:
+    n = count_targets(targets)
+    try:
+        res, st = evaluate_perturbed(model, windows, targets, spec, seed, batch_size)
+        return _row(label, n, res, st, base)
+    except AllNonFinite:  # recorded as catastrophic, not dropped
+        return dict(condition=label, n_weights=n, ppl=np.nan, log_ppl=np.nan, delta_ppl=np.nan,
+                    delta_log_ppl=np.nan, accuracy=np.nan, n_nonfinite_windows=len(windows), n_inf_weights=-1,
+                    n_nan_weights=-1)
+
+
+def cumulative_ablation(model: torch.nn.Module, inventory: list[WeightSpec], ranked: pd.DataFrame,
+                        windows: torch.Tensor, ns: Sequence[int], spec: PerturbSpec | None = None, seed: int = 0,
+                        batch_size: int | None = None) -> pd.DataFrame:
+    """Damage of perturbing the n best-ranked weights of `ranked` (a global top-k table), for each n."""
+    spec = spec or PerturbSpec("zero")
+    base = evaluate(model, windows, batch_size=batch_size, show_progress=False)
+    ranked = ranked.sort_values("rank", kind="stable")
+    rows = []
+    for n in sorted({min(int(n), len(ranked)) for n in ns}):
+        t = targets_from_selection(ranked.head(n), inventory)
+        rows.append(_eval(model, windows, t, spec, seed, batch_size, base, f"top-{n}"))
+    return pd.DataFrame(rows)
+
+
+def restore_one(model: torch.nn.Module, inventory: list[WeightSpec], ranked: pd.DataFrame, windows: torch.Tensor,
+                spec: PerturbSpec | None = None, seed: int = 0, batch_size: int | None = None) -> pd.DataFrame:
+    """All top-k perturbed; all but the top-1 perturbed (the top weight restored); only the top-1 perturbed."""
+    spec = spec or PerturbSpec("zero")
+    base = evaluate(model, windows, batch_size=batch_size, show_progress=False)
+    ranked = ranked.sort_values("rank", kind="stable")
+    sets = {"all top-k": ranked, "top-k but keep top-1": ranked.iloc[1:], "top-1 only": ranked.head(1)}
+    return pd.DataFrame([_eval(model, windows, targets_from_selection(df, inventory), spec, seed, batch_size,
+                               base, label) for label, df in sets.items()])
+
+
+def ranking_stability(windows_df: pd.DataFrame, n_splits: int = 200, seed: int = 0) -> dict:
+    """Spearman rho between conditions' mean delta NLL on random halves of the evaluation windows."""
+    keys = ["perturbation", "scale", "prob", "group", "seed"]
+    piv = windows_df.pivot_table(index=keys, columns="window", values="delta_nll", aggfunc="mean")
+    piv = piv.replace([np.inf, -np.inf], np.nan)
+    n_win = piv.shape[1]
+    if n_win < 2 or len(piv) < 3:
+        return dict(rho_mean=np.nan, rho_lo=np.nan, rho_hi=np.nan, n_conditions=len(piv), n_windows=n_win,
+                    note="needs >= 2 windows and >= 3 conditions")
+    rng = np.random.default_rng(seed)
+    rhos = []
+    vals = piv.to_numpy()
+    for _ in range(n_splits):
+        perm = rng.permutation(n_win)
+        a, b = perm[: n_win // 2], perm[n_win // 2 :]
+        ra, rb = np.nanmean(vals[:, a], axis=1), np.nanmean(vals[:, b], axis=1)
+        ok = np.isfinite(ra) & np.isfinite(rb)
+        if ok.sum() >= 3:
+            rhos.append(sps.spearmanr(ra[ok], rb[ok]).statistic)
+    r = np.asarray(rhos, dtype=float)
+    return dict(rho_mean=float(np.nanmean(r)), rho_lo=float(np.nanquantile(r, 0.025)),
+                rho_hi=float(np.nanquantile(r, 0.975)), n_conditions=len(piv), n_windows=n_win, n_splits=len(r))

@@ -1,0 +1,133 @@
+"""Apply a perturbation in place to selected weights only, and restore them bit-exactly.
+
+A *target set* is `dict[param name -> LongTensor of flat indices into that parameter]` (deduplicated,
+sorted). `perturbed(model, targets, spec, seed)` is a context manager: on entry it backs up only the
+selected values (as raw integer bit patterns, so NaN payloads and -0.0 survive), writes the perturbed
+values, and yields a `PerturbStats` (inf/NaN counts of the written values); on exit it writes the
+backup back, whether the block finished or raised. Memory: the backup is the selected values only;
+the model is never copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from esa.dispatch import require_resident
+from esa.errors import EsaError
+from esa.models.inventory import WeightSpec
+from esa.perturb.ops import BIT_LAYOUTS, PERTURBATIONS, OpContext, PerturbSpec
+
+Targets = dict[str, torch.Tensor]
+
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+             torch.float64: torch.int64}
+
+
+@dataclass
+class PerturbStats:
+    n_weights: int = 0  # weights written (selected)
+    n_changed: int = 0  # of those, how many changed bit pattern
+    n_inf: int = 0  # written values that are +-inf
+    n_nan: int = 0  # written values that are NaN
+
+
+def targets_from_selection(selection: pd.DataFrame, inventory: list[WeightSpec]) -> Targets:
+    """Top-k table rows (param, expert, row, col) -> target set. Unknown params are an error."""
+    specs = {s.name: s for s in inventory}
+    out: Targets = {}
+    if selection.empty:
+        return out
+    for name, rows in selection.groupby("param", sort=False):
+        if name not in specs:
+            raise EsaError(f"selection names parameter {name!r}, which is not in the model's weight inventory")
+        spec = specs[name]
+        expert = torch.as_tensor(np.array(rows["expert"] if "expert" in rows else [-1] * len(rows), dtype=np.int64))
+        row = torch.as_tensor(np.array(rows["row"], dtype=np.int64))
+        col = torch.as_tensor(np.array(rows["col"], dtype=np.int64))
+        flat = spec.ravel(expert, row, col)
+        if int(flat.min()) < 0 or int(flat.max()) >= spec.numel:
+            raise EsaError(f"selection indices out of range for {name} with shape {spec.shape}")
+        out[str(name)] = torch.unique(flat)  # sorted, deduplicated
+    return out
+
+
+def count_targets(targets: Targets) -> int:
+    return int(sum(int(v.numel()) for v in targets.values()))
+
+
+def _matrix_std(p: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Std of the matrix each selected index lives in (expert slices are matrices of their own). (n,)"""
+    if p.dim() == 3:
+        per_expert = p.detach().float().flatten(1).std(dim=1)  # (E,)
+        return per_expert[(flat // (p.shape[1] * p.shape[2])).to(per_expert.device)]  # (n,)
+    return p.detach().float().std().expand(flat.numel())
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    # One stream per (seed, parameter): the draw for a matrix does not depend on which others are selected.
+    g = torch.Generator()
+    g.manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    return g
+
+
+@contextlib.contextmanager
+def perturbed(model: torch.nn.Module, targets: Targets, spec: PerturbSpec, seed: int = 0) -> Iterator[PerturbStats]:
+    """Perturb `targets` of `model` in place for the duration of the block, then restore bit-exactly."""
+    fn = PERTURBATIONS[spec.name]
+    params = dict(model.named_parameters())
+    missing = [n for n in targets if n not in params]
+    if missing:
+        raise EsaError(f"target parameters not in the model: {missing[:3]}")
+    require_resident(model, list(targets), f"perturbation {spec.name}")
+    backups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (int view of param, idx, raw values)
+    stats = PerturbStats()
+    try:
+        with torch.no_grad():
+            for name, idx in targets.items():
+                if idx.numel() == 0:
+                    continue
+                p = params[name].data
+                if not p.is_contiguous():
+                    raise EsaError(f"parameter {name} is not contiguous; cannot perturb it in place")
+                if spec.name == "bit_flip" and p.dtype not in BIT_LAYOUTS:
+                    raise EsaError(f"bit_flip needs a bf16/fp16/fp32 parameter; {name} is {p.dtype}")
+                ints = p.view(_INT_VIEW[p.dtype]).view(-1)  # raw bit patterns, shares storage with p
+                idx_d = idx.to(p.device)
+                raw = ints[idx_d].clone()  # (n,) the backup: selected values only
+                backups.append((ints, idx_d, raw))
+                flat = p.view(-1)
+                old = flat[idx_d]
+                ctx = OpContext(_generator(seed, name))
+                if spec.name == "gauss_noise":
+                    ctx.matrix_std = _matrix_std(p, idx).to(p.device)  # (n,) per selected weight
+                new = fn(old, spec, ctx)
+                flat[idx_d] = new
+                stats.n_weights += int(idx.numel())
+                stats.n_changed += int((ints[idx_d] != raw).sum())
+                stats.n_inf += int(torch.isinf(new).sum())
+                stats.n_nan += int(torch.isnan(new).sum())
+        yield stats
+    finally:
+        with torch.no_grad():
+            for ints, idx_d, raw in reversed(backups):
+                ints[idx_d] = raw
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's raw bytes (bit-exact fingerprint of the model's weights)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        t = p.detach().cpu().contiguous()
+        h.update(t.view(_INT_VIEW.get(t.dtype, torch.uint8)).numpy().tobytes() if t.dtype in _INT_VIEW
+                 else t.numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,170 @@
+"""The perturbations of SCIENCE.md, behind one registry of same-signature functions.
+
+Every perturbation maps the selected values of one weight matrix to new values:
+`fn(values, spec, ctx) -> new_values`, with `values` a 1-D tensor (n,) in the parameter's storage dtype
+and the result in the same dtype. `ctx` carries what a perturbation may need beyond the values: the
+matrix's standard deviation (for `gauss_noise`) and a seeded generator (noise and bit draws), so one
+(seed, condition) always gives the same perturbation.
+
+- `sign_flip`: w -> -scale * w (scale 1 is the plain sign flip).
+- `gauss_noise`: w + N(0, (scale * sigma)^2); sigma is the weight matrix's standard deviation
+  (`sigma="std"`, the default; each expert slice is its own matrix) or |w| itself (`sigma="abs"`,
+  multiplicative noise).
+- `zero`: w -> 0.
+- `bit_flip`: with probability `prob` per selected weight, flip one bit of its stored value (integer
+  view of bf16/fp16/fp32). Which bit is explicit: `any` (uniform over all bits), `exponent` (uniform over
+  the exponent bits), `sign`, or `msb-exponent` (the exponent's top bit, the flip most likely to overflow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from esa.errors import EsaError, unknown
+
+# IEEE layouts: (integer view dtype, total bits, sign bit, exponent bits as [lo, hi] inclusive).
+BIT_LAYOUTS: dict[torch.dtype, tuple[torch.dtype, int, int, tuple[int, int]]] = {
+    torch.float32: (torch.int32, 32, 31, (23, 30)),
+    torch.float16: (torch.int16, 16, 15, (10, 14)),
+    torch.bfloat16: (torch.int16, 16, 15, (7, 14)),
+}
+BIT_CHOICES = ("any", "exponent", "sign", "msb-exponent")
+SIGMA_CHOICES = ("std", "abs")
+
+
+@dataclass(frozen=True)
+class PerturbSpec:
+    """One perturbation condition. Fields a perturbation does not use are ignored by it."""
+
+    name: str
+    scale: float = 1.0  # sign_flip multiplier, gauss_noise sigma multiplier
+    prob: float = 0.5  # bit_flip: probability that a selected weight gets a flipped bit
+    bits: str = "exponent"  # bit_flip: which bits may flip (BIT_CHOICES)
+    sigma: str = "std"  # gauss_noise: "std" of the matrix or "abs" = |w|
+
+    def __post_init__(self) -> None:
+        if self.name not in PERTURBATIONS:
+            raise unknown("perturbation", self.name, PERTURBATIONS)
+        if not (self.scale >= 0) or self.scale == float("inf"):
+            raise EsaError(f"perturbation scale must be a finite number >= 0, got {self.scale!r}")
+        if not (0.0 <= self.prob <= 1.0):
+            raise EsaError(f"perturbation probability must be in [0, 1], got {self.prob!r}")
+        if self.bits not in BIT_CHOICES:
+            raise unknown("bit choice", self.bits, BIT_CHOICES)
+        if self.sigma not in SIGMA_CHOICES:
+            raise unknown("gauss_noise sigma", self.sigma, SIGMA_CHOICES)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def label(self) -> str:
+        if self.name == "bit_flip":
+            return f"bit_flip(p={self.prob:g},{self.bits})"
+        if self.name == "zero":
+            return "zero"
+        return f"{self.name}(x{self.scale:g})"
+
+
+@dataclass
+class OpContext:
+    """What a perturbation may use besides the values (one weight matrix at a time)."""
+
+    generator: torch.Generator  # CPU generator: draws are device-independent and reproducible
+    matrix_std: float | torch.Tensor = 1.0  # std of the matrix each value comes from: scalar or (n,), fp32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PerturbFn = Callable[[torch.Tensor, PerturbSpec, OpContext], torch.Tensor]
+
+
+def _sign_flip(values: torch.Tensor, spec: PerturbSpec, ctx: OpContext) -> torch.Tensor:
+    return (values.float() * -spec.scale).to(values.dtype)
+
+
+def _zero(values: torch.Tensor, spec: PerturbSpec, ctx: OpContext) -> torch.Tensor:
+    return torch.zeros_like(values)
+
+
+def _gauss_noise(values: torch.Tensor, spec: PerturbSpec, ctx: OpContext) -> torch.Tensor:
+    w = values.float()  # (n,)
+    noise = torch.randn(w.shape, generator=ctx.generator).to(w.device)  # (n,) drawn on CPU: reproducible
+    sigma = w.abs() if spec.sigma == "abs" else torch.as_tensor(ctx.matrix_std, dtype=torch.float32).to(w.device)
+    return (w + noise * sigma * spec.scale).to(values.dtype)
+
+
+def bit_positions(dtype: torch.dtype, bits: str) -> list[int]:
+    """Bit indices (0 = least significant) that `bits` may flip in a value of `dtype`."""
+    if dtype not in BIT_LAYOUTS:
+        raise EsaError(f"bit_flip supports storage dtypes {[str(d) for d in BIT_LAYOUTS]}, got {dtype}")
+    _, total, sign, (elo, ehi) = BIT_LAYOUTS[dtype]
+    return {
+        "any": list(range(total)),
+        "exponent": list(range(elo, ehi + 1)),
+        "sign": [sign],
+        "msb-exponent": [ehi],
+    }[bits]
+
+
+def flip_bits(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Flip bit `positions[i]` of `values[i]` (positions < 0: leave the value alone). Exact, via int views."""
+    int_dtype, total, _, _ = BIT_LAYOUTS[values.dtype]
+    # Work in int64 on the unsigned pattern: 1 << 31 (or 1 << 15) does not fit the signed view itself.
+    full = (1 << total) - 1
+    raw = values.contiguous().view(int_dtype).long() & full  # (n,) unsigned bit pattern
+    pos = positions.to(raw.device).long()
+    mask = torch.where(pos >= 0, torch.ones_like(pos) << pos.clamp(min=0), torch.zeros_like(pos))
+    flipped = raw ^ mask
+    signed = torch.where(flipped >= (1 << (total - 1)), flipped - (1 << total), flipped)  # back to two's compl.
+    return signed.to(int_dtype).view(values.dtype)
+
+
+def _bit_flip(values: torch.Tensor, spec: PerturbSpec, ctx: OpContext) -> torch.Tensor:
+    allowed = torch.tensor(bit_positions(values.dtype, spec.bits))
+    n = values.numel()
+    hit = torch.rand(n, generator=ctx.generator) < spec.prob  # (n,) which weights get a flip
+    choice = allowed[torch.randint(len(allowed), (n,), generator=ctx.generator)]  # (n,) which bit
+    positions = torch.where(hit, choice, torch.full_like(choice, -1))
+    return flip_bits(values, positions)
+
+
+PERTURBATIONS: dict[str, PerturbFn] = {
+    "sign_flip": _sign_flip,
+    "gauss_noise": _gauss_noise,
+    "zero": _zero,
+    "bit_flip": _bit_flip,
+}
+
+
+def parse_perturbations(names: str | list[str]) -> list[str]:
+    """'sign_flip,zero' or a list -> validated list of registry names."""
+    items = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n).strip() for n in names]
+    items = [n for n in items if n]
+    if not items:
+        raise EsaError("no perturbation given; accepted: " + ", ".join(sorted(PERTURBATIONS)))
+    for n in items:
+        if n not in PERTURBATIONS:
+            raise unknown("perturbation", n, PERTURBATIONS)
+    return items
+
+
+def parse_scales(value: float | str | list[float]) -> list[float]:
+    """1.0, '0.005,0.01' or [..] -> list of validated (finite, >= 0) scales."""
+    if isinstance(value, str):
+        try:
+            out = [float(v) for v in value.split(",") if v.strip()]
+        except ValueError as e:
+            raise EsaError(f"perturbation scale must be a number or a comma list of numbers, got {value!r}") from e
+    elif isinstance(value, (list, tuple)):
+        out = [float(v) for v in value]
+    else:
+        out = [float(value)]
+    if not out:
+        raise EsaError("no perturbation scale given")
+    for s in out:
+        if not (s >= 0) or s == float("inf"):
+            raise EsaError(f"perturbation scale must be a finite number >= 0, got {s!r}")
+    return out

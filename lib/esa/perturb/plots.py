@@ -1,0 +1,91 @@
+"""Figures of Phase 3: damage per group with CIs, and dose-response curves.
+
+Each function returns a matplotlib Figure; the caller saves it (ctx.savefig in notebooks, `save` in the
+CLI). Damage is delta log-PPL (nats/token) with catastrophic values capped as esa.stats.inference states.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from esa.store import atomic_path
+
+GROUP_ORDER = ["top_k", "magnitude_k", "random_k", "random_global", "bottom_k"]
+
+
+def _plt():
+    import matplotlib
+
+    if not matplotlib.get_backend().lower().startswith(("module://", "tk", "qt", "macosx")):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _order(groups) -> list[str]:
+    gs = list(dict.fromkeys(groups))
+    return [g for g in GROUP_ORDER if g in gs] + [g for g in gs if g not in GROUP_ORDER]
+
+
+def damage_bars(summary: pd.DataFrame | list[dict[str, Any]], title: str = ""):
+    """One panel per condition: mean delta log-PPL per group with its bootstrap CI (log y axis if wide)."""
+    plt = _plt()
+    s = pd.DataFrame(summary)
+    conds = s[["perturbation", "scale", "prob"]].drop_duplicates().to_records(index=False)
+    n = len(conds)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
+    for ax, (pert, scale, prob) in zip(axes[0], conds, strict=True):
+        d = s[(s.perturbation == pert) & (s.scale == scale) & (s.prob == prob)].set_index("group")
+        order = _order(d.index)
+        d = d.loc[order]
+        lo = (d["mean"] - d["ci_lo"]).clip(lower=0).fillna(0)
+        hi = (d["ci_hi"] - d["mean"]).clip(lower=0).fillna(0)
+        ax.bar(range(len(d)), d["mean"], yerr=[lo, hi], color=["C3" if g == "top_k" else "C0" for g in d.index],
+               capsize=3)
+        ax.set_xticks(range(len(d)), d.index, rotation=45, ha="right", fontsize=8)
+        label = pert if pert == "zero" else (f"{pert} p={prob:g}" if pert == "bit_flip" else f"{pert} x{scale:g}")
+        ax.set_title(label, fontsize=9)
+        ax.axhline(0, color="k", lw=0.5)
+        vals = d["mean"].to_numpy(dtype=float)
+        if np.all(vals > 0) and vals.max() / max(vals.min(), 1e-12) > 100:
+            ax.set_yscale("log")
+    axes[0][0].set_ylabel("delta log-PPL (nats/token)")
+    fig.suptitle(title or "damage per group (mean over seeds, 95% bootstrap CI)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def dose_plot(table: pd.DataFrame, value: str = "delta_log_ppl", title: str = ""):
+    """Mean damage vs dose per group, one panel per perturbation, log x axis."""
+    plt = _plt()
+    perts = list(dict.fromkeys(table["perturbation"]))
+    fig, axes = plt.subplots(1, len(perts), figsize=(3.8 * len(perts), 3.4), squeeze=False)
+    for ax, pert in zip(axes[0], perts, strict=True):
+        d = table[table.perturbation == pert]
+        for g in _order(d["group"]):
+            m = d[d.group == g].groupby("dose")[value].agg(["mean", "min", "max"]).sort_index()
+            ax.plot(m.index, m["mean"], marker="o", label=g, color="C3" if g == "top_k" else None)
+            ax.fill_between(m.index, m["min"], m["max"], alpha=0.15)
+        if (d["dose"] > 0).all() and d["dose"].nunique() > 1:
+            ax.set_xscale("log")
+        ax.set_xlabel("dose (scale, or bit-flip probability)")
+        ax.set_title(pert, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{value} (mean; band: seed range)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title or "dose-response", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    _plt().close(fig)
+    return path

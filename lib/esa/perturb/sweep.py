@@ -1,0 +1,162 @@
+"""Sweeps: perturbation x group (top-k and each control) x seed x dose, into one tidy table.
+
+One condition = perturb one target set in place, evaluate on the fixed evaluation windows, restore.
+The evaluation windows are the same for every condition, so every comparison is paired by window,
+and conditions that share a seed (top-k of seed s vs its controls drawn with seed s) are paired by seed.
+
+Catastrophic damage is kept, never dropped: a condition whose every window is non-finite raises
+`AllNonFinite` from `evaluate_perturbed` (after the model is restored); a sweep either re-raises it
+(`strict_nan=True`) or records the row with ppl/log_ppl NaN and `n_nonfinite_windows` = all windows,
+so statistics can cap it explicitly (see esa.stats.inference).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from esa.errors import EsaError
+from esa.evaluate import EvalResult, evaluate
+from esa.models.inventory import WeightSpec
+from esa.perturb.apply import PerturbStats, Targets, count_targets, perturbed, targets_from_selection
+from esa.perturb.controls import CONTROLS, ControlInput, make_control, overlap
+from esa.perturb.ops import PerturbSpec
+from esa.progress import progress
+
+log = logging.getLogger(__name__)
+
+TOP = "top_k"
+COLUMNS = ["perturbation", "scale", "prob", "dose", "group", "k", "seed", "ppl", "log_ppl", "delta_ppl",
+           "delta_log_ppl", "accuracy", "n_nonfinite_windows", "n_inf_weights", "n_nan_weights", "seconds",
+           "n_changed", "overlap_top"]
+
+
+class AllNonFinite(EsaError):
+    """Every evaluation window's loss is inf/NaN: the perturbation destroyed the model's output."""
+
+
+def dose_of(spec: PerturbSpec) -> float:
+    """The dose axis of a perturbation: scale (sign_flip, gauss_noise), prob (bit_flip), 1 for zero."""
+    return {"bit_flip": spec.prob, "zero": 1.0}.get(spec.name, spec.scale)
+
+
+def evaluate_perturbed(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    targets: Targets,
+    spec: PerturbSpec,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> tuple[EvalResult, PerturbStats]:
+    """Perturb, evaluate, restore (always). Raises AllNonFinite if every window is non-finite."""
+    with perturbed(model, targets, spec, seed) as stats:
+        res = evaluate(model, windows, batch_size=batch_size, show_progress=False)
+    if res.n_windows and res.n_nonfinite_windows == res.n_windows:
+        raise AllNonFinite(
+            f"{spec.label()} on {count_targets(targets)} weights made every one of the {res.n_windows} "
+            f"evaluation windows non-finite (inf/NaN loss; {stats.n_inf} inf and {stats.n_nan} NaN weights "
+            "written). The model has been restored."
+        )
+    return res, stats
+
+
+def build_groups(
+    model: torch.nn.Module,
+    inventory: list[WeightSpec],
+    selection: pd.DataFrame,
+    seeds: Iterable[int],
+    controls: Iterable[str],
+    scores_by_seed: dict[int, dict[str, torch.Tensor]] | None = None,
+) -> dict[tuple[str, int], Targets]:
+    """(group, seed) -> target set: the top-k of each seed (from the selection table) and its controls."""
+    groups: dict[tuple[str, int], Targets] = {}
+    controls = list(controls)
+    for c in controls:
+        if c not in CONTROLS:
+            from esa.errors import unknown
+
+            raise unknown("control", c, CONTROLS)
+    for seed in seeds:
+        sel = selection[selection["seed"] == seed] if "seed" in selection and (selection["seed"] == seed).any() \
+            else selection
+        if sel.empty:
+            raise EsaError(f"the top-k selection has no rows for seed {seed}")
+        top = targets_from_selection(sel, inventory)
+        groups[(TOP, int(seed))] = top
+        scores = (scores_by_seed or {}).get(int(seed))
+        for c in controls:
+            groups[(c, int(seed))] = make_control(c, ControlInput(model, inventory, top, int(seed), scores))
+    return groups
+
+
+@dataclass
+class SweepResult:
+    table: pd.DataFrame  # one row per condition (COLUMNS)
+    windows: pd.DataFrame  # one row per (condition, window): per-window NLL and delta NLL
+    baseline: EvalResult
+
+
+def run_sweep(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    groups: dict[tuple[str, int], Targets],
+    specs: list[PerturbSpec],
+    baseline: EvalResult | None = None,
+    batch_size: int | None = None,
+    strict_nan: bool = False,
+    show_progress: bool = True,
+) -> SweepResult:
+    """Evaluate every (spec, group, seed) condition once; the model is unchanged afterwards."""
+    ids = windows.ids if hasattr(windows, "ids") else windows
+    if baseline is None:
+        baseline = evaluate(model, windows, batch_size=batch_size, show_progress=False)
+    if not np.isfinite(baseline.log_ppl):
+        raise EsaError(f"the unperturbed model already has a non-finite loss (log-PPL {baseline.log_ppl})")
+    base_nll = np.asarray(baseline.window_nll)
+    rows, win_rows = [], []
+    conds = [(spec, g, s) for spec in specs for (g, s) in groups]
+    for spec, group, seed in progress(conds, desc="perturbation sweep", disable=not show_progress, unit="cond"):
+        targets = groups[(group, seed)]
+        t0 = time.perf_counter()
+        try:
+            res, st = evaluate_perturbed(model, windows, targets, spec, seed, batch_size)
+            log_ppl, ppl, acc, nonfinite, nll = res.log_ppl, res.ppl, res.accuracy, res.n_nonfinite_windows, \
+                np.asarray(res.window_nll)
+        except AllNonFinite as e:
+            if strict_nan:
+                raise
+            log.warning("%s", e)
+            # recorded as catastrophic (NaN), not dropped; the stats layer caps it and says so
+            log_ppl, ppl, acc, nonfinite, nll = np.nan, np.nan, np.nan, len(base_nll), np.full(len(base_nll), np.nan)
+            st = _stats_only(model, targets, spec, seed)
+        secs = time.perf_counter() - t0
+        top = groups.get((TOP, seed), {})
+        rows.append(dict(
+            perturbation=spec.name, scale=float(spec.scale), prob=float(spec.prob), dose=float(dose_of(spec)),
+            group=group, k=count_targets(targets), seed=int(seed), ppl=float(ppl), log_ppl=float(log_ppl),
+            delta_ppl=float(ppl - baseline.ppl), delta_log_ppl=float(log_ppl - baseline.log_ppl),
+            accuracy=float(acc), n_nonfinite_windows=int(nonfinite), n_inf_weights=st.n_inf,
+            n_nan_weights=st.n_nan, seconds=secs, n_changed=st.n_changed,
+            overlap_top=overlap(targets, top) if group != TOP else count_targets(targets),
+        ))
+        for w, (a, b) in enumerate(zip(nll, base_nll, strict=True)):
+            win_rows.append((spec.name, float(spec.scale), float(spec.prob), float(dose_of(spec)), group, int(seed),
+                             w, float(a), float(b), float(a - b)))
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    wins = pd.DataFrame(win_rows, columns=["perturbation", "scale", "prob", "dose", "group", "seed", "window",
+                                           "nll", "base_nll", "delta_nll"])
+    del ids
+    return SweepResult(table, wins, baseline)
+
+
+def _stats_only(model: torch.nn.Module, targets: Targets, spec: PerturbSpec, seed: int) -> PerturbStats:
+    # Re-apply (same seed -> same values) only to count inf/NaN weights for the catastrophic row.
+    with perturbed(model, targets, spec, seed) as st:
+        pass
+    return st

@@ -1,0 +1,223 @@
+"""Run one metric on one model + calibration sample + seed, and cache what later work needs.
+
+`score(...)` returns a `ScoreRun`: the scores (fp32, one tensor per studied parameter; lazily read back
+from the cache), each matrix's top and bottom candidates (any per_layer or global top-k with k <= the
+cached depth is derived from these exactly), heavy-tail statistics, per-matrix statistics, timings.
+Everything is stored under a content key (model, corpus, seqlen, samples, seed, metric and its
+settings, dtype, code version) in `esa.store.cache_dir("scores")`, written to a temporary folder and
+renamed, so a crashed run never leaves a half-written entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from esa.data import Windows, calibration
+from esa.errors import EsaError
+from esa.models.inventory import WeightSpec
+from esa.models.loader import LoadedModel
+from esa.sensitivity.metrics import MetricConfig, get_metric
+from esa.sensitivity.select import check_k, from_candidates, matrix_candidates
+from esa.stats.tails import tail_summary
+from esa.store import cache_dir, code_version, content_key, read_json, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+CANDIDATES_K = 1000  # per-matrix depth of cached top/bottom candidates
+KEEP_SCORES_MAX = 2_000_000_000  # cache full scores only below this many weights (fp32 on disk)
+
+
+class LazyScores(Mapping[str, torch.Tensor]):
+    """Scores in a safetensors file, read one parameter at a time (memory-mapped)."""
+
+    def __init__(self, path: Path, names: list[str]) -> None:
+        self.path, self.names = path, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.names:
+            raise KeyError(name)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass
+class ScoreRun:
+    metric: str
+    seed: int
+    key: str
+    settings: dict[str, Any]
+    scores: Mapping[str, torch.Tensor] | None  # None if not kept (too large)
+    top: pd.DataFrame  # matrix_candidates, largest first
+    bottom: pd.DataFrame  # matrix_candidates, smallest first
+    matrices: pd.DataFrame  # per matrix: param, layer, component, kind, expert, numel, sum, mean, max, share
+    tails: dict[str, Any]
+    survival: pd.DataFrame
+    extras: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    from_cache: bool = False
+
+    def topk(self, k: int, mode: str = "per_layer", inventory: list[WeightSpec] | None = None) -> pd.DataFrame:
+        return self._select(self.top, k, mode, True, inventory)
+
+    def bottomk(self, k: int, mode: str = "per_layer", inventory: list[WeightSpec] | None = None) -> pd.DataFrame:
+        return self._select(self.bottom, k, mode, False, inventory)
+
+    def _select(self, cands: pd.DataFrame, k: int, mode: str, largest: bool,
+                inventory: list[WeightSpec] | None) -> pd.DataFrame:
+        depth = int(cands["rank"].max())
+        if inventory is not None:
+            names = set(cands["param"])
+            check_k([s for s in inventory if s.name in names], k, mode)
+        if k > depth and self.scores is None:
+            raise EsaError(f"k={k} is deeper than the {depth} cached candidates per matrix and scores were not kept")
+        if k > depth:
+            specs = [s for s in (inventory or []) if s.name in self.scores]  # type: ignore[operator]
+            cands = matrix_candidates(dict(self.scores), specs, k, largest)  # type: ignore[arg-type]
+        df = from_candidates(cands, k, mode, largest)
+        df["metric"], df["seed"] = self.metric, self.seed
+        return df
+
+
+def score_key(settings: dict[str, Any]) -> str:
+    return content_key(settings)
+
+
+def settings_for(model_ref: str, windows: Windows, metric: str, seed: int, dtype: str, cfg: MetricConfig,
+                 inventory: list[WeightSpec]) -> dict[str, Any]:
+    return {
+        "model": model_ref, "corpus": windows.corpus, "seqlen": windows.seqlen, "n_samples": windows.n_windows,
+        "seed": seed, "metric": metric, "metric_settings": cfg.key(metric), "dtype": dtype,
+        "tokenizer": windows.tokenizer, "weights": content_key([s.name for s in inventory]),
+        "code_version": code_version(),
+    }
+
+
+def score(
+    lm: LoadedModel,
+    metric: str,
+    seed: int,
+    corpus: str = "shakespeare",
+    seqlen: int = 256,
+    n_samples: int = 4,
+    cfg: MetricConfig | None = None,
+    model_ref: str | None = None,
+    inventory: list[WeightSpec] | None = None,
+    use_cache: bool = True,
+    keep_scores: bool = True,
+    windows: Windows | None = None,
+) -> ScoreRun:
+    """Score every weight of `inventory` (default: the model's) with `metric` on the calibration sample of `seed`."""
+    fn = get_metric(metric)
+    cfg = cfg or MetricConfig()
+    inventory = inventory if inventory is not None else lm.inventory
+    if not inventory:
+        raise EsaError(f"{lm.info.ref}: no weights under study (no attention/MLP linear layers found)")
+    t0 = time.perf_counter()
+    if windows is None:
+        windows = calibration(lm.tokenizer, corpus, seqlen, n_samples, seed, max_positions=lm.info.max_positions or None)
+    t_data = time.perf_counter() - t0
+    settings = settings_for(model_ref or lm.info.ref, windows, metric, seed, lm.info.dtype, cfg, inventory)
+    key = score_key(settings)
+    folder = cache_dir("scores") / key
+    if use_cache and (folder / "complete").exists():
+        run = load_cached(folder)
+        run.timings["load_cache_s"] = time.perf_counter() - t0
+        return run
+
+    t1 = time.perf_counter()
+    result = fn(lm.model, inventory, windows.ids, cfg)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t_metric = time.perf_counter() - t1
+    scores = result.scores
+    t2 = time.perf_counter()
+    depth = CANDIDATES_K
+    top = matrix_candidates(scores, inventory, depth, largest=True)
+    bottom = matrix_candidates(scores, inventory, depth, largest=False)
+    matrices = matrix_stats(scores, inventory)
+    tails, surv = tail_summary(scores)
+    t_select = time.perf_counter() - t2
+    timings = {"data_s": t_data, "metric_s": t_metric, "select_and_stats_s": t_select,
+               "tokens": int(windows.ids.numel())}
+    extras = {**result.extras, "windows": windows.describe(), "window_indices": list(windows.indices)}
+    n_weights = sum(s.numel for s in inventory)
+    keep = keep_scores and n_weights <= KEEP_SCORES_MAX
+    run = ScoreRun(metric, seed, key, settings, scores if keep else None, top, bottom, matrices, tails, surv,
+                   extras, timings)
+    if use_cache:
+        _write_cache(folder, run, scores if keep else None)
+        if keep:  # hand back the lazy view so the caller can drop the in-memory buffers
+            run.scores = LazyScores(folder / "scores.safetensors", [s.name for s in inventory if s.name in scores])
+    return run
+
+
+def matrix_stats(scores: Mapping[str, torch.Tensor], inventory: list[WeightSpec]) -> pd.DataFrame:
+    """Per matrix (expert slices separately): numel, sum, mean, max of |score|, share of the model's total."""
+    rows = []
+    for spec in inventory:
+        if spec.name not in scores:
+            continue
+        t = scores[spec.name].detach().float()
+        mats = t.reshape(spec.n_experts, -1) if spec.n_experts else t.reshape(1, -1)
+        for e, m in enumerate(mats):
+            m = m.abs()  # |score|, as the tail statistics (Hutchinson saliencies can be negative)
+            total = float(m.sum())
+            rows.append({"param": spec.name, "layer": spec.layer, "component": spec.component, "kind": spec.kind,
+                         "expert": e if spec.n_experts else -1, "numel": m.numel(), "sum": total,
+                         "mean": total / m.numel(), "max": float(m.max())})
+    df = pd.DataFrame(rows)
+    df["share"] = df["sum"] / df["sum"].sum() if df["sum"].sum() > 0 else 0.0
+    return df
+
+
+def _write_cache(folder: Path, run: ScoreRun, scores: Mapping[str, torch.Tensor] | None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if scores is not None:
+        save_file({n: t.detach().float().contiguous().cpu() for n, t in scores.items()}, str(tmp / "scores.safetensors"))
+    write_parquet(tmp / "top.parquet", run.top)
+    write_parquet(tmp / "bottom.parquet", run.bottom)
+    write_parquet(tmp / "matrices.parquet", run.matrices)
+    write_parquet(tmp / "survival.parquet", run.survival)
+    write_json(tmp / "meta.json", {"metric": run.metric, "seed": run.seed, "key": run.key, "settings": run.settings,
+                                   "tails": run.tails, "extras": run.extras, "timings": run.timings,
+                                   "has_scores": scores is not None,
+                                   "names": list(scores) if scores is not None else []})
+    (tmp / "complete").write_text(run.key + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished the same entry first; its content is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_cached(folder: Path) -> ScoreRun:
+    meta = read_json(folder / "meta.json")
+    scores = LazyScores(folder / "scores.safetensors", meta["names"]) if meta["has_scores"] else None
+    return ScoreRun(
+        meta["metric"], int(meta["seed"]), meta["key"], meta["settings"], scores,
+        pd.read_parquet(folder / "top.parquet"), pd.read_parquet(folder / "bottom.parquet"),
+        pd.read_parquet(folder / "matrices.parquet"), meta["tails"], pd.read_parquet(folder / "survival.parquet"),
+        meta["extras"], dict(meta["timings"]), from_cache=True,
+    )

@@ -1,0 +1,390 @@
+"""Sensitivity metrics: one score per studied weight, higher = more critical (SCIENCE.md definitions).
+
+Every metric is a function with the same signature, registered in `METRICS`:
+
+    fn(model, specs, ids, cfg: MetricConfig) -> MetricResult
+
+`specs` are the `WeightSpec`s to score, `ids` the calibration windows (n, seqlen). Scores come back in
+fp32, one tensor per parameter with the parameter's shape, whatever the model dtype.
+
+Memory discipline (DESIGN.md: naive fp32 accumulation does not fit an 8B model): gradients are folded
+into the fp32 accumulators by `register_post_accumulate_grad_hook` the moment autograd finishes each
+parameter's gradient, and the `.grad` is freed at once, so the model never holds all gradients and all
+accumulators together. Only the studied parameters have `requires_grad` on.
+
+Definitions (b = one calibration micro-batch of `cfg.batch_size` windows, weighted by its token count):
+- grad_x_weight (default): |w * g| with g the gradient of the mean calibration loss (SNIP-style
+  first-order Taylor). `cfg.per_batch=True`: mean_b |w * g_b|.
+- grad_squared: mean_b g_b^2 (empirical Fisher diagonal over micro-batches); `cfg.times_w2`: times w^2.
+- act_mag: |W_ij| * ||X_j||_2 over all calibration tokens (Wanda). For 3-D MoE experts X is the tokens
+  routed to that expert (captured from the experts module's routing inputs).
+- hutchinson_diag: diag(H) ~ mean over Rademacher probes v of v * Hv (double backward), saliency
+  0.5 * diag(H) * w^2 (signed: noise or negative curvature ranks low). The spread across probes is
+  reported in `extras`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from esa.dispatch import input_device, require_resident
+from esa.errors import EsaError
+from esa.models.inventory import WeightSpec
+from esa.progress import progress
+
+
+@dataclass
+class MetricConfig:
+    batch_size: int = 4  # windows per forward/backward micro-batch
+    per_batch: bool = False  # grad_x_weight: mean_b |w g_b| instead of |w * mean_b g_b| (default)
+    times_w2: bool = False  # grad_squared: multiply the Fisher diagonal by w^2 (OBD saliency)
+    probes: int = 2  # hutchinson_diag: Rademacher probe vectors
+    seed: int = 0  # hutchinson_diag: probe seed (the calibration seed is the caller's)
+    hutchinson_output: str = "saliency"  # "saliency" (0.5 diag w^2) or "diag" (the Hessian diagonal)
+    spread_sample: int = 256  # hutchinson_diag: weights per matrix whose per-probe values give the spread
+    hutchinson_groups: int = 1  # >1: probe the weights in this many groups (less memory, that many more passes)
+    show_progress: bool = True
+
+    def key(self, metric: str) -> dict[str, Any]:
+        """The settings that change `metric`'s result (for cache keys)."""
+        d: dict[str, Any] = {"batch_size": self.batch_size}
+        if metric == "grad_x_weight":
+            d["per_batch"] = self.per_batch
+        if metric == "grad_squared":
+            d["times_w2"] = self.times_w2
+        if metric == "hutchinson_diag":
+            d.pop("batch_size")  # always one window at a time (memory), see hutchinson_diag
+            d.update(probes=self.probes, probe_seed=self.seed, output=self.hutchinson_output)
+            if self.hutchinson_groups > 1:
+                d["groups"] = self.hutchinson_groups
+        if metric == "act_mag":
+            d.pop("batch_size")  # sums over tokens: independent of batching
+        return d
+
+
+@dataclass
+class MetricResult:
+    scores: dict[str, torch.Tensor]  # param name -> fp32 scores, shape of the parameter
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+MetricFn = Callable[[torch.nn.Module, list[WeightSpec], torch.Tensor, MetricConfig], MetricResult]
+
+
+# ---------------------------------------------------------------- shared machinery
+def _device(model: torch.nn.Module) -> torch.device:
+    """Where input ids go: the embedding's execution device (also right for accelerate-dispatched models)."""
+    return input_device(model)
+
+
+def _batches(ids: torch.Tensor, cfg: MetricConfig, desc: str) -> Iterator[tuple[torch.Tensor, float]]:
+    """Micro-batches of `ids` with their weight (share of all target tokens)."""
+    n = ids.shape[0]
+    if n == 0:
+        raise EsaError("no calibration windows to score with")
+    bs = max(1, cfg.batch_size)
+    for start in progress(range(0, n, bs), desc=desc, disable=not cfg.show_progress, unit="batch"):
+        batch = ids[start : start + bs]
+        yield batch, batch.shape[0] / n
+
+
+def batch_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of one micro-batch (B, T), computed in fp32."""
+    batch = batch.to(_device(model))
+    logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def _params(model: torch.nn.Module, specs: list[WeightSpec]) -> dict[str, torch.nn.Parameter]:
+    if not specs:
+        raise EsaError("no weights to score: the model has none of the modules this metric studies")
+    require_resident(model, [s.name for s in specs], "a sensitivity metric")
+    return {s.name: model.get_parameter(s.name) for s in specs}
+
+
+@contextlib.contextmanager
+def streamed_grads(
+    params: dict[str, torch.nn.Parameter], fold: Callable[[str, torch.nn.Parameter, torch.Tensor], None]
+) -> Iterator[None]:
+    """Turn on gradients for `params` only; fold each finished .grad with `fold` and free it at once."""
+    handles = []
+    for name, p in params.items():
+        p.requires_grad_(True)
+
+        def hook(p: torch.Tensor, name: str = name) -> None:
+            fold(name, p, p.grad)  # type: ignore[arg-type]
+            p.grad = None  # free now: never hold every gradient together with every accumulator
+
+        handles.append(p.register_post_accumulate_grad_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params.values():
+            p.grad = None
+            p.requires_grad_(False)
+
+
+def _math_attention() -> contextlib.AbstractContextManager:
+    """The math SDPA kernel: the flash/cuDNN kernels have no double backward (DESIGN.md)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # very old torch
+        return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- gradient metrics
+def grad_x_weight(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, cfg: MetricConfig) -> MetricResult:
+    params = _params(model, specs)
+    acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    weight = {"w": 0.0}
+
+    def fold(name: str, p: torch.nn.Parameter, g: torch.Tensor) -> None:
+        if cfg.per_batch:
+            acc[name].add_((p.detach().float() * g.float()).abs_(), alpha=weight["w"])
+        else:  # sum of token-weighted batch gradients = gradient of the mean calibration loss
+            acc[name].add_(g, alpha=weight["w"])
+
+    with streamed_grads(params, fold):
+        for batch, w in _batches(ids, cfg, "grad_x_weight"):
+            weight["w"] = w
+            batch_loss(model, batch).backward()
+    if not cfg.per_batch:
+        for n, p in params.items():
+            acc[n].mul_(p.detach()).abs_()  # |w * g|, in place: no second full-size buffer
+    return MetricResult(acc, {"variant": "per_batch mean_b|w*g_b|" if cfg.per_batch else "|w * g_mean|"})
+
+
+def grad_squared(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, cfg: MetricConfig) -> MetricResult:
+    params = _params(model, specs)
+    acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    weight = {"w": 0.0}
+
+    def fold(name: str, p: torch.nn.Parameter, g: torch.Tensor) -> None:
+        g32 = g.float()
+        acc[name].addcmul_(g32, g32, value=weight["w"])
+
+    with streamed_grads(params, fold):
+        for batch, w in _batches(ids, cfg, "grad_squared"):
+            weight["w"] = w
+            batch_loss(model, batch).backward()
+    if cfg.times_w2:
+        for n, p in params.items():
+            acc[n].mul_(p.detach().float().square())
+    return MetricResult(acc, {"variant": "mean_b g_b^2 * w^2" if cfg.times_w2 else "mean_b g_b^2"})
+
+
+# ---------------------------------------------------------------- activation magnitude
+def _owner(model: torch.nn.Module, spec: WeightSpec) -> tuple[torch.nn.Module, str]:
+    parent, _, attr = spec.name.rpartition(".")
+    return model.get_submodule(parent), attr
+
+
+def _expert_hook_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden_states (T, H), top_k_index (T, k)) from a transformers-5 experts module call."""
+    names = list(inspect.signature(module.forward).parameters)
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    if "hidden_states" not in bound or "top_k_index" not in bound:
+        raise EsaError(
+            f"act_mag cannot read the routed tokens of {type(module).__name__}: its forward takes {names}, "
+            "expected (hidden_states, top_k_index, ...)"
+        )
+    return bound["hidden_states"], bound["top_k_index"]
+
+
+def act_mag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, cfg: MetricConfig) -> MetricResult:
+    params = _params(model, specs)
+    sq: dict[str, torch.Tensor] = {}  # param -> sum over tokens of x_j^2: (cols,) or (E, cols)
+    handles = []
+    by_module: dict[int, tuple[torch.nn.Module, list[tuple[WeightSpec, str]]]] = {}
+    for spec in specs:
+        module, attr = _owner(model, spec)
+        by_module.setdefault(id(module), (module, []))[1].append((spec, attr))
+        lead = (spec.n_experts,) if spec.n_experts else ()
+        sq[spec.name] = torch.zeros(*lead, spec.cols, dtype=torch.float32, device=params[spec.name].device)
+
+    for module, entries in by_module.values():
+        if any(s.n_experts for s, _ in entries):
+            handles.append(module.register_forward_hook(_expert_hook(module, entries, sq), with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(_linear_hook(entries, sq), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for batch, _ in _batches(ids, cfg, "act_mag"):
+                model(input_ids=batch.to(_device(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    scores = {}
+    for name, p in params.items():
+        norm = sq.pop(name).sqrt_()  # ||X_j||_2
+        # (out, in) * (1, in), or (E, out, in) * (E, 1, in)
+        scores[name] = p.detach().float().abs().mul_(norm.unsqueeze(-2))
+    return MetricResult(scores, {"variant": "|W_ij| * ||X_j||_2 (routed tokens for experts)"})
+
+
+def _linear_hook(entries: list[tuple[WeightSpec, str]], sq: dict[str, torch.Tensor]):
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        for spec, _ in entries:
+            if x.shape[-1] != spec.cols:
+                raise EsaError(
+                    f"act_mag: input of {spec.module} has {x.shape[-1]} features but the weight has {spec.cols} "
+                    "columns; this module is not a plain linear layer"
+                )
+            x2 = x.detach().reshape(-1, spec.cols).float()  # (tokens, in)
+            sq[spec.name].add_((x2 * x2).sum(0))
+
+    return hook
+
+
+def _expert_hook(module: torch.nn.Module, entries: list[tuple[WeightSpec, str]], sq: dict[str, torch.Tensor]):
+    attrs = {attr for _, attr in entries}
+    if not attrs <= {"gate_up_proj", "down_proj"} or not hasattr(module, "gate_up_proj"):
+        raise EsaError(
+            f"act_mag supports fused 3-D experts (gate_up_proj, down_proj) only; {type(module).__name__} has {sorted(attrs)}"
+        )
+
+    def hook(mod: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        hidden, top_k_index = _expert_hook_inputs(mod, args, kwargs)
+        x = hidden.detach().reshape(-1, hidden.shape[-1]).float()  # (T, H)
+        n_exp = mod.gate_up_proj.shape[0]
+        routed = F.one_hot(top_k_index.long().clamp(max=n_exp), n_exp + 1)[..., :n_exp].sum(1) > 0  # (T, E)
+        for spec, attr in entries:
+            if attr == "gate_up_proj":
+                sq[spec.name].add_(routed.float().T @ (x * x))  # (E, T) @ (T, H) -> (E, H)
+            else:
+                # down_proj sees act(gate) * up of its own tokens: recompute it per expert (the experts
+                # module does not expose it); this costs one more expert forward in act_mag only.
+                with torch.no_grad():
+                    for e in range(n_exp):
+                        tok = routed[:, e].nonzero().squeeze(-1)
+                        if tok.numel() == 0:
+                            continue
+                        h = F.linear(hidden.reshape(-1, hidden.shape[-1])[tok], mod.gate_up_proj[e])
+                        gate, up = h.chunk(2, dim=-1)
+                        inter = (mod.act_fn(gate) * up).float()  # (t_e, I)
+                        sq[spec.name][e].add_((inter * inter).sum(0))
+
+    return hook
+
+
+# ---------------------------------------------------------------- Hutchinson
+def hutchinson_diag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, cfg: MetricConfig) -> MetricResult:
+    if cfg.hutchinson_groups > 1 and len(specs) > 1:
+        # diag(H) restricted to a subset of weights is the same entries of diag(H): probing the weights in
+        # groups keeps the estimate unbiased (with fewer off-diagonal terms in its noise) and divides the
+        # memory of accumulators, probes and create_graph gradients by the number of groups.
+        n = min(cfg.hutchinson_groups, len(specs))
+        chunks = [specs[i::n] for i in range(n)]
+        sub = MetricConfig(**{**cfg.__dict__, "hutchinson_groups": 1})
+        parts = [hutchinson_diag(model, chunk, ids, sub) for chunk in chunks]
+        scores = {k: v for part in parts for k, v in part.scores.items()}
+        spreads = [part.extras["spread"] for part in parts]
+        return MetricResult(scores, {"variant": parts[0].extras["variant"] + f", {n} parameter groups",
+                                     "spread": spreads[0] if n == 1 else {"groups": spreads}})
+    if cfg.probes < 1:
+        raise EsaError(f"hutchinson_diag needs at least 1 probe, got {cfg.probes}")
+    if cfg.hutchinson_output not in ("saliency", "diag"):
+        raise EsaError(f"unknown hutchinson_output {cfg.hutchinson_output!r}; accepted: diag, saliency")
+    params = _params(model, specs)
+    names = list(params)
+    acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    # spread: per-probe estimates at a fixed sample of each matrix's weights, and per-probe traces
+    gen_idx = torch.Generator().manual_seed(cfg.seed + 7919)
+    sample_idx = {  # drawn with replacement: a randperm of a 58M-weight matrix would cost seconds per matrix
+        n: torch.randint(0, p.numel(), (cfg.spread_sample,), generator=gen_idx).to(p.device)
+        for n, p in params.items()
+    }
+    per_probe = {n: torch.zeros(cfg.probes, len(sample_idx[n]), dtype=torch.float32, device=p.device)
+                 for n, p in params.items()}
+    trace = torch.zeros(cfg.probes, len(names), dtype=torch.float64)
+    state: dict[str, Any] = {"w": 0.0, "probe": 0, "v": {}}
+
+    def fold(name: str, p: torch.nn.Parameter, hv: torch.Tensor) -> None:
+        est = state["v"][name].float().mul_(hv.float())  # v * Hv for this micro-batch
+        est.mul_(state["w"])
+        acc[name].add_(est, alpha=1.0 / cfg.probes)
+        per_probe[name][state["probe"]].add_(est.view(-1)[sample_idx[name]])
+        trace[state["probe"], names.index(name)] += float(est.sum())
+
+    dev = _device(model)
+    with streamed_grads(params, fold), _math_attention():
+        for probe in progress(range(cfg.probes), desc="hutchinson probes", disable=not cfg.show_progress):
+            gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + probe)
+            state["probe"] = probe
+            # v stays int8 (+-1): the graph of v.g saves v, and int8 halves that memory against bf16
+            state["v"] = {
+                # drawn on one device (same numbers whatever the split), then moved to the weight's device
+                n: torch.randint(0, 2, p.shape, generator=gen, device=dev, dtype=torch.int8).mul_(2).sub_(1).to(p.device)
+                for n, p in params.items()
+            }
+            # one window at a time: the double-backward graph is the memory peak, and the Hessian of the mean
+            # loss is the mean of the windows' Hessians, so this is the same estimate as larger batches
+            for batch, w in _batches(ids, MetricConfig(batch_size=1, show_progress=False), ""):
+                state["w"] = w
+                loss = batch_loss(model, batch)
+                grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
+                dot = sum((g * state["v"][n]).sum() for g, n in zip(grads, names, strict=True))  # v . g
+                del grads
+                dot.backward()  # d(v.g)/dw = Hv, folded per parameter by the hook
+            state["v"] = {}
+
+    spread = _hutchinson_spread(per_probe, trace, names)
+    if cfg.hutchinson_output == "saliency":
+        for n, p in params.items():
+            acc[n].mul_(p.detach().float().square()).mul_(0.5)
+    return MetricResult(acc, {"variant": f"0.5*diag(H)*w^2, {cfg.probes} Rademacher probes"
+                              if cfg.hutchinson_output == "saliency" else "diag(H)", "spread": spread})
+
+
+def _hutchinson_spread(per_probe: dict[str, torch.Tensor], trace: torch.Tensor, names: list[str]) -> dict[str, Any]:
+    """How noisy the estimate is: relative standard error of the probe mean at sampled weights, and of traces."""
+    n_probes = trace.shape[0]
+    if n_probes < 2:
+        return {"probes": n_probes, "note": "one probe: no spread can be estimated"}
+    rel_se = []
+    for n in names:
+        vals = per_probe[n].double()  # (P, S)
+        mean, sd = vals.mean(0), vals.std(0)
+        rel = (sd / math.sqrt(n_probes)) / mean.abs().clamp_min(1e-30)
+        rel_se.append(rel.cpu())
+    rel_all = torch.cat(rel_se)
+    tr_mean, tr_sd = trace.mean(0), trace.std(0)
+    tr_rel = (tr_sd / math.sqrt(n_probes)) / tr_mean.abs().clamp_min(1e-30)
+    return {
+        "probes": n_probes,
+        "weight_rel_se_median": float(rel_all.median()),
+        "weight_rel_se_q90": float(rel_all.quantile(0.9)),
+        "trace_rel_se_median": float(tr_rel.median()),
+        "note": "standard error of the probe mean / |mean|, per weight at sampled weights and per matrix trace",
+    }
+
+
+METRICS: dict[str, MetricFn] = {
+    "grad_x_weight": grad_x_weight,
+    "grad_squared": grad_squared,
+    "act_mag": act_mag,
+    "hutchinson_diag": hutchinson_diag,
+}
+
+
+def get_metric(name: str) -> MetricFn:
+    if name not in METRICS:
+        from esa.errors import unknown
+
+        raise unknown("metric", name, METRICS)
+    return METRICS[name]

@@ -1,0 +1,180 @@
+"""What the Phase 2 notebooks compute, as functions (the notebooks only call these and show the results).
+
+`score_model` runs (or reads from the cache) every metric x seed of a profile on one model; the table
+builders turn those runs into the stability, agreement, tail, component and super-weight tables, and
+`phase2_criteria` judges the guide's Phase 2 success criteria from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pandas as pd
+
+from esa.models.loader import LoadedModel
+from esa.params import Profile
+from esa.report.scorecard import Criterion, judge
+from esa.sensitivity.engine import ScoreRun, score
+from esa.sensitivity.metrics import MetricConfig
+from esa.stats import stability
+
+log = logging.getLogger(__name__)
+
+Runs = dict[tuple[str, int], ScoreRun]
+HEAVY_TAIL_RATIO = 10.0  # our rule for "orders of magnitude above the rest": top-1% mean >= 10 x median
+
+
+def load_model(name: str, P: Profile, hutchinson: bool = True) -> LoadedModel:
+    from esa.models import load
+    from esa.params import model_params
+
+    # eager attention: Hutchinson's double backward needs a differentiable attention kernel
+    return load(model_params(name).ref, dtype=P.dtype, attn_implementation="eager" if hutchinson else None)
+
+
+def metric_config(P: Profile, seed: int) -> MetricConfig:
+    """The settings every caller uses for a profile, so the cache key matches across CLI, notebooks, Phase 3."""
+    return MetricConfig(batch_size=P.batch_size, probes=P.hutchinson_probes, seed=seed, show_progress=False)
+
+
+def score_model(lm: LoadedModel, name: str, P: Profile, metrics: list[str] | None = None,
+                seeds: list[int] | None = None, n_samples: int | None = None) -> Runs:
+    runs: Runs = {}
+    for metric in metrics or P.metrics:
+        for seed in seeds or P.seeds:
+            t0 = time.perf_counter()
+            runs[(metric, seed)] = score(lm, metric, seed, corpus=P.corpus, seqlen=P.seqlen,
+                                         n_samples=n_samples or P.max_samples, cfg=metric_config(P, seed),
+                                         model_ref=name)
+            log.info("%s %s seed %d: %.1f s%s", name, metric, seed, time.perf_counter() - t0,
+                     " (cache)" if runs[(metric, seed)].from_cache else "")
+    return runs
+
+
+def selections(runs: Runs, k: int, mode: str, lm: LoadedModel) -> pd.DataFrame:
+    return pd.concat([r.topk(k, mode, lm.inventory) for r in runs.values()], ignore_index=True)
+
+
+def _sel(table: pd.DataFrame, metric: str, seed: int) -> pd.DataFrame:
+    return table[(table["metric"] == metric) & (table["seed"] == seed)]
+
+
+def stability_table(runs: Runs, table: pd.DataFrame, lm: LoadedModel) -> pd.DataFrame:
+    """Per metric: mean pairwise Jaccard across seeds (with spread) and Spearman on the union."""
+    rows = []
+    for metric in dict.fromkeys(m for m, _ in runs):
+        seeds = [s for m, s in runs if m == metric]
+        if len(seeds) < 2:
+            continue
+        sels = {s: _sel(table, metric, s) for s in seeds}
+        j = stability.pairwise_jaccard(sels)
+        row = {"metric": metric, "n_seeds": len(seeds), "jaccard_mean": j["mean"], "jaccard_std": j["std"],
+               "jaccard_min": j["min"], "jaccard_max": j["max"], "spearman_union": float("nan"), "n_union": 0}
+        if all(runs[(metric, s)].scores is not None for s in seeds):
+            u = stability.union_scores(sels, {s: runs[(metric, s)].scores for s in seeds}, lm.inventory)
+            rc = stability.rank_correlation(u)
+            row.update(spearman_union=rc["mean"], n_union=rc["n_union"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def agreement_table(runs: Runs, table: pd.DataFrame) -> pd.DataFrame:
+    """Overlap and Jaccard between metrics, per seed, and their mean over seeds."""
+    seeds = sorted({s for _, s in runs})
+    metrics = list(dict.fromkeys(m for m, _ in runs))
+    parts = []
+    for seed in seeds:
+        sels = {m: _sel(table, m, seed) for m in metrics if (m, seed) in runs}
+        if len(sels) > 1:
+            parts.append(stability.metric_agreement(sels).assign(seed=seed))
+    if not parts:
+        return pd.DataFrame(columns=["metric_a", "metric_b", "overlap", "jaccard", "k", "seed"])
+    return pd.concat(parts, ignore_index=True)
+
+
+def tails_table(runs: Runs) -> pd.DataFrame:
+    rows = []
+    for (metric, seed), r in runs.items():
+        t = r.tails
+        rows.append({"metric": metric, "seed": seed, "median": t["median"], "top1pct_mean": t["top_mean"],
+                     "max": t["max"], "top1pct_over_median": t["top_mean_over_median"],
+                     "max_over_median": t["max_over_median"], "hill_alpha": t["hill_alpha"],
+                     "metric_s": r.timings.get("metric_s", float("nan")), "from_cache": r.from_cache})
+    return pd.DataFrame(rows)
+
+
+def top_weights(runs: Runs, lm: LoadedModel, n: int = 5) -> pd.DataFrame:
+    """The n highest-scoring weights of the whole model per metric and seed (global ranking)."""
+    parts = [r.topk(n, "global", lm.inventory) for r in runs.values()]
+    df = pd.concat(parts, ignore_index=True)
+    return df[["metric", "seed", "rank", "param", "layer", "component", "expert", "row", "col", "score"]]
+
+
+def superweight_table(lm: LoadedModel, runs: Runs) -> pd.DataFrame:
+    """Data-free super-weight candidates per layer, with each metric's per-matrix rank of that weight."""
+    from esa.sensitivity.superweights import detect_superweights
+
+    sw = detect_superweights(lm.model, lm.tokenizer, lm.inventory)
+    seed = min(s for _, s in runs)
+    for metric in dict.fromkeys(m for m, _ in runs):
+        cands = runs[(metric, seed)].top  # each matrix's top candidates (cached depth)
+        ranks = cands.set_index(["param", "row", "col"])["rank"]
+        sw[f"rank_{metric}"] = [ranks.get((p, r, c), pd.NA) for p, r, c in zip(sw["param"], sw["row"], sw["col"],
+                                                                               strict=True)]
+    return sw
+
+
+def phase2_criteria(stab: pd.DataFrame, agree: pd.DataFrame, tails: pd.DataFrame, model: str,
+                    evidence: str) -> list[Criterion]:
+    """The guide's criteria (Jaccard > 0.4 over 3+ seeds; grad_x_weight vs grad_squared overlap > 60%) and
+    our heavy-tail rule, one model at a time."""
+    from esa.report import criteria
+
+    n_seeds = int(stab["n_seeds"].max()) if len(stab) else 0
+    rows = criteria.p2_jaccard(dict(zip(stab["metric"], stab["jaccard_mean"], strict=True)), n_seeds, evidence)
+    pair = agree[((agree.metric_a == "grad_squared") & (agree.metric_b == "grad_x_weight"))
+                 | ((agree.metric_a == "grad_x_weight") & (agree.metric_b == "grad_squared"))]
+    rows += criteria.p2_metric_overlap(float(pair["overlap"].mean()) if len(pair) else None, evidence)
+    for metric, grp in tails.groupby("metric", sort=False):
+        value = float(grp["top1pct_over_median"].median())
+        rows.append(Criterion(f"P2.heavy_tail.{metric}", 2,
+                              "scores are heavy-tailed: top-1% mean far above the median (our rule)", value,
+                              f">= {HEAVY_TAIL_RATIO:g}", judge(value, ">=", HEAVY_TAIL_RATIO), evidence,
+                              f"median over seeds; Hill alpha {grp['hill_alpha'].median():.2f}"))
+    for r in rows:
+        r.id = f"{r.id}.{model}"
+    return rows
+
+
+def describe_runs(runs: Runs) -> dict[str, Any]:
+    any_run = next(iter(runs.values()))
+    return {"windows": any_run.extras.get("windows"), "definitions": {m: r.extras.get("variant") for (m, _), r in
+                                                                       runs.items()}}
+
+
+def mode_comparison(runs: Runs, lm: LoadedModel, ks: list[int], metric: str) -> pd.DataFrame:
+    """Per k and mode: stability (mean pairwise Jaccard over seeds), matrices hit, and global ⊆ per-layer union."""
+    seeds = sorted(s for m, s in runs if m == metric)
+    rows = []
+    for k in ks:
+        sels = {mode: {s: runs[(metric, s)].topk(k, mode, lm.inventory) for s in seeds} for mode in ("per_layer", "global")}
+        contained = all(stability.weight_set(sels["global"][s]) <= stability.weight_set(sels["per_layer"][s])
+                        for s in seeds)
+        for mode, by_seed in sels.items():
+            j = stability.pairwise_jaccard(by_seed) if len(seeds) > 1 else {"mean": float("nan"), "std": float("nan")}
+            first = by_seed[seeds[0]]
+            rows.append({"k": k, "mode": mode, "n_selected": len(first), "jaccard_mean": j["mean"],
+                         "jaccard_std": j["std"], "matrices_hit": first.groupby(["param", "expert"]).ngroups,
+                         "global_within_per_layer_union": contained})
+    return pd.DataFrame(rows)
+
+
+def concentration(selection: pd.DataFrame, n_matrices: int) -> dict[str, float]:
+    """How concentrated a global selection is over matrices: share held by the busiest 10% of matrices."""
+    counts = selection.groupby(["param", "expert"]).size().sort_values(ascending=False).to_numpy()
+    top = max(1, int(round(0.1 * n_matrices)))
+    return {"matrices_hit": int(len(counts)), "n_matrices": n_matrices,
+            "share_in_busiest_10pct": float(counts[:top].sum() / max(1, counts.sum())),
+            "largest_matrix_share": float(counts[0] / counts.sum()) if len(counts) else float("nan")}

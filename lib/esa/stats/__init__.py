@@ -1,0 +1,1 @@
+"""Statistics: stability of top-k sets, heavy tails, inference for perturbation experiments."""

@@ -1,0 +1,136 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python (esa)
+#     language: python
+#     name: esa
+# ---
+
+# %% [markdown]
+# # Phase 2 · Week 1: validating the four sensitivity metrics on the embedded default model
+#
+# **Question.** Does the embedded default model have weights whose sensitivity scores stand orders of
+# magnitude above the rest, where are they, and do the four metrics (and different calibration samples)
+# agree on which weights they are?
+#
+# **Definitions** (SCIENCE.md; written into every run's tables): `grad_x_weight` = |w · g| with g the
+# gradient of the mean calibration loss; `grad_squared` = mean over micro-batches of g_b² (empirical
+# Fisher); `act_mag` = |W_ij| · ||X_j||₂ (Wanda); `hutchinson_diag` = ½ · diag(H) · w² with diag(H) from
+# Rademacher probes. Scores accumulate in fp32. Weights under study: every 2-D weight of the transformer
+# blocks' linear layers. Seeds change the calibration sample.
+
+# %% tags=["parameters"]
+profile = "smoke"
+models = None
+run_dir = "reports/interactive"
+overrides = {}
+
+# %%
+import matplotlib.pyplot as plt
+
+import esa.nb
+from esa.report import scorecard
+from esa.sensitivity import phase2, plots
+
+ctx = esa.nb.context("phase2_week1_metric_validation", profile, models, run_dir, overrides)
+P = ctx.profile
+model = ctx.models[0]  # week 1: the embedded default (the first model of the profile)
+print(f"profile {P.name}: model {model}, metrics {P.metrics}, seeds {P.seeds}, {P.max_samples} calibration "
+      f"windows x {P.seqlen} tokens ({P.corpus}), top-k {P.topk} {P.mode}, {P.hutchinson_probes} Hutchinson probes")
+
+# %%
+lm = phase2.load_model(model, P)
+runs = phase2.score_model(lm, model, P)
+table = phase2.selections(runs, P.topk, P.mode, lm)
+ctx.save_table(table, "topk")
+info = phase2.describe_runs(runs)
+print(info["windows"])
+info["definitions"]
+
+# %% [markdown]
+# ## Heavy tails: how far above the median do the top scores sit?
+
+# %%
+tails = phase2.tails_table(runs)
+ctx.save_table(tails, "tails")
+tails
+
+# %%
+fig = plots.survival_plot({m: runs[(m, P.seeds[0])].survival for m in P.metrics},
+                          f"{model}: P(|score| >= t), seed {P.seeds[0]}")
+ctx.savefig(fig, "survival")
+plt.show()
+
+# %% [markdown]
+# ## The highest-ranked weights of the whole model (global ranking)
+
+# %%
+top = phase2.top_weights(runs, lm, n=5)
+ctx.save_table(top, "top_weights")
+top[top.seed == P.seeds[0]]
+
+# %% [markdown]
+# ## Stability across calibration samples and agreement between metrics
+
+# %%
+stab = phase2.stability_table(runs, table, lm)
+agree = phase2.agreement_table(runs, table)
+ctx.save_table(stab, "stability")
+ctx.save_table(agree, "agreement")
+stab
+
+# %%
+agree_mean = agree.groupby(["metric_a", "metric_b"], as_index=False)[["overlap", "jaccard"]].mean()
+agree_mean
+
+# %% [markdown]
+# ## Data-free super-weight detector (Yu et al. 2024) beside the metrics
+# One forward pass on a short prompt; per layer, the largest |input| channel of `mlp.down_proj` gives the
+# column and the largest |output| the row. `rank_<metric>` is that weight's rank inside its own matrix
+# for each metric (empty: not among the matrix's top cached candidates).
+
+# %%
+sw = phase2.superweight_table(lm, runs)
+ctx.save_table(sw, "super_weights")
+sw.sort_values("out_max", ascending=False).head(8)
+
+# %%
+rows = phase2.phase2_criteria(stab, agree, tails, model, "phase2_week1_metric_validation: stability, agreement, tails")
+scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
+card = scorecard.as_frame(rows)
+card[["id", "measured", "threshold", "result", "note"]]
+
+# %%
+from IPython.display import Markdown  # noqa: E402
+
+first = tails[tails.seed == P.seeds[0]].set_index("metric")
+lines = [f"On **{model}** ({lm.info.n_weights_studied / 1e6:.1f}M weights under study, {P.max_samples} calibration "
+         f"windows of {P.seqlen} tokens per seed, seeds {P.seeds}):"]
+for m in P.metrics:
+    t = first.loc[m]
+    best = top[(top.metric == m) & (top.seed == P.seeds[0]) & (top["rank"] == 1)].iloc[0]
+    lines.append(f"- **{m}**: the top-1% mean is {t.top1pct_over_median:.3g}x the median and the single largest "
+                 f"score {t.max_over_median:.3g}x (Hill tail index {t.hill_alpha:.2f}); the top weight is "
+                 f"`{best.param}` [{best.row}, {best.col}] (layer {best.layer}, {best.component}).")
+for r in stab.itertuples():
+    lines.append(f"- {r.metric} across {r.n_seeds} seeds: mean pairwise Jaccard of the top-{P.topk} sets "
+                 f"{r.jaccard_mean:.3f} (range {r.jaccard_min:.3f}-{r.jaccard_max:.3f}), Spearman on the union "
+                 f"{r.spearman_union:.3f}.")
+if len(agree_mean):
+    best_pair = agree_mean.sort_values("overlap", ascending=False).iloc[0]
+    lines.append(f"- Metric agreement: the closest pair is {best_pair.metric_a} / {best_pair.metric_b} "
+                 f"(overlap {best_pair.overlap:.1%}).")
+cand = sw[sw.candidate]
+lines.append(f"- The data-free detector flags {len(cand)} layer(s) with input and output spikes >= 5x the median "
+             f"layer's" + (": " + ", ".join(f"layer {c.layer} [{c.row}, {c.col}] (in {c.in_max:.3g}, out "
+                                                f"{c.out_max:.3g})" for c in cand.itertuples()) if len(cand) else "")
+             + ".")
+n_pass = int((card.result == "PASS").sum())
+lines.append(f"\n{n_pass} of {len(card)} criteria pass; {int((card.result == 'n/a').sum())} cannot be judged "
+             "from this run (see notes).")
+Markdown("\n".join(lines))

@@ -1,0 +1,109 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python (esa)
+#     language: python
+#     name: esa
+# ---
+
+# %% [markdown]
+# # Phase 2 · Week 2: the same metrics across every configured model
+#
+# **Question.** Does every model of the profile have weights whose scores stand orders of magnitude above
+# the rest, where in the network do they sit, and are the findings as stable across calibration samples
+# as on the default model? Scores are reused from the cache when week 1 (or an earlier run) computed them
+# with the same model, data, metric, seed, dtype and code version.
+
+# %% tags=["parameters"]
+profile = "smoke"
+models = None
+run_dir = "reports/interactive"
+overrides = {}
+
+# %%
+import gc
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+import esa.nb
+from esa.report import scorecard
+from esa.sensitivity import phase2, plots
+
+ctx = esa.nb.context("phase2_week2_cross_model", profile, models, run_dir, overrides)
+P = ctx.profile
+print(f"profile {P.name}: models {ctx.models}, metrics {P.metrics}, seeds {P.seeds}, top-k {P.topk} {P.mode}")
+
+# %%
+tails, tops, stabs, agrees, sws, infos, rows = [], [], [], [], [], [], []
+curves = {}
+for model in ctx.models:
+    lm = phase2.load_model(model, P)
+    runs = phase2.score_model(lm, model, P)
+    table = phase2.selections(runs, P.topk, P.mode, lm)
+    ctx.save_table(table, f"topk_{model}")
+    t, s, a = phase2.tails_table(runs), phase2.stability_table(runs, table, lm), phase2.agreement_table(runs, table)
+    tails.append(t.assign(model=model))
+    stabs.append(s.assign(model=model))
+    agrees.append(a.assign(model=model))
+    tops.append(phase2.top_weights(runs, lm, n=3).assign(model=model))
+    try:
+        sws.append(phase2.superweight_table(lm, runs).assign(model=model))
+    except Exception as e:  # a model without dense down projections (MoE): say so, keep going
+        print(f"{model}: super-weight detector skipped ({e})")
+    curves[model] = runs[(P.metrics[0], P.seeds[0])].survival
+    infos.append({"model": model, "family": lm.info.family, "layers": lm.info.n_layers,
+                  "weights_studied_M": lm.info.n_weights_studied / 1e6, "moe": lm.info.moe})
+    rows += phase2.phase2_criteria(s, a, t, model, "phase2_week2_cross_model")
+    del lm, runs
+    gc.collect()
+tails, stabs, agrees, tops = (pd.concat(x, ignore_index=True) for x in (tails, stabs, agrees, tops))
+sws = pd.concat(sws, ignore_index=True) if sws else pd.DataFrame()
+for df, name in ((tails, "tails"), (stabs, "stability"), (agrees, "agreement"), (tops, "top_weights"), (sws, "super_weights")):
+    ctx.save_table(df, name)
+pd.DataFrame(infos)
+
+# %%
+tail_summary = tails.groupby(["model", "metric"], as_index=False)[["top1pct_over_median", "max_over_median", "hill_alpha"]].median()
+tail_summary
+
+# %%
+fig = plots.survival_plot(curves, f"{P.metrics[0]}: P(|score| >= t) by model, seed {P.seeds[0]}")
+ctx.savefig(fig, "survival_by_model")
+plt.show()
+
+# %%
+tops[(tops.seed == P.seeds[0]) & (tops["rank"] == 1)][["model", "metric", "param", "layer", "component", "row", "col", "score"]]
+
+# %%
+stabs
+
+# %%
+scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
+card = scorecard.as_frame(rows)
+card[["id", "measured", "threshold", "result", "note"]]
+
+# %%
+from IPython.display import Markdown  # noqa: E402
+
+lines = []
+for model in ctx.models:
+    ts = tail_summary[tail_summary.model == model].set_index("metric")
+    m0 = P.metrics[0]
+    best = tops[(tops.model == model) & (tops.metric == m0) & (tops.seed == P.seeds[0]) & (tops["rank"] == 1)].iloc[0]
+    heavy = [m for m in ts.index if ts.loc[m, "top1pct_over_median"] >= phase2.HEAVY_TAIL_RATIO]
+    st = stabs[(stabs.model == model) & (stabs.metric == m0)]
+    jac = f"{st.jaccard_mean.iloc[0]:.3f}" if len(st) else "n/a (one seed)"
+    lines.append(
+        f"- **{model}**: {len(heavy)} of {len(ts)} metrics have a top-1% mean at least {phase2.HEAVY_TAIL_RATIO:g}x "
+        f"the median ({', '.join(heavy) or 'none'}); for {m0} the ratio is {ts.loc[m0, 'top1pct_over_median']:.3g} "
+        f"and the top weight is `{best.param}` [{best.row}, {best.col}] (layer {best.layer}, {best.component}); "
+        f"{m0} top-{P.topk} Jaccard across seeds {jac}.")
+n_pass = int((card.result == "PASS").sum())
+lines.append(f"\n{n_pass} of {len(card)} criteria pass over {len(ctx.models)} model(s).")
+Markdown("\n".join(lines))

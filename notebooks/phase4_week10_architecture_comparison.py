@@ -1,0 +1,88 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python (esa)
+#     language: python
+#     name: esa
+# ---
+
+# %% [markdown]
+# # Phase 4 · Week 10: where do critical weights sit, by architecture?
+#
+# **Question.** Is sensitivity concentrated in attention or in the FFN, does it rise or fall with depth,
+# and does an MoE (experts vs attention vs router) differ from dense models trained the same way?
+# Ratios use mean top-k *scores* (with per-layer selection every matrix gives exactly k weights, so counts
+# alone say nothing). Every statistical comparison lists its confounds; layers of one model are not
+# independent replicates, so p-values here are descriptive of these models, not of architectures at large.
+
+# %% tags=["parameters"]
+profile = "smoke"
+models = None
+run_dir = "reports/interactive"
+overrides = {}
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+import esa.nb
+from esa.analysis import architecture, collect
+
+ctx = esa.nb.context("phase4_week10_architecture_comparison", profile, models, run_dir, overrides)
+P = ctx.profile
+week9 = ctx.run_dir / "data" / "phase4_week9_parameter_scaling"
+if (week9 / "measures.parquet").exists():
+    measures = pd.read_parquet(week9 / "measures.parquet")
+    tables = {m: pd.read_parquet(week9 / f"topk_{m.replace('@', '_')}.parquet") for m in measures.model}
+    source = "week 9 results of this run"
+else:
+    measures, tables = collect.collect(list(models) if models else collect.phase4_models(P), P)
+    source = "collected in this notebook"
+meta = measures[["model", "family", "moe", "n_layers"]]
+out = architecture.compare_architectures(tables, meta, n_perm=5000)
+for name, df in out.items():
+    ctx.save_table(df, name)
+print(f"{len(tables)} models from {source}")
+out["attn_ffn"].groupby("model")[["attention_mean_score", "ffn_mean_score", "attn_ffn_ratio"]].mean()
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+sns.lineplot(data=out["progression"], x="rel_depth", y="score_vs_model_median", hue="model", style="group",
+             marker="o", ax=axes[0])
+axes[0].set(yscale="log", xlabel="relative depth", ylabel="mean top-k score / model median",
+            title="Layer-wise progression")
+axes[0].legend(fontsize=6)
+sns.stripplot(data=out["layer_observations"], x="model", y="log_attn_ffn", ax=axes[1])
+axes[1].axhline(0, color="k", lw=0.8)
+axes[1].set(ylabel="log(attention / FFN mean top-k score)", xlabel="", title="Attention vs FFN per layer")
+axes[1].tick_params(axis="x", rotation=30, labelsize=7)
+fig.tight_layout()
+ctx.savefig(fig, "architecture")
+
+# %%
+out["moe_by_kind"]
+
+# %%
+tests = out["tests"]
+tests[["comparison", "n_a", "n_b", "diff", "p_perm", "p_perm_holm", "p_mw_holm", "rank_biserial", "confounds"]]
+
+# %%
+from IPython.display import Markdown  # noqa: E402
+
+r = out["attn_ffn"].groupby("model")["attn_ffn_ratio"].mean()
+lines = [f"Attention/FFN ratio of mean top-k scores ranges {r.min():.2f} ({r.idxmin()}) to {r.max():.2f} "
+         f"({r.idxmax()})."]
+for t in tests.itertuples():
+    lines.append(f"- {t.comparison} ({t.group_col}): difference of mean log-ratio {t.diff:+.2f}, permutation "
+                 f"p = {t.p_perm:.3g} (Holm {t.p_perm_holm:.3g}). Confounds: {t.confounds}.")
+kinds = out["moe_by_kind"]
+for m, sub in kinds.groupby("model"):
+    shares = ", ".join(f"{k} {s:.0%}" for k, s in zip(sub.kind, sub.score_share, strict=True))
+    lines.append(f"- {m}: share of top-k score mass by kind: {shares}.")
+Markdown("\n".join(lines))

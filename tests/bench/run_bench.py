@@ -1,0 +1,56 @@
+"""`make bench`: every benchmark in one go, on whatever device this machine has.
+
+Runs the sensitivity benchmark (metrics vs plain forward / forward+backward on the same model and
+tokens), the perturbation-sweep benchmark, and on a GPU also the scale check (8B-shaped and
+Mixtral-shaped models). Each writes its own JSON under reports/bench/; this script collects them into
+reports/bench/bench.json with the machine description. Benchmarks are not tests: they measure, they do
+not assert, and their numbers are only comparable within one run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+OUT = REPO / "reports" / "bench"
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    gpu = torch.cuda.is_available()
+    jobs = [["bench_sensitivity.py"], ["bench_perturb.py"]]
+    if gpu:
+        jobs += [["bench_sensitivity.py", "--gpu-8b"], ["gpu_check.py"]]
+    status = {}
+    for job in jobs:
+        t0 = time.time()
+        rc = subprocess.call([sys.executable, str(HERE / job[0]), *job[1:]], cwd=REPO)
+        status[" ".join(job)] = {"exit_code": rc, "seconds": round(time.time() - t0, 1)}
+    results = {}
+    for path in sorted(OUT.glob("*.json")):
+        if path.name != "bench.json" and path.stat().st_mtime >= started:
+            results[path.stem] = json.loads(path.read_text())
+    summary = {
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
+                    "gpu": torch.cuda.get_device_name(0) if gpu else None},
+        "jobs": status,
+        "results": results,
+    }
+    tmp = OUT / ".bench.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.replace(OUT / "bench.json")
+    print(f"wrote {OUT / 'bench.json'}")
+    return 0 if all(s["exit_code"] == 0 for s in status.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""The caching engine and `esa-runner`: reproducibility, outputs, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from esa import cli
+from esa.data import Windows
+from esa.models import load
+from esa.sensitivity.engine import score
+from esa.sensitivity.metrics import MetricConfig
+from esa.sensitivity.select import COLUMNS
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("ESA_PROGRESS", "0")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "speaks", "and", "all", "men", "hear", "a", "storm", "rises", "over", "sea"]
+    text = "\n\n".join(" ".join(rng.choice(words, size=40)) for _ in range(150))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text)
+    return str(path)
+
+
+def _windows(seed: int) -> Windows:
+    ids = torch.randint(3, 259, (4, 24), generator=torch.Generator().manual_seed(seed))
+    return Windows(ids, "random", "calib", 24, False, "byt5", 100, tuple(range(4)))
+
+
+@pytest.mark.parametrize("metric", ["grad_x_weight", "hutchinson_diag", "act_mag"])
+def test_same_seed_same_scores_bit_for_bit(metric):
+    lm = load("tiny-llama", device="cpu")
+    cfg = MetricConfig(batch_size=2, probes=2, seed=7, show_progress=False)
+    a = score(lm, metric, 7, cfg=cfg, use_cache=False, windows=_windows(7))
+    b = score(lm, metric, 7, cfg=cfg, use_cache=False, windows=_windows(7))
+    assert all(torch.equal(a.scores[n], b.scores[n]) for n in a.scores)
+    pd.testing.assert_frame_equal(a.topk(10, "global"), b.topk(10, "global"))
+    c = score(lm, metric, 8, cfg=MetricConfig(batch_size=2, probes=2, seed=8, show_progress=False),
+              use_cache=False, windows=_windows(8))
+    assert not all(torch.equal(a.scores[n], c.scores[n]) for n in a.scores)
+
+
+def test_cache_round_trip():
+    lm = load("tiny-llama", device="cpu")
+    cfg = MetricConfig(batch_size=2, show_progress=False)
+    a = score(lm, "grad_squared", 1, cfg=cfg, windows=_windows(1))
+    b = score(lm, "grad_squared", 1, cfg=cfg, windows=_windows(1))
+    assert not a.from_cache and b.from_cache and a.key == b.key
+    for n in a.scores:
+        assert torch.equal(a.scores[n], b.scores[n])
+    pd.testing.assert_frame_equal(a.topk(5, "per_layer"), b.topk(5, "per_layer"))
+    assert b.tails == pytest.approx(a.tails)
+    other = score(lm, "grad_squared", 1, cfg=MetricConfig(batch_size=2, times_w2=True, show_progress=False),
+                  windows=_windows(1))
+    assert other.key != a.key and not other.from_cache
+
+
+def test_esa_runner_writes_topk_and_summary(tmp_path, corpus, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["--model", "tiny-llama", "--metric", "grad_x_weight,act_mag", "--topk", "5", "--max-samples", "4",
+                   "--seqlen", "32", "--corpus", corpus, "--seeds", "1,2", "--stability-check", "--weight-analysis",
+                   "--architecture-analysis", "--save-plots", "--out-dir", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    table = pd.read_parquet(out / "topk.parquet")
+    assert list(table.columns) == COLUMNS
+    assert set(table["metric"]) == {"grad_x_weight", "act_mag"} and set(table["seed"]) == {1, 2}
+    n_mats = len(load("tiny-llama").inventory)
+    assert len(table) == 2 * 2 * 5 * n_mats
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("settings", "stability", "agreement", "metrics", "component_shares", "timings", "versions",
+                "weight_analysis", "architecture_analysis", "super_weights"):
+        assert key in summary, key
+    j = summary["stability"]["grad_x_weight"]["jaccard"]["mean"]
+    assert 0.0 <= j <= 1.0
+    assert (out / "survival.png").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+BAD = [
+    (["--metric", "fisher"], "fisher"),
+    (["--mode", "blocks"], "blocks"),
+    (["--dtype", "int3"], "int3"),
+    (["--topk", "0"], "topk"),
+    (["--topk", "100000"], "100000"),
+    (["--seeds", ","], "seeds"),
+    (["--max-samples", "100000"], "100000"),
+    (["--model", "no-such-model"], "no-such-model"),
+    (["--hutchinson-probes", "-1"], "probes"),
+]
+
+
+@pytest.mark.parametrize(("extra", "needle"), BAD)
+def test_esa_runner_bad_input(tmp_path, corpus, capsys, extra, needle):
+    out = tmp_path / "out"
+    base = ["--model", "tiny-llama", "--metric", "grad_x_weight", "--topk", "5", "--max-samples", "2", "--seqlen",
+            "32", "--corpus", corpus, "--seeds", "1", "--out-dir", str(out)]
+    rc = cli.main(base + extra)
+    err = capsys.readouterr().err
+    assert rc == 2 and "esa-runner: error:" in err and needle in err, err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_esa_runner_perturb_without_phase3(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "esa.cli_perturb", None)  # import fails as if the module did not exist
+    out = tmp_path / "out"
+    rc = cli.main(["--model", "tiny-llama", "--metric", "grad_x_weight", "--topk", "5", "--max-samples", "2",
+                   "--seqlen", "32", "--corpus", corpus, "--seeds", "1", "--perturb", "sign_flip",
+                   "--out-dir", str(out)])
+    assert rc == 2 and "perturb" in capsys.readouterr().err
+    assert not any(out.iterdir())
+
+
+def test_model_without_studied_modules_is_a_clear_error():
+    from esa.errors import EsaError
+
+    lm = load("tiny-llama", device="cpu")
+    with pytest.raises(EsaError, match="no weights under study"):
+        score(lm, "grad_x_weight", 1, inventory=[], use_cache=False, windows=_windows(1))
+
+
+@pytest.mark.slow
+def test_guide_command_on_smollm2(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ESA_CACHE_DIR")  # the real model's dequantised cache lives in the default cache
+    out = tmp_path / "x"
+    rc = cli.main(["--model", "smollm2-135m", "--metric", "grad_x_weight", "--topk", "100", "--max-samples", "8",
+                   "--seeds", "1337,123", "--stability-check", "--out-dir", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    table = pd.read_parquet(out / "topk.parquet")
+    assert len(table) == 2 * 100 * 30 * 7  # 2 seeds x k x (30 layers x 7 matrices)
