@@ -92,3 +92,21 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
+
+
+def source_hash(*modules: str, n: int = 12) -> str:
+    """Hash of the source files of `modules` (dotted names): the code identity of a cached artifact.
+
+    Unlike the git commit, it changes exactly when the code that produced an artifact changes, so
+    unrelated commits keep the cache and uncommitted edits to that code invalidate it.
+    """
+    import importlib.util
+
+    h = hashlib.sha256()
+    for mod in sorted(modules):
+        spec = importlib.util.find_spec(mod)
+        if spec is None or not spec.origin:
+            raise ValueError(f"no source for module {mod!r}")
+        h.update(mod.encode())
+        h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()[:n]

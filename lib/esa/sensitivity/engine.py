@@ -29,10 +29,12 @@ from esa.models.loader import LoadedModel
 from esa.sensitivity.metrics import MetricConfig, get_metric
 from esa.sensitivity.select import check_k, from_candidates, matrix_candidates
 from esa.stats.tails import tail_summary
-from esa.store import cache_dir, code_version, content_key, read_json, write_json, write_parquet
+from esa.store import cache_dir, content_key, read_json, source_hash, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
+SCORE_CODE = ("esa.sensitivity.metrics", "esa.sensitivity.select", "esa.sensitivity.engine", "esa.data",
+              "esa.models.inventory", "esa.stats.tails")
 CANDIDATES_K = 1000  # per-matrix depth of cached top/bottom candidates
 KEEP_SCORES_MAX = 2_000_000_000  # cache full scores only below this many weights (fp32 on disk)
 
@@ -106,7 +108,8 @@ def settings_for(model_ref: str, windows: Windows, metric: str, seed: int, dtype
         "model": model_ref, "corpus": windows.corpus, "seqlen": windows.seqlen, "n_samples": windows.n_windows,
         "seed": seed, "metric": metric, "metric_settings": cfg.key(metric), "dtype": dtype,
         "tokenizer": windows.tokenizer, "weights": content_key([s.name for s in inventory]),
-        "code_version": code_version(),
+        # the code that determines the scores, not the commit: unrelated commits keep the cache
+        "code_version": source_hash(*SCORE_CODE),
     }
 
 
