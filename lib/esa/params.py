@@ -39,6 +39,8 @@ class Profile:
     batch_size: int = 4
     models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
     phase1_models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    # Phase 4 scaling/architecture: a suite of sizes (micro-suite `name@budget` and/or real models)
+    phase4_models: list[str] = field(default_factory=list)
     perturbations: list[str] = field(default_factory=lambda: ["sign_flip"])
     perturb_scale: float = 1.0
     perturb_prob: float = 0.5

@@ -22,18 +22,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from esa.params import Profile
+from esa.errors import EsaError
+from esa.params import Profile, model_params
 
 log = logging.getLogger(__name__)
 
 
 def phase4_models(P: Profile) -> list[str]:
-    """The micro-suite at the budget matching the profile, plus the profile's embedded models beyond smoke."""
-    from esa.models import micro
-
-    budget = P.name if P.name in micro.BUDGETS else "standard"
-    refs = [f"{n}{micro.SEP}{budget}" for n in micro.MICRO_SUITE]
-    return refs if P.name == "smoke" else refs + [m for m in P.models if not micro.is_micro(m)]
+    """The profile's Phase 4 model set (`phase4_models`: micro-suite `name@budget` entries and real models)."""
+    if not P.phase4_models:
+        raise EsaError(f"profile {P.name!r} lists no phase4_models; add the micro-suite and/or real models to it")
+    return list(P.phase4_models)
 
 
 def model_measures(ref: str, P: Profile, metric: str = "grad_x_weight", k: int | None = None,
@@ -50,7 +49,8 @@ def model_measures(ref: str, P: Profile, metric: str = "grad_x_weight", k: int |
 
     t0 = time.perf_counter()
     k, mode = k or P.topk, mode or P.mode
-    lm = load(ref, dtype=P.dtype)
+    mp = model_params(ref)  # a params/models name (hub id, device_map) or a raw reference
+    lm = load(mp.ref, dtype=P.dtype, device_map=mp.device_map)
     wins = evaluation(lm.tokenizer, P.corpus, P.seqlen, n_windows=P.eval_windows, seed=0,
                       max_positions=lm.info.max_positions or None)
     base = evaluate(lm.model, wins, batch_size=P.batch_size, show_progress=False)

@@ -37,7 +37,8 @@ def load_model(name: str, P: Profile):
     from esa.models import load
     from esa.params import model_params
 
-    return load(model_params(name).ref, dtype=P.dtype)
+    mp = model_params(name)
+    return load(mp.ref, dtype=P.dtype, device_map=mp.device_map)
 
 
 def topk_sets(lm: Any, model_name: str, P: Profile, metric: str = PRIMARY_METRIC, k: int | None = None,

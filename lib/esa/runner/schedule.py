@@ -30,7 +30,7 @@ class Entry:
 
 
 # How a schedule entry's `models` field maps onto the profile; an explicit list is used as is.
-MODEL_SETS: dict[str, str] = {"profile": "models", "phase1": "phase1_models"}
+MODEL_SETS: dict[str, str] = {"profile": "models", "phase1": "phase1_models", "phase4": "phase4_models"}
 
 
 def entries(raw: list[dict[str, Any]] | None = None) -> list[Entry]:

@@ -31,7 +31,8 @@ def load_model(name: str, P: Profile, hutchinson: bool = True) -> LoadedModel:
     from esa.params import model_params
 
     # eager attention: Hutchinson's double backward needs a differentiable attention kernel
-    return load(model_params(name).ref, dtype=P.dtype, attn_implementation="eager" if hutchinson else None)
+    mp = model_params(name)
+    return load(mp.ref, dtype=P.dtype, device_map=mp.device_map, attn_implementation="eager" if hutchinson else None)
 
 
 def metric_config(P: Profile, seed: int) -> MetricConfig:
