@@ -29,7 +29,7 @@ overrides = {}
 import pandas as pd
 
 import esa.nb
-from esa.perturb import PerturbSpec, phase3
+from esa.perturb import PerturbSpec, phase3, plots
 from esa.report import criteria, scorecard
 
 ctx = esa.nb.context("phase3_week7_cross_model", profile, models, run_dir, overrides)
@@ -55,6 +55,14 @@ for m, r in runs.items():
     rows.append(s)
 summary = pd.concat(rows, ignore_index=True)
 summary[["model", "family", "perturbation", "group", "n_seeds", "mean", "ci_lo", "ci_hi", "mean_delta_ppl"]]
+
+# %% [markdown]
+# Damage per group, one panel per model (delta log-PPL in nats/token, 95% bootstrap CIs over seeds).
+
+# %%
+for m in runs:
+    fig = plots.damage_bars(summary[summary.model == m], f"{m} ({runs[m].family}): damage per group")
+    ctx.savefig(fig, f"damage_{m}")
 
 # %%
 verdicts = {m: (r.family, r.stats) for m, r in runs.items()}
