@@ -105,3 +105,24 @@ def test_shakespeare_corpus_is_disjoint_and_real():
     # no eval paragraph of substance appears in the calibration text
     paras = [p for p in corpus.eval_text.split("\n\n") if len(p) > 400][:200]
     assert paras and not any(p in corpus.calib_text for p in paras)
+
+
+def test_atomic_writes_leave_shareable_files_and_nothing_on_failure(tmp_path):
+    import os
+
+    from esa.store import atomic_path, write_json
+
+    out = write_json(tmp_path / "a.json", {"x": 1})
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "b.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert sorted(os.listdir(tmp_path)) == ["a.json"]
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

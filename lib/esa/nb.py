@@ -36,14 +36,10 @@ class NotebookContext:
 
     def savefig(self, fig: Any, name: str, dpi: int = 130) -> Path:
         """Save a matplotlib figure as PNG (and PDF for papers) under figures/<run>/<notebook>/."""
-        from esa.store import atomic_path
+        from esa.report.figures import save_figure
 
-        self.fig_dir.mkdir(parents=True, exist_ok=True)
-        png = self.fig_dir / f"{name}.png"
-        with atomic_path(png) as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-        with atomic_path(self.fig_dir / f"{name}.pdf") as tmp:
-            fig.savefig(tmp, bbox_inches="tight", format="pdf")
+        png = save_figure(fig, self.fig_dir / f"{name}.png", dpi=dpi, close=False)  # the notebook still shows it
+        save_figure(fig, self.fig_dir / f"{name}.pdf", close=False)
         return png
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from esa.store import atomic_path
+from esa.report.figures import save_figure
 
 GROUP_ORDER = ["top_k", "magnitude_k", "random_k", "random_global", "bottom_k"]
 
@@ -84,8 +84,4 @@ def dose_plot(table: pd.DataFrame, value: str = "delta_log_ppl", title: str = ""
 
 
 def save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-    _plt().close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)

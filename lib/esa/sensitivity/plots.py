@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from esa.store import atomic_path
+from esa.report.figures import save_figure
 
 
 def _plt():
@@ -67,8 +67,4 @@ def architecture_plot(table: pd.DataFrame, title: str = ""):
 
 
 def save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-    _plt().close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
