@@ -27,6 +27,7 @@ import pandas as pd
 from scipy import stats
 
 from esa.errors import EsaError
+from esa.stats.inference import holm
 
 TOPK_COLUMNS = ("metric", "seed", "param", "layer", "component", "kind", "expert", "row", "col", "score", "rank")
 FFN_KINDS = ("mlp", "expert")
@@ -175,16 +176,6 @@ def permutation_test(a: Any, b: Any, n_perm: int = 10_000, seed: int = 0) -> tup
     return float(a.mean() - b.mean()), float(res.pvalue)
 
 
-def holm(pvals: Any) -> np.ndarray:
-    """Holm-adjusted p-values (pingouin's implementation)."""
-    import pingouin
-
-    p = np.asarray(pvals, float)
-    if p.size == 0:
-        return p
-    return np.asarray(pingouin.multicomp(p, method="holm")[1], float)
-
-
 def per_layer_log_ratio(topk: pd.DataFrame) -> pd.DataFrame:
     """Per model, seed and layer: log(mean attention score / mean FFN score) — a scale-free observation."""
     df = topk[topk["layer"] >= 0].assign(group=_family_kind(topk["kind"]))
@@ -271,8 +262,9 @@ def compare_architectures(
         tests.append(compare_groups(obs, "moe", "log_attn_ffn", CONFOUNDS["dense_vs_moe"], n_perm, seed))
     tests_df = pd.concat([t for t in tests if len(t)], ignore_index=True) if any(len(t) for t in tests) else pd.DataFrame()
     if len(tests_df):
-        tests_df["p_perm_holm"] = holm(tests_df["p_perm"])
-        tests_df["p_mw_holm"] = holm(tests_df["p_mw"])
+        # one Holm implementation for the project (NaN p-values stay NaN and do not count toward m)
+        tests_df["p_perm_holm"] = holm(tests_df["p_perm"].tolist())
+        tests_df["p_mw_holm"] = holm(tests_df["p_mw"].tolist())
     return {
         "attn_ffn": attention_ffn_ratio(topk),
         "progression": prog,
