@@ -169,6 +169,18 @@ def test_bit_flip_counts_inf_and_nan(dtype):
     assert float(p.detach().reshape(-1)[0]) == 1.5
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lsb_exponent_flip_doubles_or_halves_and_is_a_separate_type(dtype):
+    x = torch.tensor([1.0, -3.0, 0.75, 6.0], dtype=dtype)
+    out = flip_bits(x, torch.full((4,), bit_positions(dtype, "lsb-exponent")[0]))
+    ratio = (out.float() / x.float()).tolist()
+    assert all(r in (2.0, 0.5) for r in ratio), ratio  # the value is doubled or halved, never overflows
+    assert PerturbSpec("bit_flip", bits="lsb-exponent").kind() == "bit_flip[lsb-exponent]"
+    assert PerturbSpec("bit_flip").kind() == "bit_flip" and PerturbSpec("zero").kind() == "zero"
+    with pytest.raises(EsaError, match="lsb-exponent"):
+        PerturbSpec("bit_flip", bits="lsb")
+
+
 def test_bit_flip_probability_zero_changes_nothing():
     model = tiny_model("tiny-llama", seed=0)
     inv = weight_inventory(model)

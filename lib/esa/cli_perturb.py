@@ -30,8 +30,9 @@ def _names(args: Any, list_attr: str, raw_attr: str) -> list[str] | str | None:
     return v if v else getattr(args, raw_attr, None)
 
 
-def specs_for(perturbations: list[str], scales: list[float], probs: list[float], bits: str = "exponent") -> list:
-    """The PerturbSpec list of a sweep: scale doses for sign_flip/gauss_noise, prob doses for bit_flip."""
+def specs_for(perturbations: list[str], scales: list[float], probs: list[float],
+              bits: str | list[str] = "exponent") -> list:
+    """The PerturbSpec list of a sweep: scale doses for sign_flip/gauss_noise, prob doses (x bit choices) for bit_flip."""
     from esa.perturb import PerturbSpec
 
     out = []
@@ -39,7 +40,7 @@ def specs_for(perturbations: list[str], scales: list[float], probs: list[float],
         if name in ("sign_flip", "gauss_noise"):
             out += [PerturbSpec(name, scale=s) for s in scales]
         elif name == "bit_flip":
-            out += [PerturbSpec(name, prob=p, bits=bits) for p in probs]
+            out += [PerturbSpec(name, prob=p, bits=b) for b in ([bits] if isinstance(bits, str) else bits) for p in probs]
         else:
             out.append(PerturbSpec(name))
     return out

@@ -24,8 +24,9 @@ V = vocab, N = studied weights, n_max = the largest studied parameter):
 - logits: the model's (B, T, V) output in its dtype, its fp32 copy and the fp32 log-softmax of the
   loss: B T V (b + 8); backward adds the fp32 and model-dtype gradients: B T V (2b + 12) in all.
 - Hutchinson (double backward): `autograd.grad(create_graph=True)` holds every studied gradient at
-  once (N b), the int8 probes (N), and the first backward's graph (about one more activation set and
-  the logits' gradient).
+  once (N b), the int8 probe in use (N), and the first backward's graph (about one more activation set
+  and the logits' gradient); all P probes (P N) are kept between windows while that fits
+  PROBE_CACHE_BYTES, otherwise each is redrawn per window.
 - offload staging: accelerate loads an offloaded block's weights for its forward: the largest block.
 These are estimates: tests/bench/gpu_check.py records them next to the measured peak
 (torch.cuda.max_memory_allocated) so the factors can be checked on real hardware.
@@ -236,8 +237,11 @@ def estimate(
     seqlen: int,
     specs: list[Any] | None = None,
     target: str | torch.device | None = None,
+    probes: int = 1,
 ) -> MemoryEstimate:
     """Memory a pass over `model` needs, whole and per device (see the module docstring for the model).
+
+    `probes`: hutchinson_diag's probe count (all probes are kept while they fit PROBE_CACHE_BYTES).
 
     `specs`: the studied weights (default: the model's inventory). `target`: the device a model still on
     `meta` (built for planning, not loaded) would be placed on; default cuda:0 if available, else cpu.
@@ -269,12 +273,23 @@ def estimate(
             act_full = _activations(shape, batch_size, seqlen, True)
             part["hutchinson"] += int(act_full * pl["layers"]) - act_full
         part["logits"] = int(part.get("logits", 0) * pl["logits"])
+        if pass_name == "hutchinson_diag":
+            part["probe_cache"] = probe_cache_bytes(local.n_studied, probes, shape.n_studied)
         part = {"weights": int(pl["weights"]), **part, "offload_staging": int(pl["staging"])}
         per_device[dev] = {k: v for k, v in part.items() if v}
         if not dev.startswith("meta"):
             resident[dev] = int(pl["weights"])
+    if pass_name == "hutchinson_diag":
+        comps["probe_cache"] = probe_cache_bytes(shape.n_studied, probes, shape.n_studied)
     comps["offload_staging"] = max((int(pl["staging"]) for pl in place.values()), default=0)
     return MemoryEstimate(pass_name, batch_size, seqlen, {k: v for k, v in comps.items() if v}, per_device, resident)
+
+
+def probe_cache_bytes(n_local: int, probes: int, n_total: int) -> int:
+    """The int8 Hutchinson probes kept between windows (all or none, decided on the whole model's count)."""
+    from esa.sensitivity.metrics import PROBE_CACHE_BYTES
+
+    return n_local * probes if probes * n_total <= PROBE_CACHE_BYTES else 0
 
 
 # ---------------------------------------------------------------- free memory
@@ -314,6 +329,7 @@ def check(
     available: dict[str, int] | None = None,
     headroom: float = HEADROOM,
     target: str | torch.device | None = None,
+    probes: int = 1,
 ) -> MemoryEstimate:
     """Raise EsaError before the pass if a device cannot hold what it needs; return the estimate otherwise.
 
@@ -321,7 +337,7 @@ def check(
     checked); False to plan a model built on `meta`. `available`: device -> free bytes, to override the
     measurement (tests, or a budget smaller than the machine's).
     """
-    est = estimate(model, pass_name, batch_size, seqlen, specs, target)
+    est = estimate(model, pass_name, batch_size, seqlen, specs, target, probes)
     short = []
     for dev in est.per_device:
         if dev in ("disk", "meta"):

@@ -44,6 +44,7 @@ class Profile:
     perturbations: list[str] = field(default_factory=lambda: ["sign_flip"])
     perturb_scale: float = 1.0
     perturb_prob: float = 0.5
+    bit_flip_bits: list[str] = field(default_factory=lambda: ["exponent"])  # bit_flip variants (ops.BIT_CHOICES)
     dose_scales: list[float] = field(default_factory=lambda: [0.01, 0.1])
     controls: list[str] = field(default_factory=lambda: ["random_k", "bottom_k"])
     perturb_eval_windows: int | None = None  # Phase 3 sweeps: evaluation windows per condition (None: eval_windows)

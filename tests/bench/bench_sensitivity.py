@@ -121,7 +121,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=None, help="windows (default 8 CPU, 200 GPU)")
     ap.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 256 CPU, 512 GPU)")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--probes", type=int, default=1)
+    ap.add_argument("--probes", type=int, default=None,
+                    help="Hutchinson probes (default 8 = the standard profile's on CPU, 2 with --gpu-8b); the "
+                         "forward and first backward of a window are shared by its probes")
     ap.add_argument("--hutchinson-samples", type=int, default=None,
                     help="windows for Hutchinson (default: all); its ratio is per probe and per window anyway")
     ap.add_argument("--hutchinson-batch-size", type=int, default=1, help="double backward is the memory peak")
@@ -146,6 +148,7 @@ def main() -> None:
         model, inventory, device = lm.model, lm.inventory, lm.device
         name, vocab = args.model, lm.info.vocab_size
         samples, seqlen = args.samples or 8, args.seqlen or 256
+    args.probes = args.probes or (2 if args.gpu_8b else 8)
     ids = torch.randint(0, vocab, (samples, seqlen), generator=torch.Generator().manual_seed(0))
     params = [model.get_parameter(s.name) for s in inventory]
     bs = args.batch_size

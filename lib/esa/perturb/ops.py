@@ -13,7 +13,11 @@ matrix's standard deviation (for `gauss_noise`) and a seeded generator (noise an
 - `zero`: w -> 0.
 - `bit_flip`: with probability `prob` per selected weight, flip one bit of its stored value (integer
   view of bf16/fp16/fp32). Which bit is explicit: `any` (uniform over all bits), `exponent` (uniform over
-  the exponent bits), `sign`, or `msb-exponent` (the exponent's top bit, the flip most likely to overflow).
+  the exponent bits), `sign`, `msb-exponent` (the exponent's top bit, the flip most likely to overflow), or
+  `lsb-exponent` (the exponent's lowest bit: the value is doubled or halved). Uniform exponent flips at
+  p = 0.5 overflow some weight of every group, so they cannot tell critical from random weights;
+  `lsb-exponent` is the bounded, magnitude-relative variant that can. A sweep's `perturbation` column
+  names non-default bit choices as `bit_flip[<bits>]` so the two are analysed as separate types.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ BIT_LAYOUTS: dict[torch.dtype, tuple[torch.dtype, int, int, tuple[int, int]]] = 
     torch.float16: (torch.int16, 16, 15, (10, 14)),
     torch.bfloat16: (torch.int16, 16, 15, (7, 14)),
 }
-BIT_CHOICES = ("any", "exponent", "sign", "msb-exponent")
+BIT_CHOICES = ("any", "exponent", "sign", "msb-exponent", "lsb-exponent")
+DEFAULT_BITS = "exponent"
 SIGMA_CHOICES = ("std", "abs")
 
 
@@ -60,6 +65,12 @@ class PerturbSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def kind(self) -> str:
+        """The perturbation type as tables and statistics name it (bit choices other than the default apart)."""
+        if self.name == "bit_flip" and self.bits != DEFAULT_BITS:
+            return f"bit_flip[{self.bits}]"
+        return self.name
 
     def label(self) -> str:
         if self.name == "bit_flip":
@@ -106,6 +117,7 @@ def bit_positions(dtype: torch.dtype, bits: str) -> list[int]:
         "exponent": list(range(elo, ehi + 1)),
         "sign": [sign],
         "msb-exponent": [ehi],
+        "lsb-exponent": [elo],  # the value doubles or halves: bounded, never overflows
     }[bits]
 
 

@@ -72,7 +72,8 @@ def specs_from_profile(P: Profile, perturbations: list[str] | None = None, scale
                        probs: list[float] | None = None) -> list:
     from esa.cli_perturb import specs_for
 
-    return specs_for(perturbations or list(P.perturbations), scales or [P.perturb_scale], probs or [P.perturb_prob])
+    return specs_for(perturbations or list(P.perturbations), scales or [P.perturb_scale], probs or [P.perturb_prob],
+                     bits=list(P.bit_flip_bits))
 
 
 def feasible_k(inventory: list, k: int) -> int:

@@ -48,7 +48,7 @@ def damage_bars(summary: pd.DataFrame | list[dict[str, Any]], title: str = ""):
         ax.bar(range(len(d)), d["mean"], yerr=[lo, hi], color=["C3" if g == "top_k" else "C0" for g in d.index],
                capsize=3)
         ax.set_xticks(range(len(d)), d.index, rotation=45, ha="right", fontsize=8)
-        label = pert if pert == "zero" else (f"{pert} p={prob:g}" if pert == "bit_flip" else f"{pert} x{scale:g}")
+        label = pert if pert == "zero" else (f"{pert} p={prob:g}" if pert.startswith("bit_flip") else f"{pert} x{scale:g}")
         ax.set_title(label, fontsize=9)
         ax.axhline(0, color="k", lw=0.5)
         vals = d["mean"].to_numpy(dtype=float)

@@ -138,7 +138,7 @@ def run_sweep(
         secs = time.perf_counter() - t0
         top = groups.get((TOP, seed), {})
         rows.append(dict(
-            perturbation=spec.name, scale=float(spec.scale), prob=float(spec.prob), dose=float(dose_of(spec)),
+            perturbation=spec.kind(), scale=float(spec.scale), prob=float(spec.prob), dose=float(dose_of(spec)),
             group=group, k=count_targets(targets), seed=int(seed), ppl=float(ppl), log_ppl=float(log_ppl),
             delta_ppl=float(ppl - baseline.ppl), delta_log_ppl=float(log_ppl - baseline.log_ppl),
             accuracy=float(acc), n_nonfinite_windows=int(nonfinite), n_inf_weights=st.n_inf,
@@ -146,7 +146,7 @@ def run_sweep(
             overlap_top=overlap(targets, top) if group != TOP else count_targets(targets),
         ))
         for w, (a, b) in enumerate(zip(nll, base_nll, strict=True)):
-            win_rows.append((spec.name, float(spec.scale), float(spec.prob), float(dose_of(spec)), group, int(seed),
+            win_rows.append((spec.kind(), float(spec.scale), float(spec.prob), float(dose_of(spec)), group, int(seed),
                              w, float(a), float(b), float(a - b)))
     table = pd.DataFrame(rows, columns=COLUMNS)
     wins = pd.DataFrame(win_rows, columns=["perturbation", "scale", "prob", "dose", "group", "seed", "window",

@@ -40,6 +40,8 @@ from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
 from esa.progress import progress
 
+PROBE_CACHE_BYTES = 2 << 30  # hutchinson_diag keeps all its int8 probes below this, else redraws them per window
+
 
 @dataclass
 class MetricConfig:
@@ -192,7 +194,7 @@ def _owner(model: torch.nn.Module, spec: WeightSpec) -> tuple[torch.nn.Module, s
     return model.get_submodule(parent), attr
 
 
-def _expert_hook_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_routing_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden_states (T, H), top_k_index (T, k)) from a transformers-5 experts module call."""
     names = list(inspect.signature(module.forward).parameters)
     bound = dict(zip(names, args, strict=False))
@@ -259,7 +261,7 @@ def _expert_hook(module: torch.nn.Module, entries: list[tuple[WeightSpec, str]],
         )
 
     def hook(mod: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        hidden, top_k_index = _expert_hook_inputs(mod, args, kwargs)
+        hidden, top_k_index = expert_routing_inputs(mod, args, kwargs)
         x = hidden.detach().reshape(-1, hidden.shape[-1]).float()  # (T, H)
         n_exp = mod.gate_up_proj.shape[0]
         routed = F.one_hot(top_k_index.long().clamp(max=n_exp), n_exp + 1)[..., :n_exp].sum(1) > 0  # (T, E)
@@ -322,26 +324,37 @@ def hutchinson_diag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.
         trace[state["probe"], names.index(name)] += float(est.sum())
 
     dev = _device(model)
+    n_weights = sum(p.numel() for p in params.values())
+    keep_probes = cfg.probes * n_weights <= PROBE_CACHE_BYTES  # int8: one byte per weight per probe
+
+    def draw(probe: int) -> dict[str, torch.Tensor]:
+        # drawn on one device (same numbers whatever the split), then moved to the weight's device; the same
+        # v for a probe in every window, so each probe's estimate is v * (H_mean v)
+        gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + probe)
+        # v stays int8 (+-1): the graph of v.g saves v, and int8 halves that memory against bf16
+        return {n: torch.randint(0, 2, p.shape, generator=gen, device=dev, dtype=torch.int8).mul_(2).sub_(1).to(p.device)
+                for n, p in params.items()}
+
+    probes = [draw(i) for i in range(cfg.probes)] if keep_probes else None
+    # Window outer, probe inner: the forward and the create_graph backward of a window are paid once and
+    # every probe only adds the second backward (retain_graph), so a probe costs ~one backward, not a
+    # forward + two backwards. One window at a time: the double-backward graph is the memory peak, and the
+    # Hessian of the mean loss is the token-weighted mean of the windows' Hessians, so this is the same
+    # estimate as larger batches.
     with streamed_grads(params, fold), _math_attention():
-        for probe in progress(range(cfg.probes), desc="hutchinson probes", disable=not cfg.show_progress):
-            gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + probe)
-            state["probe"] = probe
-            # v stays int8 (+-1): the graph of v.g saves v, and int8 halves that memory against bf16
-            state["v"] = {
-                # drawn on one device (same numbers whatever the split), then moved to the weight's device
-                n: torch.randint(0, 2, p.shape, generator=gen, device=dev, dtype=torch.int8).mul_(2).sub_(1).to(p.device)
-                for n, p in params.items()
-            }
-            # one window at a time: the double-backward graph is the memory peak, and the Hessian of the mean
-            # loss is the mean of the windows' Hessians, so this is the same estimate as larger batches
-            for batch, w in _batches(ids, MetricConfig(batch_size=1, show_progress=False), ""):
-                state["w"] = w
-                loss = batch_loss(model, batch)
-                grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
+        for batch, w in _batches(ids, MetricConfig(batch_size=1, show_progress=cfg.show_progress), "hutchinson_diag"):
+            state["w"] = w
+            loss = batch_loss(model, batch)
+            grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
+            for probe in range(cfg.probes):
+                state["probe"] = probe
+                state["v"] = probes[probe] if probes is not None else draw(probe)
                 dot = sum((g * state["v"][n]).sum() for g, n in zip(grads, names, strict=True))  # v . g
-                del grads
-                dot.backward()  # d(v.g)/dw = Hv, folded per parameter by the hook
+                dot.backward(retain_graph=probe < cfg.probes - 1)  # d(v.g)/dw = Hv, folded by the hook
+                del dot
+            del grads, loss
             state["v"] = {}
+    del probes
 
     spread = _hutchinson_spread(per_probe, trace, names)
     if cfg.hutchinson_output == "saliency":
