@@ -66,7 +66,8 @@ def changed_flat(before: dict[str, torch.Tensor], model) -> dict[str, set[int]]:
 ALL_SPECS = [PerturbSpec("sign_flip"), PerturbSpec("sign_flip", scale=0.1), PerturbSpec("gauss_noise", scale=0.5),
              PerturbSpec("gauss_noise", scale=2.0, sigma="abs"), PerturbSpec("zero"),
              PerturbSpec("bit_flip", prob=1.0, bits="any"), PerturbSpec("bit_flip", prob=0.5, bits="exponent"),
-             PerturbSpec("bit_flip", prob=1.0, bits="msb-exponent"), PerturbSpec("bit_flip", prob=1.0, bits="sign")]
+             PerturbSpec("bit_flip", prob=1.0, bits="msb-exponent"), PerturbSpec("bit_flip", prob=1.0, bits="sign"),
+             PerturbSpec("bit_flip", prob=0.5, bits="lsb-exponent")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -81,6 +82,8 @@ def test_whole_sweep_restores_every_weight_bit_exactly(dtype):
     res = run_sweep(model, windows(1, 8), groups, ALL_SPECS, show_progress=False)
     assert weights_hash(model) == h0
     assert len(res.table) == len(ALL_SPECS) * len(groups)
+    # bit choices other than the default are their own perturbation type (never pooled with exponent flips)
+    assert {"bit_flip", "bit_flip[lsb-exponent]", "bit_flip[msb-exponent]"} <= set(res.table.perturbation)
     # the sweep really perturbed something: top-k sign flips change the loss
     sf = res.table[(res.table.perturbation == "sign_flip") & (res.table.scale == 1.0)]
     assert (sf["delta_log_ppl"].abs() > 0).all()

@@ -4,7 +4,7 @@
 
 Targets (issue 4): time ratio <= 1.1; peak memory <= model + one evaluation's activations + the backup of
 the selected weights. On CUDA the peak is torch.cuda.max_memory_allocated; on CPU the process's peak RSS
-growth over the plain evaluation (coarse). Writes reports/bench/perturb.json.
+growth over the plain evaluation (coarse). Writes reports/bench/perturb-<model>.json.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if cuda:
         out["memory_ok"] = out["peak_cuda_sweep_bytes"] <= peak_eval + backup_bytes + (1 << 20)
-    write_json(REPO_ROOT / "reports" / "bench" / "perturb.json", out)
+    write_json(REPO_ROOT / "reports" / "bench" / f"perturb-{a.model}.json", out)
     print(out)
     return 0
 

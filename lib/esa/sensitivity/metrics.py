@@ -349,9 +349,11 @@ def hutchinson_diag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.
             for probe in range(cfg.probes):
                 state["probe"] = probe
                 state["v"] = probes[probe] if probes is not None else draw(probe)
-                dot = sum((g * state["v"][n]).sum() for g, n in zip(grads, names, strict=True))  # v . g
-                dot.backward(retain_graph=probe < cfg.probes - 1)  # d(v.g)/dw = Hv, folded by the hook
-                del dot
+                # Hv = d(v . g)/dw, as the vector-Jacobian product of g with v (no v . g graph to build);
+                # the hook folds each parameter's Hv as soon as it is complete
+                torch.autograd.backward(grads, grad_tensors=[state["v"][n].to(g.dtype) for g, n in
+                                                             zip(grads, names, strict=True)],
+                                        retain_graph=probe < cfg.probes - 1)
             del grads, loss
             state["v"] = {}
     del probes
