@@ -306,6 +306,8 @@ def test_schedule_selection_and_cycles() -> None:
     assert [e.id for e in chosen] == ["a", "b", "c"] and added == ["a", "b"]
     chosen, _ = schedule.select(items, ["1", "d"])
     assert [e.id for e in chosen] == ["a", "d"]
+    chosen, added = schedule.select(items, ["2/2"], with_deps=False)  # run_all.py --no-deps
+    assert [e.id for e in chosen] == ["c"] and added == []
     with pytest.raises(ValueError, match="cycle"):
         schedule.entries(
             [

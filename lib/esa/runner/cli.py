@@ -55,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--force", action="store_true", help="rerun selected notebooks even if up to date")
     p.add_argument("--fail-fast", action="store_true", help="start nothing new after the first failure")
+    p.add_argument("--no-deps", action="store_true",
+                   help="run only the --only selection, not the notebooks it depends on")
     p.add_argument("--jobs", type=int, default=1, help="notebooks run concurrently (one GPU each if any)")
     p.add_argument(
         "--executor",
@@ -91,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         kernel=args.kernel,
         force=args.force,
         fail_fast=args.fail_fast,
+        with_deps=not args.no_deps,
         jobs=args.jobs,
         executor=args.executor,
         timeout=args.timeout,

@@ -48,6 +48,7 @@ class RunConfig:
     kernel: str = "esa"
     force: bool = False
     fail_fast: bool = False
+    with_deps: bool = True  # False: run the --only selection without pulling in its dependencies
     jobs: int = 1
     executor: str = "process"
     timeout: float | None = None  # per-cell seconds
@@ -107,7 +108,8 @@ def make_plan(cfg: RunConfig) -> Plan:
         raise EsaError(f"no schedule.yaml in params dir {pdir}")
     os.environ["ESA_PARAMS_DIR"] = str(pdir)  # esa.params and the kernels read the same params
     profile = load_profile(cfg.profile, cfg.overrides)
-    chosen, added = schedule.select(schedule.entries(), cfg.only)
+    chosen, added = schedule.select(schedule.entries(), cfg.only, cfg.with_deps)
+    in_plan = {e.id for e in chosen}
     root = Path(cfg.root).resolve()
     nb_dir = Path(cfg.notebooks_dir or root / "notebooks").resolve()
     run_dir = cfg.run_dir.resolve()
@@ -134,7 +136,7 @@ def make_plan(cfg: RunConfig) -> Plan:
             profile.as_dict(),
             model_files,
             code,
-            [keys[d] for d in entry.depends_on],
+            [keys[d] for d in entry.depends_on if d in in_plan],
             cfg.kernel,
         )
         keys[entry.id] = key
@@ -150,7 +152,7 @@ def make_plan(cfg: RunConfig) -> Plan:
             kernel=cfg.kernel,
             parameters=parameters,
             key=key,
-            depends_on=list(entry.depends_on),
+            depends_on=[d for d in entry.depends_on if d in in_plan],
             timeout=cfg.timeout,
         )
         # --force applies to what was asked for, not to dependencies pulled in to satisfy it.
@@ -200,7 +202,7 @@ def format_plan(plan: Plan) -> str:
             lines.extend("    " + line for line in header.splitlines())
     for n, item in enumerate(plan.items, 1):
         e = item.entry
-        deps = f"  after {', '.join(e.depends_on)}" if e.depends_on else ""
+        deps = f"  after {', '.join(item.task.depends_on)}" if item.task.depends_on else ""
         lines.append(
             f"  {n:>2}. [{e.phase_week:>4}] {e.id:<40} {item.action:<4} ({item.reason})  "
             f"models={','.join(item.task.parameters['models'])}{deps}"

@@ -92,8 +92,12 @@ def _parse_token(token: str, items: list[Entry]) -> list[Entry]:
     return [e for e in items if e.id == token]
 
 
-def select(items: list[Entry], only: list[str] | None) -> tuple[list[Entry], list[str]]:
+def select(items: list[Entry], only: list[str] | None, with_deps: bool = True) -> tuple[list[Entry], list[str]]:
     """Entries matching `only` (plus their dependencies) in run order, and the ids added as dependencies.
+
+    `with_deps=False` (`run_all.py --no-deps`): the selection alone. Notebooks compute (or read from the
+    engine's cache) what they need, so a dependency only orders work; leaving it out is for re-running
+    one expensive notebook without its upstream ones.
 
     Each token is a phase (`1`), a phase/week (`2/3`) or a notebook id; tokens may be comma lists.
     A token that matches nothing is an error listing what exists.
@@ -114,7 +118,7 @@ def select(items: list[Entry], only: list[str] | None) -> tuple[list[Entry], lis
         chosen.update(e.id for e in hit)
     by_id = {e.id: e for e in items}
     added: list[str] = []
-    stack = list(chosen)
+    stack = list(chosen) if with_deps else []
     while stack:  # close over dependencies
         for dep in by_id[stack.pop()].depends_on:
             if dep not in chosen:
