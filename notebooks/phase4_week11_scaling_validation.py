@@ -77,14 +77,23 @@ else:
     measures, _ = collect.collect(list(models) if models else collect.phase4_models(P), P)
     source = "collected in this notebook (week 9 output not found)"
 MEASURE = "dlogppl_topk_zero"
-fits = scaling.scaling_fits(measures, [MEASURE], n_boot=1000)
-loo = scaling.loo_table(measures, [MEASURE])
+fits_all = scaling.scaling_fits(measures, [MEASURE], n_boot=1000)
+ctx.save_table(fits_all, "real_fits_all_models")
+# the criteria are judged on one homogeneous suite when it is large enough (see scaling.criteria_basis)
+judged, basis = scaling.criteria_basis(measures)
+fits = scaling.scaling_fits(judged, [MEASURE], n_boot=1000)
+loo = scaling.loo_table(judged, [MEASURE])
 ctx.save_table(fits, "real_fits")
 ctx.save_table(loo, "real_loo")
+print(basis)
+pd.concat([fits_all.assign(models="all"), fits.assign(models="judged")])[
+    ["models", "x", "n_models", "exponent", "exponent_ci_lo", "exponent_ci_hi", "r2", "loo_max_error"]]
+
+# %%
 loo
 
 # %%
-rows = scaling.scaling_criteria(fits, MEASURE, evidence=f"{ctx.notebook}: real_fits / real_loo")
+rows = scaling.scaling_criteria(fits, MEASURE, evidence=f"{ctx.notebook}: real_fits / real_loo", basis=basis)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)
 card[["id", "measured", "threshold", "result", "note"]]
@@ -100,7 +109,8 @@ text = [
     f"{five.coverage_t.max():.0%}; nominal 95%); the exponent's bias was at most {five.bias.abs().max():.3f}. "
     f"The bootstrap under-covers with few models (few distinct resamples), so with < 8 models the t-interval "
     f"is the more honest of the two.",
-    f"On the real results ({source}), {scaling.describe_fit(f)}",
+    f"On the real results ({source}), {basis}: {scaling.describe_fit(f)}",
+    f"Over all {len(measures)} models: {scaling.describe_fit(fits_all[fits_all.x == 'n_params'].iloc[0])}",
     f"Largest LOO miss: {loo.loc[loo.rel_error.idxmax(), 'model']} ({loo.rel_error.max():.0%})." if len(loo) else
     "Too few models for leave-one-out.",
 ]

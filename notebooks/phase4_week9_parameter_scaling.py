@@ -90,6 +90,10 @@ ctx.savefig(fig, "scaling_fits")
 from IPython.display import Markdown  # noqa: E402
 
 lines = [scaling.describe_fit(r) for _, r in fits[fits.x == "n_params"].iterrows()]
+judged, basis = scaling.criteria_basis(measures)
+if len(judged) < len(measures):  # a fit across suites can look lawful from two clusters alone: show the suite's own
+    own = scaling.scaling_fits(judged, MEASURES[:1], n_boot=1000)
+    lines.append(f"**Within one suite** ({basis}): " + scaling.describe_fit(own[own.x == "n_params"].iloc[0]))
 if suite is not None:
     beat = suite[suite.eval_ppl < suite.unigram_ppl]
     lines.append(f"\nMicro-suite ({budget} budget): {len(beat)} of {len(suite)} models beat the unigram baseline "

@@ -131,3 +131,16 @@ def test_criteria_not_judged_with_too_few_models():
     fits = scaling.scaling_fits(synthetic(4, 0.3, noise=0.01), ["dppl"], n_boot=100)
     rows = scaling.scaling_criteria(fits, "dppl", "t")
     assert all(c.passed is None for c in rows) and "not judged" in rows[0].note
+
+
+def test_criteria_basis_prefers_one_homogeneous_suite():
+    micro = ["micro-llama-33k@standard", "micro-llama-74k@standard", "micro-llama-176k@standard",
+             "micro-llama-480k@standard", "micro-mixtral-176k@standard"]
+    df = pd.DataFrame({"model": [*micro, "smollm2-135m"], "n_params": [1, 2, 3, 4, 5, 6],
+                       "n_params_active": [1, 2, 3, 4, 5, 6], "y": [1.0] * 6})
+    judged, basis = scaling.criteria_basis(df)
+    assert list(judged.model) == micro and "micro-suite alone" in basis
+    judged, basis = scaling.criteria_basis(df.iloc[2:])  # 3 micro models + 1 other: all, with the confound
+    assert len(judged) == 4 and "2 suites" in basis and "confound" in basis
+    judged, basis = scaling.criteria_basis(df.iloc[:5])
+    assert len(judged) == 5 and "one suite" in basis

@@ -286,6 +286,34 @@ def loo_table(df: pd.DataFrame, measures: list[str] | None = None, x_cols: tuple
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
+def suite_of(model: str) -> str:
+    """The training suite a model belongs to: `micro-suite` (one tokenizer, corpus and recipe) or `other`."""
+    from esa.models.micro import is_micro
+
+    return "micro-suite" if is_micro(model) else "other"
+
+
+def criteria_basis(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The models a scaling law is judged on, and why.
+
+    Models from different suites differ in tokenizer, data, training budget and (with per-layer k) the
+    fraction of weights selected, so a fit across suites can reach a high R^2 from two clusters alone.
+    The law is judged on one homogeneous suite when it has MIN_MODELS_FOR_LAW models or more; otherwise
+    on every model, and the basis says so.
+    """
+    suites = df["model"].map(suite_of)
+    micro = df[suites == "micro-suite"]
+    if suites.nunique() == 1:
+        return df, f"judged on all {len(df)} models (one suite: {suites.iloc[0]})"
+    if len(micro) >= MIN_MODELS_FOR_LAW:
+        return micro, (f"judged on the micro-suite alone ({len(micro)} models, one tokenizer, corpus and recipe); "
+                       f"the fit over all {len(df)} models mixes suites")
+    if suites.nunique() > 1:
+        return df, (f"judged on all {len(df)} models of {suites.nunique()} suites (tokenizer, data and training "
+                    "differ between suites: a confound of the fit)")
+    return df, f"judged on all {len(df)} models"
+
+
 def describe_fit(row: pd.Series | PowerLawFit) -> str:
     """One sentence per fit, numbers from the fit, honest about sample size."""
     r = row.as_dict() if isinstance(row, PowerLawFit) else dict(row)
@@ -326,8 +354,11 @@ def synthetic_recovery(n_models: int, exponent: float, noise: float, n_rep: int 
                 median_loo_max_error=float(np.nanmedian(loo_max)), median_r2=float(np.median(r2)))
 
 
-def scaling_criteria(fits: pd.DataFrame, measure: str, evidence: str, x: str = "n_params") -> list[Any]:
-    """The guide's Phase 4 scaling criteria for one measure, judged from `scaling_fits` output."""
+def scaling_criteria(fits: pd.DataFrame, measure: str, evidence: str, x: str = "n_params", basis: str = "") -> list[Any]:
+    """The guide's Phase 4 scaling criteria for one measure, judged from `scaling_fits` output.
+
+    `basis`: which models the fits cover and why (see `criteria_basis`), appended to every note.
+    """
     from esa.report.scorecard import Criterion, judge
 
     sel = fits[(fits["measure"] == measure) & (fits["x"] == x)]
@@ -338,6 +369,7 @@ def scaling_criteria(fits: pd.DataFrame, measure: str, evidence: str, x: str = "
     # with fewer than MIN_MODELS_FOR_LAW models a fit describes those models; it cannot pass or fail a law
     caveat = (f"not judged: {r['n_models']} models < {MIN_MODELS_FOR_LAW}, the fit is descriptive only"
               if r["descriptive_only"] else "")
+    caveat = f"{caveat} {basis}".strip()
 
     def verdict(value: float, op: str, threshold: float) -> bool | None:
         return None if r["descriptive_only"] else judge(value, op, threshold)
@@ -355,5 +387,5 @@ def scaling_criteria(fits: pd.DataFrame, measure: str, evidence: str, x: str = "
                   f"mean LOO error {r['loo_mean_error']:.1%}. {caveat}"),
         Criterion("P4.threshold", 4, "Threshold (breakpoint) in sensitivity vs size identified", seg,
                   "segmented fit preferred by BIC", None if r["segmented_preferred"] == "not_fitted" or r["descriptive_only"] else
-                  bool(r["segmented_preferred"] == "two_segments"), evidence, "exploratory with few models"),
+                  bool(r["segmented_preferred"] == "two_segments"), evidence, f"exploratory with few models. {basis}".strip()),
     ]
