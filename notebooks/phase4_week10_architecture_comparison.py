@@ -28,7 +28,6 @@ overrides = {}
 
 # %%
 import matplotlib.pyplot as plt
-import pandas as pd
 import seaborn as sns
 
 import esa.nb
@@ -36,14 +35,7 @@ from esa.analysis import architecture, collect
 
 ctx = esa.nb.context("phase4_week10_architecture_comparison", profile, models, run_dir, overrides)
 P = ctx.profile
-week9 = ctx.run_dir / "data" / "phase4_week9_parameter_scaling"
-if (week9 / "measures.parquet").exists():
-    measures = pd.read_parquet(week9 / "measures.parquet")
-    tables = {m: pd.read_parquet(week9 / f"topk_{m.replace('@', '_')}.parquet") for m in measures.model}
-    source = "week 9 results of this run"
-else:
-    measures, tables = collect.collect(list(models) if models else collect.phase4_models(P), P)
-    source = "collected in this notebook"
+measures, tables, source = collect.week9_results(ctx.run_dir, models, P)
 meta = measures[["model", "family", "moe", "n_layers"]]
 out = architecture.compare_architectures(tables, meta, n_perm=5000)
 for name, df in out.items():

@@ -69,13 +69,7 @@ ctx.savefig(fig, "synthetic_validation")
 # Read from week 9's output in this run folder; if week 9 has not run here, the measures are collected now.
 
 # %%
-week9 = ctx.run_dir / "data" / "phase4_week9_parameter_scaling" / "measures.parquet"
-if week9.exists():
-    measures = pd.read_parquet(week9)
-    source = f"week 9 results ({week9})"
-else:
-    measures, _ = collect.collect(list(models) if models else collect.phase4_models(P), P)
-    source = "collected in this notebook (week 9 output not found)"
+measures, _, source = collect.week9_results(ctx.run_dir, models, P)
 MEASURE = "dlogppl_topk_zero"
 fits_all = scaling.scaling_fits(measures, [MEASURE], n_boot=1000)
 ctx.save_table(fits_all, "real_fits_all_models")

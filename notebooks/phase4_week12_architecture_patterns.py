@@ -37,14 +37,7 @@ from esa.report import scorecard
 
 ctx = esa.nb.context("phase4_week12_architecture_patterns", profile, models, run_dir, overrides)
 P = ctx.profile
-week9 = ctx.run_dir / "data" / "phase4_week9_parameter_scaling"
-if (week9 / "measures.parquet").exists():
-    measures = pd.read_parquet(week9 / "measures.parquet")
-    tables = {m: pd.read_parquet(week9 / f"topk_{m.replace('@', '_')}.parquet") for m in measures.model}
-    source = "week 9 results of this run"
-else:
-    measures, tables = collect.collect(list(models) if models else collect.phase4_models(P), P)
-    source = "collected in this notebook"
+measures, tables, source = collect.week9_results(ctx.run_dir, models, P)
 refs = list(measures.model)
 topk = architecture.combine_topk(tables)
 n_layers = dict(zip(measures.model, measures.n_layers, strict=True))

@@ -95,3 +95,24 @@ def collect(refs: list[str], P: Profile, metric: str = "grad_x_weight") -> tuple
         rows.append(row)
         tables[ref] = sel
     return pd.DataFrame(rows), tables
+
+
+WEEK9 = "phase4_week9_parameter_scaling"
+
+
+def week9_results(run_dir: Any, models: list[str] | None, P: Profile,
+                  metric: str = "grad_x_weight") -> tuple[pd.DataFrame, dict[str, pd.DataFrame], str]:
+    """(measures, {model: top-k table}, where they came from) for the Phase 4 notebooks after week 9.
+
+    Week 9's saved tables in `run_dir` are reused when present; otherwise the measures are collected now
+    (scores come from the engine's cache where they exist), for `models` or the profile's Phase 4 set.
+    """
+    from pathlib import Path
+
+    folder = Path(run_dir) / "data" / WEEK9
+    if (folder / "measures.parquet").exists():
+        measures = pd.read_parquet(folder / "measures.parquet")
+        tables = {m: pd.read_parquet(folder / f"topk_{m.replace('@', '_')}.parquet") for m in measures.model}
+        return measures, tables, f"week 9 results of this run ({folder})"
+    measures, tables = collect(list(models) if models else phase4_models(P), P, metric)
+    return measures, tables, "collected in this notebook (week 9 output not found)"
