@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from esa.errors import EsaError
-from esa.params import Profile, model_params
+from esa.params import Profile
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def model_measures(ref: str, P: Profile, metric: str = "grad_x_weight", k: int |
     """(one row of the scaling table, the top-k table over seeds) for model `ref` under profile `P`."""
     from esa.data import evaluation
     from esa.evaluate import evaluate
-    from esa.models import load
+    from esa.models import load_configured
     from esa.perturb.apply import perturbed, targets_from_selection
     from esa.perturb.controls import ControlInput, make_control
     from esa.perturb.ops import PerturbSpec
@@ -49,8 +49,7 @@ def model_measures(ref: str, P: Profile, metric: str = "grad_x_weight", k: int |
 
     t0 = time.perf_counter()
     k, mode = k or P.topk, mode or P.mode
-    mp = model_params(ref)  # a params/models name (hub id, device_map) or a raw reference
-    lm = load(mp.ref, dtype=P.dtype, device_map=mp.device_map)
+    lm = load_configured(ref, P.dtype)  # a params/models name (hub id, device_map) or a raw reference
     wins = evaluation(lm.tokenizer, P.corpus, P.seqlen, n_windows=P.eval_windows, seed=0,
                       max_positions=lm.info.max_positions or None)
     base = evaluate(lm.model, wins, batch_size=P.batch_size, show_progress=False)

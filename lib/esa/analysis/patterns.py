@@ -190,13 +190,11 @@ def forward_patterns(refs: list[str], P: Any, n_windows: int = 8) -> tuple[pd.Da
     models, `n_windows` calibration windows of the profile's corpus with its first seed (routing load).
     """
     from esa.data import calibration
-    from esa.models import load
-    from esa.params import model_params
+    from esa.models import load_configured
 
     presence, routing = [], []
     for ref in refs:
-        mp = model_params(ref)
-        lm = load(mp.ref, dtype=P.dtype, device_map=mp.device_map)
+        lm = load_configured(ref, P.dtype)
         presence.append(superweight_presence(lm.model, lm.tokenizer, lm.inventory, ref))
         if lm.info.moe:
             wins = calibration(lm.tokenizer, P.corpus, P.seqlen, min(n_windows, P.max_samples), P.seeds[0],

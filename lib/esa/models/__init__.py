@@ -2,10 +2,20 @@
 
 from esa.models.embedded import EMBEDDED
 from esa.models.inventory import WeightSpec, classify, weight_inventory
-from esa.models.loader import DTYPES, LoadedModel, ModelInfo, describe, known_models, load, parse_dtype
+from esa.models.loader import (
+    DTYPES,
+    LoadedModel,
+    ModelInfo,
+    describe,
+    known_models,
+    load,
+    load_configured,
+    parse_dtype,
+)
 from esa.models.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 
 __all__ = [
     "DTYPES", "EMBEDDED", "TINY_CONFIGS", "LoadedModel", "ModelInfo", "WeightSpec", "classify", "describe",
-    "known_models", "load", "parse_dtype", "tiny_model", "tiny_tokenizer", "weight_inventory",
+    "known_models", "load",
+    "load_configured", "parse_dtype", "tiny_model", "tiny_tokenizer", "weight_inventory",
 ]

@@ -87,6 +87,14 @@ class LoadedModel:
         return input_device(self.model)
 
 
+def load_configured(name: str, dtype: str | torch.dtype = "float32", **kwargs: Any) -> LoadedModel:
+    """`load` by a params/models name (or any raw reference), with the ref and device_map its params file sets."""
+    from esa.params import model_params
+
+    mp = model_params(name)
+    return load(mp.ref, dtype=dtype, device_map=mp.device_map, **kwargs)
+
+
 def load(
     ref: str,
     dtype: str | torch.dtype = "float32",

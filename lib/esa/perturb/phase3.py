@@ -34,11 +34,9 @@ class ModelSweep:
 
 
 def load_model(name: str, P: Profile):
-    from esa.models import load
-    from esa.params import model_params
+    from esa.models import load_configured
 
-    mp = model_params(name)
-    return load(mp.ref, dtype=P.dtype, device_map=mp.device_map)
+    return load_configured(name, P.dtype)
 
 
 def topk_sets(lm: Any, model_name: str, P: Profile, metric: str = PRIMARY_METRIC, k: int | None = None,

@@ -27,12 +27,10 @@ HEAVY_TAIL_RATIO = 10.0  # our rule for "orders of magnitude above the rest": to
 
 
 def load_model(name: str, P: Profile, hutchinson: bool = True) -> LoadedModel:
-    from esa.models import load
-    from esa.params import model_params
+    from esa.models import load_configured
 
     # eager attention: Hutchinson's double backward needs a differentiable attention kernel
-    mp = model_params(name)
-    return load(mp.ref, dtype=P.dtype, device_map=mp.device_map, attn_implementation="eager" if hutchinson else None)
+    return load_configured(name, P.dtype, attn_implementation="eager" if hutchinson else None)
 
 
 def metric_config(P: Profile, seed: int) -> MetricConfig:
