@@ -424,3 +424,19 @@ def test_resume_after_kill(tmp_path: Path, capsys, sig: int) -> None:
         assert "removed partial file" in err
     for nb_id in ("k1", "k2", "k3"):
         nbformat.read(outputs(run_dir, nb_id).executed, as_version=4)  # complete, parseable
+
+
+def test_kernel_interrupt_is_an_interrupted_run_not_a_failure(tmp_path: Path, capsys) -> None:
+    # Ctrl-C signals the kernel too; if its KeyboardInterrupt reaches papermill before the runner's own,
+    # the run must still end as interrupted: no failed stamp, no executed copy, resumable.
+    root = make_project(
+        tmp_path,
+        {"i1": "x = 1\n", "i2": "raise KeyboardInterrupt\n"},
+        [{"id": "i1", "phase": 1, "week": 0}, {"id": "i2", "phase": 1, "week": 1}],
+    )
+    run_dir = root / "reports" / "smoke"
+    rc, err = run_all(root, capsys=capsys)
+    assert rc == 130 and "interrupted" in err
+    assert json.loads((run_dir / "state" / "i1.json").read_text())["status"] == "ok"
+    assert not (run_dir / "state" / "i2.json").exists() and not outputs(run_dir, "i2").executed.exists()
+    assert not list(run_dir.rglob(".*.tmp"))

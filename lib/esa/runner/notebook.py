@@ -159,6 +159,10 @@ def _papermill(
                 execution_timeout=timeout,
             )
     except PapermillExecutionError as err:
+        if err.ename == "KeyboardInterrupt":
+            # Ctrl-C reaches the kernel (same process group) as well as the runner: an interrupted run,
+            # not a failed notebook; raising discards the partial output and leaves no stamp.
+            raise KeyboardInterrupt(f"{notebook} interrupted") from err
         return Failure(
             notebook=notebook,
             message=str(err),
