@@ -18,6 +18,11 @@
 # top-k > random > bottom hold at every dose? sign_flip and gauss_noise are swept over the profile's
 # `dose_scales`, bit_flip over probabilities; monotonicity = the mean damage rises at every step
 # (Spearman's rho over all (seed, dose) points reported alongside).
+#
+# **Reading the doses.** sign_flip at scale s maps w to -s·w (SCIENCE.md), so at the guide's small doses
+# (0.005-0.1) it is close to zeroing the weight: its curve starts near the damage of zero-ablation and
+# rises only by the reversed remainder. gauss_noise adds N(0, (s·σ)²) with σ the matrix's standard
+# deviation, so at these doses it is a small perturbation of a handful of weights per matrix.
 
 # %% tags=["parameters"]
 profile = "smoke"

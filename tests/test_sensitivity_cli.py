@@ -12,8 +12,9 @@ import torch
 
 from esa import cli
 from esa.data import Windows
+from esa.errors import EsaError
 from esa.models import load
-from esa.sensitivity.engine import score
+from esa.sensitivity.engine import score, score_many
 from esa.sensitivity.metrics import MetricConfig
 from esa.sensitivity.select import COLUMNS
 
@@ -65,6 +66,38 @@ def test_cache_round_trip():
     other = score(lm, "grad_squared", 1, cfg=MetricConfig(batch_size=2, times_w2=True, show_progress=False),
                   windows=_windows(1))
     assert other.key != a.key and not other.from_cache
+
+
+@pytest.mark.parametrize("ref", ["tiny-llama", "tiny-mixtral"])
+def test_fused_gradient_metrics_equal_separate_runs_bit_for_bit(ref, monkeypatch, tmp_path):
+    lm = load(ref, device="cpu")
+    cfgs = {"grad_x_weight": MetricConfig(batch_size=2, show_progress=False),
+            "grad_squared": MetricConfig(batch_size=2, times_w2=True, show_progress=False),
+            "act_mag": MetricConfig(show_progress=False)}
+    fused = score_many(lm, list(cfgs), 3, cfgs=cfgs, windows=_windows(3), fuse=True)
+    assert fused["grad_x_weight"].extras["fused_with"] == ["grad_squared"]
+    assert "fused_with" not in fused["act_mag"].extras  # not a gradient metric: its own pass
+    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path / "separate"))
+    for metric, cfg in cfgs.items():
+        alone = score(lm, metric, 3, cfg=cfg, windows=_windows(3))
+        assert not alone.from_cache and alone.key == fused[metric].key  # same content key: same cache entry
+        for n in alone.scores:
+            assert torch.equal(alone.scores[n], fused[metric].scores[n]), (metric, n)
+    # a second call reads every metric back from the cache instead of computing
+    again = score_many(lm, list(cfgs), 3, cfgs=cfgs, windows=_windows(3))
+    assert all(r.from_cache for r in again.values())
+
+
+def test_fuse_auto_falls_back_when_the_extra_accumulator_does_not_fit(monkeypatch):
+    from esa import memory
+
+    lm = load("tiny-llama", device="cpu")
+    cfgs = {m: MetricConfig(batch_size=2, show_progress=False) for m in ("grad_x_weight", "grad_squared")}
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1)  # nothing fits
+    runs = score_many(lm, list(cfgs), 4, cfgs=cfgs, windows=_windows(4), use_cache=False)
+    assert all("fused_with" not in r.extras for r in runs.values())
+    with pytest.raises(EsaError, match="fuse must be"):
+        score_many(lm, list(cfgs), 4, cfgs=cfgs, windows=_windows(4), use_cache=False, fuse="yes")
 
 
 def test_esa_runner_writes_topk_and_summary(tmp_path, corpus, capsys):

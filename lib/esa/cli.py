@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from esa.models import load
     from esa.sensitivity import structure
-    from esa.sensitivity.engine import score
+    from esa.sensitivity.engine import score_many
     from esa.sensitivity.metrics import MetricConfig
     from esa.sensitivity.select import check_k
     from esa.sensitivity.superweights import detect_superweights, match_selection
@@ -169,13 +169,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         show_progress=args.verbose)
         runs: dict[tuple[str, int], Any] = {}
         selections, global_sel = [], {}
+        by_seed = {}
+        for seed in args.seed_list:  # one calibration sample per seed; its gradient metrics share a pass
+            log.info("scoring %s seed %d", ", ".join(args.metrics), seed)
+            by_seed[seed] = score_many(lm, args.metrics, seed, corpus=args.corpus, seqlen=args.seqlen,
+                                       n_samples=args.max_samples,
+                                       cfgs={m: MetricConfig(**cfg_base, seed=seed) for m in args.metrics},
+                                       model_ref=args.model, use_cache=not args.no_cache)
         for metric in args.metrics:
             for seed in args.seed_list:
-                cfg = MetricConfig(**cfg_base, seed=seed)
-                log.info("scoring %s seed %d", metric, seed)
-                r = score(lm, metric, seed, corpus=args.corpus, seqlen=args.seqlen, n_samples=args.max_samples,
-                          cfg=cfg, model_ref=args.model, use_cache=not args.no_cache)
-                runs[(metric, seed)] = r
+                r = runs[(metric, seed)] = by_seed[seed][metric]
                 selections.append(r.topk(args.topk, args.mode, lm.inventory))
                 global_sel[(metric, seed)] = r.topk(args.topk, "global", lm.inventory)
         table = pd.concat(selections, ignore_index=True)

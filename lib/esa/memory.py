@@ -157,6 +157,12 @@ def _gradient(s: ModelShape, b: int, t: int) -> dict[str, int]:
     }
 
 
+def _grad_fused(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    d = _gradient(s, b, t)
+    d["accumulators"] = 2 * 4 * s.n_studied  # grad_x_weight and grad_squared share the pass, not the buffers
+    return d
+
+
 def _hutchinson(s: ModelShape, b: int, t: int) -> dict[str, int]:
     d = _gradient(s, b, t)
     d["grads_in_flight"] = s.largest_studied * (s.dtype_bytes + 8)  # Hv, v.float() and the product
@@ -171,6 +177,7 @@ _PASS_FNS: dict[str, Callable[[ModelShape, int, int], dict[str, int]]] = {
     "act_mag": _act_mag,
     "grad_x_weight": _gradient,
     "grad_squared": _gradient,
+    "grad_fused": _grad_fused,
     "hutchinson_diag": _hutchinson,
 }
 

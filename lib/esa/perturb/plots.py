@@ -69,8 +69,8 @@ def dose_plot(table: pd.DataFrame, value: str = "delta_log_ppl", title: str = ""
         d = table[table.perturbation == pert]
         for g in _order(d["group"]):
             m = d[d.group == g].groupby("dose")[value].agg(["mean", "min", "max"]).sort_index()
-            ax.plot(m.index, m["mean"], marker="o", label=g, color="C3" if g == "top_k" else None)
-            ax.fill_between(m.index, m["min"], m["max"], alpha=0.15)
+            (line,) = ax.plot(m.index, m["mean"], marker="o", label=g, color="C3" if g == "top_k" else None)
+            ax.fill_between(m.index, m["min"], m["max"], alpha=0.15, color=line.get_color())
         if (d["dose"] > 0).all() and d["dose"].nunique() > 1:
             ax.set_xscale("log")
         ax.set_xlabel("dose (scale, or bit-flip probability)")

@@ -26,7 +26,7 @@ from esa.data import Windows, calibration
 from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
 from esa.models.loader import LoadedModel
-from esa.sensitivity.metrics import MetricConfig, get_metric
+from esa.sensitivity.metrics import FUSABLE, MetricConfig, fused_gradients, get_metric
 from esa.sensitivity.select import check_k, from_candidates, matrix_candidates
 from esa.stats.tails import tail_summary
 from esa.store import cache_dir, content_key, read_json, source_hash, write_json, write_parquet
@@ -128,8 +128,35 @@ def score(
     windows: Windows | None = None,
 ) -> ScoreRun:
     """Score every weight of `inventory` (default: the model's) with `metric` on the calibration sample of `seed`."""
-    fn = get_metric(metric)
-    cfg = cfg or MetricConfig()
+    return score_many(lm, [metric], seed, corpus, seqlen, n_samples, {metric: cfg or MetricConfig()}, model_ref,
+                      inventory, use_cache, keep_scores, windows, fuse=False)[metric]
+
+
+def score_many(
+    lm: LoadedModel,
+    metrics: list[str],
+    seed: int,
+    corpus: str = "shakespeare",
+    seqlen: int = 256,
+    n_samples: int = 4,
+    cfgs: Mapping[str, MetricConfig] | None = None,
+    model_ref: str | None = None,
+    inventory: list[WeightSpec] | None = None,
+    use_cache: bool = True,
+    keep_scores: bool = True,
+    windows: Windows | None = None,
+    fuse: bool | str = "auto",
+) -> dict[str, ScoreRun]:
+    """`score` for several metrics on one calibration sample; gradient metrics share a backward pass.
+
+    Cached metrics are read back; the uncached gradient metrics (`FUSABLE`) with one batch size are computed
+    from one forward+backward per micro-batch when `fuse` is True, or "auto" and the extra fp32
+    accumulators fit in memory (`esa.memory`, pass "grad_fused"). Results and cache entries are the same
+    as separate `score` calls, bit for bit.
+    """
+    for m in metrics:
+        get_metric(m)  # unknown names fail before any work
+    cfgs = {m: (cfgs or {}).get(m) or MetricConfig() for m in metrics}
     inventory = inventory if inventory is not None else lm.inventory
     if not inventory:
         raise EsaError(f"{lm.info.ref}: no weights under study (no attention/MLP linear layers found)")
@@ -137,34 +164,81 @@ def score(
     if windows is None:
         windows = calibration(lm.tokenizer, corpus, seqlen, n_samples, seed, max_positions=lm.info.max_positions or None)
     t_data = time.perf_counter() - t0
-    settings = settings_for(model_ref or lm.info.ref, windows, metric, seed, lm.info.dtype, cfg, inventory)
-    key = score_key(settings)
-    folder = cache_dir("scores") / key
-    if use_cache and (folder / "complete").exists():
-        run = load_cached(folder)
-        run.timings["load_cache_s"] = time.perf_counter() - t0
-        return run
+    ref = model_ref or lm.info.ref
+    runs: dict[str, ScoreRun] = {}
+    todo: dict[str, tuple[dict[str, Any], Path]] = {}
+    for m in metrics:
+        settings = settings_for(ref, windows, m, seed, lm.info.dtype, cfgs[m], inventory)
+        folder = cache_dir("scores") / score_key(settings)
+        if use_cache and (folder / "complete").exists():
+            t1 = time.perf_counter()
+            runs[m] = load_cached(folder)
+            runs[m].timings["load_cache_s"] = time.perf_counter() - t1
+        else:
+            todo[m] = (settings, folder)
 
-    t1 = time.perf_counter()
-    result = fn(lm.model, inventory, windows.ids, cfg)
+    group = _fused_group(lm, todo, cfgs, inventory, windows, fuse)
+    if group:
+        t1 = time.perf_counter()
+        results = fused_gradients(lm.model, inventory, windows.ids, {m: cfgs[m] for m in group})
+        t_metric = _synced(t1)
+        for m in group:
+            extras = {**results[m].extras, "fused_with": [g for g in group if g != m], "fused_metric_s": t_metric}
+            runs[m] = _finish(lm, m, seed, *todo[m], results[m].scores, extras, windows, inventory,
+                              {"data_s": t_data, "metric_s": t_metric / len(group)}, use_cache, keep_scores)
+            del results[m]  # drop this metric's buffers before the next one is written
+    for m in todo:
+        if m in group:
+            continue
+        t1 = time.perf_counter()
+        result = get_metric(m)(lm.model, inventory, windows.ids, cfgs[m])
+        t_metric = _synced(t1)
+        runs[m] = _finish(lm, m, seed, *todo[m], result.scores, result.extras, windows, inventory,
+                          {"data_s": t_data, "metric_s": t_metric}, use_cache, keep_scores)
+    return {m: runs[m] for m in metrics}
+
+
+def _synced(t0: float) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    t_metric = time.perf_counter() - t1
-    scores = result.scores
+    return time.perf_counter() - t0
+
+
+def _fused_group(lm: LoadedModel, todo: Mapping[str, Any], cfgs: Mapping[str, MetricConfig],
+                 inventory: list[WeightSpec], windows: Windows, fuse: bool | str) -> list[str]:
+    """The uncached gradient metrics to compute in one pass (empty: compute each on its own)."""
+    if fuse not in (True, False, "auto"):
+        raise EsaError(f"fuse must be True, False or 'auto', got {fuse!r}")
+    group = [m for m in todo if m in FUSABLE]
+    if not fuse or len(group) < 2 or len({cfgs[m].batch_size for m in group}) != 1:
+        return []
+    if fuse == "auto":
+        from esa import memory
+
+        try:
+            memory.check(lm.model, "grad_fused", cfgs[group[0]].batch_size, windows.seqlen, inventory)
+        except EsaError as err:
+            log.info("computing %s one at a time: %s", group, str(err).splitlines()[0])
+            return []
+    return group
+
+
+def _finish(lm: LoadedModel, metric: str, seed: int, settings: dict[str, Any], folder: Path,
+            scores: dict[str, torch.Tensor], extras: dict[str, Any], windows: Windows,
+            inventory: list[WeightSpec], timings: dict[str, float], use_cache: bool, keep_scores: bool) -> ScoreRun:
+    """Candidates, statistics and the cache entry of one metric's scores."""
     t2 = time.perf_counter()
     depth = CANDIDATES_K
     top = matrix_candidates(scores, inventory, depth, largest=True)
     bottom = matrix_candidates(scores, inventory, depth, largest=False)
     matrices = matrix_stats(scores, inventory)
     tails, surv = tail_summary(scores)
-    t_select = time.perf_counter() - t2
-    timings = {"data_s": t_data, "metric_s": t_metric, "select_and_stats_s": t_select,
-               "tokens": int(windows.ids.numel())}
-    extras = {**result.extras, "windows": windows.describe(), "window_indices": list(windows.indices)}
+    timings = {**timings, "select_and_stats_s": time.perf_counter() - t2, "tokens": int(windows.ids.numel())}
+    extras = {**extras, "windows": windows.describe(), "window_indices": list(windows.indices)}
     n_weights = sum(s.numel for s in inventory)
     keep = keep_scores and n_weights <= KEEP_SCORES_MAX
-    run = ScoreRun(metric, seed, key, settings, scores if keep else None, top, bottom, matrices, tails, surv,
-                   extras, timings)
+    run = ScoreRun(metric, seed, score_key(settings), settings, scores if keep else None, top, bottom, matrices,
+                   tails, surv, extras, timings)
     if use_cache:
         _write_cache(folder, run, scores if keep else None)
         if keep:  # hand back the lazy view so the caller can drop the in-memory buffers

@@ -148,44 +148,93 @@ def _math_attention() -> contextlib.AbstractContextManager:
 
 
 # ---------------------------------------------------------------- gradient metrics
-def grad_x_weight(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, cfg: MetricConfig) -> MetricResult:
+class _GradFold:
+    """One gradient metric's fp32 accumulators: `fold` each micro-batch's gradient, `finish` at the end."""
+
+    name = ""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], cfg: MetricConfig) -> None:
+        self.cfg = cfg
+        self.acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+
+    def fold(self, name: str, p: torch.nn.Parameter, g: torch.Tensor, w: float) -> None:
+        raise NotImplementedError
+
+    def finish(self, params: dict[str, torch.nn.Parameter]) -> MetricResult:
+        raise NotImplementedError
+
+
+class _GradXWeight(_GradFold):
+    name = "grad_x_weight"
+
+    def fold(self, name: str, p: torch.nn.Parameter, g: torch.Tensor, w: float) -> None:
+        if self.cfg.per_batch:
+            self.acc[name].add_((p.detach().float() * g.float()).abs_(), alpha=w)
+        else:  # sum of token-weighted batch gradients = gradient of the mean calibration loss
+            self.acc[name].add_(g, alpha=w)
+
+    def finish(self, params: dict[str, torch.nn.Parameter]) -> MetricResult:
+        if not self.cfg.per_batch:
+            for n, p in params.items():
+                self.acc[n].mul_(p.detach()).abs_()  # |w * g|, in place: no second full-size buffer
+        variant = "per_batch mean_b|w*g_b|" if self.cfg.per_batch else "|w * g_mean|"
+        return MetricResult(self.acc, {"variant": variant})
+
+
+class _GradSquared(_GradFold):
+    name = "grad_squared"
+
+    def fold(self, name: str, p: torch.nn.Parameter, g: torch.Tensor, w: float) -> None:
+        g32 = g.float()
+        self.acc[name].addcmul_(g32, g32, value=w)
+
+    def finish(self, params: dict[str, torch.nn.Parameter]) -> MetricResult:
+        if self.cfg.times_w2:
+            for n, p in params.items():
+                self.acc[n].mul_(p.detach().float().square())
+        return MetricResult(self.acc, {"variant": "mean_b g_b^2 * w^2" if self.cfg.times_w2 else "mean_b g_b^2"})
+
+
+_GRAD_FOLDS: dict[str, type[_GradFold]] = {"grad_x_weight": _GradXWeight, "grad_squared": _GradSquared}
+FUSABLE = tuple(_GRAD_FOLDS)  # metrics that can share one forward+backward (see fused_gradients)
+
+
+def fused_gradients(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor,
+                    cfgs: dict[str, MetricConfig]) -> dict[str, MetricResult]:
+    """Several gradient metrics from one forward+backward per micro-batch.
+
+    Each metric folds the same gradient tensors as its own pass would, in the same order, so every result
+    is bit-identical to running that metric alone (tested); the cost is one pass instead of one per metric,
+    at the price of one more fp32 accumulator per metric.
+    """
+    unknown_names = [m for m in cfgs if m not in _GRAD_FOLDS]
+    if unknown_names or not cfgs:
+        raise EsaError(f"fused_gradients takes gradient metrics {list(_GRAD_FOLDS)}, got {list(cfgs)}")
+    sizes = {c.batch_size for c in cfgs.values()}
+    if len(sizes) != 1:
+        raise EsaError(f"fused gradient metrics must share one batch size, got {sorted(sizes)}")
     params = _params(model, specs)
-    acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    folds = [_GRAD_FOLDS[m](params, c) for m, c in cfgs.items()]
     weight = {"w": 0.0}
 
     def fold(name: str, p: torch.nn.Parameter, g: torch.Tensor) -> None:
-        if cfg.per_batch:
-            acc[name].add_((p.detach().float() * g.float()).abs_(), alpha=weight["w"])
-        else:  # sum of token-weighted batch gradients = gradient of the mean calibration loss
-            acc[name].add_(g, alpha=weight["w"])
+        for f in folds:
+            f.fold(name, p, g, weight["w"])
 
+    first = next(iter(cfgs.values()))
     with streamed_grads(params, fold):
-        for batch, w in _batches(ids, cfg, "grad_x_weight"):
+        for batch, w in _batches(ids, first, "+".join(cfgs)):
             weight["w"] = w
             batch_loss(model, batch).backward()
-    if not cfg.per_batch:
-        for n, p in params.items():
-            acc[n].mul_(p.detach()).abs_()  # |w * g|, in place: no second full-size buffer
-    return MetricResult(acc, {"variant": "per_batch mean_b|w*g_b|" if cfg.per_batch else "|w * g_mean|"})
+    return {f.name: f.finish(params) for f in folds}
+
+
+def grad_x_weight(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, cfg: MetricConfig) -> MetricResult:
+    return fused_gradients(model, specs, ids, {"grad_x_weight": cfg})["grad_x_weight"]
 
 
 def grad_squared(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, cfg: MetricConfig) -> MetricResult:
-    params = _params(model, specs)
-    acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
-    weight = {"w": 0.0}
-
-    def fold(name: str, p: torch.nn.Parameter, g: torch.Tensor) -> None:
-        g32 = g.float()
-        acc[name].addcmul_(g32, g32, value=weight["w"])
-
-    with streamed_grads(params, fold):
-        for batch, w in _batches(ids, cfg, "grad_squared"):
-            weight["w"] = w
-            batch_loss(model, batch).backward()
-    if cfg.times_w2:
-        for n, p in params.items():
-            acc[n].mul_(p.detach().float().square())
-    return MetricResult(acc, {"variant": "mean_b g_b^2 * w^2" if cfg.times_w2 else "mean_b g_b^2"})
+    return fused_gradients(model, specs, ids, {"grad_squared": cfg})["grad_squared"]
 
 
 # ---------------------------------------------------------------- activation magnitude

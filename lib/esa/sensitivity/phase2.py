@@ -16,7 +16,7 @@ import pandas as pd
 from esa.models.loader import LoadedModel
 from esa.params import Profile
 from esa.report.scorecard import Criterion, judge
-from esa.sensitivity.engine import ScoreRun, score
+from esa.sensitivity.engine import ScoreRun, score_many
 from esa.sensitivity.metrics import MetricConfig
 from esa.stats import stability
 
@@ -40,16 +40,16 @@ def metric_config(P: Profile, seed: int) -> MetricConfig:
 
 def score_model(lm: LoadedModel, name: str, P: Profile, metrics: list[str] | None = None,
                 seeds: list[int] | None = None, n_samples: int | None = None) -> Runs:
-    runs: Runs = {}
-    for metric in metrics or P.metrics:
-        for seed in seeds or P.seeds:
-            t0 = time.perf_counter()
-            runs[(metric, seed)] = score(lm, metric, seed, corpus=P.corpus, seqlen=P.seqlen,
-                                         n_samples=n_samples or P.max_samples, cfg=metric_config(P, seed),
-                                         model_ref=name)
-            log.info("%s %s seed %d: %.1f s%s", name, metric, seed, time.perf_counter() - t0,
-                     " (cache)" if runs[(metric, seed)].from_cache else "")
-    return runs
+    metrics, seeds = list(metrics or P.metrics), list(seeds or P.seeds)
+    by_seed = {}
+    for seed in seeds:  # per seed, so the gradient metrics of one calibration sample share a backward pass
+        t0 = time.perf_counter()
+        by_seed[seed] = score_many(lm, metrics, seed, corpus=P.corpus, seqlen=P.seqlen,
+                                   n_samples=n_samples or P.max_samples,
+                                   cfgs={m: metric_config(P, seed) for m in metrics}, model_ref=name)
+        cached = [m for m, r in by_seed[seed].items() if r.from_cache]
+        log.info("%s seed %d: %.1f s (from cache: %s)", name, seed, time.perf_counter() - t0, cached or "none")
+    return {(m, s): by_seed[s][m] for m in metrics for s in seeds}
 
 
 def selections(runs: Runs, k: int, mode: str, lm: LoadedModel) -> pd.DataFrame:
