@@ -54,6 +54,20 @@ table[["model", "perturbation", "scale", "prob", "group", "seed", "k", "ppl", "d
        "n_inf_weights", "n_nan_weights"]]
 
 # %% [markdown]
+# ## What each group holds
+# Flipping the sign of, or zeroing, an exactly-zero weight changes nothing: a group made mostly of zeros
+# (a bottom_k on a quantised checkpoint) is harmless under those perturbations by construction.
+
+# %%
+comp = pd.concat([r.composition for r in runs.values()], ignore_index=True)
+ctx.save_table(comp, "group_composition")
+display(comp.groupby(["model", "group"])[["n", "zero_share", "median_abs_w"]].mean())
+for (m, g), z in comp.groupby(["model", "group"])["zero_share"].mean().items():
+    if z >= 0.5:
+        print(f"{m}: {z:.0%} of {g} are exactly-zero weights, so sign_flip, zero and exponent bit flips leave "
+              f"them unchanged; only gauss_noise tests that group.")
+
+# %% [markdown]
 # ## Damage per group, with 95% bootstrap CIs over seeds
 
 # %%

@@ -68,6 +68,26 @@ def test_bottom_k_takes_lowest_scores_per_matrix(setup):
         make_control("bottom_k", ControlInput(model, inv, top, seed=0))
 
 
+def test_bottom_k_draws_tied_lowest_scores_uniformly_not_by_position():
+    from esa.perturb.controls import lowest_n_random_ties
+
+    # 40 exact zeros (a quantised checkpoint's) spread over 1000 scores, 3 scores below them
+    x = torch.rand(1000, generator=torch.Generator().manual_seed(0)) + 1.0
+    zeros = torch.arange(0, 1000, 25)
+    x[zeros] = 0.0
+    x[[7, 500, 993]] = -1.0
+    rng = np.random.default_rng
+    a = lowest_n_random_ties(x, 13, rng(1))
+    assert torch.equal(a, torch.sort(a).values) and a.unique().numel() == 13
+    assert {7, 500, 993} <= set(a.tolist())  # everything strictly below the cut-off is always taken
+    assert set(a.tolist()) - {7, 500, 993} <= set(zeros.tolist())
+    assert torch.equal(a, lowest_n_random_ties(x, 13, rng(1)))  # seeded
+    # lower-index tie-breaking would take the first 10 zeros (indices 0..225); uniform draws cover the range
+    draws = torch.cat([lowest_n_random_ties(x, 13, rng(s)) for s in range(50)])
+    assert draws[x[draws] == 0].float().mean() > 400
+    assert torch.equal(lowest_n_random_ties(x, 3, rng(2)), torch.tensor([7, 500, 993]))
+
+
 def test_magnitude_k_takes_largest_abs_per_matrix(setup):
     model, inv, top, _ = setup
     mag = make_control("magnitude_k", ControlInput(model, inv, top, seed=0))
@@ -105,3 +125,19 @@ def test_unknown_control_is_an_error():
     with pytest.raises(EsaError, match="unknown control"):
         build_groups(model, inv, sel, [0], ["lucky_k"])
     assert count_targets(targets_from_selection(sel, inv)) == 1
+
+
+def test_group_composition_counts_exact_zeros():
+    from esa.perturb.sweep import group_composition
+
+    model = tiny_model("tiny-llama", seed=0)
+    name = weight_inventory(model)[0].name
+    w = model.get_parameter(name)
+    with torch.no_grad():
+        w.view(-1)[:4] = 0.0
+    groups = {("bottom_k", 1): {name: torch.tensor([0, 1, 2, 3, 10, 11, 12, 13])},
+              ("top_k", 1): {name: torch.tensor([20, 21])}}
+    comp = group_composition(model, groups).set_index("group")
+    assert comp.loc["bottom_k", "n"] == 8 and comp.loc["bottom_k", "zero_share"] == 0.5
+    assert comp.loc["top_k", "zero_share"] == 0.0
+    assert comp.loc["top_k", "median_abs_w"] == pytest.approx(float(w.detach().view(-1)[20:22].abs().median()))

@@ -6,8 +6,10 @@ Every control has one signature, `fn(inp: ControlInput) -> Targets`, and is regi
   matrix's weights *not* in the top-k (so the control is disjoint from what it controls for).
 - `random_global`: the same total count drawn uniformly from all weights under study minus the top-k,
   without matching the per-matrix distribution (the unmatched control).
-- `bottom_k`: per matrix, the same count of the lowest-scoring weights (needs the scores; ties -> lower
-  flat index first, as in the top-k selection).
+- `bottom_k`: per matrix, the same count of the lowest-scoring weights (needs the scores). Ties at the
+  cut-off are drawn uniformly (seeded), not by position: quantised checkpoints hold exact zeros (SmolLM2's
+  GGUF: ~160 per matrix, so ~80% of a per-matrix bottom-100), which all score 0, and taking the lowest
+  flat indices would pack the control into a matrix's first rows, a spatial bias of its own.
 - `magnitude_k`: per matrix, the same count of the largest |w| (ties -> lower flat index first): shows
   whether sensitivity finds anything that size alone does not. It may overlap the top-k; the sweep
   reports the overlap.
@@ -131,6 +133,18 @@ def top_n_stable(x: torch.Tensor, n: int, largest: bool = True) -> torch.Tensor:
     return torch.sort(topk_flat(x, n, largest)[1]).values.cpu()
 
 
+def lowest_n_random_ties(x: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:
+    """Indices of the n smallest values of 1-D `x`, sorted; ties at the n-th value drawn uniformly by `rng`."""
+    if n <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    x = x.detach().float().cpu()
+    cut = torch.kthvalue(x, n).values
+    below = torch.nonzero(x < cut).flatten()
+    tied = torch.nonzero(x == cut).flatten().numpy()
+    pick = torch.from_numpy(np.sort(rng.choice(tied, size=n - below.numel(), replace=False))).long()
+    return torch.sort(torch.cat([below, pick])).values
+
+
 def _per_matrix_extreme(inp: ControlInput, source: dict[str, torch.Tensor], largest: bool, label: str) -> Targets:
     specs = {s.name: s for s in inp.inventory}
     parts: dict[str, list[torch.Tensor]] = {}
@@ -144,7 +158,11 @@ def _per_matrix_extreme(inp: ControlInput, source: dict[str, torch.Tensor], larg
         chunk = t[base : base + m] if expert >= 0 else t
         if n > chunk.numel():
             raise EsaError(f"{label} cannot take {n} weights from a matrix of {chunk.numel()} ({name})")
-        parts.setdefault(name, []).append(top_n_stable(chunk, n, largest) + base)
+        if largest:
+            idx = top_n_stable(chunk, n, largest=True)
+        else:
+            idx = lowest_n_random_ties(chunk, n, _rng(inp.seed, label, name, expert))
+        parts.setdefault(name, []).append(idx + base)
     return _assemble(parts)
 
 

@@ -31,6 +31,7 @@ class ModelSweep:
     baseline: Any
     from_cache: dict[int, bool] = field(default_factory=dict)
     seconds: float = 0.0
+    composition: pd.DataFrame = field(default_factory=pd.DataFrame)  # per group and seed: n, zero share, |w|
 
 
 def load_model(name: str, P: Profile):
@@ -85,6 +86,7 @@ def sweep_model(model_name: str, P: Profile, specs: list, controls: list[str] | 
                 metric: str = PRIMARY_METRIC, lm: Any = None, k: int | None = None) -> ModelSweep:
     """Top-k (cached) + controls -> sweep -> statistics, for one model (k: default the profile's top-k)."""
     from esa.perturb import build_groups, run_sweep
+    from esa.perturb.sweep import group_composition
     from esa.stats.inference import analyze
 
     t0 = time.perf_counter()
@@ -97,4 +99,5 @@ def sweep_model(model_name: str, P: Profile, specs: list, controls: list[str] | 
     stats = analyze(res.table, res.windows)
     table = res.table.assign(model=model_name)
     return ModelSweep(model_name, lm.info.family, table, res.windows.assign(model=model_name), stats,
-                      res.baseline, cached, time.perf_counter() - t0)
+                      res.baseline, cached, time.perf_counter() - t0,
+                      group_composition(lm.model, groups).assign(model=model_name))

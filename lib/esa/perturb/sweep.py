@@ -95,6 +95,23 @@ def build_groups(
     return groups
 
 
+def group_composition(model: torch.nn.Module, groups: dict[tuple[str, int], Targets]) -> pd.DataFrame:
+    """Per (group, seed): how many weights, what share is exactly zero, and their median |w|.
+
+    A multiplicative perturbation (sign_flip, zero, bit_flip of the exponent) of an exactly-zero weight is a
+    no-op, so a group that is mostly zeros (a bottom_k on a quantised checkpoint) is trivially harmless
+    under those perturbations and only informative under additive noise."""
+    params = dict(model.named_parameters())
+    rows = []
+    for (group, seed), targets in groups.items():
+        vals = [params[n].detach().reshape(-1)[idx.to(params[n].device)].float().cpu() for n, idx in targets.items()]
+        v = torch.cat(vals) if vals else torch.zeros(0)
+        rows.append({"group": group, "seed": seed, "n": int(v.numel()),
+                     "zero_share": float((v == 0).float().mean()) if v.numel() else float("nan"),
+                     "median_abs_w": float(v.abs().median()) if v.numel() else float("nan")})
+    return pd.DataFrame(rows)
+
+
 @dataclass
 class SweepResult:
     table: pd.DataFrame  # one row per condition (COLUMNS)
