@@ -71,3 +71,6 @@ for m, r in runs.items():
     print(f"{m}: the top-k curve rises at every dose step for {sum(bool(c['monotonic']) for c in top)} of "
           f"{len(top)} perturbations (Spearman rho: {rhos}); "
           f"top > random > bottom holds at {sum(bool(h['holds']) for h in hier)} of {len(hier)} (perturbation, dose) points.")
+    zeros = r.composition.groupby("group")["zero_share"].mean()
+    print("  exactly-zero weights per group (a sign flip leaves them unchanged): "
+          + ", ".join(f"{g} {z:.0%}" for g, z in zeros.items()))
