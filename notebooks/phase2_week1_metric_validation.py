@@ -79,7 +79,8 @@ top[top.seed == P.seeds[0]]
 
 # %%
 stab = phase2.stability_table(runs, table, lm)
-agree = phase2.agreement_table(runs, table)
+# grad_squared x w^2 (the OBD saliency) comes free from the cached grad_squared scores and the weights
+agree = phase2.agreement_table(runs, table, derived=phase2.obd_selections(runs, lm, P.topk, P.mode))
 ctx.save_table(stab, "stability")
 ctx.save_table(agree, "agreement")
 stab
@@ -125,6 +126,13 @@ if len(agree_mean):
     best_pair = agree_mean.sort_values("overlap", ascending=False).iloc[0]
     lines.append(f"- Metric agreement: the closest pair is {best_pair.metric_a} / {best_pair.metric_b} "
                  f"(overlap {best_pair.overlap:.1%}).")
+pair = {frozenset((r.metric_a, r.metric_b)): r.overlap for r in agree_mean.itertuples()}
+fisher = pair.get(frozenset(("grad_squared", "grad_x_weight")))
+obd = pair.get(frozenset((phase2.OBD, "grad_x_weight")))
+if fisher is not None and obd is not None:
+    lines.append(f"- grad_x_weight vs grad_squared: overlap {fisher:.1%} (the guide asks > 60%); weighting the "
+                 f"Fisher diagonal by w^2 (the OBD saliency, derived from the same scores) "
+                 f"{'raises' if obd > fisher else 'changes'} it to {obd:.1%}.")
 cand = sw[sw.candidate]
 lines.append(f"- The data-free detector flags {len(cand)} layer(s) with input and output spikes >= 5x the median "
              f"layer's" + (": " + ", ".join(f"layer {c.layer} [{c.row}, {c.col}] (in {c.in_max:.3g}, out "

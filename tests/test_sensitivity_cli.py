@@ -88,6 +88,23 @@ def test_fused_gradient_metrics_equal_separate_runs_bit_for_bit(ref, monkeypatch
     assert all(r.from_cache for r in again.values())
 
 
+def test_obd_selection_derived_from_fisher_equals_the_times_w2_run():
+    from esa.sensitivity import phase2
+
+    lm = load("tiny-llama", device="cpu")
+    fisher = score(lm, "grad_squared", 2, cfg=MetricConfig(batch_size=2, show_progress=False), windows=_windows(2))
+    obd_run = score(lm, "grad_squared", 2, cfg=MetricConfig(batch_size=2, times_w2=True, show_progress=False),
+                    windows=_windows(2))
+    derived = phase2.obd_selections({("grad_squared", 2): fisher}, lm, 5, "per_layer")
+    direct = obd_run.topk(5, "per_layer", lm.inventory)
+    cols = ["param", "expert", "row", "col", "rank"]
+    pd.testing.assert_frame_equal(derived[cols].reset_index(drop=True), direct[cols].reset_index(drop=True))
+    assert set(derived["metric"]) == {phase2.OBD}
+    agree = phase2.agreement_table({("grad_squared", 2): fisher}, fisher.topk(5, "per_layer", lm.inventory)
+                                   .assign(metric="grad_squared", seed=2), derived=derived)
+    assert list(zip(agree.metric_a, agree.metric_b)) == [("grad_squared", phase2.OBD)]
+
+
 def test_fuse_auto_falls_back_when_the_extra_accumulator_does_not_fit(monkeypatch):
     from esa import memory
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pandas as pd
+import torch
 
 from esa.models.loader import LoadedModel
 from esa.params import Profile
@@ -23,6 +25,7 @@ from esa.stats import stability
 log = logging.getLogger(__name__)
 
 Runs = dict[tuple[str, int], ScoreRun]
+OBD = "grad_squared_x_w2"  # the Fisher metric's OBD saliency, derived (obd_selections)
 HEAVY_TAIL_RATIO = 10.0  # our rule for "orders of magnitude above the rest": top-1% mean >= 10 x median
 
 
@@ -79,13 +82,49 @@ def stability_table(runs: Runs, table: pd.DataFrame, lm: LoadedModel) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def agreement_table(runs: Runs, table: pd.DataFrame) -> pd.DataFrame:
-    """Overlap and Jaccard between metrics, per seed, and their mean over seeds."""
+class _ObdScores(Mapping[str, torch.Tensor]):
+    """grad_squared x w^2 (the OBD saliency), one matrix at a time: never a second full-size copy."""
+
+    def __init__(self, fisher: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
+        self.fisher, self.model = fisher, model
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.fisher[name] * self.model.get_parameter(name).detach().float().square()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.fisher)
+
+    def __len__(self) -> int:
+        return len(self.fisher)
+
+
+def obd_selections(runs: Runs, lm: LoadedModel, k: int, mode: str) -> pd.DataFrame:
+    """Per seed, the top-k by grad_squared x w^2 (metric OBD), derived from the cached grad_squared scores and
+    the weights, so the Fisher metric's OBD variant costs no extra pass. Empty if grad_squared (without
+    times_w2) was not run or its scores were not kept."""
+    from esa.sensitivity.select import from_candidates, matrix_candidates
+
+    parts = []
+    for (metric, seed), r in runs.items():
+        if metric != "grad_squared" or r.scores is None or r.settings["metric_settings"].get("times_w2"):
+            continue
+        specs = [s for s in lm.inventory if s.name in r.scores]
+        cands = matrix_candidates(_ObdScores(r.scores, lm.model), specs, k, largest=True)  # type: ignore[arg-type]
+        parts.append(from_candidates(cands, k, mode, True).assign(metric=OBD, seed=seed))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def agreement_table(runs: Runs, table: pd.DataFrame, derived: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Overlap and Jaccard between metrics, per seed, and their mean over seeds. `derived`: more selections
+    (e.g. `obd_selections`) with their own metric names, compared like the rest."""
     seeds = sorted({s for _, s in runs})
     metrics = list(dict.fromkeys(m for m, _ in runs))
     parts = []
     for seed in seeds:
         sels = {m: _sel(table, m, seed) for m in metrics if (m, seed) in runs}
+        if derived is not None and len(derived):
+            sels.update({m: _sel(derived, m, seed) for m in dict.fromkeys(derived["metric"])
+                         if len(_sel(derived, m, seed))})
         if len(sels) > 1:
             parts.append(stability.metric_agreement(sels).assign(seed=seed))
     if not parts:
@@ -136,6 +175,14 @@ def phase2_criteria(stab: pd.DataFrame, agree: pd.DataFrame, tails: pd.DataFrame
     pair = agree[((agree.metric_a == "grad_squared") & (agree.metric_b == "grad_x_weight"))
                  | ((agree.metric_a == "grad_x_weight") & (agree.metric_b == "grad_squared"))]
     rows += criteria.p2_metric_overlap(float(pair["overlap"].mean()) if len(pair) else None, evidence)
+    obd = agree[((agree.metric_a == OBD) & (agree.metric_b == "grad_x_weight"))
+                | ((agree.metric_a == "grad_x_weight") & (agree.metric_b == OBD))]
+    if len(obd):  # the same criterion with the Fisher metric's OBD variant (SCIENCE.md's optional x w^2)
+        value = float(obd["overlap"].mean())
+        rows.append(Criterion("P2.metric_overlap_obd", 2,
+                              "grad_x_weight vs grad_squared x w^2 (OBD) top-k overlap > 60% (our addition)", value,
+                              "> 0.6", judge(value, ">", 0.6), evidence,
+                              "derived from the cached grad_squared scores and the weights; mean over seeds"))
     for metric, grp in tails.groupby("metric", sort=False):
         value = float(grp["top1pct_over_median"].median())
         rows.append(Criterion(f"P2.heavy_tail.{metric}", 2,
