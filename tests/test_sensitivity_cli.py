@@ -102,7 +102,7 @@ def test_obd_selection_derived_from_fisher_equals_the_times_w2_run():
     assert set(derived["metric"]) == {phase2.OBD}
     agree = phase2.agreement_table({("grad_squared", 2): fisher}, fisher.topk(5, "per_layer", lm.inventory)
                                    .assign(metric="grad_squared", seed=2), derived=derived)
-    assert list(zip(agree.metric_a, agree.metric_b)) == [("grad_squared", phase2.OBD)]
+    assert list(zip(agree.metric_a, agree.metric_b, strict=True)) == [("grad_squared", phase2.OBD)]
 
 
 def test_fuse_auto_falls_back_when_the_extra_accumulator_does_not_fit(monkeypatch):

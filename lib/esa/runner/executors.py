@@ -13,10 +13,11 @@ Every engine calls `esa.runner.task.run_task` and reports each finished task thr
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,23 @@ def _pin_worker(slots: Any, gpus: list[str]) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
 
 
+@contextlib.contextmanager
+def _workers_stopped_on_interrupt(pool: ProcessPoolExecutor) -> Iterator[None]:
+    """On Ctrl-C, terminate the workers instead of waiting for their notebooks to finish.
+
+    A worker's own SIGINT can be absorbed inside papermill's event loop, and the pool's exit would then
+    wait for the whole notebook. Each kernel follows its worker (JPY_PARENT_PID) and exits with it; the
+    unfinished output keeps its temporary name and is removed by the next run.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+
+
 def run_processes(tasks: list[Task], opts: ExecOptions, on_done: OnDone) -> dict[str, Result]:
     results: dict[str, Result] = {}
     pending = list(tasks)  # already in dependency order
@@ -99,7 +117,7 @@ def run_processes(tasks: list[Task], opts: ExecOptions, on_done: OnDone) -> dict
 
     with ProcessPoolExecutor(
         max_workers=opts.jobs, mp_context=ctx, initializer=_pin_worker, initargs=(slots, visible_gpus())
-    ) as pool:
+    ) as pool, _workers_stopped_on_interrupt(pool):
         running: dict[Any, Task] = {}
         while pending or running:
             for task in list(pending):
