@@ -138,7 +138,9 @@ def run_processes(tasks: list[Task], opts: ExecOptions, on_done: OnDone) -> dict
                 running[pool.submit(run_task, task.as_dict())] = task
             if not running:
                 break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            # A bounded wait: a process-directed SIGINT may land on one of the pool's helper threads, and
+            # the main thread only runs the Python handler once it runs bytecode again.
+            done, _ = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
             for fut in done:
                 task = running.pop(fut)
                 try:
