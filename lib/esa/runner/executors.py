@@ -86,9 +86,10 @@ def _pin_worker(slots: Any, gpus: list[str]) -> None:
 def _workers_stopped_on_interrupt(pool: ProcessPoolExecutor) -> Iterator[None]:
     """On Ctrl-C, terminate the workers instead of waiting for their notebooks to finish.
 
-    A worker's own SIGINT can be absorbed inside papermill's event loop, and the pool's exit would then
-    wait for the whole notebook. Each kernel follows its worker (JPY_PARENT_PID) and exits with it; the
-    unfinished output keeps its temporary name and is removed by the next run.
+    A worker may not act on its own SIGINT in time (the signal can land on one of its helper threads), and
+    the pool's exit would then wait for the whole notebook. Each kernel follows its worker
+    (JPY_PARENT_PID) and exits with it; the unfinished output keeps its temporary name and is removed by
+    the next run.
     """
     try:
         yield

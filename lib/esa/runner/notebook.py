@@ -160,8 +160,9 @@ def _papermill(
             )
     except PapermillExecutionError as err:
         if err.ename == "KeyboardInterrupt":
-            # Ctrl-C reaches the kernel (same process group) as well as the runner: an interrupted run,
-            # not a failed notebook; raising discards the partial output and leaves no stamp.
+            # The kernel was interrupted (kernels run in their own session, so this is an interrupt relayed
+            # to it, not a crash of the notebook): an interrupted run, not a failed notebook; raising
+            # discards the partial output and leaves no stamp.
             raise KeyboardInterrupt(f"{notebook} interrupted") from err
         return Failure(
             notebook=notebook,

@@ -164,6 +164,11 @@ def superweight_table(lm: LoadedModel, runs: Runs) -> pd.DataFrame:
     return sw
 
 
+def _pair(agree: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+    """The agreement rows of metrics a and b, in either order."""
+    return agree[((agree.metric_a == a) & (agree.metric_b == b)) | ((agree.metric_a == b) & (agree.metric_b == a))]
+
+
 def phase2_criteria(stab: pd.DataFrame, agree: pd.DataFrame, tails: pd.DataFrame, model: str,
                     evidence: str) -> list[Criterion]:
     """The guide's criteria (Jaccard > 0.4 over 3+ seeds; grad_x_weight vs grad_squared overlap > 60%) and
@@ -172,11 +177,9 @@ def phase2_criteria(stab: pd.DataFrame, agree: pd.DataFrame, tails: pd.DataFrame
 
     n_seeds = int(stab["n_seeds"].max()) if len(stab) else 0
     rows = criteria.p2_jaccard(dict(zip(stab["metric"], stab["jaccard_mean"], strict=True)), n_seeds, evidence)
-    pair = agree[((agree.metric_a == "grad_squared") & (agree.metric_b == "grad_x_weight"))
-                 | ((agree.metric_a == "grad_x_weight") & (agree.metric_b == "grad_squared"))]
+    pair = _pair(agree, "grad_squared", "grad_x_weight")
     rows += criteria.p2_metric_overlap(float(pair["overlap"].mean()) if len(pair) else None, evidence)
-    obd = agree[((agree.metric_a == OBD) & (agree.metric_b == "grad_x_weight"))
-                | ((agree.metric_a == "grad_x_weight") & (agree.metric_b == OBD))]
+    obd = _pair(agree, OBD, "grad_x_weight")
     if len(obd):  # the same criterion with the Fisher metric's OBD variant (SCIENCE.md's optional x w^2)
         value = float(obd["overlap"].mean())
         rows.append(Criterion("P2.metric_overlap_obd", 2,
