@@ -397,8 +397,8 @@ def test_resume_after_kill(tmp_path: Path, capsys, sig: int) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={k: v for k, v in os.environ.items() if k != "ESA_PARAMS_DIR"},
-        # An ignored SIGINT is inherited through exec, and an earlier test in this process may have left it
-        # ignored: give the runner a terminal's default disposition, as for a Ctrl-C at the prompt.
+        # A suite started as `cmd &` from a non-interactive shell runs with SIGINT ignored (POSIX), and an
+        # ignored signal survives exec: give the runner a terminal's default disposition, as at a prompt.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
