@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 import esa.nb
+from esa.errors import EsaError
 from esa.report import scorecard
 from esa.sensitivity import phase2, plots
 
@@ -47,14 +48,16 @@ for model in ctx.models:
     runs = phase2.score_model(lm, model, P)
     table = phase2.selections(runs, P.topk, P.mode, lm)
     ctx.save_table(table, f"topk_{model}")
-    t, s, a = phase2.tails_table(runs), phase2.stability_table(runs, table, lm), phase2.agreement_table(runs, table)
+    obd = phase2.obd_selections(runs, lm, P.topk, P.mode)  # grad_squared x w^2, free from the cached Fisher scores
+    t, s = phase2.tails_table(runs), phase2.stability_table(runs, table, lm)
+    a = phase2.agreement_table(runs, table, derived=obd)
     tails.append(t.assign(model=model))
     stabs.append(s.assign(model=model))
     agrees.append(a.assign(model=model))
     tops.append(phase2.top_weights(runs, lm, n=3).assign(model=model))
     try:
         sws.append(phase2.superweight_table(lm, runs).assign(model=model))
-    except Exception as e:  # a model without dense down projections (MoE): say so, keep going
+    except EsaError as e:  # a model without dense down projections (MoE): say so, keep going
         print(f"{model}: super-weight detector skipped ({e})")
     curves[model] = runs[(P.metrics[0], P.seeds[0])].survival
     infos.append({"model": model, "family": lm.info.family, "layers": lm.info.n_layers,
@@ -104,6 +107,13 @@ for model in ctx.models:
         f"the median ({', '.join(heavy) or 'none'}); for {m0} the ratio is {ts.loc[m0, 'top1pct_over_median']:.3g} "
         f"and the top weight is `{best.param}` [{best.row}, {best.col}] (layer {best.layer}, {best.component}); "
         f"{m0} top-{P.topk} Jaccard across seeds {jac}.")
+    ag = agrees[agrees.model == model]
+    fisher = phase2.metric_pair(ag, "grad_squared", "grad_x_weight")["overlap"]
+    obd = phase2.metric_pair(ag, phase2.OBD, "grad_x_weight")["overlap"]
+    if len(fisher) and len(obd):
+        lines.append(f"  grad_x_weight vs grad_squared top-k overlap {fisher.mean():.1%} (the guide asks > 60%); weighting the "
+                     f"Fisher diagonal by w^2 (OBD) {'raises' if obd.mean() > fisher.mean() else 'changes'} it to "
+                     f"{obd.mean():.1%}.")
 n_pass = int((card.result == "PASS").sum())
 lines.append(f"\n{n_pass} of {len(card)} criteria pass over {len(ctx.models)} model(s).")
 Markdown("\n".join(lines))

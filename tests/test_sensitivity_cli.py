@@ -17,6 +17,7 @@ from esa.models import load
 from esa.sensitivity.engine import score, score_many
 from esa.sensitivity.metrics import MetricConfig
 from esa.sensitivity.select import COLUMNS
+from esa.stats import stability
 
 
 @pytest.fixture(autouse=True)
@@ -103,6 +104,25 @@ def test_obd_selection_derived_from_fisher_equals_the_times_w2_run():
     agree = phase2.agreement_table({("grad_squared", 2): fisher}, fisher.topk(5, "per_layer", lm.inventory)
                                    .assign(metric="grad_squared", seed=2), derived=derived)
     assert list(zip(agree.metric_a, agree.metric_b, strict=True)) == [("grad_squared", phase2.OBD)]
+
+
+def test_obd_is_not_derived_from_a_single_micro_batch(caplog):
+    from esa.sensitivity import phase2
+    from esa.sensitivity.select import from_candidates, matrix_candidates
+
+    lm = load("tiny-llama", device="cpu")
+    cfg = MetricConfig(batch_size=8, show_progress=False)  # every window in one micro-batch
+    runs = {(m, 2): score(lm, m, 2, cfg=cfg, windows=_windows(2)) for m in ("grad_squared", "grad_x_weight")}
+    # the premise: with one micro-batch the Fisher diagonal is g^2, and g^2 w^2 ranks as |g w|
+    fisher = runs[("grad_squared", 2)]
+    obd_scores = {n: fisher.scores[n] * lm.model.get_parameter(n).detach().square() for n in fisher.scores}
+    specs = [s for s in lm.inventory if s.name in obd_scores]
+    by_hand = from_candidates(matrix_candidates(obd_scores, specs, 5, largest=True), 5, "per_layer", True)
+    gxw = runs[("grad_x_weight", 2)].topk(5, "per_layer", lm.inventory)
+    assert stability.weight_set(by_hand) == stability.weight_set(gxw)
+    with caplog.at_level("WARNING", logger="esa.sensitivity.phase2"):
+        assert phase2.obd_selections(runs, lm, 5, "per_layer").empty
+    assert "one micro-batch" in caplog.text
 
 
 def test_fuse_auto_falls_back_when_the_extra_accumulator_does_not_fit(monkeypatch):

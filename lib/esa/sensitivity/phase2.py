@@ -101,12 +101,17 @@ class _ObdScores(Mapping[str, torch.Tensor]):
 def obd_selections(runs: Runs, lm: LoadedModel, k: int, mode: str) -> pd.DataFrame:
     """Per seed, the top-k by grad_squared x w^2 (metric OBD), derived from the cached grad_squared scores and
     the weights, so the Fisher metric's OBD variant costs no extra pass. Empty if grad_squared (without
-    times_w2) was not run or its scores were not kept."""
+    times_w2) was not run or its scores were not kept, and for a calibration sample of one micro-batch, where
+    g^2 * w^2 = (g * w)^2 ranks exactly as |grad_x_weight| and the comparison would be 100% by construction."""
     from esa.sensitivity.select import from_candidates, matrix_candidates
 
     parts = []
     for (metric, seed), r in runs.items():
         if metric != "grad_squared" or r.scores is None or r.settings["metric_settings"].get("times_w2"):
+            continue
+        if -(-r.settings["n_samples"] // r.settings["metric_settings"]["batch_size"]) < 2:
+            log.warning("grad_squared x w^2 not derived for seed %d: one micro-batch of %d windows makes it "
+                        "(grad x weight)^2, the same ranking as grad_x_weight", seed, r.settings["n_samples"])
             continue
         specs = [s for s in lm.inventory if s.name in r.scores]
         cands = matrix_candidates(_ObdScores(r.scores, lm.model), specs, k, largest=True)  # type: ignore[arg-type]
@@ -164,7 +169,7 @@ def superweight_table(lm: LoadedModel, runs: Runs) -> pd.DataFrame:
     return sw
 
 
-def _pair(agree: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+def metric_pair(agree: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     """The agreement rows of metrics a and b, in either order."""
     return agree[((agree.metric_a == a) & (agree.metric_b == b)) | ((agree.metric_a == b) & (agree.metric_b == a))]
 
@@ -177,9 +182,9 @@ def phase2_criteria(stab: pd.DataFrame, agree: pd.DataFrame, tails: pd.DataFrame
 
     n_seeds = int(stab["n_seeds"].max()) if len(stab) else 0
     rows = criteria.p2_jaccard(dict(zip(stab["metric"], stab["jaccard_mean"], strict=True)), n_seeds, evidence)
-    pair = _pair(agree, "grad_squared", "grad_x_weight")
+    pair = metric_pair(agree, "grad_squared", "grad_x_weight")
     rows += criteria.p2_metric_overlap(float(pair["overlap"].mean()) if len(pair) else None, evidence)
-    obd = _pair(agree, OBD, "grad_x_weight")
+    obd = metric_pair(agree, OBD, "grad_x_weight")
     if len(obd):  # the same criterion with the Fisher metric's OBD variant (SCIENCE.md's optional x w^2)
         value = float(obd["overlap"].mean())
         rows.append(Criterion("P2.metric_overlap_obd", 2,
