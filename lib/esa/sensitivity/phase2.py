@@ -209,8 +209,9 @@ def describe_runs(runs: Runs) -> dict[str, Any]:
 
 
 def mode_comparison(runs: Runs, lm: LoadedModel, ks: list[int], metric: str) -> pd.DataFrame:
-    """Per k and mode: stability (mean pairwise Jaccard over seeds), matrices hit, and global ⊆ per-layer union."""
-    seeds = sorted(s for m, s in runs if m == metric)
+    """Per k and mode: stability (mean pairwise Jaccard over seeds), matrices hit by the first seed scored, and
+    global ⊆ per-layer union."""
+    seeds = list(dict.fromkeys(s for m, s in runs if m == metric))  # scoring order: the first is the profile's first
     rows = []
     for k in ks:
         sels = {mode: {s: runs[(metric, s)].topk(k, mode, lm.inventory) for s in seeds} for mode in ("per_layer", "global")}
