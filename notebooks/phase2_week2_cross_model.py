@@ -108,12 +108,12 @@ for model in ctx.models:
         f"and the top weight is `{best.param}` [{best.row}, {best.col}] (layer {best.layer}, {best.component}); "
         f"{m0} top-{P.topk} Jaccard across seeds {jac}.")
     ag = agrees[agrees.model == model]
-    fisher = phase2.metric_pair(ag, "grad_squared", "grad_x_weight")["overlap"]
-    obd = phase2.metric_pair(ag, phase2.OBD, "grad_x_weight")["overlap"]
-    if len(fisher) and len(obd):
-        lines.append(f"  grad_x_weight vs grad_squared top-k overlap {fisher.mean():.1%} (the guide asks > 60%); weighting the "
-                     f"Fisher diagonal by w^2 (OBD) {'raises' if obd.mean() > fisher.mean() else 'changes'} it to "
-                     f"{obd.mean():.1%}.")
+    fisher_ov = phase2.metric_pair(ag, "grad_squared", "grad_x_weight")["overlap"]
+    obd_ov = phase2.metric_pair(ag, phase2.OBD, "grad_x_weight")["overlap"]
+    if len(fisher_ov) and len(obd_ov):
+        lines.append(f"  grad_x_weight vs grad_squared top-k overlap {fisher_ov.mean():.1%} (the guide asks > 60%); "
+                     f"weighting the Fisher diagonal by w^2 (OBD) "
+                     f"{'raises' if obd_ov.mean() > fisher_ov.mean() else 'changes'} it to {obd_ov.mean():.1%}.")
 n_pass = int((card.result == "PASS").sum())
 lines.append(f"\n{n_pass} of {len(card)} criteria pass over {len(ctx.models)} model(s).")
 Markdown("\n".join(lines))

@@ -109,7 +109,7 @@ def obd_selections(runs: Runs, lm: LoadedModel, k: int, mode: str) -> pd.DataFra
     for (metric, seed), r in runs.items():
         if metric != "grad_squared" or r.scores is None or r.settings["metric_settings"].get("times_w2"):
             continue
-        if -(-r.settings["n_samples"] // r.settings["metric_settings"]["batch_size"]) < 2:
+        if r.settings["n_samples"] <= r.settings["metric_settings"]["batch_size"]:  # one micro-batch
             log.warning("grad_squared x w^2 not derived for seed %d: one micro-batch of %d windows makes it "
                         "(grad x weight)^2, the same ranking as grad_x_weight", seed, r.settings["n_samples"])
             continue
