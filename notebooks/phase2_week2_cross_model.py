@@ -33,8 +33,9 @@ import pandas as pd
 
 import esa.nb
 from esa.errors import EsaError
+from esa.phases import phase2
 from esa.report import scorecard
-from esa.sensitivity import phase2, plots
+from esa.sensitivity import plots
 
 ctx = esa.nb.context("phase2_week2_cross_model", profile, models, run_dir, overrides)
 P = ctx.profile

@@ -32,9 +32,9 @@ import pandas as pd
 import seaborn as sns
 
 import esa.nb
+from esa.phases import phase2
 from esa.report import scorecard
-from esa.report.scorecard import Criterion
-from esa.sensitivity import phase2
+from esa.stats.verdicts import Criterion
 
 ctx = esa.nb.context("phase2_week3_global_vs_per_layer", profile, models, run_dir, overrides)
 P = ctx.profile

@@ -34,9 +34,10 @@ import pandas as pd
 
 import esa.nb
 from esa.data import calibration
+from esa.phases import phase2
 from esa.report import scorecard
-from esa.report.scorecard import Criterion
-from esa.sensitivity import phase2, plots, structure
+from esa.sensitivity import plots, structure
+from esa.stats.verdicts import Criterion, judge
 
 ctx = esa.nb.context("phase2_week4_components", profile, models, run_dir, overrides)
 P = ctx.profile
@@ -103,7 +104,7 @@ rows = []
 for r in summary.itertuples():
     rows.append(Criterion(f"P2.heavy_tail_max.{r.model}.{r.metric}", 2,
                           "some weights score orders of magnitude above the median (max / median >= 100, our rule)",
-                          float(r.max_over_median), ">= 100", scorecard.judge(float(r.max_over_median), ">=", 100.0),
+                          float(r.max_over_median), ">= 100", judge(float(r.max_over_median), ">=", 100.0),
                           "phase2_week4_components: phase2_summary", f"top weight {r.top_weight}"))
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)

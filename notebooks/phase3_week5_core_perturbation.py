@@ -32,8 +32,9 @@ import pandas as pd
 from IPython.display import display
 
 import esa.nb
-from esa.perturb import phase3, plots
-from esa.report import criteria, scorecard
+from esa.perturb import plots
+from esa.phases import criteria, phase3
+from esa.report import scorecard
 from esa.stats.inference import comparisons_frame
 
 ctx = esa.nb.context("phase3_week5_core_perturbation", profile, models, run_dir, overrides)

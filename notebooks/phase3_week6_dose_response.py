@@ -19,7 +19,7 @@
 # `dose_scales`, bit_flip over probabilities; monotonicity = the mean damage rises at every step
 # (Spearman's rho over all (seed, dose) points reported alongside).
 #
-# **Reading the doses.** sign_flip at scale s maps w to -s·w (SCIENCE.md), so at the guide's small doses
+# **Reading the doses.** sign_flip at scale s maps w to -s·w (README, "Methods"), so at the guide's small doses
 # (0.005-0.1) it is close to zeroing the weight: its curve starts near the damage of zero-ablation and
 # rises only by the reversed remainder. gauss_noise adds N(0, (s·σ)²) with σ the matrix's standard
 # deviation, so at these doses it is a small perturbation of a handful of weights per matrix.
@@ -35,8 +35,9 @@ import pandas as pd
 from IPython.display import display
 
 import esa.nb
-from esa.perturb import PerturbSpec, phase3, plots
-from esa.report import criteria, scorecard
+from esa.perturb import PerturbSpec, plots
+from esa.phases import criteria, phase3
+from esa.report import scorecard
 
 ctx = esa.nb.context("phase3_week6_dose_response", profile, models, run_dir, overrides)
 P = ctx.profile

@@ -29,8 +29,9 @@ overrides = {}
 import pandas as pd
 
 import esa.nb
-from esa.perturb import PerturbSpec, phase3, plots
-from esa.report import criteria, scorecard
+from esa.perturb import PerturbSpec, plots
+from esa.phases import criteria, phase3
+from esa.report import scorecard
 
 ctx = esa.nb.context("phase3_week7_cross_model", profile, models, run_dir, overrides)
 P = ctx.profile

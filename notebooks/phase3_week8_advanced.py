@@ -31,9 +31,10 @@ import matplotlib.pyplot as plt
 from IPython.display import display
 
 import esa.nb
-from esa.perturb import PerturbSpec, advanced, phase3
+from esa.perturb import PerturbSpec, advanced
+from esa.phases import phase3
 from esa.report import scorecard
-from esa.report.scorecard import Criterion
+from esa.stats.verdicts import Criterion
 
 ctx = esa.nb.context("phase3_week8_advanced", profile, models, run_dir, overrides)
 P = ctx.profile

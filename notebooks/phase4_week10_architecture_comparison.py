@@ -31,11 +31,12 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 
 import esa.nb
-from esa.analysis import architecture, collect
+from esa.analysis import architecture
+from esa.phases import phase4
 
 ctx = esa.nb.context("phase4_week10_architecture_comparison", profile, models, run_dir, overrides)
 P = ctx.profile
-measures, tables, source = collect.week9_results(ctx.run_dir, models, P)
+measures, tables, source = phase4.week9_results(ctx.run_dir, models, P)
 meta = measures[["model", "family", "moe", "n_layers"]]
 out = architecture.compare_architectures(tables, meta, n_perm=5000)
 for name, df in out.items():

@@ -30,7 +30,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 import esa.nb
-from esa.analysis import collect, scaling
+from esa.analysis import scaling
+from esa.phases import phase4
 from esa.report import scorecard
 
 ctx = esa.nb.context("phase4_week11_scaling_validation", profile, models, run_dir, overrides)
@@ -69,7 +70,7 @@ ctx.savefig(fig, "synthetic_validation")
 # Read from week 9's output in this run folder; if week 9 has not run here, the measures are collected now.
 
 # %%
-measures, _, source = collect.week9_results(ctx.run_dir, models, P)
+measures, _, source = phase4.week9_results(ctx.run_dir, models, P)
 MEASURE = "dlogppl_topk_zero"
 fits_all = scaling.scaling_fits(measures, [MEASURE], n_boot=1000)
 ctx.save_table(fits_all, "real_fits_all_models")

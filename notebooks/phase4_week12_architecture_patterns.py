@@ -32,12 +32,13 @@ import pandas as pd
 import seaborn as sns
 
 import esa.nb
-from esa.analysis import architecture, collect, patterns
+from esa.analysis import architecture, patterns
+from esa.phases import phase4
 from esa.report import scorecard
 
 ctx = esa.nb.context("phase4_week12_architecture_patterns", profile, models, run_dir, overrides)
 P = ctx.profile
-measures, tables, source = collect.week9_results(ctx.run_dir, models, P)
+measures, tables, source = phase4.week9_results(ctx.run_dir, models, P)
 refs = list(measures.model)
 topk = architecture.combine_topk(tables)
 n_layers = dict(zip(measures.model, measures.n_layers, strict=True))
@@ -87,7 +88,7 @@ c
 # calibration windows) is compared with the expert's mean top-k score.
 
 # %%
-presence, routing = patterns.forward_patterns(refs, P)
+presence, routing = phase4.forward_patterns(refs, P)
 match = patterns.match_top_to_superweights(top, presence)
 presence = presence.merge(match, on="model", how="left")
 ctx.save_table(presence, "superweights")

@@ -36,12 +36,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import esa.nb
-from esa.analysis import collect, scaling
+from esa.analysis import scaling
 from esa.models import micro
+from esa.phases import phase4
 
 ctx = esa.nb.context("phase4_week9_parameter_scaling", profile, models, run_dir, overrides)
 P = ctx.profile
-refs = list(models) if models else collect.phase4_models(P)
+refs = list(models) if models else phase4.phase4_models(P)
 print(f"profile {P.name}: {len(refs)} models {refs}; corpus {P.corpus}, seqlen {P.seqlen}, seeds {P.seeds}, "
       f"top-k {P.topk} ({P.mode})")
 
@@ -52,13 +53,13 @@ print(f"profile {P.name}: {len(refs)} models {refs}; corpus {P.corpus}, seqlen {
 # %%
 budget = P.name if P.name in micro.BUDGETS else "standard"
 micro_names = [r.partition(micro.SEP)[0] for r in refs if micro.is_micro(r)]
-suite = micro.suite_report(budget, micro_names, seqlen=P.seqlen, eval_windows=P.eval_windows) if micro_names else None
+suite = phase4.suite_report(budget, micro_names, seqlen=P.seqlen, eval_windows=P.eval_windows) if micro_names else None
 if suite is not None:
     ctx.save_table(suite, "micro_suite")
 suite
 
 # %%
-measures, topk_tables = collect.collect(refs, P)
+measures, topk_tables = phase4.collect(refs, P)
 ctx.save_table(measures, "measures")
 for name, t in topk_tables.items():
     ctx.save_table(t, f"topk_{name.replace('@', '_')}")

@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from esa.analysis import architecture, collect, scaling
+from esa.analysis import architecture, scaling
 from esa.params import load_profile
+from esa.phases import phase4 as collect
 from esa.store import cache_dir
 
 

@@ -31,7 +31,7 @@ def test_local_file_windows_are_non_overlapping_and_split_disjoint(tok, textfile
     ca = data.calibration(tok, textfile, seqlen=64, n_samples=5, seed=3)
     assert ev.ids.shape[1] == 64 and ev.n_windows == ev.n_available
     # windows in order tile the stream without overlap
-    stream = data._token_stream(tok, data.get_corpus(textfile), "eval")
+    stream = data.token_stream(tok, data.get_corpus(textfile), "eval")
     assert torch.equal(ev.ids.reshape(-1), torch.from_numpy(stream[: ev.n_windows * 64]))
     # calibration text is the first 80% of the file, evaluation the rest
     corpus = data.get_corpus(textfile)

@@ -22,9 +22,9 @@ def bf16():
 
 def test_components_scale_with_batch_and_seqlen(fp32):
     m = fp32.model
-    a = memory.estimate(m, "grad_x_weight", 2, 32).components
-    b = memory.estimate(m, "grad_x_weight", 4, 32).components
-    c = memory.estimate(m, "grad_x_weight", 2, 64).components
+    a = memory.estimate(m, "gradient", 2, 32).components
+    b = memory.estimate(m, "gradient", 4, 32).components
+    c = memory.estimate(m, "gradient", 2, 64).components
     assert b["activations"] == 2 * a["activations"]  # linear in batch
     assert b["logits"] == 2 * a["logits"] and c["logits"] == 2 * a["logits"]  # linear in B and T
     # eager attention keeps (a, T, T) scores: doubling T more than doubles activations
@@ -37,8 +37,8 @@ def test_components_scale_with_batch_and_seqlen(fp32):
 
 
 def test_dtype_halves_weights_not_accumulators(fp32, bf16):
-    a = memory.estimate(fp32.model, "grad_squared", 2, 32).components
-    b = memory.estimate(bf16.model, "grad_squared", 2, 32).components
+    a = memory.estimate(fp32.model, "gradient", 2, 32).components
+    b = memory.estimate(bf16.model, "gradient", 2, 32).components
     assert b["weights"] * 2 == a["weights"]
     assert b["activations"] * 2 == a["activations"]
     assert b["accumulators"] == a["accumulators"]  # scores are fp32 whatever the model dtype
@@ -46,8 +46,8 @@ def test_dtype_halves_weights_not_accumulators(fp32, bf16):
 
 def test_pass_ordering_and_per_device_sum(fp32):
     tot = {p: memory.estimate(fp32.model, p, 2, 32).total for p in memory.PASSES}
-    assert tot["eval"] < tot["act_mag"] < tot["grad_x_weight"] < tot["hutchinson_diag"]
-    est = memory.estimate(fp32.model, "hutchinson_diag", 2, 32)
+    assert tot["eval"] < tot["act_mag"] < tot["gradient"] < tot["hutchinson"]
+    est = memory.estimate(fp32.model, "hutchinson", 2, 32)
     assert list(est.per_device) == ["cpu"]
     assert sum(est.per_device["cpu"].values()) == est.total  # one device holds everything
     assert est.need("cpu", loaded=True) == est.total - est.components["weights"]
@@ -57,17 +57,17 @@ def test_pass_ordering_and_per_device_sum(fp32):
 
 def test_guard_raises_on_impossible_budget_with_remedies(fp32):
     with pytest.raises(EsaError) as ei:
-        memory.check(fp32.model, "hutchinson_diag", 4, 64, available={"cpu": 10_000})
+        memory.check(fp32.model, "hutchinson", 4, 64, available={"cpu": 10_000})
     msg = str(ei.value)
-    est = memory.estimate(fp32.model, "hutchinson_diag", 4, 64)
-    assert "not enough memory for hutchinson_diag" in msg and "batch 4 x seqlen 64" in msg
+    est = memory.estimate(fp32.model, "hutchinson", 4, 64)
+    assert "not enough memory for hutchinson" in msg and "batch 4 x seqlen 64" in msg
     assert memory._gib(est.need("cpu")) in msg and "9.77 KiB is free" in msg
     for remedy in ("dtype='bfloat16'", "smaller batch size", "device_map='auto'", "max_memory", "offload"):
         assert remedy in msg
 
 
 def test_guard_passes_feasible_budget_and_real_machine(fp32):
-    est = memory.check(fp32.model, "grad_x_weight", 4, 64, available={"cpu": 1 << 40})
+    est = memory.check(fp32.model, "gradient", 4, 64, available={"cpu": 1 << 40})
     assert est.total > 0
     memory.check(fp32.model, "eval", 2, 32)  # the real free memory of this machine holds a tiny model
     assert memory.free_bytes("cpu") > 0
@@ -88,12 +88,12 @@ def test_plan_8b_on_meta_before_loading():
                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    est = memory.estimate(m, "grad_x_weight", 1, 512, target="cuda:0")
+    est = memory.estimate(m, "gradient", 1, 512, target="cuda:0")
     assert list(est.per_device) == ["cuda:0"]
     assert 8.0e9 * 2 < est.components["weights"] < 8.1e9 * 2  # Llama-3.1-8B: 8.03B params in bf16
     with pytest.raises(EsaError, match="fewer studied weights"):  # 28 GiB of fp32 accumulators alone
-        memory.check(m, "grad_x_weight", 1, 512, loaded=False, available={"cuda:0": 40 << 30}, target="cuda:0")
-    memory.check(m, "grad_x_weight", 1, 512, loaded=False, available={"cuda:0": 80 << 30}, target="cuda:0")
+        memory.check(m, "gradient", 1, 512, loaded=False, available={"cuda:0": 40 << 30}, target="cuda:0")
+    memory.check(m, "gradient", 1, 512, loaded=False, available={"cuda:0": 80 << 30}, target="cuda:0")
 
 
 def test_dispatched_model_counts_offload_staging():

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from esa.errors import EsaError
 from esa.models import micro
 from esa.models.loader import known_models, load
+from esa.phases import phase4
 from esa.store import cache_dir
 
 TEST_BUDGET = micro.Budget("unit", tokens_per_param=0.0, seqlen=64, batch_size=4, lr=3e-3, min_steps=25,
@@ -94,5 +95,5 @@ def test_names_and_bad_refs(monkeypatch):
 
 
 def test_unigram_baseline_is_a_sane_byte_perplexity():
-    ppl = micro.unigram_ppl(seqlen=256)
+    ppl = phase4.micro_unigram_ppl(seqlen=256)
     assert 10 < ppl < 60  # English bytes: ~4.3-4.8 bits of unigram entropy

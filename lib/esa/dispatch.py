@@ -18,6 +18,7 @@ What that means for each pass (checked by tests/test_device_map.py):
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,6 +31,48 @@ from esa.errors import EsaError
 log = logging.getLogger(__name__)
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def available_devices() -> list[str]:
+    """Device names a model can be put on here: cpu, then cuda:0.. and mps / xpu:0.. where present."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        names += ["xpu"] + [f"xpu:{i}" for i in range(xpu.device_count())]
+    return names
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The torch.device for a --device value, or one EsaError naming the value and the devices accepted here.
+
+    None means the default: cuda if available, else cpu. Called before anything is loaded, so a typo
+    (`tpu9`) or a GPU request on a machine without one stops the run at once, not after loading a model.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(device).strip().lower()
+    accepted = available_devices()
+    here = f"accepted on this machine: {', '.join(accepted)}"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise EsaError(f"unknown device {str(device)!r}; {here}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "no CUDA GPU is visible"
+        if torch.version.cuda is None:
+            why = f"torch {torch.__version__} is a build without CUDA"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        raise EsaError(f"device {str(device)!r} needs CUDA, but {why} (CUDA_VISIBLE_DEVICES={visible}); "
+                       f"{here}")
+    if str(dev) in accepted:
+        return dev
+    raise EsaError(f"device {str(device)!r} is not available; {here}")
 
 
 def dispatch(

@@ -1,4 +1,4 @@
-"""Perplexity and next-token accuracy by the SCIENCE.md protocol.
+"""Perplexity and next-token accuracy by the evaluation protocol of README, "Methods".
 
 Perplexity = exp(mean token NLL) over non-overlapping windows; each text token is a prediction target
 at most once. With a BOS-prefixed window, the BOS is context only. Next-token accuracy = top-1 match

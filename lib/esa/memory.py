@@ -41,7 +41,9 @@ from typing import Any
 
 import torch
 
-from esa.errors import EsaError
+from esa.dispatch import execution_device
+from esa.errors import EsaError, unknown
+from esa.models.inventory import weight_inventory
 
 # Saved-for-backward elements per token per layer, in units of h, I and a*T (see module docstring).
 ACT_HIDDEN = 16.0
@@ -54,8 +56,7 @@ EVAL_ATTN = 2.0
 HEADROOM = 0.9  # use at most this share of the free memory (allocator fragmentation, CUDA context, ...)
 GIB = 1 << 30
 
-_GRADIENT_PASSES = ("grad_x_weight", "grad_squared", "hutchinson_diag")
-PASSES = ("eval", "perturb", "act_mag", *_GRADIENT_PASSES)
+PROBE_CACHE_BYTES = 2 << 30  # hutchinson_diag keeps all its int8 probes below this, else redraws them per window
 
 
 @dataclass
@@ -75,8 +76,6 @@ class ModelShape:
 
     @classmethod
     def of(cls, model: torch.nn.Module, specs: list[Any] | None = None) -> ModelShape:
-        from esa.models.inventory import weight_inventory
-
         specs = weight_inventory(model) if specs is None else specs
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         hidden = int(cfg.hidden_size)
@@ -171,21 +170,20 @@ def _hutchinson(s: ModelShape, b: int, t: int) -> dict[str, int]:
     return d
 
 
+# The passes the guard knows; a metric names its own (esa.sensitivity.metrics.Metric.memory_pass).
 _PASS_FNS: dict[str, Callable[[ModelShape, int, int], dict[str, int]]] = {
     "eval": _forward_only,
     "perturb": _forward_only,  # the backup of the selected values is negligible
     "act_mag": _act_mag,
-    "grad_x_weight": _gradient,
-    "grad_squared": _gradient,
-    "grad_fused": _grad_fused,
-    "hutchinson_diag": _hutchinson,
+    "gradient": _gradient,  # one gradient metric (grad_x_weight, grad_squared)
+    "grad_fused": _grad_fused,  # grad_x_weight and grad_squared from one backward
+    "hutchinson": _hutchinson,
 }
+PASSES = tuple(_PASS_FNS)
 
 
 # ---------------------------------------------------------------- placement over devices
 def _exec_device(module: torch.nn.Module, default: str) -> str:
-    from esa.dispatch import execution_device
-
     dev = execution_device(module)
     return default if dev.type == "meta" else str(dev)
 
@@ -254,13 +252,9 @@ def estimate(
     `meta` (built for planning, not loaded) would be placed on; default cuda:0 if available, else cpu.
     """
     if pass_name not in _PASS_FNS:
-        from esa.errors import unknown
-
         raise unknown("pass", pass_name, _PASS_FNS)
     if batch_size < 1 or seqlen < 1:
         raise EsaError(f"batch_size and seqlen must be >= 1, got {batch_size} and {seqlen}")
-    from esa.models.inventory import weight_inventory
-
     specs = weight_inventory(model) if specs is None else specs
     shape = ModelShape.of(model, specs)
     tgt = str(torch.device(target)) if target is not None else ("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -280,13 +274,13 @@ def estimate(
             act_full = _activations(shape, batch_size, seqlen, True)
             part["hutchinson"] += int(act_full * pl["layers"]) - act_full
         part["logits"] = int(part.get("logits", 0) * pl["logits"])
-        if pass_name == "hutchinson_diag":
+        if pass_name == "hutchinson":
             part["probe_cache"] = probe_cache_bytes(local.n_studied, probes, shape.n_studied)
         part = {"weights": int(pl["weights"]), **part, "offload_staging": int(pl["staging"])}
         per_device[dev] = {k: v for k, v in part.items() if v}
         if not dev.startswith("meta"):
             resident[dev] = int(pl["weights"])
-    if pass_name == "hutchinson_diag":
+    if pass_name == "hutchinson":
         comps["probe_cache"] = probe_cache_bytes(shape.n_studied, probes, shape.n_studied)
     comps["offload_staging"] = max((int(pl["staging"]) for pl in place.values()), default=0)
     return MemoryEstimate(pass_name, batch_size, seqlen, {k: v for k, v in comps.items() if v}, per_device, resident)
@@ -294,8 +288,6 @@ def estimate(
 
 def probe_cache_bytes(n_local: int, probes: int, n_total: int) -> int:
     """The int8 Hutchinson probes kept between windows (all or none, decided on the whole model's count)."""
-    from esa.sensitivity.metrics import PROBE_CACHE_BYTES
-
     return n_local * probes if probes * n_total <= PROBE_CACHE_BYTES else 0
 
 

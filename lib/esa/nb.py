@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from esa.figures import save_figure
 from esa.params import Profile, load_profile
 from esa.store import REPO_ROOT, write_json, write_parquet
 
@@ -36,8 +37,6 @@ class NotebookContext:
 
     def savefig(self, fig: Any, name: str, dpi: int = 130) -> Path:
         """Save a matplotlib figure as PNG (and PDF for papers) under figures/<run>/<notebook>/."""
-        from esa.report.figures import save_figure
-
         png = save_figure(fig, self.fig_dir / f"{name}.png", dpi=dpi, close=False)  # the notebook still shows it
         save_figure(fig, self.fig_dir / f"{name}.pdf", close=False)
         return png

@@ -8,9 +8,11 @@ see the same settings.
 from __future__ import annotations
 
 import os
+import re
+import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -59,18 +61,148 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in (params_dir() / "profiles").glob("*.yaml"))
 
 
+# Sizes and counts: the smallest value that makes sense (0 or a negative size is a typo, not a request).
+MINIMUM: dict[str, int] = {
+    "seqlen": 2,  # a BOS token plus at least one predicted token
+    "eval_windows": 1,
+    "max_samples": 1,
+    "topk": 1,
+    "hutchinson_probes": 1,
+    "batch_size": 1,
+    "perturb_eval_windows": 1,
+    "highres_topk": 1,
+}
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding and the metrics' derived torch seeds stay in range below this
+OVERRIDES = "from --set / overrides"
+
+
 def load_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
-    """The named profile with `overrides` applied on top (unknown keys are an error, not ignored)."""
+    """The named profile with `overrides` applied on top.
+
+    Every value is checked before anything runs: unknown keys, values of the wrong type (against the
+    Profile annotations) and zero or negative sizes are one EsaError naming the key, where it came from
+    (the file and line, or the overrides) and what is accepted.
+    """
     path = params_dir() / "profiles" / f"{name}.yaml"
     if not path.is_file():
         raise unknown("profile", name, available_profiles())
-    data = yaml.safe_load(path.read_text()) or {}
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    text = path.read_text()
+    data = yaml_load(text, str(path)) or {}
+    if not isinstance(data, dict):
+        raise EsaError(f"{path}: a profile is a mapping of settings (key: value), got {type(data).__name__}")
+    lines = _key_lines(text)
+    where = {k: f"{path}, line {lines[k]}" if k in lines else str(path) for k in data}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data.update(given)
+    where.update({k: OVERRIDES for k in given})
     known = {f.name for f in fields(Profile)}
     extra = sorted(set(data) - known)
     if extra:
         raise EsaError(f"unknown profile setting(s) {extra} in {path.name} or overrides; accepted: {sorted(known)}")
+    hints = get_type_hints(Profile)
+    for key, value in data.items():
+        data[key] = check_setting(key, value, hints[key], where[key])
     return Profile(**data)
+
+
+def check_setting(key: str, value: Any, hint: Any, where: str) -> Any:
+    """`value` converted to the annotated type (an int where a float is expected), or an EsaError."""
+    ok, converted = _conform(value, hint)
+    if not ok:
+        raise EsaError(f"profile setting {key} = {value!r} ({where}): expected {_describe(hint)}")
+    low = MINIMUM.get(key)
+    if low is not None and converted is not None and converted < low:
+        raise EsaError(f"profile setting {key} = {value!r} ({where}): must be >= {low}")
+    if key in ("seeds", "highres_seeds"):
+        if not converted:
+            raise EsaError(f"profile setting {key} ({where}): give at least one seed")
+        for seed in converted:
+            check_seed(seed, f"profile setting {key} ({where})")
+    if key == "perturb_prob" and not 0.0 <= converted <= 1.0:
+        raise EsaError(f"profile setting {key} = {value!r} ({where}): a probability, between 0 and 1")
+    return converted
+
+
+def check_seed(seed: Any, where: str) -> int:
+    """A seed as an int in 0 .. SEED_MAX, or an EsaError naming `where` (e.g. "--seeds")."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise EsaError(
+            f"{where}: seed {seed!r} is not accepted; seeds are integers 0 .. {SEED_MAX} (2**32 - 1)"
+        )
+    return seed
+
+
+def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(does `value` fit the type hint, the value converted to it)."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for arg in get_args(hint):
+            ok, converted = _conform(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if origin is list:
+        (item,) = get_args(hint) or (Any,)
+        if not isinstance(value, list):
+            return False, value
+        done = [_conform(v, item) for v in value]
+        return all(ok for ok, _ in done), [v for _, v in done]
+    if hint is Any or origin is dict or hint is dict:
+        return (hint is Any or isinstance(value, dict)), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    return isinstance(value, hint), value
+
+
+def _describe(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(hint))
+    if origin is list:
+        (item,) = get_args(hint) or (Any,)
+        return f"a list of {_describe(item).removeprefix('an ').removeprefix('a ')}s"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def yaml_load(text: str, where: str) -> Any:
+    """yaml.safe_load; malformed YAML or a tag such as !!python/object is one EsaError naming `where`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise EsaError(yaml_error(err, where)) from None
+
+
+def yaml_error(err: yaml.YAMLError, where: str) -> str:
+    """One line for a YAML error: where, line and column (1-based), and the parser's complaint."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    at = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+    tag = re.search(r"constructor for the tag '([^']+)'", problem)
+    if tag:
+        shown = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        return (
+            f"{where}: the YAML tag {shown} at {at} is not accepted; give plain values "
+            "(numbers, strings, true/false, null, [lists], {mappings})"
+        )
+    context = getattr(err, "context", None)
+    return f"{where}: not valid YAML at {at}: {problem}" + (f" ({context})" if context else "")
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """1-based line of each top-level key of a YAML mapping (compose builds nodes, constructs nothing)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
 
 
 @dataclass
@@ -93,12 +225,23 @@ def model_params(name: str) -> ModelParams:
     path = params_dir() / "models" / f"{name}.yaml"
     if not path.is_file():
         return ModelParams(name=name, ref=name, display=name)
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml_load(path.read_text(), str(path)) or {}
+    if not isinstance(data, dict):
+        raise EsaError(f"{path}: a model file is a mapping (ref: ...), not {type(data).__name__}")
+    known = {f.name for f in fields(ModelParams)}
+    extra = sorted(set(data) - known)
+    if extra:
+        raise EsaError(f"unknown model setting(s) {extra} in {path}; accepted: {sorted(known)}")
     data.setdefault("name", name)
     data.setdefault("display", name)
+    if "ref" not in data:
+        raise EsaError(f"{path}: no `ref` (the model to load: embedded name, hub id, folder or .gguf path)")
     return ModelParams(**data)
 
 
 def load_schedule() -> list[dict[str, Any]]:
     path = params_dir() / "schedule.yaml"
-    return list((yaml.safe_load(path.read_text()) or {}).get("notebooks", []))
+    data = yaml_load(path.read_text(), str(path)) or {}
+    if not isinstance(data, dict):
+        raise EsaError(f"{path}: expected a mapping with a `notebooks:` list, got {type(data).__name__}")
+    return list(data.get("notebooks", []))

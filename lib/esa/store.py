@@ -1,7 +1,10 @@
-"""Run folders, cache keys and atomic writes.
+"""Run folders, cache keys, atomic writes, folder locks and cache entries that carry their own checksums.
 
 Nothing half-written is ever read back: every file is written under a temporary name in the same
-folder and renamed into place, which is atomic on POSIX file systems.
+folder and renamed into place, which is atomic on POSIX file systems. Nothing corrupt is trusted: a
+cache entry (a folder or one file) records the size and SHA-256 of its files when written (`seal`);
+every read checks sizes and headers (`check`), a full hash check runs on demand (`verify_cache`,
+`$ESA_VERIFY_CACHE=1`), and a bad entry is quarantined and rebuilt (`cached`, `usable`).
 """
 
 from __future__ import annotations
@@ -9,22 +12,39 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
+import shutil
+import socket
+import struct
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from filelock import FileLock, Timeout
+
 import esa
+from esa.errors import EsaError
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def cache_dir(*parts: str) -> Path:
+def cache_root() -> Path:
     """Root of the content-addressed cache ($ESA_CACHE_DIR, default ~/.cache/critical-weights)."""
-    root = Path(os.environ.get("ESA_CACHE_DIR", Path.home() / ".cache" / "critical-weights"))
-    path = root.joinpath(*parts)
+    return Path(os.environ.get("ESA_CACHE_DIR", Path.home() / ".cache" / "critical-weights"))
+
+
+def cache_dir(*parts: str) -> Path:
+    """A folder under the cache root (created if needed)."""
+    path = cache_root().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -117,3 +137,387 @@ def source_hash(*modules: str, n: int = 12) -> str:
         h.update(mod.encode())
         h.update(Path(spec.origin).read_bytes())
     return h.hexdigest()[:n]
+
+
+# ---------------------------------------------------------------- folder locks
+
+
+class FolderInUse(EsaError):
+    """Another live process holds the lock on a folder (a run folder, an out dir); the message names it."""
+
+    def __init__(self, folder: Path, holder: dict[str, Any], what: str = "folder", hint: str = "") -> None:
+        self.folder, self.holder = folder, holder
+        pid = holder.get("pid")
+        who = f"PID {pid}" if pid else "another process (its PID is not recorded yet)"
+        extra = ", ".join(str(holder[k]) for k in ("command", "since", "host") if holder.get(k))
+        advice = "wait for it to finish" + (f", stop it (kill {pid})" if pid else "")
+        advice += f", or {hint}" if hint else ""
+        extra = f" ({extra})" if extra else ""
+        super().__init__(f"{what} {folder} is in use by {who}{extra}; {advice}")
+
+
+LOCK_NAME = ".lock"
+_HOLDER_NAME = ".lock.holder.json"  # who holds the lock; written by the holder after it has the lock
+
+
+@contextlib.contextmanager
+def folder_lock(
+    folder: str | os.PathLike[str], what: str = "folder", hint: str = "", command: str = ""
+) -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` for the block; a second holder gets FolderInUse naming the first.
+
+    The lock is an flock (the `filelock` library) on `<folder>/.lock`: the kernel releases it when the
+    holder dies, even by SIGKILL, so a killed run never leaves a stale lock. The holder's PID, command and
+    start time go to `<folder>/.lock.holder.json`, which only the holder writes. `what` and `hint` word
+    the error ("run folder", "pick another --run-id").
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            holder = dict(read_json(folder / _HOLDER_NAME))
+        raise FolderInUse(folder, holder, what, hint) from None
+    try:
+        write_json(
+            folder / _HOLDER_NAME,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            },
+        )
+        yield folder
+    finally:
+        lock.release()
+
+
+# ---------------------------------------------------------------- cache entries with size + hash
+
+MANIFEST_NAME = "esa-manifest.json"  # in a folder entry; beside a file entry as `<name>.esa-manifest.json`
+VERIFY_ENV = "ESA_VERIFY_CACHE"  # "1": every check hashes every file (run_all.py --verify-cache sets it)
+
+
+class CacheCorrupt(EsaError):
+    """A cache entry failed its integrity check; `path` names it, `reason` says what is wrong."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"cache entry {path} is not usable: {reason}")
+
+
+def manifest_path(entry: str | os.PathLike[str]) -> Path:
+    entry = Path(entry)
+    return entry / MANIFEST_NAME if entry.is_dir() else entry.with_name(entry.name + "." + MANIFEST_NAME)
+
+
+def _entry_files(entry: Path) -> list[Path]:
+    if entry.is_file():
+        return [entry]
+    return sorted(p for p in entry.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def seal(entry: str | os.PathLike[str]) -> Path:
+    """Record size and SHA-256 of every file of a cache entry (a folder, or one file) in its manifest.
+
+    Call it once the entry is completely written (a folder: before renaming it into place).
+    """
+    entry = Path(entry)
+    if not entry.exists():
+        raise FileNotFoundError(entry)
+    base = entry if entry.is_dir() else entry.parent
+    files = {
+        p.relative_to(base).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in _entry_files(entry)
+    }
+    return write_json(manifest_path(entry), {"version": 1, "files": files})
+
+
+def _full_requested(full: bool | None) -> bool:
+    return bool(full) if full is not None else os.environ.get(VERIFY_ENV, "") not in ("", "0")
+
+
+def check(entry: str | os.PathLike[str], full: bool | None = None, adopt: bool | str = False) -> None:
+    """Raise CacheCorrupt unless the entry's files match its manifest.
+
+    The cheap check (every read) compares sizes and reads the headers of safetensors, parquet, npy and
+    JSON files; `full` (or $ESA_VERIFY_CACHE=1) also compares every SHA-256. `adopt`: an entry written
+    before manifests existed, which the caller knows was complete (True, or the name of the marker file
+    the old writer put in a finished folder, e.g. "complete"), is accepted if every file passes the
+    header check, and is sealed on the spot.
+    """
+    entry = Path(entry)
+    if not entry.exists():
+        raise CacheCorrupt(entry, "it does not exist")
+    mpath = manifest_path(entry)
+    if not mpath.is_file():
+        if not (adopt is True or isinstance(adopt, str) and entry.is_dir() and (entry / adopt).is_file()):
+            raise CacheCorrupt(entry, f"no manifest {mpath.name} (interrupted while being written?)")
+        for path in _entry_files(entry):
+            problem = structure_problem(path)
+            if problem:
+                raise CacheCorrupt(entry, f"{path.name}: {problem}")
+        seal(entry)
+        log.info("sealed cache entry %s (written before manifests existed)", entry)
+        return
+    try:
+        files = read_json(mpath)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CacheCorrupt(entry, f"unreadable manifest {mpath.name}: {err}") from None
+    base = entry if entry.is_dir() else entry.parent
+    full = _full_requested(full)
+    for rel, want in files.items():
+        path = base / rel
+        if not path.is_file():
+            raise CacheCorrupt(entry, f"{rel} is missing")
+        size = path.stat().st_size
+        if size != want["size"]:
+            raise CacheCorrupt(entry, f"{rel} has {size} bytes, its manifest says {want['size']}")
+        problem = structure_problem(path)
+        if problem:
+            raise CacheCorrupt(entry, f"{rel}: {problem}")
+        if full and file_sha256(path) != want["sha256"]:
+            raise CacheCorrupt(entry, f"{rel}: SHA-256 differs from its manifest (contents changed)")
+
+
+def usable(entry: str | os.PathLike[str], full: bool | None = None, adopt: bool | str = False) -> bool:
+    """True if the entry exists and passes `check`; a corrupt entry is quarantined (and False returned)."""
+    entry = Path(entry)
+    if not entry.exists():
+        return False
+    try:
+        check(entry, full, adopt)
+    except CacheCorrupt as err:
+        quarantine(entry, err.reason)
+        return False
+    return True
+
+
+def quarantine(entry: str | os.PathLike[str], reason: str) -> Path | None:
+    """Move a bad entry (and a file entry's manifest) out of the way, into `<cache>/quarantine/`.
+
+    Returns where it went (None if another process moved it first). It is kept, not deleted, so the
+    damage can be inspected; deleting `<cache>/quarantine` is always safe.
+    """
+    entry = Path(entry)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        rel = entry.resolve().relative_to(cache_root().resolve())
+        dest = cache_root() / "quarantine" / rel.parent / f"{rel.name}.{stamp}-{os.getpid()}"
+    except ValueError:  # not under the cache root: keep it beside the entry
+        dest = entry.with_name(f"{entry.name}.corrupt-{stamp}-{os.getpid()}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = entry.with_name(entry.name + "." + MANIFEST_NAME)
+    try:
+        os.replace(entry, dest)
+    except FileNotFoundError:
+        return None
+    if sidecar.is_file():
+        with contextlib.suppress(OSError):
+            os.replace(sidecar, dest.with_name(dest.name + "." + MANIFEST_NAME))
+    log.warning("cache entry %s is corrupt (%s): moved to %s; it will be recomputed", entry, reason, dest)
+    return dest
+
+
+def cached(
+    entry: str | os.PathLike[str],
+    build: Callable[[Path], object],
+    folder: bool = True,
+    full: bool | None = None,
+    adopt: bool | str = False,
+    refresh: bool = False,
+) -> Path:
+    """Path of a checked cache entry, built with `build(tmp)` first if it is absent, corrupt or `refresh`.
+
+    `build` writes the entry's content into `tmp` (an empty folder, or a file path when `folder=False`);
+    the result is sealed and renamed into place, so a crash leaves nothing that is read back. A corrupt
+    entry is named in a warning, quarantined and rebuilt; `refresh` rebuilds and replaces it regardless
+    (what --no-cache means). `adopt`: see `check`.
+    """
+    entry = Path(entry)
+    if entry.exists() and not refresh and usable(entry, full, adopt):
+        return entry
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_partials(entry, folder)
+    tmp = _partial(entry, folder, str(os.getpid()))
+    _remove(tmp)
+    if folder:
+        tmp.mkdir()
+    try:
+        build(tmp)
+        if not tmp.exists():
+            raise FileNotFoundError(f"building cache entry {entry} wrote nothing to {tmp}")
+        if folder:
+            seal(tmp)
+            if entry.exists() and not refresh and usable(entry, full):
+                return entry  # another process finished the same entry first; its content is identical
+            _replace_folder(tmp, entry, full)
+        else:
+            _remove(manifest_path(entry))  # the old entry's manifest must never describe the new file
+            os.replace(tmp, entry)
+            seal(entry)
+    finally:
+        _remove(tmp)
+    return entry
+
+
+def _replace_folder(tmp: Path, entry: Path, full: bool | None) -> None:
+    """Rename the finished `tmp` onto `entry`; an old entry is renamed aside first (a folder cannot be
+    renamed onto a non-empty one), so readers never see a half-deleted entry."""
+    old = entry.with_name(f".{entry.name}.old-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(entry, old)
+    try:
+        os.replace(tmp, entry)
+    except OSError:
+        if not usable(entry, full):  # another process renamed its (identical) entry in between: keep it
+            raise
+    finally:
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _partial(entry: Path, folder: bool, pid: str) -> Path:
+    """Temporary name of an entry being built; a file keeps its suffix (np.save and friends add theirs)."""
+    if folder:
+        return entry.with_name(f".{entry.name}.partial-{pid}")
+    return entry.with_name(f".{entry.stem}.partial-{pid}{entry.suffix}")
+
+
+def _remove_dead_partials(entry: Path, folder: bool) -> None:
+    """Delete the partial (and renamed-aside old) entries of builders that were killed (their PID is gone)."""
+    patterns = [_partial(entry, folder, "*").name, f".{entry.name}.old-*"]
+    for stale in [p for pattern in patterns for p in entry.parent.glob(pattern)]:
+        found = re.search(r"\.(?:partial|old)-(\d+)", stale.name)
+        if found and int(found.group(1)) != os.getpid() and not _pid_alive(int(found.group(1))):
+            _remove(stale)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def verify_cache(
+    root: str | os.PathLike[str] | None = None, quarantine_bad: bool = True
+) -> list[tuple[Path, str]]:
+    """Full hash check of every sealed entry under the cache root; returns (entry, reason) of each bad one.
+
+    Bad entries are quarantined (unless `quarantine_bad=False`), so the next run recomputes them.
+    """
+    root = Path(root) if root is not None else cache_root()
+    bad: list[tuple[Path, str]] = []
+    if not root.is_dir():
+        return bad
+    for mpath in sorted(root.rglob(f"*{MANIFEST_NAME}")):
+        if "quarantine" in mpath.relative_to(root).parts or mpath.name.startswith("."):
+            continue
+        if mpath.name == MANIFEST_NAME:
+            entry = mpath.parent
+        else:
+            entry = mpath.with_name(mpath.name[: -len("." + MANIFEST_NAME)])
+        if any(part.startswith(".") and ".partial-" in part for part in entry.parts):
+            continue  # being written right now
+        try:
+            check(entry, full=True)
+        except CacheCorrupt as err:
+            bad.append((entry, err.reason))
+            if quarantine_bad:
+                quarantine(entry, err.reason)
+    return bad
+
+
+# ---------------------------------------------------------------- file structure (cheap header checks)
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, too short for a safetensors header"
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8:
+            return f"header claims {n} bytes but the file has {size}"
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            return "header is not valid JSON"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    expected = 8 + n + max(ends, default=0)
+    return None if expected == size else f"{size} bytes, its header says {expected} (truncated or padded)"
+
+
+def _parquet_problem(path: Path, size: int) -> str | None:
+    if size < 12:
+        return f"{size} bytes, too short for parquet"
+    with path.open("rb") as fh:
+        start = fh.read(4)
+        fh.seek(size - 8)
+        tail = fh.read(8)
+    if start != b"PAR1" or tail[4:] != b"PAR1":
+        return "no parquet magic at both ends (truncated?)"
+    footer = struct.unpack("<I", tail[:4])[0]
+    return None if footer <= size - 12 else f"footer claims {footer} bytes but the file has {size}"
+
+
+def _npy_problem(path: Path, size: int) -> str | None:
+    try:
+        with path.open("rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            fmt = np.lib.format
+            reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = reader(fh)
+            offset = fh.tell()
+    except (ValueError, OSError) as err:
+        return f"not a readable .npy header ({err})"
+    if dtype.hasobject:
+        return None
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return None if expected == size else f"{size} bytes, its header says {expected}"
+
+
+def _json_problem(path: Path, size: int) -> str | None:
+    try:
+        json.loads(path.read_bytes())
+    except ValueError as err:
+        return f"not valid JSON ({err})"
+    return None
+
+
+_STRUCTURE: dict[str, Callable[[Path, int], str | None]] = {
+    ".safetensors": _safetensors_problem,
+    ".parquet": _parquet_problem,
+    ".npy": _npy_problem,
+    ".json": _json_problem,
+}
+
+
+def structure_problem(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a file's header/size consistency (safetensors, parquet, npy, JSON), or None."""
+    path = Path(path)
+    checker = _STRUCTURE.get(path.suffix)
+    return checker(path, path.stat().st_size) if checker else None

@@ -90,7 +90,7 @@ def run_model(name: str, shape: dict[str, Any], args: argparse.Namespace, device
     from esa.evaluate import evaluate
     from esa.models import weight_inventory
     from esa.perturb import PerturbSpec, build_groups, run_sweep
-    from esa.sensitivity.metrics import MetricConfig, grad_x_weight
+    from esa.sensitivity.metrics import METRICS, MetricConfig
     from esa.sensitivity.select import select_topk
 
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -109,8 +109,9 @@ def run_model(name: str, shape: dict[str, Any], args: argparse.Namespace, device
         entry: dict[str, Any] = {}
         rec["passes"][pass_name if pass_name not in rec["passes"] else f"{pass_name}_2"] = entry
         try:
-            est = memory.check(model, "eval" if pass_name == "sweep" else pass_name, args.batch_size, args.seqlen,
-                               inventory)
+            guard = "eval" if pass_name == "sweep" else METRICS[pass_name].memory_pass if pass_name in METRICS \
+                else pass_name
+            est = memory.check(model, guard, args.batch_size, args.seqlen, inventory)
             entry["estimate"] = est.as_dict()
         except Exception as e:  # the guard refused: record it, do not run
             entry.update(status="refused", error=str(e))
@@ -128,7 +129,7 @@ def run_model(name: str, shape: dict[str, Any], args: argparse.Namespace, device
     base = guarded("eval", lambda: evaluate(model, eval_ids, batch_size=args.batch_size, show_progress=False))
     if base is not None:
         rec["passes"]["eval"].update(log_ppl=base.log_ppl, accuracy=base.accuracy)
-    res = guarded("grad_x_weight", lambda: grad_x_weight(model, inventory, calib_ids,
+    res = guarded("grad_x_weight", lambda: METRICS["grad_x_weight"](model, inventory, calib_ids,
                                                          MetricConfig(batch_size=args.batch_size, show_progress=False)))
     if res is None or base is None:
         return rec

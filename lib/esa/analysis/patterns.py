@@ -23,7 +23,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from esa.dispatch import input_device
 from esa.errors import EsaError
+from esa.hooks import Call, hooked
+from esa.sensitivity.metrics import expert_routing_inputs
+from esa.sensitivity.superweights import detect_superweights
+from esa.stats.verdicts import Criterion
 
 ALPHA = 0.05  # family comparisons: Holm-adjusted significance level of the scorecard row
 
@@ -91,9 +96,6 @@ def routing_load(model: torch.nn.Module, inventory: list[Any], ids: torch.Tensor
     Read from the experts module's routing inputs (transformers-5 fused experts), so it is the routing the
     model actually used, including its top-k choice.
     """
-    from esa.dispatch import input_device
-    from esa.sensitivity.metrics import expert_routing_inputs
-
     experts = {}
     for s in inventory:
         if s.n_experts:  # fused 3-D expert weights: the owner of the parameter is the experts module
@@ -101,21 +103,17 @@ def routing_load(model: torch.nn.Module, inventory: list[Any], ids: torch.Tensor
     if not experts:
         raise EsaError(f"{model_name}: no MoE experts in the inventory; routing load exists only for MoE models")
     counts = {mod: torch.zeros(n, dtype=torch.long) for mod, (_, n) in experts.items()}
-    handles = []
-    for mod_name, (_, n) in experts.items():
-        def pre(mod: torch.nn.Module, args: tuple, kwargs: dict, name: str = mod_name, n: int = n) -> None:
-            _, top_k_index = expert_routing_inputs(mod, args, kwargs)
-            idx = top_k_index.reshape(-1).long().cpu()
-            counts[name] += torch.bincount(idx[idx < n], minlength=n)
 
-        handles.append(model.get_submodule(mod_name).register_forward_pre_hook(pre, with_kwargs=True))
-    try:
+    def routed(call: Call) -> None:
+        n = experts[call.name][1]
+        _, top_k_index = expert_routing_inputs(call.module, call.args, call.kwargs)
+        idx = top_k_index.reshape(-1).long().cpu()
+        counts[call.name] += torch.bincount(idx[idx < n], minlength=n)
+
+    with hooked(model, {name: routed for name in experts}, pre=True):
         dev = input_device(model)
         for start in range(0, ids.shape[0], max(1, batch_size)):
             model(input_ids=ids[start : start + batch_size].to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     rows = [dict(model=model_name, layer=experts[mod][0], expert=e, tokens=int(c))
             for mod, cnt in counts.items() for e, c in enumerate(cnt.tolist())]
     df = pd.DataFrame(rows)
@@ -129,8 +127,6 @@ def superweight_presence(model: torch.nn.Module, tokenizer: Any, inventory: list
 
     Models without dense down projections (MoE experts) get `applicable=False` and the reason.
     """
-    from esa.sensitivity.superweights import detect_superweights
-
     try:
         sw = detect_superweights(model, tokenizer, inventory, spike_factor=spike_factor)
     except EsaError as e:
@@ -160,7 +156,7 @@ def match_top_to_superweights(top: pd.DataFrame, presence: pd.DataFrame) -> pd.D
     return pd.DataFrame(rows)
 
 
-def family_criteria(tests: pd.DataFrame, evidence: str, alpha: float = ALPHA) -> list[Any]:
+def family_criteria(tests: pd.DataFrame, evidence: str, alpha: float = ALPHA) -> list[Criterion]:
     """The guide's "family differences quantified" row, judged from `compare_architectures`' tests.
 
     Passes when at least one family comparison is significant after Holm correction; the measured value
@@ -168,8 +164,6 @@ def family_criteria(tests: pd.DataFrame, evidence: str, alpha: float = ALPHA) ->
     rank-biserial effect size and confounds in the note). Layers are not independent replicates, which the
     note says: a pass quantifies a difference between these models, not between architectures at large.
     """
-    from esa.report.scorecard import Criterion
-
     text = "Architecture families differ quantifiably in where critical weights sit (attention vs FFN)"
     if tests is None or tests.empty or "p_perm_holm" not in tests.columns:
         return [Criterion("P4.family_differences", 4, text, None, f"Holm-adjusted p < {alpha}", None, evidence,
@@ -181,29 +175,3 @@ def family_criteria(tests: pd.DataFrame, evidence: str, alpha: float = ALPHA) ->
             f"Confounds: {t['confounds']}")
     return [Criterion("P4.family_differences", 4, text, round(float(t["diff"]), 4), f"Holm-adjusted p < {alpha}",
                       bool(p < alpha), evidence, note)]
-
-
-def forward_patterns(refs: list[str], P: Any, n_windows: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(super-weight presence per model, routing load of every MoE model) for the models `refs` under profile P.
-
-    Each model is loaded once (cached weights) and runs one short prompt (super weights) and, for MoE
-    models, `n_windows` calibration windows of the profile's corpus with its first seed (routing load).
-    """
-    from esa.data import calibration
-    from esa.models import load_configured
-
-    presence, routing = [], []
-    for ref in refs:
-        lm = load_configured(ref, P.dtype)
-        presence.append(superweight_presence(lm.model, lm.tokenizer, lm.inventory, ref))
-        if lm.info.moe:
-            wins = calibration(lm.tokenizer, P.corpus, P.seqlen, min(n_windows, P.max_samples), P.seeds[0],
-                               max_positions=lm.info.max_positions or None)
-            routing.append(routing_load(lm.model, lm.inventory, wins.ids, ref, batch_size=P.batch_size))
-        del lm
-    cols = ["model", "layer", "expert", "tokens", "share"]
-    pres = pd.DataFrame(presence)
-    for col in ("n_layers_checked", "layer", "row", "col", "weight_abs_rank_in_matrix"):
-        if col in pres.columns:  # MoE rows have none of these: keep them integers with <NA>
-            pres[col] = pres[col].astype("Int64")
-    return pres, (pd.concat(routing, ignore_index=True) if routing else pd.DataFrame(columns=cols))

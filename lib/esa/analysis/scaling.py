@@ -27,6 +27,8 @@ import pandas as pd
 from scipy import stats
 
 from esa.errors import EsaError
+from esa.models.micro import is_micro
+from esa.stats.verdicts import Criterion, judge
 
 MIN_MODELS_FOR_LAW = 5  # below this a fit is reported as descriptive only
 SIZE_COLUMNS = ("n_params", "n_params_active")
@@ -288,8 +290,6 @@ def loo_table(df: pd.DataFrame, measures: list[str] | None = None, x_cols: tuple
 
 def suite_of(model: str) -> str:
     """The training suite a model belongs to: `micro-suite` (one tokenizer, corpus and recipe) or `other`."""
-    from esa.models.micro import is_micro
-
     return "micro-suite" if is_micro(model) else "other"
 
 
@@ -359,8 +359,6 @@ def scaling_criteria(fits: pd.DataFrame, measure: str, evidence: str, x: str = "
 
     `basis`: which models the fits cover and why (see `criteria_basis`), appended to every note.
     """
-    from esa.report.scorecard import Criterion, judge
-
     sel = fits[(fits["measure"] == measure) & (fits["x"] == x)]
     if sel.empty:
         return [Criterion("P4.scaling_r2", 4, "Power-law fit of sensitivity vs size has R^2 > 0.8", None, "> 0.8",

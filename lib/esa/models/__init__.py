@@ -9,12 +9,11 @@ from esa.models.loader import (
     describe,
     known_models,
     load,
-    load_configured,
     parse_dtype,
 )
 from esa.models.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 
 __all__ = [
     "DTYPES", "EMBEDDED", "TINY_CONFIGS", "LoadedModel", "ModelInfo", "WeightSpec", "classify", "describe",
-    "known_models", "load", "load_configured", "parse_dtype", "tiny_model", "tiny_tokenizer", "weight_inventory",
+    "known_models", "load", "parse_dtype", "tiny_model", "tiny_tokenizer", "weight_inventory",
 ]

@@ -1,6 +1,6 @@
 """Which weight matrices are under study, and what each one is.
 
-SCIENCE.md: by default every 2-D weight of the transformer blocks' linear layers (attention q/k/v/o or
+Definition (README, "Methods"): by default every 2-D weight of the transformer blocks' linear layers (attention q/k/v/o or
 fused qkv, MLP gate/up/down or fused gate_up, MoE experts and routers); embeddings and the LM head are
 opt-in, norms and biases never. transformers >= 5 stores a MoE layer's experts as one 3-D parameter
 (n_experts, out, in); each expert slice is one matrix, addressed by (param, expert, row, col).

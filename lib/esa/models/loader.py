@@ -1,6 +1,6 @@
 """One loader for every kind of model reference.
 
-`load(ref)` accepts an embedded name (`smollm2-135m`, `gemma3-270m`), a tiny test model (`tiny-llama`,
+`load(ref)` accepts an embedded name (`smollm2-135m`, `gemma3-270m`, `qwen2.5-coder-0.5b`), a tiny test model (`tiny-llama`,
 ...), a path to a `.gguf` file, a local model folder, or a hub id. GGUF weights are dequantised once
 and cached as safetensors under a content key, so later loads take seconds.
 """
@@ -8,9 +8,12 @@ and cached as safetensors under a content key, so later loads take seconds.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
+import mmap
 import os
-import shutil
+import struct
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,10 +21,11 @@ from typing import Any
 
 import torch
 
-from esa.errors import EsaError
+from esa.dispatch import check_device, default_offload_folder, dispatch, input_device
+from esa.errors import EsaError, unknown
 from esa.models import embedded, micro, tiny
 from esa.models.inventory import KINDS, WeightSpec, weight_inventory
-from esa.store import cache_dir, content_key
+from esa.store import cache_dir, cached, content_key, structure_problem
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +40,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        from esa.errors import unknown
-
         raise unknown("dtype", dtype, DTYPES)
     return DTYPES[dtype]
 
@@ -67,6 +69,7 @@ class ModelInfo:
     dtype: str
     n_weights_studied: int
     weights_by_kind: dict[str, int] = field(default_factory=dict)
+    provenance: str = ""  # what reports must say about where the weights come from (e.g. quantised twice)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,17 +85,7 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         """Where inputs go: the input embedding's execution device (also right for a dispatched model)."""
-        from esa.dispatch import input_device
-
         return input_device(self.model)
-
-
-def load_configured(name: str, dtype: str | torch.dtype = "float32", **kwargs: Any) -> LoadedModel:
-    """`load` by a params/models name (or any raw reference), with the ref and device_map its params file sets."""
-    from esa.params import model_params
-
-    mp = model_params(name)
-    return load(mp.ref, dtype=dtype, device_map=mp.device_map, **kwargs)
 
 
 def load(
@@ -125,8 +118,6 @@ def load(
         may_offload = isinstance(device_map, str) and max_memory is not None or (
             isinstance(device_map, dict) and "disk" in device_map.values())
         if offload_folder is None and may_offload:
-            from esa.dispatch import default_offload_folder
-
             offload_folder = default_offload_folder()
         if offload_folder is not None:
             hf_kwargs["offload_folder"] = str(offload_folder)
@@ -148,6 +139,7 @@ def load(
         model, tokenizer = _from_pretrained(str(folder), hf_kwargs)
         source = "gguf"
     elif Path(ref).is_dir():
+        _check_model_folder(Path(ref))
         model, tokenizer = _from_pretrained(ref, hf_kwargs, revision=revision)
         source = "local"
     elif _looks_like_hub_id(ref):
@@ -160,11 +152,9 @@ def load(
         )
 
     if device_map is not None and source in ("tiny", "micro"):
-        from esa.dispatch import dispatch
-
         model = dispatch(model, device_map, max_memory, offload_folder)
     if device_map is None:
-        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = check_device(device)
         model.to(dev)
     model.eval()
     model.requires_grad_(False)
@@ -202,17 +192,27 @@ def _from_hub(ref: str, hf_kwargs: dict[str, Any], revision: str | None):
 
 
 def _dequantised_folder(gguf: Path) -> Path:
-    """Dequantise a GGUF once into a safetensors folder keyed by the file's identity and library version."""
+    """Dequantise a GGUF once into a safetensors folder keyed by the file's identity and library version.
+
+    The folder is an esa.store cache entry: sealed with the size and SHA-256 of its files, checked
+    (sizes, safetensors headers) on every load, and quarantined and rebuilt when damaged. Folders from
+    before manifests existed are adopted by their `complete` marker.
+    """
     import transformers
 
     st = gguf.stat()
     key = content_key({"gguf": gguf.name, "size": st.st_size, "transformers": transformers.__version__})
     folder = cache_dir("models") / f"{gguf.stem}-{key}"
-    if (folder / "complete").exists():
-        return folder
+    # store.cached builds into a per-process temporary folder and renames it into place: parallel
+    # workers (run_all --jobs) may dequantise the same file at once, and a crash leaves nothing read back.
+    return cached(folder, lambda tmp: _dequantise(gguf, tmp), adopt="complete")
+
+
+def _dequantise(gguf: Path, dest: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.warning("dequantising %s once (about 30-75 s on 2 CPU cores); cached in %s", gguf.name, folder)
+    _check_gguf(gguf)
+    log.warning("dequantising %s once (about 30-75 s on 2 CPU cores); cached in %s", gguf.name, dest.parent)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # transformers refuses to save a model that still carries its GGUF quantizer; the weights are plain
@@ -221,19 +221,143 @@ def _dequantised_folder(gguf: Path) -> Path:
     if hasattr(model, "is_quantized"):
         with contextlib.suppress(AttributeError):  # a read-only property in some versions
             model.is_quantized = False
-    # a per-process temporary folder, renamed into place when complete: parallel workers (run_all --jobs)
-    # may dequantise the same file at once, and a crash leaves nothing that is read back.
-    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "complete").write_text(gguf.name + "\n")
-    if (folder / "complete").exists():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    return folder
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    (dest / "complete").write_text(gguf.name + "\n")  # what older versions of this loader look for
+
+
+# GGUF metadata value types (gguf spec): struct formats of the scalars; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _check_gguf(path: Path) -> None:
+    """One EsaError unless `path` is a whole GGUF file: magic, metadata, tensor list, and all tensor data.
+
+    transformers and the gguf reader fail on a truncated or random file with struct.error or a reshape
+    ValueError that names neither the file nor what is wrong.
+    """
+    size = path.stat().st_size
+
+    def fail(why: str) -> EsaError:
+        return EsaError(f"not a complete GGUF file: {path}, {size} bytes, expected {why}")
+
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+        if magic != b"GGUF":
+            raise fail(f"the GGUF magic b'GGUF' at its start, found {magic!r}")
+        if size < 24:
+            raise fail("at least 24 bytes (magic, version, tensor and metadata counts)")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                end = _gguf_data_end(buf, size)
+            except ValueError as err:
+                raise fail(f"a readable header: {err}") from None
+    if end > size:
+        raise fail(f"{end} bytes: its tensor data ends there")
+
+
+def _gguf_data_end(buf: mmap.mmap, size: int) -> int:
+    """Byte offset where the file's last tensor ends, from its header (ValueError saying what is wrong)."""
+    import gguf  # deferred: only GGUF files need it (half a second to import)
+
+    pos = 4
+
+    def take(fmt: str) -> Any:
+        nonlocal pos
+        try:
+            value = struct.unpack_from("<" + fmt, buf, pos)[0]
+        except struct.error:
+            raise ValueError(f"the header is cut short at byte {pos}") from None
+        pos += struct.calcsize("<" + fmt)
+        return value
+
+    def skip(n: int) -> None:
+        nonlocal pos
+        if n > size - pos:
+            raise ValueError(f"a field of {n} bytes at byte {pos} runs past the end of the file")
+        pos += n
+
+    def string() -> bytes:
+        n = take("Q")
+        start = pos
+        skip(n)
+        return bytes(buf[start:pos])
+
+    def value(kind: int) -> Any:
+        if kind == 8:
+            return string()
+        if kind == 9:
+            item, n = take("I"), take("Q")
+            if item in _GGUF_SCALARS:  # numeric arrays (token scores, types) are skipped, not read
+                skip(n * struct.calcsize(_GGUF_SCALARS[item]))
+            else:
+                for _ in range(n):
+                    value(item)
+            return None
+        if kind not in _GGUF_SCALARS:
+            raise ValueError(f"unknown metadata value type {kind} at byte {pos}")
+        return take(_GGUF_SCALARS[kind])
+
+    version = take("I")
+    if version < 2:
+        raise ValueError(f"GGUF version {version} (only 2 and later are read)")
+    n_tensors, n_kv = take("Q"), take("Q")
+    if (n_tensors + n_kv) * 12 > size:  # every entry takes at least 12 bytes
+        raise ValueError(f"its header lists {n_kv} metadata entries and {n_tensors} tensors, more than fit")
+    alignment = 32
+    for _ in range(n_kv):
+        key, kind = string(), take("I")
+        v = value(kind)
+        if key == b"general.alignment" and isinstance(v, int) and v > 0:
+            alignment = v
+    end = 0
+    for _ in range(n_tensors):
+        string()
+        n_dims = take("I")
+        if n_dims > 8:
+            raise ValueError(f"a tensor with {n_dims} dimensions")
+        dims = [take("Q") for _ in range(n_dims)]
+        kind, offset = take("I"), take("Q")
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        except (ValueError, KeyError):
+            raise ValueError(f"unknown tensor type {kind}") from None
+        end = max(end, offset + math.prod(dims) // block * type_size)
+    data_start = -(-pos // alignment) * alignment
+    return data_start + end
+
+
+# A loadable local folder: its config, its weights in one of these layouts, and a tokenizer.
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _check_model_folder(folder: Path) -> None:
+    """One EsaError naming what a local model folder lacks (or which weight file is damaged)."""
+    present = sorted(p.name for p in folder.iterdir())
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    weights = [folder / n for n in _WEIGHT_FILES if (folder / n).is_file()]
+    for index in [w for w in weights if w.name.endswith(".index.json")]:
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as err:
+            raise EsaError(f"model folder {folder}: {index.name} is not a readable index ({err})") from None
+        missing += [f"{s} (listed in {index.name})" for s in shards if not (folder / s).is_file()]
+        weights += [folder / s for s in shards if (folder / s).is_file()]
+    if not weights:
+        missing.append("weights (model.safetensors, or model.safetensors.index.json and its shards, "
+                       "or pytorch_model.bin)")
+    if not any((folder / n).is_file() for n in _TOKENIZER_FILES):
+        missing.append(f"a tokenizer ({', '.join(_TOKENIZER_FILES)})")
+    if missing:
+        has = ", ".join(present[:12]) + (f" and {len(present) - 12} more" if len(present) > 12 else "")
+        raise EsaError(f"model folder {folder} is incomplete: missing {'; '.join(missing)}; "
+                       f"it holds {has or 'nothing (empty)'}")
+    for path in [folder / "config.json", *weights]:
+        problem = structure_problem(path)
+        if problem:
+            raise EsaError(f"model folder {folder}: {path.name} is damaged: {problem}")
 
 
 def describe(model: torch.nn.Module, ref: str, source: str) -> ModelInfo:
@@ -270,5 +394,6 @@ def describe(model: torch.nn.Module, ref: str, source: str) -> ModelInfo:
         instruct=bool(instruct),
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         n_weights_studied=sum(s.numel for s in inventory),
+        provenance=embedded.EMBEDDED[ref].provenance if ref in embedded.EMBEDDED else "",
         weights_by_kind={k: v for k, v in by_kind.items() if v},
     )

@@ -37,8 +37,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
+from transformers import AutoModelForCausalLM, ByT5Tokenizer, LlamaConfig, MixtralConfig
 
-from esa.errors import EsaError, unknown
+from esa.data import get_corpus, windows
+from esa.errors import unknown
+from esa.models.inventory import weight_inventory
 from esa.store import cache_dir, content_key, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -92,7 +96,7 @@ BUDGETS: dict[str, Budget] = {
     # seconds per model on 2 CPU cores: proves the machinery, the models are barely trained
     "smoke": Budget("smoke", tokens_per_param=0.5, seqlen=256, batch_size=4, lr=3e-3, min_steps=10, max_steps=30),
     # meant to be long enough that every model clearly beats the unigram baseline on the eval split
-    # (suite_report measures both). Chinchilla's 20 tokens per parameter; small batches, because what
+    # (esa.phases.phase4.suite_report measures both). Chinchilla's 20 tokens per parameter; small batches, because what
     # lifts a byte-level model off the unigram plateau (loss ~3.3) is the number of steps: at 8 x 512
     # tokens per step and 10 tokens/param, micro-llama-33k stopped at loss 3.22 after 80 steps.
     "standard": Budget("standard", tokens_per_param=20.0, seqlen=512, batch_size=4),
@@ -117,14 +121,10 @@ def is_micro(ref: str) -> bool:
 
 
 def micro_tokenizer():
-    from transformers import ByT5Tokenizer
-
     return ByT5Tokenizer()
 
 
 def build_config(spec: MicroSpec):
-    from transformers import LlamaConfig, MixtralConfig
-
     common = dict(vocab_size=384, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
                   num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
                   num_key_value_heads=spec.heads, max_position_embeddings=MAX_POSITIONS,
@@ -140,8 +140,6 @@ def build_config(spec: MicroSpec):
 
 def active_params(model: torch.nn.Module) -> int:
     """Parameters used per token: a MoE counts only `experts_per_tok` of its experts."""
-    from esa.models.inventory import weight_inventory
-
     n = sum(p.numel() for p in model.parameters())
     cfg = model.config
     n_exp = int(getattr(cfg, "num_local_experts", 0) or 0)
@@ -153,8 +151,6 @@ def active_params(model: torch.nn.Module) -> int:
 
 def train_spec(name: str, budget: str, seed: int = 0) -> dict[str, Any]:
     """Everything that decides a trained model's weights: its cache key is a hash of this."""
-    import transformers
-
     precision = "bf16" if torch.cuda.is_available() else "fp32"
     return dict(name=name, arch=asdict(MICRO_SUITE[name]), budget=asdict(BUDGETS[budget]), seed=seed,
                 corpus=CORPUS, corpus_id=_corpus_id(CORPUS), split="calib",
@@ -165,8 +161,6 @@ def train_spec(name: str, budget: str, seed: int = 0) -> dict[str, Any]:
 @functools.lru_cache(maxsize=4)
 def _corpus_id(name: str) -> list[Any]:
     """Description and calib size of the training text: they change whenever the text does."""
-    from esa.data import get_corpus
-
     corpus = get_corpus(name)
     return [corpus.description, len(corpus.calib_text)]
 
@@ -181,8 +175,6 @@ def is_trained(name: str, budget: str, seed: int = 0) -> bool:
 
 def load_micro(ref: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     """(model, tokenizer) of a suite member, training it first if no cached copy exists."""
-    from transformers import AutoModelForCausalLM
-
     name, budget = parse_ref(ref)
     folder = ensure_trained(name, budget, seed)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="eager")
@@ -226,10 +218,6 @@ def _cosine(step: int, total: int, warmup: int) -> float:
 
 def train(name: str, budget: str, seed: int = 0, device: str | torch.device | None = None):
     """Train one suite member from scratch; returns (model in eval mode on CPU, training record)."""
-    from transformers import AutoModelForCausalLM
-
-    from esa.data import windows
-
     spec, b = MICRO_SUITE[name], BUDGETS[budget]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     use_bf16 = dev.type == "cuda"
@@ -284,62 +272,3 @@ def _thin(xs: list[float], n: int = 200) -> list[float]:
         return [round(x, 5) for x in xs]
     idx = np.unique(np.linspace(0, len(xs) - 1, n).round().astype(int))
     return [round(xs[i], 5) for i in idx]
-
-
-def unigram_ppl(corpus: str = CORPUS, seqlen: int = 512, smoothing: float = 1.0) -> float:
-    """Perplexity of the add-`smoothing` unigram model of the calib split's bytes, on the eval split.
-
-    The baseline a trained model must clearly beat: it knows byte frequencies and nothing else.
-    """
-    from esa.data import windows
-
-    tok = micro_tokenizer()
-    train_ids = windows(tok, corpus, "calib", seqlen).ids.flatten().numpy()
-    eval_ids = windows(tok, corpus, "eval", seqlen).ids[:, 1:].flatten().numpy()  # the scored targets
-    counts = np.bincount(train_ids, minlength=len(tok)).astype(np.float64) + smoothing
-    logp = np.log(counts / counts.sum())
-    return float(np.exp(-logp[eval_ids].mean()))
-
-
-def suite_report(budget: str = "standard", names: list[str] | None = None, seqlen: int = 512,
-                 eval_windows: int | None = 64, seed: int = 0) -> Any:
-    """One row per suite member: size, training cost, eval perplexity vs the unigram baseline."""
-    import pandas as pd
-
-    from esa.data import evaluation
-    from esa.evaluate import evaluate
-    from esa.models.loader import load
-
-    if budget not in BUDGETS:
-        raise unknown("micro-suite budget", budget, BUDGETS)
-    base = unigram_ppl(seqlen=seqlen)
-    rows = []
-    for name in names or list(MICRO_SUITE):
-        lm = load(f"{name}{SEP}{budget}", seed=seed)
-        rec = train_log(f"{name}{SEP}{budget}", seed)
-        wins = evaluation(lm.tokenizer, CORPUS, seqlen, n_windows=eval_windows, seed=0 if eval_windows else None)
-        res = evaluate(lm.model, wins, show_progress=False)
-        rows.append(dict(model=name, budget=budget, arch=MICRO_SUITE[name].arch, n_params=lm.info.n_params,
-                         n_params_active=lm.info.n_params_active, train_tokens=rec["tokens"],
-                         train_steps=rec["steps"], train_seconds=rec["seconds"], train_device=rec["device"],
-                         first_loss=rec["losses"][0], last_loss=rec["losses"][-1], eval_ppl=res.ppl,
-                         unigram_ppl=base, eval_tokens=res.n_tokens))
-    if not rows:
-        raise EsaError("suite_report: no models named")
-    return pd.DataFrame(rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m esa.models.micro [budget] [names...]`: train (or load) the suite and print its report."""
-    import sys
-
-    args = argv if argv is not None else sys.argv[1:]
-    logging.basicConfig(level=logging.INFO)
-    budget = args[0] if args else "standard"
-    df = suite_report(budget, names=args[1:] or None)
-    print(df.to_string(index=False))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,6 +17,7 @@ from transformers import (
     MixtralConfig,
     Phi3Config,
     PretrainedConfig,
+    Qwen2Config,
 )
 
 VOCAB = 384  # ByT5: 3 specials + 256 bytes + 125 sentinels
@@ -32,6 +33,8 @@ TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
                                           num_experts_per_tok=2),
     "tiny-gptneox": lambda: GPTNeoXConfig(**{k: v for k, v in _COMMON.items() if k != "pad_token_id"},
                                           use_parallel_residual=True),
+    # Qwen2: biases on q/k/v only (o and the MLP have none), grouped-query attention like the real 0.5B
+    "tiny-qwen2": lambda: Qwen2Config(**_COMMON, num_key_value_heads=2),
 }
 
 

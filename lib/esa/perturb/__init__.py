@@ -10,6 +10,7 @@ from esa.perturb.apply import (
     PerturbStats,
     Targets,
     count_targets,
+    overwritten,
     perturbed,
     targets_from_selection,
     weights_hash,
@@ -28,6 +29,6 @@ from esa.perturb.sweep import TOP, AllNonFinite, SweepResult, build_groups, eval
 __all__ = [
     "CONTROLS", "PERTURBATIONS", "TOP", "AllNonFinite", "ControlInput", "PerturbSpec", "PerturbStats",
     "SweepResult", "Targets", "bit_positions", "build_groups", "count_targets", "evaluate_perturbed",
-    "flip_bits", "make_control", "parse_controls", "parse_perturbations", "parse_scales", "per_matrix_counts",
+    "flip_bits", "make_control", "overwritten", "parse_controls", "parse_perturbations", "parse_scales", "per_matrix_counts",
     "perturbed", "run_sweep", "targets_from_selection", "weights_hash",
 ]

@@ -11,8 +11,9 @@ the model is never copied.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,53 +78,93 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return g
 
 
+class _InPlace:
+    """Writes into parameters with a raw-bit backup of exactly what it overwrote; `restore` puts it back
+    (in reverse order, so overlapping writes unwind correctly; NaN payloads and -0.0 survive)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (int view, idx, raw values)
+        self.stats = PerturbStats()
+
+    def write(self, name: str, p: torch.Tensor, idx_d: torch.Tensor, new: torch.Tensor) -> None:
+        """Set `p.view(-1)[idx_d] = new` (same dtype as p), backing up the old bit patterns first."""
+        if not p.is_contiguous():
+            raise EsaError(f"parameter {name} is not contiguous; cannot change it in place")
+        ints = p.view(_INT_VIEW[p.dtype]).view(-1)  # raw bit patterns, shares storage with p
+        raw = ints[idx_d].clone()  # (n,) the backup: selected values only
+        self.entries.append((ints, idx_d, raw))
+        p.view(-1)[idx_d] = new
+        st = self.stats
+        st.n_weights += int(idx_d.numel())
+        st.n_changed += int((ints[idx_d] != raw).sum())
+        st.n_inf += int(torch.isinf(new).sum())
+        st.n_nan += int(torch.isnan(new).sum())
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for ints, idx_d, raw in reversed(self.entries):
+                ints[idx_d] = raw
+
+
+def _params_for(model: torch.nn.Module, names: Iterable[str], what: str) -> dict[str, torch.nn.Parameter]:
+    params = dict(model.named_parameters())
+    names = list(names)
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise EsaError(f"target parameters not in the model: {missing[:3]}")
+    require_resident(model, names, what)
+    return params
+
+
 @contextlib.contextmanager
 def perturbed(model: torch.nn.Module, targets: Targets, spec: PerturbSpec, seed: int = 0) -> Iterator[PerturbStats]:
     """Perturb `targets` of `model` in place for the duration of the block, then restore bit-exactly."""
-    fn = PERTURBATIONS[spec.name]
-    params = dict(model.named_parameters())
-    missing = [n for n in targets if n not in params]
-    if missing:
-        raise EsaError(f"target parameters not in the model: {missing[:3]}")
-    require_resident(model, list(targets), f"perturbation {spec.name}")
-    backups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (int view of param, idx, raw values)
-    stats = PerturbStats()
+    pert = PERTURBATIONS[spec.name]
+    params = _params_for(model, targets, f"perturbation {spec.name}")
+    writes = _InPlace()
     try:
         with torch.no_grad():
             for name, idx in targets.items():
                 if idx.numel() == 0:
                     continue
                 p = params[name].data
-                if not p.is_contiguous():
-                    raise EsaError(f"parameter {name} is not contiguous; cannot perturb it in place")
-                if spec.name == "bit_flip" and p.dtype not in BIT_LAYOUTS:
-                    raise EsaError(f"bit_flip needs a bf16/fp16/fp32 parameter; {name} is {p.dtype}")
-                ints = p.view(_INT_VIEW[p.dtype]).view(-1)  # raw bit patterns, shares storage with p
+                if pert.float_bits and p.dtype not in BIT_LAYOUTS:
+                    raise EsaError(f"{spec.name} needs a bf16/fp16/fp32 parameter; {name} is {p.dtype}")
                 idx_d = idx.to(p.device)
-                raw = ints[idx_d].clone()  # (n,) the backup: selected values only
-                backups.append((ints, idx_d, raw))
-                flat = p.view(-1)
-                old = flat[idx_d]
                 ctx = OpContext(_generator(seed, name))
-                if spec.name == "gauss_noise":
+                if pert.matrix_std:
                     ctx.matrix_std = _matrix_std(p, idx).to(p.device)  # (n,) per selected weight
-                new = fn(old, spec, ctx)
-                flat[idx_d] = new
-                stats.n_weights += int(idx.numel())
-                stats.n_changed += int((ints[idx_d] != raw).sum())
-                stats.n_inf += int(torch.isinf(new).sum())
-                stats.n_nan += int(torch.isnan(new).sum())
-        yield stats
+                writes.write(name, p, idx_d, pert.fn(p.view(-1)[idx_d], spec, ctx))
+        yield writes.stats
     finally:
+        writes.restore()
+
+
+@contextlib.contextmanager
+def overwritten(model: torch.nn.Module, updates: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[PerturbStats]:
+    """Write `values` at flat `idx` of each named parameter for the block, then restore bit-exactly.
+
+    `updates`: param name -> (LongTensor idx (n,), values (n,)); values are cast to the parameter's dtype.
+    The general form of `perturbed` for callers that compute the new values themselves (pruning masks,
+    reconstructed weights, attack flips). Memory: the backup is the written values only."""
+    params = _params_for(model, updates, "an in-place update")
+    writes = _InPlace()
+    try:
         with torch.no_grad():
-            for ints, idx_d, raw in reversed(backups):
-                ints[idx_d] = raw
+            for name, (idx, values) in updates.items():
+                if idx.numel() == 0:
+                    continue
+                if values.numel() != idx.numel():
+                    raise EsaError(f"update of {name}: {idx.numel()} indices but {values.numel()} values")
+                p = params[name].data
+                writes.write(name, p, idx.to(p.device).long(), values.reshape(-1).to(device=p.device, dtype=p.dtype))
+        yield writes.stats
+    finally:
+        writes.restore()
 
 
 def weights_hash(model: torch.nn.Module) -> str:
     """SHA-256 over every parameter's raw bytes (bit-exact fingerprint of the model's weights)."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         h.update(name.encode())

@@ -1,6 +1,7 @@
 """Control groups for the top-k set: what a perturbation of *other* weights of the same size does.
 
-Every control has one signature, `fn(inp: ControlInput) -> Targets`, and is registered in `CONTROLS`.
+Every control is one registered `Control` in `CONTROLS`: a function `fn(inp: ControlInput) -> Targets`, whether
+it needs the sensitivity scores, and its one-line definition, which reports print.
 "Matrix" means one weight matrix: a 2-D parameter, or one expert slice of a 3-D expert parameter.
 - `random_k`: per matrix, as many weights as the top-k has there, drawn uniformly (seeded) from the
   matrix's weights *not* in the top-k (so the control is disjoint from what it controls for).
@@ -178,12 +179,27 @@ def _magnitude_k(inp: ControlInput) -> Targets:
     return _per_matrix_extreme(inp, mags, largest=True, label="magnitude_k")
 
 
-CONTROLS: dict[str, ControlFn] = {
-    "random_k": _random_k,
-    "random_global": _random_global,
-    "bottom_k": _bottom_k,
-    "magnitude_k": _magnitude_k,
-}
+@dataclass(frozen=True)
+class Control:
+    """One control group: how it is drawn, what it needs, and its definition."""
+
+    name: str
+    definition: str
+    fn: ControlFn
+    needs_scores: bool = False  # drawn from the sensitivity scores (ControlInput.scores)
+
+    def __call__(self, inp: ControlInput) -> Targets:
+        return self.fn(inp)
+
+
+CONTROLS: dict[str, Control] = {c.name: c for c in (
+    Control("random_k", "per matrix, the top-k's count drawn uniformly (seeded) outside the top-k", _random_k),
+    Control("random_global", "the top-k's total count drawn uniformly over all studied weights outside it",
+            _random_global),
+    Control("bottom_k", "per matrix, the top-k's count of lowest scores (ties drawn uniformly, seeded)", _bottom_k,
+            needs_scores=True),
+    Control("magnitude_k", "per matrix, the top-k's count of largest |w|", _magnitude_k),
+)}
 
 
 def parse_controls(names: str | list[str] | None) -> list[str]:

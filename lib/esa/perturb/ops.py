@@ -1,10 +1,11 @@
-"""The perturbations of SCIENCE.md, behind one registry of same-signature functions.
+"""The perturbations, behind one registry of `Perturbation` objects.
 
 Every perturbation maps the selected values of one weight matrix to new values:
 `fn(values, spec, ctx) -> new_values`, with `values` a 1-D tensor (n,) in the parameter's storage dtype
 and the result in the same dtype. `ctx` carries what a perturbation may need beyond the values: the
 matrix's standard deviation (for `gauss_noise`) and a seeded generator (noise and bit draws), so one
-(seed, condition) always gives the same perturbation.
+(seed, condition) always gives the same perturbation. Its registry entry also holds its dose axis, whether
+it has bit variants, what it needs from the context, its table label and its one-line definition.
 
 - `sign_flip`: w -> -scale * w (scale 1 is the plain sign flip).
 - `gauss_noise`: w + N(0, (scale * sigma)^2); sigma is the weight matrix's standard deviation
@@ -68,16 +69,14 @@ class PerturbSpec:
 
     def kind(self) -> str:
         """The perturbation type as tables and statistics name it (bit choices other than the default apart)."""
-        if self.name == "bit_flip" and self.bits != DEFAULT_BITS:
-            return f"bit_flip[{self.bits}]"
-        return self.name
+        return PERTURBATIONS[self.name].kind(self)
 
     def label(self) -> str:
-        if self.name == "bit_flip":
-            return f"bit_flip(p={self.prob:g},{self.bits})"
-        if self.name == "zero":
-            return "zero"
-        return f"{self.name}(x{self.scale:g})"
+        return PERTURBATIONS[self.name].label(self)
+
+    def dose(self) -> float:
+        """Where this condition sits on its perturbation's dose axis."""
+        return PERTURBATIONS[self.name].dose_of(self)
 
 
 @dataclass
@@ -143,12 +142,60 @@ def _bit_flip(values: torch.Tensor, spec: PerturbSpec, ctx: OpContext) -> torch.
     return flip_bits(values, positions)
 
 
-PERTURBATIONS: dict[str, PerturbFn] = {
-    "sign_flip": _sign_flip,
-    "gauss_noise": _gauss_noise,
-    "zero": _zero,
-    "bit_flip": _bit_flip,
-}
+@dataclass(frozen=True)
+class Perturbation:
+    """Everything known about one perturbation: its function and how sweeps, tables and reports treat it."""
+
+    name: str
+    definition: str  # one line, printed into reports
+    fn: PerturbFn
+    dose: str | None  # the PerturbSpec field a dose-response varies ("scale", "prob"), None: one dose (1)
+    bit_variants: bool = False  # `bits` picks a variant; non-default variants are analysed as types of their own
+    matrix_std: bool = False  # needs each selected weight's matrix standard deviation (OpContext.matrix_std)
+    float_bits: bool = False  # acts on the stored float bit pattern: bf16/fp16/fp32 parameters only
+
+    def dose_of(self, spec: PerturbSpec) -> float:
+        return 1.0 if self.dose is None else float(getattr(spec, self.dose))
+
+    def kind(self, spec: PerturbSpec) -> str:
+        return f"{self.name}[{spec.bits}]" if self.bit_variants and spec.bits != DEFAULT_BITS else self.name
+
+    def label(self, spec: PerturbSpec) -> str:
+        if self.dose == "prob":
+            return f"{self.name}(p={spec.prob:g}{f',{spec.bits}' if self.bit_variants else ''})"
+        return f"{self.name}(x{spec.scale:g})" if self.dose == "scale" else self.name
+
+    def specs(self, scales: list[float], probs: list[float], bits: list[str]) -> list[PerturbSpec]:
+        """The conditions of a sweep: one per dose (x bit variant)."""
+        if self.dose == "scale":
+            return [PerturbSpec(self.name, scale=s) for s in scales]
+        if self.dose == "prob":
+            return [PerturbSpec(self.name, prob=p, bits=b) for b in (bits if self.bit_variants else [DEFAULT_BITS])
+                    for p in probs]
+        return [PerturbSpec(self.name)]
+
+
+PERTURBATIONS: dict[str, Perturbation] = {p.name: p for p in (
+    Perturbation("sign_flip", "w -> -scale * w", _sign_flip, "scale"),
+    Perturbation("gauss_noise", "w + N(0, (scale * std(matrix))^2) (sigma='abs': std |w|)", _gauss_noise, "scale",
+                 matrix_std=True),
+    Perturbation("zero", "w -> 0", _zero, None),
+    Perturbation("bit_flip", "with probability prob, flip one bit (of the chosen class) of the stored value",
+                 _bit_flip, "prob", bit_variants=True, float_bits=True),
+)}
+
+
+def sweep_specs(perturbations: list[str], scales: list[float], probs: list[float],
+                bits: str | list[str] = DEFAULT_BITS) -> list[PerturbSpec]:
+    """The PerturbSpec list of a sweep: every dose of each perturbation (x bit variants where it has them)."""
+    bit_list = [bits] if isinstance(bits, str) else list(bits)
+    return [spec for name in perturbations for spec in get_perturbation(name).specs(scales, probs, bit_list)]
+
+
+def get_perturbation(name: str) -> Perturbation:
+    if name not in PERTURBATIONS:
+        raise unknown("perturbation", name, PERTURBATIONS)
+    return PERTURBATIONS[name]
 
 
 def parse_perturbations(names: str | list[str]) -> list[str]:

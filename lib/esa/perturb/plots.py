@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from esa.report.figures import save_figure
+from esa.figures import save_figure
+from esa.perturb.ops import PERTURBATIONS
 
 GROUP_ORDER = ["top_k", "magnitude_k", "random_k", "random_global", "bottom_k"]
 
@@ -48,7 +49,8 @@ def damage_bars(summary: pd.DataFrame | list[dict[str, Any]], title: str = ""):
         ax.bar(range(len(d)), d["mean"], yerr=[lo, hi], color=["C3" if g == "top_k" else "C0" for g in d.index],
                capsize=3)
         ax.set_xticks(range(len(d)), d.index, rotation=45, ha="right", fontsize=8)
-        label = pert if pert == "zero" else (f"{pert} p={prob:g}" if pert.startswith("bit_flip") else f"{pert} x{scale:g}")
+        dose = PERTURBATIONS[pert.partition("[")[0]].dose  # table kinds name bit variants as bit_flip[<bits>]
+        label = {None: pert, "prob": f"{pert} p={prob:g}"}.get(dose, f"{pert} x{scale:g}")
         ax.set_title(label, fontsize=9)
         ax.axhline(0, color="k", lw=0.5)
         vals = d["mean"].to_numpy(dtype=float)

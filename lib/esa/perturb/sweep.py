@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from esa.errors import EsaError
+from esa.errors import EsaError, unknown
 from esa.evaluate import EvalResult, evaluate
 from esa.models.inventory import WeightSpec
 from esa.perturb.apply import PerturbStats, Targets, count_targets, perturbed, targets_from_selection
@@ -39,11 +39,6 @@ COLUMNS = ["perturbation", "scale", "prob", "dose", "group", "k", "seed", "ppl",
 
 class AllNonFinite(EsaError):
     """Every evaluation window's loss is inf/NaN: the perturbation destroyed the model's output."""
-
-
-def dose_of(spec: PerturbSpec) -> float:
-    """The dose axis of a perturbation: scale (sign_flip, gauss_noise), prob (bit_flip), 1 for zero."""
-    return {"bit_flip": spec.prob, "zero": 1.0}.get(spec.name, spec.scale)
 
 
 def evaluate_perturbed(
@@ -79,8 +74,6 @@ def build_groups(
     controls = list(controls)
     for c in controls:
         if c not in CONTROLS:
-            from esa.errors import unknown
-
             raise unknown("control", c, CONTROLS)
     for seed in seeds:
         sel = selection[selection["seed"] == seed] if "seed" in selection and (selection["seed"] == seed).any() \
@@ -155,7 +148,7 @@ def run_sweep(
         secs = time.perf_counter() - t0
         top = groups.get((TOP, seed), {})
         rows.append(dict(
-            perturbation=spec.kind(), scale=float(spec.scale), prob=float(spec.prob), dose=float(dose_of(spec)),
+            perturbation=spec.kind(), scale=float(spec.scale), prob=float(spec.prob), dose=float(spec.dose()),
             group=group, k=count_targets(targets), seed=int(seed), ppl=float(ppl), log_ppl=float(log_ppl),
             delta_ppl=float(ppl - baseline.ppl), delta_log_ppl=float(log_ppl - baseline.log_ppl),
             accuracy=float(acc), n_nonfinite_windows=int(nonfinite), n_inf_weights=st.n_inf,
@@ -163,7 +156,7 @@ def run_sweep(
             overlap_top=overlap(targets, top) if group != TOP else count_targets(targets),
         ))
         for w, (a, b) in enumerate(zip(nll, base_nll, strict=True)):
-            win_rows.append((spec.kind(), float(spec.scale), float(spec.prob), float(dose_of(spec)), group, int(seed),
+            win_rows.append((spec.kind(), float(spec.scale), float(spec.prob), float(spec.dose()), group, int(seed),
                              w, float(a), float(b), float(a - b)))
     table = pd.DataFrame(rows, columns=COLUMNS)
     wins = pd.DataFrame(win_rows, columns=["perturbation", "scale", "prob", "dose", "group", "seed", "window",

@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from esa.errors import EsaError
-from esa.runner.driver import RunConfig, format_plan, generate_docs, make_plan, run
+from esa.params import yaml_load
+from esa.runner.driver import RunConfig, format_plan, generate_docs, make_plan, run, verify_cache
 from esa.runner.executors import EXECUTORS
+from esa.runner.lifeline import Terminated, sigterm_as_interrupt
 from esa.store import REPO_ROOT
 
 
@@ -20,7 +20,8 @@ def _overrides(pairs: list[str]) -> dict[str, object]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise EsaError(f"--set expects KEY=VALUE (a profile setting), got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)  # "8" -> 8, "[1,2]" -> [1, 2], "null" -> None
+        # "8" -> 8, "[1,2]" -> [1, 2], "null" -> None; malformed YAML or a !!tag: one line naming the --set
+        out[key.strip()] = yaml_load(value, f"--set {pair}")
     return out
 
 
@@ -71,6 +72,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="re-render HTML and index of a run (--run-id, default the latest) without executing",
     )
+    p.add_argument(
+        "--verify-cache",
+        action="store_true",
+        help="hash every sealed cache entry first (corrupt ones are named and moved aside, so they are "
+        "recomputed), and make every cache read of this run a full hash check",
+    )
     p.add_argument("--root", type=Path, default=REPO_ROOT, help=argparse.SUPPRESS)
     p.add_argument("--notebooks-dir", type=Path, help="notebook sources (default <repo>/notebooks)")
     p.add_argument("--params-dir", type=Path, help="params folder (default $ESA_PARAMS_DIR or <repo>/params)")
@@ -97,17 +104,35 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         jobs=args.jobs,
         executor=args.executor,
         timeout=args.timeout,
+        verify_cache=args.verify_cache,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        with sigterm_as_interrupt():
+            return _run(args)
+    except Terminated:
+        # Same clean-up as Ctrl-C (workers stopped, run marked interrupted); 128 + SIGTERM, as the shell says.
+        print(
+            "run_all.py: terminated (SIGTERM); the run is marked interrupted, completed notebooks are kept; "
+            "rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 143
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
         cfg = config_from_args(args)
         if args.generate_docs:
             index = generate_docs(cfg)
         elif args.dry_run:
-            print(format_plan(make_plan(cfg)))
+            plan = make_plan(cfg)
+            if cfg.verify_cache:
+                verify_cache()
+            print(format_plan(plan))
             return 0
         else:
             result = run(cfg)
@@ -116,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     except EsaError as err:
         print(f"run_all.py: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        raise
     except KeyboardInterrupt:
         # Completed notebooks have their stamps; partial files are temporary names, removed next run.
         print(

@@ -11,14 +11,17 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esa.errors import EsaError
+from esa import store
+from esa.errors import EsaError, unknown
 from esa.params import load_profile, params_dir
 from esa.runner import executors, schedule
 from esa.runner import notebook as nbrun
+from esa.runner.index import write_index
 from esa.runner.layout import figures_dir, outputs
 from esa.runner.manifest import environment
 from esa.runner.state import (
@@ -52,6 +55,7 @@ class RunConfig:
     jobs: int = 1
     executor: str = "process"
     timeout: float | None = None  # per-cell seconds
+    verify_cache: bool = False  # full hash check of the cache first, and on every cache read of the run
 
     @property
     def run_name(self) -> str:
@@ -108,6 +112,7 @@ def make_plan(cfg: RunConfig) -> Plan:
         raise EsaError(f"no schedule.yaml in params dir {pdir}")
     os.environ["ESA_PARAMS_DIR"] = str(pdir)  # esa.params and the kernels read the same params
     profile = load_profile(cfg.profile, cfg.overrides)
+    check_models(cfg.models, pdir)
     chosen, added = schedule.select(schedule.entries(), cfg.only, cfg.with_deps)
     in_plan = {e.id for e in chosen}
     root = Path(cfg.root).resolve()
@@ -165,6 +170,32 @@ def make_plan(cfg: RunConfig) -> Plan:
             item.action, item.reason = "run", "a dependency reruns"
             rerun.add(item.entry.id)
     return Plan(cfg, items, added, profile.as_dict())
+
+
+def check_models(models: list[str] | None, pdir: Path) -> None:
+    """Each --models name must be a params/models file, a known model, a hub id or an existing path."""
+    files = {p.stem for p in (pdir / "models").glob("*.yaml")}
+    rest = [m for m in models or [] if m not in files and not _is_reference(m)]
+    if not rest:
+        return
+    # Deferred: esa.models imports torch and transformers (seconds), needed only for names no file defines.
+    from esa.models import known_models
+    from esa.models.micro import is_micro, parse_ref
+
+    known = set(known_models())
+    for name in rest:
+        if is_micro(name):
+            parse_ref(name)  # an unknown budget after '@' is an error too
+        elif name not in known:
+            hint = "Also accepted: a hub id (org/name), a local model folder or a .gguf file"
+            raise unknown("model", name, files | known, hint=hint)
+
+
+def _is_reference(name: str) -> bool:
+    """A hub id (org/name) or a path that exists: passed to esa.models.load as is."""
+    parts = name.split("/")
+    hub_id = len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+    return hub_id or Path(name).expanduser().exists()
 
 
 def _decide(force: bool, run_dir: Path, notebook: str, key: str) -> tuple[str, str]:
@@ -231,16 +262,20 @@ def run(cfg: RunConfig) -> RunResult:
         nbrun.check_kernel(cfg.kernel)
         executors.preflight(cfg.executor)
     started = time.time()
-    with run_lock(run_dir):
+    with run_lock(run_dir), _verifying_reads(cfg.verify_cache):
+        if cfg.verify_cache:
+            verify_cache()
         for folder in (run_dir, figures_dir(Path(cfg.root), cfg.run_name)):
             if folder.is_dir():
                 for path in remove_partial_files(folder):
                     _log(f"  removed partial file left by an interrupted run: {path}")
         total = len(plan.to_run)
         counter = {"n": 0}
+        done: dict[str, dict[str, Any]] = {}
 
         def on_done(result: dict[str, Any]) -> None:
             counter["n"] += 1
+            done[result["notebook"]] = result
             status = result.get("status")
             extra = f" ({result['reason']})" if result.get("reason") else ""
             _log(
@@ -258,7 +293,11 @@ def run(cfg: RunConfig) -> RunResult:
             if cfg.executor != "process"
             else {},
         )
-        results = executors.get_executor(cfg.executor)([i.task for i in plan.to_run], opts, on_done)
+        try:
+            results = executors.get_executor(cfg.executor)([i.task for i in plan.to_run], opts, on_done)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (esa.runner.lifeline): the workers are stopped by now
+            _mark_interrupted(plan, done, started)
+            raise
         for item in plan.items:
             if item.action == "skip":
                 _log(f"  {item.entry.id}: up to date, skipped")
@@ -277,8 +316,59 @@ def run(cfg: RunConfig) -> RunResult:
     return RunResult(1 if failures else 0, index, results, failures)
 
 
-def write_manifest(plan: Plan, results: dict[str, dict[str, Any]], started: float, finished: float) -> Path:
+def _mark_interrupted(plan: Plan, done: dict[str, dict[str, Any]], started: float) -> None:
+    """Write the manifest of an interrupted run: what finished, what did not; the stamps stay as they are."""
+    results = dict(done)
+    for item in plan.to_run:
+        if item.entry.id not in results:
+            results[item.entry.id] = {
+                "notebook": item.entry.id,
+                "status": "interrupted",
+                "reason": "the run was interrupted before it finished; rerun the same command to resume",
+            }
+    try:
+        write_manifest(plan, results, started, time.time(), status="interrupted")
+        build_index(cfg=plan.config)
+    except Exception as err:  # noqa: BLE001 - best effort: must not hide the interrupt itself
+        _log(f"  could not write the manifest of the interrupted run: {type(err).__name__}: {err}")
+
+
+def verify_cache() -> list[tuple[Path, str]]:
+    """--verify-cache: hash every sealed cache entry; corrupt ones are named and quarantined (recomputed)."""
+    _log(f"verifying the cache under {store.cache_root()} (every file's SHA-256)")
+    bad = store.verify_cache()
+    for entry, reason in bad:
+        _log(f"  corrupt, moved aside (it will be recomputed): {entry}: {reason}")
+    _log(f"  {len(bad)} corrupt entr{'y' if len(bad) == 1 else 'ies'}")
+    return bad
+
+
+@contextlib.contextmanager
+def _verifying_reads(on: bool) -> Iterator[None]:
+    """Workers and kernels inherit the environment: with `on`, every cache read of theirs hashes in full."""
+    previous = os.environ.get(store.VERIFY_ENV)
+    if on:
+        os.environ[store.VERIFY_ENV] = "1"
+    try:
+        yield
+    finally:  # run() is also called in-process (tests, notebooks): leave the environment as it was
+        if previous is None:
+            os.environ.pop(store.VERIFY_ENV, None)
+        else:
+            os.environ[store.VERIFY_ENV] = previous
+
+
+def write_manifest(
+    plan: Plan,
+    results: dict[str, dict[str, Any]],
+    started: float,
+    finished: float,
+    status: str | None = None,
+) -> Path:
+    """The run's manifest; `status` is ok | failed | interrupted (default: from the results)."""
     cfg = plan.config
+    if status is None:
+        status = "ok" if all(r.get("status") == "ok" for r in results.values()) else "failed"
     run_dir = cfg.run_dir.resolve()
     actions = {i.entry.id: ("executed" if i.action == "run" else "skipped (up to date)") for i in plan.items}
     notebooks = []
@@ -302,18 +392,20 @@ def write_manifest(plan: Plan, results: dict[str, dict[str, Any]], started: floa
         if stamp.get("failure"):
             entry["failure"] = stamp["failure"].get("summary")
         notebooks.append(entry)
-    for name, res in results.items():  # not run: no stamp was written
-        if res.get("status") == "not run":
+    by_name = {n["notebook"]: n for n in notebooks}
+    for name, res in results.items():  # not run or interrupted: no stamp was written in this invocation
+        if res.get("status") not in ("not run", "interrupted"):
+            continue
+        if name in by_name:  # the stamp of an earlier invocation stays; say what happened in this one
+            by_name[name].update(this_invocation=res["status"], reason=res.get("reason"))
+        else:
+            status = res["status"]
             notebooks.append(
-                {
-                    "notebook": name,
-                    "status": "not run",
-                    "reason": res.get("reason"),
-                    "this_invocation": "not run",
-                }
+                {"notebook": name, "status": status, "reason": res.get("reason"), "this_invocation": status}
             )
     manifest = {
         "run_id": cfg.run_name,
+        "status": status,
         "profile": cfg.profile,
         "profile_settings": plan.profile,
         "models": cfg.models,
@@ -323,6 +415,7 @@ def write_manifest(plan: Plan, results: dict[str, dict[str, Any]], started: floa
         "jobs": cfg.jobs,
         "kernel": cfg.kernel,
         "force": cfg.force,
+        "verify_cache": cfg.verify_cache,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished)),
         "wall_seconds": round(finished - started, 2),
@@ -335,8 +428,6 @@ def write_manifest(plan: Plan, results: dict[str, dict[str, Any]], started: floa
 
 
 def build_index(cfg: RunConfig) -> Path:
-    from esa.report.index import write_index
-
     order: list[str] = []
     with contextlib.suppress(EsaError):  # a broken schedule must not stop the index: use stamp order
         order = [e.id for e in schedule.entries()]

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from esa.errors import EsaError, unknown
+from esa.params import yaml_load
+from esa.runner.lifeline import die_with_parent
 from esa.runner.task import Task, run_task
 
 Result = dict[str, Any]
@@ -76,10 +76,16 @@ def visible_gpus() -> list[str]:
 
 
 def _pin_worker(slots: Any, gpus: list[str]) -> None:
-    """Pool initializer: take a worker slot and pin this process (and its kernels) to one GPU."""
+    """Take a worker slot and pin this process (and its kernels) to one GPU."""
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+
+
+def _init_worker(slots: Any, gpus: list[str], parent_pid: int) -> None:
+    """Pool initializer: die with the runner (even when it is SIGKILLed), then take a slot and a GPU."""
+    die_with_parent(parent_pid)
+    _pin_worker(slots, gpus)
 
 
 @contextlib.contextmanager
@@ -117,7 +123,10 @@ def run_processes(tasks: list[Task], opts: ExecOptions, on_done: OnDone) -> dict
             stop_reason = f"--fail-fast after {task.notebook} failed"
 
     with ProcessPoolExecutor(
-        max_workers=opts.jobs, mp_context=ctx, initializer=_pin_worker, initargs=(slots, visible_gpus())
+        max_workers=opts.jobs,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(slots, visible_gpus(), os.getpid()),
     ) as pool, _workers_stopped_on_interrupt(pool):
         running: dict[Any, Task] = {}
         while pending or running:
@@ -173,7 +182,7 @@ _SUBMITIT_KEYS = {
 def cluster_config(params_dir: Path, executor: str) -> dict[str, Any]:
     """The `executor` section of params/cluster.yaml as submitit parameters (defaults if absent)."""
     path = params_dir / "cluster.yaml"
-    data = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    data = (yaml_load(path.read_text(), str(path)) or {}) if path.is_file() else {}
     section = dict(data.get(executor) or {})
     bad = sorted(set(section) - set(_SUBMITIT_KEYS))
     if bad:
@@ -227,6 +236,22 @@ def _levels(tasks: list[Task]) -> list[list[Task]]:
     return [[t for t in tasks if level[t.notebook] == n] for n in range(max(level.values(), default=-1) + 1)]
 
 
+@contextlib.contextmanager
+def _jobs_cancelled_on_interrupt(jobs: list[Any]) -> Iterator[None]:
+    """On Ctrl-C or SIGTERM, cancel the array's unfinished jobs (local processes or SLURM jobs): a job
+    left running would finish its notebook in the run folder while a rerun races it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        for job in jobs:
+            with contextlib.suppress(Exception):  # best effort: a finished or vanished job cannot be stopped
+                # SLURM: scancel. Local: SIGINT to submitit's controller, which then SIGKILLs the task
+                # (a task ignores SIGTERM: submitit bypasses it, as SLURM sends it before pre-emption).
+                if not job.done():
+                    job.cancel(check=False)
+        raise
+
+
 def _run_submitit(tasks: list[Task], opts: ExecOptions, on_done: OnDone, cluster: str) -> dict[str, Result]:
     import submitit
 
@@ -250,7 +275,8 @@ def _run_submitit(tasks: list[Task], opts: ExecOptions, on_done: OnDone, cluster
         jobs = executor.map_array(run_task, [t.as_dict() for t in runnable])
         for task, job in zip(runnable, jobs, strict=True):
             try:
-                result = job.result()
+                with _jobs_cancelled_on_interrupt(jobs):
+                    result = job.result()
             except Exception as err:  # noqa: BLE001 - the job itself died (time limit, node failure)
                 result = crashed(task, f"submitit job {job.job_id} failed: {type(err).__name__}: {err}")
             result["job_id"] = job.job_id

@@ -1,7 +1,7 @@
 """Where a run puts things: one place, so the runner, the index and the tests agree.
 
 reports/<run>/
-  index.html                      the run's front page (esa.report.index)
+  index.html                      the run's front page (esa.runner.index)
   manifest.json                   git commit, package versions, parameters, timings, status
   input/<id>.ipynb                unexecuted notebook written by jupytext (papermill's input)
   notebooks/<id>.ipynb            executed notebook

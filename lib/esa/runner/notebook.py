@@ -144,6 +144,9 @@ def _papermill(
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    # Imported with papermill (it needs jupyter_client), so planning a run stays free of Jupyter imports.
+    from esa.runner.kernel import NoInterruptOnShutdown
+
     try:
         with warnings.catch_warnings():
             # atomic_path's temporary name ends in .tmp; papermill only warns about the extension.
@@ -157,6 +160,7 @@ def _papermill(
                 progress_bar=False,
                 log_output=False,
                 execution_timeout=timeout,
+                kernel_manager_class=NoInterruptOnShutdown,  # no stray SIGINT after a clean run
             )
     except PapermillExecutionError as err:
         if err.ename == "KeyboardInterrupt":

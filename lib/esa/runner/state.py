@@ -11,7 +11,6 @@ complete result with its stamp or no stamp (and the notebook runs again).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 from collections.abc import Iterator
@@ -19,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import esa
-from esa.errors import EsaError
-from esa.store import content_key, read_json, write_json
+from esa.store import content_key, folder_lock, read_json, write_json
 
 # Files of lib/esa that do not influence notebook results (changing them must not rerun everything).
-_NOT_RESULT_CODE = ("runner/", "report/index.py", "report/html.py")
+_NOT_RESULT_CODE = ("runner/", "report/html.py")
 
 
 def file_hash(path: Path) -> str:
@@ -104,26 +102,13 @@ def is_up_to_date(run_dir: Path, notebook: str, key: str, executed: Path) -> boo
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the run folder; a second runner on the same folder fails clearly.
+    """Hold an exclusive lock on the run folder; a second runner on the same folder fails naming the holder.
 
-    flock is released by the kernel when the holder dies, so a killed run never leaves a stale lock.
+    The lock (esa.store.folder_lock, an flock) is released by the kernel when the holder dies, so a
+    killed run never leaves a stale lock.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held for the whole block
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise EsaError(
-                f"run folder {run_dir} is in use by another run_all.py; wait for it or pick another --run-id"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
+    with folder_lock(run_dir, what="run folder", hint="pick another --run-id"):
         yield
-    finally:
-        fh.close()
 
 
 def remove_partial_files(run_dir: Path) -> list[Path]:

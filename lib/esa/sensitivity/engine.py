@@ -21,15 +21,18 @@ from typing import Any
 
 import pandas as pd
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from esa.data import Windows, calibration
+from esa import memory
+from esa.data import Calibration, Windows
 from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
 from esa.models.loader import LoadedModel
-from esa.sensitivity.metrics import FUSABLE, MetricConfig, fused_gradients, get_metric
+from esa.sensitivity.metrics import METRICS, MetricConfig, fused_gradients, get_metric
 from esa.sensitivity.select import check_k, from_candidates, matrix_candidates
 from esa.stats.tails import tail_summary
-from esa.store import cache_dir, content_key, read_json, source_hash, write_json, write_parquet
+from esa.store import cache_dir, content_key, read_json, seal, source_hash, usable, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,6 @@ class LazyScores(Mapping[str, torch.Tensor]):
         self.path, self.names = path, names
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         if name not in self.names:
             raise KeyError(name)
         with safe_open(str(self.path), framework="pt") as f:
@@ -104,55 +105,38 @@ def score_key(settings: dict[str, Any]) -> str:
 
 def settings_for(model_ref: str, windows: Windows, metric: str, seed: int, dtype: str, cfg: MetricConfig,
                  inventory: list[WeightSpec]) -> dict[str, Any]:
+    """The cache key's content: everything that determines a metric's scores (and nothing else)."""
     return {
         "model": model_ref, "corpus": windows.corpus, "seqlen": windows.seqlen, "n_samples": windows.n_windows,
-        "seed": seed, "metric": metric, "metric_settings": cfg.key(metric), "dtype": dtype,
+        "seed": seed, "metric": metric, "metric_settings": METRICS[metric].key(cfg), "dtype": dtype,
         "tokenizer": windows.tokenizer, "weights": content_key([s.name for s in inventory]),
         # the code that determines the scores, not the commit: unrelated commits keep the cache
         "code_version": source_hash(*SCORE_CODE),
     }
 
 
-def score(
-    lm: LoadedModel,
-    metric: str,
-    seed: int,
-    corpus: str = "shakespeare",
-    seqlen: int = 256,
-    n_samples: int = 4,
-    cfg: MetricConfig | None = None,
-    model_ref: str | None = None,
-    inventory: list[WeightSpec] | None = None,
-    use_cache: bool = True,
-    keep_scores: bool = True,
-    windows: Windows | None = None,
-) -> ScoreRun:
-    """Score every weight of `inventory` (default: the model's) with `metric` on the calibration sample of `seed`."""
-    return score_many(lm, [metric], seed, corpus, seqlen, n_samples, {metric: cfg or MetricConfig()}, model_ref,
-                      inventory, use_cache, keep_scores, windows, fuse=False)[metric]
+def score(lm: LoadedModel, metric: str, calib: Calibration, cfg: MetricConfig | None = None, *,
+          model_ref: str | None = None, inventory: list[WeightSpec] | None = None, use_cache: bool = True,
+          refresh: bool = False, keep_scores: bool = True, windows: Windows | None = None) -> ScoreRun:
+    """Score every weight of `inventory` (default: the model's) with `metric` on the calibration sample `calib`."""
+    return score_many(lm, [metric], calib, {metric: cfg or MetricConfig()}, model_ref=model_ref,
+                      inventory=inventory, use_cache=use_cache, refresh=refresh, keep_scores=keep_scores,
+                      windows=windows, fuse=False)[metric]
 
 
-def score_many(
-    lm: LoadedModel,
-    metrics: list[str],
-    seed: int,
-    corpus: str = "shakespeare",
-    seqlen: int = 256,
-    n_samples: int = 4,
-    cfgs: Mapping[str, MetricConfig] | None = None,
-    model_ref: str | None = None,
-    inventory: list[WeightSpec] | None = None,
-    use_cache: bool = True,
-    keep_scores: bool = True,
-    windows: Windows | None = None,
-    fuse: bool | str = "auto",
-) -> dict[str, ScoreRun]:
+def score_many(lm: LoadedModel, metrics: list[str], calib: Calibration,
+               cfgs: Mapping[str, MetricConfig] | None = None, *, model_ref: str | None = None,
+               inventory: list[WeightSpec] | None = None, use_cache: bool = True, refresh: bool = False,
+               keep_scores: bool = True, windows: Windows | None = None,
+               fuse: bool | str = "auto") -> dict[str, ScoreRun]:
     """`score` for several metrics on one calibration sample; gradient metrics share a backward pass.
 
-    Cached metrics are read back; the uncached gradient metrics (`FUSABLE`) with one batch size are computed
-    from one forward+backward per micro-batch when `fuse` is True, or "auto" and the extra fp32
+    Cached metrics are read back; the uncached gradient metrics (those with a `fold`) with one batch size are
+    computed from one forward+backward per micro-batch when `fuse` is True, or "auto" and the extra fp32
     accumulators fit in memory (`esa.memory`, pass "grad_fused"). Results and cache entries are the same
-    as separate `score` calls, bit for bit.
+    as separate `score` calls, bit for bit. `windows`: the sample itself, when the caller already has it.
+    `use_cache=False` neither reads nor writes the cache; `refresh` recomputes and rewrites the entries. A
+    corrupt entry (sizes or headers not matching its manifest) is moved aside and recomputed.
     """
     for m in metrics:
         get_metric(m)  # unknown names fail before any work
@@ -160,9 +144,10 @@ def score_many(
     inventory = inventory if inventory is not None else lm.inventory
     if not inventory:
         raise EsaError(f"{lm.info.ref}: no weights under study (no attention/MLP linear layers found)")
+    seed = calib.seed
     t0 = time.perf_counter()
     if windows is None:
-        windows = calibration(lm.tokenizer, corpus, seqlen, n_samples, seed, max_positions=lm.info.max_positions or None)
+        windows = calib.windows(lm.tokenizer, max_positions=lm.info.max_positions or None)
     t_data = time.perf_counter() - t0
     ref = model_ref or lm.info.ref
     runs: dict[str, ScoreRun] = {}
@@ -170,7 +155,7 @@ def score_many(
     for m in metrics:
         settings = settings_for(ref, windows, m, seed, lm.info.dtype, cfgs[m], inventory)
         folder = cache_dir("scores") / score_key(settings)
-        if use_cache and (folder / "complete").exists():
+        if use_cache and not refresh and usable(folder, adopt="complete"):
             t1 = time.perf_counter()
             runs[m] = load_cached(folder)
             runs[m].timings["load_cache_s"] = time.perf_counter() - t1
@@ -184,7 +169,7 @@ def score_many(
         t_metric = _synced(t1)
         for m in group:
             extras = {**results[m].extras, "fused_with": [g for g in group if g != m], "fused_metric_s": t_metric}
-            runs[m] = _finish(lm, m, seed, *todo[m], results[m].scores, extras, windows, inventory,
+            runs[m] = _finish(m, seed, *todo[m], results[m].scores, extras, windows, inventory,
                               {"data_s": t_data, "metric_s": t_metric / len(group)}, use_cache, keep_scores)
             del results[m]  # drop this metric's buffers before the next one is written
     for m in todo:
@@ -193,7 +178,7 @@ def score_many(
         t1 = time.perf_counter()
         result = get_metric(m)(lm.model, inventory, windows.ids, cfgs[m])
         t_metric = _synced(t1)
-        runs[m] = _finish(lm, m, seed, *todo[m], result.scores, result.extras, windows, inventory,
+        runs[m] = _finish(m, seed, *todo[m], result.scores, result.extras, windows, inventory,
                           {"data_s": t_data, "metric_s": t_metric}, use_cache, keep_scores)
     return {m: runs[m] for m in metrics}
 
@@ -209,12 +194,10 @@ def _fused_group(lm: LoadedModel, todo: Mapping[str, Any], cfgs: Mapping[str, Me
     """The uncached gradient metrics to compute in one pass (empty: compute each on its own)."""
     if fuse not in (True, False, "auto"):
         raise EsaError(f"fuse must be True, False or 'auto', got {fuse!r}")
-    group = [m for m in todo if m in FUSABLE]
+    group = [m for m in todo if METRICS[m].fold is not None]
     if not fuse or len(group) < 2 or len({cfgs[m].batch_size for m in group}) != 1:
         return []
     if fuse == "auto":
-        from esa import memory
-
         try:
             memory.check(lm.model, "grad_fused", cfgs[group[0]].batch_size, windows.seqlen, inventory)
         except EsaError as err:
@@ -223,7 +206,7 @@ def _fused_group(lm: LoadedModel, todo: Mapping[str, Any], cfgs: Mapping[str, Me
     return group
 
 
-def _finish(lm: LoadedModel, metric: str, seed: int, settings: dict[str, Any], folder: Path,
+def _finish(metric: str, seed: int, settings: dict[str, Any], folder: Path,
             scores: dict[str, torch.Tensor], extras: dict[str, Any], windows: Windows,
             inventory: list[WeightSpec], timings: dict[str, float], use_cache: bool, keep_scores: bool) -> ScoreRun:
     """Candidates, statistics and the cache entry of one metric's scores."""
@@ -266,8 +249,6 @@ def matrix_stats(scores: Mapping[str, torch.Tensor], inventory: list[WeightSpec]
 
 
 def _write_cache(folder: Path, run: ScoreRun, scores: Mapping[str, torch.Tensor] | None) -> None:
-    from safetensors.torch import save_file
-
     tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -282,6 +263,7 @@ def _write_cache(folder: Path, run: ScoreRun, scores: Mapping[str, torch.Tensor]
                                    "has_scores": scores is not None,
                                    "names": list(scores) if scores is not None else []})
     (tmp / "complete").write_text(run.key + "\n")
+    seal(tmp)  # sizes and hashes of every file: checked on every read (esa.store.check)
     shutil.rmtree(folder, ignore_errors=True)
     try:
         os.replace(tmp, folder)

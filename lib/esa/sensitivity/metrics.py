@@ -1,13 +1,17 @@
-"""Sensitivity metrics: one score per studied weight, higher = more critical (SCIENCE.md definitions).
+"""Sensitivity metrics: one score per studied weight, higher = more critical.
 
-Every metric is a function with the same signature, registered in `METRICS`:
+Every metric is one registered `Metric` object in `METRICS`, holding everything known about it: its
+computation, the settings that enter its cache key, whether it can share a backward pass with other
+gradient metrics (`fold`), the memory pass the guard estimates for it, whether it needs a double
+backward (eager attention), and its one-line definition, which reports print. A metric is called as
 
-    fn(model, specs, ids, cfg: MetricConfig) -> MetricResult
+    METRICS[name](model, specs, ids, cfg: MetricConfig) -> MetricResult
 
 `specs` are the `WeightSpec`s to score, `ids` the calibration windows (n, seqlen). Scores come back in
 fp32, one tensor per parameter with the parameter's shape, whatever the model dtype.
 
-Memory discipline (DESIGN.md: naive fp32 accumulation does not fit an 8B model): gradients are folded
+Memory discipline (naive fp32 accumulation of every gradient does not fit an 8B model on one 80 GB GPU,
+measured; see README "Scaling out"): gradients are folded
 into the fp32 accumulators by `register_post_accumulate_grad_hook` the moment autograd finishes each
 parameter's gradient, and the `.grad` is freed at once, so the model never holds all gradients and all
 accumulators together. Only the studied parameters have `requires_grad` on.
@@ -34,13 +38,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from esa.dispatch import input_device, require_resident
-from esa.errors import EsaError
+from esa.errors import EsaError, unknown
+from esa.hooks import Call, hooked
+from esa.memory import PROBE_CACHE_BYTES
 from esa.models.inventory import WeightSpec
 from esa.progress import progress
-
-PROBE_CACHE_BYTES = 2 << 30  # hutchinson_diag keeps all its int8 probes below this, else redraws them per window
 
 
 @dataclass
@@ -54,22 +59,6 @@ class MetricConfig:
     spread_sample: int = 256  # hutchinson_diag: weights per matrix whose per-probe values give the spread
     hutchinson_groups: int = 1  # >1: probe the weights in this many groups (less memory, that many more passes)
     show_progress: bool = True
-
-    def key(self, metric: str) -> dict[str, Any]:
-        """The settings that change `metric`'s result (for cache keys)."""
-        d: dict[str, Any] = {"batch_size": self.batch_size}
-        if metric == "grad_x_weight":
-            d["per_batch"] = self.per_batch
-        if metric == "grad_squared":
-            d["times_w2"] = self.times_w2
-        if metric == "hutchinson_diag":
-            d.pop("batch_size")  # always one window at a time (memory), see hutchinson_diag
-            d.update(probes=self.probes, probe_seed=self.seed, output=self.hutchinson_output)
-            if self.hutchinson_groups > 1:
-                d["groups"] = self.hutchinson_groups
-        if metric == "act_mag":
-            d.pop("batch_size")  # sums over tokens: independent of batching
-        return d
 
 
 @dataclass
@@ -138,13 +127,9 @@ def streamed_grads(
 
 
 def _math_attention() -> contextlib.AbstractContextManager:
-    """The math SDPA kernel: the flash/cuDNN kernels have no double backward (DESIGN.md)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel(SDPBackend.MATH)
-    except ImportError:  # very old torch
-        return contextlib.nullcontext()
+    """The math SDPA kernel: the flash/cuDNN kernels have no double backward (measured on an H100: "derivative
+    for aten::_scaled_dot_product_cudnn_attention_backward is not implemented")."""
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 # ---------------------------------------------------------------- gradient metrics
@@ -195,10 +180,6 @@ class _GradSquared(_GradFold):
         return MetricResult(self.acc, {"variant": "mean_b g_b^2 * w^2" if self.cfg.times_w2 else "mean_b g_b^2"})
 
 
-_GRAD_FOLDS: dict[str, type[_GradFold]] = {"grad_x_weight": _GradXWeight, "grad_squared": _GradSquared}
-FUSABLE = tuple(_GRAD_FOLDS)  # metrics that can share one forward+backward (see fused_gradients)
-
-
 def fused_gradients(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor,
                     cfgs: dict[str, MetricConfig]) -> dict[str, MetricResult]:
     """Several gradient metrics from one forward+backward per micro-batch.
@@ -207,14 +188,14 @@ def fused_gradients(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.
     is bit-identical to running that metric alone (tested); the cost is one pass instead of one per metric,
     at the price of one more fp32 accumulator per metric.
     """
-    unknown_names = [m for m in cfgs if m not in _GRAD_FOLDS]
-    if unknown_names or not cfgs:
-        raise EsaError(f"fused_gradients takes gradient metrics {list(_GRAD_FOLDS)}, got {list(cfgs)}")
+    folds_of = {m: METRICS[m].fold for m in cfgs if m in METRICS and METRICS[m].fold is not None}
+    if len(folds_of) != len(cfgs) or not cfgs:
+        raise EsaError(f"fused_gradients takes gradient metrics {fusable()}, got {list(cfgs)}")
     sizes = {c.batch_size for c in cfgs.values()}
     if len(sizes) != 1:
         raise EsaError(f"fused gradient metrics must share one batch size, got {sorted(sizes)}")
     params = _params(model, specs)
-    folds = [_GRAD_FOLDS[m](params, c) for m, c in cfgs.items()]
+    folds = [folds_of[m](params, c) for m, c in cfgs.items()]
     weight = {"w": 0.0}
 
     def fold(name: str, p: torch.nn.Parameter, g: torch.Tensor) -> None:
@@ -229,20 +210,14 @@ def fused_gradients(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.
     return {f.name: f.finish(params) for f in folds}
 
 
-def grad_x_weight(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, cfg: MetricConfig) -> MetricResult:
-    return fused_gradients(model, specs, ids, {"grad_x_weight": cfg})["grad_x_weight"]
+def _gradient_metric(name: str) -> MetricFn:
+    def compute(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, cfg: MetricConfig) -> MetricResult:
+        return fused_gradients(model, specs, ids, {name: cfg})[name]
 
-
-def grad_squared(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, cfg: MetricConfig) -> MetricResult:
-    return fused_gradients(model, specs, ids, {"grad_squared": cfg})["grad_squared"]
+    return compute
 
 
 # ---------------------------------------------------------------- activation magnitude
-def _owner(model: torch.nn.Module, spec: WeightSpec) -> tuple[torch.nn.Module, str]:
-    parent, _, attr = spec.name.rpartition(".")
-    return model.get_submodule(parent), attr
-
-
 def expert_routing_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden_states (T, H), top_k_index (T, k)) from a transformers-5 experts module call."""
     names = list(inspect.signature(module.forward).parameters)
@@ -259,26 +234,20 @@ def expert_routing_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) ->
 def act_mag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, cfg: MetricConfig) -> MetricResult:
     params = _params(model, specs)
     sq: dict[str, torch.Tensor] = {}  # param -> sum over tokens of x_j^2: (cols,) or (E, cols)
-    handles = []
-    by_module: dict[int, tuple[torch.nn.Module, list[tuple[WeightSpec, str]]]] = {}
+    by_module: dict[str, list[tuple[WeightSpec, str]]] = {}  # owning module name -> its studied weights
     for spec in specs:
-        module, attr = _owner(model, spec)
-        by_module.setdefault(id(module), (module, []))[1].append((spec, attr))
+        parent, _, attr = spec.name.rpartition(".")
+        by_module.setdefault(parent, []).append((spec, attr))
         lead = (spec.n_experts,) if spec.n_experts else ()
         sq[spec.name] = torch.zeros(*lead, spec.cols, dtype=torch.float32, device=params[spec.name].device)
-
-    for module, entries in by_module.values():
-        if any(s.n_experts for s, _ in entries):
-            handles.append(module.register_forward_hook(_expert_hook(module, entries, sq), with_kwargs=True))
-        else:
-            handles.append(module.register_forward_hook(_linear_hook(entries, sq), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for batch, _ in _batches(ids, cfg, "act_mag"):
-                model(input_ids=batch.to(_device(model)), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    callbacks = {
+        name: (_expert_hook(model.get_submodule(name), entries, sq) if any(s.n_experts for s, _ in entries)
+               else _linear_hook(entries, sq))
+        for name, entries in by_module.items()
+    }
+    with torch.no_grad(), hooked(model, callbacks):
+        for batch, _ in _batches(ids, cfg, "act_mag"):
+            model(input_ids=batch.to(_device(model)), use_cache=False)
     scores = {}
     for name, p in params.items():
         norm = sq.pop(name).sqrt_()  # ||X_j||_2
@@ -287,9 +256,9 @@ def act_mag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, 
     return MetricResult(scores, {"variant": "|W_ij| * ||X_j||_2 (routed tokens for experts)"})
 
 
-def _linear_hook(entries: list[tuple[WeightSpec, str]], sq: dict[str, torch.Tensor]):
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        x = args[0] if args else next(iter(kwargs.values()))
+def _linear_hook(entries: list[tuple[WeightSpec, str]], sq: dict[str, torch.Tensor]) -> Callable[[Call], None]:
+    def hook(call: Call) -> None:
+        x = call.input
         for spec, _ in entries:
             if x.shape[-1] != spec.cols:
                 raise EsaError(
@@ -302,15 +271,17 @@ def _linear_hook(entries: list[tuple[WeightSpec, str]], sq: dict[str, torch.Tens
     return hook
 
 
-def _expert_hook(module: torch.nn.Module, entries: list[tuple[WeightSpec, str]], sq: dict[str, torch.Tensor]):
+def _expert_hook(module: torch.nn.Module, entries: list[tuple[WeightSpec, str]],
+                 sq: dict[str, torch.Tensor]) -> Callable[[Call], None]:
     attrs = {attr for _, attr in entries}
     if not attrs <= {"gate_up_proj", "down_proj"} or not hasattr(module, "gate_up_proj"):
         raise EsaError(
             f"act_mag supports fused 3-D experts (gate_up_proj, down_proj) only; {type(module).__name__} has {sorted(attrs)}"
         )
 
-    def hook(mod: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        hidden, top_k_index = expert_routing_inputs(mod, args, kwargs)
+    def hook(call: Call) -> None:
+        mod = call.module
+        hidden, top_k_index = expert_routing_inputs(mod, call.args, call.kwargs)
         x = hidden.detach().reshape(-1, hidden.shape[-1]).float()  # (T, H)
         n_exp = mod.gate_up_proj.shape[0]
         routed = F.one_hot(top_k_index.long().clamp(max=n_exp), n_exp + 1)[..., :n_exp].sum(1) > 0  # (T, E)
@@ -438,17 +409,53 @@ def _hutchinson_spread(per_probe: dict[str, torch.Tensor], trace: torch.Tensor, 
     }
 
 
-METRICS: dict[str, MetricFn] = {
-    "grad_x_weight": grad_x_weight,
-    "grad_squared": grad_squared,
-    "act_mag": act_mag,
-    "hutchinson_diag": hutchinson_diag,
-}
+# ---------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class Metric:
+    """Everything known about one metric; `METRICS[name](model, specs, ids, cfg)` computes it."""
+
+    name: str
+    definition: str  # one line, printed into every report that uses the metric
+    compute: MetricFn
+    key: Callable[[MetricConfig], dict[str, Any]]  # the MetricConfig settings that change the result (cache key)
+    memory_pass: str  # the pass esa.memory estimates for it
+    fold: type[_GradFold] | None = None  # set: a gradient fold that can share one backward (fused_gradients)
+    double_backward: bool = False  # needs a twice-differentiable attention (eager / math SDPA)
+
+    def __call__(self, model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor,
+                 cfg: MetricConfig) -> MetricResult:
+        return self.compute(model, specs, ids, cfg)
 
 
-def get_metric(name: str) -> MetricFn:
+def _hutchinson_key(cfg: MetricConfig) -> dict[str, Any]:
+    # no batch_size: always one window at a time (memory), see hutchinson_diag
+    d: dict[str, Any] = {"probes": cfg.probes, "probe_seed": cfg.seed, "output": cfg.hutchinson_output}
+    if cfg.hutchinson_groups > 1:
+        d["groups"] = cfg.hutchinson_groups
+    return d
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("grad_x_weight", "|w * g|, g = gradient of the mean calibration loss (first-order Taylor, SNIP); "
+           "per_batch: mean_b |w * g_b|", _gradient_metric("grad_x_weight"),
+           lambda c: {"batch_size": c.batch_size, "per_batch": c.per_batch}, "gradient", fold=_GradXWeight),
+    Metric("grad_squared", "mean_b g_b^2 over calibration micro-batches (empirical Fisher diagonal); "
+           "times_w2: x w^2 (OBD saliency)", _gradient_metric("grad_squared"),
+           lambda c: {"batch_size": c.batch_size, "times_w2": c.times_w2}, "gradient", fold=_GradSquared),
+    # act_mag sums over tokens: independent of batching, so no batch_size in its key
+    Metric("act_mag", "|W_ij| * ||X_j||_2 over calibration tokens (Wanda; routed tokens for MoE experts)",
+           act_mag, lambda c: {}, "act_mag"),
+    Metric("hutchinson_diag", "0.5 * diag(H) * w^2, diag(H) = mean over Rademacher probes v of v * Hv "
+           "(Hutchinson, double backward)", hutchinson_diag, _hutchinson_key, "hutchinson", double_backward=True),
+)}
+
+
+def fusable() -> list[str]:
+    """The metrics that can share one forward+backward per micro-batch (see fused_gradients)."""
+    return [m.name for m in METRICS.values() if m.fold is not None]
+
+
+def get_metric(name: str) -> Metric:
     if name not in METRICS:
-        from esa.errors import unknown
-
         raise unknown("metric", name, METRICS)
     return METRICS[name]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from esa.report.figures import save_figure
+from esa.figures import save_figure
 
 
 def _plt():

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from esa.hooks import Call, hooked
 from esa.models.inventory import WeightSpec
 
 
@@ -49,16 +50,16 @@ def input_channel_max(model: torch.nn.Module, inventory: list[WeightSpec], ids: 
     """Per 2-D studied weight: max |x_j| over tokens of its input (cols,), and for down projections the
     max |y_i| of its output (rows,) under key name + ':out'. One forward pass."""
     out: dict[str, torch.Tensor] = {}
-    handles = []
+    by_module: dict[str, list[WeightSpec]] = {}
     for spec in inventory:
-        if spec.n_experts:
-            continue
-        parent, _, _ = spec.name.rpartition(".")
-        module = model.get_submodule(parent)
+        if not spec.n_experts:
+            by_module.setdefault(spec.name.rpartition(".")[0], []).append(spec)
 
-        def hook(mod: torch.nn.Module, args: tuple, y: Any, spec: WeightSpec = spec) -> None:
+    def channel_max(call: Call) -> None:
+        args, y = call.args, call.output
+        for spec in by_module[call.name]:
             if not args or not isinstance(args[0], torch.Tensor) or args[0].shape[-1] != spec.cols:
-                return
+                continue
             x = args[0].detach().float().reshape(-1, spec.cols).abs().amax(0)  # (in,)
             out[spec.name] = torch.maximum(out[spec.name], x) if spec.name in out else x
             if spec.component == "down" and isinstance(y, torch.Tensor):
@@ -66,12 +67,8 @@ def input_channel_max(model: torch.nn.Module, inventory: list[WeightSpec], ids: 
                 key = spec.name + ":out"
                 out[key] = torch.maximum(out[key], yy) if key in out else yy
 
-        handles.append(module.register_forward_hook(hook))
-    try:
+    with hooked(model, {name: channel_max for name in by_module}):
         model(input_ids=ids.to(model.get_input_embeddings().weight.device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     return out
 
 

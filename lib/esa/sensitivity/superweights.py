@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from esa.errors import EsaError
+from esa.hooks import Call, hooked
 from esa.models.inventory import WeightSpec
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
@@ -36,25 +37,18 @@ def detect_superweights(
         raise EsaError("super-weight detection needs dense MLP down projections; this model has none")
     device = model.get_input_embeddings().weight.device
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
-    for spec in downs:
-        module = model.get_submodule(spec.module)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> per-channel max |input|, max |output|
 
-        def hook(mod: torch.nn.Module, args: tuple, output: torch.Tensor, name: str = spec.name) -> None:
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (T, in)
-            y = output.detach().float().reshape(-1, output.shape[-1])  # (T, out)
-            seen[name] = (x.abs().amax(0), y.abs().amax(0))  # per channel max over tokens
+    def spikes(call: Call) -> None:
+        x = call.input.detach().float().reshape(-1, call.input.shape[-1])  # (T, in)
+        y = call.output.detach().float().reshape(-1, call.output.shape[-1])  # (T, out)
+        seen[call.name] = (x.abs().amax(0), y.abs().amax(0))  # per channel max over tokens
 
-        handles.append(module.register_forward_hook(hook))
-    try:
+    with hooked(model, {spec.module: spikes for spec in downs}):
         model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     rows = []
     for spec in downs:
-        in_abs, out_abs = seen[spec.name]
+        in_abs, out_abs = seen[spec.module]
         col, row = int(in_abs.argmax()), int(out_abs.argmax())
         w = model.get_parameter(spec.name)
         rows.append({"layer": spec.layer, "param": spec.name, "row": row, "col": col,

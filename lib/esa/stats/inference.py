@@ -1,6 +1,6 @@
 """Inference for perturbation experiments: CIs, ratios, tests, effect sizes, Holm, dose-response.
 
-The plan (SCIENCE.md, Statistics):
+The plan (README, "Methods", statistics):
 - Unit of replication = the seed (calibration sample of the top-k, and the random controls' draw).
   Conditions with the same seeds are compared *paired by seed* (paired t, primary; Wilcoxon signed-rank
   alongside from 6 seeds: its exact one-sided p is at least 2^-n, too coarse for p < 0.01); otherwise

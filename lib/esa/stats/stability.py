@@ -2,7 +2,7 @@
 
 A weight is identified by (param, expert, row, col). Stability = mean pairwise Jaccard of the seeds'
 top-k sets (with spread) plus Spearman rank correlation of the scores on the union of the sets;
-agreement = overlap of two metrics' top-k sets (SCIENCE.md).
+agreement = overlap of two metrics' top-k sets (README, "Methods").
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""What the Phase 2 notebooks compute, as functions (the notebooks only call these and show the results).
+"""Phase 2 (weeks 1-4): what the notebooks compute, as functions (the notebooks only call these and show the results).
 
-`score_model` runs (or reads from the cache) every metric x seed of a profile on one model; the table
-builders turn those runs into the stability, agreement, tail, component and super-weight tables, and
-`phase2_criteria` judges the guide's Phase 2 success criteria from them.
+`score_model` runs (or reads from the cache) every metric x seed of a profile on one model, through the
+recipe layer; the table builders turn those runs into the stability, agreement, tail, component and
+super-weight tables, and `phase2_criteria` judges the guide's Phase 2 success criteria from them.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ from typing import Any
 import pandas as pd
 import torch
 
-from esa.models.loader import LoadedModel
+from esa.models import LoadedModel
 from esa.params import Profile
-from esa.report.scorecard import Criterion, judge
-from esa.sensitivity.engine import ScoreRun, score_many
-from esa.sensitivity.metrics import MetricConfig
+from esa.phases import criteria
+from esa.recipes import Recipe
+from esa.sensitivity.engine import ScoreRun
+from esa.sensitivity.select import from_candidates, matrix_candidates
+from esa.sensitivity.superweights import detect_superweights
 from esa.stats import stability
+from esa.stats.verdicts import Criterion, judge
 
 log = logging.getLogger(__name__)
 
@@ -29,30 +32,17 @@ OBD = "grad_squared_x_w2"  # the Fisher metric's OBD saliency, derived (obd_sele
 HEAVY_TAIL_RATIO = 10.0  # our rule for "orders of magnitude above the rest": top-1% mean >= 10 x median
 
 
-def load_model(name: str, P: Profile, hutchinson: bool = True) -> LoadedModel:
-    from esa.models import load_configured
-
+def load_model(name: str, P: Profile) -> LoadedModel:
     # eager attention: Hutchinson's double backward needs a differentiable attention kernel
-    return load_configured(name, P.dtype, attn_implementation="eager" if hutchinson else None)
-
-
-def metric_config(P: Profile, seed: int) -> MetricConfig:
-    """The settings every caller uses for a profile, so the cache key matches across CLI, notebooks, Phase 3."""
-    return MetricConfig(batch_size=P.batch_size, probes=P.hutchinson_probes, seed=seed, show_progress=False)
+    return Recipe.of(P).load(name, eager=True)
 
 
 def score_model(lm: LoadedModel, name: str, P: Profile, metrics: list[str] | None = None,
                 seeds: list[int] | None = None, n_samples: int | None = None) -> Runs:
-    metrics, seeds = list(metrics or P.metrics), list(seeds or P.seeds)
-    by_seed = {}
-    for seed in seeds:  # per seed, so the gradient metrics of one calibration sample share a backward pass
-        t0 = time.perf_counter()
-        by_seed[seed] = score_many(lm, metrics, seed, corpus=P.corpus, seqlen=P.seqlen,
-                                   n_samples=n_samples or P.max_samples,
-                                   cfgs={m: metric_config(P, seed) for m in metrics}, model_ref=name)
-        cached = [m for m, r in by_seed[seed].items() if r.from_cache]
-        log.info("%s seed %d: %.1f s (from cache: %s)", name, seed, time.perf_counter() - t0, cached or "none")
-    return {(m, s): by_seed[s][m] for m in metrics for s in seeds}
+    t0 = time.perf_counter()
+    runs = Recipe.of(P).score_model(lm, name, metrics, seeds, n_samples)
+    log.info("%s: %d metric x seed runs in %.1f s", name, len(runs), time.perf_counter() - t0)
+    return runs
 
 
 def selections(runs: Runs, k: int, mode: str, lm: LoadedModel) -> pd.DataFrame:
@@ -103,8 +93,6 @@ def obd_selections(runs: Runs, lm: LoadedModel, k: int, mode: str) -> pd.DataFra
     the weights, so the Fisher metric's OBD variant costs no extra pass. Empty if grad_squared (without
     times_w2) was not run or its scores were not kept, and for a calibration sample of one micro-batch, where
     g^2 * w^2 = (g * w)^2 ranks exactly as |grad_x_weight| and the comparison would be 100% by construction."""
-    from esa.sensitivity.select import from_candidates, matrix_candidates
-
     parts = []
     for (metric, seed), r in runs.items():
         if metric != "grad_squared" or r.scores is None or r.settings["metric_settings"].get("times_w2"):
@@ -157,8 +145,6 @@ def top_weights(runs: Runs, lm: LoadedModel, n: int = 5) -> pd.DataFrame:
 
 def superweight_table(lm: LoadedModel, runs: Runs) -> pd.DataFrame:
     """Data-free super-weight candidates per layer, with each metric's per-matrix rank of that weight."""
-    from esa.sensitivity.superweights import detect_superweights
-
     sw = detect_superweights(lm.model, lm.tokenizer, lm.inventory)
     seed = min(s for _, s in runs)
     for metric in dict.fromkeys(m for m, _ in runs):
@@ -178,14 +164,12 @@ def phase2_criteria(stab: pd.DataFrame, agree: pd.DataFrame, tails: pd.DataFrame
                     evidence: str) -> list[Criterion]:
     """The guide's criteria (Jaccard > 0.4 over 3+ seeds; grad_x_weight vs grad_squared overlap > 60%) and
     our heavy-tail rule, one model at a time."""
-    from esa.report import criteria
-
     n_seeds = int(stab["n_seeds"].max()) if len(stab) else 0
     rows = criteria.p2_jaccard(dict(zip(stab["metric"], stab["jaccard_mean"], strict=True)), n_seeds, evidence)
     pair = metric_pair(agree, "grad_squared", "grad_x_weight")
     rows += criteria.p2_metric_overlap(float(pair["overlap"].mean()) if len(pair) else None, evidence)
     obd = metric_pair(agree, OBD, "grad_x_weight")
-    if len(obd):  # the same criterion with the Fisher metric's OBD variant (SCIENCE.md's optional x w^2)
+    if len(obd):  # the same criterion with the Fisher metric's OBD variant (its optional x w^2)
         value = float(obd["overlap"].mean())
         rows.append(Criterion("P2.metric_overlap_obd", 2,
                               "grad_x_weight vs grad_squared x w^2 (OBD) top-k overlap > 60% (our addition)", value,

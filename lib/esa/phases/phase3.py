@@ -1,6 +1,6 @@
-"""What the Phase 3 notebooks share: top-k sets from Phase 2's cache, evaluation windows, one model's sweep.
+"""Phase 3 (weeks 5-8): top-k sets from Phase 2's cache, evaluation windows, one model's perturbation sweep.
 
-Top-k sets come from `esa.sensitivity.engine.score`, which returns Phase 2's cached run when the
+Top-k sets come through the recipe layer from the score cache, which returns Phase 2's run when the
 settings (model, corpus, seqlen, samples, seed, metric settings, dtype, code version) match: Phase 3 never
 computes its own selection. Whether each set came from the cache is reported (`from_cache`).
 """
@@ -14,7 +14,14 @@ from typing import Any
 
 import pandas as pd
 
+from esa.data import Windows
+from esa.models import LoadedModel
 from esa.params import Profile
+from esa.perturb import build_groups, run_sweep
+from esa.perturb.ops import PerturbSpec
+from esa.perturb.sweep import group_composition
+from esa.recipes import Recipe
+from esa.stats.inference import analyze
 
 log = logging.getLogger(__name__)
 
@@ -34,45 +41,28 @@ class ModelSweep:
     composition: pd.DataFrame = field(default_factory=pd.DataFrame)  # per group and seed: n, zero share, |w|
 
 
-def load_model(name: str, P: Profile):
-    from esa.models import load_configured
-
-    return load_configured(name, P.dtype)
+def load_model(name: str, P: Profile) -> LoadedModel:
+    return Recipe.of(P).load(name)
 
 
-def topk_sets(lm: Any, model_name: str, P: Profile, metric: str = PRIMARY_METRIC, k: int | None = None,
+def topk_sets(lm: LoadedModel, model_name: str, P: Profile, metric: str = PRIMARY_METRIC, k: int | None = None,
               mode: str | None = None) -> tuple[pd.DataFrame, dict[int, Any], dict[int, bool]]:
     """(selection table over P.seeds, scores by seed, from_cache by seed) via Phase 2's engine cache."""
-    from esa.sensitivity.engine import score
-    from esa.sensitivity.metrics import MetricConfig
-
-    sels, scores, cached = [], {}, {}
-    for seed in P.seeds:
-        cfg = MetricConfig(batch_size=P.batch_size, probes=P.hutchinson_probes, seed=seed, show_progress=False)
-        run = score(lm, metric, seed, corpus=P.corpus, seqlen=P.seqlen, n_samples=P.max_samples, cfg=cfg,
-                    model_ref=model_name)
-        sels.append(run.topk(k or P.topk, mode or P.mode, lm.inventory))
-        scores[seed], cached[seed] = run.scores, bool(run.from_cache)
-        if not run.from_cache:
+    sel, scores, cached, _ = Recipe.of(P).scored_topk(lm, model_name, metric, k, mode)
+    for seed, hit in cached.items():
+        if not hit:
             log.warning("%s %s seed %d: no cached Phase 2 scores matched; they were computed now (and cached)",
                         model_name, metric, seed)
-    return pd.concat(sels, ignore_index=True), scores, cached
+    return sel, scores, cached
 
 
-def eval_windows(lm: Any, P: Profile):
-    from esa.data import evaluation
-
-    n = P.perturb_eval_windows or P.eval_windows
-    return evaluation(lm.tokenizer, P.corpus, P.seqlen, n_windows=n, seed=0,
-                      max_positions=lm.info.max_positions or None)
+def eval_windows(lm: LoadedModel, P: Profile) -> Windows:
+    return Recipe.of(P).evaluation_windows(lm, perturbation=True)
 
 
 def specs_from_profile(P: Profile, perturbations: list[str] | None = None, scales: list[float] | None = None,
-                       probs: list[float] | None = None) -> list:
-    from esa.cli_perturb import specs_for
-
-    return specs_for(perturbations or list(P.perturbations), scales or [P.perturb_scale], probs or [P.perturb_prob],
-                     bits=list(P.bit_flip_bits))
+                       probs: list[float] | None = None) -> list[PerturbSpec]:
+    return Recipe.of(P).perturb_specs(perturbations, scales, probs)
 
 
 def feasible_k(inventory: list, k: int) -> int:
@@ -82,13 +72,9 @@ def feasible_k(inventory: list, k: int) -> int:
     return max(1, min(k, smallest // 4))
 
 
-def sweep_model(model_name: str, P: Profile, specs: list, controls: list[str] | None = None,
-                metric: str = PRIMARY_METRIC, lm: Any = None, k: int | None = None) -> ModelSweep:
+def sweep_model(model_name: str, P: Profile, specs: list[PerturbSpec], controls: list[str] | None = None,
+                metric: str = PRIMARY_METRIC, lm: LoadedModel | None = None, k: int | None = None) -> ModelSweep:
     """Top-k (cached) + controls -> sweep -> statistics, for one model (k: default the profile's top-k)."""
-    from esa.perturb import build_groups, run_sweep
-    from esa.perturb.sweep import group_composition
-    from esa.stats.inference import analyze
-
     t0 = time.perf_counter()
     lm = lm or load_model(model_name, P)
     sel, scores, cached = topk_sets(lm, model_name, P, metric, k=k)

@@ -73,15 +73,17 @@ def _notebook_rows(
                 files,
             ]
         )
-    for entry in manifest.get("notebooks", []):  # selected but never started (dependency failed, fail-fast)
-        if entry.get("status") == "not run" and entry.get("notebook") not in stamps:
+    # Selected but never started (dependency failed, fail-fast), or cut short by an interrupt.
+    for entry in manifest.get("notebooks", []):
+        status = entry.get("status")
+        if status in ("not run", "interrupted") and entry.get("notebook") not in stamps:
             rows.append(
                 [
                     "",
                     "",
                     f"<b>{h.esc(entry['notebook'])}</b>",
                     "",
-                    h.badge("not run", "notrun") + f'<div class="err">{h.esc(entry.get("reason", ""))}</div>',
+                    h.badge(status, "notrun") + f'<div class="err">{h.esc(entry.get("reason", ""))}</div>',
                     "",
                     "",
                     "",
@@ -179,7 +181,7 @@ def _manifest_summary(manifest: dict[str, Any], run_dir: Path) -> str:
         (
             "last invocation",
             f"{manifest.get('started')} -> {manifest.get('finished')} "
-            f"({_seconds(manifest.get('wall_seconds'))})",
+            f"({_seconds(manifest.get('wall_seconds'))}), {manifest.get('status', 'status not recorded')}",
         ),
         (
             "executor",

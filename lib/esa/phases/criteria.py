@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from esa.report.scorecard import Criterion, judge
+from esa.stats.verdicts import Criterion, judge
 
 RATIO_THRESHOLD = 5.0
 ALPHA = 0.01

@@ -1,0 +1,127 @@
+"""The one place where run settings become method inputs: the recipe layer under the phases, the CLI and Phase 5.
+
+A `Recipe` holds the settings a run shares (from a profile, or from esa-runner's flags over a profile) and
+turns them into what the method packages take: the loaded model, the calibration sample and metric
+configuration of a seed, the scored top-k sets (through the score cache), the evaluation windows and the
+perturbation specs. Because every caller goes through here, a notebook and esa-runner with the same
+settings build the same cache keys and hit the same cache entries (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import pandas as pd
+import torch
+
+from esa.data import Calibration, Windows, evaluation
+from esa.models import LoadedModel, load
+from esa.params import Profile, model_params
+from esa.perturb.ops import PerturbSpec, sweep_specs
+from esa.sensitivity.engine import ScoreRun, score, score_many
+from esa.sensitivity.metrics import METRICS, MetricConfig
+
+log = logging.getLogger(__name__)
+
+
+def load_configured(name: str, dtype: str | torch.dtype = "float32", **kwargs: Any) -> LoadedModel:
+    """`load` by a params/models name (or any raw reference), with the ref and device_map its params file sets."""
+    mp = model_params(name)
+    return load(mp.ref, dtype=dtype, device_map=mp.device_map, **kwargs)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting that decides what a run computes (a profile's, or esa-runner's flags over a profile)."""
+
+    corpus: str = "shakespeare"
+    dtype: str = "float32"
+    seqlen: int = 256
+    max_samples: int = 4
+    eval_windows: int | None = 8
+    perturb_eval_windows: int | None = None
+    seeds: tuple[int, ...] = (1337,)
+    topk: int = 100
+    mode: str = "per_layer"
+    metrics: tuple[str, ...] = ("grad_x_weight",)
+    hutchinson_probes: int = 2
+    batch_size: int = 4
+    per_batch: bool = False
+    perturbations: tuple[str, ...] = ("sign_flip",)
+    perturb_scale: float = 1.0
+    perturb_prob: float = 0.5
+    bit_flip_bits: tuple[str, ...] = ("exponent",)
+    controls: tuple[str, ...] = ("random_k", "bottom_k")
+    use_cache: bool = True
+    refresh_cache: bool = False  # recompute scores and rewrite their cache entries (esa-runner --no-cache)
+    show_progress: bool = False
+
+    @classmethod
+    def of(cls, P: Profile, **overrides: Any) -> Recipe:
+        """The recipe of profile `P`, with `overrides` (None values ignored) on top."""
+        names = {f.name for f in fields(cls)}
+        base = {k: v for k, v in P.as_dict().items() if k in names}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in base.items()})
+
+    def but(self, **changes: Any) -> Recipe:
+        return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
+
+    # ------------------------------------------------------------ model
+    def load(self, name: str, eager: bool = False, **kwargs: Any) -> LoadedModel:
+        """Model `name` (a params/models name or any reference) in the recipe's dtype; `eager` attention is
+        twice differentiable, which Hutchinson's double backward needs (see `needs_eager`)."""
+        return load_configured(name, self.dtype, attn_implementation="eager" if eager else None, **kwargs)
+
+    def needs_eager(self, metrics: list[str] | tuple[str, ...] | None = None) -> bool:
+        return any(METRICS[m].double_backward for m in (metrics or self.metrics))
+
+    # ------------------------------------------------------------ sensitivity
+    def calibration(self, seed: int, n_samples: int | None = None) -> Calibration:
+        return Calibration(self.corpus, self.seqlen, n_samples or self.max_samples, seed)
+
+    def metric_config(self, seed: int) -> MetricConfig:
+        """The settings every caller uses, so the cache key matches across the CLI, notebooks and phases."""
+        return MetricConfig(batch_size=self.batch_size, per_batch=self.per_batch, probes=self.hutchinson_probes,
+                            seed=seed, show_progress=self.show_progress)
+
+    def score_model(self, lm: LoadedModel, name: str, metrics: list[str] | None = None,
+                    seeds: list[int] | None = None, n_samples: int | None = None) -> dict[tuple[str, int], ScoreRun]:
+        """Every metric x seed (cached where computed before); per seed, the gradient metrics share a pass."""
+        metrics, seeds = list(metrics or self.metrics), list(seeds or self.seeds)
+        by_seed = {}
+        for seed in seeds:
+            by_seed[seed] = score_many(lm, metrics, self.calibration(seed, n_samples),
+                                       {m: self.metric_config(seed) for m in metrics}, model_ref=name,
+                                       use_cache=self.use_cache, refresh=self.refresh_cache)
+            cached = [m for m, r in by_seed[seed].items() if r.from_cache]
+            log.info("%s seed %d: scored (from cache: %s)", name, seed, cached or "none")
+        return {(m, s): by_seed[s][m] for m in metrics for s in seeds}
+
+    def scored_topk(self, lm: LoadedModel, name: str, metric: str, k: int | None = None, mode: str | None = None,
+                    seeds: list[int] | None = None) -> tuple[pd.DataFrame, dict[int, Mapping[str, Any] | None],
+                                                            dict[int, bool], dict[int, ScoreRun]]:
+        """(top-k table over seeds, scores by seed, from_cache by seed, runs by seed) of one metric."""
+        sels, scores, cached, runs = [], {}, {}, {}
+        for seed in seeds or self.seeds:
+            run = score(lm, metric, self.calibration(seed), self.metric_config(seed), model_ref=name,
+                        use_cache=self.use_cache, refresh=self.refresh_cache)
+            sels.append(run.topk(k or self.topk, mode or self.mode, lm.inventory))
+            scores[seed], cached[seed], runs[seed] = run.scores, bool(run.from_cache), run
+        return pd.concat(sels, ignore_index=True), scores, cached, runs
+
+    # ------------------------------------------------------------ evaluation and perturbation
+    def evaluation_windows(self, lm: LoadedModel, n: int | None = None, perturbation: bool = False) -> Windows:
+        """The fixed evaluation windows (eval split, seed 0): `n`, else the perturbation or the plain count."""
+        if n is None:
+            n = (self.perturb_eval_windows or self.eval_windows) if perturbation else self.eval_windows
+        return evaluation(lm.tokenizer, self.corpus, self.seqlen, n_windows=n, seed=0,
+                          max_positions=lm.info.max_positions or None)
+
+    def perturb_specs(self, perturbations: list[str] | None = None, scales: list[float] | None = None,
+                      probs: list[float] | None = None) -> list[PerturbSpec]:
+        return sweep_specs(list(perturbations or self.perturbations), list(scales or [self.perturb_scale]),
+                           list(probs or [self.perturb_prob]), bits=list(self.bit_flip_bits))

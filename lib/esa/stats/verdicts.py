@@ -1,0 +1,40 @@
+"""A judged success criterion: the measured value, the threshold, the verdict and why.
+
+Phases build `Criterion` rows from their results (never typed in); the report renders them. A criterion
+that cannot be judged from what was run has `passed=None` and says why in `note`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class Criterion:
+    id: str  # stable key, e.g. "P1.ppl_credible"
+    phase: int
+    text: str  # the guide's wording
+    measured: Any  # the number (or short string) it was judged on
+    threshold: str  # what passing means, e.g. "> 0.4"
+    passed: bool | None  # None: could not be evaluated (see note)
+    evidence: str  # where the numbers come from (table / figure / notebook)
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        m = d["measured"]
+        if isinstance(m, float) and not math.isfinite(m):
+            d["measured"] = str(m)
+        elif hasattr(m, "item"):
+            d["measured"] = m.item()
+        return d
+
+
+def judge(value: float | None, op: str, threshold: float) -> bool | None:
+    """Compare with `op` in {">", ">=", "<", "<="}; None when the value is missing or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return {">": value > threshold, ">=": value >= threshold, "<": value < threshold,
+            "<=": value <= threshold}[op]
