@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from esa.errors import EsaError
+from esa.errors import EsaError, unknown
+from esa.store import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ def dispatch(
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     if isinstance(device_map, str):
         if device_map not in DEVICE_MAP_STRATEGIES:
-            from esa.errors import unknown
-
             raise unknown("device_map strategy", device_map, DEVICE_MAP_STRATEGIES,
                           hint="or pass a dict {module name: device}")
         if device_map == "sequential":
@@ -113,8 +112,6 @@ def dispatch(
 
 def default_offload_folder() -> Path:
     """A fresh folder for disk-offloaded weights (one per load: parallel workers must not share one)."""
-    from esa.store import cache_dir
-
     return Path(tempfile.mkdtemp(prefix="offload-", dir=cache_dir("offload")))
 
 

@@ -30,9 +30,15 @@ def main() -> int:
     # the sweep's overhead on a tiny model (where it is largest relative to an evaluation), and its ratio on
     # the embedded model, where the 1.1 target is meant
     jobs = [["bench_sensitivity.py"], ["bench_perturb.py"],
-            ["bench_perturb.py", "--model", "smollm2-135m", "--windows", "4", "--seqlen", "256"]]
+            ["bench_perturb.py", "--model", "smollm2-135m", "--windows", "4", "--seqlen", "256"],
+            # Phase 5 security: BFA iteration and fault-trial ratios (tiny model, then SmolLM2 int8 with the
+            # 4 most promising matrices per flip: all 210 is a GPU-sized search)
+            ["bench_security.py"],
+            ["bench_security.py", "--model", "smollm2-135m", "--layer-candidates", "4", "--flips", "2", "--trials", "3",
+             "--tag", "L4"]]
     if gpu:
-        jobs += [["bench_sensitivity.py", "--gpu-8b"], ["gpu_check.py"]]
+        jobs += [["bench_sensitivity.py", "--gpu-8b"], ["gpu_check.py"],
+                 ["bench_security.py", "--model", "smollm2-135m", "--flips", "3", "--trials", "5", "--tag", "all-layers"]]
     status = {}
     for job in jobs:
         t0 = time.time()

@@ -26,6 +26,7 @@ from typing import Any
 from esa.errors import EsaError, unknown
 from esa.params import yaml_load
 from esa.runner.lifeline import die_with_parent
+from esa.runner.manifest import gpus
 from esa.runner.task import Task, run_task
 
 Result = dict[str, Any]
@@ -70,8 +71,7 @@ def visible_gpus() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    from esa.runner.manifest import gpus  # nvidia-smi -L, one line per GPU
-
+    # gpus(): nvidia-smi -L, one line per GPU
     return [str(i) for i in range(len(gpus()))]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from esa.report import html as h
+from esa.report.scorecard import read_all
 from esa.runner.layout import outputs
 from esa.runner.state import all_stamps
 from esa.store import atomic_path, read_json
@@ -93,8 +94,6 @@ def _notebook_rows(
 
 
 def _scorecard(run_dir: Path) -> tuple[str, dict[str, int]]:
-    from esa.report.scorecard import read_all
-
     try:
         rows = read_all(run_dir)
     except (OSError, ValueError) as err:
