@@ -36,6 +36,8 @@ def main() -> int:
             ["bench_security.py"],
             ["bench_security.py", "--model", "smollm2-135m", "--layer-candidates", "4", "--flips", "2", "--trials", "3",
              "--tag", "L4"],
+            # Phase 5 pruning: scoring + masking vs the scorer's pass, layer-sequential vs dense, SparseGPT vs Wanda
+            ["bench_pruning.py", "--model", "smollm2-135m", "--windows", "8", "--seqlen", "256"],
             # Phase 5 training: sparse FT step vs LoRA at equal count, optimiser memory, protection overhead
             ["bench_training.py", "--model", "smollm2-135m", "--steps", "2", "--rounds", "2"]]
     if gpu:
