@@ -487,7 +487,10 @@ def test_selectivity_and_direct_test_run_and_restore(lm):
     dt = localise.direct_test(lm.model, lm.tokenizer, ps.subset(n=2), cand, lm.inventory, n_boot=200,
                               show_progress=False)
     assert weights_hash(lm.model) == h0
-    assert len(dt.table) == 8 and dt.score_vs_effect["n"] == 8 and "rho" in dt.within_top
+    assert len(dt.table) == 8 and dt.rho()["n"] == 8 and dt.rho("specificity", "effect", "probe_top")["n"] == 4
+    assert len(dt.correlations) == 3 * 2 * 2 and (dt.table["abs_effect"] == dt.table["effect"].abs()).all()
+    with pytest.raises(EsaError, match="no correlation"):
+        dt.rho("magnitude")
 
 
 def test_localisation_k_too_large(lm):

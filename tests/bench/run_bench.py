@@ -38,6 +38,8 @@ def main() -> int:
              "--tag", "L4"],
             # Phase 5 pruning: scoring + masking vs the scorer's pass, layer-sequential vs dense, SparseGPT vs Wanda
             ["bench_pruning.py", "--model", "smollm2-135m", "--windows", "8", "--seqlen", "256"],
+            # Phase 5 interpretability: the role catalogue for 100 weights
+            ["bench_interpret.py"], ["bench_interpret.py", "--model", "smollm2-135m", "--weights", "100"],
             # Phase 5 training: sparse FT step vs LoRA at equal count, optimiser memory, protection overhead
             ["bench_training.py", "--model", "smollm2-135m", "--steps", "2", "--rounds", "2"]]
     if gpu:

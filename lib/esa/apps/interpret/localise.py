@@ -1,14 +1,16 @@
 """Knowledge localisation: do the weights a probe set calibrates on hold its facts, more than generic text's?
 
-Two tests (SCIENCE.md, Hase et al. 2023: localisation claims need a direct test):
+Two tests (Hase et al. 2023: localisation claims need a direct test):
 - selectivity (`selectivity`): zero the top-k weights of a probe-calibrated sensitivity score, of a
   generic-calibrated one, and a random-k control matched per matrix to the probe top-k; for each, the drop
   in probe accuracy and the rise in the answers' NLL, each divided by the rise in generic loss (delta
   log-PPL, nats/token, on held-out windows). Bootstrap CIs resample probe items and windows independently;
   a ratio whose denominator's CI reaches 0 is "not estimable" (the generic loss did not measurably rise);
 - the direct test (`direct_test`): for candidate weights (the probe top-n plus random weights), zero each
-  alone and measure the rise of the answers' NLL; Spearman of that effect with the weight's probe score,
-  and with its specificity log(probe score / generic score), with a bootstrap CI over weights.
+  alone and measure the rise of the answers' NLL; Spearman of that effect (signed, and its magnitude) with
+  the weight's probe score, with its generic score (the control) and with its specificity
+  log(probe score / generic score), over all candidates and within the probe top-n, bootstrap CIs over
+  weights.
 Probe calibration runs a registered sensitivity metric on windows made of the probe statements (prompt +
 answer); `metric_scores` is the one call into the metric registry.
 """
@@ -235,15 +237,26 @@ def direct_candidates(model: torch.nn.Module, inventory: list[WeightSpec], probe
 @dataclass
 class DirectTest:
     table: pd.DataFrame  # per weight: scores, specificity, effect (rise of the answers' NLL when zeroed)
-    score_vs_effect: dict[str, Any]  # Spearman over all candidates
-    specificity_vs_effect: dict[str, Any]
-    within_top: dict[str, Any]  # Spearman(probe score, effect) among the probe top-n only
+    correlations: pd.DataFrame  # predictor x target x subset: Spearman rho, CI, p, n, note
+
+    def rho(self, predictor: str = "probe_score", target: str = "abs_effect", subset: str = "all") -> dict[str, Any]:
+        """One row of `correlations` as a dict."""
+        c = self.correlations
+        hit = c[(c["predictor"] == predictor) & (c["target"] == target) & (c["subset"] == subset)]
+        if hit.empty:
+            raise EsaError(f"no correlation for predictor {predictor!r}, target {target!r}, subset {subset!r}")
+        return hit.iloc[0].to_dict()
 
 
 def direct_test(model: torch.nn.Module, tokenizer: Any, probes: ProbeSet, candidates: pd.DataFrame,
                 inventory: list[WeightSpec], n_boot: int = 2000, level: float = 0.95, seed: int = 0,
                 show_progress: bool = True) -> DirectTest:
-    """Zero each candidate alone; does its probe score (or specificity) rank its effect on the answers?"""
+    """Zero each candidate alone; does its probe score (or specificity) rank its effect on the answers?
+
+    Targets: the signed effect (rise of the answers' mean NLL) and its magnitude `abs_effect`, which is
+    what first-order scores such as |w * g| estimate (they carry no sign). Predictors: the probe score,
+    the generic score (the control: a probe-specific claim needs the probe score to beat it) and the
+    specificity; over all candidates and within the probe top set (where top-vs-random does not help)."""
     need = {"param", "row", "col", "probe_score"}
     if need - set(candidates):
         raise EsaError(f"direct_test candidates lack columns {sorted(need - set(candidates))}")
@@ -255,9 +268,16 @@ def direct_test(model: torch.nn.Module, tokenizer: Any, probes: ProbeSet, candid
         targets = targets_from_selection(cand.iloc[i : i + 1], inventory)
         with perturbed(model, targets, PerturbSpec("zero")):
             effects[i] = float(np.mean(answer_nll(model, tokenizer, probes) - base))
-    table = cand.assign(effect=effects)
-    top = table[table["group"] == "probe_top"] if "group" in table else table
-    spec = table["specificity"] if "specificity" in table else pd.Series(np.nan, index=table.index)
-    return DirectTest(table, spearman_ci(table["probe_score"], table["effect"], n_boot, level, seed),
-                      spearman_ci(spec, table["effect"], n_boot, level, seed),
-                      spearman_ci(top["probe_score"], top["effect"], n_boot, level, seed))
+    table = cand.assign(effect=effects, abs_effect=np.abs(effects))
+    subsets = {"all": table}
+    if "group" in table:
+        subsets["probe_top"] = table[table["group"] == "probe_top"]
+    rows = []
+    for predictor in ("probe_score", "generic_score", "specificity"):
+        if predictor not in table:
+            continue
+        for target in ("effect", "abs_effect"):
+            for name, sub in subsets.items():
+                rows.append({"predictor": predictor, "target": target, "subset": name,
+                             **spearman_ci(sub[predictor], sub[target], n_boot, level, seed)})
+    return DirectTest(table, pd.DataFrame(rows))

@@ -5,7 +5,7 @@ A role is one registered `Role` in `ROLES`: a name, a one-line hypothesis, what 
 statistic. Adding a role is adding one entry. `run_roles` tests every (weight, role) pair and returns a
 `RoleReport`.
 
-Protocol, shared by every role (SCIENCE.md: every role claim is an ablation against a matched control
+Protocol, shared by every role (every role claim is an ablation against a matched control
 with an effect size and a CI):
 - the inputs are n held-out windows (`tokens.default_inputs`); the unit of replication is the input;
 - the control of a weight is one other weight of the same matrix (same count), drawn with a seed by

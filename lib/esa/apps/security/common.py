@@ -48,7 +48,7 @@ def rng_for(seed: int, *parts: object) -> np.random.Generator:
 
 
 def resolve_weights(model: torch.nn.Module, weights: Sequence[str | WeightSpec] | None) -> list[WeightSpec]:
-    """None -> the model's weight inventory (SCIENCE.md's default set); names -> specs of those parameters.
+    """None -> the model's weight inventory (the default set of README, "Methods"); names -> specs of those parameters.
 
     Names outside the inventory (a norm, a bias, an embedding) are accepted here with their real shape, so
     that a format can refuse them by name (int8 needs a 2-D or expert-stacked 3-D floating weight)."""
