@@ -27,8 +27,9 @@ from esa.perturb.ops import BIT_LAYOUTS, PERTURBATIONS, OpContext, PerturbSpec
 
 Targets = dict[str, torch.Tensor]
 
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
-             torch.float64: torch.int64}
+# integer views of float weights: copies of raw bit patterns restore NaN payloads and -0.0 exactly
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+            torch.float64: torch.int64}
 
 
 @dataclass
@@ -90,7 +91,7 @@ class _InPlace:
         """Set `p.view(-1)[idx_d] = new` (same dtype as p), backing up the old bit patterns first."""
         if not p.is_contiguous():
             raise EsaError(f"parameter {name} is not contiguous; cannot change it in place")
-        ints = p.view(_INT_VIEW[p.dtype]).view(-1)  # raw bit patterns, shares storage with p
+        ints = p.view(INT_VIEW[p.dtype]).view(-1)  # raw bit patterns, shares storage with p
         raw = ints[idx_d].clone()  # (n,) the backup: selected values only
         self.entries.append((ints, idx_d, raw))
         p.view(-1)[idx_d] = new
@@ -169,6 +170,6 @@ def weights_hash(model: torch.nn.Module) -> str:
     for name, p in model.named_parameters():
         h.update(name.encode())
         t = p.detach().cpu().contiguous()
-        h.update(t.view(_INT_VIEW.get(t.dtype, torch.uint8)).numpy().tobytes() if t.dtype in _INT_VIEW
+        h.update(t.view(INT_VIEW.get(t.dtype, torch.uint8)).numpy().tobytes() if t.dtype in INT_VIEW
                  else t.numpy().tobytes())
     return h.hexdigest()

@@ -23,10 +23,6 @@ import torch
 from esa.errors import EsaError
 from esa.perturb.apply import Targets
 
-# integer views of float weights: copies of raw bit patterns restore NaN payloads and -0.0 exactly
-INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
-            torch.float64: torch.int64}
-
 
 @dataclass
 class Coef:

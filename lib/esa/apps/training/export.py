@@ -30,10 +30,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from esa.apps.pruning.export import without_gguf_state
-from esa.apps.training.base import INT_VIEW
 from esa.apps.training.sparse import SparseFT
 from esa.errors import EsaError
-from esa.perturb.apply import PerturbStats, overwritten
+from esa.perturb.apply import INT_VIEW, PerturbStats, overwritten
 from esa.store import atomic_path
 
 FORMAT = "esa-sparse-delta/1"

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from esa.apps.training.base import INT_VIEW, Coef, Method, Penalty, check_frozen
+from esa.apps.training.base import Coef, Method, Penalty, check_frozen
 from esa.errors import EsaError, unknown
 from esa.models.inventory import WeightSpec
-from esa.perturb.apply import Targets
+from esa.perturb.apply import INT_VIEW, Targets
 
 SCOPES = ("all", "studied")
 
