@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from esa.apps.pruning.masks import applied
 from esa.apps.pruning.prune import PruneResult
 from esa.errors import EsaError
 from esa.models.loader import LoadedModel
-from esa.store import write_json
+from esa.store import atomic_folder, write_json
 
 _MISSING = object()
 
@@ -74,9 +73,7 @@ def export_pruned(lm: LoadedModel, result: PruneResult | None, folder: str | os.
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise EsaError(f"export folder {folder} exists; pass overwrite=True or choose another folder")
-    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(folder) as tmp:
         masks_cm = applied(lm.model, result.masks) if result is not None else contextlib.nullcontext()
         with masks_cm, without_gguf_state(lm.model) as had_gguf:
             lm.model.save_pretrained(tmp, safe_serialization=True)
@@ -87,11 +84,6 @@ def export_pruned(lm: LoadedModel, result: PruneResult | None, folder: str | os.
             info["per_matrix"] = result.masks.per_matrix(lm.inventory).to_dict(orient="records")
         write_json(tmp / "pruning.json", info)
         (tmp / "README.md").write_text(model_card(lm, result, card or {}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -18,8 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,7 @@ from esa.apps.pruning.export import without_gguf_state
 from esa.apps.training.sparse import SparseFT
 from esa.errors import EsaError
 from esa.perturb.apply import INT_VIEW, PerturbStats, overwritten
-from esa.store import atomic_path
+from esa.store import atomic_folder, atomic_path
 
 FORMAT = "esa-sparse-delta/1"
 
@@ -152,14 +150,7 @@ def save_merged(model: torch.nn.Module, folder: str | os.PathLike[str]) -> Path:
         raise EsaError("this is a peft model with unmerged adapters; save the model that Method.finish() "
                        "(or the TrainResult) returns")
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
-    try:
-        with without_gguf_state(model):  # a model dequantised from GGUF refuses save_pretrained otherwise
-            model.save_pretrained(tmp, safe_serialization=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # a model dequantised from GGUF refuses save_pretrained unless its GGUF state is cleared
+    with atomic_folder(folder) as tmp, without_gguf_state(model):
+        model.save_pretrained(tmp, safe_serialization=True)
     return folder
