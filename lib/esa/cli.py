@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-batch", action="store_true", help="grad_x_weight as mean_b |w g_b| (default |w * mean g|)")
     p.add_argument("--no-cache", action="store_true", help="recompute scores even if cached (and rewrite the entry)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    for app in command.APPS:  # Phase 5: --prune, --finetune, --attack/--faults, --roles (esa.phases.phase5_*)
+        app.add_arguments(p)
     return p
 
 
@@ -147,13 +149,14 @@ def resolve(args: argparse.Namespace) -> command.Command:
         perturbations=perturbations or list(prof.perturbations), controls=controls,
         refresh_cache=args.no_cache, show_progress=not args.quiet and os.environ.get("ESA_PROGRESS", "1") != "0",
     )
+    apps = {app.name: spec for app in command.APPS if (spec := app.resolve(args, prof)) is not None}
     flags = {k: v for k, v in vars(args).items() if v not in (None, False)}
     return command.Command(
         model=args.model or prof.models[0], recipe=recipe, profile=args.profile,
         run_id=args.run_id or time.strftime("%Y%m%d-%H%M%S"), device=args.device,
         stability_check=args.stability_check, weight_analysis=args.weight_analysis,
         architecture_analysis=args.architecture_analysis, save_plots=args.save_plots, perturb=bool(perturbations),
-        perturb_scales=tuple(scales), perturb_probs=tuple(probs), flags=flags)
+        perturb_scales=tuple(scales), perturb_probs=tuple(probs), flags=flags, apps=apps)
 
 
 def default_out_dir(cmd: command.Command) -> Path:

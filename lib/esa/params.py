@@ -12,7 +12,7 @@ import re
 import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -52,6 +52,11 @@ class Profile:
     perturb_eval_windows: int | None = None  # Phase 3 sweeps: evaluation windows per condition (None: eval_windows)
     highres_topk: int = 500  # Phase 2 week 3: the high-resolution top-k
     highres_seeds: list[int] = field(default_factory=lambda: [1337, 123, 999, 2024, 7])  # week 3 seeds
+    # Phase 5: one mapping per application, checked by its phases module (esa.phases.phase5_*.settings)
+    pruning: dict[str, Any] = field(default_factory=dict)  # week 13a
+    finetune: dict[str, Any] = field(default_factory=dict)  # week 13b: protection and sparse fine-tuning
+    security: dict[str, Any] = field(default_factory=dict)  # week 14
+    interpret: dict[str, Any] = field(default_factory=dict)  # week 15
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,6 +77,7 @@ MINIMUM: dict[str, int] = {
     "perturb_eval_windows": 1,
     "highres_topk": 1,
 }
+T = TypeVar("T")
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding and the metrics' derived torch seeds stay in range below this
 OVERRIDES = "from --set / overrides"
 
@@ -93,7 +99,8 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
     lines = _key_lines(text)
     where = {k: f"{path}, line {lines[k]}" if k in lines else str(path) for k in data}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    data.update(given)
+    for k, v in given.items():  # a Phase 5 section given as overrides merges into the profile's section
+        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
     where.update({k: OVERRIDES for k in given})
     known = {f.name for f in fields(Profile)}
     extra = sorted(set(data) - known)
@@ -110,17 +117,35 @@ def check_setting(key: str, value: Any, hint: Any, where: str) -> Any:
     ok, converted = _conform(value, hint)
     if not ok:
         raise EsaError(f"profile setting {key} = {value!r} ({where}): expected {_describe(hint)}")
-    low = MINIMUM.get(key)
+    base = key.rsplit(".", 1)[-1]  # a section's key ("finetune.seeds") is checked like the top-level one
+    low = MINIMUM.get(base)
     if low is not None and converted is not None and converted < low:
         raise EsaError(f"profile setting {key} = {value!r} ({where}): must be >= {low}")
-    if key in ("seeds", "highres_seeds"):
+    if base in ("seeds", "highres_seeds"):
         if not converted:
             raise EsaError(f"profile setting {key} ({where}): give at least one seed")
         for seed in converted:
             check_seed(seed, f"profile setting {key} ({where})")
-    if key == "perturb_prob" and not 0.0 <= converted <= 1.0:
+    if base == "perturb_prob" and not 0.0 <= converted <= 1.0:
         raise EsaError(f"profile setting {key} = {value!r} ({where}): a probability, between 0 and 1")
     return converted
+
+
+def section(profile: Profile, name: str, cls: type[T]) -> T:
+    """The profile's mapping `name` (a Phase 5 application's settings) as the dataclass `cls`.
+
+    Keys not in `cls` and values of the wrong type are one EsaError naming the profile, the key and what is
+    accepted; keys left out take `cls`'s defaults.
+    """
+    given = getattr(profile, name) or {}
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    extra = sorted(set(given) - known)
+    if extra:
+        raise EsaError(f"unknown setting(s) {extra} in profile {profile.name!r}, section {name}; "
+                       f"accepted: {sorted(known)}")
+    hints = get_type_hints(cls)
+    where = f"profile {profile.name!r}, section {name}"
+    return cls(**{k: check_setting(f"{name}.{k}", v, hints[k], where) for k, v in given.items()})
 
 
 def check_seed(seed: Any, where: str) -> int:

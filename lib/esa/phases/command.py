@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ from esa.perturb import build_groups, run_sweep
 from esa.perturb import plots as perturb_plots
 from esa.perturb.controls import CONTROLS
 from esa.perturb.ops import PERTURBATIONS
-from esa.phases import phase2
+from esa.phases import phase2, phase5_interpret, phase5_pruning, phase5_security, phase5_training
+from esa.phases.apps import App
 from esa.recipes import Recipe
 from esa.sensitivity import plots, structure
 from esa.sensitivity.metrics import METRICS
@@ -41,6 +42,8 @@ from esa.stats.inference import analyze
 from esa.store import code_version, write_json, write_parquet
 
 log = logging.getLogger(__name__)
+
+APPS: list[App] = [m.APP for m in (phase5_pruning, phase5_training, phase5_security, phase5_interpret)]
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class Command:
     perturb_scales: tuple[float, ...] = ()
     perturb_probs: tuple[float, ...] = ()
     flags: dict[str, Any] = field(default_factory=dict)  # the flags as given, for the summary
+    apps: dict[str, Any] = field(default_factory=dict)  # Phase 5 app name -> its validated spec (see APPS)
 
     def settings(self) -> dict[str, Any]:
         r = asdict(self.recipe)
@@ -67,7 +71,8 @@ class Command:
                 "stability_check": self.stability_check, "weight_analysis": self.weight_analysis,
                 "architecture_analysis": self.architecture_analysis, "save_plots": self.save_plots,
                 "perturb": self.perturb, "perturb_scales": list(self.perturb_scales),
-                "perturb_probs": list(self.perturb_probs)}
+                "perturb_probs": list(self.perturb_probs),
+                "apps": {name: asdict(spec) if is_dataclass(spec) else spec for name, spec in self.apps.items()}}
 
 
 def load_model(cmd: Command) -> LoadedModel:
@@ -140,6 +145,9 @@ def run(cmd: Command, lm: LoadedModel, stage: Path) -> dict[str, Any]:
     if cmd.perturb:
         scores = {s: runs[(metrics[0], s)].scores for s in seeds}
         summary["perturb"] = perturb(cmd, lm, table[table["metric"] == metrics[0]], scores, stage)
+    for app in APPS:
+        if app.name in cmd.apps:
+            summary[app.name] = app.run(cmd.apps[app.name], cmd, lm, runs, stage)
     write_parquet(stage / "topk.parquet", table.assign(model=cmd.model, run_id=cmd.run_id))
     summary["timings"] = {"total_s": time.perf_counter() - t_start, "device": str(lm.device),
                           "cuda": torch.cuda.is_available()}

@@ -1,0 +1,8 @@
+"""Phase 5 (security): placeholder, replaced by its implementation."""
+
+from __future__ import annotations
+
+from esa.phases.apps import App
+
+APP = App(name="security", add_arguments=lambda parser: None, resolve=lambda args, profile: None,
+          run=lambda spec, cmd, lm, runs, stage: {})
