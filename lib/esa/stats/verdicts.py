@@ -1,7 +1,8 @@
 """A judged success criterion: the measured value, the threshold, the verdict and why.
 
 Phases build `Criterion` rows from their results (never typed in); the report renders them. A criterion
-that cannot be judged from what was run has `passed=None` and says why in `note`.
+that cannot be judged from what was run has `passed=None`, a `verdict` from VERDICTS saying which kind of
+"not judged" it is, and the reason in `note`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
+
+
+VERDICTS = ("PASS", "FAIL", "underpowered", "not estimable", "machinery-only")
 
 
 @dataclass
@@ -21,6 +25,18 @@ class Criterion:
     passed: bool | None  # None: could not be evaluated (see note)
     evidence: str  # where the numbers come from (table / figure / notebook)
     note: str = ""
+    # PASS / FAIL follow `passed`; with passed=None give "underpowered" (too few seeds/windows/samples for the
+    # threshold), "not estimable" (inf, NaN, a denominator within noise) or "machinery-only" (smoke budgets or
+    # untrained models: the code ran, the number is not evidence). Left empty, it is derived from `passed`.
+    verdict: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.verdict:
+            self.verdict = {True: "PASS", False: "FAIL", None: "not estimable"}[self.passed]
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict {self.verdict!r}; accepted: {', '.join(VERDICTS)}")
+        if (self.verdict in ("PASS", "FAIL")) != (self.passed is not None):
+            raise ValueError(f"verdict {self.verdict} does not match passed={self.passed}")
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
