@@ -138,10 +138,8 @@ def _start_runner(root: Path, *args: str) -> subprocess.Popen:
 
 @pytest.mark.parametrize(
     ("sig", "executor"),
-    # The submitit-local case passes alone but not inside the full suite (its job outlived the runner
-    # twice there): a known defect, kept out of CI until it is fixed, not a passing case.
-    [(signal.SIGTERM, "process"), (signal.SIGKILL, "process")],
-    ids=["SIGTERM", "SIGKILL"],
+    [(signal.SIGTERM, "process"), (signal.SIGKILL, "process"), (signal.SIGTERM, "local")],
+    ids=["SIGTERM", "SIGKILL", "SIGTERM-submitit-local"],
 )
 def test_killing_the_runner_takes_its_worker_and_kernel_with_it(tmp_path: Path, sig: int, executor: str) -> None:
     # Only the SIGTERM run of the default executor also checks the resume; the others need one notebook.

@@ -29,7 +29,11 @@ def main() -> int:
     gpu = torch.cuda.is_available()
     # the sweep's overhead on a tiny model (where it is largest relative to an evaluation), and its ratio on
     # the embedded model, where the 1.1 target is meant
-    jobs = [["bench_sensitivity.py"], ["bench_perturb.py"],
+    jobs = [["bench_sensitivity.py"],
+            # the third architecture (Qwen2, 630M as loaded): the gradient metrics and act_mag, fewer windows
+            ["bench_sensitivity.py", "--model", "qwen2.5-coder-0.5b", "--samples", "4",
+             "--metrics", "grad_x_weight,grad_squared,act_mag"],
+            ["bench_perturb.py"],
             ["bench_perturb.py", "--model", "smollm2-135m", "--windows", "4", "--seqlen", "256"],
             # Phase 5 security: BFA iteration and fault-trial ratios (tiny model, then SmolLM2 int8 with the
             # 4 most promising matrices per flip: all 210 is a GPU-sized search)

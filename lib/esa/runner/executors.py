@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -244,12 +245,36 @@ def _jobs_cancelled_on_interrupt(jobs: list[Any]) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         for job in jobs:
-            with contextlib.suppress(Exception):  # best effort: a finished or vanished job cannot be stopped
-                # SLURM: scancel. Local: SIGINT to submitit's controller, which then SIGKILLs the task
-                # (a task ignores SIGTERM: submitit bypasses it, as SLURM sends it before pre-emption).
-                if not job.done():
-                    job.cancel(check=False)
+            # SLURM: scancel. Local: SIGINT to submitit's controller, which then SIGKILLs its task (a task
+            # ignores SIGTERM: submitit bypasses it, as SLURM sends it before pre-emption). Sent to every
+            # job: asking a job whether it is done may itself fail, and cancelling a finished one is a no-op.
+            with contextlib.suppress(Exception):
+                job.cancel(check=False)
+        _reap_local_controllers(jobs)
         raise
+
+
+def _reap_local_controllers(jobs: list[Any], grace_s: float = 10.0) -> None:
+    """A local controller that has not exited `grace_s` after its SIGINT (a loaded machine, or a signal
+    that landed while it was busy) is killed; its task follows by its parent-death signal (_local_job)."""
+    deadline = time.monotonic() + grace_s
+    for job in jobs:
+        proc = getattr(job, "_process", None)  # submitit's LocalJob keeps its controller's Popen here
+        if proc is None:
+            continue
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        if proc.poll() is None:
+            with contextlib.suppress(Exception):
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def _local_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """A task under submitit's local controller: it dies with the controller (which dies with the runner's
+    cancel), so a notebook never outlives the run that started it, even when a signal goes astray."""
+    die_with_parent(os.getppid())
+    return run_task(spec)
 
 
 def _run_submitit(tasks: list[Task], opts: ExecOptions, on_done: OnDone, cluster: str) -> dict[str, Result]:
@@ -272,7 +297,8 @@ def _run_submitit(tasks: list[Task], opts: ExecOptions, on_done: OnDone, cluster
                 runnable.append(task)
         if not runnable:
             continue
-        jobs = executor.map_array(run_task, [t.as_dict() for t in runnable])
+        fn = _local_job if cluster == "local" else run_task
+        jobs = executor.map_array(fn, [t.as_dict() for t in runnable])
         for task, job in zip(runnable, jobs, strict=True):
             try:
                 with _jobs_cancelled_on_interrupt(jobs):
