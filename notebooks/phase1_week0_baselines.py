@@ -64,15 +64,18 @@ table
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-sns.stripplot(data=per_seed, x="model", y="ppl", hue="seed", ax=axes[0], size=8, jitter=0.1)
+sns.stripplot(data=per_seed, x="model", y="ppl", hue="seed", ax=axes[0], size=9, jitter=0.15, dodge=True,
+              palette="dark", linewidth=1, edgecolor="white")
 axes[0].set(title=f"Perplexity per seed ({corpus.name}, seqlen {P.seqlen})", ylabel="PPL", xlabel="")
 ref = summary.melt(id_vars="model", value_vars=["ppl", "unigram_ppl", "gpl3_ppl", "copy_ppl_repeated"],
                    var_name="measure", value_name="PPL")
 sns.barplot(data=ref, x="model", y="PPL", hue="measure", ax=axes[1])
 axes[1].set_yscale("log")
 axes[1].set(title="Reference points (log scale)", xlabel="")
+axes[1].legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")  # beside the bars, not over them
 fig.tight_layout()
-ctx.savefig(fig, "baselines")
+ctx.savefig(fig, "baselines", caption="Perplexity per seed (left) and against reference points (right).",
+            takeaway="; ".join(f"{r.model}: PPL {r.ppl:.1f} vs unigram {r.unigram_ppl:.0f}" for r in summary.itertuples()) + ".")
 
 # %% [markdown]
 # ## Why these numbers are credible

@@ -33,7 +33,7 @@ import pandas as pd
 
 import esa.nb
 from esa.errors import EsaError
-from esa.phases import phase2
+from esa.phases import criteria, phase2
 from esa.report import scorecard
 from esa.sensitivity import plots
 
@@ -88,6 +88,11 @@ tops[(tops.seed == P.seeds[0]) & (tops["rank"] == 1)][["model", "metric", "param
 stabs
 
 # %%
+# each criterion is judged once: rows week 1 already wrote for the same model are not repeated here
+fresh = scorecard.unseen(ctx.run_dir, ctx.notebook, rows)
+print(f"{len(rows) - len(fresh)} of {len(rows)} rows already judged by an earlier notebook of this run; "
+      f"{len(fresh)} written here")
+rows = criteria.budgeted(fresh, P)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)
 card[["id", "measured", "threshold", "result", "note"]]

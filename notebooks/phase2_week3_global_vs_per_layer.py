@@ -32,7 +32,7 @@ import pandas as pd
 import seaborn as sns
 
 import esa.nb
-from esa.phases import phase2
+from esa.phases import criteria, phase2
 from esa.report import scorecard
 from esa.stats.verdicts import Criterion
 
@@ -64,8 +64,12 @@ axes[0].set(xscale="log", title=f"{metric}: stability across {len(P.highres_seed
 sns.barplot(data=by_comp, x="layer", y="count", hue="component", ax=axes[1])
 axes[1].set(title=f"global top-{P.highres_topk}: where it sits")
 axes[1].tick_params(axis="x", labelsize=6)
+axes[1].legend(title="component", fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")  # off the tallest bar
 fig.tight_layout()
-ctx.savefig(fig, "global_vs_per_layer")
+_j = comp[comp.k == comp.k.max()].set_index("mode")["jaccard_mean"]
+ctx.savefig(fig, "global_vs_per_layer", caption=f"{metric}: seed stability of global vs per-layer top-k (left); "
+            f"layers and components of the global top-{P.highres_topk} (right).",
+            takeaway=f"At k={comp.k.max()}, mean Jaccard " + ", ".join(f"{m} {v:.2f}" for m, v in _j.items()) + ".")
 plt.show()
 
 # %%
@@ -80,7 +84,7 @@ rows += phase2.phase2_criteria(
                   "jaccard_mean": hi["jaccard_mean"].to_numpy()}),
     pd.DataFrame(columns=["metric_a", "metric_b", "overlap"]), pd.DataFrame(columns=["metric", "top1pct_over_median", "hill_alpha"]),
     model, "phase2_week3_global_vs_per_layer: high-resolution stability")
-rows = [r for r in rows if r.id.startswith(("P2.global_within", "P2.jaccard"))]
+rows = criteria.budgeted([r for r in rows if r.id.startswith(("P2.global_within", "P2.jaccard"))], P)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)
 card[["id", "measured", "threshold", "result", "note"]]

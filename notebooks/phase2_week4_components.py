@@ -34,7 +34,7 @@ import pandas as pd
 
 import esa.nb
 from esa.data import calibration
-from esa.phases import phase2
+from esa.phases import criteria, phase2
 from esa.report import scorecard
 from esa.sensitivity import plots, structure
 from esa.stats.verdicts import Criterion, judge
@@ -61,8 +61,9 @@ for model in ctx.models:
         wa = structure.weight_analysis(lm.model, lm.inventory, glob, ids)
         weights.append({"model": model, "metric": metric, **wa})
         counts = structure.layer_component_counts(glob)
-        fig = plots.hotspot_plot(counts, f"{model} · {metric}: global top-{P.topk}")
-        ctx.savefig(fig, f"hotspots_{model}_{metric}")
+        fig = plots.hotspot_plot(counts, f"{model} · {metric}: global top-{P.topk}", n_layers=lm.info.n_layers)
+        ctx.savefig(fig, f"hotspots_{model}_{metric}", caption=f"{model} · {metric}: global top-{P.topk} weights "
+                    "per layer and component (every layer shown, empty ones at zero).")
         plt.close(fig)
         best = glob.iloc[0]
         summary.append({"model": model, "metric": metric, "top1pct_over_median": r.tails["top_mean_over_median"],
@@ -106,6 +107,7 @@ for r in summary.itertuples():
                           "some weights score orders of magnitude above the median (max / median >= 100, our rule)",
                           float(r.max_over_median), ">= 100", judge(float(r.max_over_median), ">=", 100.0),
                           "phase2_week4_components: phase2_summary", f"top weight {r.top_weight}"))
+rows = criteria.budgeted(rows, P)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)
 card[["id", "measured", "threshold", "result", "note"]]

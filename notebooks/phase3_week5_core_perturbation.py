@@ -76,7 +76,11 @@ for m, r in runs.items():
     s = pd.DataFrame(r.stats["summary"])
     display(s[["perturbation", "scale", "prob", "group", "n_seeds", "mean", "ci_lo", "ci_hi", "mean_delta_ppl",
                "n_capped"]])
-    ctx.savefig(plots.damage_bars(s, f"{m}: damage per group"), f"damage_{m}")
+    _sf = s[s.perturbation == "sign_flip"].set_index("group")["mean"]
+    ctx.savefig(plots.damage_bars(s, f"{m}: damage per group"), f"damage_{m}",
+                caption=f"{m}: mean damage per group and perturbation, 95% bootstrap CIs over seeds.",
+                takeaway=("Sign flip: " + ", ".join(f"{g} {v:.3g}" for g, v in _sf.items()) + " nats/token.")
+                if len(_sf) else "")
 
 # %% [markdown]
 # ## Ratios and tests (Holm-corrected across every comparison of this notebook, per model)
@@ -99,6 +103,7 @@ for m, r in runs.items():
         if c.id != "P3.dose_monotonic":  # dose-response is week 6's
             c.id, c.text = f"{c.id}.{m}", f"{c.text} ({m})"
             rows.append(c)
+rows = criteria.budgeted(rows, P)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 scorecard.as_frame(rows)
 
@@ -108,10 +113,12 @@ for m, r in runs.items():
     sf = s[(s.perturbation == "sign_flip")].set_index("group")["mean"]
     comps = comparisons_frame(r.stats)
     tv = comps[(comps.a == "top_k") & (comps.b == "random_k")]
-    ratio = next((x for x in r.stats["ratios"] if x["perturbation"] == "sign_flip" and x["denominator"] == "random_k"),
-                 None)
+    card = {c.id: c for c in rows}
+    ratio, sig = card.get(f"P3.sign_flip_ratio.{m}"), card.get(f"P3.significance.{m}")
     print(f"{m}: a sign flip of the top-{P.topk} per matrix adds {sf.get('top_k', float('nan')):.4f} nats/token "
           f"(random_k: {sf.get('random_k', float('nan')):.4f}, bottom_k: {sf.get('bottom_k', float('nan')):.4f}); "
-          f"ΔPPL ratio top/random = {ratio['ratio_delta_ppl'] if ratio else float('nan'):.3g}. "
+          f"sign-flip ratio criterion (on Δlog-PPL): {ratio.verdict if ratio else 'not run'}"
+          f"{f' ({ratio.measured})' if ratio else ''}. "
           f"top_k > random_k is significant (Holm, alpha 0.01) in {int(tv['significant'].fillna(False).sum())} of "
-          f"{len(tv)} perturbation conditions (primary test: {', '.join(sorted(set(tv['primary'])))}).")
+          f"{len(tv)} perturbation conditions (primary test: {', '.join(sorted(set(tv['primary'])))}); "
+          f"significance criterion: {sig.verdict if sig else 'not run'}.")

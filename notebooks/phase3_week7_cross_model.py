@@ -67,7 +67,7 @@ for m in runs:
 
 # %%
 verdicts = {m: (r.family, r.stats) for m, r in runs.items()}
-cards = criteria.p3_cross_architecture(verdicts, "data/phase3_week7_cross_model/")
+cards = criteria.budgeted(criteria.p3_cross_architecture(verdicts, "data/phase3_week7_cross_model/"), P)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, cards)
 scorecard.as_frame(cards)
 

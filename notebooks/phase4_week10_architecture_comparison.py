@@ -46,17 +46,23 @@ out["attn_ffn"].groupby("model")[["attention_mean_score", "ffn_mean_score", "att
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+by_size = measures.sort_values("n_params")["model"] if "n_params" in measures else measures["model"]
+by_size = [m for m in by_size if m in set(out["layer_observations"]["model"])]  # smallest model first
 sns.lineplot(data=out["progression"], x="rel_depth", y="score_vs_model_median", hue="model", style="group",
-             marker="o", ax=axes[0])
+             marker="o", ax=axes[0], hue_order=by_size)
 axes[0].set(yscale="log", xlabel="relative depth", ylabel="mean top-k score / model median",
             title="Layer-wise progression")
 axes[0].legend(fontsize=6)
-sns.stripplot(data=out["layer_observations"], x="model", y="log_attn_ffn", ax=axes[1])
+sns.stripplot(data=out["layer_observations"], x="model", y="log_attn_ffn", ax=axes[1], order=by_size)
 axes[1].axhline(0, color="k", lw=0.8)
 axes[1].set(ylabel="log(attention / FFN mean top-k score)", xlabel="", title="Attention vs FFN per layer")
 axes[1].tick_params(axis="x", rotation=30, labelsize=7)
 fig.tight_layout()
-ctx.savefig(fig, "architecture")
+_r = out["attn_ffn"].groupby("model")["attn_ffn_ratio"].mean()
+ctx.savefig(fig, "architecture", caption="Top-k score by relative depth (left) and attention/FFN log-ratio per "
+            "layer (right), models by size.",
+            takeaway=f"Attention/FFN ratio of mean top-k scores: {_r.min():.2f} ({_r.idxmin()}) to "
+                     f"{_r.max():.2f} ({_r.idxmax()}).")
 
 # %%
 out["moe_by_kind"]

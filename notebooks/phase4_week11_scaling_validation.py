@@ -31,7 +31,7 @@ import pandas as pd
 
 import esa.nb
 from esa.analysis import scaling
-from esa.phases import phase4
+from esa.phases import criteria, phase4
 from esa.report import scorecard
 
 ctx = esa.nb.context("phase4_week11_scaling_validation", profile, models, run_dir, overrides)
@@ -89,6 +89,7 @@ loo
 
 # %%
 rows = scaling.scaling_criteria(fits, MEASURE, evidence=f"{ctx.notebook}: real_fits / real_loo", basis=basis)
+rows = criteria.machinery_only(rows, criteria.untrained_in_run(ctx.run_dir))  # untrained micro models: no evidence
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)
 card[["id", "measured", "threshold", "result", "note"]]

@@ -33,7 +33,7 @@ import seaborn as sns
 
 import esa.nb
 from esa.analysis import architecture, patterns
-from esa.phases import phase4
+from esa.phases import criteria, phase4
 from esa.report import scorecard
 
 ctx = esa.nb.context("phase4_week12_architecture_patterns", profile, models, run_dir, overrides)
@@ -123,6 +123,7 @@ else:
     tests = architecture.compare_architectures(tables, meta, n_perm=5000)["tests"]
     tests_source = f"{ctx.notebook} (week 10 output not found; recomputed)"
 rows = patterns.family_criteria(tests, evidence=tests_source)
+rows = criteria.machinery_only(rows, criteria.untrained_in_run(ctx.run_dir))  # untrained micro models: no evidence
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 others = [r for r in scorecard.read_all(ctx.run_dir) if r.get("phase") == 4 and r.get("notebook") != ctx.notebook]
 card = scorecard.as_frame(others + [r.as_dict() | {"notebook": ctx.notebook} for r in rows])

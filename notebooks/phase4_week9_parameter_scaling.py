@@ -74,6 +74,8 @@ fits[["measure", "x", "n_models", "exponent", "exponent_ci_lo", "exponent_ci_hi"
       "loo_max_error", "descriptive_only", "segmented_preferred"]]
 
 # %%
+from matplotlib.ticker import LogLocator, NullFormatter
+
 fig, axes = plt.subplots(1, len(MEASURES), figsize=(4.2 * len(MEASURES), 3.6))
 for ax, m in zip(axes, MEASURES, strict=True):
     for xc, marker in (("n_params", "o"), ("n_params_active", "x")):
@@ -82,10 +84,17 @@ for ax, m in zip(axes, MEASURES, strict=True):
         f = fits[(fits.measure == m) & (fits.x == xc)].iloc[0]
         xs = np.geomspace(measures[xc].min(), measures[xc].max(), 50)
         ax.plot(xs, f.prefactor * xs**f.exponent, lw=1, label=f"{xc}: b={f.exponent:.2f}, R²={f.r2:.2f}")
-    ax.set(xscale="log", yscale="log", title=m, xlabel="parameters")
+    ax.set(xscale="log", yscale="log", title=m, xlabel="parameters", ylabel=m)
+    # A log axis spanning less than a decade labels its minor ticks too, and they overlap: label 1, 2, 5 only.
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(axis="x", labelsize=8)
     ax.legend(fontsize=7)
 fig.tight_layout()
-ctx.savefig(fig, "scaling_fits")
+_f = fits[fits.x == "n_params"].set_index("measure")["exponent"]
+ctx.savefig(fig, "scaling_fits", caption="Power-law fits of each sensitivity measure against parameter count "
+            "(o: total, x: active parameters).",
+            takeaway="Exponents on total parameters: " + ", ".join(f"{m} b={b:.2f}" for m, b in _f.items()) + ".")
 
 # %%
 from IPython.display import Markdown  # noqa: E402

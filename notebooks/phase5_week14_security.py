@@ -11,9 +11,25 @@
 #     name: esa
 # ---
 
-
 # %% [markdown]
-# # phase5_week14_security (being built)
+# # Phase 5 · Week 14: security of critical weights
+#
+# **Question.** Are the critical weights (Phase 2's top-k) more vulnerable to bit flips, hardware faults
+# and bounded weight perturbations than random weights of the same number, and does protecting them help?
+# Can a backdoor be seen in the sensitivity maps of fine-tuned models?
+#
+# **Storage formats.** Every flip is a real bit of a real stored value: bf16, fp16 and fp32 as stored, and
+# simulated int8 with one scale per output channel (quantise, flip, dequantise). In float storage almost
+# every weight is a one-flip single point of failure through its exponent MSB (|w| < 2 becomes ~1e38),
+# so the first table measures that share, and the critical-vs-random comparisons are made where one
+# flip's damage is bounded: int8 (a flip moves a weight by at most its row's range).
+#
+# **The criterion, defined** (esa.phases.phase5_security): three vulnerability ratios
+# V = vulnerability(critical) / vulnerability(random-k), random-k matched per matrix, with 95% bootstrap
+# CIs: flips the bit search needs to reach PPL ×100 (random / critical, paired over attack seeds), damage
+# per trial of random bounded faults inside the set, and the PGD loss increase under an L∞ budget.
+# PASS when the CI's lower bound exceeds 1; underpowered, not estimable or machinery-only with the
+# reason when the numbers cannot carry a verdict.
 
 # %% tags=["parameters"]
 profile = "smoke"
@@ -22,7 +38,109 @@ run_dir = "reports/interactive"
 overrides = {}
 
 # %%
-import esa.nb
+import os
+import time
 
+import pandas as pd
+from IPython.display import display
+
+import esa.nb
+from esa.apps.security import plots
+from esa.phases import phase5_security as sec5
+from esa.report import scorecard
+
+t_start = time.perf_counter()
 ctx = esa.nb.context("phase5_week14_security", profile, models, run_dir, overrides)
-print(f"profile {ctx.profile.name}: models {ctx.models}")
+P = ctx.profile
+S = sec5.settings(P)
+print(f"profile {P.name}: models {ctx.models}; critical set = {P.mode} top-{P.topk} of {S.critical_metric} "
+      f"(seed {P.seeds[0]}); attack {S.attack_format}, budget {S.max_flips} flips, seeds {S.attack_seeds}; "
+      f"held-out {S.heldout_windows} x {S.heldout_seqlen} tokens")
+why = sec5.budget_reason(S)
+if why:
+    print(f"verdicts are a machinery check: {why}")
+
+# %% [markdown]
+# ## Single flips, attacks, faults, protection and PGD, per model
+
+# %%
+results = {m: sec5.analyse(m, P, S) for m in ctx.models}
+for m, r in results.items():
+    print(f"{m}: base PPL {r.base['ppl']:.1f} on the held-out windows; critical set {r.critical['n_weights']} "
+          f"weights ({r.critical['fraction']:.3%}), scores from cache: {r.critical['from_cache']}; "
+          f"weights restored bit-exactly after every analysis: {r.weights_restored}; seconds: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items()))
+
+# %%
+collapse = pd.concat([r.collapse for r in results.values()], ignore_index=True)
+ctx.save_table(collapse, "collapse_share")
+ctx.save_table(pd.concat([r.collapse_weights for r in results.values()], ignore_index=True), "collapse_weights")
+display(collapse[["model", "format", "bits", "n", "n_collapsed", "share", "lo", "hi", "n_nonfinite", "base_ppl"]])
+ctx.savefig(plots.collapse_bars(collapse, "share of weights whose single worst flip collapses the model"),
+            "collapse_share")
+
+# %%
+for m, r in results.items():
+    ctx.save_table(r.attacks.table.assign(model=m), f"attack_runs_{m}")
+    ctx.save_table(r.attacks.history.assign(model=m), f"attack_history_{m}")
+    ctx.save_table(r.attacks.summary.assign(model=m), f"attack_summary_{m}")
+    display(r.attacks.summary)
+    ctx.savefig(plots.attack_curves(r.attacks.history, r.base["log_ppl"], f"{m}: bit-flip attack, {S.attack_format}"),
+                f"attack_{m}")
+
+# %%
+for m, r in results.items():
+    ctx.save_table(r.faults, f"faults_{m}")
+    ctx.save_table(r.fault_trials, f"fault_trials_{m}")
+    ctx.save_table(r.set_faults, f"set_faults_{m}")
+    ctx.save_table(r.protection, f"protection_{m}")
+    display(r.faults[["format", "rate", "n_trials", "mean_flips", "n_catastrophic", "catastrophic_rate",
+                      "catastrophic_lo", "catastrophic_hi", "damage_median", "catastrophes_hit_critical",
+                      "catastrophes_hit_exponent", "catastrophes_hit_top_bit"]])
+    display(r.set_faults.groupby("set")[["damage", "catastrophic", "n_inf", "n_nan"]].mean())
+    if len(r.protection):
+        display(r.protection[["protected", "kind", "protected_fraction", "mean_flips", "mean_flips_stopped",
+                              "catastrophic_rate", "catastrophic_lo", "catastrophic_hi"]])
+    ctx.savefig(plots.fault_plot(r.faults, r.protection, f"{m}: faults and protection"), f"faults_{m}")
+
+# %%
+for m, r in results.items():
+    ctx.save_table(r.adversarial, f"pgd_{m}")
+    display(r.adversarial.groupby(["set", "eps"])[["loss_increase", "heldout_damage", "frac_unmoved"]].mean())
+    ctx.savefig(plots.pgd_plot(r.adversarial, f"{m}: PGD in weight space ({S.pgd_radius} radius)"), f"pgd_{m}")
+
+# %% [markdown]
+# ## Backdoor detection
+#
+# Clean and backdoored twins fine-tuned from one micro-suite model (same windows, order and seed; the
+# backdoored twin sees a poisoned fraction mapping a trigger to a fixed continuation). The detector
+# scores each model's sensitivity-map statistics against the clean models; the baseline uses spectral
+# statistics of the weight deltas.
+
+# %%
+bd = sec5.backdoor(P, S)
+ctx.save_table(bd.twins, "backdoor_twins")
+ctx.save_table(bd.detection, "backdoor_detection")
+ctx.save_table(bd.scores, "backdoor_scores")
+display(bd.twins.groupby("label")[["asr", "false_trigger_rate", "heldout_loss"]].mean())
+display(bd.detection)
+ctx.savefig(plots.detector_plot(bd.scores, f"backdoor detection on {S.backdoor_base} twins"), "backdoor")
+
+# %%
+ratios = pd.concat([sec5.ratio_table(r) for r in results.values()], ignore_index=True)
+ctx.save_table(ratios, "vulnerability_ratios")
+display(ratios)
+rows = []
+for m, r in results.items():
+    rows += sec5.criterion_rows(m, S, r.ratios["attack"], r.ratios["faults"], r.ratios["adversarial"],
+                                "data/phase5_week14_security/vulnerability_ratios.parquet")
+scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
+scorecard.as_frame(rows)
+
+# %%
+for r in results.values():
+    for line in sec5.prose(r, S):
+        print(line)
+for line in sec5.backdoor_prose(bd):
+    print(line)
+print(f"notebook wall time {time.perf_counter() - t_start:.1f} s, load average {os.getloadavg()[0]:.2f}")

@@ -107,6 +107,25 @@ def test_int8_store_quantises_in_place_and_restores(trained):
     assert weights_hash(lm.model) == h0
 
 
+def test_nested_int8_blocks_share_one_quantisation(trained):
+    lm, held, _ = trained
+    h0 = weights_hash(lm.model)
+    with sec.stored(lm.model, "int8") as outer:
+        q = weights_hash(lm.model)
+        with sec.stored(lm.model, "int8") as inner:
+            assert inner is outer  # reused: not quantised again
+            fs = sec.make_flips({outer.names[0]: (torch.tensor([1, 2]), torch.tensor([7, 3]))})
+            with sec.flipped(inner, fs):
+                assert weights_hash(lm.model) != q
+        assert weights_hash(lm.model) == q  # the inner block restored nothing it did not change
+        with pytest.raises(EsaError, match="an int8 block holds"):
+            sec.stored(lm.model, "fp32").__enter__()
+        sub = [s.name for s in lm.inventory][:2]
+        with sec.stored(lm.model, "int8", sub) as other:
+            assert other is not outer  # another set of weights: its own store
+    assert weights_hash(lm.model) == h0
+
+
 @pytest.mark.parametrize("fmt,dtype", [("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16")])
 def test_every_float_flip_is_one_stored_bit(fmt, dtype):
     lm = load("tiny-llama", dtype=dtype)
@@ -385,6 +404,11 @@ def test_protected_set_builders(trained):
     assert sum(int(v.numel()) for v in top.values()) == round(0.001 * total)
     last = lm.inventory[-1]  # the largest multiplier: its highest indices score highest
     assert list(top) == [last.name] and int(top[last.name][-1]) == last.numel - 1
+    flat = {s.name: torch.ones(s.shape) for s in lm.inventory}  # all tied: the earliest weights win
+    flat[lm.inventory[1].name].view(-1)[7] = 2.0
+    tied = sec.top_fraction(flat, 3 / total)
+    first = lm.inventory[0].name
+    assert tied[first].tolist() == [0, 1] and tied[lm.inventory[1].name].tolist() == [7]
     u = sec.uniform_targets(lm.inventory, 50, seed=0, exclude=top)
     assert sum(int(v.numel()) for v in u.values()) == 50
     assert not any(bool(contains(top, n, v).any()) for n, v in u.items())
@@ -426,6 +450,13 @@ def test_protection_reuse_equals_fresh_evaluation(trained):
 
 def _fake(flips_to: dict, budget: int = 10) -> sec.AttackResult:
     return sec.AttackResult("bfa", pd.DataFrame(), flips_to, "", {}, {}, settings=dict(max_flips=budget))
+
+
+def test_wilson_ci_brackets_the_share():
+    for n in range(1, 120):
+        for k in (0, 1, n // 2, n - 1, n):
+            p, lo, hi = sec.wilson_ci(k, n)
+            assert 0 <= lo <= p <= hi <= 1, (k, n, lo, p, hi)
 
 
 def test_attack_summaries_and_vulnerability_ratio():

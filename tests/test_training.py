@@ -458,3 +458,21 @@ def test_bad_names_and_budgets_fail_before_training(ids):
         train(lm.model, SparseFT(targets), ids, cfg(steps=None, tokens=SEQ))
     with pytest.raises(EsaError, match="unknown protection 'shield'.*anchor"):
         train(lm.model, SparseFT(targets), ids, cfg(), protect=ProtectSpec("shield"))
+
+
+def test_measure_base_equals_the_step0_evaluation_and_eval_start_skips_it(ids):
+    lm = fresh()
+    targets = magnitude_targets(lm)
+    name = next(iter(targets))
+    ev = lambda: Evaluator(target=ids[:4], source=ids[4:8], tracked=[(name, int(targets[name][0]))],  # noqa: E731
+                           probes={"w_norm": lambda m: float(m.get_parameter(name).norm())})
+    row0, drift0 = ev().measure_base(lm.model)
+    with_start = train(lm.model, SparseFT(targets), ids, cfg(steps=2), evaluator=ev())
+    first = with_start.evals.iloc[0]
+    for k in ("target_loss", "source_loss", "w_norm", "tokens"):
+        assert first[k] == row0[k], k
+    assert drift0[0]["drift"] == 0.0 and drift0[0]["value"] == with_start.drift.iloc[0]["value"]
+    lm = fresh()
+    without = train(lm.model, SparseFT(targets), ids, cfg(steps=2, eval_start=False), evaluator=ev())
+    assert without.evals["step"].tolist() == [2]
+    assert weights_hash(without.model) == weights_hash(with_start.model)  # evaluation never changes training

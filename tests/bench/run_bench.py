@@ -45,7 +45,9 @@ def main() -> int:
             # Phase 5 interpretability: the role catalogue for 100 weights
             ["bench_interpret.py"], ["bench_interpret.py", "--model", "smollm2-135m", "--weights", "100"],
             # Phase 5 training: sparse FT step vs LoRA at equal count, optimiser memory, protection overhead
-            ["bench_training.py", "--model", "smollm2-135m", "--steps", "2", "--rounds", "2"]]
+            ["bench_training.py", "--model", "smollm2-135m", "--steps", "2", "--rounds", "2"],
+            # curvature diagonals: Hutchinson probe vs MC-GGN sample cost, equal-product errors vs exact diagonals
+            ["bench_curvature.py"]]
     if gpu:
         jobs += [["bench_sensitivity.py", "--gpu-8b"], ["gpu_check.py"],
                  ["bench_security.py", "--model", "smollm2-135m", "--flips", "3", "--trials", "5", "--tag", "all-layers"]]

@@ -44,18 +44,38 @@ def damage_bars(summary: pd.DataFrame | list[dict[str, Any]], title: str = ""):
         d = s[(s.perturbation == pert) & (s.scale == scale) & (s.prob == prob)].set_index("group")
         order = _order(d.index)
         d = d.loc[order]
-        lo = (d["mean"] - d["ci_lo"]).clip(lower=0).fillna(0)
+        vals = d["mean"].to_numpy(dtype=float)
+        log_axis = bool(np.all(vals > 0) and vals.max() / max(vals.min(), 1e-12) > 100)
+        lower = d["ci_lo"].astype(float)
+        floor = vals.min() / 10 if log_axis else None
+        if log_axis:
+            # A CI reaching down to ~0 would stretch a log axis to 1e-15: stop its whisker a decade below
+            # the smallest bar and mark it as running off the axis.
+            lower = lower.clip(lower=floor)
+        lo = (d["mean"] - lower).clip(lower=0).fillna(0)
         hi = (d["ci_hi"] - d["mean"]).clip(lower=0).fillna(0)
-        ax.bar(range(len(d)), d["mean"], yerr=[lo, hi], color=["C3" if g == "top_k" else "C0" for g in d.index],
-               capsize=3)
-        ax.set_xticks(range(len(d)), d.index, rotation=45, ha="right", fontsize=8)
+        x = np.arange(len(d))
+        ax.bar(
+            x, d["mean"], yerr=[lo, hi], color=["C3" if g == "top_k" else "C0" for g in d.index], capsize=3
+        )
+        if log_axis:
+            off = (d["ci_lo"].astype(float) < floor).to_numpy()
+            ax.plot(x[off], np.full(off.sum(), floor), "v", color="k", ms=4, label="CI runs below axis")
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=floor / 2)
+        ax.set_xticks(x, d.index, rotation=45, ha="right", fontsize=8)
         dose = PERTURBATIONS[pert.partition("[")[0]].dose  # table kinds name bit variants as bit_flip[<bits>]
         label = {None: pert, "prob": f"{pert} p={prob:g}"}.get(dose, f"{pert} x{scale:g}")
+        capped = d["n_capped"].fillna(0).astype(int) if "n_capped" in d else pd.Series(0, index=d.index)
+        if capped.any():
+            # A capped bar is a floor on the damage, not its size: hatch it and say so in the title.
+            for patch, n_cap in zip(ax.patches, capped, strict=True):
+                if n_cap:
+                    patch.set_hatch("//")
+                    patch.set_edgecolor("k")
+            label += f"\nhatched: {int((capped > 0).sum())} group(s) at the damage cap"
         ax.set_title(label, fontsize=9)
         ax.axhline(0, color="k", lw=0.5)
-        vals = d["mean"].to_numpy(dtype=float)
-        if np.all(vals > 0) and vals.max() / max(vals.min(), 1e-12) > 100:
-            ax.set_yscale("log")
     axes[0][0].set_ylabel("delta log-PPL (nats/token)")
     fig.suptitle(title or "damage per group (mean over seeds, 95% bootstrap CI)", fontsize=10)
     fig.tight_layout()

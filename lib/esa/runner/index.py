@@ -1,8 +1,10 @@
 """reports/<run>/index.html: the front page of a run.
 
-Every notebook of the run folder (from its stamps) with links to the executed notebook and both HTML
-renderings, status and time; the success-criteria scorecard (esa.report.scorecard.read_all) as
-PASS/FAIL/n-a; the key figures under figures/<run>/ as embedded thumbnails linking to the full PNGs;
+First the findings (esa.report.findings: a profile banner, per-model sentences computed from the run's
+tables, one hero figure); then every notebook of the run folder (from its stamps) with links to the
+executed notebook and both HTML renderings, status and time; the success-criteria scorecard
+(esa.report.scorecard.judged: each id once, verdicts PASS / FAIL / underpowered / not estimable /
+machinery-only, counted by verdict) with evidence links; the key figures under figures/<run>/ as embedded thumbnails linking to the full PNGs;
 and a summary of the manifest. One self-contained file: inline CSS, no JavaScript.
 """
 
@@ -14,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from esa.report import html as h
-from esa.report.scorecard import read_all
+from esa.report.findings import collect
+from esa.report.scorecard import counts, judged
 from esa.runner.layout import outputs
 from esa.runner.state import all_stamps
+from esa.stats.verdicts import VERDICTS, verdict_of
 from esa.store import atomic_path, read_json
 
 MAX_FIGURES_PER_NOTEBOOK = 12  # an index is an overview; the notebook HTML has every figure
@@ -93,42 +97,80 @@ def _notebook_rows(
     return rows
 
 
-def _scorecard(run_dir: Path) -> tuple[str, dict[str, int]]:
+_VERDICT_CSS = {"PASS": "PASS", "FAIL": "FAIL", "underpowered": "under", "not estimable": "n-a",
+                "machinery-only": "mach"}
+# index-only styles: long ids and paths wrap inside their cells, so nothing runs off a 1400 px window
+INDEX_CSS = """<style>
+table.score { table-layout: fixed; } table.score td, table.score th { overflow-wrap: anywhere; }
+table.score td.num, table.score .badge { white-space: normal; }
+table.score col.c1 { width: 22%; } table.score col.c2 { width: 10%; } table.score col.c3 { width: 11%; }
+table.score col.c4 { width: 11%; } table.score col.c5 { width: 34%; } table.score col.c6 { width: 12%; }
+dd, figcaption, .banner, .finding { overflow-wrap: anywhere; }
+.under { background: #b7791f; } .mach { background: #6d28d9; }
+.banner { background: #fff7e6; border: 1px solid #f0c36d; border-radius: 8px; padding: 8px 14px; margin: 8px 0; }
+.findings figure { width: 100%; max-width: 900px; margin: 10px 0 0; }
+</style>"""
+
+
+def _evidence(run_dir: Path, evidence: str) -> str:
+    """The evidence text with its path or notebook as a link: 'data/<nb>/x.json' -> that file; '<nb>: tables' ->
+    the notebook's data folder (or its HTML page when it wrote no data)."""
+    text = str(evidence or "")
+    head = text.split(":", 1)[0].split(" ", 1)[0]
+    if head.startswith("data/") and (run_dir / head).exists():
+        return h.link(head, head) + h.esc(text[len(head):])
+    if head and (run_dir / "data" / head).is_dir():
+        return h.link(f"data/{head}/", head) + h.esc(text[len(head):])
+    page = outputs(run_dir, head).html_nocode if head else None
+    if page is not None and page.is_file():
+        return h.link(_rel(page, run_dir), head) + h.esc(text[len(head):])
+    return h.esc(text)
+
+
+def _scorecard(run_dir: Path, settings: dict[str, Any] | None) -> tuple[str, dict[str, int]]:
     try:
-        rows = read_all(run_dir)
+        rows = judged(run_dir, settings)
     except (OSError, ValueError) as err:
         return f'<p class="err">scorecard unreadable: {h.esc(err)}</p>', {}
     if not rows:
         return '<p class="muted">No notebook of this run wrote success criteria.</p>', {}
-    counts = {"PASS": 0, "FAIL": 0, "n/a": 0}
     body = []
     for r in sorted(rows, key=lambda r: (r.get("phase", 0), r.get("notebook", ""), r.get("id", ""))):
-        result = {True: "PASS", False: "FAIL"}.get(r.get("passed"), "n/a")
-        counts[result] += 1
+        verdict = verdict_of(r)
+        nb = r.get("notebook") or ""
+        page = outputs(run_dir, nb).html_nocode
+        also = (f"<br><span class='muted'>also written by {h.esc(', '.join(r['also_in']))}</span>"
+                if r.get("also_in") else "")
         body.append(
             [
-                h.esc(r.get("id")),
-                h.esc(r.get("phase")),
-                h.esc(r.get("text")),
-                h.esc(_fmt(r.get("measured"))),
+                f"<b>{h.esc(r.get('id'))}</b><br><span class='muted'>{h.esc(r.get('text'))}</span>",
+                h.esc(_fmt(r.get("measured")) or "n/a"),
                 h.esc(r.get("threshold")),
-                h.badge(result, "n-a" if result == "n/a" else result),
-                h.esc(r.get("evidence"))
+                h.badge(verdict, _VERDICT_CSS.get(verdict, "n-a")),
+                _evidence(run_dir, r.get("evidence", ""))
                 + (f"<br><span class='muted'>{h.esc(r['note'])}</span>" if r.get("note") else ""),
-                h.esc(r.get("notebook")),
+                h.link(_rel(page, run_dir) if page.is_file() else None, nb) + also,
             ]
         )
-    headers = [
-        "Criterion",
-        "Phase",
-        "Success criterion",
-        "Measured",
-        "Threshold",
-        "Result",
-        "Evidence",
-        "Notebook",
-    ]
-    return h.table(headers, body, numeric=[3]), counts
+    headers = ["Criterion", "Measured", "Threshold", "Verdict", "Evidence and reason", "Notebook"]
+    cols = "<colgroup>" + "".join(f'<col class="c{i}">' for i in range(1, 7)) + "</colgroup>"
+    table = h.table(headers, body, numeric=[1]).replace("<table>", f'<table class="score">{cols}', 1)
+    return table, counts(rows)
+
+
+def _findings(run_dir: Path, fig_dir: Path, settings: dict[str, Any] | None) -> str:
+    f = collect(run_dir, fig_dir, settings)
+    parts = [f'<div class="banner"><b>Profile.</b> {h.esc(f.banner)}</div>']
+    text = "".join(f"<h3>{h.esc(m.model)}</h3>" + "".join(f'<p class="finding">{h.esc(s)}</p>' for s in m.sentences)
+                   for m in f.models) or '<p class="muted">No Phase 2-5 results in this run yet.</p>'
+    if f.missing:
+        text += f'<p class="muted">Not in this run: {h.esc("; ".join(f.missing))}.</p>'
+    fig = ""
+    if f.hero is not None:
+        href = _rel(f.hero, run_dir)
+        fig = (f'<figure><a href="{h.esc(href)}"><img src="{h.esc(h.thumbnail_src(f.hero, 880) or href)}" '
+               f'alt="{h.esc(f.hero_caption)}"></a><figcaption>{h.esc(f.hero_caption)}</figcaption></figure>')
+    return "<h2>Findings</h2>" + parts[0] + f'<div class="findings"><div class="text">{text}</div>{fig}</div>'
 
 
 def _figures(run_dir: Path, fig_dir: Path, order: list[str]) -> str:
@@ -205,18 +247,19 @@ def write_index(run_dir: Path, fig_dir: Path, order: list[str] | None = None) ->
         manifest = {}
     n_ok = sum(s.get("status") == "ok" for s in stamps.values())
     n_failed = sum(s.get("status") == "failed" for s in stamps.values())
-    score_html, counts = _scorecard(run_dir)
+    settings = manifest.get("profile_settings") or None
+    score_html, n_verdict = _scorecard(run_dir, settings)
     total_s = sum(s.get("seconds") or 0 for s in stamps.values())
     cards = [
         (str(n_ok), "notebooks ok"),
         (str(n_failed), "failed"),
-        (str(counts.get("PASS", 0)), "criteria PASS"),
-        (str(counts.get("FAIL", 0)), "FAIL"),
-        (str(counts.get("n/a", 0)), "n/a"),
+        *((str(n_verdict.get(v, 0)), f"criteria {v}" if v == "PASS" else v) for v in VERDICTS),
         (_seconds(total_s), "notebook time (sum)"),
     ]
     body = (
-        "<div class='cards'>"
+        INDEX_CSS
+        + _findings(run_dir, fig_dir, settings)
+        + "<div class='cards'>"
         + "".join(f"<div class='card'><b>{h.esc(v)}</b><span>{h.esc(k)}</span></div>" for v, k in cards)
         + "</div>"
         + "<h2>Notebooks</h2>"
@@ -225,7 +268,7 @@ def write_index(run_dir: Path, fig_dir: Path, order: list[str] | None = None) ->
             _notebook_rows(run_dir, stamps, manifest, order),
             numeric=[5],
         )
-        + "<h2>Success criteria</h2>"
+        + "<h2>Success criteria (each judged once)</h2>"
         + score_html
         + "<h2>Key figures</h2>"
         + _figures(run_dir, fig_dir, order)

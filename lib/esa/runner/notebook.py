@@ -4,16 +4,25 @@ Following the pydoit/papermill pattern: jupytext reads the percent-format `.py`,
 `.ipynb` into the run folder (never beside the paired source), papermill executes it in a fresh kernel
 with an explicit kernel name and cwd, and nbconvert renders it with and without code. Every file is
 written under a temporary name and renamed, so nothing half-written is ever read back.
+
+The kernel runs headless: before its first cell it calls `esa.nb.headless_kernel()` (progress bars off,
+logs and Python warnings into `logs/<id>.log`), so the pages hold results only (esa.runner.pages).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from esa.errors import EsaError
+from esa.progress import LOG_ENV, QUIET_ENV
+from esa.runner import pages
+from esa.runner.layout import outputs
 from esa.store import atomic_path
 
 PARAMETERS_TAG = "parameters"
@@ -114,16 +123,44 @@ def execute(
     """Execute with papermill into `output_path` (atomic). Returns None on success, else the Failure.
 
     The executed copy is kept on failure too (papermill marks the failing cell), so the HTML shows it;
-    if papermill wrote nothing at all, no executed copy is left.
+    if papermill wrote nothing at all, no executed copy is left. The kernel's logs go to
+    `<run>/logs/<notebook>.log` (the run folder is the one holding `output_path`'s folder), new each time.
     """
+    log = outputs(output_path.parent.parent, notebook).log
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("", encoding="utf-8")
     try:
-        with atomic_path(output_path) as tmp:
+        with atomic_path(output_path) as tmp, headless_environment(log):
             failure = _papermill(notebook, input_path, tmp, parameters, kernel, cwd, timeout)
             if tmp.stat().st_size == 0:  # mkstemp's empty file: papermill never got to write
                 raise _NoOutput(failure or Failure(notebook, "papermill wrote no output"))
     except _NoOutput as err:
         return err.failure
     return failure
+
+
+# Run in the kernel before any cell (IPython's exec_lines); a kernel without esa just skips it.
+_KERNEL_SETUP = "__import__('importlib').util.find_spec('esa') and __import__('esa.nb').nb.headless_kernel()"
+
+
+@contextlib.contextmanager
+def headless_environment(log: Path) -> Iterator[None]:
+    """The environment the kernel is started with: its log file and every progress bar off.
+
+    The kernel inherits the worker's environment at start; restored afterwards, since a worker runs
+    many notebooks.
+    """
+    new = {LOG_ENV: str(log.resolve()), **QUIET_ENV}
+    before = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _NoOutput(Exception):
@@ -161,6 +198,7 @@ def _papermill(
                 log_output=False,
                 execution_timeout=timeout,
                 kernel_manager_class=NoInterruptOnShutdown,  # no stray SIGINT after a clean run
+                extra_arguments=[f"--IPKernelApp.exec_lines={_KERNEL_SETUP}"],
             )
     except PapermillExecutionError as err:
         if err.ename == "KeyboardInterrupt":
@@ -183,15 +221,16 @@ def _papermill(
 
 
 def render_html(executed: Path, with_code: Path, without_code: Path) -> None:
-    """Render the executed notebook twice: with code, and as a report without input cells."""
+    """Render the executed notebook twice: with code, and as a report without input cells.
+
+    The run folder and notebook id come from `executed`'s place (esa.runner.layout): the pages caption
+    the notebook's figures and link its tables and log (esa.runner.pages).
+    """
     import nbformat
-    from nbconvert import HTMLExporter
 
     nb = nbformat.read(str(executed), as_version=4)
+    nb = pages.prepare(nb, executed.stem, executed.parent.parent)
     for dest, exclude in ((with_code, False), (without_code, True)):
-        exporter = HTMLExporter(
-            exclude_input=exclude, exclude_input_prompt=exclude, exclude_output_prompt=exclude
-        )
-        body, _ = exporter.from_notebook_node(nb)
+        body, _ = pages.exporter(exclude).from_notebook_node(nb)
         with atomic_path(dest) as tmp:
             tmp.write_text(body, encoding="utf-8")

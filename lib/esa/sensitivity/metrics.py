@@ -427,6 +427,12 @@ class Metric:
         return self.compute(model, specs, ids, cfg)
 
 
+def _ggn_mc(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, cfg: MetricConfig) -> MetricResult:
+    from esa.sensitivity.curvature import ggn_mc_diag  # curvature builds on this module's machinery
+
+    return ggn_mc_diag(model, specs, ids, cfg)
+
+
 def _hutchinson_key(cfg: MetricConfig) -> dict[str, Any]:
     # no batch_size: always one window at a time (memory), see hutchinson_diag
     d: dict[str, Any] = {"probes": cfg.probes, "probe_seed": cfg.seed, "output": cfg.hutchinson_output}
@@ -447,6 +453,11 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            act_mag, lambda c: {}, "act_mag"),
     Metric("hutchinson_diag", "0.5 * diag(H) * w^2, diag(H) = mean over Rademacher probes v of v * Hv "
            "(Hutchinson, double backward)", hutchinson_diag, _hutchinson_key, "hutchinson", double_backward=True),
+    # a lower-variance curvature diagonal of a different quantity (esa.sensitivity.curvature)
+    Metric("ggn_mc_diag", "0.5 * diag(GGN) * w^2, diag(GGN) = mean over labels sampled from the model of N * g^2 "
+           "(Monte-Carlo Gauss-Newton = Fisher diagonal; not diag(H))", _ggn_mc,
+           lambda c: {"samples": c.probes, "sample_seed": c.seed, "output": c.hutchinson_output,
+                      "batch_size": c.batch_size}, "gradient"),
 )}
 
 

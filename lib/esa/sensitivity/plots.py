@@ -39,17 +39,28 @@ def survival_plot(curves: Mapping[str, pd.DataFrame], title: str = ""):
     return fig
 
 
-def hotspot_plot(counts: pd.DataFrame, title: str = ""):
-    """Heatmap of selected weights per layer (rows) and component (columns)."""
+def hotspot_plot(counts: pd.DataFrame, title: str = "", n_layers: int | None = None):
+    """Heatmap of selected weights per layer (rows) and component (columns).
+
+    Layers holding none of the selection stay in the map as zero rows (a pivot drops them): every layer
+    from 0 to `n_layers - 1` (default: the largest layer seen) is shown, and the title says how many are empty.
+    """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * max(1, counts.shape[1]), 1.0 + 0.18 * max(1, counts.shape[0])))
+    if len(counts.index) and pd.api.types.is_integer_dtype(counts.index):
+        last = max(int(counts.index.max()) + 1, n_layers or 0)
+        counts = counts.reindex(range(last), fill_value=0)
+    empty = int((counts.sum(axis=1) == 0).sum())
+    fig, ax = plt.subplots(
+        figsize=(1.6 + 0.6 * max(1, counts.shape[1]), 1.0 + 0.18 * max(1, counts.shape[0]))
+    )
     im = ax.imshow(counts.to_numpy(), aspect="auto", cmap="viridis")
     ax.set_xticks(range(counts.shape[1]), counts.columns, rotation=45)
     ax.set_yticks(range(counts.shape[0]), counts.index)
     ax.set_xlabel("component")
     ax.set_ylabel("layer")
-    ax.set_title(title or "global top-k: count per layer and component")
-    fig.colorbar(im, ax=ax)
+    note = f"\n{empty} of {counts.shape[0]} layers hold none" if empty else ""
+    ax.set_title((title or "global top-k: count per layer and component") + note, fontsize=9)
+    fig.colorbar(im, ax=ax, label="selected weights (count)")
     return fig
 
 

@@ -11,7 +11,6 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-
 VERDICTS = ("PASS", "FAIL", "underpowered", "not estimable", "machinery-only")
 
 
@@ -29,6 +28,7 @@ class Criterion:
     # threshold), "not estimable" (inf, NaN, a denominator within noise) or "machinery-only" (smoke budgets or
     # untrained models: the code ran, the number is not evidence). Left empty, it is derived from `passed`.
     verdict: str = ""
+    face_value: str = ""  # after a demotion (`demote`): the PASS/FAIL the number alone would read
 
     def __post_init__(self) -> None:
         if not self.verdict:
@@ -54,3 +54,28 @@ def judge(value: float | None, op: str, threshold: float) -> bool | None:
         return None
     return {">": value > threshold, ">=": value >= threshold, "<": value < threshold,
             "<=": value <= threshold}[op]
+
+
+NOT_JUDGED = ("underpowered", "not estimable", "machinery-only")
+
+
+def demote(c: Criterion, verdict: str, reason: str) -> Criterion:
+    """`c` set to a not-judged `verdict` (passed=None) with `reason` leading its note; the measured value
+    stays. A PASS/FAIL it had is named in the note, so the reader sees what the number alone would say."""
+    if verdict not in NOT_JUDGED:
+        raise ValueError(f"verdict {verdict!r}; accepted: {', '.join(NOT_JUDGED)}")
+    was = (f" (the number alone reads {c.verdict})" if c.verdict in ("PASS", "FAIL") else
+           f" (also {c.verdict})" if c.verdict != verdict else "")
+    c.note = f"{reason}{was}" + (f". {c.note}" if c.note else "")
+    if c.verdict in ("PASS", "FAIL"):
+        c.face_value = c.verdict
+    c.passed, c.verdict = None, verdict
+    return c
+
+
+def verdict_of(row: dict[str, Any]) -> str:
+    """The verdict of a stored row; rows written before verdicts existed derive it from `passed`."""
+    v = row.get("verdict")
+    if v in VERDICTS:
+        return v
+    return {True: "PASS", False: "FAIL"}.get(row.get("passed"), "not estimable")

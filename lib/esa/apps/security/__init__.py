@@ -9,6 +9,7 @@
 - `adversarial`: projected gradient ascent in weight space under an L-infinity budget on a target set.
 - `backdoor`: a detector from sensitivity-map statistics against a clean reference, a weight-delta spectral
   baseline, AUROC with a bootstrap CI.
+- `poison`: clean and backdoored twin models fine-tuned offline from one base, and their attack success rate.
 - `attacks`: the attack registry (`ATTACKS`: bfa, random) behind `run_attack`.
 """
 
@@ -26,7 +27,13 @@ from esa.apps.security.backdoor import (
 from esa.apps.security.bfa import AttackConfig, AttackResult, progressive_bit_search
 from esa.apps.security.collapse import CollapseResult, collapse_share
 from esa.apps.security.common import top_fraction, uniform_targets, wilson_ci
-from esa.apps.security.faults import FaultResult, fault_campaign, protection_curve, random_flip_search
+from esa.apps.security.faults import (
+    FaultResult,
+    fault_campaign,
+    protection_curve,
+    random_flip_search,
+    set_faults,
+)
 from esa.apps.security.formats import (
     FORMATS,
     FlipSet,
@@ -38,14 +45,22 @@ from esa.apps.security.formats import (
     make_flips,
     stored,
 )
-from esa.apps.security.protect import PROTECTIONS, Guard, parity_bits, random_like
+from esa.apps.security.poison import PoisonConfig, TwinSuite, make_twins
+from esa.apps.security.protect import (
+    PROTECTIONS,
+    Guard,
+    magnitude_like,
+    matched_random,
+    parity_bits,
+    random_like,
+)
 
 __all__ = [
     "ATTACKS", "FORMATS", "PROTECTIONS", "RADII", "AttackConfig", "AttackResult", "CollapseResult",
-    "FaultResult", "FlipSet", "FlipStats", "Guard", "Store", "anomaly_scores", "auroc", "auroc_ci",
+    "FaultResult", "FlipSet", "FlipStats", "Guard", "PoisonConfig", "Store", "TwinSuite", "anomaly_scores", "auroc", "auroc_ci",
     "collapse_share", "describe_flips", "detect", "fault_campaign", "flipped", "flips_needed", "flips_ratio",
-    "get_format", "make_flips", "map_features", "parity_bits", "pgd_attack", "pgd_compare",
+    "get_format", "magnitude_like", "make_flips", "make_twins", "map_features", "matched_random", "parity_bits", "pgd_attack", "pgd_compare",
     "progressive_bit_search", "protection_curve", "random_flip_search", "random_like", "run_attack",
-    "sensitivity_features", "spectral_features", "stored", "summarise_attacks", "top_fraction",
+    "sensitivity_features", "set_faults", "spectral_features", "stored", "summarise_attacks", "top_fraction",
     "uniform_targets", "wilson_ci",
 ]

@@ -96,7 +96,8 @@ def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float, float]
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    # clamped so that lo <= p <= hi also under rounding (at k = n, centre + half is 1 only up to an ulp)
+    return p, max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 # ---------------------------------------------------------------- target sets
@@ -166,8 +167,12 @@ def top_fraction(scores: dict[str, torch.Tensor], fraction: float,
     names = [s.name for s in specs] if specs else list(scores)
     flat = torch.cat([scores[n].detach().float().reshape(-1).cpu() for n in names])  # (N,)
     k = max(1, int(round(fraction * flat.numel())))
-    # stable sort on -score: equal scores keep concatenation order, so the pick is deterministic
-    order = torch.sort(torch.nan_to_num(-flat, nan=math.inf), stable=True).indices[:k]
+    # the k largest (NaN ranks last); ties at the k-th value go to the earlier parameter and lower index,
+    # as a stable sort would pick them, without sorting all N scores (topk is O(N))
+    flat = torch.nan_to_num(flat, nan=-math.inf)
+    thr = torch.topk(flat, k, sorted=False).values.min()
+    above = (flat > thr).nonzero().reshape(-1)
+    order = torch.cat([above, (flat == thr).nonzero().reshape(-1)[: k - above.numel()]])
     sizes = torch.tensor([scores[n].numel() for n in names])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])
     which = torch.searchsorted(offsets, order, right=True) - 1

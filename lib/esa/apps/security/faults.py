@@ -295,3 +295,48 @@ def random_flip_search(
                         dict(ppl=base.ppl, log_ppl=base.log_ppl, accuracy=base.accuracy), through,
                         dict(seconds=time.perf_counter() - t0), settings, dict(flips_to))
 
+
+
+def set_faults(
+    model: torch.nn.Module,
+    windows: Windows | torch.Tensor,
+    fmt: str,
+    sets: dict[str, Targets],
+    n_flips: int,
+    trials: int,
+    bits: str | None = None,
+    seed: int = 0,
+    weights: Sequence[str | WeightSpec] | None = None,
+    factor: float = 10.0,
+    batch_size: int | None = None,
+    show_progress: bool = True,
+) -> pd.DataFrame:
+    """Damage per fault inside a weight set: each trial flips `n_flips` distinct stored bits drawn uniformly
+    from the bit class `bits` (default: the format's bounded class) of one set's weights, evaluates once and
+    restores. One row per (set, trial): damage log(PPL/base), catastrophic (PPL >= factor x base), inf/NaN
+    counts. Sets of equal size (a critical set and random sets matched per matrix) make the damage per flip
+    comparable; the draws of set s, trial t use their own seeded stream."""
+    f = get_format(fmt)
+    bits = bits or f.bounded
+    f.positions(bits)
+    n_flips = check_positive_int(n_flips, "faults per trial")
+    trials = check_positive_int(trials, "number of trials")
+    factor = check_factor(factor, "catastrophe factor")
+    if not sets:
+        raise EsaError("set_faults needs at least one weight set")
+    specs = resolve_weights(model, weights)
+    checked = {label: check_targets(t, specs, f"weight set {label!r}") for label, t in sets.items()}
+    rows = []
+    with stored(model, fmt, specs) as store:
+        base = baseline(model, windows, batch_size)
+        domains = {label: BitDomain(store, bits, t) for label, t in checked.items()}
+        jobs = [(label, t) for label in checked for t in range(trials)]
+        for label, t in progress(jobs, desc=f"set faults {fmt}", disable=not show_progress, unit="trial"):
+            dom = domains[label]
+            fl = dom.locate(draw_distinct(rng_for(seed, "set_faults", label, t), dom.total, n_flips))
+            with flipped(store, fl) as st:
+                r = evaluate(model, windows, batch_size=batch_size, show_progress=False)
+            rows.append(dict(set=label, trial=t, set_size=dom.n_weights, n_flips=st.n_flips, n_inf=st.n_inf,
+                             n_nan=st.n_nan, format=fmt, bits=bits, base_log_ppl=base.log_ppl,
+                             **_trial_row(r, base, factor)))
+    return pd.DataFrame(rows)

@@ -244,13 +244,19 @@ def _check_quantisable(name: str, p: torch.Tensor) -> None:
                        f"{p.dim()}-D {p.dtype} with shape {tuple(p.shape)}")
 
 
+# int8 stores open now, by id(model): a nested `stored(model, "int8")` over the same weights reuses the open
+# one instead of quantising again (one quantisation for a whole series of int8 analyses)
+_OPEN_INT8: dict[int, list[Store]] = {}
+
+
 @contextlib.contextmanager
 def stored(model: torch.nn.Module, fmt: str,
            weights: Sequence[str | WeightSpec] | None = None) -> Iterator[Store]:
     """Open the studied weights (default: the weight inventory) in storage format `fmt` for the block.
 
     Float formats check that the model stores the weights in that dtype. int8 quantises them in place (the
-    block sees the int8 model) and restores the original bits on exit, whatever happens in the block."""
+    block sees the int8 model) and restores the original bits on exit, whatever happens in the block; inside
+    an open int8 block over the same weights it reuses that store (nothing is quantised or restored twice)."""
     f = get_format(fmt)
     specs = resolve_weights(model, weights)
     params = dict(model.named_parameters())
@@ -266,11 +272,21 @@ def stored(model: torch.nn.Module, fmt: str,
                            f"is {p.dtype}: load the model with dtype={want!r}, or use format {other}")
         if not p.is_contiguous():
             raise EsaError(f"parameter {s.name} is not contiguous; cannot flip its bits in place")
+    if f.simulated:
+        names = tuple(s.name for s in specs)
+        for outer in _OPEN_INT8.get(id(model), []):
+            if outer.model is model and tuple(outer.names) == names:
+                yield outer  # already quantised by an enclosing block: share it (its flips restore themselves)
+                return
+    if not f.simulated and _OPEN_INT8.get(id(model)):
+        raise EsaError(f"format {fmt} flips the stored floats, but an int8 block holds this model's weights "
+                       "quantised: open it outside that block")
     store = Store(model, f, specs)
     if not f.simulated:
         yield store
         return
     backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+    _OPEN_INT8.setdefault(id(model), []).append(store)
     try:
         err = tot = 0.0
         with torch.no_grad():
@@ -292,6 +308,9 @@ def stored(model: torch.nn.Module, fmt: str,
         with torch.no_grad():
             for p, raw in reversed(backup):
                 p.copy_(raw.to(p.device))  # same dtype: a byte copy, so NaN payloads and -0.0 survive
+        _OPEN_INT8[id(model)].remove(store)
+        if not _OPEN_INT8[id(model)]:
+            del _OPEN_INT8[id(model)]
 
 
 # ---------------------------------------------------------------- flip sets

@@ -126,9 +126,14 @@ def parity_bits(store: Store, targets: Targets) -> dict[str, torch.Tensor]:
 
 def random_like(targets: Targets, store: Store, seed: int) -> Targets:
     """A random set with `targets`' count per parameter, disjoint from it (the protection control)."""
+    return matched_random(targets, {name: store.numel(name) for name in targets}, seed)
+
+
+def matched_random(targets: Targets, sizes: dict[str, int], seed: int) -> Targets:
+    """`random_like` from parameter sizes (param -> number of weights) instead of an open store."""
     out: Targets = {}
     for name, idx in targets.items():
-        n, m = int(idx.numel()), store.numel(name)
+        n, m = int(idx.numel()), int(sizes[name])
         if 2 * n > m:
             raise EsaError(f"cannot draw a disjoint random set of {n} weights from {name} ({m} weights)")
         rng = rng_for(seed, "random_like", name)
@@ -139,4 +144,13 @@ def random_like(targets: Targets, store: Store, seed: int) -> Targets:
             pick = torch.unique(torch.cat([pick, draw]))
         perm = torch.from_numpy(rng.permutation(pick.numel())).long()
         out[name] = torch.sort(pick[perm[:n]]).values
+    return out
+
+
+def magnitude_like(targets: Targets, model: torch.nn.Module) -> Targets:
+    """The largest-|w| weights of each parameter, as many as `targets` holds there (the magnitude-k control)."""
+    out: Targets = {}
+    for name, idx in targets.items():
+        w = model.get_parameter(name).detach().reshape(-1).float().abs()
+        out[name] = torch.sort(torch.topk(w, int(idx.numel())).indices.cpu()).values
     return out

@@ -10,7 +10,14 @@ fine-tuning baselines, protection of critical weights during training, and expor
 """
 
 from esa.apps.training.base import Coef, Method, Penalty
-from esa.apps.training.domains import DOMAINS, domain_windows, get_domain, gsm8k_problems, split_problems
+from esa.apps.training.domains import (
+    DOMAINS,
+    check_domain,
+    domain_windows,
+    get_domain,
+    gsm8k_problems,
+    split_problems,
+)
 from esa.apps.training.export import SparseDelta, save_merged
 from esa.apps.training.full import FullFT
 from esa.apps.training.loop import (
@@ -32,7 +39,7 @@ from esa.apps.training.sparse import SparseFT, check_density, count_at_density, 
 __all__ = [
     "DOMAINS", "METHODS", "PROTECTIONS", "SELECTIONS", "Coef", "Evaluator", "FullFT", "LoraFT", "LoraPlan",
     "Method", "Penalty", "ProtectSpec", "SparseDelta", "SparseFT", "StepInfo", "TrainConfig", "TrainResult",
-    "channel_probe", "check_density", "check_protection", "check_selection", "cosine_lr", "count_at_density", "domain_windows",
+    "channel_probe", "check_density", "check_domain", "check_protection", "check_selection", "cosine_lr", "count_at_density", "domain_windows",
     "get_domain", "gsm8k_problems", "lm_loss", "make_method", "optimizer_state_bytes", "plan_lora", "save_merged",
     "split_problems", "targets_at_density", "train", "union",
 ]

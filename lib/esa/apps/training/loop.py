@@ -62,7 +62,8 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global norm of the trainables' gradient; None: no clipping
     seed: int = 0
-    eval_every: int = 0  # evaluate every n steps; always before the first and after the last step
+    eval_every: int = 0  # evaluate every n steps; always after the last step (and before the first: eval_start)
+    eval_start: bool = True  # evaluate the untrained model at step 0 (off when the caller measured the base once)
     checkpoint_every: int = 50  # with a checkpoint_dir; the last step is always checkpointed
     precision: str = "auto"
     show_progress: bool = True
@@ -151,7 +152,22 @@ class Evaluator:
         """Record the tracked weights' base values (call on the prepared, untrained method)."""
         self._initial = {n: method.weight_values(n, idx) for n, idx in self._groups().items()}
 
+    def measure_base(self, model: torch.nn.Module) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The step-0 row of an untrained plain model (what `train` logs first with `eval_start`), measured once
+        and shared by every run that starts from this model."""
+        def values(name: str, idx: torch.Tensor) -> torch.Tensor:
+            p = model.get_parameter(name)
+            return p.detach().view(-1)[idx.to(p.device)].float().cpu()
+
+        row, drift = self._measure(model, values, 0, base=True)
+        row["tokens"] = 0
+        return row, drift
+
     def measure(self, module: torch.nn.Module, method: Method, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return self._measure(module, method.weight_values, step)
+
+    def _measure(self, module: torch.nn.Module, values: Callable[[str, torch.Tensor], torch.Tensor], step: int,
+                 base: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         row: dict[str, Any] = {"step": step}
         for label, wins in (("target", self.target), ("source", self.source)):
             if wins is not None:
@@ -161,8 +177,8 @@ class Evaluator:
             row[name] = float(fn(module))
         drift = []
         for name, idx in self._groups().items():
-            now = method.weight_values(name, idx)
-            init = self._initial.get(name, now)
+            now = values(name, idx)
+            init = now if base else self._initial.get(name, now)
             for j, i in enumerate(idx.tolist()):
                 drift.append(dict(step=step, param=name, index=i, value=float(now[j]), initial=float(init[j]),
                                   drift=float(now[j] - init[j])))
@@ -228,7 +244,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _fingerprint(cfg: TrainConfig, method: Method, protect: ProtectSpec, ids: torch.Tensor, n_steps: int) -> dict:
     data = hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()[:16]
     c = asdict(cfg)
-    for k in ("show_progress", "eval_every", "checkpoint_every"):  # do not change the trained weights
+    for k in ("show_progress", "eval_every", "eval_start", "checkpoint_every"):  # do not change the trained weights
         c.pop(k)
     c["betas"] = list(c["betas"])
     return dict(config=c, n_steps=n_steps, method=method.signature(), protection=protect.name,
@@ -308,7 +324,7 @@ def train(
             with atomic_path(ckpt) as tmp:  # type: ignore[arg-type]
                 torch.save(state, tmp)
 
-        if start == 0:
+        if start == 0 and cfg.eval_start:
             run_eval(0)
         trainables = method.trainable()
         module.train()

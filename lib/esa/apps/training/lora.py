@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,7 +175,10 @@ class LoraFT(Method):
         self.close()
         model.requires_grad_(False)
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+            # peft asks the model `is_gradient_checkpointing`, which transformers 5 flags as deprecated on
+            # every call; nothing here uses gradient checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             torch.manual_seed(self.seed)  # peft draws A from the global generator
             self.peft = get_peft_model(model, self.config())
         base = self.peft.get_base_model()
