@@ -274,3 +274,14 @@ def test_damage_bars_keep_a_log_axis_near_the_bars_and_mark_capped_groups():
     assert "hatched: 1 group(s) at the damage cap" in flip.get_title()
     assert [p.get_hatch() for p in flip.patches] == ["//", None]
     plt.close(fig)
+
+
+def test_a_table_mixing_numbers_and_words_in_one_column_is_stored(tmp_path) -> None:
+    # the synthesis scorecard's "measured" holds numbers and "nan"/"inf" words; parquet needs one type
+    import pandas as pd
+
+    from esa.report.artefacts import write_table
+
+    write_table(pd.DataFrame({"measured": [1.5, "nan", 3], "n": [1, 2, 3]}), tmp_path, "t")
+    back = pd.read_parquet(tmp_path / "t.parquet")
+    assert list(back["measured"]) == ["1.5", "nan", "3"] and back["n"].dtype == "int64"
