@@ -32,14 +32,7 @@ Q1 = "model.layers.1.self_attn.q_proj.weight"
 FAST = roles.RoleConfig(n_boot=300, show_progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the models here are tiny: one thread is fastest, and on a shared 2-core machine two OpenMP threads
-    # spin-wait for each other (a 16 x 32 forward of tiny-llama: 3 ms on one thread, up to 2 s on two)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _planted(name: str = "tiny-llama", attn: str | None = None):

@@ -17,14 +17,7 @@ from esa.perturb.apply import weights_hash
 from esa.phases import command
 from esa.phases import phase5_interpret as p5
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one thread is fastest, and two OpenMP threads on a shared 2-core machine spin-wait
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _settings(**interpret):

@@ -8,7 +8,6 @@ import math
 
 import pandas as pd
 import pytest
-import torch
 
 import esa.apps.training.domains as domains
 from esa import cli
@@ -23,12 +22,7 @@ TINY = {"models": ["tiny-llama"], "finetune": {"steps": 3, "seqlen": 32, "densit
                                                "source_windows": 2, "train_windows": 12, "seeds": [1337]}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------- settings

@@ -44,13 +44,7 @@ from esa.sensitivity.metrics import MetricConfig, get_metric
 SEQ = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: threads only add contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
