@@ -15,9 +15,10 @@
 # # Phase 3 · Week 7: cross-model
 #
 # **Question.** Does the effect hold across architectures? The week-5 sweep (sign flip and zero, top-k
-# vs random_k and bottom_k) runs on every configured model plus the tiny MoE model (`tiny-mixtral`,
-# where expert slices are matrices of their own). Tiny models are random-initialised: they test the
-# machinery on that architecture, not a trained network's critical weights.
+# vs random_k and bottom_k) runs on every configured model plus the profile's `cross_model_extra`: at
+# smoke the tiny MoE model (`tiny-mixtral`, where expert slices are matrices of their own), at standard
+# Qwen2.5-Coder-0.5B and the trained micro-mixtral, so that four architectures are run offline. Tiny models
+# are random-initialised: they test the machinery on that architecture, not a trained network's critical weights.
 
 # %% tags=["parameters"]
 profile = "smoke"
@@ -35,7 +36,7 @@ from esa.report import scorecard
 
 ctx = esa.nb.context("phase3_week7_cross_model", profile, models, run_dir, overrides)
 P = ctx.profile
-model_list = list(dict.fromkeys([*ctx.models, "tiny-mixtral"]))
+model_list = list(dict.fromkeys([*ctx.models, *P.cross_model_extra]))
 controls = [c for c in P.controls if c in ("random_k", "bottom_k")]
 specs = [PerturbSpec("sign_flip", scale=P.perturb_scale), PerturbSpec("zero")]
 print(f"models {model_list}; perturbations {[s.label() for s in specs]}; groups top_k + {controls}; seeds {P.seeds}")

@@ -52,6 +52,8 @@ class Profile:
     perturb_eval_windows: int | None = None  # Phase 3 sweeps: evaluation windows per condition (None: eval_windows)
     highres_topk: int = 500  # Phase 2 week 3: the high-resolution top-k
     highres_seeds: list[int] = field(default_factory=lambda: [1337, 123, 999, 2024, 7])  # week 3 seeds
+    # Phase 3 week 7: models added to `models` for the cross-architecture test (a trained MoE, a third family)
+    cross_model_extra: list[str] = field(default_factory=lambda: ["tiny-mixtral"])
     # Phase 5: one mapping per application, checked by its phases module (esa.phases.phase5_*.settings)
     pruning: dict[str, Any] = field(default_factory=dict)  # week 13a
     finetune: dict[str, Any] = field(default_factory=dict)  # week 13b: protection and sparse fine-tuning
