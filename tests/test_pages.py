@@ -285,3 +285,20 @@ def test_a_table_mixing_numbers_and_words_in_one_column_is_stored(tmp_path) -> N
     write_table(pd.DataFrame({"measured": [1.5, "nan", 3], "n": [1, 2, 3]}), tmp_path, "t")
     back = pd.read_parquet(tmp_path / "t.parquet")
     assert list(back["measured"]) == ["1.5", "nan", "3"] and back["n"].dtype == "int64"
+
+
+def test_index_thumbnails_carry_the_figure_number_and_caption(tmp_path) -> None:
+    from esa.report.artefacts import FigureRecord, Registry, write_registry
+    from esa.runner.index import _figures
+
+    run_dir, fig_dir = tmp_path / "reports" / "r", tmp_path / "figures" / "r"
+    (fig_dir / "nb1").mkdir(parents=True)
+    (run_dir / "data" / "nb1").mkdir(parents=True)
+    for stem in ("captioned", "bare"):
+        (fig_dir / "nb1" / f"{stem}.png").write_bytes(b"\\x89PNG\\r\\n\\x1a\\n")
+    rec = FigureRecord("5.1", "captioned", "Damage per group", "top-k hurts most.",
+                       str(fig_dir / "nb1" / "captioned.png"), str(fig_dir / "nb1" / "captioned.pdf"))
+    write_registry(run_dir / "data" / "nb1", Registry("nb1", figures=[rec]))
+    page = _figures(run_dir, fig_dir, ["nb1"])
+    assert "<figcaption>Figure 5.1. Damage per group top-k hurts most.</figcaption>" in page
+    assert "<figcaption>bare</figcaption>" in page  # no registry entry: the file stem, as before

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from esa.report import html as h
+from esa.report.artefacts import read_registry
 from esa.report.findings import collect
 from esa.report.scorecard import counts, judged
 from esa.runner.layout import outputs
@@ -173,6 +174,12 @@ def _findings(run_dir: Path, fig_dir: Path, settings: dict[str, Any] | None) -> 
     return "<h2>Findings</h2>" + parts[0] + f'<div class="findings"><div class="text">{text}</div>{fig}</div>'
 
 
+def _figure_labels(run_dir: Path, notebook: str) -> dict[str, str]:
+    """PNG file name -> "Figure 5.2. caption" from the notebook's artefact registry (file stems without one)."""
+    reg = read_registry(run_dir / "data" / notebook)
+    return {Path(f.png).name: f.label() for f in reg.figures} if reg is not None else {}
+
+
 def _figures(run_dir: Path, fig_dir: Path, order: list[str]) -> str:
     if not fig_dir.is_dir():
         return '<p class="muted">No figures for this run.</p>'
@@ -188,13 +195,15 @@ def _figures(run_dir: Path, fig_dir: Path, order: list[str]) -> str:
     parts = []
     for name in sorted(groups, key=lambda n: (pos.get(n, len(pos)), n)):
         pngs = groups[name]
+        labels = _figure_labels(run_dir, name)
         figs = []
         for png in pngs[:MAX_FIGURES_PER_NOTEBOOK]:
             href = _rel(png, run_dir)
             src = h.thumbnail_src(png) or href
+            label = labels.get(png.name, png.stem)
             figs.append(
-                f'<figure><a href="{h.esc(href)}"><img src="{h.esc(src)}" alt="{h.esc(png.stem)}" '
-                f'loading="lazy"></a><figcaption>{h.esc(png.stem)}</figcaption></figure>'
+                f'<figure><a href="{h.esc(href)}"><img src="{h.esc(src)}" alt="{h.esc(label)}" '
+                f'loading="lazy"></a><figcaption>{h.esc(label)}</figcaption></figure>'
             )
         more = len(pngs) - MAX_FIGURES_PER_NOTEBOOK
         note = (
