@@ -317,7 +317,8 @@ def test_smoke_report_in_a_browser_and_its_pdf(browser, smoke_run):  # noqa: F81
     for page in sorted((run_dir / "html").glob("*.nocode.html")):
         text = page.read_text(encoding="utf-8")
         hits = [w for w in NOISE if w in text] + PROGRESS.findall(text)[:2]
-        if "application/vnd.jupyter.stderr" in text or hits:
+        # an output element, not the stylesheet's [data-mime-type='application/vnd.jupyter.stderr'] rule
+        if 'data-mime-type="application/vnd.jupyter.stderr"' in text or hits:
             noisy[page.name] = hits or ["stderr output"]
     assert not noisy, f"no-code pages with terminal noise: {noisy}"
     started = time.perf_counter()

@@ -33,6 +33,8 @@ def test_smoke_schedule_succeeds(smoke_run):
     assert (run_dir / "index.html").is_file()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["profile"] == "smoke"
+    rows = [r for card in (run_dir / "scorecard").glob("*.json") for r in json.loads(card.read_text())]
+    assert len(rows) >= 20, f"the run's scorecard has only {len(rows)} rows"
 
 
 @pytest.mark.parametrize("entry", load_schedule(), ids=lambda e: e["id"])
@@ -46,4 +48,5 @@ def test_each_notebook_has_outputs(smoke_run, entry):
     card = run_dir / "scorecard" / f"{nb}.json"
     if card.exists():
         rows = json.loads(card.read_text())
-        assert rows and all("passed" in r and "measured" in r for r in rows)
+        # a notebook may add no rows of its own (week 2 at smoke: week 1 already judged every one)
+        assert isinstance(rows, list) and all("passed" in r and "measured" in r and "verdict" in r for r in rows)
