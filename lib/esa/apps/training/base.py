@@ -120,3 +120,19 @@ def check_frozen(model: torch.nn.Module, frozen: Targets) -> dict[str, torch.nn.
             raise EsaError(f"frozen indices out of range for {name} ({p.numel()} weights)")
         out[name] = p
     return out
+
+
+class InPlaceMethod(Method):
+    """A method that trains the base model's own parameters (full, sparse): it keeps the prepared model, and
+    a weight's effective value is read straight from it."""
+
+    model: torch.nn.Module | None = None
+
+    def weight_values(self, name: str, idx: torch.Tensor) -> torch.Tensor:
+        p = self._model().get_parameter(name)
+        return p.detach().view(-1)[idx.to(p.device)].float().cpu()
+
+    def _model(self) -> torch.nn.Module:
+        if self.model is None:
+            raise EsaError("the method has not been prepared on a model")
+        return self.model

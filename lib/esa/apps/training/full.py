@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from esa.apps.training.base import Coef, Method, Penalty, check_frozen
+from esa.apps.training.base import Coef, InPlaceMethod, Penalty, check_frozen
 from esa.errors import EsaError, unknown
 from esa.models.inventory import WeightSpec
 from esa.perturb.apply import INT_VIEW, Targets
@@ -69,7 +69,7 @@ class DensePenalty(Penalty):
         return 0.5 * self.strength * total
 
 
-class FullFT(Method):
+class FullFT(InPlaceMethod):
     """Every parameter (`scope="all"`) or every studied weight (`scope="studied"`, needs `inventory`) trains."""
 
     name = "full"
@@ -129,10 +129,6 @@ class FullFT(Method):
     def quadratic(self, coefs: dict[str, Coef], strength: float) -> Penalty:
         return DensePenalty(self.params, coefs, strength)
 
-    def weight_values(self, name: str, idx: torch.Tensor) -> torch.Tensor:
-        p = self._model().get_parameter(name)
-        return p.detach().view(-1)[idx.to(p.device)].float().cpu()
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.params.items()}
 
@@ -155,8 +151,3 @@ class FullFT(Method):
     def close(self) -> None:
         if self.model is not None:
             self.model.requires_grad_(False)
-
-    def _model(self) -> torch.nn.Module:
-        if self.model is None:
-            raise EsaError("the method has not been prepared on a model")
-        return self.model

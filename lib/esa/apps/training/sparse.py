@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from esa.apps.training.base import Coef, Method, Penalty, check_frozen
+from esa.apps.training.base import Coef, InPlaceMethod, Penalty, check_frozen
 from esa.errors import EsaError, unknown
 from esa.hooks import Call, hooked
 from esa.models.inventory import WeightSpec
@@ -180,7 +180,7 @@ class SparsePenalty(Penalty):
         return 0.5 * self.strength * total
 
 
-class SparseFT(Method):
+class SparseFT(InPlaceMethod):
     """Train `targets` (param -> flat indices) only. `backend`: auto (sampled for nn.Linear, else dense)."""
 
     name = "sparse"
@@ -267,10 +267,6 @@ class SparseFT(Method):
     def quadratic(self, coefs: dict[str, Coef], strength: float) -> Penalty:
         return SparsePenalty(self.entries, coefs, strength)
 
-    def weight_values(self, name: str, idx: torch.Tensor) -> torch.Tensor:
-        p = self._model().get_parameter(name)
-        return p.detach().view(-1)[idx.to(p.device)].float().cpu()
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {e.name: e.delta.detach() for e in self.entries}
 
@@ -303,8 +299,3 @@ class SparseFT(Method):
         if self._stack is not None:
             self._stack.close()
             self._stack = None
-
-    def _model(self) -> torch.nn.Module:
-        if self.model is None:
-            raise EsaError("the method has not been prepared on a model")
-        return self.model
