@@ -149,9 +149,12 @@ for m in P.metrics:
                  f"score {t.max_over_median:.3g}x (Hill tail index {t.hill_alpha:.2f}); the top weight is "
                  f"`{best.param}` [{best.row}, {best.col}] (layer {best.layer}, {best.component}).")
 for r in stab.itertuples():
+    rho = (f"{r.spearman_union:.3f}" if r.n_beyond_depth == 0 else
+           f"not estimable ({r.n_beyond_depth} of {r.n_union} union weights rank below another seed's stored "
+           "candidates)")
     lines.append(f"- {r.metric} across {r.n_seeds} seeds: mean pairwise Jaccard of the top-{P.topk} sets "
                  f"{r.jaccard_mean:.3f} (range {r.jaccard_min:.3f}-{r.jaccard_max:.3f}), Spearman on the union "
-                 f"{r.spearman_union:.3f}.")
+                 f"{rho}.")
 if len(agree_mean):
     best_pair = agree_mean.sort_values("overlap", ascending=False).iloc[0]
     lines.append(f"- Metric agreement: the closest pair is {best_pair.metric_a} / {best_pair.metric_b} "

@@ -42,8 +42,8 @@ def _windows(seed: int, n: int = 4) -> Windows:
 @pytest.mark.parametrize("name", sorted(METRICS))
 def test_every_metric_scores_through_the_engine_and_caches(lm, name):
     cfg = MetricConfig(batch_size=2, probes=2, seed=3, show_progress=False)
-    first = score(lm, name, Calibration(seed=3), cfg, windows=_windows(3))
-    again = score(lm, name, Calibration(seed=3), cfg, windows=_windows(3))
+    first = score(lm, name, Calibration(seed=3), cfg, windows=_windows(3), keep_scores=True)
+    again = score(lm, name, Calibration(seed=3), cfg, windows=_windows(3), keep_scores=True)
     assert not first.from_cache and again.from_cache and first.key == again.key
     assert first.settings["metric_settings"] == METRICS[name].key(cfg)
     assert METRICS[name].definition and METRICS[name].memory_pass

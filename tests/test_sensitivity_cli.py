@@ -14,7 +14,7 @@ from esa.data import Calibration, Windows
 from esa.errors import EsaError
 from esa.models import load
 from esa.sensitivity.engine import score, score_many
-from esa.sensitivity.metrics import MetricConfig
+from esa.sensitivity.metrics import MetricConfig, get_metric
 from esa.sensitivity.select import COLUMNS
 from esa.stats import stability
 
@@ -35,6 +35,12 @@ def corpus(tmp_path):
     return str(path)
 
 
+def _same(a, b) -> bool:
+    """Two runs' stored results (candidates, derived candidates, matrix sums over every weight) are identical."""
+    frames = lambda r: [r.top, r.bottom, r.matrices, *r.derived.values()]  # noqa: E731
+    return all(x.equals(y) for x, y in zip(frames(a), frames(b), strict=True))
+
+
 def _windows(seed: int) -> Windows:
     ids = torch.randint(3, 259, (4, 24), generator=torch.Generator().manual_seed(seed))
     return Windows(ids, "random", "calib", 24, False, "byt5", 100, tuple(range(4)))
@@ -46,11 +52,11 @@ def test_same_seed_same_scores_bit_for_bit(metric):
     cfg = MetricConfig(batch_size=2, probes=2, seed=7, show_progress=False)
     a = score(lm, metric, Calibration(seed=7), cfg=cfg, use_cache=False, windows=_windows(7))
     b = score(lm, metric, Calibration(seed=7), cfg=cfg, use_cache=False, windows=_windows(7))
-    assert all(torch.equal(a.scores[n], b.scores[n]) for n in a.scores)
+    assert _same(a, b)
     pd.testing.assert_frame_equal(a.topk(10, "global"), b.topk(10, "global"))
     c = score(lm, metric, Calibration(seed=8), cfg=MetricConfig(batch_size=2, probes=2, seed=8, show_progress=False),
               use_cache=False, windows=_windows(8))
-    assert not all(torch.equal(a.scores[n], c.scores[n]) for n in a.scores)
+    assert not _same(a, c)
 
 
 def test_cache_round_trip():
@@ -59,8 +65,8 @@ def test_cache_round_trip():
     a = score(lm, "grad_squared", Calibration(seed=1), cfg=cfg, windows=_windows(1))
     b = score(lm, "grad_squared", Calibration(seed=1), cfg=cfg, windows=_windows(1))
     assert not a.from_cache and b.from_cache and a.key == b.key
-    for n in a.scores:
-        assert torch.equal(a.scores[n], b.scores[n])
+    assert a.scores is None and b.scores is None  # candidates by default, no full map
+    assert _same(a, b) and set(b.derived) == {"obd"}
     pd.testing.assert_frame_equal(a.topk(5, "per_layer"), b.topk(5, "per_layer"))
     assert b.tails == pytest.approx(a.tails)
     other = score(lm, "grad_squared", Calibration(seed=1), cfg=MetricConfig(batch_size=2, times_w2=True, show_progress=False),
@@ -81,8 +87,7 @@ def test_fused_gradient_metrics_equal_separate_runs_bit_for_bit(ref, monkeypatch
     for metric, cfg in cfgs.items():
         alone = score(lm, metric, Calibration(seed=3), cfg=cfg, windows=_windows(3))
         assert not alone.from_cache and alone.key == fused[metric].key  # same content key: same cache entry
-        for n in alone.scores:
-            assert torch.equal(alone.scores[n], fused[metric].scores[n]), (metric, n)
+        assert _same(alone, fused[metric]), metric
     # a second call reads every metric back from the cache instead of computing
     again = score_many(lm, list(cfgs), Calibration(seed=3), cfgs, windows=_windows(3))
     assert all(r.from_cache for r in again.values())
@@ -113,8 +118,8 @@ def test_obd_is_not_derived_from_a_single_micro_batch(caplog):
     cfg = MetricConfig(batch_size=8, show_progress=False)  # every window in one micro-batch
     runs = {(m, 2): score(lm, m, Calibration(seed=2), cfg=cfg, windows=_windows(2)) for m in ("grad_squared", "grad_x_weight")}
     # the premise: with one micro-batch the Fisher diagonal is g^2, and g^2 w^2 ranks as |g w|
-    fisher = runs[("grad_squared", 2)]
-    obd_scores = {n: fisher.scores[n] * lm.model.get_parameter(n).detach().square() for n in fisher.scores}
+    fisher = get_metric("grad_squared")(lm.model, lm.inventory, _windows(2).ids, cfg).scores
+    obd_scores = {n: fisher[n] * lm.model.get_parameter(n).detach().square() for n in fisher}
     specs = [s for s in lm.inventory if s.name in obd_scores]
     by_hand = from_candidates(matrix_candidates(obd_scores, specs, 5, largest=True), 5, "per_layer", True)
     gxw = runs[("grad_x_weight", 2)].topk(5, "per_layer", lm.inventory)

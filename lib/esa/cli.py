@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hutchinson-probes", type=int, help="Rademacher probes for hutchinson_diag")
     p.add_argument("--per-batch", action="store_true", help="grad_x_weight as mean_b |w g_b| (default |w * mean g|)")
     p.add_argument("--no-cache", action="store_true", help="recompute scores even if cached (and rewrite the entry)")
+    p.add_argument("--keep-scores", action="store_true",
+                   help="cache entries also keep every weight's score (bf16, 2 bytes a weight; default: candidates only)")
+    p.add_argument("--candidate-depth", type=int, default=None,
+                   help="top/bottom candidates per matrix a cache entry stores (default: the profile's, 1000)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     for app in command.APPS:  # Phase 5: --prune, --finetune, --attack/--faults, --roles (esa.phases.phase5_*)
         app.add_arguments(p)
@@ -147,8 +151,12 @@ def resolve(args: argparse.Namespace) -> command.Command:
         hutchinson_probes=_positive("hutchinson-probes", args.hutchinson_probes, prof.hutchinson_probes),
         batch_size=_positive("batch-size", args.batch_size, prof.batch_size), per_batch=args.per_batch,
         perturbations=perturbations or list(prof.perturbations), controls=controls,
-        refresh_cache=args.no_cache, show_progress=not args.quiet and os.environ.get("ESA_PROGRESS", "1") != "0",
+        refresh_cache=args.no_cache, keep_scores=args.keep_scores or prof.keep_scores,
+        candidate_depth=_positive("candidate-depth", args.candidate_depth, prof.candidate_depth), show_progress=not args.quiet and os.environ.get("ESA_PROGRESS", "1") != "0",
     )
+    if recipe.topk > recipe.candidate_depth and not recipe.keep_scores:
+        raise EsaError(f"--topk {recipe.topk} is deeper than the {recipe.candidate_depth} candidates a cache entry "
+                       f"stores per matrix: add --candidate-depth {recipe.topk} or --keep-scores")
     apps = {app.name: spec for app in command.APPS if (spec := app.resolve(args, prof)) is not None}
     flags = {k: v for k, v in vars(args).items() if v not in (None, False)}
     return command.Command(

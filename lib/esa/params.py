@@ -51,6 +51,10 @@ class Profile:
     controls: list[str] = field(default_factory=lambda: ["random_k", "bottom_k"])
     perturb_eval_windows: int | None = None  # Phase 3 sweeps: evaluation windows per condition (None: eval_windows)
     highres_topk: int = 500  # Phase 2 week 3: the high-resolution top-k
+    # score cache: per-matrix depth of the stored top/bottom candidates (every top-k with k <= it is exact),
+    # and whether entries also keep every weight's score (bf16, 2 bytes a weight) for deep readers
+    candidate_depth: int = 1000
+    keep_scores: bool = False
     highres_seeds: list[int] = field(default_factory=lambda: [1337, 123, 999, 2024, 7])  # week 3 seeds
     # Phase 3 week 7: models added to `models` for the cross-architecture test (a trained MoE, a third family)
     cross_model_extra: list[str] = field(default_factory=lambda: ["tiny-mixtral"])
@@ -78,6 +82,7 @@ MINIMUM: dict[str, int] = {
     "batch_size": 1,
     "perturb_eval_windows": 1,
     "highres_topk": 1,
+    "candidate_depth": 1,
 }
 T = TypeVar("T")
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding and the metrics' derived torch seeds stay in range below this
@@ -111,7 +116,13 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
     hints = get_type_hints(Profile)
     for key, value in data.items():
         data[key] = check_setting(key, value, hints[key], where[key])
-    return Profile(**data)
+    profile = Profile(**data)
+    for key in ("topk", "highres_topk"):
+        if getattr(profile, key) > profile.candidate_depth and not profile.keep_scores:
+            raise EsaError(f"profile setting {key} = {getattr(profile, key)} is deeper than candidate_depth = "
+                           f"{profile.candidate_depth}, the candidates a score cache entry stores per matrix: "
+                           f"raise candidate_depth to >= {getattr(profile, key)} or set keep_scores: true")
+    return profile
 
 
 def check_setting(key: str, value: Any, hint: Any, where: str) -> Any:

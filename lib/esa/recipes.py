@@ -22,9 +22,15 @@ from esa.models import LoadedModel, load
 from esa.params import Profile, model_params
 from esa.perturb.ops import PerturbSpec, sweep_specs
 from esa.sensitivity.engine import ScoreRun, score, score_many
-from esa.sensitivity.metrics import METRICS, MetricConfig
+from esa.sensitivity.metrics import METRICS, MetricConfig, get_metric
 
 log = logging.getLogger(__name__)
+_FULL_MAPS: dict[int, dict[tuple[str, str], Mapping[str, torch.Tensor]]] = {}  # id(model) -> the last full map
+_FULL_SOURCE: dict[tuple[str, str, int], str] = {}  # (model, metric, seed) -> where its full map came from
+
+
+def full_scores_source(name: str, metric: str, seed: int) -> str:
+    return _FULL_SOURCE.get((name, metric, seed), "not read")
 
 
 def load_configured(name: str, dtype: str | torch.dtype = "float32", **kwargs: Any) -> LoadedModel:
@@ -55,6 +61,8 @@ class Recipe:
     perturb_prob: float = 0.5
     bit_flip_bits: tuple[str, ...] = ("exponent",)
     controls: tuple[str, ...] = ("random_k", "bottom_k")
+    candidate_depth: int = 1000  # per-matrix candidates a score cache entry stores
+    keep_scores: bool = False  # entries also store every weight's score (bf16)
     use_cache: bool = True
     refresh_cache: bool = False  # recompute scores and rewrite their cache entries (esa-runner --no-cache)
     show_progress: bool = False
@@ -96,22 +104,57 @@ class Recipe:
         for seed in seeds:
             by_seed[seed] = score_many(lm, metrics, self.calibration(seed, n_samples),
                                        {m: self.metric_config(seed) for m in metrics}, model_ref=name,
-                                       use_cache=self.use_cache, refresh=self.refresh_cache)
+                                       use_cache=self.use_cache, refresh=self.refresh_cache,
+                                       keep_scores=self.keep_scores, depth=self.candidate_depth)
             cached = [m for m, r in by_seed[seed].items() if r.from_cache]
             log.info("%s seed %d: scored (from cache: %s)", name, seed, cached or "none")
-        return {(m, s): by_seed[s][m] for m in metrics for s in seeds}
+        runs = {(m, s): by_seed[s][m] for m in metrics for s in seeds}
+        for run in runs.values():
+            self._attach(lm, name, run)
+        return runs
+
+    def _attach(self, lm: LoadedModel, name: str, run: ScoreRun) -> ScoreRun:
+        if run.scores is None:
+            run.provider = lambda: self._recompute(lm, name, run)
+        else:
+            _FULL_SOURCE[(name, run.metric, run.seed)] = "cache (bf16 full map)"
+        return run
 
     def scored_topk(self, lm: LoadedModel, name: str, metric: str, k: int | None = None, mode: str | None = None,
                     seeds: list[int] | None = None) -> tuple[pd.DataFrame, dict[int, Mapping[str, Any] | None],
                                                             dict[int, bool], dict[int, ScoreRun]]:
-        """(top-k table over seeds, scores by seed, from_cache by seed, runs by seed) of one metric."""
+        """(top-k table over seeds, control source by seed, from_cache by seed, runs by seed) of one metric.
+
+        The control source is what bottom_k draws from: the kept full map, else the cached bottom candidates."""
         sels, scores, cached, runs = [], {}, {}, {}
         for seed in seeds or self.seeds:
             run = score(lm, metric, self.calibration(seed), self.metric_config(seed), model_ref=name,
-                        use_cache=self.use_cache, refresh=self.refresh_cache)
+                        use_cache=self.use_cache, refresh=self.refresh_cache, keep_scores=self.keep_scores,
+                        depth=self.candidate_depth)
+            self._attach(lm, name, run)
             sels.append(run.topk(k or self.topk, mode or self.mode, lm.inventory))
-            scores[seed], cached[seed], runs[seed] = run.scores, bool(run.from_cache), run
+            scores[seed] = run.scores if run.scores is not None else run.bottom_source()
+            cached[seed], runs[seed] = bool(run.from_cache), run
         return pd.concat(sels, ignore_index=True), scores, cached, runs
+
+    def full_scores(self, lm: LoadedModel, name: str, metric: str, seed: int) -> Mapping[str, torch.Tensor]:
+        """Every studied weight's `metric` score on seed `seed`'s calibration sample (`ScoreRun.full`)."""
+        return self.score_model(lm, name, [metric], seeds=[seed])[(metric, seed)].full()
+
+    def _recompute(self, lm: LoadedModel, name: str, run: ScoreRun) -> Mapping[str, torch.Tensor]:
+        """The full map of a run whose entry keeps none, for readers deeper than its candidates (pruning at
+        50%, sparse fine-tuning at 5%, per-head sums): the fp32 scores recomputed by the same pass (so the same
+        values the candidates hold; not written to disk), held for this model object's later readers."""
+        memo = _FULL_MAPS.setdefault(id(lm.model), {})
+        key = (run.key, name)
+        if key not in memo:
+            while len(memo) >= 2:  # at most two maps held: a 7B model's fp32 map is 28 GB
+                memo.pop(next(iter(memo)))
+            windows = self.calibration(run.seed).windows(lm.tokenizer, max_positions=lm.info.max_positions or None)
+            cfg = self.metric_config(run.seed)
+            memo[key] = get_metric(run.metric)(lm.model, lm.inventory, windows.ids, cfg).scores
+            _FULL_SOURCE[(name, run.metric, run.seed)] = "recomputed in fp32 (not cached)"
+        return memo[key]
 
     # ------------------------------------------------------------ evaluation and perturbation
     def evaluation_windows(self, lm: LoadedModel, n: int | None = None, perturbation: bool = False) -> Windows:

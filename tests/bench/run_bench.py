@@ -1,10 +1,11 @@
 """`make bench`: every benchmark in one go, on whatever device this machine has.
 
 Runs the sensitivity benchmark (metrics vs plain forward / forward+backward on the same model and
-tokens), the perturbation-sweep benchmark, and on a GPU also the scale check (8B-shaped and
-Mixtral-shaped models). Each writes its own JSON under reports/bench/; this script collects them into
-reports/bench/bench.json with the machine description. Benchmarks are not tests: they measure, they do
-not assert, and their numbers are only comparable within one run.
+tokens), the perturbation-sweep benchmark, the score-cache benchmark (bench_cache.py), and on a GPU
+also the scale check (8B-shaped and Mixtral-shaped models). Each writes its own JSON under
+reports/bench/; this script collects them into reports/bench/bench.json with the machine description.
+Benchmarks are not tests: they measure, they do not assert, and their numbers are only comparable
+within one run.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def main() -> int:
             # Phase 5 training: sparse FT step vs LoRA at equal count, optimiser memory, protection overhead
             ["bench_training.py", "--model", "smollm2-135m", "--steps", "2", "--rounds", "2"],
             # curvature diagonals: Hutchinson probe vs MC-GGN sample cost, equal-product errors vs exact diagonals
-            ["bench_curvature.py"]]
+            ["bench_curvature.py"],
+            # score cache: entry bytes per weight, write/read vs the scoring pass, the Llama-3.1-8B projection
+            ["bench_cache.py"]]
     if gpu:
         jobs += [["bench_sensitivity.py", "--gpu-8b"], ["gpu_check.py"],
                  ["bench_security.py", "--model", "smollm2-135m", "--flips", "3", "--trials", "5", "--tag", "all-layers"]]

@@ -28,7 +28,7 @@ import torch
 from esa.errors import EsaError, unknown
 from esa.models.inventory import WeightSpec
 from esa.perturb.apply import Targets
-from esa.sensitivity.select import topk_flat
+from esa.sensitivity.select import BottomSource, topk_flat
 
 
 @dataclass
@@ -38,6 +38,7 @@ class ControlInput:
     top: Targets  # the top-k set the control is matched to
     seed: int = 0
     scores: dict[str, torch.Tensor] | None = None  # param -> fp32 score, same shape (bottom_k only)
+    bottom: BottomSource | None = None  # or the cached bottom candidates with complete tie sets (bottom_k only)
 
 
 ControlFn = Callable[[ControlInput], Targets]
@@ -142,8 +143,30 @@ def lowest_n_random_ties(x: torch.Tensor, n: int, rng: np.random.Generator) -> t
     cut = torch.kthvalue(x, n).values
     below = torch.nonzero(x < cut).flatten()
     tied = torch.nonzero(x == cut).flatten().numpy()
+    return _draw_ties(below, tied, n, rng)
+
+
+def _draw_ties(below: torch.Tensor, tied: np.ndarray, n: int, rng: np.random.Generator) -> torch.Tensor:
     pick = torch.from_numpy(np.sort(rng.choice(tied, size=n - below.numel(), replace=False))).long()
     return torch.sort(torch.cat([below, pick])).values
+
+
+def _bottom_from_candidates(inp: ControlInput, source: BottomSource) -> Targets:
+    """bottom_k from the cached bottom candidates: the same draw as from the full map, bit for bit."""
+    specs = {s.name: s for s in inp.inventory}
+    order = dict(zip(source.bottom["param"], source.bottom["order"].astype(int), strict=True))
+    parts: dict[str, list[torch.Tensor]] = {}
+    for (name, expert), n in per_matrix_counts(inp.top, inp.inventory).items():
+        if name not in order:
+            raise EsaError(f"bottom_k needs a score for {name}, which is missing")
+        spec = specs[name]
+        size = _matrix_size(spec)
+        base = max(expert, 0) * size
+        weight = inp.model.get_parameter(name).detach().reshape(-1)[base : base + size]
+        below, tied = source.lowest(spec, order[name], expert, n, weight)
+        idx = _draw_ties(torch.from_numpy(below).long(), tied, n, _rng(inp.seed, "bottom_k", name, expert))
+        parts.setdefault(name, []).append(idx + base)
+    return _assemble(parts)
 
 
 def _per_matrix_extreme(inp: ControlInput, source: dict[str, torch.Tensor], largest: bool, label: str) -> Targets:
@@ -168,9 +191,12 @@ def _per_matrix_extreme(inp: ControlInput, source: dict[str, torch.Tensor], larg
 
 
 def _bottom_k(inp: ControlInput) -> Targets:
-    if not inp.scores:
-        raise EsaError("bottom_k needs the sensitivity scores (the k lowest-scoring weights); none were given")
-    return _per_matrix_extreme(inp, inp.scores, largest=False, label="bottom_k")
+    if inp.scores:
+        return _per_matrix_extreme(inp, inp.scores, largest=False, label="bottom_k")
+    if inp.bottom is not None:
+        return _bottom_from_candidates(inp, inp.bottom)
+    raise EsaError("bottom_k needs the sensitivity scores or their bottom candidates (the k lowest-scoring "
+                   "weights); none were given")
 
 
 def _magnitude_k(inp: ControlInput) -> Targets:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +28,7 @@ from esa.perturb.apply import PerturbStats, Targets, count_targets, perturbed, t
 from esa.perturb.controls import CONTROLS, ControlInput, make_control, overlap
 from esa.perturb.ops import PerturbSpec
 from esa.progress import progress
+from esa.sensitivity.select import BottomSource
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def build_groups(
     selection: pd.DataFrame,
     seeds: Iterable[int],
     controls: Iterable[str],
-    scores_by_seed: dict[int, dict[str, torch.Tensor]] | None = None,
+    scores_by_seed: Mapping[int, Mapping[str, torch.Tensor] | BottomSource | None] | None = None,
 ) -> dict[tuple[str, int], Targets]:
     """(group, seed) -> target set: the top-k of each seed (from the selection table) and its controls."""
     groups: dict[tuple[str, int], Targets] = {}
@@ -82,9 +83,12 @@ def build_groups(
             raise EsaError(f"the top-k selection has no rows for seed {seed}")
         top = targets_from_selection(sel, inventory)
         groups[(TOP, int(seed))] = top
-        scores = (scores_by_seed or {}).get(int(seed))
+        src = (scores_by_seed or {}).get(int(seed))  # a full map, or the cached bottom candidates
+        bottom = src if isinstance(src, BottomSource) else None
+        scores = None if bottom is not None else src
         for c in controls:
-            groups[(c, int(seed))] = make_control(c, ControlInput(model, inventory, top, int(seed), scores))
+            groups[(c, int(seed))] = make_control(c, ControlInput(model, inventory, top, int(seed), scores,  # type: ignore[arg-type]
+                                                                  bottom))
     return groups
 
 

@@ -143,7 +143,8 @@ def run(cmd: Command, lm: LoadedModel, stage: Path) -> dict[str, Any]:
     if cmd.save_plots:
         _plots(stage, cmd, runs, global_sel, first)
     if cmd.perturb:
-        scores = {s: runs[(metrics[0], s)].scores for s in seeds}
+        scores = {s: runs[(metrics[0], s)].scores if runs[(metrics[0], s)].scores is not None
+                  else runs[(metrics[0], s)].bottom_source() for s in seeds}
         summary["perturb"] = perturb(cmd, lm, table[table["metric"] == metrics[0]], scores, stage)
     for app in APPS:
         if app.name in cmd.apps:
@@ -171,8 +172,6 @@ def perturb(cmd: Command, lm: LoadedModel, selection: pd.DataFrame, scores_by_se
     """The perturbation sweep of the top-k sets and their controls (Phase 3 reuses Phase 2's sets), tested."""
     R = cmd.recipe
     seeds = list(R.seeds)
-    if any(CONTROLS[c].needs_scores for c in R.controls) and not all(scores_by_seed.get(s) is not None for s in seeds):
-        raise EsaError("a control that needs scores (bottom_k) cannot run: the scores were not kept (model too large)")
     specs = R.perturb_specs(scales=list(cmd.perturb_scales) or None, probs=list(cmd.perturb_probs) or None)
     wins = R.evaluation_windows(lm)
     t0 = time.perf_counter()

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pandas as pd
-import torch
 
 from esa.models import LoadedModel
 from esa.params import Profile
 from esa.phases import criteria
 from esa.recipes import Recipe
-from esa.sensitivity.engine import ScoreRun
-from esa.sensitivity.select import from_candidates, matrix_candidates
+from esa.sensitivity.engine import CandidateScores, ScoreRun
 from esa.sensitivity.superweights import detect_superweights
 from esa.stats import stability
 from esa.stats.verdicts import Criterion, judge
@@ -63,47 +60,38 @@ def stability_table(runs: Runs, table: pd.DataFrame, lm: LoadedModel) -> pd.Data
         sels = {s: _sel(table, metric, s) for s in seeds}
         j = stability.pairwise_jaccard(sels)
         row = {"metric": metric, "n_seeds": len(seeds), "jaccard_mean": j["mean"], "jaccard_std": j["std"],
-               "jaccard_min": j["min"], "jaccard_max": j["max"], "spearman_union": float("nan"), "n_union": 0}
-        if all(runs[(metric, s)].scores is not None for s in seeds):
-            u = stability.union_scores(sels, {s: runs[(metric, s)].scores for s in seeds}, lm.inventory)
+               "jaccard_min": j["min"], "jaccard_max": j["max"], "spearman_union": float("nan"), "n_union": 0,
+               "n_beyond_depth": 0, "spearman_note": ""}
+        views = {s: runs[(metric, s)].scores if runs[(metric, s)].scores is not None
+                 else CandidateScores(runs[(metric, s)].top, lm.inventory) for s in seeds}
+        u = stability.union_scores(sels, views, lm.inventory)
+        beyond = int(u[[f"seed_{s}" for s in seeds]].isna().any(axis=1).sum())
+        row["n_beyond_depth"] = beyond
+        if beyond == 0:  # every union weight is among every seed's stored candidates: the exact statistic
             rc = stability.rank_correlation(u)
             row.update(spearman_union=rc["mean"], n_union=rc["n_union"])
+        else:
+            row.update(n_union=len(u), spearman_note=f"not estimable: {beyond} of the {len(u)} union weights rank "
+                       f"below another seed's {runs[(metric, seeds[0])].depth} stored candidates; needs the full "
+                       "maps (keep_scores) or a deeper candidate_depth")
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-class _ObdScores(Mapping[str, torch.Tensor]):
-    """grad_squared x w^2 (the OBD saliency), one matrix at a time: never a second full-size copy."""
-
-    def __init__(self, fisher: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
-        self.fisher, self.model = fisher, model
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.fisher[name] * self.model.get_parameter(name).detach().float().square()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.fisher)
-
-    def __len__(self) -> int:
-        return len(self.fisher)
-
-
 def obd_selections(runs: Runs, lm: LoadedModel, k: int, mode: str) -> pd.DataFrame:
     """Per seed, the top-k by grad_squared x w^2 (metric OBD), derived from the cached grad_squared scores and
-    the weights, so the Fisher metric's OBD variant costs no extra pass. Empty if grad_squared (without
-    times_w2) was not run or its scores were not kept, and for a calibration sample of one micro-batch, where
+    the weights at scoring time (`Metric.derived`), so it costs no extra pass. Empty if grad_squared (without
+    times_w2) was not run, and for a calibration sample of one micro-batch, where
     g^2 * w^2 = (g * w)^2 ranks exactly as |grad_x_weight| and the comparison would be 100% by construction."""
     parts = []
     for (metric, seed), r in runs.items():
-        if metric != "grad_squared" or r.scores is None or r.settings["metric_settings"].get("times_w2"):
+        if metric != "grad_squared" or "obd" not in r.derived:
             continue
         if r.settings["n_samples"] <= r.settings["metric_settings"]["batch_size"]:  # one micro-batch
             log.warning("grad_squared x w^2 not derived for seed %d: one micro-batch of %d windows makes it "
                         "(grad x weight)^2, the same ranking as grad_x_weight", seed, r.settings["n_samples"])
             continue
-        specs = [s for s in lm.inventory if s.name in r.scores]
-        cands = matrix_candidates(_ObdScores(r.scores, lm.model), specs, k, largest=True)  # type: ignore[arg-type]
-        parts.append(from_candidates(cands, k, mode, True).assign(metric=OBD, seed=seed))
+        parts.append(r.derived_topk("obd", k, mode).assign(metric=OBD, seed=seed))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 

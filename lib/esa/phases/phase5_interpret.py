@@ -334,11 +334,9 @@ def chain(lm: LoadedModel, detector: pd.DataFrame, sel: pd.DataFrame, S: Setting
 def sinks(lm: LoadedModel, runs: Runs, inputs: torch.Tensor, S: Settings, seed: int) -> interp.SinkCorrelation:
     """Per-head sink strength on the role inputs against the head's `sink_metric` sensitivity."""
     run = runs[(S.sink_metric, seed)]
-    if run.scores is None:
-        raise EsaError(f"{S.sink_metric} scores were not kept (model too large): no per-head sensitivity")
     with _Eager(lm.model):
         strength = interp.head_sink_strength(lm.model, inputs, lm.tokenizer, S.sink, S.batch_size)
-    sens = interp.head_sensitivity(run.scores, lm.inventory, lm.model, S.sink_aggregate)
+    sens = interp.head_sensitivity(run.full(), lm.inventory, lm.model, S.sink_aggregate)
     return interp.sink_correlation(strength, sens, n_boot=S.n_boot, seed=S.control_seed)
 
 
@@ -357,9 +355,7 @@ def localisation(lm: LoadedModel, P: Profile, S: Settings, runs: Runs, seed: int
     summary = interp.probe_summary(interp.score_probes(lm.model, lm.tokenizer, probes))
     pids = interp.probe_windows(lm.tokenizer, probes, S.probe_seqlen)
     p_scores = interp.metric_scores(lm.model, lm.inventory, pids, S.localise_metric)
-    g_scores = runs[(S.localise_metric, seed)].scores
-    if g_scores is None:
-        raise EsaError(f"{S.localise_metric} scores were not kept (model too large): no generic calibration")
+    g_scores = runs[(S.localise_metric, seed)].full()
     sets = interp.ablation_sets(lm.model, lm.inventory, p_scores, g_scores, S.localise_k, "global", S.control_seed,
                                 exclude)
     eval_ids = evaluation(lm.tokenizer, P.corpus, S.generic_seqlen or P.seqlen, n_windows=S.generic_windows, seed=0,

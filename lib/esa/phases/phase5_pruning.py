@@ -286,10 +286,7 @@ def protected_set(lm: LoadedModel, name: str, S: Settings, P: Profile) -> tuple[
     scores, from_cache = None, None
     if k:
         run = R.score_model(lm, name, [S.protect_metric], seeds=[P.seeds[0]])[(S.protect_metric, P.seeds[0])]
-        if run.scores is None:
-            raise EsaError(f"{name}: the {S.protect_metric} scores were not kept (model too large); set "
-                           "pruning.protect_topk: 0 to protect the super-weights alone")
-        scores, from_cache = run.scores, run.from_cache
+        scores, from_cache = run.full(), run.from_cache
     sw = S.superweights
     try:
         crit = critical_targets(lm, scores, topk=k, mode=mode, superweights=sw, metric=S.protect_metric)
@@ -667,9 +664,7 @@ def run(job: PruneJob, cmd: Any, lm: LoadedModel, runs: Any, stage: Path) -> dic
     spec = job.spec
     if job.protect_critical:
         metric, seed = R.metrics[0], R.seeds[0]
-        scores = runs[(metric, seed)].scores
-        if scores is None:
-            raise EsaError(f"--protect-critical: the {metric} scores were not kept (model too large)")
+        scores = runs[(metric, seed)].full()
         c = critical_targets(lm, scores, topk=R.topk, mode=R.mode, metric=metric)
         protect, crit = c.targets, {"label": c.label, "n_protected": len(c.table)}
         spec = replace(spec, protect=c.label)

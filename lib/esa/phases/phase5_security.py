@@ -251,8 +251,8 @@ def critical_set(lm: LoadedModel, name: str, P: Profile, S: Settings) -> Critica
     """Top-k of `critical_metric` on the profile's first seed, through the score cache (Phase 2's run)."""
     R = Recipe.of(P)
     seed = P.seeds[0]
-    sel, scores, cached, _ = R.scored_topk(lm, name, S.critical_metric, seeds=[seed])
-    return CriticalSet(targets_from_selection(sel, lm.inventory), scores[seed], S.critical_metric,
+    sel, _, cached, runs = R.scored_topk(lm, name, S.critical_metric, seeds=[seed])
+    return CriticalSet(targets_from_selection(sel, lm.inventory), runs[seed].full(), S.critical_metric,
                        bool(cached[seed]), R.topk, R.mode)
 
 

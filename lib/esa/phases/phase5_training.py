@@ -284,9 +284,7 @@ def prepare_data(lm: LoadedModel, P: Profile, S: Settings) -> Data:
 def _metric_scores(runs: dict[tuple[str, int], Any], metric: str, seed: int, lm: LoadedModel) -> dict[str, torch.Tensor]:
     """A selection metric's scores for one seed; obd = grad_squared x w^2 (the OBD saliency)."""
     base = "grad_squared" if metric == "obd" else metric
-    scores = runs[(base, seed)].scores
-    if scores is None:
-        raise EsaError(f"{base} scores of seed {seed} were not kept (model too large); sparse selection needs them")
+    scores = runs[(base, seed)].full()
     if metric != "obd":
         return dict(scores)
     return {n: s.float() * lm.model.get_parameter(n).detach().float() ** 2 for n, s in scores.items()}

@@ -249,7 +249,8 @@ def limitations(run_dir: str | Path, rows: list[dict[str, Any]], settings: Mappi
         if len(h) and pd.notna(h["jaccard_mean"]).any():
             out.append(f"hutchinson_diag at {probes} probe(s): top-k Jaccard across seeds "
                        f"{float(h['jaccard_mean'].mean()):.2f}" + (f", Spearman on the union {float(h['spearman_union'].mean()):+.2f}"
-                                                                  if "spearman_union" in h.columns else "")
+                                                                  if "spearman_union" in h.columns
+                                                                  and pd.notna(h["spearman_union"]).all() else "")
                        + ": its per-weight ranking at this probe count is not reproducible across calibration samples.")
     suite = _read(run_dir, "phase4_week9_parameter_scaling", "micro_suite")
     why = untrained_reason(suite)

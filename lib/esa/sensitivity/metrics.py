@@ -411,6 +411,24 @@ def _hutchinson_spread(per_probe: dict[str, torch.Tensor], trace: torch.Tensor, 
 
 # ---------------------------------------------------------------- the registry
 @dataclass(frozen=True)
+class Derived:
+    """A score computed from a metric's score and the weight, matrix by matrix, when the metric is scored."""
+
+    name: str
+    definition: str
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (score, weight) -> derived score, same shape
+    applies: Callable[[MetricConfig], bool] = lambda cfg: True
+
+
+def _obd(fisher: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return fisher * w.detach().float().square()
+
+
+OBD = Derived("obd", "grad_squared x w^2 (the OBD saliency), from the Fisher diagonal without a second pass",
+              _obd, lambda cfg: not cfg.times_w2)
+
+
+@dataclass(frozen=True)
 class Metric:
     """Everything known about one metric; `METRICS[name](model, specs, ids, cfg)` computes it."""
 
@@ -421,6 +439,10 @@ class Metric:
     memory_pass: str  # the pass esa.memory estimates for it
     fold: type[_GradFold] | None = None  # set: a gradient fold that can share one backward (fused_gradients)
     double_backward: bool = False  # needs a twice-differentiable attention (eager / math SDPA)
+    derived: tuple[Derived, ...] = ()  # scores folded from this one at scoring time (their candidates are cached)
+
+    def derived_for(self, cfg: MetricConfig) -> list[Derived]:
+        return [d for d in self.derived if d.applies(cfg)]
 
     def __call__(self, model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor,
                  cfg: MetricConfig) -> MetricResult:
@@ -447,7 +469,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            lambda c: {"batch_size": c.batch_size, "per_batch": c.per_batch}, "gradient", fold=_GradXWeight),
     Metric("grad_squared", "mean_b g_b^2 over calibration micro-batches (empirical Fisher diagonal); "
            "times_w2: x w^2 (OBD saliency)", _gradient_metric("grad_squared"),
-           lambda c: {"batch_size": c.batch_size, "times_w2": c.times_w2}, "gradient", fold=_GradSquared),
+           lambda c: {"batch_size": c.batch_size, "times_w2": c.times_w2}, "gradient", fold=_GradSquared,
+           derived=(OBD,)),
     # act_mag sums over tokens: independent of batching, so no batch_size in its key
     Metric("act_mag", "|W_ij| * ||X_j||_2 over calibration tokens (Wanda; routed tokens for MoE experts)",
            act_mag, lambda c: {}, "act_mag"),

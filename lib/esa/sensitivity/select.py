@@ -10,6 +10,8 @@ earlier parameter of the inventory first). NaN scores rank last for `largest=Tru
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import torch
@@ -149,3 +151,142 @@ def bottom_k(scores: dict[str, torch.Tensor], inventory: list[WeightSpec], k: in
 def magnitude_scores(model: torch.nn.Module, inventory: list[WeightSpec]) -> dict[str, torch.Tensor]:
     """|w| in fp32: the magnitude control (does sensitivity find anything that size alone does not?)."""
     return {s.name: model.get_parameter(s.name).detach().float().abs() for s in inventory}
+
+
+# ---------------------------------------------------------------- compact storage of candidates
+COMPACT = ["order", "expert", "flat", "score"]  # what a cache entry stores; the rest follows from the inventory
+
+
+def compact_candidates(cands: pd.DataFrame) -> pd.DataFrame:
+    """The stored form of `matrix_candidates` output: inventory position, expert, flat index and the fp32 score.
+
+    The scores come from fp32 tensors, so float32 holds them exactly; parameter names, layers, rows, columns
+    and ranks are rebuilt from the inventory by `expand_candidates` (about 10 bytes a candidate on disk
+    instead of about 40).
+    """
+    flat = cands["flat"].to_numpy()
+    wide = len(flat) and int(flat.max()) >= np.iinfo(np.int32).max
+    return pd.DataFrame({
+        "order": cands["order"].to_numpy().astype(np.int32), "expert": cands["expert"].to_numpy().astype(np.int16),
+        "flat": flat.astype(np.int64 if wide else np.int32), "score": cands["score"].to_numpy().astype(np.float32),
+    })
+
+
+def expand_candidates(stored: pd.DataFrame, specs: list[WeightSpec]) -> pd.DataFrame:
+    """`matrix_candidates` output again from `compact_candidates` output and the same `specs`, exactly."""
+    order = stored["order"].to_numpy().astype(np.int64)
+    if len(order) and int(order.max()) >= len(specs):
+        raise EsaError(f"stored candidates name weight #{int(order.max())}, the inventory has {len(specs)}")
+    flat = stored["flat"].to_numpy().astype(np.int64)
+    expert = stored["expert"].to_numpy().astype(np.int64)
+    rows = np.array([s.rows for s in specs], dtype=np.int64)[order]
+    cols = np.array([s.cols for s in specs], dtype=np.int64)[order]
+    group = order * 65536 + expert + 1  # one matrix = one contiguous run of rows, best first
+    start = np.r_[True, group[1:] != group[:-1]] if len(group) else np.zeros(0, dtype=bool)
+    first = np.maximum.accumulate(np.where(start, np.arange(len(group)), 0)) if len(group) else group
+    obj = lambda attr: np.array([getattr(s, attr) for s in specs], dtype=object)[order]  # noqa: E731
+    return pd.DataFrame({
+        "order": order, "flat": flat, "param": obj("name"),
+        "layer": np.array([s.layer for s in specs], dtype=np.int64)[order],
+        "component": obj("component"), "kind": obj("kind"), "expert": expert,
+        "row": (flat // cols) % rows, "col": flat % cols,
+        "score": stored["score"].to_numpy().astype(np.float64), "rank": np.arange(len(order)) - first + 1,
+    })
+
+
+# ---------------------------------------------------------------- bottom ties past the stored depth
+@dataclass
+class BottomTies:
+    """Matrices whose lowest score at the stored depth is tied past it (quantised checkpoints: tens of
+    thousands of exact zeros in a matrix, all scoring 0), recorded at scoring time so that bottom_k can still
+    draw its ties uniformly from the complete tie set.
+
+    `groups`: order, expert, value (the tied score), n_tied (the whole matrix's count), base ("weight_zero": the
+    tie set is the matrix's zero weights, symmetric difference `diff` applied; "none": it is `diff`).
+    `diff`: order, expert, flat."""
+
+    groups: pd.DataFrame
+    diff: pd.DataFrame
+
+    @classmethod
+    def empty(cls) -> BottomTies:
+        return cls(pd.DataFrame({"order": np.zeros(0, np.int32), "expert": np.zeros(0, np.int16),
+                                 "value": np.zeros(0, np.float32), "n_tied": np.zeros(0, np.int64),
+                                 "base": np.zeros(0, dtype=object)}),
+                   pd.DataFrame({"order": np.zeros(0, np.int32), "expert": np.zeros(0, np.int16),
+                                 "flat": np.zeros(0, np.int64)}))
+
+
+def bottom_ties(scores: dict[str, torch.Tensor], specs: list[WeightSpec], bottom: pd.DataFrame,
+                model: torch.nn.Module) -> BottomTies:
+    """The `BottomTies` of `bottom` (matrix_candidates, smallest first) against the full `scores`."""
+    groups, diffs = [], []
+    for (order, expert), c in bottom.groupby(["order", "expert"], sort=False):
+        spec = specs[int(order)]
+        size = spec.rows * spec.cols
+        value = float(c["score"].iloc[-1])
+        if len(c) >= size:
+            continue  # the whole matrix is stored
+        base = max(int(expert), 0) * size
+        chunk = scores[spec.name].reshape(-1)[base : base + size]
+        tied = chunk == value
+        n_tied = int(tied.sum())
+        if n_tied == int((c["score"] == value).sum()):
+            continue  # the tie group ends inside the stored depth
+        use_zero = value == 0.0  # quantised zeros: store only where the tie set differs from the zero weights
+        if use_zero:
+            zero = model.get_parameter(spec.name).detach().reshape(-1)[base : base + size] == 0
+            tied = tied ^ zero.to(tied.device)
+        extra = torch.nonzero(tied).flatten().cpu().numpy() + base
+        groups.append({"order": int(order), "expert": int(expert), "value": value, "n_tied": n_tied,
+                       "base": "weight_zero" if use_zero else "none"})
+        diffs.append(pd.DataFrame({"order": np.full(len(extra), int(order), np.int32),
+                                   "expert": np.full(len(extra), int(expert), np.int16),
+                                   "flat": extra.astype(np.int64)}))
+    out = BottomTies.empty()
+    if groups:
+        g = pd.DataFrame(groups)
+        out.groups = g.astype({"order": np.int32, "expert": np.int16, "value": np.float32, "n_tied": np.int64})
+        out.diff = pd.concat([out.diff, *diffs], ignore_index=True).astype(out.diff.dtypes.to_dict())
+    return out
+
+
+@dataclass
+class BottomSource:
+    """Bottom candidates + complete tie sets: the n lowest of a matrix, ties drawn by the caller, without the map."""
+
+    bottom: pd.DataFrame  # matrix_candidates, smallest first
+    ties: BottomTies
+    depth: int
+
+    def lowest(self, spec: WeightSpec, order: int, expert: int, n: int,
+               weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(local indices strictly below the n-th lowest score, local indices of every weight tied with it),
+        both ascending; `weight`: the matrix's weights (flat), for a tie set based on its zeros."""
+        size = spec.rows * spec.cols
+        base = max(expert, 0) * size
+        b = self.bottom
+        c = b[(b["param"] == spec.name) & (b["expert"] == expert)]
+        if n > len(c):
+            raise EsaError(f"bottom_k needs the {n} lowest scores of {spec.name}, the cache stores {len(c)} "
+                           "(candidate_depth): raise candidate_depth or keep full maps (keep_scores)")
+        scores = c["score"].to_numpy()
+        flats = c["flat"].to_numpy().astype(np.int64) - base
+        cut = scores[n - 1]
+        below = np.sort(flats[scores < cut])
+        g = self.ties.groups
+        rec = g[(g["order"] == order) & (g["expert"] == expert)]
+        if len(rec) and float(rec["value"].iloc[0]) == float(cut):
+            d = self.ties.diff
+            extra = d[(d["order"] == order) & (d["expert"] == expert)]["flat"].to_numpy().astype(np.int64) - base
+            mask = np.zeros(size, dtype=bool)
+            if rec["base"].iloc[0] == "weight_zero":
+                mask = (weight.detach().reshape(-1) == 0).cpu().numpy()
+            mask[extra] ^= True
+            tied = np.nonzero(mask)[0]
+            if len(tied) != int(rec["n_tied"].iloc[0]):
+                raise EsaError(f"bottom_k: {spec.name} has {len(tied)} weights tied at its cut-off, {int(rec['n_tied'].iloc[0])} "
+                               "when it was scored: its weights changed since (draw the controls before perturbing)")
+        else:
+            tied = np.sort(flats[scores == cut])
+        return below, tied

@@ -1,0 +1,485 @@
+"""`python -m esa.runner.cache`: what the score cache holds, removing entries, and what a profile will add.
+
+    python -m esa.runner.cache du [--by model|metric|seed|format]
+    python -m esa.runner.cache prune [--older-than DAYS] [--model NAME] [--stale] [--dry-run]
+    python -m esa.runner.cache plan --profile NAME [--model M ...]
+
+`du`: entries and bytes of `<cache>/scores` by model, metric, seed and entry format (format 1 = stale,
+written by older code and never read by this one; an entry whose meta.json cannot be read is stale too),
+plus one line with the size of every other top-level cache folder (models, gguf, tokens, masks, ...).
+`prune`: deletes the score entries matching every filter given (at least one); an entry is first renamed
+to `.<name>.pruned-<pid>`, so a reader never sees it half-deleted, then removed. `--stale` also takes the
+leftovers of killed writers (`.partial-<pid>`, `.pruned-<pid>` folders whose process is gone).
+`plan`: the score-cache bytes a profile's Phase 2 scoring adds per model (metrics x seeds, the seeds
+being `seeds` and `highres_seeds`), candidates only and with full bf16 maps (`keep_scores`), from the
+same estimate the disk guard uses (`esa.sensitivity.engine.entry_bytes`). Inventories come from the
+model's config, built on the meta device (no weights, no download): a tiny or micro model's own config,
+an embedded model's dequantised folder or GGUF header, a hub model's config in the local Hugging Face
+cache, else its published dimensions (`PUBLISHED`).
+
+Every bad argument is one line naming the value and what is accepted, exit status 2, before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from esa.errors import EsaError
+from esa.store import cache_root, read_json
+
+SCORES = "scores"  # the score cache's folder under the cache root (esa.sensitivity.engine)
+BY = ("model", "metric", "seed", "format")
+_LEFTOVER = re.compile(r"\.(?:partial|old|pruned)-(\d+)$")
+
+# Published dimensions of the hub models the profiles name, for when their config is not in the local
+# Hugging Face cache (what the inventory needs; embeddings and the LM head are not studied, so the
+# vocabulary only sizes them). Same shapes as tests/bench/gpu_check.py's "llama-8b".
+_PYTHIA = dict(vocab_size=50304, use_parallel_residual=True)
+PUBLISHED: dict[str, tuple[str, dict[str, Any]]] = {
+    "meta-llama/Llama-3.1-8B": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
+    "mistralai/Mistral-7B-v0.3": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=32768)),
+    "mistralai/Mixtral-8x7B-v0.1": ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                                    num_local_experts=8, num_experts_per_tok=2)),
+    "microsoft/Phi-3-mini-4k-instruct": ("phi3", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                                                      num_attention_heads=32, num_key_value_heads=32,
+                                                      vocab_size=32064)),
+    **{f"EleutherAI/pythia-{size}": ("gpt_neox", dict(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=n,
+                                                      num_attention_heads=a, **_PYTHIA))
+       for size, h, n, a in [("14m", 128, 6, 4), ("70m", 512, 6, 8), ("160m", 768, 12, 12),
+                             ("410m", 1024, 24, 16), ("1b", 2048, 16, 8), ("1.4b", 2048, 24, 16)]},
+}
+
+
+# ---------------------------------------------------------------- sizes and entries
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (or of the file itself); symlinks are not followed."""
+    if not path.is_dir() or path.is_symlink():
+        with contextlib.suppress(OSError):
+            return path.lstat().st_size
+        return 0
+    total = 0
+    for folder, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, f)).st_size
+    return total
+
+
+@dataclass
+class Entry:
+    """One child of the score cache folder."""
+
+    path: Path
+    format: str  # "2" (this code's), "1" (older code), "unreadable", "leftover" (a writer's temporary)
+    model: str | None
+    metric: str | None
+    seed: int | None
+    bytes: int
+    mtime: float  # of meta.json (the entry's completion), else of the folder
+    writer_alive: bool = False  # a leftover whose process still runs: never removed
+
+    @property
+    def stale(self) -> bool:
+        """Never read by this code: an older format, unreadable, or a dead writer's leftover."""
+        from esa.sensitivity.engine import FORMAT
+
+        return self.format != str(FORMAT) and not self.writer_alive
+
+    @property
+    def label(self) -> str:
+        from esa.sensitivity.engine import FORMAT
+
+        if self.format == str(FORMAT):
+            return self.format
+        if self.format == "leftover":
+            return "leftover (writing)" if self.writer_alive else "leftover (stale)"
+        return f"{self.format} (stale)"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _entry(path: Path) -> Entry:
+    size = tree_bytes(path)
+    meta_path = path / "meta.json"
+    try:
+        mtime = (meta_path if meta_path.is_file() else path).lstat().st_mtime
+    except OSError:
+        mtime = time.time()
+    found = _LEFTOVER.search(path.name)
+    if path.name.startswith(".") or found:
+        alive = bool(found) and _pid_alive(int(found.group(1)))  # type: ignore[union-attr]
+        return Entry(path, "leftover", None, None, None, size, mtime, writer_alive=alive)
+    try:
+        meta = read_json(meta_path)
+        settings = meta.get("settings") or {}
+        fmt = meta.get("format", 1)
+        seed = meta.get("seed", settings.get("seed"))
+        return Entry(path, str(fmt), settings.get("model"), meta.get("metric", settings.get("metric")),
+                     int(seed) if seed is not None else None, size, mtime)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return Entry(path, "unreadable", None, None, None, size, mtime)
+
+
+def scan(root: Path | None = None) -> list[Entry]:
+    """Every child of `<root>/scores` (root: the cache root), sorted by name; nothing is created."""
+    folder = (root or cache_root()) / SCORES
+    if not folder.is_dir():
+        return []
+    return [_entry(p) for p in sorted(folder.iterdir())]
+
+
+def entries_frame(entries: list[Entry]) -> pd.DataFrame:
+    rows = [{"model": e.model or "?", "metric": e.metric or "?", "seed": e.seed, "format": e.label, "entries": 1,
+             "bytes": e.bytes} for e in entries]
+    df = pd.DataFrame(rows, columns=[*BY, "entries", "bytes"])
+    df["seed"] = df["seed"].astype("Int64")  # numeric order; an unreadable entry's is missing
+    return df
+
+
+def du_table(entries: list[Entry], by: list[str] | None = None) -> pd.DataFrame:
+    """Entries and bytes per group (`by`: some of model, metric, seed, format; default all), with a total row."""
+    by = list(by or BY)
+    df = entries_frame(entries)
+    table = df.groupby(by, sort=True, as_index=False, dropna=False)[["entries", "bytes"]].sum()
+    if "seed" in by:
+        table["seed"] = [("?" if pd.isna(s) else str(s)) for s in table["seed"]]
+    total = {c: "" for c in by}
+    total[by[0]] = "total"
+    total.update(entries=int(df["entries"].sum()), bytes=int(df["bytes"].sum()))
+    table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+    table["entries"] = table["entries"].astype(int)
+    table["bytes"] = table["bytes"].astype("int64")
+    table["size"] = table["bytes"].map(human)
+    return table
+
+
+def other_folders(root: Path | None = None) -> dict[str, int]:
+    """Bytes of every top-level cache folder (and loose file) other than the score cache."""
+    root = root or cache_root()
+    if not root.is_dir():
+        return {}
+    return {p.name: tree_bytes(p) for p in sorted(root.iterdir()) if p.name != SCORES}
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# ---------------------------------------------------------------- prune
+
+
+def select(entries: list[Entry], older_than: float | None = None, model: str | None = None,
+           stale: bool = False, now: float | None = None) -> list[Entry]:
+    """The entries matching every filter given; a live writer's temporary folder never matches."""
+    if older_than is None and model is None and not stale:
+        raise EsaError("prune needs at least one filter: --older-than DAYS, --model NAME or --stale")
+    now = time.time() if now is None else now
+    out = []
+    for e in entries:
+        if e.writer_alive:
+            continue
+        if older_than is not None and now - e.mtime <= older_than * 86400:
+            continue
+        if model is not None and e.model != model:
+            continue
+        if stale and not e.stale:
+            continue
+        out.append(e)
+    return out
+
+
+def remove(entry: Entry) -> bool:
+    """Rename the entry aside (a reader sees it whole or not at all), then delete it; False if already gone."""
+    aside = entry.path.with_name(f".{entry.path.name}.pruned-{os.getpid()}")
+    try:
+        os.replace(entry.path, aside)
+    except FileNotFoundError:
+        return False
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            aside.unlink()
+    return True
+
+
+def prune(entries: list[Entry], dry_run: bool = False, out: Callable[[str], None] = print) -> int:
+    """Remove `entries` (or, with `dry_run`, only say so); returns the bytes freed (or that would be)."""
+    freed = 0
+    verb = "would remove" if dry_run else "removed"
+    for e in entries:
+        if dry_run or remove(e):
+            freed += e.bytes
+            what = f"{e.model or '?'} {e.metric or '?'} seed {'?' if e.seed is None else e.seed}, format {e.label}"
+            out(f"{verb} {e.path.name} ({what}, {human(e.bytes)})")
+    out(f"{'would free' if dry_run else 'freed'} {freed} bytes ({human(freed)}) in {len(entries)} entries")
+    return freed
+
+
+# ---------------------------------------------------------------- plan
+
+
+def shape_source(name: str) -> tuple[str, Callable[[], Any]]:
+    """(where the shape comes from, a function building the model's transformers config) for a params/models
+    name or raw reference; an EsaError naming the accepted models when there is no offline shape."""
+    from esa.models import embedded, micro, tiny
+    from esa.params import model_params
+
+    ref = model_params(name).ref
+    if ref in tiny.TINY_CONFIGS:
+        return "tiny config", tiny.TINY_CONFIGS[ref]
+    if micro.is_micro(ref):
+        spec = micro.MICRO_SUITE[micro.parse_ref(ref)[0]]
+        return "micro-suite config", lambda: micro.build_config(spec)
+    if ref in embedded.EMBEDDED:
+        return "embedded GGUF", lambda: _embedded_config(ref)
+    if ref.endswith(".gguf") and Path(ref).is_file():
+        return "GGUF header", lambda: _gguf_config(Path(ref))
+    if Path(ref).is_dir() and (Path(ref) / "config.json").is_file():
+        return "local folder", lambda: _auto_config(ref)
+    local = _hub_config(ref)
+    if local is not None:
+        return "local HF cache config", lambda: local
+    if ref in PUBLISHED:
+        arch, kw = PUBLISHED[ref]
+        return "published shape", lambda: _published(arch, kw)
+    raise EsaError(f"model {name!r}: no shape for {ref!r} offline (not in the local Hugging Face cache, no "
+                   f"published shape here); accepted: {', '.join(plan_models())}")
+
+
+def plan_models() -> list[str]:
+    """Names whose shape is known offline: params/models, embedded, tiny and micro-suite models."""
+    from esa.models import known_models
+    from esa.params import available_models
+
+    return sorted(set(available_models()) | set(known_models()))
+
+
+def _auto_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def _gguf_config(gguf: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def _embedded_config(ref: str) -> Any:
+    """An embedded model's config: from its dequantised folder when one is cached (instant), else the GGUF."""
+    from esa.models import embedded
+
+    gguf = embedded.gguf_path(ref)
+    for folder in sorted((cache_root() / "models").glob(f"{gguf.stem}-*")):
+        if (folder / "config.json").is_file() and not folder.name.startswith("."):
+            return _auto_config(str(folder))
+    return _gguf_config(gguf)
+
+
+def _hub_config(ref: str) -> Any | None:
+    """The config of a hub id from the local Hugging Face cache only (never the network), or None."""
+    parts = ref.split("/")
+    if len(parts) != 2 or not all(parts) or ref.startswith((".", "/")):
+        return None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(ref, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _published(arch: str, kw: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(arch, **kw, tie_word_embeddings=False)
+
+
+def meta_inventory(config: Any) -> list[Any]:
+    """The weight inventory of a model built from `config` on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from esa.models import weight_inventory
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return weight_inventory(model)
+
+
+def plan(profile: str, models: list[str] | None = None, overrides: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Per model: the score-cache entries and bytes of `profile`'s Phase 2 scoring, candidates only
+    (`bytes`) and with full maps (`bytes_keep_scores`); `models` default to the profile's."""
+    from esa.params import load_profile
+    from esa.sensitivity.engine import entry_bytes
+    from esa.sensitivity.metrics import METRICS, MetricConfig
+
+    P = load_profile(profile, overrides)
+    names = list(dict.fromkeys(models or P.models))
+    sources = {n: shape_source(n) for n in names}  # every model checked before any is built
+    seeds = sorted(set(P.seeds) | set(P.highres_seeds))
+    derived = {m: len(METRICS[m].derived_for(MetricConfig())) for m in P.metrics}
+    rows = []
+    for name in names:
+        where, config = sources[name]
+        inv = meta_inventory(config())
+        n_weights = sum(s.numel for s in inv)
+        row: dict[str, Any] = {"model": name, "shape_from": where, "matrices": sum(max(1, s.n_experts) for s in inv),
+                               "studied_weights": n_weights, "metrics": len(P.metrics), "seeds": len(seeds),
+                               "entries": len(P.metrics) * len(seeds), "depth": P.candidate_depth}
+        for col, keep in (("bytes", False), ("bytes_keep_scores", True)):
+            row[col] = len(seeds) * sum(entry_bytes(inv, P.candidate_depth, keep, derived[m]) for m in P.metrics)
+        row["bytes_per_weight"] = row["bytes"] / max(1, n_weights * row["entries"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def free_bytes(root: Path | None = None) -> int:
+    """Free bytes of the file system holding the cache root (or its nearest existing parent)."""
+    path = (root or cache_root()).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+# ---------------------------------------------------------------- command line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one error line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not accepted; accepted: a number of days >= 0 (e.g. 30, 0.5)")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="python -m esa.runner.cache", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                            metavar="{du,prune,plan}")
+    du = sub.add_parser("du", help="score-cache size by model, metric, seed and format; other cache folders")
+    du.add_argument("--by", choices=BY, help="one grouping column (default: all four)")
+    pr = sub.add_parser("prune", help="delete score entries matching every filter given")
+    pr.add_argument("--older-than", type=_days, metavar="DAYS", help="entries completed more than DAYS ago")
+    pr.add_argument("--model", metavar="NAME", help="entries of this model (as du lists it)")
+    pr.add_argument("--stale", action="store_true", help="format-1, unreadable and dead writers' leftovers")
+    pr.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    pl = sub.add_parser("plan", help="projected score-cache bytes of a profile's Phase 2 scoring")
+    pl.add_argument("--profile", required=True, metavar="NAME")
+    pl.add_argument("--model", action="append", metavar="M", help="a model (repeatable; default: the profile's)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    prog = "python -m esa.runner.cache"
+    try:
+        if args.command == "du":
+            return _du(args)
+        if args.command == "prune":
+            return _prune(args, prog)
+        return _plan(args, prog)
+    except EsaError as err:
+        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _du(args: argparse.Namespace) -> int:
+    root = cache_root()
+    entries = scan(root)
+    print(f"score cache {root / SCORES}: {len(entries)} entries, "
+          f"{sum(e.stale for e in entries)} stale (format 1 or unreadable: written by older code, never read)")
+    if entries:
+        print(du_table(entries, [args.by] if args.by else None).to_string(index=False))
+    others = other_folders(root)
+    listed = ", ".join(f"{k} {human(v)}" for k, v in others.items()) or "none"
+    print(f"other cache folders: {listed} (total {sum(others.values())} bytes, {human(sum(others.values()))})")
+    return 0
+
+
+def _prune(args: argparse.Namespace, prog: str) -> int:
+    if args.older_than is None and args.model is None and not args.stale:
+        print(f"{prog} prune: error: give at least one filter: --older-than DAYS, --model NAME or --stale "
+              "(all given filters must match)", file=sys.stderr)
+        return 2
+    entries = scan()
+    if args.model is not None:
+        models = sorted({e.model for e in entries if e.model})
+        if args.model not in models:
+            print(f"{prog} prune: error: --model {args.model!r}: no score cache entry is of that model; models in "
+                  f"the cache: {', '.join(models) or 'none'}", file=sys.stderr)
+            return 2
+    chosen = select(entries, args.older_than, args.model, args.stale)
+    prune(chosen, args.dry_run)
+    return 0
+
+
+def _plan(args: argparse.Namespace, prog: str) -> int:
+    from esa.params import available_profiles
+
+    if args.profile not in available_profiles():
+        print(f"{prog} plan: error: unknown profile {args.profile!r}; accepted: {', '.join(available_profiles())}",
+              file=sys.stderr)
+        return 2
+    table = plan(args.profile, args.model)
+    show = table.copy()
+    total = {c: "" for c in show.columns}
+    total.update(model="total", entries=int(show["entries"].sum()), studied_weights=int(show["studied_weights"].sum()),
+                 bytes=int(show["bytes"].sum()), bytes_keep_scores=int(show["bytes_keep_scores"].sum()))
+    show = pd.concat([show, pd.DataFrame([total])], ignore_index=True)
+    show["size"] = show["bytes"].map(human)
+    show["size_keep_scores"] = show["bytes_keep_scores"].map(human)
+    show["bytes_per_weight"] = [f"{v:.4f}" if v != "" else "" for v in show["bytes_per_weight"]]
+    print(f"profile {args.profile}: Phase 2 score cache, {int(table['metrics'].iloc[0])} metrics x "
+          f"{int(table['seeds'].iloc[0])} seeds (seeds | highres_seeds) per model, depth {int(table['depth'].iloc[0])}")
+    print(show.drop(columns=["metrics", "seeds", "depth"]).to_string(index=False))
+    free = free_bytes()
+    print(f"free space at {cache_root()}: {free} bytes ({human(free)}); candidates only need "
+          f"{human(int(table['bytes'].sum()))}, with keep_scores {human(int(table['bytes_keep_scores'].sum()))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
