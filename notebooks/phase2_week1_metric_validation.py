@@ -128,9 +128,24 @@ resolution = (curvature.resolution_at(rel["summary"]["hutchinson"], P.hutchinson
               if "hutchinson_diag" in P.metrics else None)
 rel_summary
 
+# %% [markdown]
+# ## Does every metric resolve its top-k at this calibration sample?
+# The same held-out rule for every metric: even calibration windows pick each matrix's top-k, odd windows judge
+# it, and the per-window spread gives the standard error (`esa.sensitivity.resolution`, on six matrices spread
+# over depth; Hutchinson's probe noise comes from the two probe streams above). A metric whose top-k does not
+# stand 2 standard errors above its matrix median at the run's sample is "not estimable" in the rows below,
+# with the windows (or probes) it would need.
+
+# %%
+resolutions = phase2.metric_resolutions(lm, P, resolution)
+res_table = phase2.resolution_table(resolutions)
+ctx.save_table(res_table, "metric_resolution")
+res_table[["metric", "unit", "n", "z", "resolved", "needed", "note"]]
+
 # %%
 rows = phase2.phase2_criteria(stab, agree, tails, model, "phase2_week1_metric_validation: stability, agreement, tails")
-rows = criteria.unresolved(rows, "hutchinson_diag", resolution)  # a noise-dominated ranking is not judged
+for m, r in resolutions.items():
+    rows = criteria.unresolved(rows, m, r)  # a ranking its own noise does not resolve is not judged
 rows = criteria.budgeted(rows, P)  # rows resting on a sample below the guide's: machinery-only, with the reason
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)

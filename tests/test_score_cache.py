@@ -268,3 +268,26 @@ def test_smollm2_entry_size_and_stored_topk_equal_fp32(tmp_path, monkeypatch):
     exact = stability.weight_set(select_topk(fp32, lm.inventory, 5000, "per_layer"))
     print(f"bf16 map alone, per-matrix top-5000: {len(deep & exact) / len(exact):.5f} of the fp32 set")
     assert len(deep & exact) / len(exact) > 0.99
+
+
+@pytest.mark.slow
+def test_the_attention_kernel_is_part_of_the_key_and_a_recipe_loads_one_kernel(monkeypatch):
+    """eager and sdpa attention give different gradients (up to 1e-4 relative on SmolLM2): an entry scored under
+    one must never be read for the other, and every phase of a recipe loads the same kernel."""
+    from esa.recipes import Recipe
+
+    eager = load("tiny-llama", device="cpu")
+    eager.model.set_attn_implementation("eager")
+    sdpa = load("tiny-llama", device="cpu")
+    sdpa.model.set_attn_implementation("sdpa")
+    assert engine.attention_of(eager.model) == "eager" and engine.attention_of(sdpa.model) == "sdpa"
+    a = score(eager, "grad_x_weight", Calibration(seed=1), CFG, windows=_windows(1))
+    b = score(sdpa, "grad_x_weight", Calibration(seed=1), CFG, windows=_windows(1))
+    assert a.key != b.key and not b.from_cache
+    assert a.settings["attention"] == "eager" and b.settings["attention"] == "sdpa"
+    monkeypatch.delenv("ESA_CACHE_DIR")  # SmolLM2 from the usual model cache (nothing is scored below)
+    hutch = Recipe(metrics=("grad_x_weight", "hutchinson_diag"))
+    plain = Recipe(metrics=("grad_x_weight",))
+    assert engine.attention_of(hutch.load("smollm2-135m").model) == "eager"
+    assert engine.attention_of(plain.load("smollm2-135m").model) == "sdpa"
+    assert engine.attention_of(plain.load("smollm2-135m", eager=True).model) == "eager"

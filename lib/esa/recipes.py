@@ -79,9 +79,13 @@ class Recipe:
         return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 
     # ------------------------------------------------------------ model
-    def load(self, name: str, eager: bool = False, **kwargs: Any) -> LoadedModel:
-        """Model `name` (a params/models name or any reference) in the recipe's dtype; `eager` attention is
-        twice differentiable, which Hutchinson's double backward needs (see `needs_eager`)."""
+    def load(self, name: str, eager: bool | None = None, **kwargs: Any) -> LoadedModel:
+        """Model `name` (a params/models name or any reference) in the recipe's dtype. `eager` attention is
+        twice differentiable, which Hutchinson's double backward needs; by default (None) a recipe loads every
+        model the same way, eager exactly when its metrics need it (`needs_eager`), because the attention
+        kernel changes scores (up to 1e-4 relative on SmolLM2's gradients) and is part of their cache key:
+        the phases then share one set of entries instead of reading whichever kernel scored first."""
+        eager = self.needs_eager() if eager is None else eager
         return load_configured(name, self.dtype, attn_implementation="eager" if eager else None, **kwargs)
 
     def needs_eager(self, metrics: list[str] | tuple[str, ...] | None = None) -> bool:

@@ -78,7 +78,7 @@ class Command:
 def load_model(cmd: Command) -> LoadedModel:
     """The model, checked against the settings before any scoring (k fits, the corpus has the windows)."""
     R = cmd.recipe
-    lm = R.load(cmd.model, eager=R.needs_eager(), device=cmd.device)
+    lm = R.load(cmd.model, device=cmd.device)
     check_k(lm.inventory, R.topk, R.mode)
     check_k(lm.inventory, R.topk, "global")
     # --max-samples larger than the corpus provides fails here, before any scoring

@@ -418,13 +418,15 @@ def machinery_only(rows: Iterable[Criterion], reason: str | None) -> list[Criter
 
 def unresolved(rows: Iterable[Criterion], metric: str, resolution: Mapping[str, Any] | None) -> list[Criterion]:
     """PASS/FAIL rows of `metric` (its id part) become 'not estimable' when the metric's own measured per-weight
-    noise leaves its top-k unresolved at the probes it ran (esa.sensitivity.curvature.resolution_at)."""
+    noise leaves its top-k unresolved at the sample it ran: probes (esa.sensitivity.curvature.resolution_at) or
+    calibration windows (esa.sensitivity.resolution.window_resolution). An unmeasured resolution changes nothing."""
     rows = list(rows)
-    if not resolution or resolution["resolved"]:
+    if not resolution or resolution["resolved"] in (True, None):
         return rows
-    need = resolution["probes_needed"]
-    why = (f"not resolved at {resolution['probes']} probes: the top-k stands z = {resolution['z']:.2f} standard "
-           f"errors above the matrix median (< 2); " + (f"about {need:.3g} probes needed" if math.isfinite(need) else
+    n, unit = resolution.get("n", resolution.get("probes")), resolution.get("unit", "probes")
+    need = resolution.get("needed", resolution.get("probes_needed", math.nan))
+    why = (f"not resolved at {n} {unit}: the top-k stands z = {resolution['z']:.2f} standard "
+           f"errors above the matrix median (< 2); " + (f"about {need:.3g} {unit} needed" if math.isfinite(need) else
                                                         "held out, it is not above the median at all"))
     return [demote(r, "not estimable", why) if metric in r.id.split(".") and r.verdict in ("PASS", "FAIL") else r
             for r in rows]

@@ -17,6 +17,7 @@ from esa.models import LoadedModel
 from esa.params import Profile
 from esa.phases import criteria
 from esa.recipes import Recipe
+from esa.sensitivity import resolution
 from esa.sensitivity.engine import CandidateScores, ScoreRun
 from esa.sensitivity.superweights import detect_superweights
 from esa.stats import stability
@@ -30,8 +31,8 @@ HEAVY_TAIL_RATIO = 10.0  # our rule for "orders of magnitude above the rest": to
 
 
 def load_model(name: str, P: Profile) -> LoadedModel:
-    # eager attention: Hutchinson's double backward needs a differentiable attention kernel
-    return Recipe.of(P).load(name, eager=True)
+    # eager attention when Hutchinson's double backward needs it, as every phase of the profile loads it
+    return Recipe.of(P).load(name)
 
 
 def score_model(lm: LoadedModel, name: str, P: Profile, metrics: list[str] | None = None,
@@ -73,9 +74,28 @@ def stability_table(runs: Runs, table: pd.DataFrame, lm: LoadedModel) -> pd.Data
         else:
             row.update(n_union=len(u), spearman_note=f"not estimable: {beyond} of the {len(u)} union weights rank "
                        f"below another seed's {runs[(metric, seeds[0])].depth} stored candidates; needs the full "
-                       "maps (keep_scores) or a deeper candidate_depth")
+                       f"maps (keep_scores) or candidate_depth > {runs[(metric, seeds[0])].depth}")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def metric_resolutions(lm: LoadedModel, P: Profile, probe_resolution: dict[str, Any] | None = None,
+                       seed: int | None = None) -> dict[str, dict[str, Any]]:
+    """Per metric, whether it resolves its own top-k at the profile's calibration sample (held out over
+    windows, `esa.sensitivity.resolution`); hutchinson_diag's comes from its probe streams when given."""
+    R = Recipe.of(P)
+    seed = P.seeds[0] if seed is None else seed
+    ids = R.calibration(seed).windows(lm.tokenizer, max_positions=lm.info.max_positions or None).ids
+    out = {m: resolution.window_resolution(lm.model, lm.inventory, ids, m, R.metric_config(seed), P.topk)
+           for m in P.metrics if m != "hutchinson_diag"}
+    if probe_resolution is not None and "hutchinson_diag" in P.metrics:
+        out["hutchinson_diag"] = resolution.from_probes(probe_resolution)
+    return out
+
+
+def resolution_table(resolutions: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    cols = ["metric", "unit", "n", "z", "resolved", "needed", "note"]
+    return pd.DataFrame([{c: r.get(c) for c in cols} for r in resolutions.values()], columns=cols)
 
 
 def obd_selections(runs: Runs, lm: LoadedModel, k: int, mode: str) -> pd.DataFrame:

@@ -309,7 +309,7 @@ def run_model(name: str, P: Profile, S: Settings | None = None, lm: LoadedModel 
     S = S or settings(P)
     conds = conditions(S, P)
     eager = any(c.spec.method == "hutchinson_diag" for c in conds) or (S.protect and S.protect_metric == "hutchinson_diag")
-    lm = lm or Recipe.of(P).load(name, eager=eager)
+    lm = lm or Recipe.of(P).load(name, eager=True if eager else None)
     before = weights_hash(lm.model)
     windows = eval_windows(lm, S, P)
     task: ZeroShotTask | None = build_next_line(S.zeroshot_corpus, n_items=S.zeroshot_items) if S.zeroshot_items else None

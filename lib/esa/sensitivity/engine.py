@@ -184,16 +184,24 @@ def score_key(settings: dict[str, Any]) -> str:
 
 
 def settings_for(model_ref: str, windows: Windows, metric: str, seed: int, dtype: str, cfg: MetricConfig,
-                 inventory: list[WeightSpec], depth: int = DEPTH_DEFAULT, keep_scores: bool = False) -> dict[str, Any]:
-    """The cache key's content: everything that determines a metric's scores and what the entry stores."""
+                 inventory: list[WeightSpec], depth: int = DEPTH_DEFAULT, keep_scores: bool = False,
+                 attention: str | None = None) -> dict[str, Any]:
+    """The cache key's content: everything that determines a metric's scores and what the entry stores
+    (`attention`: the model's attention kernel, e.g. "eager" or "sdpa": it changes the scores)."""
     return {
         "model": model_ref, "corpus": windows.corpus, "seqlen": windows.seqlen, "n_samples": windows.n_windows,
         "seed": seed, "metric": metric, "metric_settings": METRICS[metric].key(cfg), "dtype": dtype,
         "tokenizer": windows.tokenizer, "weights": content_key([s.name for s in inventory]),
-        "format": FORMAT, "depth": int(depth), "full_map": str(MAP_DTYPE).removeprefix("torch.") if keep_scores else None,
+        "attention": attention, "format": FORMAT, "depth": int(depth), "full_map": str(MAP_DTYPE).removeprefix("torch.") if keep_scores else None,
         # the code that determines the scores, not the commit: unrelated commits keep the cache
         "code_version": source_hash(*SCORE_CODE),
     }
+
+
+def attention_of(model: torch.nn.Module) -> str | None:
+    """The attention kernel the model runs (transformers' config._attn_implementation), None if it has none."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return str(impl) if impl is not None else None
 
 
 def check_depth(depth: int) -> int:
@@ -247,7 +255,8 @@ def score_many(lm: LoadedModel, metrics: list[str], calib: Calibration,
     runs: dict[str, ScoreRun] = {}
     todo: dict[str, tuple[dict[str, Any], Path]] = {}
     for m in metrics:
-        settings = settings_for(ref, windows, m, seed, lm.info.dtype, cfgs[m], inventory, depth, keep_scores)
+        settings = settings_for(ref, windows, m, seed, lm.info.dtype, cfgs[m], inventory, depth, keep_scores,
+                                attention_of(lm.model))
         folder = cache_dir("scores") / score_key(settings)
         if use_cache and not refresh and usable(folder):
             t1 = time.perf_counter()

@@ -1,0 +1,76 @@
+"""One held-out resolution rule for every metric: noise is not resolved, a planted top-k is, and the scorecard
+stops judging a metric its own noise does not resolve."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from esa.models import load
+from esa.phases import criteria
+from esa.sensitivity import resolution as R
+from esa.sensitivity.metrics import METRICS, Metric, MetricConfig, MetricResult
+from esa.stats.verdicts import Criterion
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load("tiny-llama", device="cpu")
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 259, (n, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def _fake(signal: float):
+    """A metric whose score is `signal` on each matrix's first 10 weights plus unit noise drawn per window."""
+    def compute(model, specs, ids, cfg):
+        g = torch.Generator().manual_seed(int(ids.sum()))
+        out = {}
+        for s in specs:
+            x = torch.randn(s.numel, generator=g).abs()
+            x[:10] += signal
+            out[s.name] = x.reshape(s.shape)
+        return MetricResult(out)
+    return Metric("fake", "test", compute, lambda c: {}, "gradient")
+
+
+@pytest.mark.parametrize("signal,resolved", [(0.0, False), (20.0, True)])
+def test_noise_is_not_resolved_and_a_planted_topk_is(lm, monkeypatch, signal, resolved):
+    monkeypatch.setitem(METRICS, "fake", _fake(signal))
+    r = R.window_resolution(lm.model, lm.inventory, _ids(8), "fake", MetricConfig(), topk=10)
+    assert r["resolved"] is resolved and r["unit"] == "calibration windows" and r["n"] == 8
+    if resolved:
+        assert r["z"] > 5 and r["needed"] < 8
+    else:
+        assert abs(r["z"]) < 2
+
+
+def test_a_real_metric_on_few_windows_and_the_threshold_of_four(lm):
+    cfg = MetricConfig(batch_size=2, show_progress=False)
+    r = R.window_resolution(lm.model, lm.inventory, _ids(4), "grad_x_weight", cfg, topk=5, n_run=40)
+    assert math.isfinite(r["z"]) and r["windows_measured"] == 4 and r["n"] == 40
+    small = R.window_resolution(lm.model, lm.inventory, _ids(3), "grad_x_weight", cfg, topk=5)
+    assert small["resolved"] is None and "not estimable" in small["note"]
+
+
+def _row(metric: str, verdict: str = "PASS") -> Criterion:
+    passed = {"PASS": True, "FAIL": False}.get(verdict)
+    return Criterion(f"P2.heavy_tail.{metric}.m", 2, "t", 3.0, "> 2", passed, "e", verdict=verdict)
+
+
+def test_unresolved_rows_become_not_estimable_with_the_windows_needed():
+    res = {"metric": "grad_x_weight", "unit": "calibration windows", "n": 4, "z": 0.7, "resolved": False,
+           "needed": 33.0}
+    rows = criteria.unresolved([_row("grad_x_weight"), _row("act_mag"), _row("grad_x_weight", "underpowered")],
+                               "grad_x_weight", res)
+    assert [r.verdict for r in rows] == ["not estimable", "PASS", "underpowered"]
+    assert "not resolved at 4 calibration windows" in rows[0].note and "about 33 calibration windows" in rows[0].note
+    # not measured (too few windows): nothing changes
+    same = criteria.unresolved([_row("grad_x_weight")], "grad_x_weight", {**res, "resolved": None})
+    assert same[0].verdict == "PASS"
+    # the probe format of hutchinson_diag keeps working
+    probes = {"probes": 2, "z": 0.1, "resolved": False, "probes_needed": 900.0}
+    assert "about 900 probes" in criteria.unresolved([_row("hutchinson_diag")], "hutchinson_diag", probes)[0].note
