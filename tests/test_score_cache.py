@@ -199,6 +199,8 @@ def test_union_spearman_from_candidates_equals_the_full_map_or_is_not_estimable(
                for k in runs}
     u = stability.union_scores(sels, {s: CandidateScores(shallow[("grad_x_weight", s)].top, lm_tiny.inventory)
                                       for s in (1, 2)}, lm_tiny.inventory)
+    fast = phase2.candidate_union(sels, {s: shallow[("grad_x_weight", s)].top for s in (1, 2)})
+    pd.testing.assert_frame_equal(fast, u, check_dtype=False)  # the merge equals the dense look-up
     row = phase2.stability_table(shallow, table, lm_tiny).iloc[0]
     assert u.isna().any().any() and np.isnan(row["spearman_union"]) and row["n_beyond_depth"] > 0
     assert "not estimable" in row["spearman_note"]

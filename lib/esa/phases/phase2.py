@@ -18,7 +18,7 @@ from esa.params import Profile
 from esa.phases import criteria
 from esa.recipes import Recipe
 from esa.sensitivity import resolution
-from esa.sensitivity.engine import CandidateScores, ScoreRun
+from esa.sensitivity.engine import ScoreRun
 from esa.sensitivity.superweights import detect_superweights
 from esa.stats import stability
 from esa.stats.verdicts import Criterion, judge
@@ -63,9 +63,10 @@ def stability_table(runs: Runs, table: pd.DataFrame, lm: LoadedModel) -> pd.Data
         row = {"metric": metric, "n_seeds": len(seeds), "jaccard_mean": j["mean"], "jaccard_std": j["std"],
                "jaccard_min": j["min"], "jaccard_max": j["max"], "spearman_union": float("nan"), "n_union": 0,
                "n_beyond_depth": 0, "spearman_note": ""}
-        views = {s: runs[(metric, s)].scores if runs[(metric, s)].scores is not None
-                 else CandidateScores(runs[(metric, s)].top, lm.inventory) for s in seeds}
-        u = stability.union_scores(sels, views, lm.inventory)
+        if all(runs[(metric, s)].scores is not None for s in seeds):
+            u = stability.union_scores(sels, {s: runs[(metric, s)].scores for s in seeds}, lm.inventory)
+        else:  # each seed's score where the weight is among its stored candidates, NaN where it is not
+            u = candidate_union(sels, {s: runs[(metric, s)].top for s in seeds})
         beyond = int(u[[f"seed_{s}" for s in seeds]].isna().any(axis=1).sum())
         row["n_beyond_depth"] = beyond
         if beyond == 0:  # every union weight is among every seed's stored candidates: the exact statistic
@@ -77,6 +78,16 @@ def stability_table(runs: Runs, table: pd.DataFrame, lm: LoadedModel) -> pd.Data
                        f"maps (keep_scores) or candidate_depth > {runs[(metric, seeds[0])].depth}")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def candidate_union(selections: dict[int, pd.DataFrame], tops: dict[int, pd.DataFrame]) -> pd.DataFrame:
+    """`stability.union_scores` from stored top candidates: one row per weight of the union of the seeds'
+    top-k sets (in the same order), a `seed_<s>` column per seed, NaN where that seed did not store it."""
+    key = stability.KEY
+    u = pd.concat([df[key] for df in selections.values()]).drop_duplicates().reset_index(drop=True)
+    for seed, top in tops.items():
+        u = u.merge(top[key + ["score"]].rename(columns={"score": f"seed_{seed}"}), on=key, how="left")
+    return u
 
 
 def metric_resolutions(lm: LoadedModel, P: Profile, probe_resolution: dict[str, Any] | None = None,
