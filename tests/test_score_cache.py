@@ -16,7 +16,7 @@ from esa.models import load
 from esa.params import load_profile
 from esa.perturb.controls import CONTROLS, ControlInput, make_control
 from esa.sensitivity import engine
-from esa.sensitivity.engine import CandidateScores, score
+from esa.sensitivity.engine import score
 from esa.sensitivity.metrics import MetricConfig, get_metric
 from esa.sensitivity.select import (
     BottomSource,
@@ -197,10 +197,16 @@ def test_union_spearman_from_candidates_equals_the_full_map_or_is_not_estimable(
     # shallow candidates: a union weight below another seed's depth makes the statistic not estimable
     shallow = {k: score(lm_tiny, "grad_x_weight", Calibration(seed=k[1]), CFG, windows=_windows(k[1]), depth=5)
                for k in runs}
-    u = stability.union_scores(sels, {s: CandidateScores(shallow[("grad_x_weight", s)].top, lm_tiny.inventory)
-                                      for s in (1, 2)}, lm_tiny.inventory)
-    fast = phase2.candidate_union(sels, {s: shallow[("grad_x_weight", s)].top for s in (1, 2)})
-    pd.testing.assert_frame_equal(fast, u, check_dtype=False)  # the merge equals the dense look-up
+    u = phase2.candidate_union(sels, {s: shallow[("grad_x_weight", s)].top for s in (1, 2)})
+    # the merge equals the full-map look-up where a seed stored the weight, and is NaN exactly where it did not
+    want = stability.union_scores(sels, full, lm_tiny.inventory)
+    for s in (1, 2):
+        top = shallow[("grad_x_weight", s)].top
+        stored = u[stability.KEY].merge(top[stability.KEY].assign(hit=True), on=stability.KEY, how="left")["hit"]
+        stored = stored.fillna(False).astype(bool).to_numpy()
+        col = f"seed_{s}"
+        assert np.array_equal(u[col].to_numpy()[stored], want[col].to_numpy()[stored])
+        assert u[col].isna().to_numpy().tolist() == (~stored).tolist()
     row = phase2.stability_table(shallow, table, lm_tiny).iloc[0]
     assert u.isna().any().any() and np.isnan(row["spearman_union"]) and row["n_beyond_depth"] > 0
     assert "not estimable" in row["spearman_note"]

@@ -26,11 +26,6 @@ from esa.sensitivity.metrics import METRICS, MetricConfig, get_metric
 
 log = logging.getLogger(__name__)
 _FULL_MAPS: dict[int, dict[tuple[str, str], Mapping[str, torch.Tensor]]] = {}  # id(model) -> the last full map
-_FULL_SOURCE: dict[tuple[str, str, int], str] = {}  # (model, metric, seed) -> where its full map came from
-
-
-def full_scores_source(name: str, metric: str, seed: int) -> str:
-    return _FULL_SOURCE.get((name, metric, seed), "not read")
 
 
 def load_configured(name: str, dtype: str | torch.dtype = "float32", **kwargs: Any) -> LoadedModel:
@@ -120,8 +115,6 @@ class Recipe:
     def _attach(self, lm: LoadedModel, name: str, run: ScoreRun) -> ScoreRun:
         if run.scores is None:
             run.provider = lambda: self._recompute(lm, name, run)
-        else:
-            _FULL_SOURCE[(name, run.metric, run.seed)] = "cache (bf16 full map)"
         return run
 
     def scored_topk(self, lm: LoadedModel, name: str, metric: str, k: int | None = None, mode: str | None = None,
@@ -141,10 +134,6 @@ class Recipe:
             cached[seed], runs[seed] = bool(run.from_cache), run
         return pd.concat(sels, ignore_index=True), scores, cached, runs
 
-    def full_scores(self, lm: LoadedModel, name: str, metric: str, seed: int) -> Mapping[str, torch.Tensor]:
-        """Every studied weight's `metric` score on seed `seed`'s calibration sample (`ScoreRun.full`)."""
-        return self.score_model(lm, name, [metric], seeds=[seed])[(metric, seed)].full()
-
     def _recompute(self, lm: LoadedModel, name: str, run: ScoreRun) -> Mapping[str, torch.Tensor]:
         """The full map of a run whose entry keeps none, for readers deeper than its candidates (pruning at
         50%, sparse fine-tuning at 5%, per-head sums): the fp32 scores recomputed by the same pass (so the same
@@ -157,7 +146,6 @@ class Recipe:
             windows = self.calibration(run.seed).windows(lm.tokenizer, max_positions=lm.info.max_positions or None)
             cfg = self.metric_config(run.seed)
             memo[key] = get_metric(run.metric)(lm.model, lm.inventory, windows.ids, cfg).scores
-            _FULL_SOURCE[(name, run.metric, run.seed)] = "recomputed in fp32 (not cached)"
         return memo[key]
 
     # ------------------------------------------------------------ evaluation and perturbation

@@ -75,29 +75,6 @@ class LazyScores(Mapping[str, torch.Tensor]):
         return len(self.names)
 
 
-class CandidateScores(Mapping[str, torch.Tensor]):
-    """A full-shape view of the stored top candidates: their exact scores, NaN for every weight below the
-    stored depth. For look-ups of chosen weights (`esa.stats.stability.union_scores`): a NaN says the weight
-    was not among this run's candidates, so its score is unknown."""
-
-    def __init__(self, top: pd.DataFrame, inventory: list[WeightSpec]) -> None:
-        self.specs = {s.name: s for s in inventory if s.name in set(top["param"])}
-        self.groups = {name: g for name, g in top.groupby("param", sort=False)}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        spec = self.specs[name]
-        out = torch.full((spec.numel,), float("nan"))
-        g = self.groups[name]
-        out[torch.tensor(g["flat"].to_numpy())] = torch.tensor(g["score"].to_numpy(), dtype=torch.float32)
-        return out.reshape(spec.shape)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.specs)
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
-
 def entry_bytes(inventory: list[WeightSpec], depth: int = DEPTH_DEFAULT, keep_scores: bool = False,
                 n_derived: int = 0) -> int:
     """Disk bytes of one score cache entry for `inventory` (the disk guard and the benchmark's projection)."""
@@ -237,7 +214,7 @@ def score_many(lm: LoadedModel, metrics: list[str], calib: Calibration,
     An entry stores each matrix's top and bottom `depth` candidates, the tail statistics, the survival curve,
     the matrix summaries and the candidates of derived scores (`Metric.derived`); `keep_scores` adds the full
     map in bf16 (`ScoreRun.scores`). Without it, `ScoreRun.scores` is None: a consumer that needs every
-    weight's score recomputes it (`esa.recipes.Recipe.full_scores`).
+    weight's score gets it from `ScoreRun.full()`, which `esa.recipes.Recipe` sets up to recompute it.
     """
     for m in metrics:
         get_metric(m)  # unknown names fail before any work
