@@ -18,7 +18,7 @@ REFERENCE_PKGS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 einc
 	linear_operator==0.6.1 opt_einsum==3.4.0 unfoldNd==0.2.3 jaxtyping==0.3.11 wadler_lindig==0.1.8
 LLAMA := llama-3.1-8b
 
-.PHONY: env run test test-fast lint bench verify-cache clean-cache \
+.PHONY: env run test test-fast lint bench curvature-reliability verify-cache clean-cache \
 	smoke-phase1 standard-core extended-all smoke-llama standard-llama extended-llama generate-docs chromium
 
 $(STAMP): pyproject.toml Makefile
@@ -61,6 +61,12 @@ lint: env
 
 bench: env
 	$(BIN)/python tests/bench/run_bench.py
+
+# the probe curve behind the profiles' hutchinson_probes (issue 14): two streams of 64 products on 2 x 128
+# tokens per embedded model, ~15 min (SmolLM2) and ~25 min (Gemma-3) on 2 quiet CPU cores; week 1 shows it
+curvature-reliability: env
+	for m in smollm2-135m gemma3-270m; do \
+		$(BIN)/python tests/bench/curvature_reliability.py --model $$m --windows 2 --seqlen 128 --probes 64 || exit 1; done
 
 verify-cache: env
 	$(RUN) --verify-cache --dry-run

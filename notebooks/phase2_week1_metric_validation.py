@@ -129,6 +129,17 @@ resolution = (curvature.resolution_at(rel["summary"]["hutchinson"], P.hutchinson
 rel_summary
 
 # %% [markdown]
+# ### The deeper measurement behind the profiles' probe counts
+# The run above measures only what its profile affords. `make curvature-reliability` records the same curve to
+# 64 products per stream on both embedded models (under `reports/bench/`); the `hutchinson_probes` comments in
+# `params/profiles/*.yaml` rest on it. Shown when this machine has one.
+
+# %%
+from IPython.display import Markdown  # noqa: E402
+
+Markdown("\n".join(curvature.record_lines(curvature.read_record(ctx.run_dir.parent / "bench", model), model)))
+
+# %% [markdown]
 # ## Does every metric resolve its top-k at this calibration sample?
 # The same held-out rule for every metric: even calibration windows pick each matrix's top-k, odd windows judge
 # it, and the per-window spread gives the standard error (`esa.sensitivity.resolution`, on six matrices spread
@@ -152,8 +163,6 @@ card = scorecard.as_frame(rows)
 card[["id", "measured", "threshold", "result", "note"]]
 
 # %%
-from IPython.display import Markdown  # noqa: E402
-
 first = tails[tails.seed == P.seeds[0]].set_index("metric")
 lines = [f"On **{model}** ({lm.info.n_weights_studied / 1e6:.1f}M weights under study, {P.max_samples} calibration "
          f"windows of {P.seqlen} tokens per seed, seeds {P.seeds}):"]

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from esa.data import Calibration, Windows
 from esa.models import load
+from esa.params import load_profile
 from esa.runner import cache as cc
 from esa.sensitivity.engine import FORMAT, entry_bytes, score
 from esa.sensitivity.metrics import MetricConfig
@@ -190,14 +191,16 @@ def test_plan_tiny_model_matches_its_inventory(cache):
     assert row["entries"] == 4 * seeds and row["bytes"] == want
     assert row["bytes_keep_scores"] - row["bytes"] == 4 * seeds * 2 * sum(s.numel for s in lm.inventory)
     many = cc.plan("standard", ["tiny-llama", "tiny-mixtral"])  # 3 seeds | 5 highres seeds = 5
-    assert list(many["entries"]) == [20, 20] and many["bytes"].iloc[1] > many["bytes"].iloc[0]
+    n = 5 * len(load_profile("standard").metrics)
+    assert list(many["entries"]) == [n, n] and many["bytes"].iloc[1] > many["bytes"].iloc[0]
 
 
 def test_plan_llama_8b_from_its_published_shape(cache, capsys):
     row = cc.plan("extended", ["llama-3.1-8b"]).iloc[0]
     per_layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
     assert row["studied_weights"] == 32 * per_layer and row["matrices"] == 32 * 7
-    assert row["entries"] == 4 * 5  # 4 metrics x ({1337, 123, 999} | {1337, 123, 999, 2024, 7})
+    # metrics x ({1337, 123, 999} | {1337, 123, 999, 2024, 7})
+    assert row["entries"] == len(load_profile("extended").metrics) * 5
     print(f"\nLlama-3.1-8B, extended Phase 2: {row['entries']} entries, {row['bytes'] / GiB:.3f} GiB candidates only, "
           f"{row['bytes_keep_scores'] / GiB:.1f} GiB with keep_scores")
     assert row["bytes"] <= 5 * GiB < row["bytes_keep_scores"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -149,6 +150,10 @@ def test_extrapolation_recovers_a_logit_log_law_and_refuses_a_flat_one():
     assert out["method"] == "logit-log fit" and out["probes"] == pytest.approx(want, rel=1e-6)
     assert out["r2"] == pytest.approx(1.0)
     assert C.extrapolate([(2, 0.1), (4, 0.1), (8, 0.09)])["probes"] == math.inf
+    # SmolLM2's Hutchinson curve (P = 1..64): it grows, but only a ~1e25-probe fit reaches 0.4
+    flat = C.extrapolate([(1, 0.093), (2, 0.099), (4, 0.099), (8, 0.099), (16, 0.105), (32, 0.105), (64, 0.105)])
+    assert flat["probes"] == math.inf and flat["fit_probes"] > C.MAX_EXTRAPOLATION * 64
+    assert flat["method"].startswith("not estimable") and "64" in flat["method"]
     reached = C.extrapolate([(2, 0.1), (4, 0.45), (8, 0.6)])
     assert reached["probes"] == 4 and reached["method"] == "measured"
     assert "not estimable" in C.extrapolate([(2, 0.0)])["method"]
@@ -206,3 +211,37 @@ def test_two_stream_error_estimates_the_error_against_the_truth_without_an_oracl
     out = C._compare(sets, {"m": torch.ones(200, 100)}, 50)
     true = float((sets.sum[0]["m"] / 4 - d).norm() / d.norm())  # one stream of 4 products: 0.5 / sqrt(4)
     assert out["rel_error"] == pytest.approx(true, rel=0.05) and out["rel_error"] == pytest.approx(0.25, rel=0.05)
+
+
+def test_tables_say_why_a_relative_error_is_missing():
+    row = {"estimator": "hutchinson", "probes": 1, "jaccard_median": 0.1, "jaccard_mean": 0.1, "jaccard_q10": 0.05,
+           "rel_error": math.nan, "seconds_per_product": 1.0}
+    summ = {"probes": 1, "snr_topk_median": 0.6, "snr_median_weight": 0.6, "z_topk_vs_median": 0.0, "z_se": 0.1,
+            "probes_needed_z2": math.inf, "matrices_resolved": 0.0,
+            "jaccard_target": {"probes": None, "method": "not estimable: < 2 usable points"}, "seconds_per_product": 1.0}
+    rel = {"curve": [row, {**row, "probes": 2, "rel_error": 3.0}], "summary": {"hutchinson": summ},
+           "windows": 2, "seqlen": 128, "topk": 100}
+    curve, summary = C.tables(rel)
+    assert curve["note"].tolist() == ["rel_error not estimable: noise exceeds the signal estimate", ""]
+    assert summary["z_se"].tolist() == [0.1]
+    line = C.summary_lines(rel, None)[0]
+    assert "not estimable: < 2 usable points" in line and "not estimable (z within 2" in line
+
+
+def test_a_recorded_measurement_is_read_with_its_provenance_and_garbage_is_not(tmp_path):
+    assert C.read_record(tmp_path, "smollm2-135m") is None
+    assert "make curvature-reliability" in C.record_lines(None, "smollm2-135m")[0]
+    C.record_path(tmp_path, "bad").write_text("{not json")
+    assert C.read_record(tmp_path, "bad") is None
+    row = {"estimator": "hutchinson", "probes": 1, "jaccard_median": 0.093, "jaccard_mean": 0.1, "jaccard_q10": 0.05,
+           "rel_error": 8.5, "seconds_per_product": 4.4}
+    summ = {"probes": 2, "snr_topk_median": 0.6, "snr_median_weight": 0.6, "z_topk_vs_median": 0.02,
+            "probes_needed_z2": math.inf, "matrices_resolved": 0.0,
+            "jaccard_target": {"probes": math.inf, "method": "not estimable: flat"}, "seconds_per_product": 4.4}
+    rec = {"curve": [row, {**row, "probes": 2, "jaccard_median": 0.099}], "summary": {"hutchinson": summ},
+           "windows": 2, "seqlen": 128, "topk": 100, "corpus": "shakespeare", "complete": False}
+    C.record_path(tmp_path, "m").write_text(json.dumps(rec))
+    got = C.read_record(tmp_path, "m")
+    lines = C.record_lines(got, "m")
+    assert "up to 2 products per stream" in lines[0] and "partial" in lines[0]
+    assert "1: 0.093, 2: 0.099" in lines[1] and "z within 2" in lines[2]

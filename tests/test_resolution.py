@@ -74,3 +74,15 @@ def test_unresolved_rows_become_not_estimable_with_the_windows_needed():
     # the probe format of hutchinson_diag keeps working
     probes = {"probes": 2, "z": 0.1, "resolved": False, "probes_needed": 900.0}
     assert "about 900 probes" in criteria.unresolved([_row("hutchinson_diag")], "hutchinson_diag", probes)[0].note
+
+
+def test_sample_needed_is_inf_when_the_median_z_is_within_noise_of_zero():
+    g = torch.Generator().manual_seed(0)
+    noise = (0.02 + torch.randn(210, generator=g, dtype=torch.float64)).tolist()  # SmolLM2's Hutchinson: z 0.02
+    z, se, need = R.median_z_and_needed(noise, [9e5] * 210)
+    assert abs(z) < 2 * se and need == math.inf
+    clear = (1.2 + 0.3 * torch.randn(210, generator=g, dtype=torch.float64)).tolist()
+    z, se, need = R.median_z_and_needed(clear, [12.0] * 210)
+    assert z > 2 * se and need == 12.0
+    assert R.median_z_and_needed([0.5], [4.0])[2] == math.inf  # one matrix: its z's noise is ~1
+    assert R.median_z_and_needed([3.0], [4.0])[2] == 4.0

@@ -427,6 +427,6 @@ def unresolved(rows: Iterable[Criterion], metric: str, resolution: Mapping[str, 
     need = resolution.get("needed", resolution.get("probes_needed", math.nan))
     why = (f"not resolved at {n} {unit}: the top-k stands z = {resolution['z']:.2f} standard "
            f"errors above the matrix median (< 2); " + (f"about {need:.3g} {unit} needed" if math.isfinite(need) else
-                                                        "held out, it is not above the median at all"))
+                                                        "held out, it is not distinguishable from the median"))
     return [demote(r, "not estimable", why) if metric in r.id.split(".") and r.verdict in ("PASS", "FAIL") else r
             for r in rows]

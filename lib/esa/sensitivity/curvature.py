@@ -23,9 +23,11 @@ The oracle for all of them on tiny models is the exact per-matrix diagonal (`exa
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,10 +45,12 @@ from esa.sensitivity.metrics import (
     _params,
     streamed_grads,
 )
+from esa.sensitivity.resolution import median_z_and_needed
 
 ESTIMATORS = ("hutchinson", "ggn_mc")
 TARGET_JACCARD = 0.4  # the guide's stability threshold, used for the two-probe-set Jaccard too
 RESOLVE_Z = 2.0  # resolved: the top-k's median score stands >= 2 standard errors above the matrix median
+MAX_EXTRAPOLATION = 100  # the Jaccard fit is read at most this factor beyond the largest P measured
 
 
 # ---------------------------------------------------------------- one forward, many curvature products
@@ -211,7 +215,7 @@ def _snr(sets: _Sets, w2: Mapping[str, torch.Tensor], topk: int) -> dict[str, An
     stream B's independent estimate (chosen and judged by one noisy estimate, pure noise would look resolved:
     the top-k of noise sits far above the median). Per-weight SNR = |mean_B| / SE_B, SE_B = sd / sqrt(P) with
     the per-probe sd pooled over both streams; z = (median top-k score - matrix median) in SE_B; the probes
-    for z >= 2 follow from SE ~ 1/sqrt(P)."""
+    for z >= 2 follow from SE ~ 1/sqrt(P) (inf when the median z is within 2 of its SEs of 0)."""
     p = min(sets.count)
     if p < 1 or sum(sets.count) < 2:
         raise EsaError(f"a held-out standard error needs a probe in each stream, got {sets.count}")
@@ -239,14 +243,17 @@ def _snr(sets: _Sets, w2: Mapping[str, torch.Tensor], topk: int) -> dict[str, An
     def med(x: list[float]) -> float:
         return float(torch.tensor(x, dtype=torch.float64).median())
 
+    z_med, z_se, needed = median_z_and_needed(z, need)
     return {"probes": sets.count[1], "snr_topk_median": med(top_snr), "snr_median_weight": med(med_snr),
-            "z_topk_vs_median": med(z), "probes_needed_z2": med(need),
+            "z_topk_vs_median": z_med, "z_se": z_se, "probes_needed_z2": needed,
             "matrices_resolved": float(sum(v >= RESOLVE_Z for v in z) / len(z))}
 
 
 def extrapolate(points: Sequence[tuple[int, float]], target: float = TARGET_JACCARD) -> dict[str, Any]:
     """Probes for a Jaccard of `target`: the smallest measured P that reaches it, else a straight-line fit of
-    logit(J) on log P through the measured points (J strictly between 0 and 1) solved for the target."""
+    logit(J) on log P through the measured points (J strictly between 0 and 1) solved for the target. A fit
+    that reaches the target only past MAX_EXTRAPOLATION x the largest P measured is not estimable (a nearly
+    flat curve extrapolates to any number); its solution stays in `fit_probes`."""
     reached = [p for p, j in points if j >= target]
     usable = [(p, j) for p, j in points if 0 < j < 1]
     out: dict[str, Any] = {"target": target, "reached_at": min(reached) if reached else None}
@@ -267,7 +274,14 @@ def extrapolate(points: Sequence[tuple[int, float]], target: float = TARGET_JACC
     elif slope <= 0:
         out.update(probes=math.inf, method="not estimable: Jaccard does not grow with probes")
     else:
-        out.update(probes=math.exp((math.log(target / (1 - target)) - icpt) / slope), method="logit-log fit")
+        fit_p = math.exp((math.log(target / (1 - target)) - icpt) / slope)
+        p_max = max(p for p, _ in points)
+        if fit_p > MAX_EXTRAPOLATION * p_max:
+            out.update(probes=math.inf, fit_probes=fit_p,
+                       method=f"not estimable: the fit reaches {target:g} only past {MAX_EXTRAPOLATION}x the largest P "
+                              f"measured ({p_max})")
+        else:
+            out.update(probes=fit_p, method="logit-log fit")
     return out
 
 
@@ -433,13 +447,16 @@ def tables(rel: dict[str, Any]) -> tuple[Any, Any]:
 
     size = {"windows": rel["windows"], "seqlen": rel["seqlen"], "topk_per_matrix": rel["topk"]}
     curve = pd.DataFrame(rel["curve"]).assign(**size)
+    # NaN rel_error: the streams' disagreement exceeds their mean's norm, so ||d|| has no positive estimate
+    curve["note"] = ["rel_error not estimable: noise exceeds the signal estimate" if not math.isfinite(e) else ""
+                     for e in curve["rel_error"]]
     rows = []
     for e, s in rel["summary"].items():
         j = s["jaccard_target"]
         rows.append({"estimator": e, "quantity": "diag(H)" if e == "hutchinson" else "diag(GGN), not diag(H)",
                      "products": s["probes"], "snr_topk_median": s["snr_topk_median"],
                      "snr_median_weight": s["snr_median_weight"], "z_topk_vs_median": s["z_topk_vs_median"],
-                     "probes_needed_z2": s["probes_needed_z2"], "matrices_resolved": s["matrices_resolved"],
+                     "z_se": s.get("z_se", math.nan), "probes_needed_z2": s["probes_needed_z2"], "matrices_resolved": s["matrices_resolved"],
                      "probes_for_jaccard_0.4": j["probes"], "jaccard_method": j["method"],
                      "seconds_per_product": s["seconds_per_product"], **size})
     return curve, pd.DataFrame(rows)
@@ -451,13 +468,16 @@ def summary_lines(rel: dict[str, Any], resolution: dict[str, Any] | None) -> lis
     for e, s in rel["summary"].items():
         j = s["jaccard_target"]
         need = j["probes"]
-        need_txt = ("not estimable" if need is None or not math.isfinite(need) else f"{need:.3g}") + f" ({j['method']})"
+        need_txt = (j["method"] if j["method"].startswith("not estimable")
+                    else ("not estimable" if need is None or not math.isfinite(need) else f"{need:.3g}") + f" ({j['method']})")
+        z_need = (f"{s['probes_needed_z2']:.3g} (median over matrices)" if math.isfinite(s["probes_needed_z2"]) else
+                  f"not estimable (z within 2 of its standard errors, {s.get('z_se', math.nan):.2f}, of 0)")
         lines.append(f"- **{e}** ({'diag(H)' if e == 'hutchinson' else 'diag(GGN), not diag(H)'}; {rel['windows']} x "
                      f"{rel['seqlen']} tokens, 2 streams of {s['probes']} products): held-out per-weight SNR (|mean| / SE) "
                      f"{s['snr_topk_median']:.2f} at the top-{rel['topk']} and {s['snr_median_weight']:.2f} at the median "
                      f"weight; the top-k stands {s['z_topk_vs_median']:.2f} SE above the median "
                      f"({s['matrices_resolved']:.0%} of matrices >= {RESOLVE_Z:g}); probes for z >= {RESOLVE_Z:g}: "
-                     f"{s['probes_needed_z2']:.3g} (median over matrices); for a two-stream Jaccard >= {TARGET_JACCARD}: {need_txt}; "
+                     f"{z_need}; for a two-stream Jaccard >= {TARGET_JACCARD}: {need_txt}; "
                      f"{s['seconds_per_product']:.2f} s per product.")
     if resolution is not None:
         lines.append(f"- At the profile's {resolution['probes']} Hutchinson probes the top-k stands z = "
@@ -465,3 +485,43 @@ def summary_lines(rel: dict[str, Any], resolution: dict[str, Any] | None) -> lis
                      + ("resolved." if resolution["resolved"] else
                         "not resolved, so its stability and heavy-tail rows are 'not estimable' below."))
     return lines
+
+
+RECORD_COMMAND = "make curvature-reliability"
+
+
+def record_path(bench_dir: Path, model: str) -> Path:
+    """Where tests/bench/curvature_reliability.py records the deeper measurement of `model`."""
+    return Path(bench_dir) / f"curvature-reliability-{model}.json"
+
+
+def read_record(bench_dir: Path, model: str) -> dict[str, Any] | None:
+    """The recorded deeper measurement of `model` (a `reliability` result plus its provenance), or None when
+    this machine has none or the file is not one (a stopped run's partial record is kept: `complete` says)."""
+    path = record_path(bench_dir, model)
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or not {"curve", "summary", "windows", "seqlen", "topk"} <= rec.keys():
+        return None
+    for e, summ in rec["summary"].items():  # the extrapolation rule of this code, not of the recording code
+        summ["jaccard_target"] = extrapolate([(r["probes"], r["jaccard_median"]) for r in rec["curve"]
+                                              if r["estimator"] == e])
+    return {**rec, "path": str(path), "recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(path.stat().st_mtime))}
+
+
+def record_lines(rec: dict[str, Any] | None, model: str) -> list[str]:
+    """Prose for the recorded measurement (or how to make one): what it is, then `summary_lines`."""
+    if rec is None:
+        return [f"- No deeper measurement of {model} is recorded on this machine: `{RECORD_COMMAND}` measures "
+                "both embedded models to 64 products per stream (about 15 and 25 min on 2 CPU cores)."]
+    p_max = max(r["probes"] for r in rec["curve"])
+    head = (f"- Recorded measurement (not this run): {rec['windows']} x {rec['seqlen']} tokens of "
+            f"{rec.get('corpus', '?')}, up to {p_max} products per stream, {rec['recorded']}"
+            + ("" if rec.get("complete", False) else " (stopped early: partial)") + f"; `{Path(rec['path']).name}`.")
+    curves = []
+    for e in rec["summary"]:
+        pts = ", ".join(f"{r['probes']}: {r['jaccard_median']:.3f}" for r in rec["curve"] if r["estimator"] == e)
+        curves.append(f"- {e}: median two-stream top-{rec['topk']} Jaccard by products per stream: {pts}.")
+    return [head, *curves, *summary_lines(rec, None)]

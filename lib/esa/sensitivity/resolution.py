@@ -24,6 +24,19 @@ from esa.sensitivity.metrics import METRICS, MetricConfig
 RESOLVE_Z = 2.0  # as esa.sensitivity.curvature: the top-k's median stands >= 2 standard errors above the median
 
 
+def median_z_and_needed(z_all: list[float], need_all: list[float]) -> tuple[float, float, float]:
+    """(median z over matrices, its standard error, the median sample needed). The sample needed scales the
+    measured z by 1/sqrt(sample); when the median z is within 2 of its own standard errors of 0 there is no
+    effect to scale (any number would come out), so it is inf: "not distinguishable from the median"."""
+    z = torch.tensor(z_all, dtype=torch.float64)
+    z_med = float(z.median())
+    # standard error of a median: sqrt(pi / 2) x sd / sqrt(n), for roughly normal spreads; one matrix's z is
+    # in its own standard errors, so its noise is about 1
+    z_se = math.sqrt(math.pi / 2) * float(z.std()) / math.sqrt(len(z_all)) if len(z_all) > 1 else 1.0
+    need = float(torch.tensor(need_all, dtype=torch.float64).median())
+    return z_med, z_se, (need if z_med > 2 * z_se else math.inf)
+
+
 def sample_matrices(specs: list[WeightSpec], n: int) -> list[WeightSpec]:
     """Up to `n` studied matrices spread evenly over depth and kinds (deterministic)."""
     if n >= len(specs):
@@ -60,12 +73,11 @@ def window_resolution(model: torch.nn.Module, specs: list[WeightSpec], ids: torc
         z = gap / max(se, 1e-300)
         z_all.append(z)
         need_all.append(math.inf if gap <= 0 else len(streams[1]) * (RESOLVE_Z / z) ** 2 * 2)
-    z_med = float(torch.tensor(z_all).median())
-    need = float(torch.tensor(need_all).median())
+    z_med, z_se, need = median_z_and_needed(z_all, need_all)
     n_run = n_run or n
     z_run = z_med * math.sqrt(n_run / (2 * len(streams[1])))  # SE at n_run windows instead of one stream's
     return {"metric": metric, "unit": "calibration windows", "n": n_run, "z": z_run, "resolved": z_run >= RESOLVE_Z,
-            "needed": need, "matrices": len(sub), "windows_measured": n,
+            "needed": need, "z_se": z_se, "matrices": len(sub), "windows_measured": n,
             "matrices_resolved": float(sum(v >= RESOLVE_Z for v in z_all) / len(z_all)),
             "note": "held out: even windows select each matrix's top-k, odd windows judge it"}
 
