@@ -45,11 +45,10 @@ from esa.sensitivity.metrics import (
     _params,
     streamed_grads,
 )
-from esa.sensitivity.resolution import median_z_and_needed
+from esa.sensitivity.resolution import RESOLVE_Z, median_z_and_needed
 
 ESTIMATORS = ("hutchinson", "ggn_mc")
 TARGET_JACCARD = 0.4  # the guide's stability threshold, used for the two-probe-set Jaccard too
-RESOLVE_Z = 2.0  # resolved: the top-k's median score stands >= 2 standard errors above the matrix median
 MAX_EXTRAPOLATION = 100  # the Jaccard fit is read at most this factor beyond the largest P measured
 
 

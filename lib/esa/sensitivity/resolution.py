@@ -21,7 +21,7 @@ from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
 from esa.sensitivity.metrics import METRICS, MetricConfig
 
-RESOLVE_Z = 2.0  # as esa.sensitivity.curvature: the top-k's median stands >= 2 standard errors above the median
+RESOLVE_Z = 2.0  # resolved (every metric, curvature's probes too): the top-k's median stands >= 2 SE above the median
 
 
 def median_z_and_needed(z_all: list[float], need_all: list[float]) -> tuple[float, float, float]:
