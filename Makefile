@@ -45,8 +45,12 @@ chromium:
 	  else echo "make: the report PDF and tests/test_browser.py need Debian's chromium: sudo apt-get install -y chromium" >&2; fi; }
 
 # The PDF is built even when a notebook failed (the report shows the failure); the exit code stays the run's.
+# JOBS notebooks at a time, each with its share of the cores (esa.runner.executors.cpu_threads_per_worker);
+# the numbers do not depend on it. Two overlap one notebook's single-threaded work (imports, tables, pages)
+# with another's torch passes on a 2-core machine.
+JOBS ?= 2
 run: env
-	$(RUN) --profile smoke; rc=$$?; $(DOCS) pdf --run-id smoke || rc=1; exit $$rc
+	$(RUN) --profile smoke --jobs $(JOBS); rc=$$?; $(DOCS) pdf --run-id smoke || rc=1; exit $$rc
 
 test: env
 	$(BIN)/lint-imports --no-cache

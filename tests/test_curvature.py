@@ -157,6 +157,8 @@ def test_extrapolation_recovers_a_logit_log_law_and_refuses_a_flat_one():
     reached = C.extrapolate([(2, 0.1), (4, 0.45), (8, 0.6)])
     assert reached["probes"] == 4 and reached["method"] == "measured"
     assert "not estimable" in C.extrapolate([(2, 0.0)])["method"]
+    two = C.extrapolate([(1, 0.17), (2, 0.27)])  # smoke's two points: a line through them tests nothing
+    assert two["probes"] is None and "needs >= 3" in two["method"]
 
 
 def test_diag_pp_beats_hutchinson_at_equal_products_on_a_low_rank_dominated_matrix():

@@ -103,3 +103,53 @@ def test_embedded_models_load_from_cache(name):
     assert lm.info.n_params > 100e6
     assert lm.info.family in ("llama", "gemma3", "gemma3_text", "qwen2")
     assert lm.info.instruct == EMBEDDED[name].instruct
+
+
+@pytest.mark.slow
+def test_one_parse_per_gguf_reads_the_same_fields_and_tensors():
+    """The dequantisation speed-up shares one reader per file and slices plain arrays: every metadata field
+    and every tensor must come out exactly as gguf's own reader gives them (SmolLM2's real 49k vocabulary)."""
+    import gguf
+    import numpy as np
+
+    from esa.models import embedded, loader
+
+    path = embedded.gguf_path("smollm2-135m")
+    plain = gguf.GGUFReader(path)
+    with loader._one_parse_per_gguf():
+        fast = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is fast  # config, weights and tokenizer share one parse
+    assert gguf.GGUFReader is type(plain)  # restored
+    assert list(fast.fields) == list(plain.fields)
+    for name, f in plain.fields.items():
+        g = fast.fields[name]
+        assert (g.offset, g.types, g.data) == (f.offset, f.types, f.data), name
+        assert len(g.parts) == len(f.parts) and all(
+            a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(g.parts, f.parts, strict=True)), name
+    assert [t.name for t in fast.tensors] == [t.name for t in plain.tensors]
+    for a, b in zip(fast.tensors, plain.tensors, strict=True):
+        assert (a.tensor_type, a.data_offset, list(a.shape)) == (b.tensor_type, b.data_offset, list(b.shape))
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
+
+
+@pytest.mark.slow
+def test_thread_count_does_not_change_losses_or_gradients():
+    """run_all --jobs N gives each notebook its share of the cores (esa.runner.executors); that must change
+    the wall time only: SmolLM2's loss and every weight gradient are bit-identical at 1 and 2 threads."""
+    lm = load("smollm2-135m")
+    ids = torch.randint(0, lm.model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+    params = list(lm.model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            loss = lm.model(ids, labels=ids).loss
+            results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    finally:
+        torch.set_num_threads(before)
+    (l1, g1), (l2, g2) = results
+    assert torch.equal(l1, l2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))

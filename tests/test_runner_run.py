@@ -338,6 +338,24 @@ def test_gpu_pinning_round_robin(monkeypatch) -> None:
     assert executors.visible_gpus() == []
 
 
+
+def test_cpu_workers_share_the_cores_and_a_users_setting_wins(monkeypatch) -> None:
+    import queue
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    assert [executors.cpu_threads_per_worker(j) for j in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    slots: queue.Queue[int] = queue.Queue()
+    slots.put(0)
+    slots.put(1)
+    for var in executors.THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    executors._pin_worker(slots, [], threads=4)
+    assert all(os.environ[v] == "4" for v in executors.THREAD_VARS)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own choice is kept
+    executors._pin_worker(slots, [], threads=1)
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
 # ------------------------------------------------------------------------------------------- --jobs 2
 
 TIMED = """
@@ -444,3 +462,40 @@ def test_kernel_interrupt_is_an_interrupted_run_not_a_failure(tmp_path: Path, ca
     assert json.loads((run_dir / "state" / "i1.json").read_text())["status"] == "ok"
     assert not (run_dir / "state" / "i2.json").exists() and not outputs(run_dir, "i2").executed.exists()
     assert not list(run_dir.rglob(".*.tmp"))
+
+
+def test_cpu_share_follows_the_running_notebooks(monkeypatch, tmp_path) -> None:
+    """With --jobs on CPU the runner writes cores // running to the share file; kernels' loops follow it, so the
+    last notebook running gets every core. Off with GPUs, with --jobs 1 and under a user's OMP_NUM_THREADS."""
+    import torch
+
+    from esa import progress
+
+    for var in executors.THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(4)), raising=False)
+    assert executors.CpuShare(tmp_path, 1, []).path is None
+    assert executors.CpuShare(tmp_path, 2, ["0"]).path is None
+    share = executors.CpuShare(tmp_path, 2, [])
+    assert share.path == tmp_path / "state" / "cpu-share"
+    monkeypatch.setenv(progress.CPU_SHARE_ENV, str(share.path))
+    before = torch.get_num_threads()
+    try:
+        share.update(2)
+        assert share.path.read_text() == "2\n"
+        progress._share_read_at[0] = 0.0
+        assert list(progress.progress(range(3), disable=True)) == [0, 1, 2]  # a loop follows the share
+        assert torch.get_num_threads() == 2
+        share.update(1)
+        progress.follow_cpu_share(interval_s=0.0)
+        assert share.path.read_text() == "4\n" and torch.get_num_threads() == 4
+        share.update(7)
+        assert share.path.read_text() == "1\n"
+        share.close()
+        assert not share.path.exists() and progress.CPU_SHARE_ENV not in os.environ
+        progress.follow_cpu_share(interval_s=0.0)  # nothing to follow: unchanged, no error
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert executors.CpuShare(tmp_path, 2, []).path is None

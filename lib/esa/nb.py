@@ -24,7 +24,7 @@ from typing import Any
 
 from esa.figures import save_figure
 from esa.params import Profile, load_profile
-from esa.progress import LOG_ENV, QUIET_ENV
+from esa.progress import LOG_ENV, QUIET_ENV, follow_cpu_share
 from esa.report import artefacts
 from esa.store import REPO_ROOT, write_json
 
@@ -198,6 +198,7 @@ def context(
 ) -> NotebookContext:
     """Resolve a notebook's parameters. `model_set` names the profile list used when `models` is None."""
     headless_kernel()  # a no-op outside the runner, and when the runner already called it
+    follow_cpu_share(interval_s=0.0)  # run_all --jobs on CPU: this notebook's share of the cores, from the start
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=False)
     prof = load_profile(profile, overrides)
     chosen = list(models) if models else list(getattr(prof, model_set))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -13,12 +16,40 @@ T = TypeVar("T")
 # and warnings go to the file named by LOG_ENV (esa.nb.headless_kernel, esa.runner.notebook).
 QUIET_ENV = {"ESA_PROGRESS": "0", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 LOG_ENV = "ESA_NOTEBOOK_LOG"
+# run_all --jobs N on a CPU machine names a file holding how many threads each running notebook may use now
+# (the cores over the notebooks running); kernels follow it from their loops, so the last notebook still
+# running gets every core. Thread counts change wall time only (tests/test_models.py checks bit-identity).
+CPU_SHARE_ENV = "ESA_CPU_SHARE"
+_share_read_at = [0.0]
+
+
+def follow_cpu_share(interval_s: float = 1.0) -> None:
+    """Set torch's intra-op threads to the runner's current share (read at most once per `interval_s`)."""
+    path = os.environ.get(CPU_SHARE_ENV)
+    now = time.monotonic()
+    if not path or now - _share_read_at[0] < interval_s:
+        return
+    _share_read_at[0] = now
+    try:
+        threads = int(Path(path).read_text().strip())
+    except (OSError, ValueError):  # not written yet, or the run is over
+        return
+    torch = sys.modules.get("torch")  # never import torch for this
+    if torch is not None and threads >= 1 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def _following_share(it: Iterable[T]) -> Iterator[T]:
+    for item in it:
+        follow_cpu_share()
+        yield item
 
 
 def progress(it: Iterable[T], desc: str = "", disable: bool = False, **kw: Any) -> Iterable[T]:
     """tqdm over `it`; ESA_PROGRESS=0 switches every bar off (tests, CI logs, runner kernels)."""
     if disable or os.environ.get("ESA_PROGRESS", "1") == "0":
-        return it
+        return _following_share(it) if os.environ.get(CPU_SHARE_ENV) else it
     from tqdm.auto import tqdm
 
-    return tqdm(it, desc=desc, leave=False, mininterval=2.0, **kw)
+    bar = tqdm(it, desc=desc, leave=False, mininterval=2.0, **kw)
+    return _following_share(bar) if os.environ.get(CPU_SHARE_ENV) else bar

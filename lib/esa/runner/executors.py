@@ -26,6 +26,7 @@ from typing import Any
 
 from esa.errors import EsaError, unknown
 from esa.params import yaml_load
+from esa.progress import CPU_SHARE_ENV
 from esa.runner.lifeline import die_with_parent
 from esa.runner.manifest import gpus
 from esa.runner.task import Task, run_task
@@ -76,17 +77,60 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(len(gpus()))]
 
 
-def _pin_worker(slots: Any, gpus: list[str]) -> None:
-    """Take a worker slot and pin this process (and its kernels) to one GPU."""
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def cpu_threads_per_worker(jobs: int) -> int:
+    """CPU threads each of `jobs` concurrent notebooks gets: the cores this process may use, shared out.
+
+    Without it every kernel's torch starts one thread per core, and two notebooks on two cores fight
+    over them. Forward and backward passes give bit-identical results at 1 and 2 threads on this
+    project's models, so --jobs changes the wall time and not the numbers.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, jobs))
+
+
+class CpuShare:
+    """The file behind CPU_SHARE_ENV: the cores over the notebooks running now, rewritten as that changes.
+
+    Off (None path) with GPUs, with --jobs 1, or when the user set OMP_NUM_THREADS themselves."""
+
+    def __init__(self, run_dir: Path, jobs: int, gpus: list[str]) -> None:
+        on = jobs > 1 and not gpus and not any(os.environ.get(v) for v in THREAD_VARS)
+        self.path = Path(run_dir) / "state" / "cpu-share" if on else None
+        self.cores, self.value = cpu_threads_per_worker(1), 0
+
+    def update(self, running: int) -> None:
+        threads = max(1, self.cores // max(1, running))
+        if self.path is None or threads == self.value:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(f"{threads}\n")
+        os.replace(tmp, self.path)  # a kernel never reads half a number
+        self.value = threads
+
+    def close(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            os.environ.pop(CPU_SHARE_ENV, None)
+
+
+def _pin_worker(slots: Any, gpus: list[str], threads: int | None = None) -> None:
+    """Take a worker slot; pin this process (and its kernels) to one GPU, or to its share of the CPU."""
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+    elif threads:
+        for var in THREAD_VARS:  # read by torch when the kernel imports it; a user's own setting wins
+            os.environ.setdefault(var, str(threads))
 
 
-def _init_worker(slots: Any, gpus: list[str], parent_pid: int) -> None:
+def _init_worker(slots: Any, gpus: list[str], parent_pid: int, threads: int | None = None) -> None:
     """Pool initializer: die with the runner (even when it is SIGKILLed), then take a slot and a GPU."""
     die_with_parent(parent_pid)
-    _pin_worker(slots, gpus)
+    _pin_worker(slots, gpus, threads)
 
 
 @contextlib.contextmanager
@@ -123,12 +167,16 @@ def run_processes(tasks: list[Task], opts: ExecOptions, on_done: OnDone) -> dict
         if opts.fail_fast and result.get("status") == "failed" and not stop_reason:
             stop_reason = f"--fail-fast after {task.notebook} failed"
 
+    gpu_ids = visible_gpus()
+    share = CpuShare(opts.run_dir, opts.jobs, gpu_ids)
+    if share.path is not None:
+        os.environ[CPU_SHARE_ENV] = str(share.path)  # the spawned workers and their kernels inherit it
     with ProcessPoolExecutor(
         max_workers=opts.jobs,
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(slots, visible_gpus(), os.getpid()),
-    ) as pool, _workers_stopped_on_interrupt(pool):
+        initargs=(slots, gpu_ids, os.getpid(), cpu_threads_per_worker(opts.jobs) if opts.jobs > 1 else None),
+    ) as pool, _workers_stopped_on_interrupt(pool), contextlib.closing(share):
         running: dict[Any, Task] = {}
         while pending or running:
             for task in list(pending):
@@ -147,6 +195,7 @@ def run_processes(tasks: list[Task], opts: ExecOptions, on_done: OnDone) -> dict
                     finish(task, not_run(task, f"dependency {dep} did not finish ok"))
                     continue
                 running[pool.submit(run_task, task.as_dict())] = task
+            share.update(len(running))
             if not running:
                 break
             # A bounded wait: a process-directed SIGINT may land on one of the pool's helper threads, and

@@ -198,7 +198,9 @@ def _papermill(
                 log_output=False,
                 execution_timeout=timeout,
                 kernel_manager_class=NoInterruptOnShutdown,  # no stray SIGINT after a clean run
-                extra_arguments=[f"--IPKernelApp.exec_lines={_KERNEL_SETUP}"],
+                # the kernel app's own log (its loopback-TCP transport notice on every start) went to the
+                # runner's terminal, once per notebook; its errors still do
+                extra_arguments=[f"--IPKernelApp.exec_lines={_KERNEL_SETUP}", "--IPKernelApp.log_level=ERROR"],
             )
     except PapermillExecutionError as err:
         if err.ename == "KeyboardInterrupt":

@@ -50,6 +50,7 @@ from esa.sensitivity.resolution import RESOLVE_Z, median_z_and_needed
 ESTIMATORS = ("hutchinson", "ggn_mc")
 TARGET_JACCARD = 0.4  # the guide's stability threshold, used for the two-probe-set Jaccard too
 MAX_EXTRAPOLATION = 100  # the Jaccard fit is read at most this factor beyond the largest P measured
+MIN_FIT_POINTS = 3  # measured P the Jaccard fit needs
 
 
 # ---------------------------------------------------------------- one forward, many curvature products
@@ -250,14 +251,15 @@ def _snr(sets: _Sets, w2: Mapping[str, torch.Tensor], topk: int) -> dict[str, An
 
 def extrapolate(points: Sequence[tuple[int, float]], target: float = TARGET_JACCARD) -> dict[str, Any]:
     """Probes for a Jaccard of `target`: the smallest measured P that reaches it, else a straight-line fit of
-    logit(J) on log P through the measured points (J strictly between 0 and 1) solved for the target. A fit
+    logit(J) on log P through >= MIN_FIT_POINTS measured points (J strictly between 0 and 1) solved for the target. A fit
     that reaches the target only past MAX_EXTRAPOLATION x the largest P measured is not estimable (a nearly
     flat curve extrapolates to any number); its solution stays in `fit_probes`."""
     reached = [p for p, j in points if j >= target]
     usable = [(p, j) for p, j in points if 0 < j < 1]
     out: dict[str, Any] = {"target": target, "reached_at": min(reached) if reached else None}
-    if len(usable) < 2:
-        out.update(probes=out["reached_at"], method="measured" if reached else "not estimable: < 2 usable points")
+    if len(usable) < MIN_FIT_POINTS:  # two points fix a line exactly: nothing would test the law
+        out.update(probes=out["reached_at"], method="measured" if reached else
+                   f"not estimable: a fit needs >= {MIN_FIT_POINTS} measured P with 0 < J < 1, got {len(usable)}")
         return out
     x = torch.tensor([math.log(p) for p, _ in usable], dtype=torch.float64)
     y = torch.tensor([math.log(j / (1 - j)) for _, j in usable], dtype=torch.float64)
@@ -434,9 +436,11 @@ def hutchinson_flat(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, product
 # ---------------------------------------------------------------- what the notebooks run and print
 def reliability_budget(profile_probes: int, seqlen: int) -> dict[str, int]:
     """The measurement a profile can afford, from its Hutchinson probe count: streams of 2 x that many
-    products (so the SE rests on 4x the run's probes), on one window of <= 128 tokens when the profile runs
-    <= 2 probes (smoke: a machinery check) and on two otherwise."""
-    return {"probes": max(2, 2 * profile_probes), "windows": 1 if profile_probes <= 2 else 2,
+    products (so the SE rests on 4x the run's probes) on two windows of <= 128 tokens; a profile of <= 2
+    probes (smoke: a machinery check, on week 1's critical path) gets streams of 2 on one window. The deeper
+    curve is `make curvature-reliability`'s record."""
+    small = profile_probes <= 2
+    return {"probes": 2 if small else 2 * profile_probes, "windows": 1 if small else 2,
             "seqlen": min(seqlen, 128)}
 
 
