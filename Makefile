@@ -45,7 +45,7 @@ chromium:
 	  else echo "make: the report PDF and tests/test_browser.py need Debian's chromium: sudo apt-get install -y chromium" >&2; fi; }
 
 # The PDF is built even when a notebook failed (the report shows the failure); the exit code stays the run's.
-# JOBS notebooks at a time, each with its share of the cores (esa.runner.executors.cpu_threads_per_worker);
+# JOBS notebooks at a time, sharing the cores among those running (esa.runner.executors.CpuShare);
 # the numbers do not depend on it. Two overlap one notebook's single-threaded work (imports, tables, pages)
 # with another's torch passes on a 2-core machine.
 JOBS ?= 2

@@ -47,9 +47,8 @@ def _following_share(it: Iterable[T]) -> Iterator[T]:
 
 def progress(it: Iterable[T], desc: str = "", disable: bool = False, **kw: Any) -> Iterable[T]:
     """tqdm over `it`; ESA_PROGRESS=0 switches every bar off (tests, CI logs, runner kernels)."""
-    if disable or os.environ.get("ESA_PROGRESS", "1") == "0":
-        return _following_share(it) if os.environ.get(CPU_SHARE_ENV) else it
-    from tqdm.auto import tqdm
+    if not (disable or os.environ.get("ESA_PROGRESS", "1") == "0"):
+        from tqdm.auto import tqdm
 
-    bar = tqdm(it, desc=desc, leave=False, mininterval=2.0, **kw)
-    return _following_share(bar) if os.environ.get(CPU_SHARE_ENV) else bar
+        it = tqdm(it, desc=desc, leave=False, mininterval=2.0, **kw)
+    return _following_share(it) if os.environ.get(CPU_SHARE_ENV) else it

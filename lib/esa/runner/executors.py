@@ -80,15 +80,18 @@ def visible_gpus() -> list[str]:
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cpu_threads_per_worker(jobs: int) -> int:
-    """CPU threads each of `jobs` concurrent notebooks gets: the cores this process may use, shared out.
+    """CPU threads each of `jobs` concurrent notebooks starts with: the usable cores, shared out.
 
     Without it every kernel's torch starts one thread per core, and two notebooks on two cores fight
-    over them. Forward and backward passes give bit-identical results at 1 and 2 threads on this
-    project's models, so --jobs changes the wall time and not the numbers.
+    over them; `CpuShare` then follows how many are running.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, jobs))
+    return max(1, usable_cores() // max(1, jobs))
 
 
 class CpuShare:
@@ -99,7 +102,7 @@ class CpuShare:
     def __init__(self, run_dir: Path, jobs: int, gpus: list[str]) -> None:
         on = jobs > 1 and not gpus and not any(os.environ.get(v) for v in THREAD_VARS)
         self.path = Path(run_dir) / "state" / "cpu-share" if on else None
-        self.cores, self.value = cpu_threads_per_worker(1), 0
+        self.cores, self.value = usable_cores(), 0
 
     def update(self, running: int) -> None:
         threads = max(1, self.cores // max(1, running))
@@ -175,7 +178,8 @@ def run_processes(tasks: list[Task], opts: ExecOptions, on_done: OnDone) -> dict
         max_workers=opts.jobs,
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(slots, gpu_ids, os.getpid(), cpu_threads_per_worker(opts.jobs) if opts.jobs > 1 else None),
+        # the kernels' starting threads (torch's, and any other OpenMP library's), where CpuShare is on
+        initargs=(slots, gpu_ids, os.getpid(), cpu_threads_per_worker(opts.jobs) if share.path else None),
     ) as pool, _workers_stopped_on_interrupt(pool), contextlib.closing(share):
         running: dict[Any, Task] = {}
         while pending or running:

@@ -470,9 +470,8 @@ def summary_lines(rel: dict[str, Any], resolution: dict[str, Any] | None) -> lis
     lines = []
     for e, s in rel["summary"].items():
         j = s["jaccard_target"]
-        need = j["probes"]
-        need_txt = (j["method"] if j["method"].startswith("not estimable")
-                    else ("not estimable" if need is None or not math.isfinite(need) else f"{need:.3g}") + f" ({j['method']})")
+        # every method but "measured" and "logit-log fit" says "not estimable" and why; those two carry a number
+        need_txt = (j["method"] if j["method"].startswith("not estimable") else f"{j['probes']:.3g} ({j['method']})")
         z_need = (f"{s['probes_needed_z2']:.3g} (median over matrices)" if math.isfinite(s["probes_needed_z2"]) else
                   f"not estimable (z within 2 of its standard errors, {s.get('z_se', math.nan):.2f}, of 0)")
         lines.append(f"- **{e}** ({'diag(H)' if e == 'hutchinson' else 'diag(GGN), not diag(H)'}; {rel['windows']} x "
