@@ -31,7 +31,6 @@ overrides = {}
 
 # %%
 import matplotlib.pyplot as plt
-import pandas as pd
 import seaborn as sns
 
 import esa.nb
@@ -93,22 +92,7 @@ card = scorecard.as_frame(rows)
 card[["id", "measured", "threshold", "result", "note"]]
 
 # %%
-lines = []
-for r in summary.itertuples():
-    lines.append(
-        f"- **{r.display}** ({r.params / 1e6:.0f}M parameters, {r.family}, "
-        f"{'instruction-tuned' if r.instruct else 'base'}): PPL {r.ppl:.2f} ± {0 if pd.isna(r.ppl_std) else r.ppl_std:.2f} "
-        f"and next-token accuracy {r.accuracy:.1%} over {r.n_seeds} seed(s) × {r.windows_per_seed} windows × "
-        f"{r.seqlen} tokens ({r.tokens_per_seed} scored tokens per seed, tokenizer {r.tokenizer}). "
-        f"A unigram model scores {r.unigram_ppl:.0f} ({r.unigram_ppl / r.ppl:.0f}× worse); on GPL-3 the harness "
-        f"gives {r.gpl3_ppl:.1f} (independent reference {r.gpl3_expected:.0f}); repeating a window drops its "
-        f"PPL from {r.copy_ppl_original:.1f} to {r.copy_ppl_repeated:.2f}."
-    )
-n_pass = int((card.result == "PASS").sum())
-lines.append(f"\n{n_pass} of {len(card)} Phase 1 checks pass"
-             + ("." if n_pass == len(card) else f"; failing: {', '.join(card.loc[card.result != 'PASS', 'id'])}."))
-lines.append(f"\nCorpus: {corpus.description}. These are not WikiText-2 numbers and are not comparable with "
-             "published WikiText-2 perplexities; with network access, set `corpus: wikitext2`.")
+lines = phase1.summary_lines(summary, card, corpus.description)
 from IPython.display import Markdown  # noqa: E402
 
 Markdown("\n".join(lines))

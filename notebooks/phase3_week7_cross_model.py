@@ -19,6 +19,8 @@
 # smoke the tiny MoE model (`tiny-mixtral`, where expert slices are matrices of their own), at standard
 # Qwen2.5-Coder-0.5B and the trained micro-mixtral, so that four architectures are run offline. Tiny models
 # are random-initialised: they test the machinery on that architecture, not a trained network's critical weights.
+# For each model it also asks the headline question: is there a super weight, and does zeroing it alone do
+# more damage than zeroing a random weight of its matrix?
 
 # %% tags=["parameters"]
 profile = "smoke"
@@ -42,12 +44,15 @@ specs = [PerturbSpec("sign_flip", scale=P.perturb_scale), PerturbSpec("zero")]
 print(f"models {model_list}; perturbations {[s.label() for s in specs]}; groups top_k + {controls}; seeds {P.seeds}")
 
 # %%
-runs = {}
+runs, alone, detector = {}, [], {}
 for m in model_list:
     lm = phase3.load_model(m, P)
     k = phase3.feasible_k(lm.inventory, P.topk)  # tiny models' routers are too small for the profile's k
     print(f"{m}: top-{k} per matrix" + ("" if k == P.topk else f" (profile's {P.topk} capped: smallest matrix)"))
     runs[m] = phase3.sweep_model(m, P, specs, controls=controls, lm=lm, k=k)
+    one = phase3.zero_alone(lm, P, runs[m].selection)
+    detector[m] = one.attrs["detector"]
+    alone.append(one.assign(model=m, family=runs[m].family))
 table = pd.concat([r.table for r in runs.values()], ignore_index=True)
 ctx.save_table(table, "cross_model")
 rows = []
@@ -66,6 +71,19 @@ for m in runs:
     fig = plots.damage_bars(summary[summary.model == m], f"{m} ({runs[m].family}): damage per group")
     ctx.savefig(fig, f"damage_{m}")
 
+# %% [markdown]
+# **Does each model have a super weight, and does zeroing it alone matter?** The super-weight detector's
+# strongest candidate and the primary metric's top-1 weight, each zeroed alone on the same evaluation windows,
+# against random nonzero single weights of the same matrix. p is the exact one-sided rank p-value over those
+# controls; with 20 controls its floor is 1/21.
+
+# %%
+alone = pd.concat(alone, ignore_index=True)
+ctx.save_table(alone, "zero_alone")
+print("\n".join(phase3.zero_alone_lines(alone, detector)))
+alone[["model", "family", "tested", "param", "row", "col", "weight", "base_ppl", "ppl", "delta_log_ppl",
+       "control_median", "control_max", "n_controls", "p_value", "verdict"]]
+
 # %%
 verdicts = {m: (r.family, r.stats) for m, r in runs.items()}
 cards = criteria.budgeted(criteria.p3_cross_architecture(verdicts, "data/phase3_week7_cross_model/"), P)
@@ -76,5 +94,5 @@ scorecard.as_frame(cards)
 held = {m: criteria.holds(r.stats) for m, r in runs.items()}
 print(f"The Phase 3 claim (sign-flip ΔPPL ratio ≥ 5 and top_k > random_k significant for every perturbation) holds for "
       f"{sum(bool(v) for v in held.values())} of {len(held)} models "
-      f"({', '.join(f'{m} [{runs[m].family}]: {v}' for m, v in held.items())}); "
+      f"({', '.join(f'{m} [{runs[m].family}]: {criteria.holds_word(v)}' for m, v in held.items())}); "
       f"{len({r.family for r in runs.values()})} architectures were run.")

@@ -28,3 +28,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def planted_tiny_qwen2():
+    """tiny-qwen2 with one planted critical weight: a random model barely reacts to any weight, so a larger
+    LM head makes its output sensitive, and one huge layer-0 up_proj weight [9, 4] then dominates it.
+    Returns (loaded model, the weight's WeightSpec)."""
+    import torch
+
+    from esa.models import load
+
+    lm = load("tiny-qwen2", device="cpu")
+    spec = next(s for s in lm.inventory if s.layer == 0 and s.component == "up")
+    w = lm.model.get_parameter(spec.name)
+    with torch.no_grad():
+        lm.model.lm_head.weight.mul_(5.0)
+        w[9, 4] = 200.0 * w.abs().max()
+    return lm, spec

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import planted_tiny_qwen2
 
 from esa.errors import EsaError
 from esa.models import EMBEDDED, load, tiny_tokenizer
@@ -115,14 +116,7 @@ def test_act_mag_is_weight_times_input_norm(qwen):
 
 
 def test_planted_critical_weight_ranks_first_on_qwen2():
-    # A random model barely reacts to any weight; a larger LM head makes its output sensitive, and one
-    # huge layer-0 up_proj weight then dominates it (the same construction as for tiny-llama).
-    lm = load("tiny-qwen2", device="cpu")
-    spec = next(s for s in lm.inventory if s.layer == 0 and s.component == "up")
-    w = lm.model.get_parameter(spec.name)
-    with torch.no_grad():
-        lm.model.lm_head.weight.mul_(5.0)
-        w[9, 4] = 200.0 * w.abs().max()
+    lm, spec = planted_tiny_qwen2()  # the same construction as for tiny-llama
     ids = _ids(4, 32, seed=3)
     for metric in ("grad_x_weight", "act_mag", "hutchinson_diag"):
         cfg = MetricConfig(batch_size=2, probes=4, show_progress=False)

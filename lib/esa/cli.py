@@ -26,7 +26,7 @@ from typing import Any
 from esa.data import check_corpus
 from esa.dispatch import check_device
 from esa.errors import EsaError, unknown
-from esa.models import DTYPES
+from esa.models import DTYPES, EMBEDDED
 from esa.params import check_seed, load_profile
 from esa.perturb.controls import CONTROLS, parse_controls
 from esa.perturb.ops import PERTURBATIONS, PerturbSpec, parse_perturbations, parse_scales
@@ -49,7 +49,7 @@ def _csv(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="esa-runner", description="Extreme-sensitivity analysis of a language model.")
     p.add_argument("--profile", default="smoke", help="params/profiles/<name>.yaml giving defaults for unset flags")
-    p.add_argument("--model", help="embedded name (smollm2-135m, gemma3-270m), tiny-*, .gguf, folder or hub id")
+    p.add_argument("--model", help=f"embedded name ({', '.join(EMBEDDED)}), tiny-*, .gguf, folder or hub id")
     p.add_argument("--metric", help=f"metric, comma list, or 'all' ({', '.join(METRICS)})")
     p.add_argument("--mode", help="per_layer (top-k in each matrix) or global (top-k over all)")
     p.add_argument("--topk", type=int, help="weights selected per matrix (per_layer) or overall (global)")

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from esa.evaluate import evaluate
 from esa.sensitivity.metrics import METRICS, MetricConfig, _math_attention, batch_loss, fused_gradients
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,7 +116,8 @@ def guard_pass(name: str, model, inventory, params, ids, bs: int, seqlen: int, d
     from esa.memory import estimate
 
     cfg = MetricConfig(batch_size=bs, show_progress=False)
-    fns = {"forward": lambda: plain_forward(model, ids, bs),
+    # "forward" is what the guard's "eval" pass models: evaluate(), logits, fp32 log-softmax and all
+    fns = {"forward": lambda: evaluate(model, ids, batch_size=bs, show_progress=False),
            "act_mag": lambda: METRICS["act_mag"](model, inventory, ids, cfg).scores,
            "grad_x_weight": lambda: METRICS["grad_x_weight"](model, inventory, ids, cfg).scores,
            "grad_x_weight+grad_squared_fused": lambda: fused_gradients(

@@ -6,10 +6,13 @@
 - `ranking_stability`: are the conditions' damage rankings the same on different evaluation samples?
   Random halves of the evaluation windows are drawn repeatedly; Spearman's rho between the two halves'
   rankings of the conditions is reported with its spread.
+- `single_weight_test`: one weight perturbed alone against random single weights of the same matrix, the
+  causal check of a super-weight claim, with an exact rank p-value over the controls.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +20,7 @@ import pandas as pd
 import torch
 from scipy import stats as sps
 
+from esa.errors import EsaError
 from esa.evaluate import evaluate
 from esa.models.inventory import WeightSpec
 from esa.perturb.apply import count_targets, targets_from_selection
@@ -88,3 +92,51 @@ def ranking_stability(windows_df: pd.DataFrame, n_splits: int = 200, seed: int =
     r = np.asarray(rhos, dtype=float)
     return dict(rho_mean=float(np.nanmean(r)), rho_lo=float(np.nanquantile(r, 0.025)),
                 rho_hi=float(np.nanquantile(r, 0.975)), n_conditions=len(piv), n_windows=n_win, n_splits=len(r))
+
+
+def single_weight_test(model: torch.nn.Module, inventory: list[WeightSpec], param: str, row: int, col: int,
+                       windows: torch.Tensor, n_controls: int = 20, seed: int = 0, spec: PerturbSpec | None = None,
+                       batch_size: int | None = None, expert: int = -1, alpha: float = 0.05) -> dict:
+    """Perturb (param, [expert,] row, col) alone, then each of `n_controls` random single weights of its matrix.
+
+    Controls are drawn uniformly (seeded by `seed` and the matrix name) among the matrix's nonzero weights
+    other than the target: zeroing an exactly-zero weight changes nothing, so a quantised checkpoint's
+    zeros would make easy controls. p = (1 + #controls whose delta log-PPL >= the target's) / (1 + n), the
+    exact one-sided rank p-value of "the target does more damage than a random weight of its matrix"
+    (a non-finite evaluation counts as the most damage). It cannot go below 1 / (1 + n), so with fewer
+    than 1/alpha - 1 controls the verdict is "underpowered" whatever the effect."""
+    spec = spec or PerturbSpec("zero")
+    specs = {s.name: s for s in inventory}
+    if param not in specs:
+        raise EsaError(f"single_weight_test: {param!r} is not in the model's weight inventory")
+    ws = specs[param]
+    if not (0 <= row < ws.rows and 0 <= col < ws.cols and (expert == -1 or 0 <= expert < ws.n_experts)):
+        raise EsaError(f"single_weight_test: [{row}, {col}] (expert {expert}) is outside {param} with shape {ws.shape}")
+    target = int(ws.ravel(torch.tensor([expert]), torch.tensor([row]), torch.tensor([col]))[0])
+    flat = model.get_parameter(param).detach().reshape(-1)
+    rng = np.random.default_rng([int(seed), zlib.crc32(param.encode())])
+    size = ws.rows * ws.cols  # one matrix: an expert's slice of a 3-D tensor
+    lo = max(expert, 0) * size if ws.n_experts else 0
+    pool = lo + (flat[lo:lo + size] != 0).nonzero().flatten().cpu()
+    pool = pool[pool != target]
+    keep = pool[torch.as_tensor(rng.choice(len(pool), size=min(n_controls, len(pool)), replace=False))]
+    base = evaluate(model, windows, batch_size=batch_size, show_progress=False)
+
+    def damage(idx: int, label: str) -> tuple[float, float]:
+        r = _eval(model, windows, {param: torch.tensor([idx])}, spec, seed, batch_size, base, label)
+        d = float(r["delta_log_ppl"])
+        return (d, float(r["ppl"])) if np.isfinite(d) else (np.inf, np.inf)
+
+    effect, ppl = damage(target, "target")
+    controls = np.array([damage(int(i), "control")[0] for i in keep], dtype=float)
+    n = len(controls)
+    p = (1 + int((controls >= effect).sum())) / (1 + n)
+    verdict = "underpowered" if 1 / (1 + n) > alpha else "confirmed" if p <= alpha else "not confirmed"
+    finite = controls[np.isfinite(controls)]
+    return dict(param=param, row=int(row), col=int(col), expert=int(expert),
+                weight=float(flat[target]), perturbation=spec.label(), base_ppl=base.ppl,
+                ppl=ppl,
+                delta_log_ppl=effect, n_controls=n,
+                control_median=float(np.median(finite)) if len(finite) else np.nan,
+                control_max=float(controls.max()) if n else np.nan,
+                p_value=p, alpha=alpha, verdict=verdict)

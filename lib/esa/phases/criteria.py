@@ -330,13 +330,18 @@ def holds(stats: Mapping[str, Any], control: str = "random_k") -> bool | None:
     return True if all(s is True for s in sig) else None
 
 
+def holds_word(v: bool | None) -> str:
+    """`holds()`'s answer in words."""
+    return "holds" if v else "not judged" if v is None else "does not hold"
+
+
 def p3_cross_architecture(per_model: Mapping[str, tuple[str, Mapping[str, Any]]], evidence: str) -> list[Criterion]:
     """'holds across ≥ 4 architectures': per_model = model -> (architecture family, analyze() dict)."""
     verdicts = {m: (fam, holds(st)) for m, (fam, st) in per_model.items()}
     archs = {fam for fam, _ in verdicts.values()}
     ok_archs = sorted({fam for fam, v in verdicts.values() if v})
     text = "holds across ≥ 4 architectures"
-    note = "; ".join(f"{m} ({fam}): {'holds' if v else 'not judged' if v is None else 'does not hold'}"
+    note = "; ".join(f"{m} ({fam}): {holds_word(v)}"
                      for m, (fam, v) in verdicts.items())
     if len(archs) < MIN_ARCHITECTURES:
         return [Criterion("P3.cross_architecture", 3, text, len(ok_archs), ">= 4", None, evidence,

@@ -105,6 +105,34 @@ def phase1_criteria(summary: pd.DataFrame) -> list[Criterion]:
 PROFILE_COLUMNS = {"smoke": "Smoke PPL", "standard": "Standard PPL", "extended": "Extended PPL"}
 
 
+def _gpl3_clause(r) -> str:
+    """What the GPL-3 text says for one model: a reproduced reference, or why there is none."""
+    if math.isfinite(r.gpl3_expected):
+        return f"on GPL-3 the harness gives {r.gpl3_ppl:.1f} (independent reference {r.gpl3_expected:.0f})"
+    return (f"on GPL-3 it scores {r.gpl3_ppl:.1f}, but no independent reference is recorded for it (a text a "
+            "code model may have memorised is no reference), so it has no reference check")
+
+
+def summary_lines(summary: pd.DataFrame, card: pd.DataFrame, corpus_description: str) -> list[str]:
+    """Week 0's prose: one sentence group per model, the pass count, and what the corpus is (and is not)."""
+    lines = []
+    for r in summary.itertuples():
+        std = 0 if pd.isna(r.ppl_std) else r.ppl_std
+        lines.append(
+            f"- **{r.display}** ({r.params / 1e6:.0f}M parameters, {r.family}, "
+            f"{'instruction-tuned' if r.instruct else 'base'}): PPL {r.ppl:.2f} ± {std:.2f} "
+            f"and next-token accuracy {r.accuracy:.1%} over {r.n_seeds} seed(s) × {r.windows_per_seed} windows × "
+            f"{r.seqlen} tokens ({r.tokens_per_seed} scored tokens per seed, tokenizer {r.tokenizer}). "
+            f"A unigram model scores {r.unigram_ppl:.0f} ({r.unigram_ppl / r.ppl:.0f}× worse); {_gpl3_clause(r)}; "
+            f"repeating a window drops its PPL from {r.copy_ppl_original:.1f} to {r.copy_ppl_repeated:.2f}.")
+    n_pass = int((card.result == "PASS").sum())
+    lines.append(f"\n{n_pass} of {len(card)} Phase 1 checks pass"
+                 + ("." if n_pass == len(card) else f"; failing: {', '.join(card.loc[card.result != 'PASS', 'id'])}."))
+    lines.append(f"\nCorpus: {corpus_description}. These are not WikiText-2 numbers and are not comparable with "
+                 "published WikiText-2 perplexities; with network access, set `corpus: wikitext2`.")
+    return lines
+
+
 def guide_table(summary: pd.DataFrame, profile_name: str, run_dir: str | Path) -> pd.DataFrame:
     """The research guide's Phase 1 table: Model, Parameters, Smoke/Standard/Extended PPL, Accuracy.
 
