@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -203,3 +204,19 @@ def test_guide_command_on_smollm2(tmp_path, capsys, monkeypatch):
     assert rc == 0, capsys.readouterr().err
     table = pd.read_parquet(out / "topk.parquet")
     assert len(table) == 2 * 100 * 30 * 7  # 2 seeds x k x (30 layers x 7 matrices)
+
+
+def test_quiet_switches_off_every_bar_even_after_transformers_was_imported(monkeypatch):
+    from transformers.utils import logging as tlog
+
+    from esa.progress import QUIET_ENV, quiet
+
+    for key in QUIET_ENV:
+        monkeypatch.delenv(key, raising=False)
+    tlog.enable_progress_bar()
+    try:
+        quiet()
+        assert not tlog.is_progress_bar_enabled()
+        assert all(os.environ[k] == v for k, v in QUIET_ENV.items())
+    finally:
+        tlog.enable_progress_bar()

@@ -31,6 +31,7 @@ from esa.params import check_seed, load_profile
 from esa.perturb.controls import CONTROLS, parse_controls
 from esa.perturb.ops import PERTURBATIONS, PerturbSpec, parse_perturbations, parse_scales
 from esa.phases import command
+from esa.progress import quiet
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 from esa.sensitivity.select import MODES
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
-        os.environ["ESA_PROGRESS"] = "0"
+        quiet()
     out: Path | None = None
     created = False
     try:

@@ -23,6 +23,17 @@ CPU_SHARE_ENV = "ESA_CPU_SHARE"
 _share_read_at = [0.0]
 
 
+def quiet() -> None:
+    """Every progress bar off in this process, including transformers' "Loading weights" bar when
+    transformers was imported before the environment switches were set (the CLI's --quiet)."""
+    os.environ.update(QUIET_ENV)
+    try:
+        from transformers.utils import logging as tlog
+    except ImportError:
+        return
+    tlog.disable_progress_bar()
+
+
 def follow_cpu_share(interval_s: float = 1.0) -> None:
     """Set torch's intra-op threads to the runner's current share (read at most once per `interval_s`)."""
     path = os.environ.get(CPU_SHARE_ENV)
