@@ -30,6 +30,7 @@ overrides = {}
 
 # %%
 import pandas as pd
+from IPython.display import Markdown
 
 import esa.nb
 from esa.perturb import PerturbSpec, plots
@@ -80,9 +81,10 @@ for m in runs:
 # %%
 alone = pd.concat(alone, ignore_index=True)
 ctx.save_table(alone, "zero_alone")
-print("\n".join(phase3.zero_alone_lines(alone, detector)))
-alone[["model", "family", "tested", "param", "row", "col", "weight", "base_ppl", "ppl", "delta_log_ppl",
-       "control_median", "control_max", "n_controls", "p_value", "verdict"]]
+phase3.zero_alone_view(alone)
+
+# %%
+Markdown("\n".join(phase3.zero_alone_lines(alone, detector)))
 
 # %%
 verdicts = {m: (r.family, r.stats) for m, r in runs.items()}

@@ -71,3 +71,46 @@ def test_a_tie_with_every_control_is_not_confirmed(one_thread, planted):
     r = single_weight_test(lm.model, lm.inventory, spec.name, 2, 3, _windows(), n_controls=20)
     assert r["delta_log_ppl"] == 0.0 and r["control_max"] == 0.0
     assert r["p_value"] == 1.0 and r["verdict"] == "not confirmed"
+
+
+def test_zero_alone_tests_the_detector_candidate_and_the_top1_once_each(one_thread, planted, monkeypatch):
+    """Phase 3's headline rows per model: the detector's strongest candidate (by output spike) and the
+    metric's top-1, one row each, or one row under both names when they are the same weight; an MoE without
+    dense down projections gets the metric's row only, with the detector's reason."""
+    import pandas as pd
+
+    from esa.models import load
+    from esa.params import load_profile
+    from esa.phases import phase3
+
+    P = load_profile("smoke")
+    lm, spec = planted
+    down = next(s for s in lm.inventory if s.layer == 1 and s.component == "down").name
+    sel = pd.DataFrame([dict(seed=P.seeds[0], param=spec.name, row=9, col=4, expert=-1, score=2.0),
+                        dict(seed=P.seeds[0], param=spec.name, row=1, col=1, expert=-1, score=1.0),
+                        dict(seed=P.seeds[1], param=spec.name, row=2, col=2, expert=-1, score=9.0)])
+
+    def detector(cands):  # a two-layer model cannot spike 5x above its own median: give the table directly
+        return lambda *a, **k: pd.DataFrame([dict(param=p, row=r, col=c, out_max=o, candidate=f)
+                                             for p, r, c, o, f in cands])
+
+    monkeypatch.setattr(phase3, "detect_superweights", detector([(down, 6, 41, 90.0, True), (down, 1, 2, 99.0, False),
+                                                                 (down, 3, 5, 50.0, True)]))
+    t = phase3.zero_alone(lm, P, sel, n_controls=3)
+    assert list(t["tested"]) == ["the detector's strongest candidate", "the grad_x_weight top-1"]
+    assert [(r.param, r.row, r.col) for r in t.itertuples()] == [(down, 6, 41), (spec.name, 9, 4)]
+    assert set(t["verdict"]) == {"underpowered"} and t.attrs["detector"] == "2 candidate(s) flagged over 3 layers"
+    lines = phase3.zero_alone_lines(t.assign(model="m"), {"m": t.attrs["detector"]})
+    assert len(lines) == 1 and lines[0].count("zeroed alone") == 2
+
+    monkeypatch.setattr(phase3, "detect_superweights", detector([(spec.name, 9, 4, 90.0, True)]))
+    same = phase3.zero_alone(lm, P, sel, n_controls=3)
+    assert list(same["tested"]) == ["the detector's strongest candidate and the grad_x_weight top-1"]
+
+    monkeypatch.undo()
+    moe = load("tiny-mixtral", device="cpu")
+    s = next(s for s in moe.inventory if not s.n_experts)
+    one = phase3.zero_alone(moe, P, pd.DataFrame([dict(seed=P.seeds[0], param=s.name, row=0, col=0, expert=-1,
+                                                       score=1.0)]), n_controls=2)
+    assert list(one["tested"]) == ["the grad_x_weight top-1"]
+    assert "needs dense MLP down projections" in one.attrs["detector"]

@@ -109,22 +109,30 @@ def zero_alone(lm: LoadedModel, P: Profile, selection: pd.DataFrame, metric: str
         note = f"{len(cands)} candidate(s) flagged over {len(sw)} layers"
         if len(cands):
             c = cands.iloc[0]
-            targets.setdefault((c["param"], int(c["row"]), int(c["col"]), -1), []).append("detector's strongest")
+            targets.setdefault((c["param"], int(c["row"]), int(c["col"]), -1), []).append("the detector's strongest candidate")
     except EsaError as e:
         note = str(e)
-    first = selection[selection["seed"] == min(selection["seed"])] if "seed" in selection else selection
+    first = selection[selection["seed"] == P.seeds[0]] if "seed" in selection else selection
     if len(first):
         t = first.sort_values("score", ascending=False, kind="stable").iloc[0]
         expert = int(t["expert"]) if "expert" in t and pd.notna(t["expert"]) else -1
-        targets.setdefault((t["param"], int(t["row"]), int(t["col"]), expert), []).append(f"{metric} top-1")
+        targets.setdefault((t["param"], int(t["row"]), int(t["col"]), expert), []).append(f"the {metric} top-1")
     wins = eval_windows(lm, P)
-    rows = [dict(tested="; ".join(why), **single_weight_test(lm.model, lm.inventory, param, row, col, wins,
+    rows = [dict(tested=" and ".join(why), **single_weight_test(lm.model, lm.inventory, param, row, col, wins,
                                                                n_controls=n_controls, seed=P.seeds[0],
                                                                batch_size=P.batch_size, expert=expert))
             for (param, row, col, expert), why in targets.items()]
     out = pd.DataFrame(rows)
     out.attrs["detector"] = note
     return out
+
+
+def zero_alone_view(table: pd.DataFrame) -> pd.DataFrame:
+    """The page's columns of `zero_alone` rows: which weight, what zeroing it alone does, and the controls."""
+    view = table.assign(weight_at=[f"{p.removeprefix('model.')}[{r}, {c}]"
+                                   for p, r, c in zip(table["param"], table["row"], table["col"], strict=True)])
+    return view[["model", "tested", "weight_at", "weight", "base_ppl", "ppl", "delta_log_ppl", "control_max",
+                 "n_controls", "p_value", "verdict"]]
 
 
 def zero_alone_lines(table: pd.DataFrame, detector: dict[str, str]) -> list[str]:
@@ -136,7 +144,7 @@ def zero_alone_lines(table: pd.DataFrame, detector: dict[str, str]) -> list[str]
         for r in grp.itertuples():
             ctl = (f"{r.n_controls} random single weights of its matrix: median {r.control_median:+.2g}, "
                    f"max {r.control_max:+.2g} nats")
-            parts.append(f"{r.tested} `{r.param}[{r.row}, {r.col}]` (w = {r.weight:.3g}) zeroed alone takes PPL "
+            parts.append(f"{r.tested}, `{r.param}[{r.row}, {r.col}]` (w = {r.weight:.3g}), zeroed alone takes PPL "
                          f"{r.base_ppl:.4g} -> {r.ppl:.4g} ({r.delta_log_ppl:+.3g} nats/token); {ctl}; "
                          f"p = {r.p_value:.3g}: **{r.verdict}**")
         lines.append(f"- **{model}** (detector: {detector.get(model, '')}): " + "; ".join(parts) + ".")
