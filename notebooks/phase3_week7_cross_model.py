@@ -51,7 +51,7 @@ for m in model_list:
     k = phase3.feasible_k(lm.inventory, P.topk)  # tiny models' routers are too small for the profile's k
     print(f"{m}: top-{k} per matrix" + ("" if k == P.topk else f" (profile's {P.topk} capped: smallest matrix)"))
     runs[m] = phase3.sweep_model(m, P, specs, controls=controls, lm=lm, k=k)
-    one = phase3.zero_alone(lm, P, runs[m].selection)
+    one = phase3.zero_alone(lm, P, runs[m].selection, baseline=runs[m].baseline)  # the sweep's windows
     detector[m] = one.attrs["detector"]
     alone.append(one.assign(model=m, family=runs[m].family))
 table = pd.concat([r.table for r in runs.values()], ignore_index=True)

@@ -114,3 +114,16 @@ def test_zero_alone_tests_the_detector_candidate_and_the_top1_once_each(one_thre
                                                        score=1.0)]), n_controls=2)
     assert list(one["tested"]) == ["the grad_x_weight top-1"]
     assert "needs dense MLP down projections" in one.attrs["detector"]
+
+
+def test_a_given_baseline_is_used_instead_of_a_new_evaluation(one_thread, planted, monkeypatch):
+    from esa.evaluate import evaluate
+    from esa.perturb import advanced
+
+    lm, spec = planted
+    wins = _windows()
+    base = evaluate(lm.model, wins, show_progress=False)
+    calls = []
+    monkeypatch.setattr(advanced, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    r = single_weight_test(lm.model, lm.inventory, spec.name, 9, 4, wins, n_controls=3, baseline=base)
+    assert r["base_ppl"] == base.ppl and calls == []  # perturbed evaluations go through the sweep's evaluate

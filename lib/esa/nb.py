@@ -24,7 +24,7 @@ from typing import Any
 
 from esa.figures import save_figure
 from esa.params import Profile, load_profile
-from esa.progress import LOG_ENV, QUIET_ENV, follow_cpu_share
+from esa.progress import LOG_ENV, follow_cpu_share, quiet
 from esa.report import artefacts
 from esa.store import REPO_ROOT, write_json
 
@@ -145,7 +145,7 @@ def headless_kernel() -> None:
     log = os.environ.get(LOG_ENV)
     if not log:
         return
-    os.environ.update(QUIET_ENV)
+    quiet()
     root = logging.getLogger()
     if not any(
         isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(log) for h in root.handlers

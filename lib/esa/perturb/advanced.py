@@ -21,7 +21,7 @@ import torch
 from scipy import stats as sps
 
 from esa.errors import EsaError
-from esa.evaluate import evaluate
+from esa.evaluate import EvalResult, evaluate
 from esa.models.inventory import WeightSpec
 from esa.perturb.apply import count_targets, targets_from_selection
 from esa.perturb.ops import PerturbSpec
@@ -96,7 +96,8 @@ def ranking_stability(windows_df: pd.DataFrame, n_splits: int = 200, seed: int =
 
 def single_weight_test(model: torch.nn.Module, inventory: list[WeightSpec], param: str, row: int, col: int,
                        windows: torch.Tensor, n_controls: int = 20, seed: int = 0, spec: PerturbSpec | None = None,
-                       batch_size: int | None = None, expert: int = -1, alpha: float = 0.05) -> dict:
+                       batch_size: int | None = None, expert: int = -1, alpha: float = 0.05,
+                       baseline: EvalResult | None = None) -> dict:
     """Perturb (param, [expert,] row, col) alone, then each of `n_controls` random single weights of its matrix.
 
     Controls are drawn uniformly (seeded by `seed` and the matrix name) among the matrix's nonzero weights
@@ -104,7 +105,8 @@ def single_weight_test(model: torch.nn.Module, inventory: list[WeightSpec], para
     zeros would make easy controls. p = (1 + #controls whose delta log-PPL >= the target's) / (1 + n), the
     exact one-sided rank p-value of "the target does more damage than a random weight of its matrix"
     (a non-finite evaluation counts as the most damage). It cannot go below 1 / (1 + n), so with fewer
-    than 1/alpha - 1 controls the verdict is "underpowered" whatever the effect."""
+    than 1/alpha - 1 controls the verdict is "underpowered" whatever the effect. `baseline`: the unperturbed
+    evaluation on these windows, when the caller already has it (as `run_sweep` takes it)."""
     spec = spec or PerturbSpec("zero")
     specs = {s.name: s for s in inventory}
     if param not in specs:
@@ -120,7 +122,7 @@ def single_weight_test(model: torch.nn.Module, inventory: list[WeightSpec], para
     pool = lo + (flat[lo:lo + size] != 0).nonzero().flatten().cpu()
     pool = pool[pool != target]
     keep = pool[torch.as_tensor(rng.choice(len(pool), size=min(n_controls, len(pool)), replace=False))]
-    base = evaluate(model, windows, batch_size=batch_size, show_progress=False)
+    base = evaluate(model, windows, batch_size=batch_size, show_progress=False) if baseline is None else baseline
 
     def damage(idx: int, label: str) -> tuple[float, float]:
         r = _eval(model, windows, {param: torch.tensor([idx])}, spec, seed, batch_size, base, label)
@@ -134,8 +136,7 @@ def single_weight_test(model: torch.nn.Module, inventory: list[WeightSpec], para
     verdict = "underpowered" if 1 / (1 + n) > alpha else "confirmed" if p <= alpha else "not confirmed"
     finite = controls[np.isfinite(controls)]
     return dict(param=param, row=int(row), col=int(col), expert=int(expert),
-                weight=float(flat[target]), perturbation=spec.label(), base_ppl=base.ppl,
-                ppl=ppl,
+                weight=float(flat[target]), perturbation=spec.label(), base_ppl=base.ppl, ppl=ppl,
                 delta_log_ppl=effect, n_controls=n,
                 control_median=float(np.median(finite)) if len(finite) else np.nan,
                 control_max=float(controls.max()) if n else np.nan,

@@ -16,6 +16,7 @@ import pandas as pd
 
 from esa.data import Windows
 from esa.errors import EsaError
+from esa.evaluate import EvalResult, evaluate
 from esa.models import LoadedModel
 from esa.params import Profile
 from esa.perturb import build_groups, run_sweep
@@ -95,12 +96,13 @@ def sweep_model(model_name: str, P: Profile, specs: list[PerturbSpec], controls:
 
 
 def zero_alone(lm: LoadedModel, P: Profile, selection: pd.DataFrame, metric: str = PRIMARY_METRIC,
-               n_controls: int = SINGLE_CONTROLS) -> pd.DataFrame:
+               n_controls: int = SINGLE_CONTROLS, baseline: EvalResult | None = None) -> pd.DataFrame:
     """The headline super-weight question for one model: the detector's strongest candidate and `metric`'s
     global top-1 (first seed), each zeroed alone against `n_controls` random single weights of its matrix, on
     the perturbation windows. A row per tested weight (one when both are the same weight); a model the
     detector cannot read (no dense MLP down projections) gets only the metric's row, with the reason in
-    `attrs["detector"]`."""
+    `attrs["detector"]`. `baseline`: the unperturbed evaluation on the perturbation windows (a sweep's
+    `ModelSweep.baseline`), evaluated once here when not given."""
     targets: dict[tuple, list[str]] = {}
     note = ""
     try:
@@ -118,9 +120,12 @@ def zero_alone(lm: LoadedModel, P: Profile, selection: pd.DataFrame, metric: str
         expert = int(t["expert"]) if "expert" in t and pd.notna(t["expert"]) else -1
         targets.setdefault((t["param"], int(t["row"]), int(t["col"]), expert), []).append(f"the {metric} top-1")
     wins = eval_windows(lm, P)
+    if baseline is None:
+        baseline = evaluate(lm.model, wins, batch_size=P.batch_size, show_progress=False)
     rows = [dict(tested=" and ".join(why), **single_weight_test(lm.model, lm.inventory, param, row, col, wins,
                                                                n_controls=n_controls, seed=P.seeds[0],
-                                                               batch_size=P.batch_size, expert=expert))
+                                                               batch_size=P.batch_size, expert=expert,
+                                                               baseline=baseline))
             for (param, row, col, expert), why in targets.items()]
     out = pd.DataFrame(rows)
     out.attrs["detector"] = note
