@@ -94,7 +94,7 @@ scorecard.as_frame(cards)
 
 # %%
 held = {m: criteria.holds(r.stats) for m, r in runs.items()}
-print(f"The Phase 3 claim (sign-flip ΔPPL ratio ≥ 5 and top_k > random_k significant for every perturbation) holds for "
-      f"{sum(bool(v) for v in held.values())} of {len(held)} models "
-      f"({', '.join(f'{m} [{runs[m].family}]: {criteria.holds_word(v)}' for m, v in held.items())}); "
-      f"{len({r.family for r in runs.values()})} architectures were run.")
+Markdown(f"The Phase 3 claim (sign-flip ΔPPL ratio ≥ 5 and top_k > random_k significant for every perturbation) holds "
+         f"for {sum(bool(v) for v in held.values())} of {len(held)} models; "
+         f"{len({r.family for r in runs.values()})} architectures were run.\n\n"
+         + "\n".join(f"- {m} ({runs[m].family}): {criteria.holds_word(v)}" for m, v in held.items()))

@@ -130,6 +130,33 @@ def test_act_mag_experts_use_routed_tokens():
     assert torch.isfinite(res.scores[down.name]).all() and res.scores[down.name].sum() > 0
 
 
+@pytest.mark.parametrize("ref", ["tiny-llama", "tiny-gptneox", "tiny-qwen2"])
+def test_act_mag_runs_the_lm_head_on_one_position_with_the_scores_of_a_full_forward(ref):
+    lm = load(ref, device="cpu")
+    ids = _ids(2, 16)
+    head = lm.model.get_output_embeddings()
+    positions = []
+    h = head.register_forward_hook(lambda m, a, o: positions.append(a[0].shape[1]))
+    try:
+        res = METRICS["act_mag"](lm.model, lm.inventory, ids, MetricConfig(batch_size=2, show_progress=False))
+    finally:
+        h.remove()
+    assert positions == [1]  # the last position only: act_mag needs no logits
+    seen: dict[str, torch.Tensor] = {}  # reference: every studied weight's input over a full forward
+    hooks = [lm.model.get_submodule(s.name.rpartition(".")[0]).register_forward_hook(
+        lambda m, a, o, n=s.name: seen.__setitem__(n, a[0].detach().reshape(-1, a[0].shape[-1])))
+        for s in lm.inventory]
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=ids, use_cache=False)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    for s in lm.inventory:
+        ref_score = lm.model.get_parameter(s.name).detach().abs() * (seen[s.name] ** 2).sum(0).sqrt()
+        torch.testing.assert_close(res.scores[s.name], ref_score, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("ref", ["tiny-mixtral", "tiny-gptneox", "tiny-phi3"])
 def test_every_metric_runs_on_every_architecture(ref):
     lm = load(ref, device="cpu")
@@ -168,3 +195,28 @@ def test_hutchinson_in_parameter_groups_probes_each_group_on_its_own(llama):
         for s in chunk:
             assert torch.equal(grouped.scores[s.name], alone[s.name])
     assert "2 parameter groups" in grouped.extras["variant"]
+
+
+@pytest.mark.parametrize("n,bs,per_batch", [(4, 4, False), (5, 2, False), (5, 2, True)])
+def test_grad_x_weight_is_bit_identical_to_zero_filled_accumulation(llama, n, bs, per_batch):
+    # the accumulator is taken over from the first micro-batch's gradient (no zero-filled buffer): the scores
+    # must equal, bit for bit, summing token-weighted batch gradients into zeros, and keep the weights' order
+    from esa.sensitivity.metrics import fused_gradients
+
+    ids = _ids(n, 16, seed=3)
+    cfg = MetricConfig(batch_size=bs, per_batch=per_batch, show_progress=False)
+    got = METRICS["grad_x_weight"](llama.model, llama.inventory, ids, cfg).scores
+    both = fused_gradients(llama.model, llama.inventory, ids, {"grad_x_weight": cfg, "grad_squared": cfg})
+    assert list(got) == [s.name for s in llama.inventory] == list(both["grad_x_weight"].scores)
+    for s in llama.inventory:
+        p = llama.model.get_parameter(s.name)
+        ref = torch.zeros(p.shape)
+        for start in range(0, n, bs):
+            batch = ids[start : start + bs]
+            g = _full_grad(llama.model, s.name, batch)
+            w = batch.shape[0] / n
+            ref.add_((p.detach() * g).abs_() if per_batch else g, alpha=w)
+        if not per_batch:
+            ref.mul_(p.detach()).abs_()
+        assert torch.equal(got[s.name], ref), s.name
+        assert torch.equal(both["grad_x_weight"].scores[s.name], ref), s.name

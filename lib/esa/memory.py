@@ -22,7 +22,7 @@ V = vocab, N = studied weights, n_max = the largest studied parameter):
   act_mag, perturbation) only about one layer's worth is alive: B T (EVAL_HIDDEN h + EVAL_INTER I +
   EVAL_ATTN a T) b.
 - logits: the model's (B, T, V) output in its dtype, its fp32 copy and the fp32 log-softmax of the
-  loss: B T V (b + 8); act_mag computes no loss, so B T V b; backward adds the fp32 and model-dtype gradients: B T V (2b + 12) in all.
+  loss: B T V (b + 8); act_mag computes no loss and keeps the last position only, so B V b; backward adds the fp32 and model-dtype gradients: B T V (2b + 12) in all.
 - Hutchinson (double backward): `autograd.grad(create_graph=True)` holds every studied gradient at
   once (N b), the int8 probe in use (N), and the first backward's graph (about one more activation set
   and the logits' gradient); all P probes (P N) are kept between windows while that fits
@@ -143,9 +143,9 @@ def _forward_only(s: ModelShape, b: int, t: int) -> dict[str, int]:
 
 
 def _act_mag(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    # a forward with no loss: the logits in the model's dtype only, no fp32 copy or log-softmax. fp32 sums
+    # a forward with no loss that keeps the last position's logits only (logits_to_keep=1): B V b. fp32 sums
     # of squared inputs are tiny; the scores themselves are one fp32 per studied weight
-    return {"activations": _activations(s, b, t, False), "logits": b * t * s.vocab * s.dtype_bytes,
+    return {"activations": _activations(s, b, t, False), "logits": b * s.vocab * s.dtype_bytes,
             "accumulators": 4 * s.n_studied}
 
 

@@ -142,6 +142,12 @@ class _GradFold:
         self.cfg = cfg
         self.acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
 
+    def _in_order(self, params: dict[str, torch.nn.Parameter]) -> None:
+        """Accumulators filled lazily, back in the weights' order (ties rank by it); zeros for a weight that
+        no micro-batch reached (an expert no token was routed to)."""
+        self.acc = {n: self.acc[n] if n in self.acc else torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                    for n, p in params.items()}
+
     def fold(self, name: str, p: torch.nn.Parameter, g: torch.Tensor, w: float) -> None:
         raise NotImplementedError
 
@@ -152,13 +158,26 @@ class _GradFold:
 class _GradXWeight(_GradFold):
     name = "grad_x_weight"
 
+    def __init__(self, params: dict[str, torch.nn.Parameter], cfg: MetricConfig) -> None:
+        self.cfg = cfg
+        # filled by the first fold: a fresh zero-filled fp32 copy of every studied weight costs as much as a
+        # fifth of a CPU backward (first-touch page faults), and the first micro-batch's gradient is freed anyway
+        self.acc = {}
+
     def fold(self, name: str, p: torch.nn.Parameter, g: torch.Tensor, w: float) -> None:
+        acc = self.acc.get(name)
         if self.cfg.per_batch:
-            self.acc[name].add_((p.detach().float() * g.float()).abs_(), alpha=w)
-        else:  # sum of token-weighted batch gradients = gradient of the mean calibration loss
-            self.acc[name].add_(g, alpha=w)
+            term = (p.detach().float() * g.float()).abs_()
+            self.acc[name] = term.mul_(w) if acc is None else acc.add_(term, alpha=w)
+        elif acc is not None:  # sum of token-weighted batch gradients = gradient of the mean calibration loss
+            acc.add_(g, alpha=w)
+        elif w == 1.0 and g.dtype == torch.float32 and g.is_contiguous():
+            self.acc[name] = g  # the only micro-batch: its gradient is the sum (streamed_grads drops .grad next)
+        else:
+            self.acc[name] = g.float().mul(w)  # = 0 + w * g, without a zero-filled buffer; g may be shared
 
     def finish(self, params: dict[str, torch.nn.Parameter]) -> MetricResult:
+        self._in_order(params)
         if not self.cfg.per_batch:
             for n, p in params.items():
                 self.acc[n].mul_(p.detach()).abs_()  # |w * g|, in place: no second full-size buffer
@@ -247,13 +266,20 @@ def act_mag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, 
     }
     with torch.no_grad(), hooked(model, callbacks):
         for batch, _ in _batches(ids, cfg, "act_mag"):
-            model(input_ids=batch.to(_device(model)), use_cache=False)
+            model(input_ids=batch.to(_device(model)), use_cache=False, **_last_logit_only(model))
     scores = {}
     for name, p in params.items():
         norm = sq.pop(name).sqrt_()  # ||X_j||_2
         # (out, in) * (1, in), or (E, out, in) * (E, 1, in)
         scores[name] = p.detach().float().abs().mul_(norm.unsqueeze(-2))
     return MetricResult(scores, {"variant": "|W_ij| * ||X_j||_2 (routed tokens for experts)"})
+
+
+def _last_logit_only(model: torch.nn.Module) -> dict[str, int]:
+    """act_mag reads the blocks' inputs only: the LM head is needed for no position, and on a large vocabulary it
+    is a fifth to a quarter of a forward (SmolLM2, Qwen2.5). transformers' causal LMs take `logits_to_keep`;
+    1 is the least they allow."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def _linear_hook(entries: list[tuple[WeightSpec, str]], sq: dict[str, torch.Tensor]) -> Callable[[Call], None]:
