@@ -46,7 +46,7 @@ chromium:
 
 # The PDF is built even when a notebook failed (the report shows the failure); the exit code stays the run's.
 # JOBS notebooks at a time, sharing the cores among those running (esa.runner.executors.CpuShare);
-# the numbers do not depend on it. Two overlap one notebook's single-threaded work (imports, tables, pages)
+# the numbers do not depend on it (MKL_CBWR=AUTO,STRICT, set by `import esa`; tests/test_models.py). Two overlap one notebook's single-threaded work (imports, tables, pages)
 # with another's torch passes on a 2-core machine.
 JOBS ?= 2
 run: env

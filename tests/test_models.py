@@ -135,7 +135,11 @@ def test_one_parse_per_gguf_reads_the_same_fields_and_tensors():
 @pytest.mark.slow
 def test_thread_count_does_not_change_losses_or_gradients():
     """run_all --jobs N gives each notebook its share of the cores (esa.runner.executors); that must change
-    the wall time only: SmolLM2's loss and every weight gradient are bit-identical at 1 and 2 threads."""
+    the wall time only: SmolLM2's loss and every weight gradient are bit-identical at 1 and 2 threads (with
+    MKL's strict reproducibility mode, which `import esa` sets: without it they differ on some CPUs)."""
+    import os
+
+    assert os.environ.get("MKL_CBWR") == "AUTO,STRICT"
     lm = load("smollm2-135m")
     ids = torch.randint(0, lm.model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
     params = list(lm.model.parameters())
