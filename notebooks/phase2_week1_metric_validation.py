@@ -143,9 +143,9 @@ Markdown("\n".join(curvature.record_lines(curvature.read_record(ctx.run_dir.pare
 # ## Does every metric resolve its top-k at this calibration sample?
 # The same held-out rule for every metric: even calibration windows pick each matrix's top-k, odd windows judge
 # it, and the per-window spread gives the standard error (`esa.sensitivity.resolution`, on six matrices spread
-# over depth; Hutchinson's probe noise comes from the two probe streams above). A metric whose top-k does not
-# stand 2 standard errors above its matrix median at the run's sample is "not estimable" in the rows below,
-# with the windows (or probes) it would need.
+# over depth and components, one pass over the windows for all metrics; Hutchinson's probe noise comes from the
+# two probe streams above). A metric whose top-k does not stand 2 standard errors above its matrix median at the
+# run's sample is "not estimable" in the rows below, with the windows (or probes) it would need.
 
 # %%
 resolutions = phase2.metric_resolutions(lm, P, resolution)

@@ -86,3 +86,52 @@ def test_sample_needed_is_inf_when_the_median_z_is_within_noise_of_zero():
     assert z > 2 * se and need == 12.0
     assert R.median_z_and_needed([0.5], [4.0])[2] == math.inf  # one matrix: its z's noise is ~1
     assert R.median_z_and_needed([3.0], [4.0])[2] == 4.0
+
+
+def _two_pass_z(model, sub, ids, metric, cfg, topk):
+    """The rule written out plainly: every window's scores kept, then means and the pooled sd per matrix."""
+    from dataclasses import replace
+
+    one = replace(cfg, batch_size=1, show_progress=False)
+    per_window = [METRICS[metric](model, sub, ids[i : i + 1], one).scores for i in range(ids.shape[0])]
+    zs = []
+    for s in sub:
+        x = torch.stack([w[s.name].reshape(-1).double() for w in per_window])
+        a, b = x[0::2], x[1::2]
+        sd = (torch.cat([a - a.mean(0), b - b.mean(0)]).square().sum(0) / (len(x) - 2)).sqrt()
+        top = torch.topk(a.mean(0), min(topk, a.shape[1])).indices
+        zs.append(float(b.mean(0)[top].median() - b.mean(0).median()) / (float(sd[top].median()) / math.sqrt(len(b))))
+    # judged at the windows measured: one stream's SE shrunk to all windows'
+    return float(torch.tensor(zs, dtype=torch.float64).median()) * math.sqrt(len(x) / (2 * len(b)))
+
+
+def test_streamed_statistics_match_the_two_pass_rule_and_gradient_metrics_share_a_backward(lm):
+    cfg = MetricConfig(batch_size=2, show_progress=False)
+    ids, metrics = _ids(7, seed=3), ["grad_x_weight", "grad_squared", "act_mag"]
+    forwards = []
+    hook = lm.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        got = R.window_resolutions(lm.model, lm.inventory, ids, metrics, cfg, topk=5)
+    finally:
+        hook.remove()
+    # 7 windows: one forward each for the two gradient metrics together, one each for act_mag
+    assert len(forwards) == 2 * 7
+    sub = R.sample_matrices(lm.inventory, 6)
+    for m in metrics:
+        ref = _two_pass_z(lm.model, sub, ids, m, cfg, topk=5)
+        assert got[m]["z"] == pytest.approx(ref, rel=1e-9, abs=1e-12), m
+        assert got[m] == R.window_resolution(lm.model, lm.inventory, ids, m, cfg, topk=5)
+
+
+def test_sampled_matrices_cover_components_and_depth_when_the_inventory_is_a_multiple_of_them():
+    from esa.models.inventory import WeightSpec
+
+    comps = ["q", "k", "v", "o", "gate", "up", "down"]
+    specs = [WeightSpec(f"model.layers.{layer}.{c}.weight", layer, c, "mlp" if c in ("gate", "up", "down") else
+                        "attention", (4, 4)) for layer in range(30) for c in comps]  # SmolLM2's 30 x 7
+    picked = R.sample_matrices(specs, 6)
+    assert len({s.component for s in picked}) == 6 and len(set(picked)) == 6
+    layers = sorted(s.layer for s in picked)
+    assert layers[0] < 5 and layers[-1] > 24  # spread over depth, not bunched
+    assert R.sample_matrices(specs[:4], 6) == specs[:4]
+    assert len({s.name for s in R.sample_matrices(specs[:14], 10)}) == 10  # more picks than components: no repeats

@@ -97,8 +97,9 @@ def metric_resolutions(lm: LoadedModel, P: Profile, probe_resolution: dict[str, 
     R = Recipe.of(P)
     seed = P.seeds[0] if seed is None else seed
     ids = R.calibration(seed).windows(lm.tokenizer, max_positions=lm.info.max_positions or None).ids
-    out = {m: resolution.window_resolution(lm.model, lm.inventory, ids, m, R.metric_config(seed), P.topk)
-           for m in P.metrics if m != "hutchinson_diag"}
+    # one pass over the windows for every metric; the gradient metrics share each window's backward
+    out = resolution.window_resolutions(lm.model, lm.inventory, ids, [m for m in P.metrics if m != "hutchinson_diag"],
+                                        R.metric_config(seed), P.topk)
     if probe_resolution is not None and "hutchinson_diag" in P.metrics:
         out["hutchinson_diag"] = resolution.from_probes(probe_resolution)
     return out
