@@ -135,3 +135,14 @@ def test_sampled_matrices_cover_components_and_depth_when_the_inventory_is_a_mul
     assert layers[0] < 5 and layers[-1] > 24  # spread over depth, not bunched
     assert R.sample_matrices(specs[:4], 6) == specs[:4]
     assert len({s.name for s in R.sample_matrices(specs[:14], 10)}) == 10  # more picks than components: no repeats
+
+
+def test_components_far_above_their_medians_are_told_from_zero_despite_their_spread():
+    # six matrices of different kinds, every z far above 0 and a spread of ~74: the
+    # median's normal-theory standard error (38) alone would call a median of 21 "within noise"
+    z, se, need = R.median_z_and_needed([5.0, 11.0, 21.0, 36.0, 80.0, 200.0], [0.1] * 6)
+    assert z < 2 * se and need == 0.1
+    # the same spread with signs that chance gives (4 of 6 positive): no effect to scale
+    assert R.median_z_and_needed([-50.0, -3.0, 1.0, 2.0, 60.0, 200.0], [0.1] * 6)[2] == math.inf
+    # five of five positive is p = 1/32, above the 2-SE tail: a spread this wide stays not estimable
+    assert R.median_z_and_needed([5.0, 11.0, 21.0, 80.0, 200.0], [0.1] * 5)[2] == math.inf
