@@ -126,7 +126,9 @@ ctx.savefig(fig, "curvature_reliability")
 plt.show()
 resolution = (curvature.resolution_at(rel["summary"]["hutchinson"], P.hutchinson_probes)
               if "hutchinson_diag" in P.metrics else None)
-rel_summary
+# the page's columns; every column (and the Jaccard fit's reason) is in curvature_snr.csv and the prose below
+rel_summary[["estimator", "quantity", "products", "snr_topk_median", "z_topk_vs_median", "probes_needed_z2",
+             "probes_for_jaccard_0.4", "seconds_per_product"]]
 
 # %% [markdown]
 # ### The deeper measurement behind the profiles' probe counts
