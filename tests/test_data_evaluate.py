@@ -88,6 +88,27 @@ def test_batch_size_does_not_change_the_result():
     assert a.log_ppl == pytest.approx(b.log_ppl, rel=1e-5) and a.accuracy == b.accuracy
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_window_loss_is_bit_identical_to_the_flattened_batch(dtype):
+    # evaluate() scores one window of a batch at a time to avoid copying the (B, T-1, V) logits; the
+    # numbers must be exactly those of cross-entropy over the flattened batch, as computed before.
+    lm = load("tiny-llama", dtype=dtype)
+    ids = torch.randint(3, 200, (6, 21), generator=torch.Generator().manual_seed(2))
+    res = evaluate(lm.model, ids, batch_size=4, show_progress=False)
+    nll_sum, correct = torch.zeros(6, dtype=torch.float64), 0
+    with torch.no_grad():
+        for start in range(0, 6, 4):
+            batch = ids[start : start + 4]
+            logits = lm.model(input_ids=batch).logits[:, :-1].float()
+            targets = batch[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(targets.shape)
+            nll_sum[start : start + 4] = nll.double().sum(dim=1)
+            correct += int((logits.argmax(-1) == targets).sum())
+    assert res.window_nll == (nll_sum / 20).tolist()
+    assert res.log_ppl == float(nll_sum.sum() / 120) and res.accuracy == correct / 120
+
+
 def test_nonfinite_windows_are_counted_not_dropped():
     lm = load("tiny-llama")
     ids = torch.randint(3, 200, (2, 9))

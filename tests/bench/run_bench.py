@@ -34,6 +34,8 @@ def main() -> int:
             # the third architecture (Qwen2, 630M as loaded): the gradient metrics and act_mag, fewer windows
             ["bench_sensitivity.py", "--model", "qwen2.5-coder-0.5b", "--samples", "4",
              "--metrics", "grad_x_weight,grad_squared,act_mag"],
+            # the evaluation pass: per-window loss vs the flattened batch (Gemma's 262k vocabulary, then SmolLM2)
+            ["bench_evaluate.py"], ["bench_evaluate.py", "--model", "smollm2-135m"],
             ["bench_perturb.py"],
             ["bench_perturb.py", "--model", "smollm2-135m", "--windows", "4", "--seqlen", "256"],
             # Phase 5 security: BFA iteration and fault-trial ratios (tiny model, then SmolLM2 int8 with the
