@@ -36,7 +36,7 @@ overrides = {}
 
 # %%
 import pandas as pd
-from IPython.display import display
+from IPython.display import Markdown, display
 
 import esa.nb
 from esa.apps.pruning import plots
@@ -44,15 +44,15 @@ from esa.phases import phase5_pruning as pp
 from esa.report import scorecard
 
 ctx = esa.nb.context("phase5_week13_pruning", profile, models, run_dir, overrides)
-P = ctx.profile
-S = pp.settings(P)
-chosen = list(models) if models else list(S.models or ctx.models)
-PLAN = pp.plan(S, P, chosen)
-print(pp.format_plan(PLAN).split("\n  - ")[0])
-print(f"{PLAN['n_conditions']} pruning conditions per model")
+study = pp.STUDY
+S = study.settings(ctx.profile, None)
+plan = study.plan(S, ctx.profile, list(models) if models else None)
+ctx.save_json(plan.as_dict(), "plan")
+Markdown(f"The plan: {len(plan.conditions)} evaluations of {plan.setup['evaluation']['windows']} windows each on "
+         f"{', '.join(plan.models)}.")
 
 # %%
-results = {m: pp.run_model(m, P, S) for m in chosen}
+results = study.run(plan)
 rows = pd.concat([r.rows for r in results.values()], ignore_index=True)
 ctx.save_table(rows, "pruning_rows")
 for m, r in results.items():
@@ -60,9 +60,10 @@ for m, r in results.items():
         if len(t):
             ctx.save_table(t, f"{name}_{m}")
     ctx.save_json({"critical": r.critical, "evaluation": r.evaluation, "zeroshot": r.zeroshot, "restored": r.restored,
-                   "seconds": r.seconds, "plan": PLAN}, f"setup_{m}")
-    print(f"{m}: evaluation {r.evaluation}; protected set {r.critical['label']} ({r.critical['n_protected']} weights); "
-          f"weights restored bit-exactly: {r.restored}; {r.seconds:.0f} s")
+                   "seconds": r.seconds}, f"setup_{m}")
+Markdown("\n".join(f"- **{m}**: {r.evaluation['n_windows']} evaluation windows of {r.evaluation['seqlen']} tokens; "
+                   f"protected set {r.critical['label']} ({r.critical['n_protected']} weights); weights restored "
+                   f"bit-exactly: {'yes' if r.restored else 'NO'}; {r.seconds:.0f} s." for m, r in results.items()))
 
 # %% [markdown]
 # ## The 50% table
@@ -98,18 +99,15 @@ for m, r in results.items():
 # ## The criterion
 
 # %%
-crit, detail = pp.criterion_rows(rows, S, "data/phase5_week13_pruning/pruning_rows.parquet")
-for m, r in results.items():
-    crit += pp.reference_rows(r, S, f"data/phase5_week13_pruning/pruning_rows.parquet ({m})") if S.reference else []
+crit = study.criteria(results, plan, "data/phase5_week13_pruning/pruning_rows.parquet")
+_, detail = pp.criterion_rows(rows, S, "")
 if len(detail):
     ctx.save_table(detail, "criterion_per_seed")
 scorecard.write_rows(ctx.run_dir, ctx.notebook, crit)
 scorecard.as_frame(crit)[["id", "measured", "threshold", "verdict", "note"]]
 
 # %%
-for r in results.values():
-    for line in pp.prose(r, S, detail):
-        print(line)
 counts = pd.Series([c.verdict for c in crit]).value_counts().to_dict()
-print(f"criterion rows: {counts}" + (" (smoke budget: machinery-only, the numbers are not evidence)"
-                                     if S.machinery_only else ""))
+Markdown("\n\n".join(study.findings(results, plan)) + "\n\nCriterion rows: " + ", ".join(
+    f"{n} {v}" for v, n in counts.items()) + (" (smoke budget: machinery-only, the numbers are not evidence)."
+                                               if S.machinery_only else "."))

@@ -105,11 +105,11 @@ def test_bad_flags_refused_before_loading(flags, msg, monkeypatch, capsys, tmp_p
 
 
 def test_no_security_flags_no_spec():
-    args = cli.build_parser().parse_args(["--model", "tiny-llama"])
-    assert s5.resolve(args, load_profile("smoke")) is None
-    args = cli.build_parser().parse_args(["--model", "tiny-llama", "--attack", "bfa", "--format", "bf16",
-                                          "--dtype", "bfloat16"])
-    spec = s5.resolve(args, load_profile("smoke"))
+    cmd = cli.resolve(cli.build_parser().parse_args(["--model", "tiny-llama"]))
+    assert "security" not in cmd.apps
+    cmd = cli.resolve(cli.build_parser().parse_args(["--model", "tiny-llama", "--attack", "bfa", "--format", "bf16",
+                                                     "--dtype", "bfloat16"]))
+    spec = cmd.apps["security"]
     assert spec.attack == "bfa" and spec.format == "bf16" and spec.flips == s5.settings(load_profile("smoke")).max_flips
 
 

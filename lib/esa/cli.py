@@ -20,8 +20,9 @@ import os
 import shutil
 import sys
 import time
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from esa.data import check_corpus
 from esa.dispatch import check_device
@@ -31,6 +32,7 @@ from esa.params import check_seed, load_profile
 from esa.perturb.controls import CONTROLS, parse_controls
 from esa.perturb.ops import PERTURBATIONS, PerturbSpec, parse_perturbations, parse_scales
 from esa.phases import command
+from esa.phases.study import RunContext, Study, check_request, flag_name, options
 from esa.progress import quiet
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
@@ -39,6 +41,8 @@ from esa.store import folder_lock, write_json
 
 log = logging.getLogger("esa.cli")
 
+# the common flags a study may take as the user's explicit choice over its profile section (RunContext.explicit)
+_COMMON = ("corpus", "seqlen", "max_samples", "batch_size", "topk", "mode", "metric", "dtype", "seeds")
 MANIFEST = "esa-runner.json"  # the settings of the outputs in an out dir
 PARTIAL = ".esa-runner-partial-"
 
@@ -83,9 +87,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate-depth", type=int, default=None,
                    help="top/bottom candidates per matrix a cache entry stores (default: the profile's, 1000)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
-    for app in command.APPS:  # Phase 5: --prune, --finetune, --attack/--faults, --roles (esa.phases.phase5_*)
-        app.add_arguments(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what the run would compute (each requested study's plan), check it, load nothing")
+    for study in command.STUDIES:  # Phase 5: --prune, --finetune, --attack/--faults, --roles (esa.phases.phase5_*)
+        add_study_flags(p, study)
     return p
+
+
+# ---------------------------------------------------------------- a study's flags, from its Request's fields
+def _base_type(hint: Any) -> Any:
+    """int / float / str / bool / list[...] behind an optional hint."""
+    if get_origin(hint) in (Union, types.UnionType):
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    return hint
+
+
+def add_study_flags(p: argparse.ArgumentParser, study: Study) -> None:
+    """One flag per `option` field of the study's Request; help lists the registry's names as they are now."""
+    g = p.add_argument_group(study.title)
+    hints = get_type_hints(study.Request)
+    for f, opt in options(study.Request):
+        text = opt.help + (f" ({', '.join(opt.choices())})" if opt.choices is not None else "")
+        kind = _base_type(hints[f.name])
+        kw: dict[str, Any] = {"dest": f"{study.name}__{f.name}", "help": text}
+        if kind is bool:
+            kw["action"] = "store_true"
+        elif opt.const is not None:
+            kw.update(nargs="?", const=opt.const)
+        if kind is not bool:
+            kw["metavar"] = opt.metavar or f.name.upper()
+        g.add_argument(flag_name(f), **kw)
+
+
+def _typed(flag: str, text: Any, hint: Any, accepts: str | None = None) -> Any:
+    """A flag's text as the Request field's type; a bad value is one EsaError naming the flag and what it
+    accepts (the option's `accepts`, or the type's)."""
+    kind = _base_type(hint)
+    if text is None or kind is bool or not isinstance(text, str):
+        return text
+    if get_origin(kind) is list:
+        (item,) = get_args(kind)
+        values = _csv(text)
+        if not values:
+            raise EsaError(f"{flag} is empty; give {accepts or 'a comma list'}")
+        return [_typed(flag, v, item, accepts or "a comma list of numbers") for v in values]
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            what = accepts or ("a whole number" if kind is int else "a number")
+            raise EsaError(f"{flag} must be {what}, got {text!r}") from None
+    return text
+
+
+def study_request(args: argparse.Namespace, study: Study) -> Any:
+    """The study's Request built from the parsed flags (each converted to its field's type)."""
+    hints = get_type_hints(study.Request)
+    values = {f.name: _typed(flag_name(f), getattr(args, f"{study.name}__{f.name}", None), hints[f.name], opt.accepts)
+              for f, opt in options(study.Request)}
+    return study.Request(**{k: v for k, v in values.items() if v is not None})
 
 
 def _positive(name: str, value: int | None, default: int, minimum: int = 1) -> int:
@@ -158,10 +218,17 @@ def resolve(args: argparse.Namespace) -> command.Command:
     if recipe.topk > recipe.candidate_depth and not recipe.keep_scores:
         raise EsaError(f"--topk {recipe.topk} is deeper than the {recipe.candidate_depth} candidates a cache entry "
                        f"stores per matrix: add --candidate-depth {recipe.topk} or --keep-scores")
-    apps = {app.name: spec for app in command.APPS if (spec := app.resolve(args, prof)) is not None}
-    flags = {k: v for k, v in vars(args).items() if v not in (None, False)}
+    model = args.model or prof.models[0]
+    explicit = frozenset(k for k in _COMMON if getattr(args, k, None) not in (None, False))
+    ctx = RunContext(prof, model, recipe, explicit, dry_run=args.dry_run)
+    apps = {}
+    for study in command.STUDIES:
+        request = study_request(args, study)
+        if check_request(study, request):
+            apps[study.name] = study.job(request, ctx)
+    flags = {k.split("__")[-1]: v for k, v in vars(args).items() if v not in (None, False)}
     return command.Command(
-        model=args.model or prof.models[0], recipe=recipe, profile=args.profile,
+        model=model, recipe=recipe, profile=args.profile,
         run_id=args.run_id or time.strftime("%Y%m%d-%H%M%S"), device=args.device,
         stability_check=args.stability_check, weight_analysis=args.weight_analysis,
         architecture_analysis=args.architecture_analysis, save_plots=args.save_plots, perturb=bool(perturbations),
@@ -269,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     created = False
     try:
         cmd = resolve(args)
+        if args.dry_run:
+            print("\n".join(dry_run_lines(cmd, args)))
+            return 0
         out = Path(args.out_dir) if args.out_dir else default_out_dir(cmd)
         created = prepare_out_dir(out)
         with folder_lock(out, what="out dir", hint="give another --out-dir", command="esa-runner"):
@@ -281,6 +351,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(_report(summary, cmd, out))
     return 0
+
+
+def dry_run_lines(cmd: command.Command, args: argparse.Namespace) -> list[str]:
+    """What the run would compute, from settings alone: each requested study's plan, or the scoring run's."""
+    prof = load_profile(args.profile)
+    r = cmd.recipe
+    lines = [f"esa-runner (dry run): {cmd.model}, profile {cmd.profile}; scores {', '.join(r.metrics)} x seeds "
+             f"{list(r.seeds)} on {r.max_samples} x {r.seqlen} calibration tokens, {r.mode} top-{r.topk}"]
+    for study in command.STUDIES:
+        if study.name in cmd.apps:
+            job = cmd.apps[study.name]
+            plan = study.plan(job.settings, prof, [args.model] if args.model else None)
+            lines += plan.lines() + [f"esa-runner {flag_name_of(study)}: {job.describe()}: settings checked"]
+    lines.append("nothing loaded (dry run)")
+    return lines
+
+
+def flag_name_of(study: Study) -> str:
+    return " / ".join("--" + t.replace("_", "-") for t in study.trigger)
 
 
 def _has_outputs(out: Path) -> bool:

@@ -16,6 +16,7 @@ Corpora are registered by name:
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import tarfile
@@ -96,6 +97,22 @@ def check_corpus(name: str) -> None:
     """Refuse an unknown corpus name before anything is loaded (registered names, or an existing text file)."""
     if name not in CORPORA and not Path(name).is_file():
         raise unknown("corpus", name, CORPORA, hint="or give the path of an existing local text file")
+
+
+HUB_CORPORA = {"wikitext2": "wikitext", "c4": "allenai___c4"}  # name -> its folder stem in the datasets cache
+
+
+def check_reachable(name: str, who: str, fallback: str = "") -> None:
+    """Refuse, before any work, a hub corpus `who` needs while the hub is off (HF_HUB_OFFLINE=1) and the
+    datasets cache does not hold it; local corpora always pass."""
+    if name not in HUB_CORPORA or os.environ.get("HF_HUB_OFFLINE") != "1":
+        return
+    from datasets import config as dconfig
+
+    cached = Path(dconfig.HF_DATASETS_CACHE)
+    if not any(cached.glob(f"{HUB_CORPORA[name]}*")):
+        raise EsaError(f"{who} needs text from {name!r}, which is neither cached under {cached} nor reachable "
+                       f"(HF_HUB_OFFLINE=1){fallback}")
 
 
 def get_corpus(name: str) -> Corpus:

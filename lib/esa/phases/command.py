@@ -32,7 +32,7 @@ from esa.perturb import plots as perturb_plots
 from esa.perturb.controls import CONTROLS
 from esa.perturb.ops import PERTURBATIONS
 from esa.phases import phase2, phase5_interpret, phase5_pruning, phase5_security, phase5_training
-from esa.phases.apps import App
+from esa.phases.study import Study
 from esa.recipes import Recipe
 from esa.sensitivity import plots, structure
 from esa.sensitivity.metrics import METRICS
@@ -43,7 +43,7 @@ from esa.store import code_version, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
-APPS: list[App] = [m.APP for m in (phase5_pruning, phase5_training, phase5_security, phase5_interpret)]
+STUDIES: list[Study] = [m.STUDY for m in (phase5_pruning, phase5_training, phase5_security, phase5_interpret)]
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Command:
     perturb_scales: tuple[float, ...] = ()
     perturb_probs: tuple[float, ...] = ()
     flags: dict[str, Any] = field(default_factory=dict)  # the flags as given, for the summary
-    apps: dict[str, Any] = field(default_factory=dict)  # Phase 5 app name -> its validated spec (see APPS)
+    apps: dict[str, Any] = field(default_factory=dict)  # Phase 5 study name -> its validated job (see STUDIES)
 
     def settings(self) -> dict[str, Any]:
         r = asdict(self.recipe)
@@ -146,9 +146,9 @@ def run(cmd: Command, lm: LoadedModel, stage: Path) -> dict[str, Any]:
         scores = {s: runs[(metrics[0], s)].scores if runs[(metrics[0], s)].scores is not None
                   else runs[(metrics[0], s)].bottom_source() for s in seeds}
         summary["perturb"] = perturb(cmd, lm, table[table["metric"] == metrics[0]], scores, stage)
-    for app in APPS:
-        if app.name in cmd.apps:
-            summary[app.name] = app.run(cmd.apps[app.name], cmd, lm, runs, stage)
+    for study in STUDIES:
+        if study.name in cmd.apps:
+            summary[study.name] = study.run_job(cmd.apps[study.name], cmd, lm, runs, stage)
     write_parquet(stage / "topk.parquet", table.assign(model=cmd.model, run_id=cmd.run_id))
     summary["timings"] = {"total_s": time.perf_counter() - t_start, "device": str(lm.device),
                           "cuda": torch.cuda.is_available()}

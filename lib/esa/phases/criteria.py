@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from esa.stats import power
+from esa.stats.budget import budget_reason as stats_budget
 from esa.stats.verdicts import Criterion, demote, judge
 
 RATIO_THRESHOLD = 5.0
@@ -367,16 +368,19 @@ def budget_reason(settings: Any, cid: str) -> str | None:
     or None. Only rows that rest on the calibration or perturbation sample are checked."""
     seeds = len(_get(settings, "seeds", []) or [])
     name = _get(settings, "name", "?")
+    seqlen = _get(settings, "seqlen")
     if cid.startswith(RESTS_ON_CALIBRATION):
         n = int(_get(settings, "max_samples", 0) or 0)
-        if n < GUIDE_MAX_SAMPLES or seeds < GUIDE_SEEDS:
-            return (f"{name} budget: {n} calibration windows × {_get(settings, 'seqlen')} tokens per seed, {seeds} "
-                    f"seed(s) (the guide's: {GUIDE_MAX_SAMPLES} samples, {GUIDE_SEEDS} seeds)")
+        return stats_budget(f"{name} budget: ", [(
+            n < GUIDE_MAX_SAMPLES or seeds < GUIDE_SEEDS,
+            f"{n} calibration windows × {seqlen} tokens per seed, {seeds} seed(s) "
+            f"(the guide's: {GUIDE_MAX_SAMPLES} samples, {GUIDE_SEEDS} seeds)")])
     if cid.startswith(RESTS_ON_PERTURBATION):
         w = int(_get(settings, "perturb_eval_windows") or _get(settings, "eval_windows") or 0)
-        if w < GUIDE_PERTURB_WINDOWS or seeds < GUIDE_SEEDS:
-            return (f"{name} budget: {seeds} seed(s) × {w} evaluation windows of {_get(settings, 'seqlen')} tokens "
-                    f"per condition (standard: {GUIDE_SEEDS} seeds × {GUIDE_PERTURB_WINDOWS} windows)")
+        return stats_budget(f"{name} budget: ", [(
+            w < GUIDE_PERTURB_WINDOWS or seeds < GUIDE_SEEDS,
+            f"{seeds} seed(s) × {w} evaluation windows of {seqlen} tokens per condition "
+            f"(standard: {GUIDE_SEEDS} seeds × {GUIDE_PERTURB_WINDOWS} windows)")])
     return None
 
 

@@ -25,9 +25,9 @@ one-sided Wilcoxon p is 2^-n, which must be below Holm's first threshold alpha /
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,9 +44,9 @@ from esa.apps.interpret.sinks import AGGREGATES
 from esa.data import evaluation
 from esa.errors import EsaError, unknown
 from esa.models import LoadedModel
-from esa.params import Profile, section
+from esa.params import Profile
 from esa.perturb.apply import Targets, targets_from_selection
-from esa.phases.apps import App
+from esa.phases.study import Plan, Planned, RunContext, Study, build_settings, option
 from esa.recipes import Recipe
 from esa.sensitivity.engine import ScoreRun
 from esa.sensitivity.metrics import METRICS
@@ -144,9 +144,9 @@ class Settings:
         return self.model_topk.get(model, self.topk)
 
 
-def settings(P: Profile) -> Settings:
-    """The profile's `interpret` section, type-checked by esa.params.section and value-checked here."""
-    return section(P, "interpret", Settings).validate(P)
+def settings(P: Profile, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """The profile's `interpret` section (+ overrides), type-checked by esa.params.section, value-checked here."""
+    return build_settings(P, "interpret", Settings, overrides).validate(P)
 
 
 def model_names(P: Profile, S: Settings) -> list[str]:
@@ -561,29 +561,31 @@ class Spec:
     topk: int
     settings: dict[str, Any]  # the validated profile section
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("interpretability (Phase 5, week 15)")
-    g.add_argument("--roles", nargs="?", const="all", help="role catalogue of the global top-k of each metric plus "
-                   f"the super-weight candidates: all, or a comma list ({', '.join(ROLES)}); writes roles.parquet")
-    g.add_argument("--roles-topk", type=int, help="global top-k of each metric whose roles are tested "
-                                                  "(default: the profile's interpret.topk); needs --roles")
+    def describe(self) -> str:
+        return f"roles {', '.join(self.roles)} of the top-{self.topk} per metric"
 
 
-def resolve(args: argparse.Namespace, profile: Profile) -> Spec | None:
-    if getattr(args, "roles", None) is None:
-        if getattr(args, "roles_topk", None) is not None:
-            raise EsaError("--roles-topk needs --roles (it only sizes the role catalogue)")
-        return None
-    S = settings(profile)
-    names = parse_roles(None if args.roles.strip() == "all" else args.roles)
-    k = S.topk if args.roles_topk is None else args.roles_topk
+@dataclass(frozen=True)
+class RolesRequest:
+    """esa-runner's interpretability flags (the command layer builds them from these fields)."""
+
+    roles: str | None = option("role catalogue of the global top-k of each metric plus the super-weight "
+                               "candidates: all, or a comma list; writes roles.parquet", choices=lambda: ROLES,
+                               const="all")
+    roles_topk: int | None = option("global top-k of each metric whose roles are tested (default: the profile's "
+                                    "interpret.topk)")
+
+
+def job(req: RolesRequest, ctx: RunContext) -> Spec:
+    S = settings(ctx.profile)
+    names = parse_roles(None if req.roles.strip() == "all" else req.roles)  # type: ignore[union-attr]
+    k = S.topk if req.roles_topk is None else req.roles_topk
     if k < 1:
         raise EsaError(f"--roles-topk must be at least 1, got {k}")
     return Spec(names, k, asdict(S))
 
 
-def run(spec: Spec, cmd: Command, lm: LoadedModel, runs: Runs, stage: Path) -> dict[str, Any]:
+def run_job(spec: Spec, cmd: Command, lm: LoadedModel, runs: Runs, stage: Path) -> dict[str, Any]:
     """The catalogue over the run's metrics (first seed) into stage/roles.parquet (one row per weight)."""
     S = Settings(**{f.name: spec.settings[f.name] for f in fields(Settings) if f.name in spec.settings})
     S.roles = list(spec.roles)
@@ -608,4 +610,26 @@ def run(spec: Spec, cmd: Command, lm: LoadedModel, runs: Runs, stage: Path) -> d
     return out
 
 
-APP = App(name="interpret", add_arguments=add_arguments, resolve=resolve, run=run)
+# ------------------------------------------------------------------ the study
+def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
+    """The role catalogue of each model, without loading anything."""
+    chosen = list(models or model_names(P, S))
+    conds = [Planned(m, f"roles of the top-{S.topk_for(m)} per metric", S.n_inputs, "inputs") for m in chosen]
+    return Plan("interpret", P, chosen, S, conds, {"metrics": metric_names(P, S), "seed": score_seed(P, S)},
+                reductions(P, S, chosen))
+
+
+def run(p: Plan) -> dict[str, ModelInterpret]:
+    return {m: analyse(m, p.profile, p.settings) for m in p.models}
+
+
+def criteria(results: Mapping[str, ModelInterpret], p: Plan, evidence: str) -> list[Criterion]:
+    return [row for m, r in results.items() for row in criterion_rows(m, r.share, p.settings, r.k, evidence)]
+
+
+def findings(results: Mapping[str, ModelInterpret], p: Plan) -> list[str]:
+    return [" ".join(prose(r, p.settings)) for r in results.values()]
+
+
+STUDY = Study(name="interpret", title="interpretability (Phase 5, week 15)", Request=RolesRequest, trigger=("roles",),
+              settings=settings, plan=plan, run=run, criteria=criteria, findings=findings, job=job, run_job=run_job)

@@ -1,68 +1,85 @@
 """Phase 5, week 13a (pruning): every scorer side by side at equal sparsity, one evaluation, one criterion.
 
-The profile section `pruning` (`Settings`) says what one model's study runs; `conditions` expands it into
-pruning conditions (the 50% table, the sparsity sweep, N:M, OWL, protected vs unprotected, each over the
-calibration seeds; seed-free conditions once), `run_model` prunes and evaluates each in place (masks
-restored bit-exactly after each) and returns `ModelPruning` with its tidy rows and summary tables, and
-`criterion_rows` judges the guide's ">15% better than magnitude":
+A `Study` (esa.phases.study): `settings` reads the profile section `pruning`, `plan` expands it into pruning
+conditions (the 50% table, the sparsity sweep, N:M, OWL, protected vs unprotected, each over the calibration
+seeds; seed-free conditions once), `run` prunes and evaluates each in place (masks restored bit-exactly after
+each), `criteria` judges the guide's ">15% better than magnitude":
 
     gain = 1 - Delta_method / Delta_baseline,  Delta = log-PPL(pruned) - log-PPL(dense),
 
 at the section's `sparsity` (50%) unstructured, per model and calibration seed (esa.apps.pruning.criterion),
-summarised as the mean over seeds with a 95% t-interval. PASS: the interval's lower end is above the
-threshold (0.15); FAIL: its upper end is below; underpowered: fewer than 2 seeds, or the interval contains
-the threshold; not estimable: the baseline does no damage above `min_damage` (a denominator within noise)
-or a log-PPL is not finite. The same comparison against Wanda and SparseGPT is shown beside it.
-
-`APP` is the esa-runner plug-in: `--prune METHOD --sparsity S --pattern unstructured|2:4|4:8 --allocation
-uniform|owl --protect-critical [--calibration sequential|one-shot] [--export-pruned DIR] [--dry-run]`.
-Every value is checked in `resolve`, before any model is loaded; `--dry-run` prints the plan of the
-profile's pruning section (at `--profile extended`: the GPU reproduction of the Wanda README's Llama-2-7B
-row) with every setting checked, and exits without loading a model.
+by its 95% t-interval over seeds (esa.stats.intervals.gain_verdict); the same comparison against Wanda and
+SparseGPT stands beside it. esa-runner's request is `PruneRequest` (`--prune METHOD --sparsity S --pattern
+unstructured|2:4|4:8 --allocation uniform|owl --protect-critical --calibration sequential|one-shot
+--export-pruned DIR`), checked in `job` before any model is loaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
 from esa.apps.pruning import (
+    ALLOCATIONS,
+    CALIBRATIONS,
     PruneSpec,
     criterion,
     critical_targets,
     evaluate_condition,
     export_pruned,
     get_method,
+    methods,
     prune,
     results_table,
 )
 from esa.apps.pruning.patterns import check_divides, parse_pattern
-from esa.apps.pruning.prune import pruned_specs
-from esa.data import check_corpus, evaluation
+from esa.apps.pruning.prune import check_protected_fits, pruned_specs
+from esa.apps.pruning.tables import summary_tables
+from esa.data import HUB_CORPORA, check_reachable, evaluation
 from esa.errors import EsaError, unknown
-from esa.models.inventory import WeightSpec
+from esa.models.inventory import inventory_without_weights
 from esa.models.loader import LoadedModel
-from esa.params import Profile, check_seed, model_params, section
+from esa.params import Profile, model_params
 from esa.perturb.apply import weights_hash
-from esa.phases.apps import App
+from esa.phases.study import (
+    Plan,
+    Planned,
+    RunContext,
+    Study,
+    at_least,
+    build_settings,
+    corpus,
+    each,
+    finite,
+    fraction,
+    one_of,
+    option,
+    optional,
+    seed_value,
+    setting,
+)
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 from esa.sensitivity.select import MODES
+from esa.stats.intervals import gain_verdict
 from esa.stats.verdicts import Criterion
 from esa.store import write_json, write_parquet
 from esa.zeroshot import ZeroShotTask, build_next_line
 
 SENSITIVITY = ("grad_x_weight", "obd", "hutchinson_diag")  # the scorers the guide calls "ESA"
-HUB_CORPORA = ("wikitext2", "c4")
+CRITERION = "P5.prune_gain"
+
+
+_METHODS = each(one_of(lambda: methods()), unique=True)
+_SPARSITY = fraction("a sparsity (the share of weights pruned)")
 
 
 @dataclass(frozen=True)
@@ -70,98 +87,49 @@ class Settings:
     """The profile section `pruning` (every key optional; None means "the profile's value")."""
 
     models: list[str] | None = None  # None: the profile's models (or the notebook's `models`)
-    methods: list[str] = field(default_factory=lambda: ["magnitude", "wanda", "sparsegpt", "grad_x_weight", "obd",
-                                                        "hutchinson_diag", "random"])
-    sparsity: float = 0.5  # the main table and the criterion
-    sweep: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
-    sweep_methods: list[str] | None = None  # None: methods
-    patterns: list[str] = field(default_factory=lambda: ["2:4", "4:8"])
-    pattern_methods: list[str] | None = None  # None: methods
-    owl_sparsity: float = 0.7
-    owl_methods: list[str] = field(default_factory=lambda: ["wanda"])  # each also run uniform at owl_sparsity
+    methods: list[str] = setting(check=each(one_of(lambda: methods()), nonempty=True, unique=True), factory=lambda: [
+        "magnitude", "wanda", "sparsegpt", "grad_x_weight", "obd", "hutchinson_diag", "random"])
+    sparsity: float = setting(0.5, _SPARSITY)  # the main table and the criterion
+    sweep: list[float] = setting(check=each(_SPARSITY), factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    sweep_methods: list[str] | None = setting(None, _METHODS)  # None: methods
+    patterns: list[str] = setting(check=each(lambda p, w: _nm(p, w)), factory=lambda: ["2:4", "4:8"])
+    pattern_methods: list[str] | None = setting(None, _METHODS)  # None: methods
+    owl_sparsity: float = setting(0.7, _SPARSITY)
+    owl_methods: list[str] = setting(check=_METHODS, factory=lambda: ["wanda"])  # each also run uniform there
     protect: bool = True  # ESA-guided: the same scorers with the critical set never pruned
-    protect_methods: list[str] = field(default_factory=lambda: ["grad_x_weight", "obd", "magnitude"])
-    protect_metric: str = "grad_x_weight"  # whose top-k (Phase 2 score cache, first profile seed) is protected
-    protect_topk: int | None = None  # None: the profile's topk
-    protect_mode: str | None = None  # None: the profile's mode
+    protect_methods: list[str] = setting(check=_METHODS, factory=lambda: ["grad_x_weight", "obd", "magnitude"])
+    protect_metric: str = setting("grad_x_weight", one_of(lambda: METRICS))  # whose top-k (first seed) is protected
+    protect_topk: int | None = setting(None, optional(at_least(0)))  # None: the profile's topk
+    protect_mode: str | None = setting(None, optional(one_of(lambda: MODES)))  # None: the profile's mode
     superweights: bool = True  # the super-weight detector's candidates are protected too
     calibration: str | None = None  # "sequential" | "one-shot"; None: each method's default (gradients: one-shot)
-    calib_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    calib_windows: int = 8
-    calib_seqlen: int | None = None
-    calib_corpus: str | None = None
-    eval_windows: int | None = None  # None: the profile's eval_windows (null there: every window)
-    eval_seqlen: int | None = None
-    eval_corpus: str | None = None
-    zeroshot_items: int = 64  # 0: no zero-shot task
-    zeroshot_corpus: str = "shakespeare"  # the next-line task needs a play's speeches
-    esa_methods: list[str] = field(default_factory=lambda: list(SENSITIVITY))  # judged by the criterion
-    threshold: float = 0.15
-    min_damage: float = 0.01  # nats: a baseline damaging less is a denominator within noise
-    batch_size: int | None = None
+    calib_seeds: list[int] = setting(check=each(seed_value, nonempty=True, unique=True), factory=lambda: [0, 1, 2])
+    calib_windows: int = setting(8, at_least(1))
+    calib_seqlen: int | None = setting(None, optional(at_least(2)))
+    calib_corpus: str | None = setting(None, optional(corpus))
+    eval_windows: int | None = setting(None, optional(at_least(1)))  # None: the profile's (null there: all)
+    eval_seqlen: int | None = setting(None, optional(at_least(2)))
+    eval_corpus: str | None = setting(None, optional(corpus))
+    zeroshot_items: int = setting(64, at_least(0))  # 0: no zero-shot task
+    zeroshot_corpus: str = setting("shakespeare", corpus)  # the next-line task needs a play's speeches
+    esa_methods: list[str] = setting(check=_METHODS, factory=lambda: list(SENSITIVITY))  # judged by the criterion
+    threshold: float = setting(0.15, finite)
+    min_damage: float = setting(0.01, at_least(0))  # nats: a baseline damaging less is a denominator within noise
+    batch_size: int | None = setting(None, optional(at_least(1)))
     machinery_only: bool = False  # smoke budgets: verdicts are machinery-only (the numbers are still shown)
     reference: dict[str, Any] = field(default_factory=dict)  # published PPL: {pattern: {method: ppl}}
     reference_source: str = ""
-    reference_tolerance: float = 0.1  # PPL
+    reference_tolerance: float = setting(0.1, at_least(1e-12))  # PPL
 
 
-def settings(profile: Profile) -> Settings:
-    """The validated section (types by esa.params.section, meaning here): one EsaError on the first bad value."""
-    S = section(profile, "pruning", Settings)
-    check_settings(S, profile)
-    return S
+def _nm(p: str, where: str) -> None:
+    if parse_pattern(p).kind != "nm":
+        raise EsaError(f"{where} lists N:M patterns (e.g. 2:4); {p!r} is not one")
 
 
-def _methods(names: list[str], what: str) -> None:
-    for m in names:
-        get_method(m)  # unknown -> one line with the registered ones
-    if len(set(names)) != len(names):
-        raise EsaError(f"pruning.{what} has duplicates: {names}")
-
-
-def _fraction(value: float, what: str) -> None:
-    if not (math.isfinite(value) and 0 < value < 1):
-        raise EsaError(f"pruning.{what} must be a sparsity in (0, 1) (the share of weights pruned), got {value!r}")
-
-
-def check_settings(S: Settings, P: Profile) -> None:
-    if not S.methods:
-        raise EsaError("pruning.methods is empty; accepted: registered pruning methods, e.g. magnitude, wanda")
-    _methods(S.methods, "methods")
-    for what in ("sweep_methods", "pattern_methods", "owl_methods", "protect_methods", "esa_methods"):
-        _methods(getattr(S, what) or [], what)
-    _fraction(S.sparsity, "sparsity")
-    _fraction(S.owl_sparsity, "owl_sparsity")
-    for s in S.sweep:
-        _fraction(s, "sweep")
-    for p in S.patterns:
-        if parse_pattern(p).kind != "nm":
-            raise EsaError(f"pruning.patterns lists N:M patterns (e.g. 2:4); {p!r} is not one")
-    if S.protect_metric not in METRICS:
-        raise unknown("pruning.protect_metric", S.protect_metric, METRICS)
-    if (S.protect_mode or P.mode) not in MODES:
-        raise unknown("pruning.protect_mode", S.protect_mode, MODES)
-    if (S.protect_topk if S.protect_topk is not None else P.topk) < 0:
-        raise EsaError(f"pruning.protect_topk must be >= 0, got {S.protect_topk}")
-    if not S.calib_seeds:
-        raise EsaError("pruning.calib_seeds is empty; give at least one seed, e.g. [0]")
-    for s in S.calib_seeds:
-        check_seed(s, "pruning.calib_seeds")
-    if len(set(S.calib_seeds)) != len(S.calib_seeds):
-        raise EsaError(f"pruning.calib_seeds has duplicates: {S.calib_seeds}")
-    for name in ("calib_windows", "zeroshot_items"):
-        low = 1 if name == "calib_windows" else 0
-        if getattr(S, name) < low:
-            raise EsaError(f"pruning.{name} must be an integer >= {low}, got {getattr(S, name)}")
-    for name in ("calib_seqlen", "eval_seqlen", "eval_windows", "batch_size"):
-        v = getattr(S, name)
-        if v is not None and v < (2 if "seqlen" in name else 1):
-            raise EsaError(f"pruning.{name} must be a positive integer or null, got {v}")
-    for c in (S.calib_corpus, S.eval_corpus, S.zeroshot_corpus):
-        if c is not None:
-            check_corpus(c)
-    if not (math.isfinite(S.threshold) and S.min_damage >= 0 and S.reference_tolerance > 0):
-        raise EsaError("pruning.threshold must be finite, min_damage >= 0 and reference_tolerance > 0")
+def settings(profile: Profile, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """The profile's section `pruning` (+ overrides), typed and validated: one EsaError on the first bad value."""
+    S = build_settings(profile, "pruning", Settings, overrides)
     for pat, by_method in S.reference.items():
         parse_pattern(pat)
         if not isinstance(by_method, dict):
@@ -169,7 +137,8 @@ def check_settings(S: Settings, P: Profile) -> None:
         for m in by_method:
             if m != "dense":
                 get_method(m)
-    conditions(S, P)  # every PruneSpec is built (and so checked) here
+    conditions(S, profile)  # every PruneSpec is built (and so checked) here
+    return S
 
 
 # ---------------------------------------------------------------- conditions
@@ -221,42 +190,39 @@ def conditions(S: Settings, P: Profile) -> list[Condition]:
     return list(out.values())
 
 
-def plan(S: Settings, P: Profile, models: list[str] | None = None) -> dict[str, Any]:
+def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
     """What a run of the section computes, without loading anything (the dry run prints it)."""
     conds = conditions(S, P)
+    chosen = list(models or S.models or P.models)
+    n_eval = S.eval_windows if S.eval_windows is not None else P.eval_windows
     corpora = {S.calib_corpus or P.corpus, S.eval_corpus or P.corpus} | ({S.zeroshot_corpus} if S.zeroshot_items else set())
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    return {
-        "profile": P.name, "models": list(models or S.models or P.models),
-        "n_conditions": len(conds), "n_evaluations_per_model": len(conds) + 1,
-        "calibration": {"corpus": S.calib_corpus or P.corpus, "seqlen": S.calib_seqlen or P.seqlen,
-                        "windows": S.calib_windows, "seeds": list(S.calib_seeds),
-                        "mode": S.calibration or "each method's default (sequential; gradient scorers one-shot)"},
-        "evaluation": {"corpus": S.eval_corpus or P.corpus, "seqlen": S.eval_seqlen or P.seqlen,
-                       "windows": S.eval_windows if S.eval_windows is not None else P.eval_windows,
-                       "zeroshot_items": S.zeroshot_items, "zeroshot_corpus": S.zeroshot_corpus},
-        "needs_hub": sorted(c for c in corpora if c in HUB_CORPORA) + [
-            m for m in (models or S.models or P.models) if "/" in model_params(m).ref],
-        "hub_offline": offline,
-        "conditions": [c.spec.label() + (" [protected]" if c.protected else "") + f" seed={c.spec.calib_seed}"
-                       f" calib={c.spec.calibration}" for c in conds],
-        "reference": S.reference, "reference_source": S.reference_source,
-        "reference_tolerance": S.reference_tolerance,
-    }
+    hub = sorted(c for c in corpora if c in HUB_CORPORA) + [m for m in chosen if "/" in model_params(m).ref]
+    notes = [f"needs the hub (or a local HF cache) for: {', '.join(hub)}"
+             + (" -- HF_HUB_OFFLINE=1 is set here" if os.environ.get("HF_HUB_OFFLINE") == "1" else "")] if hub else []
+    if S.reference:
+        notes.append(f"reference ({S.reference_source}): {S.reference}; pass = within {S.reference_tolerance:g} PPL "
+                     "of each published number")
+    planned = []
+    for m in chosen:
+        planned.append(Planned(m, "dense", n_eval or 0, "windows", (CRITERION,)))
+        planned += [Planned(m, c.spec.label() + (" [protected]" if c.protected else "") + f" seed={c.spec.calib_seed}"
+                            f" calib={c.spec.calibration}", n_eval or 0, "windows", _serves(c, S)) for c in conds]
+    setup = {"calibration": {"corpus": S.calib_corpus or P.corpus, "seqlen": S.calib_seqlen or P.seqlen,
+                             "windows": S.calib_windows, "seeds": list(S.calib_seeds),
+                             "mode": S.calibration or "each method's default (sequential; gradient scorers one-shot)"},
+             "evaluation": {"corpus": S.eval_corpus or P.corpus, "seqlen": S.eval_seqlen or P.seqlen,
+                            "windows": n_eval, "zeroshot_items": S.zeroshot_items,
+                            "zeroshot_corpus": S.zeroshot_corpus}}
+    return Plan("pruning", P, chosen, S, planned, setup, notes)
 
 
-def format_plan(p: dict[str, Any]) -> str:
-    lines = [f"pruning plan, profile {p['profile']}: models {p['models']}; {p['n_conditions']} conditions "
-             f"(+ dense) per model",
-             f"  calibration: {p['calibration']}", f"  evaluation: {p['evaluation']}"]
-    if p["needs_hub"]:
-        lines.append(f"  needs the hub (or a local HF cache) for: {p['needs_hub']}"
-                     + (" -- HF_HUB_OFFLINE=1 is set here" if p["hub_offline"] else ""))
-    if p["reference"]:
-        lines.append(f"  reference ({p['reference_source']}): {p['reference']}; pass = within "
-                     f"{p['reference_tolerance']:g} PPL of each published number")
-    lines += [f"  - {c}" for c in p["conditions"]]
-    return "\n".join(lines)
+def _serves(c: Condition, S: Settings) -> tuple[str, ...]:
+    """The criterion a condition's numbers decide: the gain rows at the criterion's sparsity, unstructured."""
+    at = c.spec.sparsity is not None and abs(c.spec.sparsity - S.sparsity) < 1e-9
+    if at and c.spec.pattern == "unstructured" and c.spec.allocation == "uniform" and (
+            c.spec.method in (*S.esa_methods, "magnitude", "wanda", "sparsegpt")):
+        return (CRITERION,)
+    return ()
 
 
 # ---------------------------------------------------------------- one model
@@ -302,11 +268,10 @@ def protected_set(lm: LoadedModel, name: str, S: Settings, P: Profile) -> tuple[
     return crit.targets, info
 
 
-def run_model(name: str, P: Profile, S: Settings | None = None, lm: LoadedModel | None = None,
+def run_model(name: str, P: Profile, S: Settings, lm: LoadedModel | None = None,
               show_progress: bool = False) -> ModelPruning:
     """Every condition of the section on model `name`: prune, evaluate in place, restore (checked)."""
     t0 = time.perf_counter()
-    S = S or settings(P)
     conds = conditions(S, P)
     eager = any(c.spec.method == "hutchinson_diag" for c in conds) or (S.protect and S.protect_metric == "hutchinson_diag")
     lm = lm or Recipe.of(P).load(name, eager=True if eager else None)
@@ -329,102 +294,21 @@ def run_model(name: str, P: Profile, S: Settings | None = None, lm: LoadedModel 
     if not restored:
         raise EsaError(f"{name}: the weights differ from the dense model after pruning and evaluation "
                        "(a mask was not restored bit-exactly)")
-    return ModelPruning(name, table, summary_tables(table, S), crit, windows.describe(),
+    return ModelPruning(name, table, tables(table, S), crit, windows.describe(),
                         task.describe() if task is not None else {}, restored, time.perf_counter() - t0)
 
 
-# ---------------------------------------------------------------- tables
-def t_interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, lo, hi): Student-t interval over seeds; lo = hi = NaN with fewer than 2 values."""
-    from scipy import stats as st
-
-    x = np.asarray(x, dtype=float)
-    mean = float(x.mean()) if x.size else math.nan
-    if x.size < 2 or not np.isfinite(x).all():
-        return mean, math.nan, math.nan
-    half = float(st.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-    return mean, mean - half, mean + half
+def tables(table: pd.DataFrame, S: Settings) -> dict[str, pd.DataFrame]:
+    return summary_tables(table, S.sparsity, S.sweep_methods or S.methods, S.pattern_methods or S.methods,
+                          S.owl_sparsity, S.owl_methods, S.protect_methods if S.protect else None)
 
 
-CONDITION = ["model", "method", "sparsity", "pattern", "group", "allocation", "protected", "calib_mode"]
-
-
-def summarize(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per condition: PPL (geometric mean over seeds, 95% CI from log-PPL), accuracies, seeds."""
-    out = []
-    for key, g in rows.groupby(CONDITION, sort=False, dropna=False):
-        lp, lo, hi = t_interval(g["log_ppl"].to_numpy())
-        rec = dict(zip(CONDITION, key, strict=True))
-        rec.update({"ppl": math.exp(lp) if math.isfinite(lp) else math.inf,
-                    "ppl_lo": math.exp(lo) if math.isfinite(lo) else math.nan,
-                    "ppl_hi": math.exp(hi) if math.isfinite(hi) else math.nan,
-                    "log_ppl": lp, "accuracy": float(g["accuracy"].mean()),
-                    "achieved_sparsity": float(g["achieved_sparsity"].mean()), "n_seeds": len(g),
-                    "calib_seeds": ",".join(str(s) for s in sorted(g["calib_seed"].unique()))})
-        if "zs_accuracy" in g:
-            rec.update({"zs_accuracy": float(g["zs_accuracy"].mean()), "zs_accuracy_norm": float(g["zs_accuracy_norm"].mean()),
-                        "zs_chance": float(g["zs_chance"].iloc[0]), "zs_items": int(g["zs_items"].iloc[0])})
-        out.append(rec)
-    return pd.DataFrame(out)
-
-
-def summary_tables(table: pd.DataFrame, S: Settings) -> dict[str, pd.DataFrame]:
-    """The notebook's tables: main (50%), sweep, patterns, owl, protection; each says its calibration mode."""
-    dense = table["method"] == "dense"
-    unstr = table["pattern"] == "unstructured"
-    uni = table["allocation"] == "uniform"
-    none = table["protected"] == "none"
-    at = table["sparsity"].sub(S.sparsity).abs() < 1e-9
-    main = summarize(table[dense | (unstr & uni & none & at)])
-    sweep = summarize(table[dense | (unstr & uni & none & table["method"].isin(S.sweep_methods or S.methods))])
-    nm = summarize(table[dense | ~unstr | (unstr & uni & none & at & table["method"].isin(S.pattern_methods or S.methods))])
-    owl_at = table["sparsity"].sub(S.owl_sparsity).abs() < 1e-9
-    owl = summarize(table[dense | (unstr & none & owl_at & table["method"].isin(S.owl_methods))])
-    prot = summarize(table[dense | (unstr & uni & at & table["method"].isin(S.protect_methods))]) if S.protect else pd.DataFrame()
-    return {"main": main, "sweep": sweep, "patterns": nm, "owl": owl, "protection": prot}
+def run(p: Plan) -> dict[str, ModelPruning]:
+    """Every model of the plan, one after the other (each loaded, pruned condition by condition, restored)."""
+    return {m: run_model(m, p.profile, p.settings) for m in p.models}
 
 
 # ---------------------------------------------------------------- the criterion
-@dataclass
-class Verdict:
-    measured: float | None
-    lo: float
-    hi: float
-    n: int
-    passed: bool | None
-    verdict: str
-    note: str
-
-
-def gain_verdict(gains: list[float], baseline_damage: list[float], threshold: float = 0.15,
-                 min_damage: float = 0.01, machinery_only: bool = False) -> Verdict:
-    """PASS / FAIL / underpowered / not estimable / machinery-only from per-seed gains (module docstring)."""
-    g = np.asarray(gains, dtype=float)
-    d = np.asarray(baseline_damage, dtype=float)
-    if g.size == 0:
-        return Verdict(None, math.nan, math.nan, 0, None, "not estimable", "no matched (method, baseline) pair was run")
-    if not (np.isfinite(g).all() and np.isfinite(d).all()):
-        return Verdict(None, math.nan, math.nan, int(g.size), None, "not estimable",
-                       "a log-PPL is not finite or the baseline did no positive damage")
-    if (d <= min_damage).any():
-        return Verdict(float(g.mean()), math.nan, math.nan, int(g.size), None, "not estimable",
-                       f"baseline damage {d.min():.3g} nats <= {min_damage:g}: the denominator is within noise")
-    mean, lo, hi = t_interval(g)
-    ci = f"mean over {g.size} calibration seed(s) {mean:.3f}, 95% t-CI [{lo:.3f}, {hi:.3f}]"
-    if g.size < 2:
-        passed, verdict, note = None, "underpowered", f"one calibration seed (gain {mean:.3f}): no CI; needs >= 2"
-    elif lo > threshold:
-        passed, verdict, note = True, "PASS", ci
-    elif hi < threshold:
-        passed, verdict, note = False, "FAIL", ci
-    else:
-        passed, verdict, note = None, "underpowered", f"{ci} contains the threshold {threshold:g}"
-    if machinery_only:
-        return Verdict(mean, lo, hi, int(g.size), None, "machinery-only",
-                       f"smoke budget, the number is not evidence (would read {verdict}): {note}")
-    return Verdict(mean, lo, hi, int(g.size), passed, verdict, note)
-
-
 def comparison(table: pd.DataFrame, method: str, baseline: str, S: Settings, protected: bool) -> pd.DataFrame:
     """Per-seed gains of `method` (protected or not) against the unprotected `baseline`, uniform, at S.sparsity."""
     t = table[(table["allocation"] == "uniform") | (table["method"] == "dense")]
@@ -487,176 +371,123 @@ def reference_rows(mp: ModelPruning, S: Settings, evidence: str) -> list[Criteri
     return out
 
 
-def prose(mp: ModelPruning, S: Settings, detail: pd.DataFrame) -> list[str]:
-    """Sentences computed from the numbers (the notebook prints them)."""
+def criteria(results: Mapping[str, ModelPruning], p: Plan, evidence: str) -> list[Criterion]:
+    """The gain rows over every model, and the reproduction rows where the section names published numbers."""
+    rows, _ = criterion_rows(pd.concat([r.rows for r in results.values()], ignore_index=True), p.settings, evidence)
+    for m, r in results.items():
+        rows += reference_rows(r, p.settings, f"{evidence} ({m})") if p.settings.reference else []
+    return rows
+
+
+def findings(results: Mapping[str, ModelPruning], p: Plan) -> list[str]:
+    """Markdown sentences computed from the numbers, one paragraph per model."""
+    S = p.settings
+    _, detail = criterion_rows(pd.concat([r.rows for r in results.values()], ignore_index=True), S, "")
+    return [" ".join(_model_findings(mp, S, detail)) for mp in results.values()]
+
+
+def _model_findings(mp: ModelPruning, S: Settings, detail: pd.DataFrame) -> list[str]:
     main = mp.tables["main"]
     dense = main[main["method"] == "dense"]["ppl"].iloc[0]
     pruned = main[main["method"] != "dense"].sort_values("ppl")
-    lines = [f"{mp.model}: dense PPL {dense:.2f}; at {S.sparsity:.0%} unstructured the ranking is "
-             + ", ".join(f"{r.method} {r.ppl:.1f} ({r.calib_mode})" for r in pruned.itertuples()) + "."]
+    lines = [f"**{mp.model}** has a dense perplexity of {dense:.2f}; at {S.sparsity:.0%} unstructured sparsity the "
+             "methods rank " + ", ".join(f"{r.method} {r.ppl:.1f} ({r.calib_mode})" for r in pruned.itertuples()) + "."]
     if not detail.empty:
         for (m, base, prot), g in detail[detail["model"] == mp.model].groupby(["method", "baseline", "protected_method"]):
             tag = f"{m}{'+protect' if prot else ''}"
             ok = g[g["estimable"] & (g["delta_log_ppl_baseline"] > S.min_damage)]
             if ok.empty:
-                lines.append(f"  {tag} vs {base}: not estimable ({base} does no damage above {S.min_damage:g} nats "
-                             "or a log-PPL is not finite).")
+                lines.append(f"{tag} against {base} is not estimable: {base} does no damage above "
+                             f"{S.min_damage:g} nats, or a log-PPL is not finite.")
                 continue
             gain = float(ok["gain"].mean())
             word = "loses to" if gain < 0 else "beats"
-            lines.append(f"  {tag} {word} {base}: {abs(gain):.0%} {'more' if gain < 0 else 'less'} damage "
-                         f"(Δlog-PPL vs dense, mean over {len(ok)} seed(s)) at {S.sparsity:.0%}.")
+            lines.append(f"{tag} {word} {base} with {abs(gain):.0%} {'more' if gain < 0 else 'less'} damage "
+                         f"(Δ log-PPL against dense, mean over {len(ok)} seed(s)).")
     prot = mp.tables["protection"]
     if not prot.empty:
         for m in prot["method"].unique():
-            p = prot[(prot["method"] == m)]
-            a, b = p[p["protected"] != "none"], p[p["protected"] == "none"]
+            q = prot[(prot["method"] == m)]
+            a, b = q[q["protected"] != "none"], q[q["protected"] == "none"]
             if len(a) and len(b):
-                lines.append(f"  protecting {mp.critical['n_protected']} critical weights ({mp.critical['label']}) "
-                             f"changes {m}'s PPL from {b['ppl'].iloc[0]:.2f} to {a['ppl'].iloc[0]:.2f}.")
+                lines.append(f"Protecting {mp.critical['n_protected']} critical weights ({mp.critical['label']}) "
+                             f"changes {m}'s perplexity from {b['ppl'].iloc[0]:.2f} to {a['ppl'].iloc[0]:.2f}.")
     zs = main[main["method"] == "dense"]
     if "zs_accuracy" in zs:
-        lines.append(f"  zero-shot next-line accuracy (chance {zs['zs_chance'].iloc[0]:.0%}, {int(zs['zs_items'].iloc[0])} "
-                     f"items): dense {zs['zs_accuracy'].iloc[0]:.0%}, "
+        lines.append(f"On the zero-shot next-line task ({int(zs['zs_items'].iloc[0])} items, chance "
+                     f"{zs['zs_chance'].iloc[0]:.0%}) the dense model scores {zs['zs_accuracy'].iloc[0]:.0%}, and "
                      + ", ".join(f"{r.method} {r.zs_accuracy:.0%}" for r in pruned.itertuples()) + ".")
     return lines
 
 
 # ---------------------------------------------------------------- esa-runner
 @dataclass(frozen=True)
+class PruneRequest:
+    """esa-runner's pruning flags (the command layer builds them from these fields)."""
+
+    prune: str | None = option("prune with a registered scorer or reconstructor", choices=lambda: methods(),
+                               metavar="METHOD")
+    sparsity: float | None = option("share of weights pruned, in (0, 1) (default: the profile's pruning.sparsity)")
+    pattern: str | None = option("unstructured | N:M, e.g. 2:4, 4:8 (N pruned in every M inputs of a row)")
+    allocation: str | None = option("layer-wise sparsity", choices=lambda: ALLOCATIONS)
+    protect_critical: bool = option("never prune the critical set: super-weight candidates + the top-k of the "
+                                    "first --metric", default=False)
+    calibration: str | None = option("default: the method's", choices=lambda: CALIBRATIONS)
+    export_pruned: str | None = option("also save the pruned model as a safetensors folder", metavar="DIR")
+
+
+@dataclass(frozen=True)
 class PruneJob:
     """esa-runner's pruning request, validated: the condition, its protection, evaluation and export."""
 
     spec: PruneSpec
+    settings: Settings = field(default_factory=Settings)
     protect_critical: bool = False
     export_dir: str | None = None
     eval_windows: int | None = None
     eval_seqlen: int | None = None
 
-
-_FLAGS = ("sparsity", "pattern", "allocation", "protect_critical", "calibration", "export_pruned")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("pruning (Phase 5, week 13a)")
-    g.add_argument("--prune", metavar="METHOD", help="prune with a registered scorer or sparsegpt (magnitude, wanda, "
-                                                     "sparsegpt, grad_x_weight, obd, hutchinson_diag, random)")
-    g.add_argument("--sparsity", help="share of weights pruned, in (0, 1) (default: the profile's pruning.sparsity)")
-    g.add_argument("--pattern", help="unstructured | N:M, e.g. 2:4, 4:8 (N pruned in every M inputs of a row)")
-    g.add_argument("--allocation", help="uniform | owl (layer-wise sparsity)")
-    g.add_argument("--protect-critical", action="store_true",
-                   help="never prune the critical set: super-weight candidates + the top-k of the first --metric")
-    g.add_argument("--calibration", help="sequential | one-shot (default: the method's)")
-    g.add_argument("--export-pruned", metavar="DIR", help="also save the pruned model as a safetensors folder")
-    if "--dry-run" not in p._option_string_actions:  # another Phase 5 app may share the flag
-        g.add_argument("--dry-run", action="store_true",
-                       help="with --prune: print the profile's pruning plan, check it, exit without loading a model")
+    def describe(self) -> str:
+        return f"{self.spec.label()} calib={self.spec.calibration}"
 
 
-def _parse_sparsity(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise EsaError(f"--sparsity must be a number in (0, 1) (the share of weights pruned), got {text!r}") from None
-
-
-def preload_inventory(name: str) -> list[WeightSpec] | None:
-    """The weight shapes without loading any weight (tiny configs, local folders); None when unknown."""
-    from esa.models import tiny
-    from esa.models.inventory import weight_inventory
-
-    ref = model_params(name).ref
-    if ref in tiny.TINY_CONFIGS:
-        config = tiny.TINY_CONFIGS[ref]()
-    elif Path(ref).is_dir() and (Path(ref) / "config.json").is_file():
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(ref)
-    else:
-        return None
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return weight_inventory(model)
-
-
-def check_fits(spec: PruneSpec, specs: list[WeightSpec], k: int, mode: str, superweights: bool) -> None:
-    """Refuse a protected set larger than what the sparsity keeps, from the shapes alone (worst case within
-    the comparison group is checked on the real indices later; this is the count that can never fit)."""
-    n_sw = 1 if superweights else 0
-    for s in specs:
-        keep = s.numel - round(spec.sparsity * s.numel)
-        need = (k if mode == "per_layer" else 0) + n_sw
-        if need > keep:
-            raise EsaError(f"--protect-critical protects {need} weights of {s.name} (top-{k} per matrix"
-                           f"{' + a super-weight' if n_sw else ''}), more than the {keep} that sparsity "
-                           f"{spec.sparsity:g} keeps; lower --topk or --sparsity")
-    if mode == "global":
-        keep = sum(s.numel for s in specs) - round(spec.sparsity * sum(s.numel for s in specs))
-        if k > keep:
-            raise EsaError(f"--protect-critical protects the global top-{k}, more than the {keep} weights sparsity "
-                           f"{spec.sparsity:g} keeps; lower --topk or --sparsity")
-
-
-def check_computable(spec: PruneSpec, model: str) -> None:
-    """A method that needs calibration text it cannot get (a hub corpus offline, not in the local cache)."""
-    if spec.uses_calibration and spec.corpus in HUB_CORPORA and os.environ.get("HF_HUB_OFFLINE") == "1":
-        from datasets import config as dconfig
-
-        cached = Path(dconfig.HF_DATASETS_CACHE)
-        name = {"wikitext2": "wikitext", "c4": "allenai___c4"}[spec.corpus]
-        if not any(cached.glob(f"{name}*")):
-            raise EsaError(f"--prune {spec.method} needs calibration text from {spec.corpus!r}, which is neither "
-                           f"cached under {cached} nor reachable (HF_HUB_OFFLINE=1); its scores cannot be computed "
-                           f"for {model}. Use --corpus shakespeare (or a local text file), or a data-free method "
-                           "(magnitude, random)")
-
-
-def resolve(args: argparse.Namespace, profile: Profile) -> PruneJob | None:
-    method = getattr(args, "prune", None)
-    given = [f for f in _FLAGS if getattr(args, f, None) not in (None, False)]
-    dry = bool(getattr(args, "dry_run", False))
-    if method is None:
-        if given:
-            raise EsaError(f"--{given[0].replace('_', '-')} needs --prune METHOD (it only changes pruning)")
-        return None
+def job(req: PruneRequest, ctx: RunContext) -> PruneJob:
+    """Every value checked against the run before anything is loaded; one EsaError on the first bad one."""
+    profile, R = ctx.profile, ctx.recipe
+    if req.sparsity is not None and not (math.isfinite(req.sparsity) and 0 < req.sparsity < 1):
+        raise EsaError(f"--sparsity must be a number in (0, 1) (the share of weights pruned), got {req.sparsity!r}")
     S = settings(profile)
-    get_method(method)
-    pattern = args.pattern or "unstructured"
+    get_method(req.prune)  # type: ignore[arg-type]
+    pattern = req.pattern or "unstructured"
     pat = parse_pattern(pattern)
-    sparsity = _parse_sparsity(args.sparsity)
+    sparsity = req.sparsity
     if sparsity is None and pat.kind != "nm":
         sparsity = S.sparsity
-    if args.calibration is not None and args.calibration not in ("sequential", "one-shot"):
-        raise unknown("--calibration", args.calibration, ("sequential", "one-shot"))
-    P = replace(profile, batch_size=args.batch_size or profile.batch_size)
-    # flags given on the command line win over the section: --corpus, --seqlen, --max-samples calibrate pruning too
-    S = replace(S, calib_corpus=args.corpus or S.calib_corpus, calib_seqlen=args.seqlen or S.calib_seqlen,
-                calib_windows=args.max_samples or S.calib_windows)
-    spec = base_spec(S, P, method, sparsity, pattern, args.allocation or "uniform", calibration=args.calibration)
-    model = args.model or profile.models[0]
-    specs = preload_inventory(model)
+    if req.calibration is not None and req.calibration not in ("sequential", "one-shot"):
+        raise unknown("--calibration", req.calibration, ("sequential", "one-shot"))
+    P = replace(profile, batch_size=R.batch_size)
+    # common flags given on the command line win over the section: --corpus, --seqlen, --max-samples calibrate too
+    given = ctx.explicit
+    S = replace(S, calib_corpus=R.corpus if "corpus" in given else S.calib_corpus,
+                calib_seqlen=R.seqlen if "seqlen" in given else S.calib_seqlen,
+                calib_windows=R.max_samples if "max_samples" in given else S.calib_windows)
+    spec = base_spec(S, P, req.prune, sparsity, pattern, req.allocation or "uniform",  # type: ignore[arg-type]
+                     calibration=req.calibration)
+    specs = inventory_without_weights(model_params(ctx.model).ref)
     if specs is not None:
         todo = pruned_specs(specs, spec)
         check_divides(spec.pattern_obj, todo)
-        if args.protect_critical:
-            check_fits(spec, todo, args.topk if args.topk is not None else profile.topk, args.mode or profile.mode,
-                       S.superweights)
-    if args.export_pruned and Path(args.export_pruned).exists():
-        raise EsaError(f"--export-pruned {args.export_pruned} exists; give a new folder")
-    if dry:
-        p = plan(S, P, [args.model] if args.model else None)
-        print(format_plan(p))
-        print(f"esa-runner --prune: {spec.label()} calib={spec.calibration}: settings checked, nothing loaded (dry run)")
-        raise SystemExit(0)
-    check_computable(spec, model)
-    return PruneJob(spec, bool(args.protect_critical), args.export_pruned, S.eval_windows, S.eval_seqlen)
+        if req.protect_critical:
+            check_protected_fits(spec, todo, R.topk, R.mode, S.superweights)
+    if req.export_pruned and Path(req.export_pruned).exists():
+        raise EsaError(f"--export-pruned {req.export_pruned} exists; give a new folder")
+    if not ctx.dry_run and spec.uses_calibration:
+        check_reachable(spec.corpus, f"--prune {spec.method}", f"; its scores cannot be computed for {ctx.model}. Use "
+                        "--corpus shakespeare (or a local text file), or a data-free method (magnitude, random)")
+    return PruneJob(spec, S, bool(req.protect_critical), req.export_pruned, S.eval_windows, S.eval_seqlen)
 
 
-def run(job: PruneJob, cmd: Any, lm: LoadedModel, runs: Any, stage: Path) -> dict[str, Any]:
+def run_job(job: PruneJob, cmd: Any, lm: LoadedModel, runs: Any, stage: Path) -> dict[str, Any]:
     """esa-runner's pruning: dense + the pruned condition on the recipe's evaluation windows, into `stage`."""
     R = cmd.recipe
     before = weights_hash(lm.model)
@@ -690,4 +521,5 @@ def run(job: PruneJob, cmd: Any, lm: LoadedModel, runs: Any, stage: Path) -> dic
             "files": files, "export": job.export_dir, "timings": {k: v for k, v in res.timings.items() if k != "blocks"}}
 
 
-APP = App(name="prune", add_arguments=add_arguments, resolve=resolve, run=run)
+STUDY = Study(name="prune", title="pruning (Phase 5, week 13a)", Request=PruneRequest, trigger=("prune",),
+              settings=settings, plan=plan, run=run, criteria=criteria, findings=findings, job=job, run_job=run_job)

@@ -29,7 +29,6 @@ guide's budget (`budget_reason`) a PASS/FAIL becomes machinery-only.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
@@ -53,9 +52,9 @@ from esa.data import Windows, calibration, evaluation
 from esa.errors import EsaError, unknown
 from esa.evaluate import evaluate
 from esa.models import LoadedModel
-from esa.params import Profile, section
+from esa.params import Profile
 from esa.perturb.apply import Targets, count_targets, targets_from_selection, weights_hash
-from esa.phases.apps import App
+from esa.phases.study import Plan, Planned, RunContext, Study, build_settings, option
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 from esa.stats.inference import bootstrap_ci, ratio_ci
@@ -198,9 +197,9 @@ class Settings:
         return self
 
 
-def settings(P: Profile) -> Settings:
-    """The profile's `security` section, typed and validated."""
-    return section(P, "security", Settings).validate()
+def settings(P: Profile, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """The profile's `security` section (+ overrides), typed and validated."""
+    return build_settings(P, "security", Settings, overrides).validate()
 
 
 def budget_reason(S: Settings) -> str | None:
@@ -602,39 +601,28 @@ class Spec:
     trials: int = 20
     settings: dict[str, Any] = field(default_factory=dict)  # the profile's security section
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("security (Phase 5, week 14)")
-    g.add_argument("--attack", help=f"bit-flip attack over all studied weights ({', '.join(ATTACKS)})")
-    g.add_argument("--flips", type=int, help="flip budget of --attack (default: the profile's security.max_flips)")
-    g.add_argument("--format", help=f"storage format the flips hit ({', '.join(FORMATS)}); float formats need "
-                                    "the matching --dtype")
-    g.add_argument("--faults", help="per-bit fault rate(s) in (0, 1), comma list: a Monte-Carlo fault campaign")
-    g.add_argument("--trials", type=int, help="fault trials per rate (default: the profile's security.fault_trials)")
+    def describe(self) -> str:
+        what = [f"attack {self.attack} ({self.flips} flips)"] if self.attack else []
+        return ", ".join(what + ([f"faults {self.faults} x {self.trials} trials"] if self.faults else [])) + f" on {self.format}"
 
 
-def _rates(text: str) -> list[float]:
-    out = []
-    for t in [x.strip() for x in text.split(",") if x.strip()]:
-        try:
-            out.append(float(t))
-        except ValueError:
-            raise EsaError(f"--faults must be per-bit rates in (0, 1), comma-separated; got {t!r}") from None
-    if not out:
-        raise EsaError("--faults is empty; give per-bit rates in (0, 1), e.g. --faults 1e-7")
-    return [check_rate(r, "--faults rate") for r in out]
+@dataclass(frozen=True)
+class SecurityRequest:
+    """esa-runner's security flags (the command layer builds them from these fields)."""
+
+    attack: str | None = option("bit-flip attack over all studied weights", choices=lambda: ATTACKS)
+    flips: int | None = option("flip budget of --attack (default: the profile's security.max_flips)")
+    format: str | None = option("storage format the flips hit; float formats need the matching --dtype",
+                                choices=lambda: FORMATS)
+    faults: list[float] | None = option("per-bit fault rate(s) in (0, 1), comma list: a Monte-Carlo fault campaign",
+                                        accepts="per-bit rates in (0, 1), comma-separated")
+    trials: int | None = option("fault trials per rate (default: the profile's security.fault_trials)")
 
 
-def resolve(args: argparse.Namespace, profile: Profile) -> Spec | None:
-    """The validated request, or None without --attack / --faults; every bad value is one EsaError."""
-    attack, faults = getattr(args, "attack", None), getattr(args, "faults", None)
-    flips, fmt, trials = getattr(args, "flips", None), getattr(args, "format", None), getattr(args, "trials", None)
-    if attack is None and faults is None:
-        for flag, v in (("flips", flips), ("format", fmt), ("trials", trials)):
-            if v is not None:
-                raise EsaError(f"--{flag} needs --attack or --faults (it only changes the security analysis)")
-        return None
-    S = settings(profile)
+def job(req: SecurityRequest, ctx: RunContext) -> Spec:
+    """The validated request; every bad value is one EsaError before loading."""
+    attack, faults, flips, fmt, trials = req.attack, req.faults, req.flips, req.format, req.trials
+    S = settings(ctx.profile)
     if attack is not None and attack not in ATTACKS:
         raise unknown("attack", attack, ATTACKS)
     if flips is not None and attack is None:
@@ -644,18 +632,18 @@ def resolve(args: argparse.Namespace, profile: Profile) -> Spec | None:
     fmt = fmt or S.attack_format
     if fmt not in FORMATS:
         raise unknown("storage format", fmt, FORMATS)
-    dtype = getattr(args, "dtype", None) or profile.dtype
+    dtype = ctx.recipe.dtype
     want = DTYPE_OF.get(fmt)
     if want is not None and DTYPE_OF.get(dtype, dtype) != want:
         raise EsaError(f"--format {fmt} flips the weights as stored, so the model must be loaded as {want}; "
                        f"the run's dtype is {dtype}: add --dtype {want}, or use --format int8")
     n = check_positive_int(flips if flips is not None else S.max_flips, "--flips (flip budget)")
     t = check_positive_int(trials if trials is not None else S.fault_trials, "--trials")
-    return Spec(attack=attack, flips=n, format=fmt, faults=_rates(faults) if faults is not None else [],
+    return Spec(attack=attack, flips=n, format=fmt, faults=[check_rate(r, "--faults rate") for r in faults or []],
                 trials=t, settings=asdict(S))
 
 
-def run(spec: Spec, cmd: Command, lm: LoadedModel, runs: Any, stage: Path) -> dict[str, Any]:
+def run_job(spec: Spec, cmd: Command, lm: LoadedModel, runs: Any, stage: Path) -> dict[str, Any]:
     """The attack (attack.parquet) and/or fault campaign (faults.parquet) on `lm`, with the critical set the
     run selected (first metric and seed); the weights are restored bit-exactly."""
     S = Settings(**spec.settings)
@@ -685,7 +673,6 @@ def run(spec: Spec, cmd: Command, lm: LoadedModel, runs: Any, stage: Path) -> di
     return out
 
 
-APP = App(name="security", add_arguments=add_arguments, resolve=resolve, run=run)
 
 
 # ------------------------------------------------------------------ one model, end to end
@@ -827,3 +814,32 @@ def prose(res: ModelSecurity, S: Settings) -> list[str]:
                    f"{top['requested_fraction']:.2%} critical {top['catastrophic_rate']:.0%}, an equal random set "
                    f"{rnd['catastrophic_rate']:.0%}.")
     return out
+
+
+# ------------------------------------------------------------------ the study
+def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
+    """The analyses of each model, without loading anything."""
+    chosen = list(models or P.models)
+    conds = [Planned(m, f"attack {a} seed={s}", S.heldout_windows, "windows") for m in chosen
+             for a in S.attack_sets for s in S.attack_seeds]
+    conds += [Planned(m, f"faults {f} rate={r:g}", S.fault_trials, "trials") for m in chosen for f in S.fault_formats
+              for r in S.fault_rates]
+    return Plan("security", P, chosen, S, conds, {"formats": list(S.formats), "max_flips": S.max_flips})
+
+
+def run(p: Plan) -> dict[str, ModelSecurity]:
+    return {m: analyse(m, p.profile, p.settings) for m in p.models}
+
+
+def criteria(results: Mapping[str, ModelSecurity], p: Plan, evidence: str) -> list[Criterion]:
+    return [row for m, r in results.items() for row in criterion_rows(
+        m, p.settings, r.ratios["attack"], r.ratios["faults"], r.ratios["adversarial"], evidence)]
+
+
+def findings(results: Mapping[str, ModelSecurity], p: Plan) -> list[str]:
+    return [" ".join(prose(r, p.settings)) for r in results.values()]
+
+
+STUDY = Study(name="security", title="security (Phase 5, week 14)", Request=SecurityRequest,
+              trigger=("attack", "faults"), settings=settings, plan=plan, run=run, criteria=criteria,
+              findings=findings, job=job, run_job=run_job)

@@ -35,10 +35,9 @@ observed effect; a NaN or a constant difference -> not estimable; below the guid
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,10 +53,10 @@ from esa.data import Windows, evaluation
 from esa.errors import EsaError, unknown
 from esa.models import LoadedModel, embedded, tiny
 from esa.models.inventory import WeightSpec, weight_inventory
-from esa.params import Profile, section
+from esa.params import Profile
 from esa.perturb.apply import Targets, weights_hash
 from esa.perturb.controls import CONTROLS, ControlInput, make_control
-from esa.phases.apps import App
+from esa.phases.study import Plan, Planned, RunContext, Study, build_settings, option
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 from esa.sensitivity.superweights import DEFAULT_PROMPT, detect_superweights
@@ -175,10 +174,9 @@ def validate(S: Settings) -> Settings:
     return S
 
 
-def settings(P: Profile, overrides: dict[str, Any] | None = None) -> Settings:
-    """The profile's `finetune` section, validated (`overrides`: field -> value on top)."""
-    S = section(P, "finetune", Settings)
-    return validate(replace(S, **(overrides or {})))
+def settings(P: Profile, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """The profile's `finetune` section (+ overrides: field -> value on top), typed and validated."""
+    return validate(build_settings(P, "finetune", Settings, overrides))
 
 
 def seeds_of(S: Settings, P: Profile) -> list[int]:
@@ -811,6 +809,31 @@ def prose(res: Result, S: Settings, rows: list[Criterion]) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------ the study
+def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
+    """Every arm x seed on each model, without loading anything."""
+    chosen, seeds = list(models or P.models), seeds_of(S, P)
+    conds = [Planned(m, f"{a.label} seed={s}", S.target_windows, "windows") for m in chosen for a in arms(S)
+             for s in seeds]
+    setup = {"training": {"steps": S.n_steps(), "batch_size": S.batch_size, "seqlen": S.seqlen, "domain": S.domain},
+             "evaluation": {"target_windows": S.target_windows, "source_windows": S.source_windows},
+             "seeds": seeds}
+    return Plan("finetune", P, chosen, S, conds, setup)
+
+
+def run(p: Plan) -> dict[str, Result]:
+    return {m: run_grid(m, p.profile, p.settings) for m in p.models}
+
+
+def criteria(results: Mapping[str, Result], p: Plan, evidence: str) -> list[Criterion]:
+    return [r for m, res in results.items() for r in criteria_rows(res, p.profile, p.settings, f"{evidence} ({m})")]
+
+
+def findings(results: Mapping[str, Result], p: Plan) -> list[str]:
+    rows = criteria(results, p, "")
+    return [" ".join(prose(res, p.settings, [r for r in rows if r.id.endswith(f".{m}")])) for m, res in results.items()]
+
+
 # ------------------------------------------------------------------ esa-runner
 @dataclass
 class Spec:
@@ -825,62 +848,49 @@ class Spec:
     def arm(self) -> Arm:
         return Arm(self.method, self.selection, self.density, self.protection)
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("fine-tuning (Phase 5, week 13b): target GSM8K, source = the corpus (forgetting)")
-    g.add_argument("--finetune", help=f"fine-tune the model on GSM8K ({', '.join(tr.METHODS)})")
-    g.add_argument("--density", help="share of the studied weights trained, in (0, 1] (sparse; LoRA matches the "
-                                     "count); default: the profile's finetune.densities[0]")
-    g.add_argument("--select", help=f"what sparse FT trains: a metric's top-k or a control ({', '.join(tr.SELECTIONS)})")
-    g.add_argument("--protect", help=f"protection while training ({', '.join(tr.PROTECTIONS)})")
-    g.add_argument("--steps", help="training steps per seed (default: the profile's finetune.steps)")
+    def describe(self) -> str:
+        return self.arm().label
 
 
-def _float(flag: str, text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise EsaError(f"--{flag} must be a number, got {text!r}") from None
+@dataclass(frozen=True)
+class FinetuneRequest:
+    """esa-runner's fine-tuning flags (the command layer builds them from these fields)."""
+
+    finetune: str | None = option("fine-tune the model on GSM8K", choices=lambda: tr.METHODS)
+    density: float | None = option("share of the studied weights trained, in (0, 1] (sparse; LoRA matches the "
+                                   "count); default: the profile's finetune.densities[0]")
+    select: str | None = option("what sparse FT trains: a metric's top-k or a control", choices=lambda: tr.SELECTIONS)
+    protect: str | None = option("protection while training", choices=lambda: tr.PROTECTIONS)
+    steps: int | None = option("training steps per seed (default: the profile's finetune.steps)")
 
 
-def resolve(args: argparse.Namespace, profile: Profile) -> Spec | None:
-    """The validated request, or None without --finetune; every bad value is one EsaError before loading."""
-    method = getattr(args, "finetune", None)
-    given = {f: getattr(args, f, None) for f in ("density", "select", "protect", "steps")}
-    if method is None:
-        for flag, v in given.items():
-            if v is not None:
-                raise EsaError(f"--{flag} needs --finetune (it only changes the fine-tuning run)")
-        return None
+def job(req: FinetuneRequest, ctx: RunContext) -> Spec:
+    """The validated request; every bad value is one EsaError before loading."""
+    method, profile = req.finetune, ctx.profile
     if method not in tr.METHODS:
         raise unknown("fine-tuning method (--finetune)", method, tr.METHODS)
     over: dict[str, Any] = {}
-    if given["steps"] is not None:
-        try:
-            over["steps"], over["tokens"] = int(given["steps"]), None
-        except ValueError:
-            raise EsaError(f"--steps must be a whole number of training steps, got {given['steps']!r}") from None
-        if over["steps"] < 1:
-            raise EsaError(f"--steps {over['steps']}: a training budget of {over['steps']} steps; it must be at least 1")
+    if req.steps is not None:
+        if req.steps < 1:
+            raise EsaError(f"--steps {req.steps}: a training budget of {req.steps} steps; it must be at least 1")
+        over["steps"], over["tokens"] = req.steps, None
     S = settings(profile, over)
     density = None
-    if given["density"] is not None:
+    if req.density is not None:
         if method == "full":
             raise EsaError("--density applies to --finetune sparse and lora; full fine-tuning trains every weight")
-        density = tr.check_density(_float("density", given["density"]))
+        density = tr.check_density(req.density)
     elif method != "full":
         density = S.densities[0] if S.densities else 0.01
     selection = ""
-    if given["select"] is not None and method != "sparse":
+    if req.select is not None and method != "sparse":
         raise EsaError(f"--select applies to --finetune sparse (what it trains); {method} trains a fixed set")
     if method == "sparse":
-        selection = tr.check_selection(given["select"] or (S.selections[0] if S.selections else "grad_x_weight"))
+        selection = tr.check_selection(req.select or (S.selections[0] if S.selections else "grad_x_weight"))
     base = "grad_squared" if selection == "obd" else selection
-    scored = getattr(args, "metric", None)
-    scored_list = list(METRICS) if scored == "all" else [m.strip() for m in scored.split(",")] if scored else profile.metrics[:1]
-    if base in METRICS and METRICS[base].double_backward and base not in scored_list:
+    if base in METRICS and METRICS[base].double_backward and base not in ctx.recipe.metrics:
         raise EsaError(f"--select {selection} needs its scores computed with eager attention: add --metric {base}")
-    protection = given["protect"] or "none"
+    protection = req.protect or "none"
     if protection not in tr.PROTECTIONS:
         raise unknown("protection (--protect)", protection, tr.PROTECTIONS)
     if tr.PROTECTIONS[protection].freezes and method == "lora":
@@ -893,8 +903,7 @@ def resolve(args: argparse.Namespace, profile: Profile) -> Spec | None:
                        f"{S.critical_density:g} + super weights), which covers the whole --select {selection} set at "
                        f"--density {density:g}: nothing would train; raise --density or select another metric")
     if method == "lora":
-        model = getattr(args, "model", None) or profile.models[0]
-        check_lora_count(model, density)  # type: ignore[arg-type]
+        check_lora_count(ctx.model, density)  # type: ignore[arg-type]
     return Spec(method, selection, density, protection, asdict(S))
 
 
@@ -928,7 +937,7 @@ def check_lora_count(model: str, density: float) -> None:
         tr.plan_lora(inv, n_trainable=tr.count_at_density(density, inv))
 
 
-def run(spec: Spec, cmd: Command, lm: LoadedModel, runs: Any, stage: Path) -> dict[str, Any]:
+def run_job(spec: Spec, cmd: Command, lm: LoadedModel, runs: Any, stage: Path) -> dict[str, Any]:
     """The requested arm once per seed of the run, on the run's model; finetune.parquet (learning curve and
     final metrics), finetune_drift.parquet, finetune.json and, for sparse FT, one sparse delta per seed."""
     S = validate(Settings(**spec.settings))
@@ -959,4 +968,6 @@ def run(spec: Spec, cmd: Command, lm: LoadedModel, runs: Any, stage: Path) -> di
     return out
 
 
-APP = App(name="finetune", add_arguments=add_arguments, resolve=resolve, run=run)
+STUDY = Study(name="finetune", title="fine-tuning (Phase 5, week 13b): target GSM8K, source = the corpus (forgetting)",
+              Request=FinetuneRequest, trigger=("finetune",), settings=settings, plan=plan, run=run,
+              criteria=criteria, findings=findings, job=job, run_job=run_job)

@@ -248,3 +248,21 @@ def _sum_timings(blocks: list[dict[str, float]]) -> dict[str, float]:
             if k.endswith("_s"):
                 out[k] = out.get(k, 0.0) + v
     return out
+
+
+def check_protected_fits(spec: PruneSpec, specs: list[WeightSpec], k: int, mode: str, superweights: bool) -> None:
+    """Refuse a protected set larger than what the sparsity keeps, from the shapes alone (worst case within
+    the comparison group is checked on the real indices later; this is the count that can never fit)."""
+    n_sw = 1 if superweights else 0
+    for s in specs:
+        keep = s.numel - round(spec.sparsity * s.numel)
+        need = (k if mode == "per_layer" else 0) + n_sw
+        if need > keep:
+            raise EsaError(f"--protect-critical protects {need} weights of {s.name} (top-{k} per matrix"
+                           f"{' + a super-weight' if n_sw else ''}), more than the {keep} that sparsity "
+                           f"{spec.sparsity:g} keeps; lower --topk or --sparsity")
+    if mode == "global":
+        keep = sum(s.numel for s in specs) - round(spec.sparsity * sum(s.numel for s in specs))
+        if k > keep:
+            raise EsaError(f"--protect-critical protects the global top-{k}, more than the {keep} weights sparsity "
+                           f"{spec.sparsity:g} keeps; lower --topk or --sparsity")
