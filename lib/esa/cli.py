@@ -143,8 +143,12 @@ def _typed(flag: str, text: Any, hint: Any, accepts: str | None = None) -> Any:
 def study_request(args: argparse.Namespace, study: Study) -> Any:
     """The study's Request built from the parsed flags (each converted to its field's type)."""
     hints = get_type_hints(study.Request)
-    values = {f.name: _typed(flag_name(f), getattr(args, f"{study.name}__{f.name}", None), hints[f.name], opt.accepts)
-              for f, opt in options(study.Request)}
+    values = {}
+    for f, opt in options(study.Request):
+        v = _typed(flag_name(f), getattr(args, f"{study.name}__{f.name}", None), hints[f.name], opt.accepts)
+        if v is not None and opt.check is not None and not isinstance(v, bool):
+            opt.check(v, flag_name(f))
+        values[f.name] = v
     return study.Request(**{k: v for k, v in values.items() if v is not None})
 
 

@@ -3,7 +3,7 @@
 A `Study` (esa.phases.study): `settings` reads the profile section `pruning`, `plan` expands it into pruning
 conditions (the 50% table, the sparsity sweep, N:M, OWL, protected vs unprotected, each over the calibration
 seeds; seed-free conditions once), `run` prunes and evaluates each in place (masks restored bit-exactly after
-each), `criteria` judges the guide's ">15% better than magnitude":
+st.each), `criteria` judges the guide's ">15% better than magnitude":
 
     gain = 1 - Delta_method / Delta_baseline,  Delta = log-PPL(pruned) - log-PPL(dense),
 
@@ -17,7 +17,6 @@ unstructured|2:4|4:8 --allocation uniform|owl --protect-critical --calibration s
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -31,11 +30,11 @@ from esa.apps.pruning import (
     ALLOCATIONS,
     CALIBRATIONS,
     PruneSpec,
-    criterion,
     critical_targets,
     evaluate_condition,
     export_pruned,
     get_method,
+    matched_gains,
     methods,
     prune,
     results_table,
@@ -43,29 +42,14 @@ from esa.apps.pruning import (
 from esa.apps.pruning.patterns import check_divides, parse_pattern
 from esa.apps.pruning.prune import check_protected_fits, pruned_specs
 from esa.apps.pruning.tables import summary_tables
-from esa.data import HUB_CORPORA, check_reachable, evaluation
-from esa.errors import EsaError, unknown
+from esa.data import check_reachable, evaluation
+from esa.errors import EsaError
 from esa.models.inventory import inventory_without_weights
 from esa.models.loader import LoadedModel
 from esa.params import Profile, model_params
 from esa.perturb.apply import weights_hash
-from esa.phases.study import (
-    Plan,
-    Planned,
-    RunContext,
-    Study,
-    at_least,
-    build_settings,
-    corpus,
-    each,
-    finite,
-    fraction,
-    one_of,
-    option,
-    optional,
-    seed_value,
-    setting,
-)
+from esa.phases import study as st
+from esa.phases.study import Plan, Planned, RunContext, Study, option, setting
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 from esa.sensitivity.select import MODES
@@ -78,8 +62,8 @@ SENSITIVITY = ("grad_x_weight", "obd", "hutchinson_diag")  # the scorers the gui
 CRITERION = "P5.prune_gain"
 
 
-_METHODS = each(one_of(lambda: methods()), unique=True)
-_SPARSITY = fraction("a sparsity (the share of weights pruned)")
+_METHODS = st.each(st.one_of(lambda: methods()), unique=True)
+_SPARSITY = st.fraction("a sparsity (the share of weights pruned)")
 
 
 @dataclass(frozen=True)
@@ -87,39 +71,39 @@ class Settings:
     """The profile section `pruning` (every key optional; None means "the profile's value")."""
 
     models: list[str] | None = None  # None: the profile's models (or the notebook's `models`)
-    methods: list[str] = setting(check=each(one_of(lambda: methods()), nonempty=True, unique=True), factory=lambda: [
+    methods: list[str] = setting(check=st.each(st.one_of(lambda: methods()), nonempty=True, unique=True), factory=lambda: [
         "magnitude", "wanda", "sparsegpt", "grad_x_weight", "obd", "hutchinson_diag", "random"])
     sparsity: float = setting(0.5, _SPARSITY)  # the main table and the criterion
-    sweep: list[float] = setting(check=each(_SPARSITY), factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    sweep: list[float] = setting(check=st.each(_SPARSITY), factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     sweep_methods: list[str] | None = setting(None, _METHODS)  # None: methods
-    patterns: list[str] = setting(check=each(lambda p, w: _nm(p, w)), factory=lambda: ["2:4", "4:8"])
+    patterns: list[str] = setting(check=st.each(lambda p, w: _nm(p, w)), factory=lambda: ["2:4", "4:8"])
     pattern_methods: list[str] | None = setting(None, _METHODS)  # None: methods
     owl_sparsity: float = setting(0.7, _SPARSITY)
     owl_methods: list[str] = setting(check=_METHODS, factory=lambda: ["wanda"])  # each also run uniform there
     protect: bool = True  # ESA-guided: the same scorers with the critical set never pruned
     protect_methods: list[str] = setting(check=_METHODS, factory=lambda: ["grad_x_weight", "obd", "magnitude"])
-    protect_metric: str = setting("grad_x_weight", one_of(lambda: METRICS))  # whose top-k (first seed) is protected
-    protect_topk: int | None = setting(None, optional(at_least(0)))  # None: the profile's topk
-    protect_mode: str | None = setting(None, optional(one_of(lambda: MODES)))  # None: the profile's mode
+    protect_metric: str = setting("grad_x_weight", st.one_of(lambda: METRICS))  # whose top-k (first seed) is protected
+    protect_topk: int | None = setting(None, st.optional(st.at_least(0)))  # None: the profile's topk
+    protect_mode: str | None = setting(None, st.optional(st.one_of(lambda: MODES)))  # None: the profile's mode
     superweights: bool = True  # the super-weight detector's candidates are protected too
     calibration: str | None = None  # "sequential" | "one-shot"; None: each method's default (gradients: one-shot)
-    calib_seeds: list[int] = setting(check=each(seed_value, nonempty=True, unique=True), factory=lambda: [0, 1, 2])
-    calib_windows: int = setting(8, at_least(1))
-    calib_seqlen: int | None = setting(None, optional(at_least(2)))
-    calib_corpus: str | None = setting(None, optional(corpus))
-    eval_windows: int | None = setting(None, optional(at_least(1)))  # None: the profile's (null there: all)
-    eval_seqlen: int | None = setting(None, optional(at_least(2)))
-    eval_corpus: str | None = setting(None, optional(corpus))
-    zeroshot_items: int = setting(64, at_least(0))  # 0: no zero-shot task
-    zeroshot_corpus: str = setting("shakespeare", corpus)  # the next-line task needs a play's speeches
+    calib_seeds: list[int] = setting(check=st.each(st.seed_value, nonempty=True, unique=True), factory=lambda: [0, 1, 2])
+    calib_windows: int = setting(8, st.at_least(1))
+    calib_seqlen: int | None = setting(None, st.optional(st.at_least(2)))
+    calib_corpus: str | None = setting(None, st.optional(st.corpus))
+    eval_windows: int | None = setting(None, st.optional(st.at_least(1)))  # None: the profile's (null there: all)
+    eval_seqlen: int | None = setting(None, st.optional(st.at_least(2)))
+    eval_corpus: str | None = setting(None, st.optional(st.corpus))
+    zeroshot_items: int = setting(64, st.at_least(0))  # 0: no zero-shot task
+    zeroshot_corpus: str = setting("shakespeare", st.corpus)  # the next-line task needs a play's speeches
     esa_methods: list[str] = setting(check=_METHODS, factory=lambda: list(SENSITIVITY))  # judged by the criterion
-    threshold: float = setting(0.15, finite)
-    min_damage: float = setting(0.01, at_least(0))  # nats: a baseline damaging less is a denominator within noise
-    batch_size: int | None = setting(None, optional(at_least(1)))
+    threshold: float = setting(0.15, st.finite)
+    min_damage: float = setting(0.01, st.at_least(0))  # nats: a baseline damaging less is a denominator within noise
+    batch_size: int | None = setting(None, st.optional(st.at_least(1)))
     machinery_only: bool = False  # smoke budgets: verdicts are machinery-only (the numbers are still shown)
     reference: dict[str, Any] = field(default_factory=dict)  # published PPL: {pattern: {method: ppl}}
     reference_source: str = ""
-    reference_tolerance: float = setting(0.1, at_least(1e-12))  # PPL
+    reference_tolerance: float = setting(0.1, st.at_least(1e-12))  # PPL
 
 
 def _nm(p: str, where: str) -> None:
@@ -129,7 +113,7 @@ def _nm(p: str, where: str) -> None:
 
 def settings(profile: Profile, overrides: Mapping[str, Any] | None = None) -> Settings:
     """The profile's section `pruning` (+ overrides), typed and validated: one EsaError on the first bad value."""
-    S = build_settings(profile, "pruning", Settings, overrides)
+    S = st.build_settings(profile, "pruning", Settings, overrides)
     for pat, by_method in S.reference.items():
         parse_pattern(pat)
         if not isinstance(by_method, dict):
@@ -195,10 +179,8 @@ def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
     conds = conditions(S, P)
     chosen = list(models or S.models or P.models)
     n_eval = S.eval_windows if S.eval_windows is not None else P.eval_windows
-    corpora = {S.calib_corpus or P.corpus, S.eval_corpus or P.corpus} | ({S.zeroshot_corpus} if S.zeroshot_items else set())
-    hub = sorted(c for c in corpora if c in HUB_CORPORA) + [m for m in chosen if "/" in model_params(m).ref]
-    notes = [f"needs the hub (or a local HF cache) for: {', '.join(hub)}"
-             + (" -- HF_HUB_OFFLINE=1 is set here" if os.environ.get("HF_HUB_OFFLINE") == "1" else "")] if hub else []
+    notes = st.hub_notes({S.calib_corpus or P.corpus, S.eval_corpus or P.corpus}
+                      | ({S.zeroshot_corpus} if S.zeroshot_items else set()), chosen)
     if S.reference:
         notes.append(f"reference ({S.reference_source}): {S.reference}; pass = within {S.reference_tolerance:g} PPL "
                      "of each published number")
@@ -236,6 +218,7 @@ class ModelPruning:
     zeroshot: dict[str, Any]
     restored: bool  # weights hash after == before
     seconds: float = 0.0
+    pruned: list[Any] = field(default_factory=list)  # the PruneResults (masks), only when run_model(keep=True)
 
 
 def eval_windows(lm: LoadedModel, S: Settings, P: Profile) -> Any:
@@ -268,25 +251,29 @@ def protected_set(lm: LoadedModel, name: str, S: Settings, P: Profile) -> tuple[
     return crit.targets, info
 
 
-def run_model(name: str, P: Profile, S: Settings, lm: LoadedModel | None = None,
-              show_progress: bool = False) -> ModelPruning:
-    """Every condition of the section on model `name`: prune, evaluate in place, restore (checked)."""
+def run_model(name: str, P: Profile, S: Settings, lm: LoadedModel | None = None, show_progress: bool = False,
+              conds: list[Condition] | None = None, protect: tuple[dict, dict] | None = None,
+              keep: bool = False) -> ModelPruning:
+    """Every condition of the section (or `conds`) on model `name`: prune, evaluate in place, restore (checked).
+    `protect`: (targets, description) of the critical set, instead of the section's; `keep`: keep the masks."""
     t0 = time.perf_counter()
-    conds = conditions(S, P)
+    conds = conditions(S, P) if conds is None else conds
     eager = any(c.spec.method == "hutchinson_diag" for c in conds) or (S.protect and S.protect_metric == "hutchinson_diag")
     lm = lm or Recipe.of(P).load(name, eager=True if eager else None)
     before = weights_hash(lm.model)
     windows = eval_windows(lm, S, P)
     task: ZeroShotTask | None = build_next_line(S.zeroshot_corpus, n_items=S.zeroshot_items) if S.zeroshot_items else None
-    protect, crit = ({}, {"label": "none", "n_protected": 0})
-    if S.protect and any(c.protected for c in conds):
-        protect, crit = protected_set(lm, name, S, P)
+    targets, crit = protect or ({}, {"label": "none", "n_protected": 0})
+    if protect is None and S.protect and any(c.protected for c in conds):
+        targets, crit = protected_set(lm, name, S, P)
     bs = S.batch_size or P.batch_size
     rows = [evaluate_condition(lm, None, windows, task, batch_size=bs, show_progress=show_progress)]
+    kept = []
     for c in conds:
         spec = replace(c.spec, protect=crit["label"]) if c.protected else c.spec
-        res = prune(lm, spec, protect=protect if c.protected else None, model_ref=name, show_progress=show_progress)
+        res = prune(lm, spec, protect=targets if c.protected else None, model_ref=name, show_progress=show_progress)
         rows.append(evaluate_condition(lm, res, windows, task, batch_size=bs, show_progress=show_progress))
+        kept += [res] if keep else []
     for r in rows:
         r["model"] = name
     table = results_table(rows)
@@ -295,7 +282,7 @@ def run_model(name: str, P: Profile, S: Settings, lm: LoadedModel | None = None,
         raise EsaError(f"{name}: the weights differ from the dense model after pruning and evaluation "
                        "(a mask was not restored bit-exactly)")
     return ModelPruning(name, table, tables(table, S), crit, windows.describe(),
-                        task.describe() if task is not None else {}, restored, time.perf_counter() - t0)
+                        task.describe() if task is not None else {}, restored, time.perf_counter() - t0, kept)
 
 
 def tables(table: pd.DataFrame, S: Settings) -> dict[str, pd.DataFrame]:
@@ -309,17 +296,6 @@ def run(p: Plan) -> dict[str, ModelPruning]:
 
 
 # ---------------------------------------------------------------- the criterion
-def comparison(table: pd.DataFrame, method: str, baseline: str, S: Settings, protected: bool) -> pd.DataFrame:
-    """Per-seed gains of `method` (protected or not) against the unprotected `baseline`, uniform, at S.sparsity."""
-    t = table[(table["allocation"] == "uniform") | (table["method"] == "dense")]
-    m_rows = t[(t["method"] == method) & ((t["protected"] != "none") if protected else (t["protected"] == "none"))]
-    b_rows = t[(t["method"] == baseline) & (t["protected"] == "none")]
-    sub = pd.concat([t[t["method"] == "dense"], m_rows, b_rows], ignore_index=True)
-    if method == baseline or m_rows.empty or b_rows.empty:
-        return pd.DataFrame()
-    return criterion(sub, method, baseline, sparsity=S.sparsity, pattern="unstructured")
-
-
 def criterion_rows(table: pd.DataFrame, S: Settings, evidence: str) -> tuple[list[Criterion], pd.DataFrame]:
     """Scorecard rows: each ESA scorer (protected if run, else plain) vs magnitude (the guide's criterion),
     and beside it vs Wanda and SparseGPT; plus the per-seed gains they rest on."""
@@ -331,7 +307,7 @@ def criterion_rows(table: pd.DataFrame, S: Settings, evidence: str) -> tuple[lis
             for base in ("magnitude", "wanda", "sparsegpt"):
                 if base == m:
                     continue
-                cmp = comparison(tm, m, base, S, protected)
+                cmp = matched_gains(tm, m, base, S.sparsity, protected)
                 if not cmp.empty:
                     detail.append(cmp.assign(protected_method=protected))
                 gains = cmp["gain"].tolist() if not cmp.empty else []
@@ -427,13 +403,15 @@ class PruneRequest:
 
     prune: str | None = option("prune with a registered scorer or reconstructor", choices=lambda: methods(),
                                metavar="METHOD")
-    sparsity: float | None = option("share of weights pruned, in (0, 1) (default: the profile's pruning.sparsity)")
+    sparsity: float | None = option("share of weights pruned, in (0, 1) (default: the profile's pruning.sparsity)",
+                                    check=_SPARSITY)
     pattern: str | None = option("unstructured | N:M, e.g. 2:4, 4:8 (N pruned in every M inputs of a row)")
     allocation: str | None = option("layer-wise sparsity", choices=lambda: ALLOCATIONS)
     protect_critical: bool = option("never prune the critical set: super-weight candidates + the top-k of the "
                                     "first --metric", default=False)
     calibration: str | None = option("default: the method's", choices=lambda: CALIBRATIONS)
-    export_pruned: str | None = option("also save the pruned model as a safetensors folder", metavar="DIR")
+    export_pruned: str | None = option("also save the pruned model as a safetensors folder", metavar="DIR",
+                                       check=st.new_path)
 
 
 @dataclass(frozen=True)
@@ -444,8 +422,6 @@ class PruneJob:
     settings: Settings = field(default_factory=Settings)
     protect_critical: bool = False
     export_dir: str | None = None
-    eval_windows: int | None = None
-    eval_seqlen: int | None = None
 
     def describe(self) -> str:
         return f"{self.spec.label()} calib={self.spec.calibration}"
@@ -454,23 +430,16 @@ class PruneJob:
 def job(req: PruneRequest, ctx: RunContext) -> PruneJob:
     """Every value checked against the run before anything is loaded; one EsaError on the first bad one."""
     profile, R = ctx.profile, ctx.recipe
-    if req.sparsity is not None and not (math.isfinite(req.sparsity) and 0 < req.sparsity < 1):
-        raise EsaError(f"--sparsity must be a number in (0, 1) (the share of weights pruned), got {req.sparsity!r}")
     S = settings(profile)
-    get_method(req.prune)  # type: ignore[arg-type]
     pattern = req.pattern or "unstructured"
-    pat = parse_pattern(pattern)
-    sparsity = req.sparsity
-    if sparsity is None and pat.kind != "nm":
-        sparsity = S.sparsity
-    if req.calibration is not None and req.calibration not in ("sequential", "one-shot"):
-        raise unknown("--calibration", req.calibration, ("sequential", "one-shot"))
+    sparsity = S.sparsity if req.sparsity is None and parse_pattern(pattern).kind != "nm" else req.sparsity
     P = replace(profile, batch_size=R.batch_size)
     # common flags given on the command line win over the section: --corpus, --seqlen, --max-samples calibrate too
     given = ctx.explicit
     S = replace(S, calib_corpus=R.corpus if "corpus" in given else S.calib_corpus,
                 calib_seqlen=R.seqlen if "seqlen" in given else S.calib_seqlen,
-                calib_windows=R.max_samples if "max_samples" in given else S.calib_windows)
+                calib_windows=R.max_samples if "max_samples" in given else S.calib_windows,
+                eval_corpus=None, zeroshot_items=0, protect=req.protect_critical)
     spec = base_spec(S, P, req.prune, sparsity, pattern, req.allocation or "uniform",  # type: ignore[arg-type]
                      calibration=req.calibration)
     specs = inventory_without_weights(model_params(ctx.model).ref)
@@ -479,46 +448,35 @@ def job(req: PruneRequest, ctx: RunContext) -> PruneJob:
         check_divides(spec.pattern_obj, todo)
         if req.protect_critical:
             check_protected_fits(spec, todo, R.topk, R.mode, S.superweights)
-    if req.export_pruned and Path(req.export_pruned).exists():
-        raise EsaError(f"--export-pruned {req.export_pruned} exists; give a new folder")
     if not ctx.dry_run and spec.uses_calibration:
         check_reachable(spec.corpus, f"--prune {spec.method}", f"; its scores cannot be computed for {ctx.model}. Use "
                         "--corpus shakespeare (or a local text file), or a data-free method (magnitude, random)")
-    return PruneJob(spec, S, bool(req.protect_critical), req.export_pruned, S.eval_windows, S.eval_seqlen)
+    return PruneJob(spec, S, bool(req.protect_critical), req.export_pruned)
 
 
 def run_job(job: PruneJob, cmd: Any, lm: LoadedModel, runs: Any, stage: Path) -> dict[str, Any]:
-    """esa-runner's pruning: dense + the pruned condition on the recipe's evaluation windows, into `stage`."""
+    """esa-runner's pruning: the study's run_model on one condition (+ dense), the critical set from the run's
+    first metric and seed, evaluated on the recipe's windows; its tables into `stage`."""
     R = cmd.recipe
-    before = weights_hash(lm.model)
-    protect, crit = None, {"label": "none", "n_protected": 0}
-    spec = job.spec
+    protect = None
     if job.protect_critical:
-        metric, seed = R.metrics[0], R.seeds[0]
-        scores = runs[(metric, seed)].full()
-        c = critical_targets(lm, scores, topk=R.topk, mode=R.mode, metric=metric)
-        protect, crit = c.targets, {"label": c.label, "n_protected": len(c.table)}
-        spec = replace(spec, protect=c.label)
-    wins = evaluation(lm.tokenizer, R.corpus, job.eval_seqlen or R.seqlen,
-                      n_windows=job.eval_windows if job.eval_windows is not None else R.eval_windows, seed=0,
-                      max_positions=lm.info.max_positions or None)
-    res = prune(lm, spec, protect=protect, model_ref=cmd.model, show_progress=R.show_progress)
-    rows = [evaluate_condition(lm, None, wins, batch_size=R.batch_size),
-            evaluate_condition(lm, res, wins, batch_size=R.batch_size)]
-    table = results_table(rows).assign(model=cmd.model, run_id=cmd.run_id)
-    write_parquet(stage / "pruning.parquet", table)
+        c = critical_targets(lm, runs[(R.metrics[0], R.seeds[0])].full(), topk=R.topk, mode=R.mode, metric=R.metrics[0])
+        protect = (c.targets, {"label": c.label, "n_protected": len(c.table)})
+    P = Profile(name=cmd.profile, corpus=R.corpus, seqlen=R.seqlen, eval_windows=R.eval_windows, batch_size=R.batch_size,
+                hutchinson_probes=R.hutchinson_probes)
+    mp = run_model(cmd.model, P, job.settings, lm=lm, show_progress=R.show_progress, keep=True,
+                   conds=[Condition(job.spec, job.protect_critical)], protect=protect)
+    res, (d, p) = mp.pruned[0], mp.rows.to_dict("records")
+    write_parquet(stage / "pruning.parquet", mp.rows.assign(run_id=cmd.run_id))
     write_parquet(stage / "pruning_masks.parquet", res.masks.per_matrix(lm.inventory).assign(model=cmd.model))
     write_json(stage / "pruning.json", res.summary())
-    files = ["pruning.parquet", "pruning_masks.parquet", "pruning.json"]
     if job.export_dir:
         export_pruned(lm, res, job.export_dir, card={"esa-runner": cmd.flags})
-    if weights_hash(lm.model) != before:
-        raise EsaError("pruning left the model changed (a mask was not restored bit-exactly)")
-    d, p = rows
-    return {"spec": asdict(spec), "mask_key": res.key, "achieved_sparsity": res.achieved_sparsity,
-            "calibration": res.calibration.get("mode"), "protected": crit, "dense_ppl": d["ppl"], "ppl": p["ppl"],
-            "dense_accuracy": d["accuracy"], "accuracy": p["accuracy"], "evaluation": wins.describe(),
-            "files": files, "export": job.export_dir, "timings": {k: v for k, v in res.timings.items() if k != "blocks"}}
+    return {"spec": asdict(res.spec), "mask_key": res.key, "achieved_sparsity": res.achieved_sparsity,
+            "calibration": res.calibration.get("mode"), "protected": mp.critical, "dense_ppl": d["ppl"], "ppl": p["ppl"],
+            "dense_accuracy": d["accuracy"], "accuracy": p["accuracy"], "evaluation": mp.evaluation,
+            "files": ["pruning.parquet", "pruning_masks.parquet", "pruning.json"], "export": job.export_dir,
+            "timings": {k: v for k, v in res.timings.items() if k != "blocks"}}
 
 
 STUDY = Study(name="prune", title="pruning (Phase 5, week 13a)", Request=PruneRequest, trigger=("prune",),

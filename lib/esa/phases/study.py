@@ -18,14 +18,15 @@ against the run (`study.job`) and computes it (`study.run_job`). So this layer k
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from esa.data import check_corpus
+from esa.data import HUB_CORPORA, check_corpus
 from esa.errors import EsaError, unknown
-from esa.params import Profile, check_seed, section
+from esa.params import Profile, check_seed, model_params, section
 
 if TYPE_CHECKING:
     from esa.models import LoadedModel
@@ -115,6 +116,12 @@ def corpus(v: Any, where: str) -> None:
     check_corpus(v)
 
 
+def new_path(v: Any, where: str) -> None:
+    """An output path that does not exist yet (checked before any work, so nothing is computed for nothing)."""
+    if Path(v).exists():
+        raise EsaError(f"{where} {v} exists; give a new folder")
+
+
 # ---------------------------------------------------------------- esa-runner requests
 @dataclass(frozen=True)
 class Option:
@@ -125,12 +132,17 @@ class Option:
     const: Any = None  # the value of a flag given without one (None: the flag takes a value)
     metavar: str | None = None
     accepts: str | None = None  # what a value must be, for the one-line error (default: from the field's type)
+    check: Check | None = None  # a meaning check on the typed value, run by the command layer before any work
 
 
 def option(help: str, *, choices: Callable[[], Iterable[str]] | None = None, const: Any = None,
-           metavar: str | None = None, accepts: str | None = None, default: Any = None) -> Any:
-    """A `Request` field that is a command-line flag: `--<field-name>` (underscores become dashes)."""
-    return field(default=default, metadata={"option": Option(help, choices, const, metavar, accepts)})
+           metavar: str | None = None, accepts: str | None = None, check: Check | None = None,
+           default: Any = None) -> Any:
+    """A `Request` field that is a command-line flag: `--<field-name>` (underscores become dashes). With
+    `choices` and no `check`, the value must be one of them."""
+    if check is None and choices is not None and const is None:
+        check = one_of(choices)
+    return field(default=default, metadata={"option": Option(help, choices, const, metavar, accepts, check)})
 
 
 def options(request: type) -> list[tuple[Field, Option]]:
@@ -239,6 +251,15 @@ def _duration(s: float | None) -> str:
     if s < 5400:
         return f"{s / 60:.0f} min"
     return f"{s / 3600:.1f} h"
+
+
+def hub_notes(corpora: Iterable[str], models: Iterable[str]) -> list[str]:
+    """A plan's note naming the corpora and models that only the hub (or a local HF cache) provides."""
+    hub = sorted(c for c in corpora if c in HUB_CORPORA) + [m for m in models if "/" in model_params(m).ref]
+    if not hub:
+        return []
+    off = " -- HF_HUB_OFFLINE=1 is set here" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    return [f"needs the hub (or a local HF cache) for: {', '.join(hub)}{off}"]
 
 
 # ---------------------------------------------------------------- the shape

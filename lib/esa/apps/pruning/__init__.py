@@ -13,7 +13,7 @@ one is one `register(Scorer(...))`) and SparseGPT. See each module's docstring f
 
 from esa.apps.pruning.allocation import ALLOCATIONS, outlier_ratio, owl_from_ratios
 from esa.apps.pruning.core import Decision, InputStats, Job
-from esa.apps.pruning.evaluation import criterion, dense_row, evaluate_condition, results_table
+from esa.apps.pruning.evaluation import criterion, dense_row, evaluate_condition, matched_gains, results_table
 from esa.apps.pruning.export import clear_gguf_state, export_pruned, without_gguf_state
 from esa.apps.pruning.masks import MaskSet, applied, pack_bits, unpack_bits
 from esa.apps.pruning.patterns import GROUPS, Pattern, parse_pattern
@@ -27,7 +27,7 @@ from esa.apps.pruning.spec import CALIBRATIONS, PruneSpec
 __all__ = [
     "ALLOCATIONS", "CALIBRATIONS", "GROUPS", "SCORERS", "Decision", "InputStats", "Job", "MaskSet", "Pattern",
     "PruneResult", "PruneSpec", "Scorer", "applied", "check_prunable", "clear_gguf_state", "criterion",
-    "critical_targets", "dense_row", "evaluate_condition", "export_pruned", "get_method", "methods",
+    "critical_targets", "dense_row", "evaluate_condition", "matched_gains", "export_pruned", "get_method", "methods",
     "outlier_ratio", "owl_from_ratios", "pack_bits", "parse_pattern", "prune", "reconstruct", "register",
     "results_table", "unpack_bits", "without_gguf_state",
 ]

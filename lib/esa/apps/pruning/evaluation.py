@@ -99,3 +99,16 @@ def criterion(table: pd.DataFrame, method: str, baseline: str = "magnitude", spa
                      "delta_log_ppl": dm, "delta_log_ppl_baseline": db, "gain": 1 - dm / db if ok else np.nan,
                      "estimable": ok, "note": "" if ok else "not estimable: baseline does no finite positive damage"})
     return pd.DataFrame(rows)
+
+
+def matched_gains(table: pd.DataFrame, method: str, baseline: str, sparsity: float, protected: bool) -> pd.DataFrame:
+    """Per-seed gains of `method` (its protected rows, or its unprotected ones) against the unprotected
+    `baseline`, uniform allocation, at `sparsity` unstructured; empty when either side was not run."""
+    t = table[(table["allocation"] == "uniform") | (table["method"] == "dense")]
+    m_rows = t[(t["method"] == method) & ((t["protected"] != "none") if protected else (t["protected"] == "none"))]
+    b_rows = t[(t["method"] == baseline) & (t["protected"] == "none")]
+    sub = pd.concat([t[t["method"] == "dense"], m_rows, b_rows], ignore_index=True)
+    if method == baseline or m_rows.empty or b_rows.empty:
+        return pd.DataFrame()
+    return criterion(sub, method, baseline, sparsity=sparsity, pattern="unstructured")
+
