@@ -45,8 +45,8 @@ from esa.apps.pruning import (
     prune,
     results_table,
 )
-from esa.apps.pruning.patterns import check_divides, parse_pattern
 from esa.apps.pruning.prune import pruned_specs
+from esa.apps.pruning.sparsity_patterns import check_divides, parse_pattern
 from esa.data import check_corpus, evaluation
 from esa.errors import EsaError, unknown
 from esa.models.inventory import WeightSpec

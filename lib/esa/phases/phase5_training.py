@@ -137,7 +137,7 @@ def validate(S: Settings) -> Settings:
     _check_names("finetune selection metric", S.selections, SELECTION_METRICS)
     _check_names("finetune control", S.controls, tuple(CONTROLS))
     _check_names("finetune baseline", S.baselines, BASELINES)
-    _check_names("protection", S.protections, tuple(tr.PROTECTIONS))
+    _check_names("protection", S.protections, tuple(tr.RETENTIONS))
     if S.protect_method not in PROTECT_METHODS:
         raise unknown("finetune protect_method", S.protect_method, PROTECT_METHODS)
     if S.critical_metric not in SELECTION_METRICS:
@@ -150,9 +150,9 @@ def validate(S: Settings) -> Settings:
     if not S.densities and (S.selections or S.controls or "lora" in S.baselines):
         raise EsaError("finetune.densities is empty; sparse FT, its controls and LoRA need at least one density")
     if S.protect_method == "lora":
-        bad = [p for p in S.protections if tr.PROTECTIONS[p].freezes]
+        bad = [p for p in S.protections if tr.RETENTIONS[p].freezes]
         if bad:
-            ok = [p for p, v in tr.PROTECTIONS.items() if not v.freezes]
+            ok = [p for p, v in tr.RETENTIONS.items() if not v.freezes]
             raise EsaError(f"protection(s) {bad} cannot act on protect_method 'lora' (a low-rank update cannot hold "
                            f"single weights fixed); accepted with lora: {', '.join(ok)}")
         if not S.densities:
@@ -403,7 +403,7 @@ def run_arm(lm: LoadedModel, arm: Arm, inputs: SeedInputs, S: Settings, data: Da
         method = build_method(arm, lm, targets, S, seed)
     except EsaError as e:  # e.g. LoRA cannot match the count at this density: a result, said in the table
         return ArmRun(arm, seed, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {}, error=str(e))
-    spec = tr.ProtectSpec(arm.protection, critical=inputs.critical or None,
+    spec = tr.RetentionSpec(arm.protection, critical=inputs.critical or None,
                           fisher=inputs.fisher if arm.protection == "ewc" else None,
                           strength=S.strength_of(arm.protection), seed=seed)
     ev = tr.Evaluator(target=data.target, source=data.source, tracked=data.tracked, probes=data.probes)
@@ -832,7 +832,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--density", help="share of the studied weights trained, in (0, 1] (sparse; LoRA matches the "
                                      "count); default: the profile's finetune.densities[0]")
     g.add_argument("--select", help=f"what sparse FT trains: a metric's top-k or a control ({', '.join(tr.SELECTIONS)})")
-    g.add_argument("--protect", help=f"protection while training ({', '.join(tr.PROTECTIONS)})")
+    g.add_argument("--protect", help=f"protection while training ({', '.join(tr.RETENTIONS)})")
     g.add_argument("--steps", help="training steps per seed (default: the profile's finetune.steps)")
 
 
@@ -881,13 +881,13 @@ def resolve(args: argparse.Namespace, profile: Profile) -> Spec | None:
     if base in METRICS and METRICS[base].double_backward and base not in scored_list:
         raise EsaError(f"--select {selection} needs its scores computed with eager attention: add --metric {base}")
     protection = given["protect"] or "none"
-    if protection not in tr.PROTECTIONS:
-        raise unknown("protection (--protect)", protection, tr.PROTECTIONS)
-    if tr.PROTECTIONS[protection].freezes and method == "lora":
-        ok = [p for p, v in tr.PROTECTIONS.items() if not v.freezes]
+    if protection not in tr.RETENTIONS:
+        raise unknown("protection (--protect)", protection, tr.RETENTIONS)
+    if tr.RETENTIONS[protection].freezes and method == "lora":
+        ok = [p for p, v in tr.RETENTIONS.items() if not v.freezes]
         raise EsaError(f"--protect {protection} is not available with --finetune lora (a low-rank update cannot hold "
                        f"single weights fixed); accepted with lora: {', '.join(ok)}")
-    if (method == "sparse" and tr.PROTECTIONS[protection].freezes and protection == "freeze"
+    if (method == "sparse" and tr.RETENTIONS[protection].freezes and protection == "freeze"
             and selection == S.critical_metric and density <= S.critical_density):  # type: ignore[operator]
         raise EsaError(f"--protect freeze freezes the critical set ({S.critical_metric} top-k at "
                        f"{S.critical_density:g} + super weights), which covers the whole --select {selection} set at "
