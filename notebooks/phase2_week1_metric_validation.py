@@ -187,7 +187,7 @@ if len(agree_mean):
                  f"(overlap {best_pair.overlap:.1%}).")
 pair = {frozenset((r.metric_a, r.metric_b)): r.overlap for r in agree_mean.itertuples()}
 fisher = pair.get(frozenset(("grad_squared", "grad_x_weight")))
-obd = pair.get(frozenset((phase2.OBD, "grad_x_weight")))
+obd = pair.get(frozenset((phase2.OBD_LABEL, "grad_x_weight")))
 if fisher is not None and obd is not None:
     lines.append(f"- grad_x_weight vs grad_squared: overlap {fisher:.1%} (the guide asks > 60%); weighting the "
                  f"Fisher diagonal by w^2 (the OBD saliency, derived from the same scores) "

@@ -115,7 +115,7 @@ for model in ctx.models:
         f"{m0} top-{P.topk} Jaccard across seeds {jac}.")
     ag = agrees[agrees.model == model]
     fisher_ov = phase2.metric_pair(ag, "grad_squared", "grad_x_weight")["overlap"]
-    obd_ov = phase2.metric_pair(ag, phase2.OBD, "grad_x_weight")["overlap"]
+    obd_ov = phase2.metric_pair(ag, phase2.OBD_LABEL, "grad_x_weight")["overlap"]
     if len(fisher_ov) and len(obd_ov):
         lines.append(f"  grad_x_weight vs grad_squared top-k overlap {fisher_ov.mean():.1%} (the guide asks > 60%); "
                      f"weighting the Fisher diagonal by w^2 (OBD) "

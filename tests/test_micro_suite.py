@@ -26,8 +26,8 @@ def micro_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path))
     for name, path in real.items():
         os.symlink(path, tmp_path / name)
-    monkeypatch.setitem(micro.BUDGETS, "unit", TEST_BUDGET)
-    return tmp_path
+    with micro.BUDGETS.patched(TEST_BUDGET):
+        yield tmp_path
 
 
 def test_sizes_are_geometric_and_moe_matches_active():
@@ -73,9 +73,9 @@ def test_crash_mid_training_leaves_nothing(micro_cache, monkeypatch):
     assert list(Path(micro_cache, "micro").iterdir()) == []
 
 
-def test_moe_loads_by_name(micro_cache, monkeypatch):
-    monkeypatch.setitem(micro.BUDGETS, "unit", micro.Budget("unit", 0.0, 32, 2, min_steps=3, max_steps=3))
-    lm = load("micro-mixtral-176k@unit")
+def test_moe_loads_by_name(micro_cache):
+    with micro.BUDGETS.patched(micro.Budget("unit", 0.0, 32, 2, min_steps=3, max_steps=3)):
+        lm = load("micro-mixtral-176k@unit")
     assert lm.info.moe and lm.info.n_experts == 4 and lm.info.n_params_active < lm.info.n_params
     assert any(s.kind == "expert" for s in lm.inventory) and any(s.kind == "router" for s in lm.inventory)
     out = lm.model(input_ids=torch.randint(3, 259, (1, 16))).logits

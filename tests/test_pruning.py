@@ -31,14 +31,15 @@ from esa.apps.pruning import (
     unpack_bits,
 )
 from esa.apps.pruning.calibrate import StatsHooks, dense_stats, find_blocks
-from esa.apps.pruning.patterns import n_pruned, select, select_global
-from esa.apps.pruning.registry import get_method
+from esa.apps.pruning.registry import get_method, methods
 from esa.apps.pruning.scorers import SCORERS, Scorer
+from esa.apps.pruning.sparsity_patterns import n_pruned, select, select_global
 from esa.data import calibration, evaluation
 from esa.errors import EsaError
 from esa.hooks import hooked
 from esa.models import load
 from esa.perturb.apply import weights_hash
+from esa.registry import DuplicateEntry
 from esa.sensitivity.metrics import MetricConfig, get_metric
 from esa.store import cache_dir
 from esa.zeroshot import build_next_line
@@ -231,15 +232,16 @@ def test_random_is_seeded(lm, calib):
 
 
 def test_registering_a_scorer_is_one_entry(lm, calib):
-    register(Scorer("neg_magnitude", "-|W| (test only)", lambda job: {
-        s.name: -job.params[s.name].detach().float().abs() for s in job.specs}, "weights", default_group="matrix"))
-    try:
+    neg = Scorer("neg_magnitude", "-|W| (test only)", lambda job: {
+        s.name: -job.params[s.name].detach().float().abs() for s in job.specs}, "weights", default_group="matrix")
+    with SCORERS.patched(neg):  # register(neg), for this test only
         res = prune(lm, PruneSpec("neg_magnitude", 0.5), use_cache=False)
         w = lm.model.get_parameter(lm.inventory[0].name).detach().abs()
         m = res.masks.mask(lm.inventory[0].name)
         assert w[m].min() >= w[~m].max()  # the largest half is pruned
-    finally:
-        SCORERS.pop("neg_magnitude")
+    assert "neg_magnitude" not in methods()
+    with pytest.raises(DuplicateEntry):
+        register(Scorer("magnitude", "again", neg.fn, "weights"))
 
 
 # ---------------------------------------------------------------- SparseGPT vs least squares

@@ -273,15 +273,15 @@ def test_loading_qwen_without_a_part_package_names_it(chunk_env, monkeypatch):
         load(QWEN)
 
 
-def test_loading_qwen_refuses_a_file_with_the_wrong_hash(chunk_env, monkeypatch):
+def test_loading_qwen_refuses_a_file_with_the_wrong_hash(chunk_env):
     # the real entry's parts with our small stand-ins that are not the recorded file: refused by hash
     site, cache = chunk_env
     fake = _fake_chunks(site, CONTENTS, tag="standin")
     forged = dataclasses.replace(fake, sha256=EMBEDDED[QWEN].chunks.sha256, filename="forged.gguf")
-    monkeypatch.setitem(EMBEDDED, QWEN, dataclasses.replace(EMBEDDED[QWEN], chunks=forged))
     # every chunk matches its own (forged) entry, so the whole-file hash is what refuses it: all are named
-    with pytest.raises(EsaError, match=r"refusing embedded model 'qwen2\.5-coder-0\.5b'.*"
-                                       r"standin-1==0\.1 standin-2==0\.1 standin-3==0\.1$"):
+    with EMBEDDED.patched(dataclasses.replace(EMBEDDED[QWEN], chunks=forged)), \
+            pytest.raises(EsaError, match=r"refusing embedded model 'qwen2\.5-coder-0\.5b'.*"
+                                          r"standin-1==0\.1 standin-2==0\.1 standin-3==0\.1$"):
         load(QWEN)
     assert not (cache / "gguf" / "forged.gguf").exists()
 

@@ -2,7 +2,9 @@
 
 Metrics go through the caching engine (cache key from the entry's own key fields), perturbations through
 the sweep (dose, kind and label from the entry), controls through `make_control`; the hook helper and the
-in-place overwrite that Phase 5 builds on restore everything they touch.
+in-place overwrite that Phase 5 builds on restore everything they touch. Every extension point of the
+package is one `esa.registry.Registry`: a second entry under a taken name is refused, every entry has a
+one-line definition, and an unknown name is one EsaError listing the accepted ones.
 """
 
 from __future__ import annotations
@@ -11,16 +13,34 @@ import pandas as pd
 import pytest
 import torch
 
+import esa.apps.interpret.probes as probes
+import esa.apps.interpret.roles as roles
+import esa.apps.pruning.allocation as allocation
+import esa.apps.pruning.registry as pruning_registry
+import esa.apps.pruning.scorers as scorers
+import esa.apps.security.attacks as attacks
+import esa.apps.security.defences as defences
+import esa.apps.security.formats as formats
+import esa.apps.training.domains as domains
+import esa.apps.training.methods as training_methods
+import esa.apps.training.retention as retention
+import esa.data as data
+import esa.models.embedded as embedded
+import esa.models.micro as micro
+import esa.models.tiny as tiny
+import esa.runner.executors as executors
+import esa.zeroshot as zeroshot
 from esa import hooks
 from esa.data import Calibration, Windows
 from esa.errors import EsaError
 from esa.models import load
 from esa.perturb import build_groups, overwritten, perturbed, run_sweep, weights_hash
 from esa.perturb.controls import CONTROLS, ControlInput, make_control
-from esa.perturb.ops import PERTURBATIONS, PerturbSpec, sweep_specs
+from esa.perturb.ops import PERTURBATIONS, PerturbSpec, get_perturbation, sweep_specs
+from esa.registry import DuplicateEntry, Registry, merged
 from esa.sensitivity import metrics as metrics_mod
 from esa.sensitivity.engine import score, score_many, settings_for
-from esa.sensitivity.metrics import METRICS, Metric, MetricConfig, MetricResult
+from esa.sensitivity.metrics import METRICS, Metric, MetricConfig, MetricResult, get_metric
 
 
 @pytest.fixture(autouse=True)
@@ -62,18 +82,19 @@ def test_a_key_field_changes_the_cache_key_and_others_do_not(lm):
     assert act[0] == act[1]  # act_mag sums over tokens: batching does not change it
 
 
-def test_adding_a_metric_is_one_registry_entry(lm, monkeypatch):
+def test_adding_a_metric_is_one_registry_entry(lm):
     def magnitude(model, specs, ids, cfg):
         return MetricResult({s.name: model.get_parameter(s.name).detach().float().abs() for s in specs})
 
-    monkeypatch.setitem(METRICS, "magnitude", Metric("magnitude", "|w|", magnitude, lambda c: {}, "eval"))
-    runs = score_many(lm, ["magnitude", "grad_x_weight"], Calibration(seed=2),
-                      {"grad_x_weight": MetricConfig(batch_size=2, show_progress=False)}, windows=_windows(2))
+    with METRICS.patched(Metric("magnitude", "|w|", magnitude, lambda c: {}, "eval")):
+        runs = score_many(lm, ["magnitude", "grad_x_weight"], Calibration(seed=2),
+                          {"grad_x_weight": MetricConfig(batch_size=2, show_progress=False)}, windows=_windows(2))
+        assert "magnitude" not in metrics_mod.fusable()  # no fold: computed on its own pass
+    assert "magnitude" not in METRICS
     top = runs["magnitude"].topk(1, "global", lm.inventory).iloc[0]
     p = lm.model.get_parameter(top.param).detach().abs()
     assert float(p[top.row, top.col]) == max(float(lm.model.get_parameter(s.name).detach().abs().max())
                                              for s in lm.inventory)
-    assert "magnitude" not in metrics_mod.fusable()  # no fold: computed on its own pass
 
 
 @pytest.mark.parametrize("name", sorted(PERTURBATIONS))
@@ -147,3 +168,87 @@ def test_hooks_capture_and_always_remove_their_handles(lm):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
     with pytest.raises(EsaError, match="no module"), hooks.hooked(lm.model, {"model.nowhere": boom}):
         pass
+
+
+# ---------------------------------------------------------------- one registry shape everywhere
+REGISTRIES = {
+    "metrics": METRICS, "perturbations": PERTURBATIONS, "controls": CONTROLS,
+    "pruning scorers": scorers.SCORERS, "pruning reconstructors": pruning_registry.RECONSTRUCTORS,
+    "pruning methods": pruning_registry.methods(), "allocations": allocation.ALLOCATIONS,
+    "attacks": attacks.ATTACKS, "storage formats": formats.FORMATS, "security defences": defences.DEFENCES,
+    "training retentions": retention.RETENTIONS, "roles": roles.ROLES, "probe builders": probes.BUILDERS,
+    "fine-tuning methods": training_methods.METHODS, "target domains": domains.DOMAINS, "corpora": data.CORPORA,
+    "embedded models": embedded.EMBEDDED, "tiny models": tiny.TINY_CONFIGS, "micro suite": micro.MICRO_SUITE,
+    "micro budgets": micro.BUDGETS, "executors": executors.EXECUTORS, "zero-shot tasks": zeroshot.TASKS,
+}
+
+
+@pytest.mark.parametrize("label", sorted(REGISTRIES))
+def test_every_extension_point_is_a_registry_with_a_definition_per_entry(label):
+    reg = REGISTRIES[label]
+    assert isinstance(reg, Registry) and len(reg) > 0
+    assert reg.names() == list(reg) == list(reg.definitions())
+    empty = [n for n in reg if not reg.definition(n).strip()]
+    assert not empty, f"{label}: no definition for {empty}"
+    assert all("\n" not in d for d in reg.definitions().values())  # one line each
+    assert not hasattr(reg, "__setitem__")  # read-only: entries come in through register
+
+
+@pytest.mark.parametrize("label", sorted(REGISTRIES))
+def test_an_unknown_name_is_one_error_listing_the_accepted_ones(label):
+    reg = REGISTRIES[label]
+    with pytest.raises(EsaError) as err:
+        reg.lookup("no-such-entry")
+    assert str(err.value) == f"unknown {reg.kind} 'no-such-entry'; accepted: {', '.join(sorted(reg))}"
+    first = reg.names()[0]
+    assert reg.lookup(first) is reg[first]
+
+
+def test_the_get_wrappers_answer_as_the_registries_do():
+    assert get_metric("grad_x_weight") is METRICS["grad_x_weight"]
+    assert get_perturbation("zero") is PERTURBATIONS["zero"]
+    assert pruning_registry.get_method("sparsegpt") is pruning_registry.RECONSTRUCTORS["sparsegpt"]
+    assert pruning_registry.get_method("wanda") is scorers.SCORERS["wanda"]
+    for call, kind in ((get_metric, "metric"), (get_perturbation, "perturbation"),
+                       (pruning_registry.get_method, "pruning method"), (formats.get_format, "storage format"),
+                       (allocation.get_allocation, "allocation"), (domains.get_domain, "target domain"),
+                       (executors.get_executor, "executor")):
+        with pytest.raises(EsaError, match=f"^unknown {kind} 'nope'; accepted: "):
+            call("nope")
+
+
+def test_a_second_entry_under_a_taken_name_is_refused():
+    reg: Registry[str] = Registry("thing", key=str)
+    reg.register("a", definition="the first")
+    with pytest.raises(DuplicateEntry, match="thing 'a' is registered already"):
+        reg.register("a", definition="the second")
+    assert reg.definitions() == {"a": "the first"}
+    with pytest.raises(DuplicateEntry):  # the package's own registries refuse it too, and stay as they were
+        METRICS.register(METRICS["grad_x_weight"])
+    with pytest.raises(DuplicateEntry):
+        scorers.register(scorers.SCORERS["magnitude"])
+    assert list(METRICS) == ["grad_x_weight", "grad_squared", "act_mag", "hutchinson_diag", "ggn_mc_diag"]
+    with pytest.raises(DuplicateEntry):  # a union of two registries that share a name
+        merged("pruning method", scorers.SCORERS, {"magnitude": pruning_registry.RECONSTRUCTORS["sparsegpt"]})
+    with pytest.raises(TypeError):  # an entry of the wrong type is caught at registration
+        METRICS.register(CONTROLS["random_k"], "random_k")
+
+
+def test_merged_keeps_names_order_and_definitions():
+    union = pruning_registry.methods()
+    assert union.kind == "pruning method"
+    assert list(union) == [*scorers.SCORERS, *pruning_registry.RECONSTRUCTORS]
+    assert union.definition("obd") == scorers.SCORERS.definition("obd")
+    assert union.definition("sparsegpt") == pruning_registry.RECONSTRUCTORS["sparsegpt"].definition
+
+
+def test_patched_adds_or_replaces_an_entry_for_a_with_block_only():
+    before = (list(CONTROLS.items()), CONTROLS.definitions())
+    stand_in = CONTROLS["random_k"].__class__("random_k", "a stand-in", CONTROLS["bottom_k"].fn)
+    with CONTROLS.patched(stand_in) as entry:
+        assert entry is stand_in and CONTROLS["random_k"] is stand_in
+        assert CONTROLS.definition("random_k") == "a stand-in"
+    with pytest.raises(RuntimeError), CONTROLS.patched(stand_in, "extra", definition="extra one"):
+        assert "extra" in CONTROLS
+        raise RuntimeError("restored on error too")
+    assert (list(CONTROLS.items()), CONTROLS.definitions()) == before

@@ -38,9 +38,9 @@ def _fake(signal: float):
 
 
 @pytest.mark.parametrize("signal,resolved", [(0.0, False), (20.0, True)])
-def test_noise_is_not_resolved_and_a_planted_topk_is(lm, monkeypatch, signal, resolved):
-    monkeypatch.setitem(METRICS, "fake", _fake(signal))
-    r = R.window_resolution(lm.model, lm.inventory, _ids(8), "fake", MetricConfig(), topk=10)
+def test_noise_is_not_resolved_and_a_planted_topk_is(lm, signal, resolved):
+    with METRICS.patched(_fake(signal)):
+        r = R.window_resolution(lm.model, lm.inventory, _ids(8), "fake", MetricConfig(), topk=10)
     assert r["resolved"] is resolved and r["unit"] == "calibration windows" and r["n"] == 8
     if resolved:
         assert r["z"] > 5 and r["needed"] < 8

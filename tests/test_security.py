@@ -13,6 +13,7 @@ import torch
 
 from esa.apps import security as sec
 from esa.apps.security.common import contains
+from esa.apps.security.defences import apply_guard
 from esa.apps.security.formats import (
     BitDomain,
     combine,
@@ -22,7 +23,6 @@ from esa.apps.security.formats import (
     popcount,
     quantize_int8,
 )
-from esa.apps.security.protect import apply_guard
 from esa.errors import EsaError
 from esa.evaluate import evaluate
 from esa.models import load

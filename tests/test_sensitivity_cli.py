@@ -105,10 +105,10 @@ def test_obd_selection_derived_from_fisher_equals_the_times_w2_run():
     direct = obd_run.topk(5, "per_layer", lm.inventory)
     cols = ["param", "expert", "row", "col", "rank"]
     pd.testing.assert_frame_equal(derived[cols].reset_index(drop=True), direct[cols].reset_index(drop=True))
-    assert set(derived["metric"]) == {phase2.OBD}
+    assert set(derived["metric"]) == {phase2.OBD_LABEL}
     agree = phase2.agreement_table({("grad_squared", 2): fisher}, fisher.topk(5, "per_layer", lm.inventory)
                                    .assign(metric="grad_squared", seed=2), derived=derived)
-    assert list(zip(agree.metric_a, agree.metric_b, strict=True)) == [("grad_squared", phase2.OBD)]
+    assert list(zip(agree.metric_a, agree.metric_b, strict=True)) == [("grad_squared", phase2.OBD_LABEL)]
 
 
 def test_obd_is_not_derived_from_a_single_micro_batch(caplog):

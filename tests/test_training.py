@@ -16,7 +16,7 @@ from esa.apps.training import (
     Evaluator,
     FullFT,
     LoraFT,
-    ProtectSpec,
+    RetentionSpec,
     SparseDelta,
     SparseFT,
     TrainConfig,
@@ -34,7 +34,7 @@ from esa.apps.training import (
     union,
 )
 from esa.apps.training.loop import batch_indices
-from esa.apps.training.protect import frozen_set
+from esa.apps.training.retention import frozen_set
 from esa.errors import EsaError
 from esa.models import load
 from esa.perturb import weights_hash
@@ -184,7 +184,7 @@ def test_resume_after_kill_is_bit_identical(ids, tmp_path, name, protect):
     lm = fresh()
     targets = magnitude_targets(lm)
     fisher = {s.name: torch.rand(s.shape, generator=torch.Generator().manual_seed(1)) for s in lm.inventory}
-    spec = ProtectSpec(protect, critical=targets, fisher=fisher, strength=10.0)
+    spec = RetentionSpec(protect, critical=targets, fisher=fisher, strength=10.0)
     c = cfg(checkpoint_every=2, eval_every=3)
     ev = lambda: Evaluator(target=ids[:4], tracked=[(lm.inventory[0].name, 3)])  # noqa: E731
     whole = train(lm.model, _method(name, lm, targets), ids, c, inventory=lm.inventory, protect=spec, evaluator=ev())
@@ -231,7 +231,7 @@ def test_freeze_keeps_the_critical_set_bit_identical(ids):
     critical = magnitude_targets(lm, 0.05)
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     res = train(lm.model, FullFT(), ids, cfg(weight_decay=0.1), inventory=lm.inventory,
-                protect=ProtectSpec("freeze", critical))
+                protect=RetentionSpec("freeze", critical))
     moved_other = n_other = 0
     for name, idx in critical.items():
         p = res.model.get_parameter(name)
@@ -247,7 +247,7 @@ def test_freeze_keeps_the_critical_set_bit_identical(ids):
 def test_random_freeze_is_a_matched_disjoint_control_and_sparse_freeze_drops_it(ids):
     lm = fresh()
     critical = magnitude_targets(lm, 0.05)
-    spec = ProtectSpec("random_freeze", critical, seed=5)
+    spec = RetentionSpec("random_freeze", critical, seed=5)
     control = frozen_set(spec, lm.model, lm.inventory)
     assert per_matrix_counts(control, lm.inventory) == per_matrix_counts(critical, lm.inventory)
     assert all(not torch.isin(control[n], critical[n]).any() for n in control)
@@ -327,7 +327,7 @@ def test_protected_training_logs_penalty_and_tracked_drift(ids):
     ev = Evaluator(target=ids[:4], source=ids[4:8], tracked=[(name, sel), (name, other)],
                    probes={"w_norm": lambda m: float(m.get_parameter(name).norm())})
     res = train(lm.model, SparseFT(targets), ids, cfg(eval_every=2), inventory=lm.inventory,
-                protect=ProtectSpec("anchor", targets, strength=1.0), evaluator=ev)
+                protect=RetentionSpec("anchor", targets, strength=1.0), evaluator=ev)
     assert res.evals["step"].tolist() == [0, 2, 4, 6]
     assert res.evals["penalty"].iloc[0] == 0.0 and res.evals["penalty"].iloc[-1] > 0
     assert {"target_ppl", "source_ppl", "target_loss", "source_loss", "w_norm", "tokens"} <= set(res.evals)
@@ -355,7 +355,7 @@ def test_lora_refuses_freeze_and_bf16_autocast_runs(ids):
     lm = fresh()
     targets = magnitude_targets(lm, 0.05)
     with pytest.raises(EsaError, match="not available with method 'lora'"):
-        train(lm.model, LoraFT(lm.inventory, rank=1), ids, cfg(), protect=ProtectSpec("freeze", targets))
+        train(lm.model, LoraFT(lm.inventory, rank=1), ids, cfg(), protect=RetentionSpec("freeze", targets))
     res = train(lm.model, SparseFT(targets), ids, cfg(steps=2, precision="bf16"))
     assert res.summary["precision"] == "bf16" and res.steps["loss"].map(math.isfinite).all()
 
@@ -441,8 +441,8 @@ def test_bad_names_and_budgets_fail_before_training(ids):
     with pytest.raises(EsaError, match="cannot match"):
         make_method("lora", lm.inventory, n_trainable=10)
     h = weights_hash(lm.model)
-    bad = [(cfg(steps=0), ProtectSpec()), (cfg(steps=None, tokens=SEQ), ProtectSpec()),
-           (cfg(), ProtectSpec("shield")), (cfg(), ProtectSpec("ewc")), (cfg(precision="fp8"), ProtectSpec())]
+    bad = [(cfg(steps=0), RetentionSpec()), (cfg(steps=None, tokens=SEQ), RetentionSpec()),
+           (cfg(), RetentionSpec("shield")), (cfg(), RetentionSpec("ewc")), (cfg(precision="fp8"), RetentionSpec())]
     for c, spec in bad:
         with pytest.raises(EsaError) as err:
             train(lm.model, SparseFT(targets), ids, c, inventory=lm.inventory, protect=spec)
@@ -451,7 +451,7 @@ def test_bad_names_and_budgets_fail_before_training(ids):
     with pytest.raises(EsaError, match="budget of 0 steps"):
         train(lm.model, SparseFT(targets), ids, cfg(steps=None, tokens=SEQ))
     with pytest.raises(EsaError, match="unknown protection 'shield'.*anchor"):
-        train(lm.model, SparseFT(targets), ids, cfg(), protect=ProtectSpec("shield"))
+        train(lm.model, SparseFT(targets), ids, cfg(), protect=RetentionSpec("shield"))
 
 
 def test_measure_base_equals_the_step0_evaluation_and_eval_start_skips_it(ids):

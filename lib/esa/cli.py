@@ -186,8 +186,7 @@ def resolve(args: argparse.Namespace) -> command.Command:
     if not metrics:
         raise EsaError("--metric is empty; accepted: " + ", ".join(METRICS))
     for m in metrics:
-        if m not in METRICS:
-            raise unknown("metric", m, METRICS)
+        METRICS.lookup(m)
     mode = args.mode or prof.mode
     if mode not in MODES:
         raise unknown("mode", mode, MODES)

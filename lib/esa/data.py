@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from esa.errors import EsaError, unknown
+from esa.registry import Registry
 from esa.store import atomic_path, cache_dir, cached, content_key
 
 log = logging.getLogger(__name__)
@@ -81,15 +82,16 @@ def _hub(path: str, name: str | None, eval_split: str, calib_split: str, field: 
     return Corpus(path, "\n\n".join(ev[field]), "\n\n".join(ca[field]), f"{path} {name or ''} via datasets")
 
 
-CORPORA: dict[str, Callable[[], Corpus]] = {
-    "shakespeare": _shakespeare,
-    "wikitext2": lambda: _hub("wikitext", "wikitext-2-raw-v1", "test", "train", "text"),
-    "c4": lambda: _hub(
-        "allenai/c4", None, "validation[:1100]", "train[:5000]", "text",
-        data_files={"train": "en/c4-train.00000-of-01024.json.gz",
-                     "validation": "en/c4-validation.00000-of-00008.json.gz"},
-    ),
-}
+CORPORA: Registry[Callable[[], Corpus]] = Registry("corpus")
+CORPORA.register(_shakespeare, "shakespeare", "Shakespeare's works (Project Gutenberg, offline): six plays "
+                 "evaluate, the other 36 works calibrate")
+CORPORA.register(lambda: _hub("wikitext", "wikitext-2-raw-v1", "test", "train", "text"), "wikitext2",
+                 "WikiText-2-raw via datasets (hub): test evaluates, train calibrates")
+CORPORA.register(lambda: _hub(
+    "allenai/c4", None, "validation[:1100]", "train[:5000]", "text",
+    data_files={"train": "en/c4-train.00000-of-01024.json.gz",
+                "validation": "en/c4-validation.00000-of-00008.json.gz"},
+), "c4", "C4 en via datasets (hub): a validation shard evaluates, a train shard calibrates")
 DEFAULT_CORPUS = "shakespeare"
 
 

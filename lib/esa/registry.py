@@ -9,6 +9,7 @@ adding a method is one `register(...)` call wherever the method lives.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Generic, TypeVar
 
@@ -24,16 +25,19 @@ class DuplicateEntry(ValueError):
 class Registry(Mapping[str, T], Generic[T]):
     """Named entries of one kind, in registration order.
 
-    `kind` names the entries in errors ("metric", "pruning method"). An entry's definition is its own
-    `definition` attribute, or the `definition=` given to `register` (plain functions have none).
+    `kind` names the entries in errors ("metric", "pruning method"). An entry's definition is the
+    `definition=` given to `register`, else `describe(entry)` when the registry has one (entries whose
+    one-line text has another name, e.g. a role's `hypothesis`), else the entry's own `definition` attribute.
     `base`, when given, is checked on every entry (a wrong type is caught at import, not at use).
     """
 
     def __init__(self, kind: str, entries: Iterable[T] = (), *, base: type | tuple[type, ...] | None = None,
-                 key: Callable[[T], str] = lambda e: e.name) -> None:  # type: ignore[attr-defined]
+                 key: Callable[[T], str] = lambda e: e.name,  # type: ignore[attr-defined]
+                 describe: Callable[[T], str] | None = None) -> None:
         self.kind = kind
         self._base = base
         self._key = key
+        self._describe = describe
         self._entries: dict[str, T] = {}
         self._definitions: dict[str, str] = {}
         for e in entries:
@@ -47,10 +51,24 @@ class Registry(Mapping[str, T], Generic[T]):
         if self._base is not None and not isinstance(entry, self._base):
             raise TypeError(f"{self.kind} {name!r} is a {type(entry).__name__}, not a {self._base}")
         self._entries[name] = entry
-        text = definition if definition is not None else getattr(entry, "definition", None)
-        if text:
-            self._definitions[name] = str(text)
+        if definition is None:
+            definition = self._describe(entry) if self._describe else getattr(entry, "definition", None)
+        if definition:
+            self._definitions[name] = str(definition)
         return entry
+
+    @contextlib.contextmanager
+    def patched(self, entry: T, name: str | None = None, definition: str | None = None) -> Iterator[T]:
+        """`entry` under `name` for the length of a with-block (a new name, or a stand-in for a registered
+        one), then the registry exactly as it was: what tests use instead of writing into the mapping."""
+        name = self._key(entry) if name is None else name
+        saved = (self._entries.copy(), self._definitions.copy())
+        self._entries.pop(name, None)
+        self._definitions.pop(name, None)
+        try:
+            yield self.register(entry, name, definition)
+        finally:
+            self._entries, self._definitions = saved
 
     def lookup(self, name: str) -> T:
         """The entry, or one EsaError naming the unknown value and the accepted ones."""

@@ -34,6 +34,7 @@ from esa.dispatch import input_device
 from esa.errors import EsaError
 from esa.evaluate import auto_batch_size
 from esa.progress import progress
+from esa.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -269,4 +270,6 @@ def strict_first(scores: torch.Tensor) -> torch.Tensor:
     return s[:, 0] > s[:, 1:].max(1).values
 
 
-TASKS = {"next_line": (build_next_line, score_next_line)}  # name -> (build, score)
+TASKS: Registry[tuple[Any, Any]] = Registry("zero-shot task")  # name -> (build, score)
+TASKS.register((build_next_line, score_next_line), "next_line", "the true next line of a held-out play among "
+               "4 candidates, by summed (and per-character) log-likelihood")

@@ -29,7 +29,7 @@ import torch
 
 from esa.apps.training import (
     FullFT,
-    ProtectSpec,
+    RetentionSpec,
     SparseFT,
     TrainConfig,
     make_method,
@@ -41,10 +41,10 @@ from esa.models import load
 from esa.store import REPO_ROOT, write_json
 
 DENSITIES = (1e-4, 1e-3, 1e-2, 5e-2)
-PROTECTIONS = ("none", "freeze", "anchor", "ewc", "random_freeze")
+RETENTIONS = ("none", "freeze", "anchor", "ewc", "random_freeze")
 
 
-def _step_times(lm, method, ids: torch.Tensor, steps: int, inventory=None, protect: ProtectSpec | None = None
+def _step_times(lm, method, ids: torch.Tensor, steps: int, inventory=None, protect: RetentionSpec | None = None
                 ) -> tuple[list[float], int, int]:
     """Per-step seconds of one block (first step dropped), optimiser bytes, trainable count."""
     res = train(lm.model, method, ids, TrainConfig(steps=steps + 1, batch_size=ids.shape[0], lr=1e-6,
@@ -114,14 +114,14 @@ def bench_training(model: str = "smollm2-135m", batch: int = 2, seqlen: int = 12
         times = []
         for _ in range(rounds):
             row = {}
-            for pname in PROTECTIONS:
+            for pname in RETENTIONS:
                 method = SparseFT(t1) if mname == "sparse" else FullFT()
-                spec = ProtectSpec(pname, critical=critical, fisher=fisher, strength=1.0)
+                spec = RetentionSpec(pname, critical=critical, fisher=fisher, strength=1.0)
                 secs, _, _ = _step_times(lm, method, ids, steps, lm.inventory, spec)
                 row[pname] = statistics.median(secs)
             times.append(row)
         protected[mname] = {p: dict(**_ratio(times, p, "none"), target=1.05,
-                                    step_s=statistics.median(r[p] for r in times)) for p in PROTECTIONS}
+                                    step_s=statistics.median(r[p] for r in times)) for p in RETENTIONS}
     out["protected_vs_unprotected"] = protected
     out["seconds"] = round(time.perf_counter() - t_start, 1)
     return out

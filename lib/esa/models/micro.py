@@ -43,6 +43,7 @@ from transformers import AutoModelForCausalLM, ByT5Tokenizer, LlamaConfig, Mixtr
 from esa.data import get_corpus, windows
 from esa.errors import unknown
 from esa.models.inventory import weight_inventory
+from esa.registry import Registry
 from esa.store import cache_dir, content_key, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,13 @@ class MicroSpec:
     n_experts: int = 0
     experts_per_tok: int = 0
 
+    @property
+    def definition(self) -> str:  # a property, so not part of asdict(spec), the cache key's architecture
+        ffn = f"FFN {self.intermediate}"
+        if self.n_experts:
+            ffn = f"{self.n_experts} experts of {ffn}, top-{self.experts_per_tok}"
+        return f"{self.arch}: hidden {self.hidden}, {self.layers} layers, {self.heads} heads, {ffn}"
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -80,37 +88,40 @@ class Budget:
     min_steps: int = 5
     max_steps: int = 100_000
 
+    @property
+    def definition(self) -> str:  # a property, so not part of asdict(budget), the cache key's budget
+        return (f"{self.tokens_per_param:g} tokens per (active) parameter, batches of {self.batch_size} x "
+                f"{self.seqlen} tokens, {self.min_steps}-{self.max_steps} steps, peak lr {self.lr:g}")
+
 
 # Sizes grow by about 2.5x in parameters (hidden x1.5, one more layer each step). The MoE matches
 # micro-llama-176k's active parameters: same hidden/layers, 4 experts of half its FFN width, top-2.
-MICRO_SUITE: dict[str, MicroSpec] = {
-    "micro-llama-33k": MicroSpec("llama", hidden=32, layers=2, heads=2, intermediate=64),
-    "micro-llama-74k": MicroSpec("llama", hidden=48, layers=2, heads=2, intermediate=128),
-    "micro-llama-176k": MicroSpec("llama", hidden=64, layers=3, heads=2, intermediate=176),
-    "micro-llama-480k": MicroSpec("llama", hidden=96, layers=4, heads=3, intermediate=256),
-    "micro-mixtral-176k": MicroSpec("mixtral", hidden=64, layers=3, heads=2, intermediate=88,
-                                    n_experts=4, experts_per_tok=2),
-}
+MICRO_SUITE: Registry[MicroSpec] = Registry("micro-suite model", base=MicroSpec)
+MICRO_SUITE.register(MicroSpec("llama", hidden=32, layers=2, heads=2, intermediate=64), "micro-llama-33k")
+MICRO_SUITE.register(MicroSpec("llama", hidden=48, layers=2, heads=2, intermediate=128), "micro-llama-74k")
+MICRO_SUITE.register(MicroSpec("llama", hidden=64, layers=3, heads=2, intermediate=176), "micro-llama-176k")
+MICRO_SUITE.register(MicroSpec("llama", hidden=96, layers=4, heads=3, intermediate=256), "micro-llama-480k")
+MICRO_SUITE.register(MicroSpec("mixtral", hidden=64, layers=3, heads=2, intermediate=88, n_experts=4,
+                               experts_per_tok=2), "micro-mixtral-176k")
 
-BUDGETS: dict[str, Budget] = {
+BUDGETS: Registry[Budget] = Registry("micro-suite budget", (
     # seconds per model on 2 CPU cores: proves the machinery, the models are barely trained
-    "smoke": Budget("smoke", tokens_per_param=0.5, seqlen=256, batch_size=4, lr=3e-3, min_steps=10, max_steps=30),
+    Budget("smoke", tokens_per_param=0.5, seqlen=256, batch_size=4, lr=3e-3, min_steps=10, max_steps=30),
     # meant to be long enough that every model clearly beats the unigram baseline on the eval split
     # (esa.phases.phase4.suite_report measures both). Chinchilla's 20 tokens per parameter; small batches, because what
     # lifts a byte-level model off the unigram plateau (loss ~3.3) is the number of steps: at 8 x 512
     # tokens per step and 10 tokens/param, micro-llama-33k stopped at loss 3.22 after 80 steps.
-    "standard": Budget("standard", tokens_per_param=20.0, seqlen=512, batch_size=4),
+    Budget("standard", tokens_per_param=20.0, seqlen=512, batch_size=4),
     # on a GPU: Chinchilla-like 20 tokens per parameter
-    "gpu": Budget("gpu", tokens_per_param=20.0, seqlen=512, batch_size=32),
-}
+    Budget("gpu", tokens_per_param=20.0, seqlen=512, batch_size=32),
+), base=Budget)
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
     """`micro-llama-74k@smoke` -> ("micro-llama-74k", "smoke"); no suffix -> $ESA_MICRO_BUDGET or standard."""
     name, _, budget = ref.partition(SEP)
     budget = budget or os.environ.get("ESA_MICRO_BUDGET", "standard")
-    if name not in MICRO_SUITE:
-        raise unknown("micro-suite model", name, MICRO_SUITE)
+    MICRO_SUITE.lookup(name)
     if budget not in BUDGETS:
         raise unknown("micro-suite budget", budget, BUDGETS, hint=f"write it as {name}{SEP}<budget>")
     return name, budget

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from esa.errors import EsaError, unknown
+from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
 from esa.perturb.apply import Targets
+from esa.registry import Registry
 from esa.sensitivity.select import BottomSource, topk_flat
 
 
@@ -218,14 +219,14 @@ class Control:
         return self.fn(inp)
 
 
-CONTROLS: dict[str, Control] = {c.name: c for c in (
+CONTROLS: Registry[Control] = Registry("control", (
     Control("random_k", "per matrix, the top-k's count drawn uniformly (seeded) outside the top-k", _random_k),
     Control("random_global", "the top-k's total count drawn uniformly over all studied weights outside it",
             _random_global),
     Control("bottom_k", "per matrix, the top-k's count of lowest scores (ties drawn uniformly, seeded)", _bottom_k,
             needs_scores=True),
     Control("magnitude_k", "per matrix, the top-k's count of largest |w|", _magnitude_k),
-)}
+), base=Control)
 
 
 def parse_controls(names: str | list[str] | None) -> list[str]:
@@ -234,15 +235,12 @@ def parse_controls(names: str | list[str] | None) -> list[str]:
     items = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n).strip() for n in names]
     items = [n for n in items if n and n.lower() != "none"]
     for n in items:
-        if n not in CONTROLS:
-            raise unknown("control", n, CONTROLS)
+        CONTROLS.lookup(n)
     return items
 
 
 def make_control(name: str, inp: ControlInput) -> Targets:
-    if name not in CONTROLS:
-        raise unknown("control", name, CONTROLS)
-    return CONTROLS[name](inp)
+    return CONTROLS.lookup(name)(inp)
 
 
 def overlap(a: Targets, b: Targets) -> int:

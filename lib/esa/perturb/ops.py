@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from esa.errors import EsaError, unknown
+from esa.registry import Registry
 
 # IEEE layouts: (integer view dtype, total bits, sign bit, exponent bits as [lo, hi] inclusive).
 BIT_LAYOUTS: dict[torch.dtype, tuple[torch.dtype, int, int, tuple[int, int]]] = {
@@ -53,8 +54,7 @@ class PerturbSpec:
     sigma: str = "std"  # gauss_noise: "std" of the matrix or "abs" = |w|
 
     def __post_init__(self) -> None:
-        if self.name not in PERTURBATIONS:
-            raise unknown("perturbation", self.name, PERTURBATIONS)
+        PERTURBATIONS.lookup(self.name)
         if not (self.scale >= 0) or self.scale == float("inf"):
             raise EsaError(f"perturbation scale must be a finite number >= 0, got {self.scale!r}")
         if not (0.0 <= self.prob <= 1.0):
@@ -175,14 +175,14 @@ class Perturbation:
         return [PerturbSpec(self.name)]
 
 
-PERTURBATIONS: dict[str, Perturbation] = {p.name: p for p in (
+PERTURBATIONS: Registry[Perturbation] = Registry("perturbation", (
     Perturbation("sign_flip", "w -> -scale * w", _sign_flip, "scale"),
     Perturbation("gauss_noise", "w + N(0, (scale * std(matrix))^2) (sigma='abs': std |w|)", _gauss_noise, "scale",
                  matrix_std=True),
     Perturbation("zero", "w -> 0", _zero, None),
     Perturbation("bit_flip", "with probability prob, flip one bit (of the chosen class) of the stored value",
                  _bit_flip, "prob", bit_variants=True, float_bits=True),
-)}
+), base=Perturbation)
 
 
 def sweep_specs(perturbations: list[str], scales: list[float], probs: list[float],
@@ -193,9 +193,7 @@ def sweep_specs(perturbations: list[str], scales: list[float], probs: list[float
 
 
 def get_perturbation(name: str) -> Perturbation:
-    if name not in PERTURBATIONS:
-        raise unknown("perturbation", name, PERTURBATIONS)
-    return PERTURBATIONS[name]
+    return PERTURBATIONS.lookup(name)
 
 
 def parse_perturbations(names: str | list[str]) -> list[str]:
@@ -205,8 +203,7 @@ def parse_perturbations(names: str | list[str]) -> list[str]:
     if not items:
         raise EsaError("no perturbation given; accepted: " + ", ".join(sorted(PERTURBATIONS)))
     for n in items:
-        if n not in PERTURBATIONS:
-            raise unknown("perturbation", n, PERTURBATIONS)
+        PERTURBATIONS.lookup(n)
     return items
 
 

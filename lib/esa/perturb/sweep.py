@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from esa.errors import EsaError, unknown
+from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate
 from esa.models.inventory import WeightSpec
 from esa.perturb.apply import PerturbStats, Targets, count_targets, perturbed, targets_from_selection
@@ -74,8 +74,7 @@ def build_groups(
     groups: dict[tuple[str, int], Targets] = {}
     controls = list(controls)
     for c in controls:
-        if c not in CONTROLS:
-            raise unknown("control", c, CONTROLS)
+        CONTROLS.lookup(c)
     for seed in seeds:
         sel = selection[selection["seed"] == seed] if "seed" in selection and (selection["seed"] == seed).any() \
             else selection

@@ -26,7 +26,9 @@ from esa.stats.verdicts import Criterion, judge
 log = logging.getLogger(__name__)
 
 Runs = dict[tuple[str, int], ScoreRun]
-OBD = "grad_squared_x_w2"  # the Fisher metric's OBD saliency, derived (obd_selections)
+# the metric name of obd_selections' rows: the derived score `obd` (esa.sensitivity.metrics.OBD, the same
+# quantity as the pruning method `obd`) under the name the phase-2 tables have always given it
+OBD_LABEL = "grad_squared_x_w2"
 HEAVY_TAIL_RATIO = 10.0  # our rule for "orders of magnitude above the rest": top-1% mean >= 10 x median
 
 
@@ -111,9 +113,9 @@ def resolution_table(resolutions: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 
 def obd_selections(runs: Runs, lm: LoadedModel, k: int, mode: str) -> pd.DataFrame:
-    """Per seed, the top-k by grad_squared x w^2 (metric OBD), derived from the cached grad_squared scores and
-    the weights at scoring time (`Metric.derived`), so it costs no extra pass. Empty if grad_squared (without
-    times_w2) was not run, and for a calibration sample of one micro-batch, where
+    """Per seed, the top-k by grad_squared x w^2 (metric name OBD_LABEL), derived from the cached grad_squared
+    scores and the weights at scoring time (`Metric.derived`), so it costs no extra pass. Empty if grad_squared
+    (without times_w2) was not run, and for a calibration sample of one micro-batch, where
     g^2 * w^2 = (g * w)^2 ranks exactly as |grad_x_weight| and the comparison would be 100% by construction."""
     parts = []
     for (metric, seed), r in runs.items():
@@ -123,7 +125,7 @@ def obd_selections(runs: Runs, lm: LoadedModel, k: int, mode: str) -> pd.DataFra
             log.warning("grad_squared x w^2 not derived for seed %d: one micro-batch of %d windows makes it "
                         "(grad x weight)^2, the same ranking as grad_x_weight", seed, r.settings["n_samples"])
             continue
-        parts.append(r.derived_topk("obd", k, mode).assign(metric=OBD, seed=seed))
+        parts.append(r.derived_topk("obd", k, mode).assign(metric=OBD_LABEL, seed=seed))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
@@ -188,7 +190,7 @@ def phase2_criteria(stab: pd.DataFrame, agree: pd.DataFrame, tails: pd.DataFrame
     rows = criteria.p2_jaccard(dict(zip(stab["metric"], stab["jaccard_mean"], strict=True)), n_seeds, evidence)
     pair = metric_pair(agree, "grad_squared", "grad_x_weight")
     rows += criteria.p2_metric_overlap(float(pair["overlap"].mean()) if len(pair) else None, evidence)
-    obd = metric_pair(agree, OBD, "grad_x_weight")
+    obd = metric_pair(agree, OBD_LABEL, "grad_x_weight")
     if len(obd):  # the same criterion with the Fisher metric's OBD variant (its optional x w^2)
         value = float(obd["overlap"].mean())
         rows.append(Criterion("P2.metric_overlap_obd", 2,

@@ -26,7 +26,7 @@ import pandas as pd
 from esa.analysis.patterns import routing_load, superweight_presence
 from esa.baselines import unigram_nll
 from esa.data import calibration, evaluation, windows
-from esa.errors import EsaError, unknown
+from esa.errors import EsaError
 from esa.evaluate import evaluate
 from esa.models import load, micro
 from esa.params import Profile
@@ -152,8 +152,7 @@ def micro_unigram_ppl(corpus: str = micro.CORPUS, seqlen: int = 512, smoothing: 
 def suite_report(budget: str = "standard", names: list[str] | None = None, seqlen: int = 512,
                  eval_windows: int | None = 64, seed: int = 0) -> pd.DataFrame:
     """One row per micro-suite member: size, training cost, eval perplexity vs the unigram baseline."""
-    if budget not in micro.BUDGETS:
-        raise unknown("micro-suite budget", budget, micro.BUDGETS)
+    micro.BUDGETS.lookup(budget)
     base = micro_unigram_ppl(seqlen=seqlen)
     rows = []
     for name in names or list(micro.MICRO_SUITE):

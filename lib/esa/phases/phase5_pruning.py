@@ -39,8 +39,8 @@ from esa.apps.pruning import (
     prune,
     results_table,
 )
-from esa.apps.pruning.patterns import check_divides, parse_pattern
 from esa.apps.pruning.prune import check_protected_fits, pruned_specs
+from esa.apps.pruning.sparsity_patterns import check_divides, parse_pattern
 from esa.apps.pruning.tables import summary_tables
 from esa.data import check_reachable, evaluation
 from esa.errors import EsaError

@@ -46,8 +46,8 @@ from esa.apps import security as sec
 from esa.apps.security.attacks import ATTACKS
 from esa.apps.security.backdoor import spectral_features, weight_deltas
 from esa.apps.security.common import check_factor, check_positive_int, check_rate, contains
+from esa.apps.security.defences import DEFENCES, check_mode, magnitude_like
 from esa.apps.security.formats import FORMATS
-from esa.apps.security.protect import PROTECTIONS, check_mode, magnitude_like
 from esa.data import Windows, calibration, evaluation
 from esa.errors import EsaError, unknown
 from esa.evaluate import evaluate
@@ -153,8 +153,8 @@ class Settings:
             raise unknown("metric in security.critical_metric", self.critical_metric, METRICS)
         if self.backdoor_metric not in METRICS:
             raise unknown("metric in security.backdoor_metric", self.backdoor_metric, METRICS)
-        if self.protect_mode not in PROTECTIONS:
-            raise unknown("protection in security.protect_mode", self.protect_mode, PROTECTIONS)
+        if self.protect_mode not in DEFENCES:
+            raise unknown("protection in security.protect_mode", self.protect_mode, DEFENCES)
         check_mode(self.protect_mode, FORMATS[self.protect_format])
         if self.pgd_radius not in sec.RADII:
             raise unknown("L-infinity radius in security.pgd_radius", self.pgd_radius, sec.RADII)

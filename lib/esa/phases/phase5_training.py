@@ -136,7 +136,7 @@ def validate(S: Settings) -> Settings:
     _check_names("finetune selection metric", S.selections, SELECTION_METRICS)
     _check_names("finetune control", S.controls, tuple(CONTROLS))
     _check_names("finetune baseline", S.baselines, BASELINES)
-    _check_names("protection", S.protections, tuple(tr.PROTECTIONS))
+    _check_names("protection", S.protections, tuple(tr.RETENTIONS))
     if S.protect_method not in PROTECT_METHODS:
         raise unknown("finetune protect_method", S.protect_method, PROTECT_METHODS)
     if S.critical_metric not in SELECTION_METRICS:
@@ -149,9 +149,9 @@ def validate(S: Settings) -> Settings:
     if not S.densities and (S.selections or S.controls or "lora" in S.baselines):
         raise EsaError("finetune.densities is empty; sparse FT, its controls and LoRA need at least one density")
     if S.protect_method == "lora":
-        bad = [p for p in S.protections if tr.PROTECTIONS[p].freezes]
+        bad = [p for p in S.protections if tr.RETENTIONS[p].freezes]
         if bad:
-            ok = [p for p, v in tr.PROTECTIONS.items() if not v.freezes]
+            ok = [p for p, v in tr.RETENTIONS.items() if not v.freezes]
             raise EsaError(f"protection(s) {bad} cannot act on protect_method 'lora' (a low-rank update cannot hold "
                            f"single weights fixed); accepted with lora: {', '.join(ok)}")
         if not S.densities:
@@ -401,7 +401,7 @@ def run_arm(lm: LoadedModel, arm: Arm, inputs: SeedInputs, S: Settings, data: Da
         method = build_method(arm, lm, targets, S, seed)
     except EsaError as e:  # e.g. LoRA cannot match the count at this density: a result, said in the table
         return ArmRun(arm, seed, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {}, error=str(e))
-    spec = tr.ProtectSpec(arm.protection, critical=inputs.critical or None,
+    spec = tr.RetentionSpec(arm.protection, critical=inputs.critical or None,
                           fisher=inputs.fisher if arm.protection == "ewc" else None,
                           strength=S.strength_of(arm.protection), seed=seed)
     ev = tr.Evaluator(target=data.target, source=data.source, tracked=data.tracked, probes=data.probes)
@@ -860,7 +860,7 @@ class FinetuneRequest:
     density: float | None = option("share of the studied weights trained, in (0, 1] (sparse; LoRA matches the "
                                    "count); default: the profile's finetune.densities[0]")
     select: str | None = option("what sparse FT trains: a metric's top-k or a control", choices=lambda: tr.SELECTIONS)
-    protect: str | None = option("protection while training", choices=lambda: tr.PROTECTIONS)
+    protect: str | None = option("protection while training", choices=lambda: tr.RETENTIONS)
     steps: int | None = option("training steps per seed (default: the profile's finetune.steps)")
 
 
@@ -891,13 +891,13 @@ def job(req: FinetuneRequest, ctx: RunContext) -> Spec:
     if base in METRICS and METRICS[base].double_backward and base not in ctx.recipe.metrics:
         raise EsaError(f"--select {selection} needs its scores computed with eager attention: add --metric {base}")
     protection = req.protect or "none"
-    if protection not in tr.PROTECTIONS:
-        raise unknown("protection (--protect)", protection, tr.PROTECTIONS)
-    if tr.PROTECTIONS[protection].freezes and method == "lora":
-        ok = [p for p, v in tr.PROTECTIONS.items() if not v.freezes]
+    if protection not in tr.RETENTIONS:
+        raise unknown("protection (--protect)", protection, tr.RETENTIONS)
+    if tr.RETENTIONS[protection].freezes and method == "lora":
+        ok = [p for p, v in tr.RETENTIONS.items() if not v.freezes]
         raise EsaError(f"--protect {protection} is not available with --finetune lora (a low-rank update cannot hold "
                        f"single weights fixed); accepted with lora: {', '.join(ok)}")
-    if (method == "sparse" and tr.PROTECTIONS[protection].freezes and protection == "freeze"
+    if (method == "sparse" and tr.RETENTIONS[protection].freezes and protection == "freeze"
             and selection == S.critical_metric and density <= S.critical_density):  # type: ignore[operator]
         raise EsaError(f"--protect freeze freezes the critical set ({S.critical_metric} top-k at "
                        f"{S.critical_density:g} + super weights), which covers the whole --select {selection} set at "

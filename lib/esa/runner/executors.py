@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esa.errors import EsaError, unknown
+from esa.errors import EsaError
 from esa.params import yaml_load
 from esa.progress import CPU_SHARE_ENV
+from esa.registry import Registry
 from esa.runner.lifeline import die_with_parent
 from esa.runner.manifest import gpus
 from esa.runner.task import Task, run_task
@@ -374,14 +375,15 @@ def run_submitit_slurm(tasks: list[Task], opts: ExecOptions, on_done: OnDone) ->
     return _run_submitit(tasks, opts, on_done, "slurm")
 
 
-EXECUTORS: dict[str, Callable[[list[Task], ExecOptions, OnDone], dict[str, Result]]] = {
-    "process": run_processes,
-    "local": run_submitit_local,
-    "slurm": run_submitit_slurm,
-}
+Executor = Callable[[list[Task], ExecOptions, OnDone], dict[str, Result]]
+EXECUTORS: Registry[Executor] = Registry("executor")
+EXECUTORS.register(run_processes, "process", "worker processes on this machine (--jobs), one GPU each where "
+                   "there are GPUs")
+EXECUTORS.register(run_submitit_local, "local",
+                   "submitit's local executor: the slurm code path without a cluster")
+EXECUTORS.register(run_submitit_slurm, "slurm", "submitit job arrays on a Slurm cluster, one array per "
+                   "dependency level (params/cluster.yaml)")
 
 
-def get_executor(name: str) -> Callable[[list[Task], ExecOptions, OnDone], dict[str, Result]]:
-    if name not in EXECUTORS:
-        raise unknown("executor", name, EXECUTORS)
-    return EXECUTORS[name]
+def get_executor(name: str) -> Executor:
+    return EXECUTORS.lookup(name)

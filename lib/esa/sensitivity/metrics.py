@@ -41,11 +41,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from esa.dispatch import input_device, require_resident
-from esa.errors import EsaError, unknown
+from esa.errors import EsaError
 from esa.hooks import Call, hooked
 from esa.memory import PROBE_CACHE_BYTES
 from esa.models.inventory import WeightSpec
 from esa.progress import progress
+from esa.registry import Registry
 
 
 @dataclass
@@ -450,6 +451,11 @@ def _obd(fisher: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return fisher * w.detach().float().square()
 
 
+# The OBD saliency mean_b g_b^2 * w^2 (optimal brain damage with the empirical Fisher diagonal): one quantity,
+# one name, `obd`, wherever it appears: this derived score of grad_squared; grad_squared run with times_w2
+# (the same product, `acc * w.float()^2`, so the two rank identically: tests/test_score_cache.py); the pruning
+# scorer `obd` (esa.apps.pruning.scorers, grad_squared with times_w2); fine-tuning's selection `obd`. Only the
+# phase-2 tables name its selections `grad_squared_x_w2` (esa.phases.phase2.OBD_LABEL), a table value kept.
 OBD = Derived("obd", "grad_squared x w^2 (the OBD saliency), from the Fisher diagonal without a second pass",
               _obd, lambda cfg: not cfg.times_w2)
 
@@ -489,7 +495,7 @@ def _hutchinson_key(cfg: MetricConfig) -> dict[str, Any]:
     return d
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in (
+METRICS: Registry[Metric] = Registry("metric", (
     Metric("grad_x_weight", "|w * g|, g = gradient of the mean calibration loss (first-order Taylor, SNIP); "
            "per_batch: mean_b |w * g_b|", _gradient_metric("grad_x_weight"),
            lambda c: {"batch_size": c.batch_size, "per_batch": c.per_batch}, "gradient", fold=_GradXWeight),
@@ -507,7 +513,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            "(Monte-Carlo Gauss-Newton = Fisher diagonal; not diag(H))", _ggn_mc,
            lambda c: {"samples": c.probes, "sample_seed": c.seed, "output": c.hutchinson_output,
                       "batch_size": c.batch_size}, "gradient"),
-)}
+), base=Metric)
 
 
 def fusable() -> list[str]:
@@ -516,6 +522,4 @@ def fusable() -> list[str]:
 
 
 def get_metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise unknown("metric", name, METRICS)
-    return METRICS[name]
+    return METRICS.lookup(name)

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from esa.errors import unknown
 from esa.models.inventory import WeightSpec
 from esa.sensitivity.metrics import METRICS, MetricConfig, fusable, fused_gradients
 
@@ -137,8 +136,7 @@ def window_resolutions(model: torch.nn.Module, specs: list[WeightSpec], ids: tor
     stream, for a spread within each)."""
     n = int(ids.shape[0])
     for m in metrics:
-        if m not in METRICS:
-            raise unknown("metric", m, METRICS)
+        METRICS.lookup(m)
     if n < 4:
         return {m: {"metric": m, "unit": "calibration windows", "n": n_run or n, "z": math.nan, "resolved": None,
                     "needed": math.nan, "note": f"not estimable: {n} windows (needs >= 4)"} for m in metrics}

@@ -24,7 +24,7 @@ import inspect
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from scipy import stats as sps
 from esa.data import EVAL_WORKS, shakespeare_texts
 from esa.dispatch import input_device
 from esa.errors import EsaError, unknown
+from esa.registry import Registry
 from esa.store import atomic_path
 
 HEADER = ("kind", "source", "prompt", "answer", "candidates")
@@ -185,8 +186,7 @@ def build_probes(plays: Mapping[str, str] | None = None, kinds: Sequence[str] | 
         plays = {TITLES[w]: texts[f"{w}_gut"] for w in EVAL_WORKS}
     kinds = list(kinds) if kinds is not None else list(BUILDERS)
     for k in kinds:
-        if k not in BUILDERS:
-            raise unknown("probe kind", k, BUILDERS)
+        BUILDERS.lookup(k)
     if len(plays) < 2:
         raise EsaError(f"the probe set needs at least 2 plays (candidates for character_play), got {len(plays)}")
     parsed = [_parse(t, x) for t, x in plays.items()]
@@ -281,7 +281,13 @@ def _by_turn(items: list[ProbeItem], top: list[str]) -> list[ProbeItem]:
     return [it for g in _interleave(groups) for it in g]
 
 
-BUILDERS = {"character_play": _character_play, "relation": _relation, "speaker_line": _speaker_line}
+BUILDERS: Registry[Callable[[_Play, list[_Play]], list[ProbeItem]]] = Registry("probe kind")
+BUILDERS.register(_character_play, "character_play",
+                  "a speaker named in the play's list of persons -> the play, among the six titles")
+BUILDERS.register(_relation, "relation",
+                  "A, the <relation> of B in the list of persons -> B, against up to five other speakers of the play")
+BUILDERS.register(_speaker_line, "speaker_line",
+                  "the first line of a long speech -> its speaker, among the play's six most frequent speakers")
 
 
 # ------------------------------------------------------------------ file format

@@ -53,6 +53,7 @@ from esa.perturb.apply import perturbed
 from esa.perturb.controls import ControlInput, make_control
 from esa.perturb.ops import PerturbSpec
 from esa.progress import progress
+from esa.registry import Registry
 from esa.stats.inference import bootstrap_ci, holm
 
 KEY = ["param", "expert", "row", "col"]
@@ -248,7 +249,7 @@ def _first_token(ev: Evidence) -> Measure:
                    details={"uniform_share": 1.0 / ev.seqlen, "floor": floor})
 
 
-ROLES: dict[str, Role] = {r.name: r for r in [
+ROLES: Registry[Role] = Registry("role", [
     Role("creates_massive",
          "(a) the weight creates a massive activation: zeroing it shrinks the channel's residual-stream peak "
          "after its block far more than zeroing a random weight of its matrix",
@@ -288,7 +289,7 @@ ROLES: dict[str, Role] = {r.name: r for r in [
     Role(UNEXPLAINED,
          "(g) none of the tested roles is verified for the weight at the Holm-corrected alpha",
          "nothing (the complement of the other roles)", "", "linear", frozenset(), False, (), None),
-]}
+], base=Role, describe=lambda r: r.hypothesis)
 
 
 def parse_roles(names: str | Iterable[str] | None) -> list[str]:
@@ -298,8 +299,7 @@ def parse_roles(names: str | Iterable[str] | None) -> list[str]:
     items = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n).strip() for n in names]
     items = [n for n in items if n]
     for n in items:
-        if n not in ROLES:
-            raise unknown("role", n, ROLES)
+        ROLES.lookup(n)
     if not items:
         raise EsaError(f"no roles given; accepted: {', '.join(ROLES)}")
     return list(dict.fromkeys(items))

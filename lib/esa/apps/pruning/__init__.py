@@ -8,20 +8,22 @@
     row = evaluate_condition(lm, result, eval_windows, task)  # one tidy table row
 
 Methods: the scorers of `SCORERS` (magnitude, wanda, grad_x_weight, obd, hutchinson_diag, random; adding
-one is one `register(Scorer(...))`) and SparseGPT. See each module's docstring for the definitions.
+one is one `register(Scorer(...))`) and SparseGPT, all in `methods()`. Sparsity patterns and comparison
+groups: `sparsity_patterns`; the critical set a pruning never removes: `critical`. See each module's
+docstring for the definitions.
 """
 
 from esa.apps.pruning.allocation import ALLOCATIONS, outlier_ratio, owl_from_ratios
 from esa.apps.pruning.core import Decision, InputStats, Job
+from esa.apps.pruning.critical import critical_targets
 from esa.apps.pruning.evaluation import criterion, dense_row, evaluate_condition, matched_gains, results_table
 from esa.apps.pruning.export import clear_gguf_state, export_pruned, without_gguf_state
 from esa.apps.pruning.masks import MaskSet, applied, pack_bits, unpack_bits
-from esa.apps.pruning.patterns import GROUPS, Pattern, parse_pattern
-from esa.apps.pruning.protect import critical_targets
 from esa.apps.pruning.prune import PruneResult, check_prunable, prune
 from esa.apps.pruning.registry import get_method, methods
 from esa.apps.pruning.scorers import SCORERS, Scorer, register
 from esa.apps.pruning.sparsegpt import reconstruct
+from esa.apps.pruning.sparsity_patterns import GROUPS, Pattern, parse_pattern
 from esa.apps.pruning.spec import CALIBRATIONS, PruneSpec
 
 __all__ = [

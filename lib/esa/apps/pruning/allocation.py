@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from esa.apps.pruning.core import InputStats
-from esa.errors import EsaError, unknown
+from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
+from esa.registry import Registry
 
 
 @dataclass
@@ -86,14 +87,12 @@ def _owl(specs: list[WeightSpec], target: float, params: dict[str, torch.Tensor]
                               "recentred on 1 - target"})
 
 
-ALLOCATIONS: dict[str, Allocation] = {
-    "uniform": Allocation("uniform", "every block at the target sparsity", False, _uniform),
-    "owl": Allocation("owl", "outlier-weighted layerwise sparsity (Yin et al. 2024), M and lambda in the settings",
-                      True, _owl),
-}
+ALLOCATIONS: Registry[Allocation] = Registry("allocation", (
+    Allocation("uniform", "every block at the target sparsity", False, _uniform),
+    Allocation("owl", "outlier-weighted layerwise sparsity (Yin et al. 2024), M and lambda in the settings",
+               True, _owl),
+), base=Allocation)
 
 
 def get_allocation(name: str) -> Allocation:
-    if name not in ALLOCATIONS:
-        raise unknown("allocation", name, ALLOCATIONS)
-    return ALLOCATIONS[name]
+    return ALLOCATIONS.lookup(name)

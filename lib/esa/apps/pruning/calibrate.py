@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from esa.apps.pruning.core import Decision, InputStats, Job
-from esa.apps.pruning.patterns import Pattern
+from esa.apps.pruning.sparsity_patterns import Pattern
 from esa.dispatch import input_device
 from esa.errors import EsaError
 from esa.hooks import Call, hooked

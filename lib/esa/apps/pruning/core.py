@@ -16,7 +16,7 @@ import torch
 from esa.models.inventory import WeightSpec
 
 if TYPE_CHECKING:  # type hints only: spec.py imports the registries, which import this module
-    from esa.apps.pruning.patterns import Pattern
+    from esa.apps.pruning.sparsity_patterns import Pattern
     from esa.apps.pruning.spec import PruneSpec
 
 NEEDS = ("weights", "inputs", "hessian", "gradients")  # what a method reads besides the weights themselves

@@ -23,8 +23,8 @@ from esa.apps.pruning import calibrate
 from esa.apps.pruning.allocation import get_allocation
 from esa.apps.pruning.core import Decision
 from esa.apps.pruning.masks import MaskSet, updates_for
-from esa.apps.pruning.patterns import check_divides, check_protected, check_protected_global
 from esa.apps.pruning.registry import get_method
+from esa.apps.pruning.sparsity_patterns import check_divides, check_protected, check_protected_global
 from esa.apps.pruning.spec import PruneSpec
 from esa.data import Windows, calibration
 from esa.dispatch import require_resident
@@ -37,7 +37,8 @@ from esa.store import cache_dir, content_key, source_hash
 log = logging.getLogger(__name__)
 
 PRUNE_CODE = tuple(f"esa.apps.pruning.{m}" for m in (
-    "allocation", "calibrate", "core", "masks", "patterns", "prune", "registry", "scorers", "sparsegpt", "spec"))
+    "allocation", "calibrate", "core", "masks", "prune", "registry", "scorers", "sparsegpt", "sparsity_patterns", "spec"
+))
 
 
 @dataclass

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from esa.apps.pruning.scorers import SCORERS, Scorer
 from esa.apps.pruning.sparsegpt import SparseGPT
-from esa.errors import unknown
+from esa.registry import Registry, merged
 
 Method = Scorer | SparseGPT
-RECONSTRUCTORS: dict[str, SparseGPT] = {"sparsegpt": SparseGPT()}
+RECONSTRUCTORS: Registry[SparseGPT] = Registry("pruning reconstructor", (SparseGPT(),), base=SparseGPT)
 
 
-def methods() -> dict[str, Method]:
-    """Scorers (live view of the registry: a scorer registered later is included) and reconstructors."""
-    return {**SCORERS, **RECONSTRUCTORS}
+def methods() -> Registry[Method]:
+    """Scorers and reconstructors in one registry, built at each call (a scorer registered later is included);
+    a name in both is a registry.DuplicateEntry."""
+    return merged("pruning method", SCORERS, RECONSTRUCTORS)
 
 
 def get_method(name: str) -> Method:
-    known = methods()
-    if name not in known:
-        raise unknown("pruning method", name, known)
-    return known[name]
+    return methods().lookup(name)

@@ -2,12 +2,13 @@
 
 A `Scorer` holds its scoring function, a one-line definition (printed in every table), what it reads
 (`needs`), its default comparison group and calibration mode. `decide(job)` turns its scores into masks
-with `patterns.select`; adding a scorer is one `register(Scorer(...))` line.
+with `sparsity_patterns.select`; adding a scorer is one `register(Scorer(...))` line.
 
 - magnitude: |W_ij|; per matrix by default, as the magnitude baseline of the Wanda code.
 - wanda: |W_ij| * ||X_j||_2 over calibration tokens (act_mag), compared within each output row as Wanda does.
 - grad_x_weight: |w * g|, g the gradient of the mean calibration loss (esa.sensitivity.metrics).
-- obd: mean_b g_b^2 * w^2, the optimal-brain-damage saliency from the empirical Fisher diagonal.
+- obd: mean_b g_b^2 * w^2, the optimal-brain-damage saliency from the empirical Fisher diagonal (grad_squared
+  with times_w2: the quantity esa.sensitivity.metrics derives as `obd` from grad_squared, see metrics.OBD).
 - hutchinson_diag: 0.5 * diag(H) * w^2 with diag(H) from Rademacher probes (signed: negative curvature
   and noise are pruned first).
 - random: uniform scores drawn from (calibration seed, parameter name): the control.
@@ -22,9 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from esa.apps.pruning.core import Decision, Job
-from esa.apps.pruning.patterns import GROUPS, select, select_global
+from esa.apps.pruning.sparsity_patterns import GROUPS, select, select_global
 from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
+from esa.registry import Registry
 from esa.sensitivity.metrics import MetricConfig, get_metric
 
 ScoreFn = Callable[[Job], dict[str, torch.Tensor]]
@@ -56,12 +58,12 @@ class Scorer:
                 for s in job.specs}
 
 
-SCORERS: dict[str, Scorer] = {}
+SCORERS: Registry[Scorer] = Registry("pruning scorer", base=Scorer)
 
 
 def register(scorer: Scorer) -> Scorer:
-    SCORERS[scorer.name] = scorer
-    return scorer
+    """Add a scorer (a name already taken is a registry.DuplicateEntry)."""
+    return SCORERS.register(scorer)
 
 
 # ---------------------------------------------------------------- scoring functions

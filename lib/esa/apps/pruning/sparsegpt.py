@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from esa.apps.pruning.core import Decision, Job
-from esa.apps.pruning.patterns import Pattern, block_quota, lowest_flat, lowest_rows, row_quota
+from esa.apps.pruning.sparsity_patterns import Pattern, block_quota, lowest_flat, lowest_rows, row_quota
 from esa.errors import EsaError
 
 

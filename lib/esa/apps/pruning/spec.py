@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from esa.apps.pruning.allocation import ALLOCATIONS, get_allocation
-from esa.apps.pruning.patterns import Pattern, parse_pattern
 from esa.apps.pruning.registry import get_method
+from esa.apps.pruning.sparsity_patterns import Pattern, parse_pattern
 from esa.errors import EsaError, unknown
 from esa.models.inventory import KINDS
 

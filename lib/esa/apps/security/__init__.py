@@ -5,7 +5,8 @@
 - `collapse`: the share of weights whose single worst flip collapses the model (Wilson CI).
 - `bfa`: progressive bit search (gradient-ranked bits, in-layer then cross-layer, one flip per iteration).
 - `faults`: Monte-Carlo fault campaigns at per-bit rates, protection curves, the random-flip baseline.
-- `protect`: guards (`PROTECTIONS`: ecc, parity, bounded) over a protected weight set.
+- `defences`: guards (`DEFENCES`: ecc, parity, bounded; the profiles' `protect_mode`) over a protected
+  weight set.
 - `adversarial`: projected gradient ascent in weight space under an L-infinity budget on a target set.
 - `backdoor`: a detector from sensitivity-map statistics against a clean reference, a weight-delta spectral
   baseline, AUROC with a bootstrap CI.
@@ -27,6 +28,14 @@ from esa.apps.security.backdoor import (
 from esa.apps.security.bfa import AttackConfig, AttackResult, progressive_bit_search
 from esa.apps.security.collapse import CollapseResult, collapse_share
 from esa.apps.security.common import top_fraction, uniform_targets, wilson_ci
+from esa.apps.security.defences import (
+    DEFENCES,
+    Guard,
+    magnitude_like,
+    matched_random,
+    parity_bits,
+    random_like,
+)
 from esa.apps.security.faults import (
     FaultResult,
     fault_campaign,
@@ -46,17 +55,9 @@ from esa.apps.security.formats import (
     stored,
 )
 from esa.apps.security.poison import PoisonConfig, TwinSuite, make_twins
-from esa.apps.security.protect import (
-    PROTECTIONS,
-    Guard,
-    magnitude_like,
-    matched_random,
-    parity_bits,
-    random_like,
-)
 
 __all__ = [
-    "ATTACKS", "FORMATS", "PROTECTIONS", "RADII", "AttackConfig", "AttackResult", "CollapseResult",
+    "ATTACKS", "DEFENCES", "FORMATS", "RADII", "AttackConfig", "AttackResult", "CollapseResult",
     "FaultResult", "FlipSet", "FlipStats", "Guard", "PoisonConfig", "Store", "TwinSuite", "anomaly_scores", "auroc", "auroc_ci",
     "collapse_share", "describe_flips", "detect", "fault_campaign", "flipped", "flips_needed", "flips_ratio",
     "get_format", "magnitude_like", "make_flips", "make_twins", "map_features", "matched_random", "parity_bits", "pgd_attack", "pgd_compare",

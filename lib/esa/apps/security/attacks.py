@@ -21,23 +21,24 @@ import pandas as pd
 from esa.apps.security.bfa import AttackConfig, AttackResult, progressive_bit_search
 from esa.apps.security.faults import random_flip_search
 from esa.errors import EsaError, unknown
+from esa.registry import Registry
 from esa.stats.inference import bootstrap_ci, ratio_ci
 
 AttackFn = Callable[..., AttackResult]
 
-ATTACKS: dict[str, AttackFn] = {
-    "bfa": progressive_bit_search,
-    "random": random_flip_search,
-}
+ATTACKS: Registry[AttackFn] = Registry("attack")
+ATTACKS.register(progressive_bit_search, "bfa", "progressive bit search: gradient-ranked bits, in-layer then "
+                 "cross-layer, one flip per iteration")
+ATTACKS.register(random_flip_search, "random",
+                 "distinct uniformly random flips of the same bit class and target set, judged at checkpoints")
 
 
 def run_attack(name: str, *args: Any, cfg: AttackConfig | None = None, **kw: Any) -> AttackResult:
     """ATTACKS[name](...), with the name and the config checked before any work."""
-    if name not in ATTACKS:
-        raise unknown("attack", name, ATTACKS)
+    attack = ATTACKS.lookup(name)
     cfg = cfg or AttackConfig()
     cfg.validate()
-    return ATTACKS[name](*args, cfg=cfg, **kw)
+    return attack(*args, cfg=cfg, **kw)
 
 
 def flips_needed(results: Sequence[AttackResult], goal: str) -> tuple[np.ndarray, np.ndarray]:

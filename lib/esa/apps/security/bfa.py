@@ -37,6 +37,7 @@ from esa.apps.security.common import (
     damage,
     resolve_weights,
 )
+from esa.apps.security.defences import Guard, blocked_bits, make_guard
 from esa.apps.security.formats import (
     FlipSet,
     Store,
@@ -48,7 +49,6 @@ from esa.apps.security.formats import (
     n_flips,
     stored,
 )
-from esa.apps.security.protect import Guard, blocked_bits, make_guard
 from esa.data import Windows
 from esa.errors import EsaError
 from esa.evaluate import evaluate

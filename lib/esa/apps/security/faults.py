@@ -44,6 +44,7 @@ from esa.apps.security.common import (
     rng_for,
     wilson_ci,
 )
+from esa.apps.security.defences import Guard, apply_guard, check_mode, make_guard
 from esa.apps.security.formats import (
     BitDomain,
     FlipSet,
@@ -54,7 +55,6 @@ from esa.apps.security.formats import (
     mask_bits,
     stored,
 )
-from esa.apps.security.protect import Guard, apply_guard, check_mode, make_guard
 from esa.data import Windows
 from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate

@@ -39,6 +39,7 @@ from esa.errors import EsaError, unknown
 from esa.models.inventory import WeightSpec
 from esa.perturb.apply import overwritten
 from esa.perturb.ops import BIT_CHOICES, BIT_LAYOUTS, bit_positions, flip_bits
+from esa.registry import Registry
 
 FlipSet = dict[str, tuple[torch.Tensor, torch.Tensor]]  # param -> (flat idx (n,), xor mask (n,)), int64
 
@@ -78,19 +79,17 @@ def _float_format(name: str, dtype: torch.dtype) -> StorageFormat:
 _INT8_CLASSES = {"any": tuple(range(8)), "msb": (7,), "sign": (7,), "lsb": (0,), "magnitude": tuple(range(7)),
                  "bounded": tuple(range(8))}
 
-FORMATS: dict[str, StorageFormat] = {
-    "bf16": _float_format("bf16", torch.bfloat16),
-    "fp16": _float_format("fp16", torch.float16),
-    "fp32": _float_format("fp32", torch.float32),
-    "int8": StorageFormat("int8", 8, _INT8_CLASSES, "msb", "bounded", (), None,
-                          "simulated symmetric int8, one scale per output channel (max|w|/127)"),
-}
+FORMATS: Registry[StorageFormat] = Registry("storage format", (
+    _float_format("bf16", torch.bfloat16),
+    _float_format("fp16", torch.float16),
+    _float_format("fp32", torch.float32),
+    StorageFormat("int8", 8, _INT8_CLASSES, "msb", "bounded", (), None,
+                  "simulated symmetric int8, one scale per output channel (max|w|/127)"),
+), base=StorageFormat, describe=lambda f: f.description)
 
 
 def get_format(name: str) -> StorageFormat:
-    if name not in FORMATS:
-        raise unknown("storage format", name, FORMATS)
-    return FORMATS[name]
+    return FORMATS.lookup(name)
 
 
 @dataclass

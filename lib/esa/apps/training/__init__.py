@@ -4,8 +4,9 @@ fine-tuning baselines, protection of critical weights during training, and expor
 - `domains`: offline target domains (`gsm8k`: the GSM8K test set with worked solutions), train/held-out split.
 - `loop`: `train(model, method, train_ids, TrainConfig, ...)` -> `TrainResult`; `Evaluator`; checkpoints.
 - `methods`: `METHODS` (sparse, lora, full) and `make_method`; `SELECTIONS` / `check_selection`.
-- `sparse`, `lora`, `full`: the methods (`base.Method` is the interface the loop and protections use).
-- `protect`: `PROTECTIONS` (none, freeze, ewc, anchor, random_freeze) and `ProtectSpec`.
+- `sparse`, `lora`, `full`: the methods (`base.Method` is the interface the loop and retention variants use).
+- `retention`: `RETENTIONS` (none, freeze, ewc, anchor, random_freeze: the protections against forgetting
+  that profiles list under `protections:`) and `RetentionSpec`.
 - `export`: `SparseDelta` (indices + values, bit-exact re-application) and `save_merged` (safetensors).
 """
 
@@ -33,13 +34,14 @@ from esa.apps.training.loop import (
 )
 from esa.apps.training.lora import LoraFT, LoraPlan, plan_lora
 from esa.apps.training.methods import METHODS, SELECTIONS, check_selection, make_method
-from esa.apps.training.protect import PROTECTIONS, ProtectSpec, check_protection, union
+from esa.apps.training.retention import RETENTIONS, RetentionSpec, check_retention, union
 from esa.apps.training.sparse import SparseFT, check_density, count_at_density, targets_at_density
 
 __all__ = [
-    "DOMAINS", "METHODS", "PROTECTIONS", "SELECTIONS", "Coef", "Evaluator", "FullFT", "LoraFT", "LoraPlan",
-    "Method", "Penalty", "ProtectSpec", "SparseDelta", "SparseFT", "StepInfo", "TrainConfig", "TrainResult",
-    "channel_probe", "check_density", "check_domain", "check_protection", "check_selection", "cosine_lr", "count_at_density", "domain_windows",
+    "DOMAINS", "METHODS", "RETENTIONS", "SELECTIONS", "Coef", "Evaluator", "FullFT", "LoraFT", "LoraPlan",
+    "Method", "Penalty", "RetentionSpec", "SparseDelta", "SparseFT", "StepInfo", "TrainConfig", "TrainResult",
+    "channel_probe", "check_density", "check_domain", "check_retention", "check_selection", "cosine_lr",
+    "count_at_density", "domain_windows",
     "get_domain", "gsm8k_problems", "lm_loss", "make_method", "optimizer_state_bytes", "plan_lora", "save_merged",
     "split_problems", "targets_at_density", "train", "union",
 ]

@@ -1,4 +1,4 @@
-"""What every fine-tuning method gives the training loop and the protections: the `Method` interface.
+"""What every fine-tuning method gives the training loop and the retention variants: the `Method` interface.
 
 A method decides which numbers the optimiser owns (all weights, a flat delta per selected set, LoRA factors)
 and how they reach the model. The loop only ever calls this interface, so adding a method is one class and

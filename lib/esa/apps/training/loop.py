@@ -1,9 +1,9 @@
 """One training loop for every fine-tuning method: AdamW, warmup + cosine, a fixed budget, seeded, resumable.
 
 `train(model, method, train_ids, cfg, ...)` fine-tunes `model` in place through `method` (full, sparse,
-LoRA; `esa.apps.training.methods`), optionally under a protection (`esa.apps.training.protect`), and
-returns a `TrainResult` with the plain trained model, a per-step table, a per-evaluation table and the
-drift of tracked weights.
+LoRA; `esa.apps.training.methods`), optionally under a protection against forgetting
+(`esa.apps.training.retention`), and returns a `TrainResult` with the plain trained model, a per-step
+table, a per-evaluation table and the drift of tracked weights.
 
 Reproducibility: the batch of step s is a pure function of (seed, s) (seeded permutations of the training
 windows, one per epoch), the LoRA initialisation is seeded, and the torch RNG state travels in the
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from esa.apps.training.base import Method
-from esa.apps.training.protect import ProtectSpec, check_protection, frozen_set, penalty
+from esa.apps.training.retention import RetentionSpec, check_retention, frozen_set, penalty
 from esa.data import Windows
 from esa.dispatch import input_device
 from esa.errors import EsaError, unknown
@@ -241,7 +241,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fingerprint(cfg: TrainConfig, method: Method, protect: ProtectSpec, ids: torch.Tensor, n_steps: int) -> dict:
+def _fingerprint(cfg: TrainConfig, method: Method, protect: RetentionSpec, ids: torch.Tensor,
+                 n_steps: int) -> dict:
     data = hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()[:16]
     c = asdict(cfg)
     for k in ("show_progress", "eval_every", "eval_start", "checkpoint_every"):  # do not change the trained weights
@@ -258,7 +259,7 @@ def train(
     cfg: TrainConfig,
     *,
     inventory: list[WeightSpec] | None = None,
-    protect: ProtectSpec | None = None,
+    protect: RetentionSpec | None = None,
     evaluator: Evaluator | None = None,
     checkpoint_dir: str | Path | None = None,
     callbacks: Iterable[Callable[[StepInfo], None]] = (),
@@ -272,9 +273,9 @@ def train(
         raise EsaError(f"training windows must be a non-empty (n, seqlen) tensor, got shape {tuple(ids.shape)}")
     cfg.validate()
     n_steps = cfg.n_steps(int(ids.shape[1]))
-    protect = protect or ProtectSpec()
+    protect = protect or RetentionSpec()
     inventory = inventory or []
-    check_protection(protect, method, inventory)
+    check_retention(protect, method, inventory)
     callbacks = list(callbacks)
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
 

@@ -17,6 +17,7 @@ from esa.errors import EsaError, unknown
 from esa.models.inventory import WeightSpec
 from esa.perturb.apply import Targets, count_targets
 from esa.perturb.controls import CONTROLS
+from esa.registry import Registry
 from esa.sensitivity.metrics import METRICS
 
 # What a sparse selection may be made from: a registered sensitivity metric's top-k, "obd" (grad_squared
@@ -59,13 +60,14 @@ def _full(inventory: list[WeightSpec], targets: Targets | None = None, density: 
     return FullFT(inventory=inventory, **kw)
 
 
-METHODS: dict[str, Callable[..., Method]] = {"sparse": _sparse, "lora": _lora, "full": _full}
+METHODS: Registry[Callable[..., Method]] = Registry("fine-tuning method")
+METHODS.register(_sparse, "sparse", "only a selected set of single weights trains (SparseFT), the rest held fixed")
+METHODS.register(_lora, "lora", "low-rank adapters on the studied linear weights, merged at the end (LoraFT)")
+METHODS.register(_full, "full", "every parameter, or every studied weight (scope), trains (FullFT)")
 
 
 def make_method(name: str, inventory: list[WeightSpec], targets: Targets | None = None,
                 density: float | None = None, **kw: Any) -> Method:
     """Build a method by name. sparse: `targets` (its selection); lora: `n_trainable` or `rank` (default: the
     count of `targets`); full: `scope` ('all' or 'studied'). Extra keywords go to the method's class."""
-    if name not in METHODS:
-        raise unknown("fine-tuning method", name, METHODS)
-    return METHODS[name](inventory, targets=targets, density=density, **kw)
+    return METHODS.lookup(name)(inventory, targets=targets, density=density, **kw)

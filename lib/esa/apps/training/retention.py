@@ -1,6 +1,7 @@
-"""Protection of critical weights during fine-tuning: one registered entry per variant.
+"""Retention of critical weights during fine-tuning (regularisers against forgetting): one registered entry
+per variant. Profiles, flags and tables call them protections (`protections:`, `--protect`); the names stay.
 
-Every variant is a `Protection` in `PROTECTIONS` and acts through the two capabilities every method has
+Every variant is a `Retention` in `RETENTIONS` and acts through the two capabilities every method has
 (`esa.apps.training.base`): a frozen set handed to `Method.prepare`, and a quadratic penalty built by
 `Method.quadratic`. The penalties pull the effective weights w towards the base weights w0:
 - `none`: plain fine-tuning.
@@ -23,15 +24,16 @@ from dataclasses import dataclass
 import torch
 
 from esa.apps.training.base import Coef, Method, Penalty
-from esa.errors import EsaError, unknown
+from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
 from esa.perturb.apply import Targets
 from esa.perturb.controls import ControlInput, make_control
+from esa.registry import Registry
 
 
 @dataclass
-class ProtectSpec:
-    """What a protection needs. `critical`: param -> flat indices; `fisher`: param -> tensor of its shape."""
+class RetentionSpec:
+    """What a retention variant needs. `critical`: param -> flat indices; `fisher`: param -> tensor, its shape."""
 
     name: str = "none"
     critical: Targets | None = None
@@ -41,58 +43,56 @@ class ProtectSpec:
 
 
 @dataclass(frozen=True)
-class Protection:
+class Retention:
     name: str
-    description: str
+    definition: str
     needs_critical: bool = False
     needs_fisher: bool = False
     freezes: bool = False
-    frozen: Callable[[ProtectSpec, torch.nn.Module, list[WeightSpec]], Targets | None] = lambda s, m, i: None
-    coefs: Callable[[ProtectSpec], dict[str, Coef] | None] = lambda s: None
+    frozen: Callable[[RetentionSpec, torch.nn.Module, list[WeightSpec]], Targets | None] = lambda *_: None
+    coefs: Callable[[RetentionSpec], dict[str, Coef] | None] = lambda s: None
 
 
-def _critical(spec: ProtectSpec, model: torch.nn.Module, inventory: list[WeightSpec]) -> Targets:
+def _critical(spec: RetentionSpec, model: torch.nn.Module, inventory: list[WeightSpec]) -> Targets:
     return spec.critical or {}
 
 
-def _random_control(spec: ProtectSpec, model: torch.nn.Module, inventory: list[WeightSpec]) -> Targets:
+def _random_control(spec: RetentionSpec, model: torch.nn.Module, inventory: list[WeightSpec]) -> Targets:
     return make_control("random_k", ControlInput(model, inventory, top=spec.critical or {}, seed=spec.seed))
 
 
-def _fisher_coefs(spec: ProtectSpec) -> dict[str, Coef]:
+def _fisher_coefs(spec: RetentionSpec) -> dict[str, Coef]:
     return {name: Coef(f.detach().float()) for name, f in (spec.fisher or {}).items()}
 
 
-def _anchor_coefs(spec: ProtectSpec) -> dict[str, Coef]:
+def _anchor_coefs(spec: RetentionSpec) -> dict[str, Coef]:
     return {name: Coef(torch.ones(idx.numel()), idx.long()) for name, idx in (spec.critical or {}).items()
             if idx.numel()}
 
 
-PROTECTIONS: dict[str, Protection] = {p.name: p for p in (
-    Protection("none", "no protection"),
-    Protection("freeze", "the critical set keeps its base values", needs_critical=True, freezes=True,
-               frozen=_critical),
-    Protection("ewc", "(strength/2) sum F (w - w0)^2 with the given Fisher diagonal F", needs_fisher=True,
-               coefs=_fisher_coefs),
-    Protection("anchor", "(strength/2) sum over the critical set of (w - w0)^2", needs_critical=True,
-               coefs=_anchor_coefs),
-    Protection("random_freeze", "a random-k control set of the critical set's size (per matrix) is frozen",
-               needs_critical=True, freezes=True, frozen=_random_control),
-)}
+RETENTIONS: Registry[Retention] = Registry("protection", (
+    Retention("none", "no protection"),
+    Retention("freeze", "the critical set keeps its base values", needs_critical=True, freezes=True,
+              frozen=_critical),
+    Retention("ewc", "(strength/2) sum F (w - w0)^2 with the given Fisher diagonal F", needs_fisher=True,
+              coefs=_fisher_coefs),
+    Retention("anchor", "(strength/2) sum over the critical set of (w - w0)^2", needs_critical=True,
+              coefs=_anchor_coefs),
+    Retention("random_freeze", "a random-k control set of the critical set's size (per matrix) is frozen",
+              needs_critical=True, freezes=True, frozen=_random_control),
+), base=Retention)
 
 
-def check_protection(spec: ProtectSpec, method: Method, inventory: list[WeightSpec]) -> Protection:
-    """Validate a protection against a method before any work; returns the registered entry."""
-    if spec.name not in PROTECTIONS:
-        raise unknown("protection", spec.name, PROTECTIONS)
-    prot = PROTECTIONS[spec.name]
-    if prot.freezes and not method.supports_freeze:
-        ok = sorted(n for n, p in PROTECTIONS.items() if not p.freezes)
+def check_retention(spec: RetentionSpec, method: Method, inventory: list[WeightSpec]) -> Retention:
+    """Validate a retention variant against a method before any work; returns the registered entry."""
+    ret = RETENTIONS.lookup(spec.name)
+    if ret.freezes and not method.supports_freeze:
+        ok = sorted(n for n, p in RETENTIONS.items() if not p.freezes)
         raise EsaError(f"protection {spec.name!r} is not available with method {method.name!r} (it cannot hold "
                        f"single weights fixed); accepted with {method.name}: {', '.join(ok)}")
-    if prot.needs_critical and not (spec.critical and sum(int(v.numel()) for v in spec.critical.values())):
+    if ret.needs_critical and not (spec.critical and sum(int(v.numel()) for v in spec.critical.values())):
         raise EsaError(f"protection {spec.name!r} needs a non-empty critical set (param -> flat indices)")
-    if prot.needs_fisher and not spec.fisher:
+    if ret.needs_fisher and not spec.fisher:
         raise EsaError(f"protection {spec.name!r} needs a Fisher diagonal (param -> tensor), e.g. the "
                        "grad_squared metric's scores")
     if not (spec.strength >= 0 and spec.strength < float("inf")):
@@ -101,17 +101,17 @@ def check_protection(spec: ProtectSpec, method: Method, inventory: list[WeightSp
     for name, f in (spec.fisher or {}).items():
         if name in shapes and tuple(f.shape) != tuple(shapes[name]):
             raise EsaError(f"Fisher diagonal of {name} has shape {tuple(f.shape)}, the weight {shapes[name]}")
-    return prot
+    return ret
 
 
-def frozen_set(spec: ProtectSpec, model: torch.nn.Module, inventory: list[WeightSpec]) -> Targets | None:
-    """The weights this protection freezes (None: none)."""
-    return PROTECTIONS[spec.name].frozen(spec, model, inventory)
+def frozen_set(spec: RetentionSpec, model: torch.nn.Module, inventory: list[WeightSpec]) -> Targets | None:
+    """The weights this retention variant freezes (None: none)."""
+    return RETENTIONS[spec.name].frozen(spec, model, inventory)
 
 
-def penalty(spec: ProtectSpec, method: Method) -> Penalty | None:
-    """The penalty this protection adds, built on a prepared method (None: none)."""
-    coefs = PROTECTIONS[spec.name].coefs(spec)
+def penalty(spec: RetentionSpec, method: Method) -> Penalty | None:
+    """The penalty this retention variant adds, built on a prepared method (None: none)."""
+    coefs = RETENTIONS[spec.name].coefs(spec)
     return method.quadratic(coefs, spec.strength) if coefs else None
 
 

@@ -10,6 +10,8 @@ Convention: lower score = pruned first. Every selection is exact and determinist
   - `global`: one ranking over every pruned matrix together.
 - `N:M`: in every run of M consecutive weights along a row's input dimension, exactly N are pruned (the
   convention of the Wanda and SparseGPT code: 2:4 and 4:8 are 50%). Each run is its own group.
+
+(Sparsity patterns of a pruning; the patterns found across architectures are `esa.analysis.patterns`.)
 """
 
 from __future__ import annotations

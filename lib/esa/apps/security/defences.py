@@ -1,6 +1,7 @@
-"""Protection of a weight set against bit flips: which flips a guard stops, for fault campaigns and attacks.
+"""Defences of a weight set against bit flips: which flips a guard stops, for fault campaigns and attacks.
 
-A `Guard` is a protection mode from `PROTECTIONS` plus the protected weights (a target set). Modes:
+A `Guard` is a defence from `DEFENCES` plus the protected weights (a target set). Profiles and tables call
+the defence the protection mode (`security.protect_mode`); those names stay. Defences:
 - `ecc`: an error-correcting code per protected weight corrects every flip in it (the upper bound).
 - `parity`: one parity bit per protected weight; a flip pattern with an odd number of bits changes the
   parity, is detected, and the weight is repaired from a clean copy; an even number (two flips in one
@@ -22,9 +23,10 @@ import torch
 
 from esa.apps.security.common import check_targets, contains, rng_for
 from esa.apps.security.formats import FlipSet, StorageFormat, Store, popcount
-from esa.errors import EsaError, unknown
+from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
 from esa.perturb.apply import Targets
+from esa.registry import Registry
 
 
 def _bits_mask(bits: tuple[int, ...]) -> int:
@@ -48,9 +50,9 @@ def _bounded(fmt: StorageFormat, mask: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Protection:
+class Defence:
     name: str
-    description: str
+    definition: str
     # xor masks of flips in protected weights -> the part that gets through
     surviving: Callable[[StorageFormat, torch.Tensor], torch.Tensor]
     # the bits a single flip (an attack's step) cannot flip in a protected weight
@@ -58,15 +60,15 @@ class Protection:
     floats_only: bool = False
 
 
-PROTECTIONS: dict[str, Protection] = {p.name: p for p in (
-    Protection("ecc", "every flip in a protected weight is corrected", _ecc,
-               lambda f: f.positions("any")),
-    Protection("parity", "a parity bit per protected weight: odd flip counts detected and repaired", _parity,
-               lambda f: f.positions("any")),
-    Protection("bounded", "exponent bits other than the LSB of protected weights cannot flip", _bounded,
-               lambda f: tuple(b for b in f.positions("any") if b not in f.positions("bounded")),
-               floats_only=True),
-)}
+DEFENCES: Registry[Defence] = Registry("protection", (
+    Defence("ecc", "every flip in a protected weight is corrected", _ecc,
+            lambda f: f.positions("any")),
+    Defence("parity", "a parity bit per protected weight: odd flip counts detected and repaired", _parity,
+            lambda f: f.positions("any")),
+    Defence("bounded", "exponent bits other than the LSB of protected weights cannot flip", _bounded,
+            lambda f: tuple(b for b in f.positions("any") if b not in f.positions("bounded")),
+            floats_only=True),
+), base=Defence)
 
 
 @dataclass(frozen=True)
@@ -84,13 +86,11 @@ def make_guard(mode: str, targets: Targets, fmt: StorageFormat, specs: list[Weig
     return Guard(mode, check_targets(targets, specs, "protected set"))
 
 
-def check_mode(mode: str, fmt: StorageFormat) -> Protection:
-    if mode not in PROTECTIONS:
-        raise unknown("protection", mode, PROTECTIONS)
-    p = PROTECTIONS[mode]
+def check_mode(mode: str, fmt: StorageFormat) -> Defence:
+    p = DEFENCES.lookup(mode)
     if p.floats_only and fmt.simulated:
         raise EsaError(f"protection {mode!r} guards a float exponent; format {fmt.name} has none "
-                       f"(use {[k for k, v in PROTECTIONS.items() if not v.floats_only]})")
+                       f"(use {[k for k, v in DEFENCES.items() if not v.floats_only]})")
     return p
 
 
@@ -98,14 +98,14 @@ def apply_guard(guard: Guard | None, store: Store, flips: FlipSet) -> tuple[Flip
     """(the flips that get through the guard, number of bit flips it stopped)."""
     if guard is None:
         return flips, 0
-    prot = PROTECTIONS[guard.mode]
+    defence = DEFENCES[guard.mode]
     out: FlipSet = {}
     stopped = 0
     for name, (idx, mask) in flips.items():
         inside = contains(guard.targets, name, idx)
         if bool(inside.any()):
             through = mask.clone()
-            through[inside] = prot.surviving(store.fmt, mask[inside])
+            through[inside] = defence.surviving(store.fmt, mask[inside])
             stopped += int((popcount(mask) - popcount(through)).sum())
             keep = through != 0
             idx, mask = idx[keep], through[keep]
@@ -116,7 +116,7 @@ def apply_guard(guard: Guard | None, store: Store, flips: FlipSet) -> tuple[Flip
 
 def blocked_bits(guard: Guard | None, fmt: StorageFormat) -> tuple[int, ...]:
     """The bits an attack may not flip in a protected weight (one flip at a time)."""
-    return () if guard is None else PROTECTIONS[guard.mode].single_blocked(fmt)
+    return () if guard is None else DEFENCES[guard.mode].single_blocked(fmt)
 
 
 def parity_bits(store: Store, targets: Targets) -> dict[str, torch.Tensor]:
