@@ -38,7 +38,7 @@ from typing import Any
 import pandas as pd
 
 from esa.errors import EsaError
-from esa.store import cache_root, read_json
+from esa.store import cache_root, pid_alive, read_json
 
 SCORES = "scores"  # the score cache's folder under the cache root (esa.sensitivity.engine)
 BY = ("model", "metric", "seed", "format")
@@ -114,16 +114,6 @@ class Entry:
         return f"{self.format} (stale)"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _entry(path: Path) -> Entry:
     size = tree_bytes(path)
     meta_path = path / "meta.json"
@@ -133,7 +123,7 @@ def _entry(path: Path) -> Entry:
         mtime = time.time()
     found = _LEFTOVER.search(path.name)
     if path.name.startswith(".") or found:
-        alive = bool(found) and _pid_alive(int(found.group(1)))  # type: ignore[union-attr]
+        alive = bool(found) and pid_alive(int(found.group(1)))  # type: ignore[union-attr]
         return Entry(path, "leftover", None, None, None, size, mtime, writer_alive=alive)
     try:
         meta = read_json(meta_path)
