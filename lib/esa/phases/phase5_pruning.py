@@ -50,7 +50,7 @@ from esa.apps.pruning.prune import pruned_specs
 from esa.data import check_corpus, evaluation
 from esa.errors import EsaError, unknown
 from esa.models.inventory import WeightSpec
-from esa.models.loader import LoadedModel
+from esa.models.loader import LoadedModel, inventory_without_weights
 from esa.params import Profile, check_seed, model_params, section
 from esa.perturb.apply import weights_hash
 from esa.phases.apps import App
@@ -563,24 +563,8 @@ def _parse_sparsity(text: str | None) -> float | None:
 
 
 def preload_inventory(name: str) -> list[WeightSpec] | None:
-    """The weight shapes without loading any weight (tiny configs, local folders); None when unknown."""
-    from esa.models import tiny
-    from esa.models.inventory import weight_inventory
-
-    ref = model_params(name).ref
-    if ref in tiny.TINY_CONFIGS:
-        config = tiny.TINY_CONFIGS[ref]()
-    elif Path(ref).is_dir() and (Path(ref) / "config.json").is_file():
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(ref)
-    else:
-        return None
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return weight_inventory(model)
+    """The weight shapes without loading any weight (esa.models.inventory_without_weights); None when unknown."""
+    return inventory_without_weights(model_params(name).ref)
 
 
 def check_fits(spec: PruneSpec, specs: list[WeightSpec], k: int, mode: str, superweights: bool) -> None:
