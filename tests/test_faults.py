@@ -43,10 +43,9 @@ KERNEL = _kernel()
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    # Concurrent edits of lib/esa must not make the test notebooks stale; the cache is private.
+def _isolated(monkeypatch, private_cache):
+    # Concurrent edits of lib/esa must not make the test notebooks stale; the cache is private (conftest.py).
     monkeypatch.setenv("ESA_CODE_HASH", "test-pinned")
-    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv(store.VERIFY_ENV, raising=False)
 
 

@@ -28,11 +28,7 @@ from esa.sensitivity.select import (
 )
 from esa.stats import stability
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("ESA_PROGRESS", "0")
+pytestmark = pytest.mark.usefixtures("private_cache")  # tests/conftest.py
 
 
 def _windows(seed: int, n: int = 4) -> Windows:
