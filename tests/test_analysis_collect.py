@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
-import pytest
-
 from esa.analysis import architecture, scaling
 from esa.params import load_profile
 from esa.phases import phase4 as collect
-from esa.store import cache_dir
 
 
-@pytest.fixture
-def private_cache(tmp_path, monkeypatch):
-    real = {name: cache_dir(name) for name in ("corpora", "tokens")}
-    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path))
-    for name, path in real.items():
-        os.symlink(path, tmp_path / name)
-    return tmp_path
-
-
-def test_collect_feeds_both_analyzers(private_cache):
+def test_collect_feeds_both_analyzers(private_cache_shared_text):
     P = load_profile("smoke", {"seqlen": 32, "eval_windows": 2, "max_samples": 2, "seeds": [1], "topk": 4,
                                "batch_size": 2})
     measures, tables = collect.collect(["tiny-llama", "tiny-mixtral"], P)

@@ -20,16 +20,8 @@ from esa.runner import cache as cc
 from esa.sensitivity.engine import FORMAT, entry_bytes, score
 from esa.sensitivity.metrics import MetricConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")  # tests/conftest.py
 GiB = 2**30
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv("ESA_CACHE_DIR", str(root))
-    monkeypatch.setenv("ESA_PROGRESS", "0")
-    return root
 
 
 def _windows(seed: int) -> Windows:
@@ -49,7 +41,7 @@ def _dead_pid() -> int:
 
 
 @pytest.fixture
-def fake(cache):
+def fake(private_cache):
     """A score cache with real entries of two model names (one with a full map), a format-1 entry, an
     unreadable one, a dead writer's leftover and a live writer's temporary folder; plus other folders."""
     lm = load("tiny-llama", device="cpu")
@@ -58,7 +50,7 @@ def fake(cache):
     runs.append(score(lm, "grad_squared", Calibration(seed=1), cfg=cfg(1), windows=_windows(1), keep_scores=True))
     runs += [score(lm, "grad_x_weight", Calibration(seed=s), cfg=cfg(s), windows=_windows(s), model_ref="tiny-llama-b")
              for s in (1, 3)]
-    scores = cache / "scores"
+    scores = private_cache / "scores"
     old = scores / "0123456789abcdef"  # what the format-1 code wrote: no "format" key, fp32 map, a `complete` file
     old.mkdir()
     save_file({"w": torch.zeros(64, 64)}, str(old / "scores.safetensors"))
@@ -75,10 +67,10 @@ def fake(cache):
     live = scores / f".{runs[1].key}.partial-{os.getpid()}"
     live.mkdir()
     (live / "top.parquet").write_bytes(b"z" * 200)
-    (cache / "models").mkdir()
-    (cache / "models" / "weights.bin").write_bytes(b"m" * 12345)
-    (cache / "tokens").mkdir(exist_ok=True)
-    (cache / "tokens" / "t.npy").write_bytes(b"t" * 678)
+    (private_cache / "models").mkdir()
+    (private_cache / "models" / "weights.bin").write_bytes(b"m" * 12345)
+    (private_cache / "tokens").mkdir(exist_ok=True)
+    (private_cache / "tokens" / "t.npy").write_bytes(b"t" * 678)
     return {"lm": lm, "runs": runs, "old": old, "broken": broken, "dead": dead, "live": live, "cfg": cfg}
 
 
@@ -86,19 +78,19 @@ def _names(cache: Path) -> dict[str, int]:
     return {p.name: _size(p) for p in (cache / "scores").iterdir()}
 
 
-def test_du_numbers_equal_the_folder_sizes(fake, cache, capsys):
+def test_du_numbers_equal_the_folder_sizes(fake, private_cache, capsys):
     entries = {e.path.name: e for e in cc.scan()}
-    assert {n: e.bytes for n, e in entries.items()} == _names(cache)
+    assert {n: e.bytes for n, e in entries.items()} == _names(private_cache)
     assert sorted(e.format for e in entries.values()) == sorted([str(FORMAT)] * 5 + ["1", "unreadable", "leftover",
                                                                                       "leftover"])
     assert {n for n, e in entries.items() if e.stale} == {fake["old"].name, fake["broken"].name, fake["dead"].name}
     assert entries[fake["runs"][2].key].bytes > 2 * sum(s.numel for s in fake["lm"].inventory)  # the bf16 map
     table = cc.du_table(list(entries.values()), ["model"]).set_index("model")
     for model in ("tiny-llama", "tiny-llama-b"):
-        want = sum(_size(cache / "scores" / r.key) for r in fake["runs"] if r.settings["model"] == model)
+        want = sum(_size(private_cache / "scores" / r.key) for r in fake["runs"] if r.settings["model"] == model)
         want += _size(fake["old"]) if model == "tiny-llama" else 0
         assert table.loc[model, "bytes"] == want
-    assert table.loc["total", "bytes"] == _size(cache / "scores") and table.loc["total", "entries"] == 9
+    assert table.loc["total", "bytes"] == _size(private_cache / "scores") and table.loc["total", "entries"] == 9
     by_seed = cc.du_table(list(entries.values()), ["seed"]).set_index("seed")
     assert by_seed.loc["3", "entries"] == 1 and by_seed.loc["1", "entries"] == 3 and by_seed.loc["?", "entries"] == 3
     assert by_seed.loc["1337", "entries"] == 1 and by_seed.loc["2", "entries"] == 1
@@ -108,7 +100,7 @@ def test_du_numbers_equal_the_folder_sizes(fake, cache, capsys):
     assert cc.main(["du"]) == 0
     out = capsys.readouterr().out
     total = [line.split() for line in out.splitlines() if line.split()[:1] == ["total"]]
-    assert total == [["total", "9", str(_size(cache / "scores")), *total[0][3:]]]
+    assert total == [["total", "9", str(_size(private_cache / "scores")), *total[0][3:]]]
     assert "1 (stale)" in out and "tiny-llama-b" in out and "unreadable (stale)" in out
     other = [line for line in out.splitlines() if line.startswith("other cache folders:")]
     assert len(other) == 1 and f"total {12345 + 678} bytes" in other[0] and "models" in other[0]
@@ -117,42 +109,42 @@ def test_du_numbers_equal_the_folder_sizes(fake, cache, capsys):
     assert "grad_squared" in out and "model" not in out.splitlines()[1]
 
 
-def test_prune_dry_run_leaves_everything(fake, cache, capsys):
-    before = _names(cache)
+def test_prune_dry_run_leaves_everything(fake, private_cache, capsys):
+    before = _names(private_cache)
     assert cc.main(["prune", "--stale", "--dry-run"]) == 0
     assert cc.main(["prune", "--older-than", "0", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert _names(cache) == before
+    assert _names(private_cache) == before
     stale = _size(fake["old"]) + _size(fake["broken"]) + _size(fake["dead"])
     assert f"would free {stale} bytes" in out and "would remove 0123456789abcdef" in out
     assert f".partial-{os.getpid()}" not in out  # a live writer's folder is never a candidate
 
 
-def test_prune_by_model_keeps_the_rest_readable(fake, cache, capsys):
-    before = _names(cache)
+def test_prune_by_model_keeps_the_rest_readable(fake, private_cache, capsys):
+    before = _names(private_cache)
     b_keys = {r.key for r in fake["runs"] if r.settings["model"] == "tiny-llama-b"}
     assert cc.main(["prune", "--model", "tiny-llama-b"]) == 0
     out = capsys.readouterr().out
-    assert set(_names(cache)) == set(before) - b_keys
+    assert set(_names(private_cache)) == set(before) - b_keys
     assert f"freed {sum(before[k] for k in b_keys)} bytes" in out
-    assert not [p for p in (cache / "scores").iterdir() if ".pruned-" in p.name]
+    assert not [p for p in (private_cache / "scores").iterdir() if ".pruned-" in p.name]
     again = score(fake["lm"], "grad_x_weight", Calibration(seed=1), cfg=fake["cfg"](1), windows=_windows(1))
     assert again.from_cache and again.key == fake["runs"][0].key
 
 
-def test_prune_stale_and_age_filters_all_apply(fake, cache, capsys):
+def test_prune_stale_and_age_filters_all_apply(fake, private_cache, capsys):
     assert cc.main(["prune", "--stale"]) == 0
-    left = set(_names(cache))
+    left = set(_names(private_cache))
     assert {fake["old"].name, fake["broken"].name, fake["dead"].name}.isdisjoint(left)
     assert fake["live"].name in left and {r.key for r in fake["runs"]} <= left
     old_run = fake["runs"][3]  # tiny-llama-b, seed 1: completed 10 days ago
-    meta = cache / "scores" / old_run.key / "meta.json"
+    meta = private_cache / "scores" / old_run.key / "meta.json"
     ten_days = time.time() - 10 * 86400
     os.utime(meta, (ten_days, ten_days))
     assert cc.main(["prune", "--older-than", "5", "--model", "tiny-llama"]) == 0  # none is both
-    assert set(_names(cache)) == left
+    assert set(_names(private_cache)) == left
     assert cc.main(["prune", "--older-than", "5", "--model", "tiny-llama-b"]) == 0
-    assert set(_names(cache)) == left - {old_run.key}
+    assert set(_names(private_cache)) == left - {old_run.key}
     out = capsys.readouterr().out
     assert "freed 0 bytes (0 B) in 0 entries" in out and f"removed {old_run.key} (tiny-llama-b" in out
 
@@ -169,8 +161,8 @@ def test_prune_stale_and_age_filters_all_apply(fake, cache, capsys):
     (["plan"], ["--profile"]),
     (["vacuum"], ["'vacuum'", "'du', 'prune', 'plan'"]),
 ])
-def test_bad_arguments_are_one_line_and_exit_2(fake, cache, capsys, argv, names):
-    before = _names(cache)
+def test_bad_arguments_are_one_line_and_exit_2(fake, private_cache, capsys, argv, names):
+    before = _names(private_cache)
     try:
         rc = cc.main(argv)
     except SystemExit as stop:
@@ -178,10 +170,10 @@ def test_bad_arguments_are_one_line_and_exit_2(fake, cache, capsys, argv, names)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert all(n in err for n in names), err
-    assert _names(cache) == before
+    assert _names(private_cache) == before
 
 
-def test_plan_tiny_model_matches_its_inventory(cache):
+def test_plan_tiny_model_matches_its_inventory(private_cache):
     lm = load("tiny-llama", device="cpu")
     inv = cc.meta_inventory(cc.shape_source("tiny-llama")[1]())
     assert [(s.name, s.shape) for s in inv] == [(s.name, s.shape) for s in lm.inventory]
@@ -195,7 +187,7 @@ def test_plan_tiny_model_matches_its_inventory(cache):
     assert list(many["entries"]) == [n, n] and many["bytes"].iloc[1] > many["bytes"].iloc[0]
 
 
-def test_plan_llama_8b_from_its_published_shape(cache, capsys):
+def test_plan_llama_8b_from_its_published_shape(private_cache, capsys):
     row = cc.plan("extended", ["llama-3.1-8b"]).iloc[0]
     per_layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
     assert row["studied_weights"] == 32 * per_layer and row["matrices"] == 32 * 7
@@ -209,4 +201,4 @@ def test_plan_llama_8b_from_its_published_shape(cache, capsys):
     out = capsys.readouterr().out
     assert "llama-3.1-8b" in out and "published shape" in out and "free space at" in out
     assert str(int(row["bytes"])) in out
-    assert not (cache / "scores").exists()  # planning writes nothing
+    assert not (private_cache / "scores").exists()  # planning writes nothing

@@ -16,7 +16,7 @@ import pytest
 from esa import cli
 from esa.params import load_profile
 from esa.phases import phase2
-from esa.store import REPO_ROOT, folder_lock
+from esa.store import PARTIAL, REPO_ROOT, folder_lock
 
 # The research guide's command shapes (weeks 1-9), `python esa_runner.py` replaced by `esa-runner`;
 # only --model is tiny-llama here so that each runs in seconds.
@@ -37,15 +37,9 @@ GUIDE = {
 }
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")  # one cache for the module: the corpus is tokenised once
-
-
 @pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch, shared_cache):
-    monkeypatch.setenv("ESA_CACHE_DIR", str(shared_cache))
-    monkeypatch.setenv("ESA_PROGRESS", "0")
+def env(tmp_path, monkeypatch, module_cache):
+    """One cache for the module (tests/conftest.py; the corpus is tokenised once); each test in its tmp_path."""
     monkeypatch.chdir(tmp_path)
 
 
@@ -66,7 +60,7 @@ def test_guide_command_runs_verbatim_into_the_guide_layout(name, tmp_path, capsy
     if args.perturb:
         t = pd.read_parquet(out / "perturbation.parquet")
         assert set(t.perturbation) >= set(args.perturb.split(",")) and set(t.model) == {"tiny-llama"}
-    assert not [p for p in out.iterdir() if p.name.startswith(".esa-runner-partial")]
+    assert not [p for p in out.iterdir() if p.name.startswith(PARTIAL)]
 
 
 def test_root_shim_takes_the_guide_line_verbatim(tmp_path):
@@ -138,7 +132,7 @@ def test_out_dir_of_another_configuration_is_refused_unless_overwritten(capsys):
 
 def test_a_second_runner_on_a_busy_out_dir_is_refused_and_stale_partials_are_cleaned(capsys):
     Path("d").mkdir()
-    stale = Path("d") / f"{cli.PARTIAL}999999999"
+    stale = Path("d") / f"{PARTIAL}999999999"
     stale.mkdir()
     argv = ["--model", "tiny-llama", "--metric", "grad_x_weight", "--topk", "5", "--max-samples", "2", "--seeds", "1",
             "--out-dir", "d", "--quiet"]

@@ -43,10 +43,9 @@ KERNEL = _kernel()
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    # Concurrent edits of lib/esa must not make the test notebooks stale; the cache is private.
+def _isolated(monkeypatch, private_cache):
+    # Concurrent edits of lib/esa must not make the test notebooks stale; the cache is private (conftest.py).
     monkeypatch.setenv("ESA_CODE_HASH", "test-pinned")
-    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv(store.VERIFY_ENV, raising=False)
 
 
@@ -397,6 +396,26 @@ def test_cached_quarantines_and_rebuilds_a_bad_entry(tmp_path: Path, caplog) -> 
     store.cached(entry, build, refresh=True)  # --no-cache: rewrite the entry
     assert len(builds) == 3
     assert not list(entry.parent.glob(".abc.partial-*"))
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["replace", "into"])
+def test_atomic_folder_moves_only_a_finished_stage_and_removes_dead_ones(tmp_path: Path, into: bool) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "kept").write_text("earlier")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    where, prefix = (out, store.PARTIAL) if into else (tmp_path, f".out{store.PARTIAL}")
+    debris = where / f"{prefix}{dead.pid}"
+    debris.mkdir()  # a killed writer's staging folder
+    with pytest.raises(RuntimeError), store.atomic_folder(out, into=into) as stage:
+        assert stage == where / f"{prefix}{os.getpid()}" and not debris.exists()
+        (stage / "new").write_text("half")
+        raise RuntimeError("killed mid-run")
+    assert sorted(p.name for p in out.iterdir()) == ["kept"] and not stage.exists()  # as it was
+    with store.atomic_folder(out, into=into) as stage:
+        (stage / "new").write_text("done")
+    assert sorted(p.name for p in out.iterdir()) == (["kept", "new"] if into else ["new"]) and not stage.exists()
 
 
 def test_cached_file_entry_and_legacy_adoption(tmp_path: Path) -> None:

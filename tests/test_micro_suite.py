@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,21 +12,16 @@ from esa.errors import EsaError
 from esa.models import micro
 from esa.models.loader import known_models, load
 from esa.phases import phase4
-from esa.store import cache_dir
 
 TEST_BUDGET = micro.Budget("unit", tokens_per_param=0.0, seqlen=64, batch_size=4, lr=3e-3, min_steps=25,
                            max_steps=25)
 
 
 @pytest.fixture
-def micro_cache(tmp_path, monkeypatch):
-    """A fresh cache for trained models; corpus and token streams are shared with the real cache."""
-    real = {name: cache_dir(name) for name in ("corpora", "tokens")}
-    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path))
-    for name, path in real.items():
-        os.symlink(path, tmp_path / name)
+def micro_cache(private_cache_shared_text):
+    """A fresh cache for trained models (tests/conftest.py), and the test budget `unit`; returns the root."""
     with micro.BUDGETS.patched(TEST_BUDGET):
-        yield tmp_path
+        yield private_cache_shared_text
 
 
 def test_sizes_are_geometric_and_moe_matches_active():

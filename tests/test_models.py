@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from esa.errors import EsaError
-from esa.models import EMBEDDED, TINY_CONFIGS, load, parse_dtype, weight_inventory
+from esa.models import EMBEDDED, TINY_CONFIGS, inventory_without_weights, load, parse_dtype, weight_inventory
 from esa.models.inventory import classify
 
 EXPECTED_FAMILY = {"tiny-qwen2": "qwen2", "tiny-llama": "llama", "tiny-mistral": "mistral", "tiny-phi3": "phi3",
@@ -88,6 +88,15 @@ def test_hub_id_offline_error_names_the_alternatives(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(EsaError, match="meta-llama/Llama-3.1-8B.*network.*smollm2-135m"):
         load("meta-llama/Llama-3.1-8B")
+
+
+def test_inventory_without_weights_is_the_loaded_inventory_and_none_for_an_unknown_hub_id(monkeypatch):
+    for name in ("tiny-llama", "tiny-mixtral"):
+        inv = inventory_without_weights(name)
+        assert inv is not None
+        assert [(s.name, s.shape) for s in inv] == [(s.name, s.shape) for s in load(name, device="cpu").inventory]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert inventory_without_weights("esa-tests/no-such-model") is None  # neither cached nor published: no config
 
 
 def test_bf16_load():

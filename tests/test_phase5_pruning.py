@@ -20,15 +20,9 @@ from esa.phases import command
 from esa.phases import phase5_pruning as pp
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch, shared_cache):
-    monkeypatch.setenv("ESA_CACHE_DIR", str(shared_cache))
-    monkeypatch.setenv("ESA_PROGRESS", "0")
+def env(tmp_path, monkeypatch, module_cache):
+    """One cache for the module (tests/conftest.py; the corpus is tokenised once); each test in its tmp_path."""
     monkeypatch.chdir(tmp_path)
 
 

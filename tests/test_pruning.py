@@ -41,7 +41,6 @@ from esa.models import load
 from esa.perturb.apply import weights_hash
 from esa.registry import DuplicateEntry
 from esa.sensitivity.metrics import MetricConfig, get_metric
-from esa.store import cache_dir
 from esa.zeroshot import build_next_line
 
 SEQ = 32
@@ -57,14 +56,8 @@ def calib(lm):
     return calibration(lm.tokenizer, "shakespeare", SEQ, 4, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Masks are content-keyed in the cache: give each test its own, sharing the corpus and token caches."""
-    root = tmp_path / "cache"
-    root.mkdir()
-    for sub in ("corpora", "tokens"):
-        (root / sub).symlink_to(cache_dir(sub), target_is_directory=True)
-    monkeypatch.setenv("ESA_CACHE_DIR", str(root))
+# masks are content-keyed in the cache: each test has its own, sharing the corpus and token caches
+pytestmark = pytest.mark.usefixtures("private_cache_shared_text")  # tests/conftest.py
 
 
 def masks_of(result) -> dict[str, torch.Tensor]:

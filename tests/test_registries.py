@@ -42,11 +42,7 @@ from esa.sensitivity import metrics as metrics_mod
 from esa.sensitivity.engine import score, score_many, settings_for
 from esa.sensitivity.metrics import METRICS, Metric, MetricConfig, MetricResult, get_metric
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("ESA_PROGRESS", "0")
+pytestmark = pytest.mark.usefixtures("private_cache")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,7 @@ from esa.sensitivity.select import (
 )
 from esa.stats import stability
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("ESA_PROGRESS", "0")
+pytestmark = pytest.mark.usefixtures("private_cache")  # tests/conftest.py
 
 
 def _windows(seed: int, n: int = 4) -> Windows:
@@ -117,6 +113,25 @@ def test_recipe_full_scores_recompute_the_cached_candidates_exactly(lm_tiny, tmp
     for name in full:
         assert torch.equal(cached.full()[name], full[name])
     assert calib_windows.n_windows == 2
+
+
+def test_recipe_full_map_memo_goes_with_its_model():
+    import gc
+    import weakref
+
+    from esa import recipes
+
+    R = recipes.Recipe(corpus="shakespeare", seqlen=16, max_samples=2, seeds=(5,), metrics=("grad_x_weight",),
+                       batch_size=2)
+    lm = load("tiny-llama", device="cpu")
+    run = R.score_model(lm, "tiny-llama", ["grad_x_weight"], seeds=[5])[("grad_x_weight", 5)]
+    run.full()
+    assert lm.model in recipes._FULL_MAPS  # held for this model's later readers ...
+    model = weakref.ref(lm.model)
+    others = [m for m in recipes._FULL_MAPS if m is not lm.model]  # other tests' models, kept alive here
+    del lm, run  # the run's provider holds the model too
+    gc.collect()
+    assert model() is None and list(recipes._FULL_MAPS) == others  # ... and freed with it
 
 
 def _zeroed_model(frac: float = 0.3):

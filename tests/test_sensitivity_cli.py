@@ -19,11 +19,7 @@ from esa.sensitivity.metrics import MetricConfig, get_metric
 from esa.sensitivity.select import COLUMNS
 from esa.stats import stability
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("ESA_PROGRESS", "0")
+pytestmark = pytest.mark.usefixtures("private_cache")  # tests/conftest.py
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ esa-runner on the same folder is refused while the first runs. The work itself i
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -37,14 +36,13 @@ from esa.progress import quiet
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 from esa.sensitivity.select import MODES
-from esa.store import folder_lock, write_json
+from esa.store import atomic_folder, folder_lock, write_json
 
 log = logging.getLogger("esa.cli")
 
 # the common flags a study may take as the user's explicit choice over its profile section (RunContext.explicit)
 _COMMON = ("corpus", "seqlen", "max_samples", "batch_size", "topk", "mode", "metric", "dtype", "seeds")
 MANIFEST = "esa-runner.json"  # the settings of the outputs in an out dir
-PARTIAL = ".esa-runner-partial-"
 
 
 def _csv(text: str) -> list[str]:
@@ -274,7 +272,6 @@ def prepare_out_dir(out: Path) -> bool:
 
 def claim_out_dir(out: Path, cmd: command.Command, overwrite: bool) -> None:
     """With the out dir locked: refuse another configuration's outputs unless `overwrite`, which clears them."""
-    _clean_stale_partials(out)
     content = [p for p in out.iterdir() if not p.name.startswith(".")]
     if not content:
         return
@@ -292,28 +289,10 @@ def claim_out_dir(out: Path, cmd: command.Command, overwrite: bool) -> None:
                        "give a new --out-dir, or --overwrite to clear it")
 
 
-def _clean_stale_partials(out: Path) -> None:
-    """Remove staging folders of esa-runner processes that no longer exist (a kill leaves them behind)."""
-    for p in out.glob(PARTIAL + "*"):
-        pid = p.name[len(PARTIAL):]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as e:
-        return e.errno == errno.EPERM
-    return True
-
-
 def execute(cmd: command.Command, out: Path) -> dict[str, Any]:
-    """Run `cmd` into a staging folder inside `out`, then move every output into place."""
-    stage = out / f"{PARTIAL}{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
+    """Run `cmd` into a staging folder inside `out` (esa.store.atomic_folder), which moves every output into
+    place only when the run has succeeded, and first removes the staging folders of runners that were killed."""
+    with atomic_folder(out, into=True) as stage:
         t0 = time.perf_counter()
         lm = command.load_model(cmd)
         load_s = time.perf_counter() - t0
@@ -322,11 +301,7 @@ def execute(cmd: command.Command, out: Path) -> dict[str, Any]:
         write_json(stage / "summary.json", summary)
         write_json(stage / MANIFEST, {"settings": _comparable(cmd), "run_id": cmd.run_id,
                                       "files": sorted(p.name for p in stage.iterdir())})
-        for item in stage.iterdir():  # the run succeeded: move every output into place
-            os.replace(item, out / item.name)
-        return summary
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ settings build the same cache keys and hit the same cache entries (tested).
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -25,7 +26,10 @@ from esa.sensitivity.engine import ScoreRun, score, score_many
 from esa.sensitivity.metrics import METRICS, MetricConfig, get_metric
 
 log = logging.getLogger(__name__)
-_FULL_MAPS: dict[int, dict[tuple[str, str], Mapping[str, torch.Tensor]]] = {}  # id(model) -> the last full map
+# model -> its recomputed full maps by (run key, name): weakly keyed, so a model's maps go when it does and no
+# later model (which may reuse a freed model's id) can ever read them
+_FULL_MAPS: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, str], Mapping[str, torch.Tensor]]] = (
+    weakref.WeakKeyDictionary())
 
 
 def load_configured(name: str, dtype: str | torch.dtype = "float32", **kwargs: Any) -> LoadedModel:
@@ -138,7 +142,7 @@ class Recipe:
         """The full map of a run whose entry keeps none, for readers deeper than its candidates (pruning at
         50%, sparse fine-tuning at 5%, per-head sums): the fp32 scores recomputed by the same pass (so the same
         values the candidates hold; not written to disk), held for this model object's later readers."""
-        memo = _FULL_MAPS.setdefault(id(lm.model), {})
+        memo = _FULL_MAPS.setdefault(lm.model, {})
         key = (run.key, name)
         if key not in memo:
             while len(memo) >= 2:  # at most two maps held: a 7B model's fp32 map is 28 GB

@@ -10,6 +10,7 @@ every read checks sizes and headers (`check`), a full hash check runs on demand 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -88,17 +89,39 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+PARTIAL = ".partial-"  # a staging folder's name ends in PARTIAL + the PID of the process writing it
+
+
 @contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+def atomic_folder(path: str | os.PathLike[str], into: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder; its content becomes `path` only if the block succeeds.
+
+    By default the staging folder `.<name>.partial-<pid>` lies beside `path` and replaces it whole. With
+    `into`, `path` is a folder that stays (it may hold a lock and earlier outputs): the staging folder is
+    `<path>/.partial-<pid>`, and each item it holds is moved into `path` by name, replacing an item of
+    that name. Either way a failed block leaves `path` as it was, and a staging folder whose process is
+    gone (killed mid-write) is removed by the next writer before it starts.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    if into:
+        path.mkdir(parents=True, exist_ok=True)
+        where, prefix = path, PARTIAL
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        where, prefix = path.parent, f".{path.name}{PARTIAL}"
+    _remove_dead(where, [f"{prefix}*"])
+    tmp = where / f"{prefix}{os.getpid()}"
+    _remove(tmp)  # this process's own leftover
+    tmp.mkdir()
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if into:
+            for item in tmp.iterdir():
+                os.replace(item, path / item.name)
+        else:
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -420,20 +443,24 @@ def _partial(entry: Path, folder: bool, pid: str) -> Path:
 
 def _remove_dead_partials(entry: Path, folder: bool) -> None:
     """Delete the partial (and renamed-aside old) entries of builders that were killed (their PID is gone)."""
-    patterns = [_partial(entry, folder, "*").name, f".{entry.name}.old-*"]
-    for stale in [p for pattern in patterns for p in entry.parent.glob(pattern)]:
+    _remove_dead(entry.parent, [_partial(entry, folder, "*").name, f".{entry.name}.old-*"])
+
+
+def _remove_dead(where: Path, patterns: list[str]) -> None:
+    """Delete what matches `patterns` in `where` and ends in `.partial-<pid>` / `.old-<pid>` (or holds it
+    before a suffix) of a process that is gone."""
+    for stale in [p for pattern in patterns for p in where.glob(pattern)]:
         found = re.search(r"\.(?:partial|old)-(\d+)", stale.name)
-        if found and int(found.group(1)) != os.getpid() and not _pid_alive(int(found.group(1))):
+        if found and int(found.group(1)) != os.getpid() and not pid_alive(int(found.group(1))):
             _remove(stale)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine (one of another user counts: signalling it is refused)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
+    except OSError as e:
+        return e.errno == errno.EPERM  # alive, owned by someone else; ESRCH (and any other error): gone
     return True
 
 

@@ -38,7 +38,8 @@ def _min_time(fn: Any, rounds: int) -> float:
 
 def cost(model_name: str, seqlen: int, products: int, rounds: int) -> dict[str, Any]:
     from esa.models import load
-    from esa.sensitivity.metrics import METRICS, MetricConfig, _math_attention, batch_loss
+    from esa.sensitivity.metrics import METRICS, MetricConfig, batch_loss
+    from esa.sensitivity.passes import math_attention
 
     lm = load(model_name, device="cuda" if torch.cuda.is_available() else "cpu", attn_implementation="eager")
     ids = torch.randint(0, lm.info.vocab_size, (1, seqlen), generator=torch.Generator().manual_seed(0))
@@ -48,7 +49,7 @@ def cost(model_name: str, seqlen: int, products: int, rounds: int) -> dict[str, 
         for p in params:
             p.requires_grad_(True)
         try:
-            with _math_attention():
+            with math_attention():
                 batch_loss(lm.model, ids).backward()
         finally:
             for p in params:

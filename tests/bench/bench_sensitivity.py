@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from esa.evaluate import evaluate
-from esa.sensitivity.metrics import METRICS, MetricConfig, _math_attention, batch_loss, fused_gradients
+from esa.sensitivity.metrics import METRICS, MetricConfig, batch_loss, fused_gradients
+from esa.sensitivity.passes import math_attention
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -248,7 +249,7 @@ def main() -> None:
     results: dict[str, Any] = {k: summarise(v) for k, v in rounds.items()}
     if "hutchinson_diag" in args.metrics.split(","):
         use = ids[: args.hutchinson_samples or samples]
-        with _math_attention():  # the kernel Hutchinson must use, for a like-for-like per-probe ratio
+        with math_attention():  # the kernel Hutchinson must use, for a like-for-like per-probe ratio
             results["forward_backward_math_attention"] = timed(
                 device, lambda: plain_forward_backward(model, params, use, args.hutchinson_batch_size))
         groups = args.hutchinson_groups or (2 if args.gpu_8b else 1)

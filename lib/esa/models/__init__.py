@@ -7,6 +7,7 @@ from esa.models.loader import (
     LoadedModel,
     ModelInfo,
     describe,
+    inventory_without_weights,
     known_models,
     load,
     parse_dtype,
@@ -15,5 +16,6 @@ from esa.models.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 
 __all__ = [
     "DTYPES", "EMBEDDED", "TINY_CONFIGS", "LoadedModel", "ModelInfo", "WeightSpec", "classify", "describe",
-    "known_models", "load", "parse_dtype", "tiny_model", "tiny_tokenizer", "weight_inventory",
+    "inventory_without_weights", "known_models", "load", "parse_dtype", "tiny_model", "tiny_tokenizer",
+    "weight_inventory",
 ]

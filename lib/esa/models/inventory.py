@@ -134,24 +134,3 @@ def weight_inventory(
 
 def get_parameter(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
     return model.get_parameter(name)
-
-
-def inventory_without_weights(ref: str) -> list[WeightSpec] | None:
-    """The studied weights' shapes without reading any weight (a meta-device model from the config of a
-    tiny model or a local folder); None when no config is at hand without loading."""
-    from pathlib import Path
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from esa.models import tiny
-
-    if ref in tiny.TINY_CONFIGS:
-        config = tiny.TINY_CONFIGS[ref]()
-    elif Path(ref).is_dir() and (Path(ref) / "config.json").is_file():
-        config = AutoConfig.from_pretrained(ref)
-    else:
-        return None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return weight_inventory(model)
-

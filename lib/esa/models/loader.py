@@ -15,6 +15,7 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from esa.dispatch import check_device, default_offload_folder, dispatch, input_d
 from esa.errors import EsaError, unknown
 from esa.models import embedded, micro, tiny
 from esa.models.inventory import KINDS, WeightSpec, weight_inventory
-from esa.store import cache_dir, cached, content_key, structure_problem
+from esa.store import cache_dir, cache_root, cached, content_key, structure_problem
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,120 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def known_models() -> list[str]:
     return sorted(embedded.EMBEDDED) + sorted(tiny.TINY_CONFIGS) + sorted(micro.MICRO_SUITE)
+
+
+# Published dimensions of the hub models the profiles name, for when their config is not in the local
+# Hugging Face cache (what the inventory needs; embeddings and the LM head are not studied, so the
+# vocabulary only sizes them). Same shapes as tests/bench/gpu_check.py's "llama-8b".
+_PYTHIA = dict(vocab_size=50304, use_parallel_residual=True)
+PUBLISHED: dict[str, tuple[str, dict[str, Any]]] = {
+    "meta-llama/Llama-3.1-8B": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
+    "mistralai/Mistral-7B-v0.3": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=32768)),
+    "mistralai/Mixtral-8x7B-v0.1": ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                                    num_local_experts=8, num_experts_per_tok=2)),
+    "microsoft/Phi-3-mini-4k-instruct": ("phi3", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                                                      num_attention_heads=32, num_key_value_heads=32,
+                                                      vocab_size=32064)),
+    **{f"EleutherAI/pythia-{size}": ("gpt_neox", dict(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=n,
+                                                      num_attention_heads=a, **_PYTHIA))
+       for size, h, n, a in [("14m", 128, 6, 4), ("70m", 512, 6, 8), ("160m", 768, 12, 12),
+                             ("410m", 1024, 24, 16), ("1b", 2048, 16, 8), ("1.4b", 2048, 24, 16)]},
+}
+
+
+def inventory_without_weights(ref: str) -> list[WeightSpec] | None:
+    """The weights under study of model reference `ref` (as `load` takes it), from its config alone: the
+    model is built on the meta device, so no weight is read, nothing is downloaded and no memory is taken.
+
+    Known references, in `load`'s order (`shape_source`): a tiny test model and a micro-suite model (their
+    own configs), an embedded model (its dequantised folder when cached, else its GGUF header), a `.gguf`
+    file (its header), a local folder with a config.json, a hub id whose config is in the local Hugging Face
+    cache, else one of the hub models whose published dimensions are recorded here (`PUBLISHED`).
+    None for every other reference: a hub id neither cached nor published (offline its config cannot be
+    read, online reading it is a download), a path that does not exist, or a folder without config.json;
+    and None wherever the config cannot be built (an embedded model not installed, an unreadable file, an
+    unknown architecture): `load` is the one to say what is wrong. A params/models name is resolved to its
+    reference by the caller (esa.params is a layer above this one).
+    """
+    try:
+        source = shape_source(ref)
+        return None if source is None else meta_inventory(source[1]())
+    except (OSError, ValueError, KeyError, ImportError, EsaError):
+        return None
+
+
+def shape_source(ref: str) -> tuple[str, Callable[[], Any]] | None:
+    """(where the shape comes from, a function building its transformers config) of the references that
+    `inventory_without_weights` knows, None for the others; the config is built only when called."""
+    if ref in tiny.TINY_CONFIGS:
+        return "tiny config", tiny.TINY_CONFIGS[ref]
+    if micro.is_micro(ref):
+        spec = micro.MICRO_SUITE[micro.parse_ref(ref)[0]]
+        return "micro-suite config", lambda: micro.build_config(spec)
+    if ref in embedded.EMBEDDED:
+        return "embedded GGUF", lambda: _embedded_config(ref)
+    if ref.endswith(".gguf") and Path(ref).is_file():
+        return "GGUF header", lambda: _gguf_config(Path(ref))
+    if Path(ref).is_dir() and (Path(ref) / "config.json").is_file():
+        return "local folder", lambda: _auto_config(ref)
+    local = _hub_config(ref)
+    if local is not None:
+        return "local HF cache config", lambda: local
+    if ref in PUBLISHED:
+        arch, kw = PUBLISHED[ref]
+        return "published shape", lambda: _published(arch, kw)
+    return None
+
+
+def meta_inventory(config: Any) -> list[WeightSpec]:
+    """The weight inventory of a model built from `config` on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return weight_inventory(model)
+
+
+def _auto_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def _gguf_config(gguf: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def _embedded_config(ref: str) -> Any:
+    """An embedded model's config: from its dequantised folder when one is cached (instant), else the GGUF."""
+    gguf = embedded.gguf_path(ref)
+    for folder in sorted((cache_root() / "models").glob(f"{gguf.stem}-*")):
+        if (folder / "config.json").is_file() and not folder.name.startswith("."):
+            return _auto_config(str(folder))
+    return _gguf_config(gguf)
+
+
+def _hub_config(ref: str) -> Any | None:
+    """The config of a hub id from the local Hugging Face cache only (never the network), or None."""
+    if not _looks_like_hub_id(ref):
+        return None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(ref, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _published(arch: str, kw: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(arch, **kw, tie_word_embeddings=False)
 
 
 @dataclass

@@ -44,8 +44,7 @@ from esa.apps.pruning.sparsity_patterns import check_divides, parse_pattern
 from esa.apps.pruning.tables import summary_tables
 from esa.data import check_reachable, evaluation
 from esa.errors import EsaError
-from esa.models.inventory import inventory_without_weights
-from esa.models.loader import LoadedModel
+from esa.models.loader import LoadedModel, inventory_without_weights
 from esa.params import Profile, model_params
 from esa.perturb.apply import weights_hash
 from esa.phases import study as st

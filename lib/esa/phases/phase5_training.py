@@ -45,14 +45,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from esa.apps import training as tr
 from esa.apps.training.domains import describe_domain
 from esa.data import Windows, evaluation
 from esa.errors import EsaError, unknown
-from esa.models import LoadedModel, embedded, tiny
-from esa.models.inventory import WeightSpec, weight_inventory
+from esa.models import LoadedModel, inventory_without_weights
 from esa.params import Profile
 from esa.perturb.apply import Targets, weights_hash
 from esa.perturb.controls import CONTROLS, ControlInput, make_control
@@ -63,7 +61,7 @@ from esa.sensitivity.superweights import DEFAULT_PROMPT, detect_superweights
 from esa.stats import power
 from esa.stats.inference import bootstrap_ci, holm, paired_test
 from esa.stats.verdicts import Criterion, demote
-from esa.store import cache_dir, write_json, write_parquet
+from esa.store import write_json, write_parquet
 
 if TYPE_CHECKING:
     from esa.phases.command import Command
@@ -905,28 +903,6 @@ def job(req: FinetuneRequest, ctx: RunContext) -> Spec:
     if method == "lora":
         check_lora_count(ctx.model, density)  # type: ignore[arg-type]
     return Spec(method, selection, density, protection, asdict(S))
-
-
-def inventory_without_weights(ref: str) -> list[WeightSpec] | None:
-    """The studied weights' shapes from the model's config alone (a meta-device model, no weights read), or
-    None when no config is at hand without loading (a GGUF not yet dequantised, a hub id offline)."""
-    try:
-        if ref in tiny.TINY_CONFIGS:
-            config = tiny.TINY_CONFIGS[ref]()
-        else:
-            folder = Path(ref) if Path(ref).is_dir() else None
-            if folder is None and ref in embedded.EMBEDDED and embedded.EMBEDDED[ref].chunks is None:
-                stem = embedded.gguf_path(ref).stem
-                found = sorted(cache_dir("models").glob(f"{stem}-*/config.json"))
-                folder = found[0].parent if found else None
-            if folder is None or not (folder / "config.json").is_file():
-                return None
-            config = AutoConfig.from_pretrained(str(folder))
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        return weight_inventory(model)
-    except (OSError, ValueError, KeyError, EsaError):
-        return None
 
 
 def check_lora_count(model: str, density: float) -> None:

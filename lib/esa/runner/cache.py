@@ -13,9 +13,10 @@ leftovers of killed writers (`.partial-<pid>`, `.pruned-<pid>` folders whose pro
 `plan`: the score-cache bytes a profile's Phase 2 scoring adds per model (metrics x seeds, the seeds
 being `seeds` and `highres_seeds`), candidates only and with full bf16 maps (`keep_scores`), from the
 same estimate the disk guard uses (`esa.sensitivity.engine.entry_bytes`). Inventories come from the
-model's config, built on the meta device (no weights, no download): a tiny or micro model's own config,
-an embedded model's dequantised folder or GGUF header, a hub model's config in the local Hugging Face
-cache, else its published dimensions (`PUBLISHED`).
+model's config, built on the meta device (no weights, no download; `esa.models.inventory_without_weights`
+knows the same references): a tiny or micro model's own config, an embedded model's dequantised folder or
+GGUF header, a hub model's config in the local Hugging Face cache, else its published dimensions
+(`esa.models.loader.PUBLISHED`).
 
 Every bad argument is one line naming the value and what is accepted, exit status 2, before any work.
 """
@@ -38,33 +39,11 @@ from typing import Any
 import pandas as pd
 
 from esa.errors import EsaError
-from esa.store import cache_root, read_json
+from esa.store import cache_root, pid_alive, read_json
 
 SCORES = "scores"  # the score cache's folder under the cache root (esa.sensitivity.engine)
 BY = ("model", "metric", "seed", "format")
 _LEFTOVER = re.compile(r"\.(?:partial|old|pruned)-(\d+)$")
-
-# Published dimensions of the hub models the profiles name, for when their config is not in the local
-# Hugging Face cache (what the inventory needs; embeddings and the LM head are not studied, so the
-# vocabulary only sizes them). Same shapes as tests/bench/gpu_check.py's "llama-8b".
-_PYTHIA = dict(vocab_size=50304, use_parallel_residual=True)
-PUBLISHED: dict[str, tuple[str, dict[str, Any]]] = {
-    "meta-llama/Llama-3.1-8B": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
-    "mistralai/Mistral-7B-v0.3": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=32768)),
-    "mistralai/Mixtral-8x7B-v0.1": ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
-                                                    num_local_experts=8, num_experts_per_tok=2)),
-    "microsoft/Phi-3-mini-4k-instruct": ("phi3", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-                                                      num_attention_heads=32, num_key_value_heads=32,
-                                                      vocab_size=32064)),
-    **{f"EleutherAI/pythia-{size}": ("gpt_neox", dict(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=n,
-                                                      num_attention_heads=a, **_PYTHIA))
-       for size, h, n, a in [("14m", 128, 6, 4), ("70m", 512, 6, 8), ("160m", 768, 12, 12),
-                             ("410m", 1024, 24, 16), ("1b", 2048, 16, 8), ("1.4b", 2048, 24, 16)]},
-}
-
 
 # ---------------------------------------------------------------- sizes and entries
 
@@ -114,16 +93,6 @@ class Entry:
         return f"{self.format} (stale)"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _entry(path: Path) -> Entry:
     size = tree_bytes(path)
     meta_path = path / "meta.json"
@@ -133,7 +102,7 @@ def _entry(path: Path) -> Entry:
         mtime = time.time()
     found = _LEFTOVER.search(path.name)
     if path.name.startswith(".") or found:
-        alive = bool(found) and _pid_alive(int(found.group(1)))  # type: ignore[union-attr]
+        alive = bool(found) and pid_alive(int(found.group(1)))  # type: ignore[union-attr]
         return Entry(path, "leftover", None, None, None, size, mtime, writer_alive=alive)
     try:
         meta = read_json(meta_path)
@@ -251,30 +220,17 @@ def prune(entries: list[Entry], dry_run: bool = False, out: Callable[[str], None
 
 def shape_source(name: str) -> tuple[str, Callable[[], Any]]:
     """(where the shape comes from, a function building the model's transformers config) for a params/models
-    name or raw reference; an EsaError naming the accepted models when there is no offline shape."""
-    from esa.models import embedded, micro, tiny
+    name or raw reference (esa.models.loader.shape_source); an EsaError naming the accepted models when there
+    is no offline shape."""
+    from esa.models.loader import shape_source as model_shape_source
     from esa.params import model_params
 
     ref = model_params(name).ref
-    if ref in tiny.TINY_CONFIGS:
-        return "tiny config", tiny.TINY_CONFIGS[ref]
-    if micro.is_micro(ref):
-        spec = micro.MICRO_SUITE[micro.parse_ref(ref)[0]]
-        return "micro-suite config", lambda: micro.build_config(spec)
-    if ref in embedded.EMBEDDED:
-        return "embedded GGUF", lambda: _embedded_config(ref)
-    if ref.endswith(".gguf") and Path(ref).is_file():
-        return "GGUF header", lambda: _gguf_config(Path(ref))
-    if Path(ref).is_dir() and (Path(ref) / "config.json").is_file():
-        return "local folder", lambda: _auto_config(ref)
-    local = _hub_config(ref)
-    if local is not None:
-        return "local HF cache config", lambda: local
-    if ref in PUBLISHED:
-        arch, kw = PUBLISHED[ref]
-        return "published shape", lambda: _published(arch, kw)
-    raise EsaError(f"model {name!r}: no shape for {ref!r} offline (not in the local Hugging Face cache, no "
-                   f"published shape here); accepted: {', '.join(plan_models())}")
+    found = model_shape_source(ref)
+    if found is None:
+        raise EsaError(f"model {name!r}: no shape for {ref!r} offline (not in the local Hugging Face cache, no "
+                       f"published shape here); accepted: {', '.join(plan_models())}")
+    return found
 
 
 def plan_models() -> list[str]:
@@ -285,58 +241,11 @@ def plan_models() -> list[str]:
     return sorted(set(available_models()) | set(known_models()))
 
 
-def _auto_config(path: str) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path)
-
-
-def _gguf_config(gguf: Path) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-
-
-def _embedded_config(ref: str) -> Any:
-    """An embedded model's config: from its dequantised folder when one is cached (instant), else the GGUF."""
-    from esa.models import embedded
-
-    gguf = embedded.gguf_path(ref)
-    for folder in sorted((cache_root() / "models").glob(f"{gguf.stem}-*")):
-        if (folder / "config.json").is_file() and not folder.name.startswith("."):
-            return _auto_config(str(folder))
-    return _gguf_config(gguf)
-
-
-def _hub_config(ref: str) -> Any | None:
-    """The config of a hub id from the local Hugging Face cache only (never the network), or None."""
-    parts = ref.split("/")
-    if len(parts) != 2 or not all(parts) or ref.startswith((".", "/")):
-        return None
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(ref, local_files_only=True)
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _published(arch: str, kw: dict[str, Any]) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(arch, **kw, tie_word_embeddings=False)
-
-
 def meta_inventory(config: Any) -> list[Any]:
-    """The weight inventory of a model built from `config` on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """The weight inventory of a model built from `config` on the meta device (esa.models.loader.meta_inventory)."""
+    from esa.models.loader import meta_inventory as build
 
-    from esa.models import weight_inventory
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return weight_inventory(model)
+    return build(config)
 
 
 def plan(profile: str, models: list[str] | None = None, overrides: dict[str, Any] | None = None) -> pd.DataFrame:

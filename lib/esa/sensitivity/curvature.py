@@ -37,15 +37,15 @@ from esa.dispatch import input_device
 from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
 from esa.progress import progress
-from esa.sensitivity.metrics import (
+from esa.sensitivity.passes import (
     MetricConfig,
     MetricResult,
-    _batches,
-    _math_attention,
-    _params,
+    math_attention,
+    micro_batches,
     streamed_grads,
+    studied_params,
 )
-from esa.sensitivity.resolution import RESOLVE_Z, median_z_and_needed
+from esa.sensitivity.resolved import RESOLVE_Z, median_z_and_needed
 
 ESTIMATORS = ("hutchinson", "ggn_mc")
 TARGET_JACCARD = 0.4  # the guide's stability threshold, used for the two-probe-set Jaccard too
@@ -104,7 +104,7 @@ def ggn_mc_diag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tens
         raise EsaError(f"ggn_mc_diag needs at least 1 sampled-label gradient (probes), got {cfg.probes}")
     if cfg.hutchinson_output not in ("saliency", "diag"):
         raise EsaError(f"unknown hutchinson_output {cfg.hutchinson_output!r}; accepted: diag, saliency")
-    params = _params(model, specs)
+    params = studied_params(model, specs)
     acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
     dev = input_device(model)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + 17)
@@ -115,7 +115,7 @@ def ggn_mc_diag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tens
         acc[name].addcmul_(g32, g32, value=scale["w"])
 
     with streamed_grads(params, fold):
-        for batch, w in _batches(ids, cfg, "ggn_mc_diag"):
+        for batch, w in micro_batches(ids, cfg, "ggn_mc_diag"):
             batch = batch.to(dev)
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
             logits = logits.reshape(-1, logits.shape[-1])
@@ -314,7 +314,7 @@ def reliability(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tens
     sets = {e: _Sets(params) for e in estimators}
     gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + 17)
     rows: list[dict[str, Any]] = []
-    with _grads_on(params), _math_attention():
+    with _grads_on(params), math_attention():
         t0 = time.perf_counter()
         probe = CurvatureProbe(model, params, ids, need_hvp="hutchinson" in estimators)
         setup = time.perf_counter() - t0

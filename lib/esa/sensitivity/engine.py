@@ -47,8 +47,8 @@ from esa.store import cache_dir, content_key, read_json, seal, source_hash, usab
 
 log = logging.getLogger(__name__)
 
-SCORE_CODE = ("esa.sensitivity.metrics", "esa.sensitivity.select", "esa.sensitivity.engine", "esa.data",
-              "esa.models.inventory", "esa.stats.tails")
+SCORE_CODE = ("esa.sensitivity.metrics", "esa.sensitivity.passes", "esa.sensitivity.select", "esa.sensitivity.engine",
+              "esa.data", "esa.models.inventory", "esa.stats.tails")
 FORMAT = 2  # cache entry layout: compact candidates, optional bf16 full map (1: fp32 full map, always)
 DEPTH_DEFAULT = 1000  # per-matrix depth of stored top/bottom candidates, unless the caller sets one
 MAP_DTYPE = torch.bfloat16  # full maps on request: fp32's exponent range, 2 bytes a weight

@@ -29,63 +29,38 @@ Definitions (b = one calibration micro-batch of `cfg.batch_size` windows, weight
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from esa.dispatch import input_device, require_resident
+from esa.dispatch import input_device
 from esa.errors import EsaError
 from esa.hooks import Call, hooked
 from esa.memory import PROBE_CACHE_BYTES
 from esa.models.inventory import WeightSpec
-from esa.progress import progress
 from esa.registry import Registry
-
-
-@dataclass
-class MetricConfig:
-    batch_size: int = 4  # windows per forward/backward micro-batch
-    per_batch: bool = False  # grad_x_weight: mean_b |w g_b| instead of |w * mean_b g_b| (default)
-    times_w2: bool = False  # grad_squared: multiply the Fisher diagonal by w^2 (OBD saliency)
-    probes: int = 2  # hutchinson_diag: Rademacher probe vectors
-    seed: int = 0  # hutchinson_diag: probe seed (the calibration seed is the caller's)
-    hutchinson_output: str = "saliency"  # "saliency" (0.5 diag w^2) or "diag" (the Hessian diagonal)
-    spread_sample: int = 256  # hutchinson_diag: weights per matrix whose per-probe values give the spread
-    hutchinson_groups: int = 1  # >1: probe the weights in this many groups (less memory, that many more passes)
-    show_progress: bool = True
-
-
-@dataclass
-class MetricResult:
-    scores: dict[str, torch.Tensor]  # param name -> fp32 scores, shape of the parameter
-    extras: dict[str, Any] = field(default_factory=dict)
-
+from esa.sensitivity.curvature import ggn_mc_diag
+from esa.sensitivity.passes import (
+    MetricConfig,
+    MetricResult,
+    math_attention,
+    micro_batches,
+    streamed_grads,
+    studied_params,
+)
 
 MetricFn = Callable[[torch.nn.Module, list[WeightSpec], torch.Tensor, MetricConfig], MetricResult]
 
 
-# ---------------------------------------------------------------- shared machinery
+# ---------------------------------------------------------------- shared machinery (and esa.sensitivity.passes)
 def _device(model: torch.nn.Module) -> torch.device:
     """Where input ids go: the embedding's execution device (also right for accelerate-dispatched models)."""
     return input_device(model)
-
-
-def _batches(ids: torch.Tensor, cfg: MetricConfig, desc: str) -> Iterator[tuple[torch.Tensor, float]]:
-    """Micro-batches of `ids` with their weight (share of all target tokens)."""
-    n = ids.shape[0]
-    if n == 0:
-        raise EsaError("no calibration windows to score with")
-    bs = max(1, cfg.batch_size)
-    for start in progress(range(0, n, bs), desc=desc, disable=not cfg.show_progress, unit="batch"):
-        batch = ids[start : start + bs]
-        yield batch, batch.shape[0] / n
 
 
 def batch_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -94,43 +69,6 @@ def batch_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
     logits = logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-
-
-def _params(model: torch.nn.Module, specs: list[WeightSpec]) -> dict[str, torch.nn.Parameter]:
-    if not specs:
-        raise EsaError("no weights to score: the model has none of the modules this metric studies")
-    require_resident(model, [s.name for s in specs], "a sensitivity metric")
-    return {s.name: model.get_parameter(s.name) for s in specs}
-
-
-@contextlib.contextmanager
-def streamed_grads(
-    params: dict[str, torch.nn.Parameter], fold: Callable[[str, torch.nn.Parameter, torch.Tensor], None]
-) -> Iterator[None]:
-    """Turn on gradients for `params` only; fold each finished .grad with `fold` and free it at once."""
-    handles = []
-    for name, p in params.items():
-        p.requires_grad_(True)
-
-        def hook(p: torch.Tensor, name: str = name) -> None:
-            fold(name, p, p.grad)  # type: ignore[arg-type]
-            p.grad = None  # free now: never hold every gradient together with every accumulator
-
-        handles.append(p.register_post_accumulate_grad_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        for p in params.values():
-            p.grad = None
-            p.requires_grad_(False)
-
-
-def _math_attention() -> contextlib.AbstractContextManager:
-    """The math SDPA kernel: the flash/cuDNN kernels have no double backward (measured on an H100: "derivative
-    for aten::_scaled_dot_product_cudnn_attention_backward is not implemented")."""
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 # ---------------------------------------------------------------- gradient metrics
@@ -214,7 +152,7 @@ def fused_gradients(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.
     sizes = {c.batch_size for c in cfgs.values()}
     if len(sizes) != 1:
         raise EsaError(f"fused gradient metrics must share one batch size, got {sorted(sizes)}")
-    params = _params(model, specs)
+    params = studied_params(model, specs)
     folds = [folds_of[m](params, c) for m, c in cfgs.items()]
     weight = {"w": 0.0}
 
@@ -224,7 +162,7 @@ def fused_gradients(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.
 
     first = next(iter(cfgs.values()))
     with streamed_grads(params, fold):
-        for batch, w in _batches(ids, first, "+".join(cfgs)):
+        for batch, w in micro_batches(ids, first, "+".join(cfgs)):
             weight["w"] = w
             batch_loss(model, batch).backward()
     return {f.name: f.finish(params) for f in folds}
@@ -252,7 +190,7 @@ def expert_routing_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) ->
 
 
 def act_mag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, cfg: MetricConfig) -> MetricResult:
-    params = _params(model, specs)
+    params = studied_params(model, specs)
     sq: dict[str, torch.Tensor] = {}  # param -> sum over tokens of x_j^2: (cols,) or (E, cols)
     by_module: dict[str, list[tuple[WeightSpec, str]]] = {}  # owning module name -> its studied weights
     for spec in specs:
@@ -266,7 +204,7 @@ def act_mag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, 
         for name, entries in by_module.items()
     }
     with torch.no_grad(), hooked(model, callbacks):
-        for batch, _ in _batches(ids, cfg, "act_mag"):
+        for batch, _ in micro_batches(ids, cfg, "act_mag"):
             model(input_ids=batch.to(_device(model)), use_cache=False, **_last_logit_only(model))
     scores = {}
     for name, p in params.items():
@@ -349,7 +287,7 @@ def hutchinson_diag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.
         raise EsaError(f"hutchinson_diag needs at least 1 probe, got {cfg.probes}")
     if cfg.hutchinson_output not in ("saliency", "diag"):
         raise EsaError(f"unknown hutchinson_output {cfg.hutchinson_output!r}; accepted: diag, saliency")
-    params = _params(model, specs)
+    params = studied_params(model, specs)
     names = list(params)
     acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
     # spread: per-probe estimates at a fixed sample of each matrix's weights, and per-probe traces
@@ -388,8 +326,8 @@ def hutchinson_diag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.
     # forward + two backwards. One window at a time: the double-backward graph is the memory peak, and the
     # Hessian of the mean loss is the token-weighted mean of the windows' Hessians, so this is the same
     # estimate as larger batches.
-    with streamed_grads(params, fold), _math_attention():
-        for batch, w in _batches(ids, MetricConfig(batch_size=1, show_progress=cfg.show_progress), "hutchinson_diag"):
+    with streamed_grads(params, fold), math_attention():
+        for batch, w in micro_batches(ids, MetricConfig(batch_size=1, show_progress=cfg.show_progress), "hutchinson_diag"):
             state["w"] = w
             loss = batch_loss(model, batch)
             grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
@@ -481,12 +419,6 @@ class Metric:
         return self.compute(model, specs, ids, cfg)
 
 
-def _ggn_mc(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.Tensor, cfg: MetricConfig) -> MetricResult:
-    from esa.sensitivity.curvature import ggn_mc_diag  # curvature builds on this module's machinery
-
-    return ggn_mc_diag(model, specs, ids, cfg)
-
-
 def _hutchinson_key(cfg: MetricConfig) -> dict[str, Any]:
     # no batch_size: always one window at a time (memory), see hutchinson_diag
     d: dict[str, Any] = {"probes": cfg.probes, "probe_seed": cfg.seed, "output": cfg.hutchinson_output}
@@ -510,7 +442,7 @@ METRICS: Registry[Metric] = Registry("metric", (
            "(Hutchinson, double backward)", hutchinson_diag, _hutchinson_key, "hutchinson", double_backward=True),
     # a lower-variance curvature diagonal of a different quantity (esa.sensitivity.curvature)
     Metric("ggn_mc_diag", "0.5 * diag(GGN) * w^2, diag(GGN) = mean over labels sampled from the model of N * g^2 "
-           "(Monte-Carlo Gauss-Newton = Fisher diagonal; not diag(H))", _ggn_mc,
+           "(Monte-Carlo Gauss-Newton = Fisher diagonal; not diag(H))", ggn_mc_diag,
            lambda c: {"samples": c.probes, "sample_seed": c.seed, "output": c.hutchinson_output,
                       "batch_size": c.batch_size}, "gradient"),
 ), base=Metric)

@@ -19,29 +19,7 @@ import torch
 
 from esa.models.inventory import WeightSpec
 from esa.sensitivity.metrics import METRICS, MetricConfig, fusable, fused_gradients
-
-RESOLVE_Z = 2.0  # resolved (every metric, curvature's probes too): the top-k's median stands >= 2 SE above the median
-SIGN_TAIL = 0.0228  # the one-sided normal tail beyond 2 SE, for the sign test of median_z_and_needed
-
-
-def median_z_and_needed(z_all: list[float], need_all: list[float]) -> tuple[float, float, float]:
-    """(median z over matrices, its standard error, the median sample needed). The sample needed scales the
-    measured z by 1/sqrt(sample); when the median z cannot be told from 0 there is no effect to scale (any number
-    would come out), so it is inf: "not distinguishable from the median". Told from 0: the median z stands 2 of
-    its standard errors above it, or more matrices have a positive z than chance allows (one-sided sign test at
-    the 2-SE tail, 0.0228; matrices taken as independent, as the standard error also takes them). The sign test
-    is for matrices of different kinds, whose z's differ by far more than their noise: act_mag on six of
-    SmolLM2's (smoke) has a median z of 28 that the spread's standard error alone called indistinguishable."""
-    z = torch.tensor(z_all, dtype=torch.float64)
-    z_med = float(z.median())
-    # standard error of a median: sqrt(pi / 2) x sd / sqrt(n), for roughly normal spreads; one matrix's z is
-    # in its own standard errors, so its noise is about 1
-    z_se = math.sqrt(math.pi / 2) * float(z.std()) / math.sqrt(len(z_all)) if len(z_all) > 1 else 1.0
-    need = float(torch.tensor(need_all, dtype=torch.float64).median())
-    m, k = len(z_all), int((z > 0).sum())
-    sign_p = sum(math.comb(m, i) for i in range(k, m + 1)) / 2**m  # P(>= k of m positive | median 0)
-    told = z_med > 2 * z_se or (z_med > 0 and sign_p < SIGN_TAIL)
-    return z_med, z_se, (need if told else math.inf)
+from esa.sensitivity.resolved import RESOLVE_Z, median_z_and_needed
 
 
 def sample_matrices(specs: list[WeightSpec], n: int) -> list[WeightSpec]:

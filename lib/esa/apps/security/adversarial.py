@@ -36,7 +36,8 @@ from esa.evaluate import evaluate
 from esa.models.inventory import WeightSpec
 from esa.perturb.apply import Targets, overwritten
 from esa.progress import progress
-from esa.sensitivity.metrics import batch_loss, streamed_grads
+from esa.sensitivity.metrics import batch_loss
+from esa.sensitivity.passes import streamed_grads
 
 RADII = {
     "abs": "eps * |w| (relative to each weight)",

@@ -55,7 +55,8 @@ from esa.evaluate import evaluate
 from esa.models.inventory import WeightSpec
 from esa.perturb.apply import Targets
 from esa.progress import progress
-from esa.sensitivity.metrics import batch_loss, streamed_grads
+from esa.sensitivity.metrics import batch_loss
+from esa.sensitivity.passes import streamed_grads
 
 
 @dataclass
