@@ -81,31 +81,35 @@ def test_jaccard_with_two_seeds_is_underpowered_not_judged():
 
 
 # ------------------------------------------------------------------ Phase 3
-def test_sign_flip_ratio_over_noise_is_not_estimable():
-    # top_k hurts; random_k does nothing but noise around 0: the old PPL ratio read inf and PASSed
+def test_sign_flip_ratio_is_judged_by_the_contrast_when_the_control_does_nothing():
+    # top_k hurts; random_k does nothing but noise around 0: a ratio over it is unbounded ("not estimable"
+    # before), while the contrast Δtop − 5·Δrandom is large and decided
     table, wins = sweep({"top_k": 5.0, "random_k": 0.0, "bottom_k": 0.0}, noise=0.01)
     st = analyze(table, wins, n_boot=200)
     r = criteria.p3_sign_flip_ratio(st, "x")[0]
-    assert r.verdict == "not estimable" and r.passed is None
-    assert isinstance(r.measured, str) and "inf" not in r.measured and "within noise" in r.note
-    # a real denominator: judged on the log-PPL ratio's CI
+    assert r.verdict == "PASS" and r.measured == pytest.approx(5.0, rel=0.05)
+    assert "(seed, window) pairs" in r.note and "Δtop − 5·Δrandom_k" in r.note
+    # a real denominator: 2.0 vs 0.1 is 20x, D = 1.5 > 0
     table, wins = sweep({"top_k": 2.0, "random_k": 0.1, "bottom_k": 0.0}, seeds=(1, 2, 3, 4, 5, 6), n_windows=30,
                         noise=0.002)
     ok = criteria.p3_sign_flip_ratio(analyze(table, wins, n_boot=200), "x")[0]
-    assert ok.verdict == "PASS" and ok.measured == pytest.approx(20.0, rel=0.1) and "CI" in ok.note
+    assert ok.verdict == "PASS" and ok.measured == pytest.approx(1.5, rel=0.1) and "6 seeds" in ok.note
+    # 2x only: D = 0.2 − 5·0.1 = −0.3 < 0, decided against the claim
     table, wins = sweep({"top_k": 0.2, "random_k": 0.1, "bottom_k": 0.0}, seeds=(1, 2, 3, 4, 5, 6), n_windows=30,
                         noise=0.002)
     assert criteria.p3_sign_flip_ratio(analyze(table, wins, n_boot=200), "x")[0].verdict == "FAIL"
 
 
-def test_sign_flip_ratio_straddling_5_says_how_many_seeds():
+def test_sign_flip_contrast_straddling_0_says_how_many_units():
     cond = dict(perturbation="sign_flip", scale=1.0, prob=0.5)
-    st = {"ratios": [dict(cond, numerator="top_k", denominator="random_k", ratio_delta_log_ppl=8.0, log_ci_lo=3.0,
-                          log_ci_hi=14.0)],
+    k = dict(decision="undecided", reason="bounds straddle 0", estimate=0.3, lower=-0.5, upper=1.1, n=4, sd=0.6,
+             test="paired_t", unit="(seed, window) pairs")
+    st = {"contrasts": [dict(cond, a="top_k", b="random_k", c=5.0, primary="window_level", window_level=k)],
           "summary": [dict(cond, group="top_k", mean=0.8, ci_lo=0.5, ci_hi=1.1, n_seeds=2),
                       dict(cond, group="random_k", mean=0.1, ci_lo=0.05, ci_hi=0.15, n_seeds=2)]}
     r = criteria.p3_sign_flip_ratio(st, "x")[0]
-    assert r.verdict == "underpowered" and "about 6 seeds would put the lower bound at 5" in r.note
+    assert r.verdict == "underpowered" and "(seed, window) pairs would decide it" in r.note
+    assert "about" in r.note
 
 
 def test_significance_underpowered_with_seeds_times_windows_needed():

@@ -76,64 +76,42 @@ def _summary(stats: Mapping[str, Any], cond: Mapping[str, Any], group: str) -> d
     return None
 
 
-def _sign_flip_ratio(stats: Mapping[str, Any], control: str = "random_k") -> tuple[float | None, dict | None]:
-    """The top_k / control ratio of mean delta log-PPL for sign_flip at scale 1 (else the largest scale run)."""
-    rs = [r for r in stats.get("ratios", []) if r["perturbation"] == "sign_flip" and r["numerator"] == "top_k"
-          and r["denominator"] == control]
-    if not rs:
-        return None, None
-    r = next((x for x in rs if x["scale"] == 1.0), max(rs, key=lambda x: x["scale"]))
-    return _finite(r["ratio_delta_log_ppl"]), r
-
-
 def _span(s: Mapping[str, Any]) -> str:
     return f"{s['mean']:.3g} nats/token, 95% CI [{s['ci_lo']:.3g}, {s['ci_hi']:.3g}] over {s['n_seeds']} seed(s)"
 
 
 # ------------------------------------------------------------------ Phase 3
 def p3_sign_flip_ratio(stats: Mapping[str, Any], evidence: str, control: str = "random_k") -> list[Criterion]:
-    """'ΔPPL(top) ≥ 5× ΔPPL(random) for sign flip', taken on delta log-PPL (nats/token): PPL differences of a
-    collapsed model are astronomically large and their ratio says nothing. PASS when the ratio's 95% CI lies
-    at or above 5, FAIL when it lies below; not estimable when the control's delta is within its noise (its
-    CI over seeds reaches 0, or it is <= 0), since a ratio over noise is unbounded."""
+    """'ΔPPL(top) ≥ 5× ΔPPL(random) for sign flip', on Δlog-PPL (nats/token: PPL differences of a collapsed
+    model are astronomically large), judged as the contrast D = Δtop − 5·Δrandom by its one-sided 99% bound
+    (esa.stats.contrasts): PASS when the lower bound is above 0, FAIL when the upper bound is below 0,
+    underpowered otherwise, with the units the observed effect needs. A control that does nothing makes D
+    large and decided, not 'not estimable'. Units: seeds when the run has >= 5, else (seed, window) pairs."""
     text = "ΔPPL(top) ≥ 5× ΔPPL(random) for sign flip (on Δlog-PPL)"
-    value, r = _sign_flip_ratio(stats, control)
-    if r is None:
-        return [Criterion("P3.sign_flip_ratio", 3, text, None, ">= 5", None, evidence,
-                          f"no sign_flip top_k vs {control} comparison was run")]
-    top, ctl = _summary(stats, r, "top_k"), _summary(stats, r, control)
-    cond = f"sign_flip scale {r['scale']:g}"
-    if top is None or ctl is None or _finite(ctl.get("ci_lo")) is None or _finite(ctl.get("ci_hi")) is None:
-        return [Criterion("P3.sign_flip_ratio", 3, text, value, ">= 5", None, evidence,
-                          f"{cond}: no CI for {control}'s delta (fewer than 2 seeds)", verdict="underpowered")]
-    if ctl["ci_lo"] <= 0 <= ctl["ci_hi"] or ctl["mean"] <= 0:
-        bound = (f"; if {control}'s true delta is positive, the CIs bound the ratio below by "
-                 f"{top['ci_lo'] / ctl['ci_hi']:.3g}" if ctl["ci_hi"] > 0 and top["ci_lo"] > 0 else "")
-        return [Criterion("P3.sign_flip_ratio", 3, text, f"top {top['mean']:.3g} / {control} {ctl['mean']:.2g} nats",
-                          ">= 5", None, evidence,
-                          f"denominator within noise ({cond}): {control} {_span(ctl)} includes 0 (or is <= 0), "
-                          f"so the ratio is unbounded; top_k {_span(top)}{bound}. "
-                          "Whether top_k beats the control is judged by P3.significance", verdict="not estimable")]
-    lo, hi = _finite(r.get("log_ci_lo")), _finite(r.get("log_ci_hi"))
-    note = f"{cond}; ratio of mean Δlog-PPL, 95% CI [{r.get('log_ci_lo', math.nan):.3g}, {r.get('log_ci_hi', math.nan):.3g}]"
+    thr = f"> 0: one-sided {1 - ALPHA:.0%} lower bound of Δtop − {RATIO_THRESHOLD:g}·Δ{control}"
+    cs = [c for c in stats.get("contrasts", []) if c["perturbation"] == "sign_flip" and c["a"] == "top_k"
+          and c["b"] == control and c.get("primary") in c]
+    if not cs:
+        return [Criterion("P3.sign_flip_ratio", 3, text, None, thr, None, evidence,
+                          f"no sign_flip top_k vs {control} contrast was run")]
+    c = next((x for x in cs if x["scale"] == 1.0), max(cs, key=lambda x: x["scale"]))
+    k = c[c["primary"]]
+    top, ctl = _summary(stats, c, "top_k"), _summary(stats, c, control)
+    means = (f"Δtop {top['mean']:.3g} and Δ{control} {ctl['mean']:.3g} nats/token over {top['n_seeds']} seed(s)"
+             if top and ctl else "")
+    note = (f"sign_flip scale {c['scale']:g}: D = Δtop − {RATIO_THRESHOLD:g}·Δ{control} = {k['estimate']:.3g} "
+            f"[{k['lower']:.3g}, {k['upper']:.3g}] (one-sided {1 - ALPHA:.0%} bounds, {k['test']}), n = {k['n']} "
+            f"{k['unit']}; {means}; {k['reason']}")
+    value = _finite(k["estimate"])
+    if k["decision"] in ("PASS", "FAIL"):
+        return [Criterion("P3.sign_flip_ratio", 3, text, value, thr, k["decision"] == "PASS", evidence, note)]
     if value is None:
-        return [Criterion("P3.sign_flip_ratio", 3, text, None, ">= 5", None, evidence, note + "; ratio not finite",
-                          verdict="not estimable")]
-    if lo is not None and lo >= RATIO_THRESHOLD:
-        return [Criterion("P3.sign_flip_ratio", 3, text, value, ">= 5 (CI lower bound)", True, evidence, note)]
-    if hi is not None and hi < RATIO_THRESHOLD:
-        return [Criterion("P3.sign_flip_ratio", 3, text, value, ">= 5 (CI lower bound)", False, evidence, note)]
-    return [Criterion("P3.sign_flip_ratio", 3, text, value, ">= 5 (CI lower bound)", None, evidence,
-                      note + "; the CI straddles 5: " + _ratio_power(value, lo, int(top["n_seeds"])),
+        return [Criterion("P3.sign_flip_ratio", 3, text, None, thr, None, evidence, note, verdict="not estimable")]
+    need = power.plan_n(k["estimate"], k["sd"], ALPHA) if math.isfinite(k["sd"]) and k["sd"] > 0 else None
+    more = (f"at the observed contrast about {need} {k['unit']} would decide it" if need
+            else "the observed contrast is not positive, so more units would not make it pass")
+    return [Criterion("P3.sign_flip_ratio", 3, text, value, thr, None, evidence, f"{note}; {more}",
                       verdict="underpowered")]
-
-
-def _ratio_power(value: float, lo: float | None, n_seeds: int) -> str:
-    """Seeds for the ratio's CI lower bound to clear 5 at the observed ratio (half-width ~ 1/sqrt(seeds))."""
-    if value <= RATIO_THRESHOLD or lo is None:
-        return "the point estimate is below 5, so more seeds would not make it pass unless the estimate moves"
-    need = math.ceil(n_seeds * ((value - lo) / (value - RATIO_THRESHOLD)) ** 2)
-    return f"at the observed ratio {value:.3g}, about {need} seeds would put the lower bound at 5"
 
 
 def _base_type(perturbation: str) -> str:

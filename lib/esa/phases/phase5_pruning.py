@@ -8,7 +8,8 @@ st.each), `criteria` judges the guide's ">15% better than magnitude":
     gain = 1 - Delta_method / Delta_baseline,  Delta = log-PPL(pruned) - log-PPL(dense),
 
 at the section's `sparsity` (50%) unstructured, per model and calibration seed (esa.apps.pruning.criterion),
-by its 95% t-interval over seeds (esa.stats.intervals.gain_verdict); the same comparison against Wanda and
+as the paired contrast 0.85·Δ_baseline − Δ_method > 0 by its one-sided 99% bound over calibration seeds
+(esa.stats.intervals.damage_contrast); the same comparison against Wanda and
 SparseGPT stands beside it. esa-runner's request is `PruneRequest` (`--prune METHOD --sparsity S --pattern
 unstructured|2:4|4:8 --allocation uniform|owl --protect-critical --calibration sequential|one-shot
 --export-pruned DIR`), checked in `job` before any model is loaded.
@@ -52,7 +53,7 @@ from esa.phases.study import Plan, Planned, RunContext, Study, option, setting
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 from esa.sensitivity.select import MODES
-from esa.stats.intervals import gain_verdict
+from esa.stats.intervals import damage_contrast
 from esa.stats.verdicts import Criterion
 from esa.store import write_json, write_parquet
 from esa.zeroshot import ZeroShotTask, build_next_line
@@ -97,7 +98,8 @@ class Settings:
     zeroshot_corpus: str = setting("shakespeare", st.corpus)  # the next-line task needs a play's speeches
     esa_methods: list[str] = setting(check=_METHODS, factory=lambda: list(SENSITIVITY))  # judged by the criterion
     threshold: float = setting(0.15, st.finite)
-    min_damage: float = setting(0.01, st.at_least(0))  # nats: a baseline damaging less is a denominator within noise
+    min_damage: float = setting(0.01, st.at_least(0))  # nats: findings call a baseline doing less "no damage"
+    alpha: float = setting(0.01, st.fraction("a level"))  # of the criterion's one-sided bound
     batch_size: int | None = setting(None, st.optional(st.at_least(1)))
     machinery_only: bool = False  # smoke budgets: verdicts are machinery-only (the numbers are still shown)
     reference: dict[str, Any] = field(default_factory=dict)  # published PPL: {pattern: {method: ppl}}
@@ -309,17 +311,18 @@ def criterion_rows(table: pd.DataFrame, S: Settings, evidence: str) -> tuple[lis
                 cmp = matched_gains(tm, m, base, S.sparsity, protected)
                 if not cmp.empty:
                     detail.append(cmp.assign(protected_method=protected))
-                gains = cmp["gain"].tolist() if not cmp.empty else []
-                dmg = cmp["delta_log_ppl_baseline"].tolist() if not cmp.empty else []
-                v = gain_verdict(gains, dmg, S.threshold, S.min_damage, S.machinery_only)
+                dm = cmp["delta_log_ppl"].tolist() if not cmp.empty else []
+                db = cmp["delta_log_ppl_baseline"].tolist() if not cmp.empty else []
+                v = damage_contrast(dm, db, S.threshold, S.alpha, S.machinery_only)
                 tag = f"{m}{'+protect' if protected else ''}"
                 text = (f"ESA-guided pruning outperforms {base} pruning by >{S.threshold:.0%} ({tag}, {model}, "
                         f"{S.sparsity:.0%} unstructured)")
                 if base != "magnitude":
                     text = f"beside the criterion: {tag} vs {base} ({model}, {S.sparsity:.0%} unstructured)"
-                note = (f"gain = 1 - Δlog-PPL({tag}) / Δlog-PPL({base}) vs dense; {v.note}")
+                note = f"Δ = log-PPL(pruned) − log-PPL(dense) for {tag} and {base}; {v.note}"
                 rows.append(Criterion(f"P5.prune_gain.{tag}.vs_{base}.{model}", 5, text,
-                                      None if v.measured is None else round(v.measured, 4), f"> {S.threshold:g} (95% CI)",
+                                      None if v.measured is None else round(v.measured, 4),
+                                      f"> 0: one-sided {1 - S.alpha:.0%} lower bound of {1 - S.threshold:g}·Δ{base} − Δ{tag}",
                                       v.passed, evidence, note, verdict=v.verdict))
     return rows, (pd.concat(detail, ignore_index=True) if detail else pd.DataFrame())
 

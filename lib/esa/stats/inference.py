@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from esa.stats.contrasts import contrast
+
 LOG_PPL_CAP = 50.0  # nats per token; exp(50) ~ 5e21 perplexity, far beyond any functioning model
 SEED_TEST_MIN_FOR_PRIMARY = 5
 WILCOXON_MIN_N = 6
@@ -239,8 +241,13 @@ def analyze(
     level: float = 0.95,
     alpha: float = 0.01,
     seed: int = 0,
+    contrast_c: float = 5.0,
 ) -> dict[str, Any]:
-    """Everything stats.json holds for one sweep table (and, optionally, its per-window table)."""
+    """Everything stats.json holds for one sweep table (and, optionally, its per-window table).
+
+    `contrasts`: for each compared pair (a, b), the contrast D = a − contrast_c·b (the guide's "ΔPPL(top) ≥
+    5× ΔPPL(random)") judged by its one-sided bound (esa.stats.contrasts) over seeds (paired by seed) and
+    over (seed, window) pairs; `primary` follows the comparisons' rule."""
     if table.empty:
         return dict(notes=["empty table: nothing to analyse"])
     cap = log_ppl_cap(table["log_ppl"])
@@ -251,7 +258,7 @@ def analyze(
         # per-window cap: also above every finite window NLL, so a capped window ranks above all finite ones
         wc = max(cap, log_ppl_cap(windows["nll"]))
         wcap = windows.assign(_d=capped(windows["nll"], wc) - windows["base_nll"])
-    summary, ratios, comps = [], [], []
+    summary, ratios, comps, contrasts = [], [], [], []
     for cond, g in t.groupby(CONDITION, sort=True):
         key = dict(zip(CONDITION, cond, strict=True))
         for group, gg in g.groupby("group", sort=True):
@@ -278,9 +285,17 @@ def analyze(
             ratios.append(dict(**key, numerator=a, denominator=b, ratio_delta_ppl=r, ci_lo=rlo, ci_hi=rhi,
                                ratio_delta_log_ppl=rl, log_ci_lo=rllo, log_ci_hi=rlhi, paired=paired))
             comp = dict(**key, a=a, b=b, alternative=f"{a} > {b}", seed_level=seed_res)
+            con = dict(**key, a=a, b=b, c=contrast_c)
+            if paired and len(ga) >= 2:
+                con["seed_level"] = contrast(ga["_v"].to_numpy(), gb["_v"].to_numpy(), contrast_c, 0.0, alpha,
+                                             "seeds").as_dict()
             if wcap is not None:
                 comp["window_level"] = _window_comparison(wcap, key, a, b)
+                pair = _window_pairs(wcap, key, a, b)
+                if pair is not None and pair[0].size >= 2:
+                    con["window_level"] = contrast(*pair, contrast_c, 0.0, alpha, "(seed, window) pairs").as_dict()
             comps.append(comp)
+            contrasts.append(con)
     _holm_family(comps, "seed_level")
     _holm_family(comps, "window_level")
     for c in comps:
@@ -289,6 +304,10 @@ def analyze(
         c["primary"] = use
         c["p_primary_holm"] = c[use].get("p_holm", math.nan)
         c["significant"] = bool(c["p_primary_holm"] < alpha) if np.isfinite(c["p_primary_holm"]) else None
+    for c in contrasts:
+        n_seeds = c.get("seed_level", {}).get("n", 0)
+        c["primary"] = ("seed_level" if n_seeds >= SEED_TEST_MIN_FOR_PRIMARY or "window_level" not in c
+                        else "window_level")
     notes = [
         f"value: {value} (nats/token); non-finite log-PPL capped at {cap:.3g} nats "
         f"({int(t['_cap'].sum())} of {len(t)} rows capped)",
@@ -300,8 +319,10 @@ def analyze(
         f"primary = seed-level with >= {SEED_TEST_MIN_FOR_PRIMARY} seeds, else window-level; alpha = {alpha}",
         f"CIs: {int(level * 100)}% percentile bootstrap over seeds ({n_boot} resamples)",
     ]
+    notes.append(f"contrasts: D = a − {contrast_c:g}·b per seed and per (seed, window) pair, one-sided "
+                 f"{1 - alpha:.0%} t bounds (esa.stats.contrasts); PASS when the lower bound is above 0")
     return dict(value=value, cap=cap, alpha=alpha, summary=summary, ratios=ratios, comparisons=comps,
-                dose_response=dose_response(table, value), notes=notes)
+                contrasts=contrasts, dose_response=dose_response(table, value), notes=notes)
 
 
 def _window_comparison(w: pd.DataFrame, key: dict[str, Any], a: str, b: str) -> dict[str, Any]:
@@ -314,6 +335,19 @@ def _window_comparison(w: pd.DataFrame, key: dict[str, Any], a: str, b: str) -> 
     if len(common) == 0:
         return dict(test="none", p=math.nan, n=0, note="no shared seeds for window pairing")
     return window_test(pa.loc[common].to_numpy(), pb.loc[common, pa.columns].to_numpy())
+
+
+def _window_pairs(w: pd.DataFrame, key: dict[str, Any], a: str, b: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The capped per-window deltas of groups a and b on the (seed, window) pairs both have, flattened."""
+    sel = w
+    for col, v in key.items():
+        sel = sel[sel[col] == v]
+    pa = sel[sel.group == a].pivot_table(index="seed", columns="window", values="_d")
+    pb = sel[sel.group == b].pivot_table(index="seed", columns="window", values="_d")
+    common = pa.index.intersection(pb.index)
+    if len(common) == 0:
+        return None
+    return pa.loc[common].to_numpy().ravel(), pb.loc[common, pa.columns].to_numpy().ravel()
 
 
 def _holm_family(comps: list[dict[str, Any]], family: str) -> None:

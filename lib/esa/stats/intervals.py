@@ -1,10 +1,10 @@
 """Intervals over seeds and the verdict a per-seed quantity gets against a threshold.
 
+`damage_contrast` judges "method damages > threshold less than baseline" (1 − Δm/Δb > t) as the paired
+contrast (1 − t)·Δb − Δm > 0 over calibration seeds (esa.stats.contrasts), so a baseline that does no damage
+decides the claim (no method can be 15% better than no damage) instead of leaving a ratio over noise.
+
 `t_interval` is the Student-t interval of a mean over calibration seeds (the unit of replication).
-`gain_verdict` judges a per-seed relative gain 1 - Delta_method / Delta_baseline against a threshold by its
-95% t-interval: PASS when the interval lies above, FAIL when below, underpowered when it straddles the
-threshold or rests on one seed, not estimable when a value is not finite or the baseline's damage (the
-denominator) is within `min_damage` of zero.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as st
+
+from esa.stats.contrasts import contrast
 
 
 def t_interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
@@ -37,30 +39,29 @@ class Verdict:
     note: str
 
 
-def gain_verdict(gains: list[float], baseline_damage: list[float], threshold: float = 0.15,
-                 min_damage: float = 0.01, machinery_only: bool = False) -> Verdict:
-    """PASS / FAIL / underpowered / not estimable / machinery-only from per-seed gains (module docstring)."""
-    g = np.asarray(gains, dtype=float)
-    d = np.asarray(baseline_damage, dtype=float)
-    if g.size == 0:
+def damage_contrast(method_damage: list[float], baseline_damage: list[float], threshold: float = 0.15,
+                    alpha: float = 0.01, machinery_only: bool = False) -> Verdict:
+    """PASS / FAIL / underpowered / not estimable / machinery-only for "the method does more than `threshold`
+    less damage than the baseline", from per-seed Δ log-PPL (paired by calibration seed): the contrast
+    D = (1 − threshold)·Δbaseline − Δmethod, PASS when its one-sided (1 − alpha) lower bound is above 0.
+    `measured` is the mean of D in nats/token; lo and hi are its one-sided bounds."""
+    m = np.asarray(method_damage, dtype=float)
+    b = np.asarray(baseline_damage, dtype=float)
+    if m.size == 0:
         return Verdict(None, math.nan, math.nan, 0, None, "not estimable", "no matched (method, baseline) pair was run")
-    if not (np.isfinite(g).all() and np.isfinite(d).all()):
-        return Verdict(None, math.nan, math.nan, int(g.size), None, "not estimable",
-                       "a log-PPL is not finite or the baseline did no positive damage")
-    if (d <= min_damage).any():
-        return Verdict(float(g.mean()), math.nan, math.nan, int(g.size), None, "not estimable",
-                       f"baseline damage {d.min():.3g} nats <= {min_damage:g}: the denominator is within noise")
-    mean, lo, hi = t_interval(g)
-    ci = f"mean over {g.size} calibration seed(s) {mean:.3f}, 95% t-CI [{lo:.3f}, {hi:.3f}]"
-    if g.size < 2:
-        passed, verdict, note = None, "underpowered", f"one calibration seed (gain {mean:.3f}): no CI; needs >= 2"
-    elif lo > threshold:
-        passed, verdict, note = True, "PASS", ci
-    elif hi < threshold:
-        passed, verdict, note = False, "FAIL", ci
-    else:
-        passed, verdict, note = None, "underpowered", f"{ci} contains the threshold {threshold:g}"
+    if not (np.isfinite(m).all() and np.isfinite(b).all()):
+        return Verdict(None, math.nan, math.nan, int(m.size), None, "not estimable", "a log-PPL is not finite")
+    gain = f"mean gain 1 − Δm/Δb {1 - m.mean() / b.mean():.3f}; " if b.mean() > 0 else ""
+    if m.size < 2:
+        d = float((1 - threshold) * b[0] - m[0])
+        return Verdict(d, math.nan, math.nan, 1, None, "machinery-only" if machinery_only else "underpowered",
+                       f"one calibration seed: D = {d:.3g} nats, no bound; needs >= 2 seeds ({gain.rstrip('; ')})")
+    k = contrast((1 - threshold) * b, m, 1.0, 0.0, alpha, "calibration seeds")
+    note = (f"D = {1 - threshold:g}·Δbaseline − Δmethod = {k.estimate:.3g} [{k.lower:.3g}, {k.upper:.3g}] "
+            f"(one-sided {1 - alpha:.0%} bounds), n = {k.n} seeds; {gain}{k.reason}")
+    passed, verdict = {"PASS": (True, "PASS"), "FAIL": (False, "FAIL")}.get(k.decision, (None, "underpowered"))
     if machinery_only:
-        return Verdict(mean, lo, hi, int(g.size), None, "machinery-only",
+        return Verdict(k.estimate, k.lower, k.upper, k.n, None, "machinery-only",
                        f"smoke budget, the number is not evidence (would read {verdict}): {note}")
-    return Verdict(mean, lo, hi, int(g.size), passed, verdict, note)
+    return Verdict(k.estimate, k.lower, k.upper, k.n, passed, verdict, note)
+
