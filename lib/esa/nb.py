@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esa.figures import save_figure
+from esa.figures import run_figures, save_figure
 from esa.params import Profile, load_profile
 from esa.progress import LOG_ENV, follow_cpu_share, quiet
 from esa.report import artefacts
@@ -211,5 +211,5 @@ def context(
     data.mkdir(parents=True, exist_ok=True)
     # figures/<run>/ beside reports/<run>/ (esa.runner.layout), under whichever root holds the run
     root = run.parent.parent if run.parent.name == "reports" else REPO_ROOT
-    figs = root / "figures" / run.name / notebook
+    figs = run_figures(run, root, run.name) / notebook
     return NotebookContext(notebook, prof, chosen, run, data, figs)

@@ -40,7 +40,7 @@ class FigureRecord:
     name: str
     caption: str
     takeaway: str
-    png: str  # absolute paths (figures live outside the run folder)
+    png: str  # absolute paths (figures live outside the run folder), or relative to a record's folder
     pdf: str
 
     def label(self) -> str:
@@ -149,6 +149,11 @@ def read_registry(data_dir: Path) -> Registry | None:
     if not path.is_file():
         return None
     raw = read_json(path)
+    run_dir = Path(data_dir).resolve().parent.parent  # <run>/data/<notebook>
+    for f in raw.get("figures", []):  # a committed record keeps paths relative to its folder
+        for key in ("png", "pdf"):
+            if not Path(f[key]).is_absolute():
+                f[key] = str(run_dir / f[key])
     return Registry(
         notebook=raw.get("notebook", Path(data_dir).name),
         tables=[TableRecord(**t) for t in raw.get("tables", [])],

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from esa.errors import EsaError
 from esa.params import yaml_load
+from esa.runner import record
 from esa.runner.driver import RunConfig, format_plan, generate_docs, make_plan, run, verify_cache
 from esa.runner.executors import EXECUTORS
 from esa.runner.lifeline import Terminated, sigterm_as_interrupt
@@ -78,6 +79,14 @@ def parser() -> argparse.ArgumentParser:
         help="hash every sealed cache entry first (corrupt ones are named and moved aside, so they are "
         "recomputed), and make every cache read of this run a full hash check",
     )
+    p.add_argument("--record", action="store_true",
+                   help="run the --only selection as one chunk of the judged record and publish what finished ok "
+                        "into reports/record/ (esa.runner.record); its dependencies must be in the record already")
+    p.add_argument("--verify-record", metavar="NOTEBOOK",
+                   help="re-run one committed chunk of reports/record/ in a scratch folder and check its numbers "
+                        "equal the committed ones")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --record: clear a record written by other code or another profile first")
     p.add_argument("--root", type=Path, default=REPO_ROOT, help=argparse.SUPPRESS)
     p.add_argument("--notebooks-dir", type=Path, help="notebook sources (default <repo>/notebooks)")
     p.add_argument("--params-dir", type=Path, help="params folder (default $ESA_PARAMS_DIR or <repo>/params)")
@@ -126,6 +135,23 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
+        if args.overwrite and not args.record:
+            raise EsaError("--overwrite only applies to --record (it clears a record of other code or profile)")
+        if args.verify_record:
+            diffs = record.verify(cfg, args.verify_record)
+            for d in diffs:
+                print(f"  {d}", file=sys.stderr)
+            print(f"run_all.py: chunk {args.verify_record}: " + (f"{len(diffs)} difference(s) from the committed record"
+                                                              if diffs else "numbers equal the committed record"))
+            return 1 if diffs else 0
+        if args.record:
+            if args.dry_run or args.generate_docs or args.run_id:
+                raise EsaError("--record runs into reports/record/; it takes no --dry-run, --generate-docs or --run-id")
+            if not cfg.only:
+                raise EsaError("--record needs --only: a chunk is one notebook or a few (each under 2 h)")
+            result = record.run_chunk(cfg, overwrite=args.overwrite)
+            print(result.index if not result.failures else "run_all.py: the chunk failed; reports/record/ unchanged")
+            return result.exit_code
         if args.generate_docs:
             index = generate_docs(cfg)
         elif args.dry_run:

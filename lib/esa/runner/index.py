@@ -47,6 +47,15 @@ def _seconds(value: Any) -> str:
     return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
 
 
+def _missing(manifest: dict[str, Any]) -> str:
+    """A record (esa.runner.record) names the schedule's notebooks that have no chunk yet."""
+    gone = manifest.get("missing") or []
+    if not gone:
+        return ""
+    return (f"<p class='missing'><b>Not yet in this record ({len(gone)} of the schedule's notebooks):</b> "
+            + ", ".join(h.esc(n) for n in gone) + ".</p>")
+
+
 def _notebook_rows(
     run_dir: Path, stamps: dict[str, dict[str, Any]], manifest: dict[str, Any], order: list[str]
 ) -> list[list[str]]:
@@ -271,6 +280,7 @@ def write_index(run_dir: Path, fig_dir: Path, order: list[str] | None = None) ->
         + "<div class='cards'>"
         + "".join(f"<div class='card'><b>{h.esc(v)}</b><span>{h.esc(k)}</span></div>" for v, k in cards)
         + "</div>"
+        + _missing(manifest)
         + "<h2>Notebooks</h2>"
         + h.table(
             ["#", "Phase/week", "Notebook", "Models", "Status", "Time", "Started", "Outputs"],

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from esa.figures import run_figures
+
 
 @dataclass(frozen=True)
 class Outputs:
@@ -46,4 +48,4 @@ def report_pdf(run_dir: Path) -> Path:
 
 
 def figures_dir(root: Path, run_id: str) -> Path:
-    return root / "figures" / run_id
+    return run_figures(root / "reports" / run_id, root, run_id)

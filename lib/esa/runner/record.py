@@ -1,0 +1,265 @@
+"""The judged record: a run of one profile, written chunk by chunk into reports/record/ and committed.
+
+    python run_all.py --profile powered --only phase1_week0_baselines --record
+
+A chunk is one notebook (or a few, `--only a,b`). It runs in a scratch copy of the record
+(reports/.record-staging/, holding the chunks it depends on), and only a chunk that finished ok is moved
+into reports/record/: its executed notebook, both HTML pages, its data (parquet, CSV, LaTeX), figures
+(inside the record: figures/<notebook>/), scorecard rows, stamp, log and a manifest
+(chunks/<notebook>.json: commit, code hash, profile, models, machine, wall time). A crash or a failed
+notebook leaves reports/record/ as it was. Then index.html and report.pdf are rebuilt from the chunks
+present, and the index names the schedule's notebooks still missing.
+
+Refused in one line, before any work: a chunk whose dependency has no chunk in the record yet (it says
+which to run first); and a record written by other code (its `code_hash`) or another profile, unless
+`--overwrite`, which clears the record first. Nothing here reads a cache left by an earlier session as
+input: a chunk recomputes what it needs (deterministically: seeds, strict MKL) or reads the committed
+chunks it depends on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from esa.errors import EsaError
+from esa.figures import FIGURES_INSIDE
+from esa.runner import schedule
+from esa.runner.driver import RunConfig, RunResult, build_index, make_plan, run
+from esa.runner.layout import outputs
+from esa.runner.manifest import environment
+from esa.runner.state import code_hash, read_stamp
+from esa.store import read_json, write_json
+
+RECORD = "record"
+STAGING = ".record-staging"
+IDENTITY = "record.json"  # the record's identity: profile, overrides, code hash
+CHUNKS = "chunks"  # chunks/<notebook>.json: one manifest per published chunk
+MAX_BYTES = 60 * 2**20  # the committed record stays under 60 MB
+
+
+def record_dir(root: Path) -> Path:
+    return Path(root) / "reports" / RECORD
+
+
+def chunk_done(rec: Path, notebook: str) -> bool:
+    """A chunk is in the record when its manifest and an ok stamp are there."""
+    stamp = read_stamp(rec, notebook)
+    return (rec / CHUNKS / f"{notebook}.json").is_file() and bool(stamp) and stamp.get("status") == "ok"
+
+
+def identity(cfg: RunConfig) -> dict[str, Any]:
+    return {"profile": cfg.profile, "overrides": dict(cfg.overrides), "code_hash": code_hash()}
+
+
+def check(cfg: RunConfig, chosen: list[str], overwrite: bool) -> None:
+    """The refusals of the module docstring, before any work."""
+    rec = record_dir(cfg.root)
+    mine = identity(cfg)
+    theirs = read_json(rec / IDENTITY) if (rec / IDENTITY).is_file() else None
+    if theirs is not None and theirs != mine and not overwrite:
+        diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+        raise EsaError(f"reports/record holds chunks of {theirs.get('profile')!r} at code {theirs.get('code_hash')} "
+                       f"(differs in {', '.join(diff)}); add --overwrite to clear it and start a new record")
+    if theirs is not None and theirs != mine:
+        return  # --overwrite: every dependency is rerun from an empty record, so none can be missing below
+    entries = {e.id: e for e in schedule.entries()}
+    for nb in chosen:
+        for dep in entries[nb].depends_on:
+            if dep not in chosen and not chunk_done(rec, dep):
+                raise EsaError(f"chunk {nb} needs chunk {dep} in the record first: python run_all.py --profile "
+                               f"{cfg.profile} --only {dep} --record")
+
+
+def run_chunk(cfg: RunConfig, overwrite: bool = False) -> RunResult:
+    """Run the chosen notebooks as one chunk and publish those that finished ok (module docstring)."""
+    root = Path(cfg.root).resolve()
+    rec = record_dir(root)
+    plan = make_plan(replace(cfg, run_id=STAGING, with_deps=False))  # every bad input before any work
+    chosen = [i.entry.id for i in plan.items]
+    check(cfg, chosen, overwrite)
+    if overwrite and rec.exists() and (not (rec / IDENTITY).is_file() or read_json(rec / IDENTITY) != identity(cfg)):
+        shutil.rmtree(rec)
+    stage = root / "reports" / STAGING
+    shutil.rmtree(stage, ignore_errors=True)
+    if rec.is_dir():
+        shutil.copytree(rec, stage, ignore=shutil.ignore_patterns("index.html", "report.pdf", IDENTITY))
+    stage.mkdir(parents=True, exist_ok=True)
+    (stage / FIGURES_INSIDE).touch()
+    started = time.time()
+    try:
+        result = run(replace(cfg, run_id=STAGING, with_deps=False, force=True))
+        ok = [nb for nb in chosen if result.results.get(nb, {}).get("status") == "ok"]
+        for nb in ok:
+            publish(stage, rec, nb, cfg, result.results[nb], started)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if ok:
+        write_json(rec / IDENTITY, identity(cfg))
+        (rec / FIGURES_INSIDE).touch()
+        rebuild(cfg)
+    return result
+
+
+def _parts(run_dir: Path, nb: str) -> list[Path]:
+    out = outputs(run_dir, nb)
+    return [out.executed, out.html, out.html_nocode, out.log, out.data, run_dir / "scorecard" / f"{nb}.json",
+            run_dir / "state" / f"{nb}.json", run_dir / "figures" / nb]
+
+
+def publish(stage: Path, rec: Path, nb: str, cfg: RunConfig, result: dict[str, Any], started: float) -> None:
+    """Move one finished notebook's outputs from the staging run into the record, then its manifest last
+    (a chunk counts as present only once its manifest is there)."""
+    rec.mkdir(parents=True, exist_ok=True)
+    (rec / CHUNKS / f"{nb}.json").unlink(missing_ok=True)
+    for src, dst in zip(_parts(stage, nb), _parts(rec, nb), strict=True):
+        if not src.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+    _relative_figures(rec, nb, stage)
+    env = environment()
+    stamp = read_stamp(rec, nb) or {}
+    write_json(rec / CHUNKS / f"{nb}.json", {
+        "notebook": nb, "commit": env.get("git_commit"), "git_dirty": env.get("git_dirty"),
+        "code_hash": code_hash(), "profile": cfg.profile, "overrides": dict(cfg.overrides),
+        "models": (stamp.get("parameters") or {}).get("models"), "machine": machine(),
+        "seconds": result.get("seconds"), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "packages": env.get("packages"),
+    })
+
+
+def _relative_figures(rec: Path, nb: str, stage: Path) -> None:
+    """Figure paths in the chunk's artefact registry, relative to the record (a clone elsewhere reads them)."""
+    path = rec / "data" / nb / "artefacts.json"
+    if not path.is_file():
+        return
+    raw = read_json(path)
+    for f in raw.get("figures", []):
+        for key in ("png", "pdf"):
+            p = Path(f[key])
+            with_stage = p.is_absolute() and p.is_relative_to(stage)
+            f[key] = p.relative_to(stage).as_posix() if with_stage else f[key]
+    write_json(path, raw)
+
+
+def machine() -> dict[str, Any]:
+    """Cores and CPU model: a chunk's time means something only with them."""
+    model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(), "cpu": model, "platform": platform.platform()}
+
+
+def missing(root: Path) -> list[str]:
+    """The schedule's notebooks that have no chunk in the record yet, in schedule order."""
+    rec = record_dir(root)
+    return [e.id for e in schedule.entries() if not chunk_done(rec, e.id)]
+
+
+def rebuild(cfg: RunConfig) -> Path:
+    """index.html (and a manifest gathering the chunks) from whatever the record holds."""
+    root = Path(cfg.root).resolve()
+    rec = record_dir(root)
+    chunks = {p.stem: read_json(p) for p in sorted((rec / CHUNKS).glob("*.json"))}
+    write_json(rec / "manifest.json", {
+        "run_id": RECORD, "status": "partial" if missing(root) else "ok", "profile": cfg.profile,
+        "overrides": dict(cfg.overrides), "code_hash": code_hash(),
+        "profile_settings": _profile_settings(cfg), "chunks": chunks, "missing": missing(root),
+        "wall_seconds": round(sum(c.get("seconds") or 0 for c in chunks.values()), 1),
+    })
+    return build_index(replace(cfg, run_id=RECORD))
+
+
+def _profile_settings(cfg: RunConfig) -> dict[str, Any]:
+    from esa.params import load_profile
+
+    return json.loads(json.dumps(load_profile(cfg.profile, cfg.overrides).as_dict(), default=str))
+
+
+# columns and keys that measure time or place, not results (they differ run to run by nature)
+_VOLATILE = ("seconds", "_s", "time", "wall", "duration", "elapsed", "timing", "started", "finished", "path",
+             "from_cache", "cache_key", "mask_key", "key")
+
+
+def _volatile(name: Any) -> bool:
+    n = str(name).lower()
+    return any(v == n or n.endswith(v) or n.startswith(v) for v in _VOLATILE)
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items() if not _volatile(k)}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def compare(committed: Path, fresh: Path) -> list[str]:
+    """Differences between two runs of one chunk: every table (parquet, column by column, exactly) and every
+    JSON file (scorecard rows included) of the chunk, leaving out timing, cache keys and paths."""
+    import pandas as pd
+
+    out = []
+    for f in sorted(p for p in committed.rglob("*") if p.suffix in (".parquet", ".json") and p.is_file()):
+        rel = f.relative_to(committed)
+        g = fresh / rel
+        if not g.is_file():
+            out.append(f"{rel}: missing in the fresh run")
+        elif f.suffix == ".parquet":
+            a, b = pd.read_parquet(f), pd.read_parquet(g)
+            a = a[[c for c in a.columns if not _volatile(c)]]
+            b = b[[c for c in b.columns if not _volatile(c)]]
+            try:
+                pd.testing.assert_frame_equal(a, b, check_exact=True)
+            except AssertionError as e:
+                out.append(f"{rel}: {' '.join(str(e).split())[:300]}")
+        elif f.name != "artefacts.json" and _clean(read_json(f)) != _clean(read_json(g)):
+            out.append(f"{rel}: JSON differs")
+    return out
+
+
+def verify(cfg: RunConfig, notebook: str) -> list[str]:
+    """Re-run one committed chunk in a scratch copy of the record and compare its data and scorecard rows
+    with the committed ones (bit-exact numbers on a CPU); returns the differences (empty: verified)."""
+    root = Path(cfg.root).resolve()
+    rec = record_dir(root)
+    if not chunk_done(rec, notebook):
+        raise EsaError(f"reports/record has no chunk {notebook}; committed chunks: "
+                       + (", ".join(sorted(p.stem for p in (rec / CHUNKS).glob("*.json"))) or "none"))
+    meta = read_json(rec / IDENTITY)
+    cfg = replace(cfg, profile=meta["profile"], overrides=meta["overrides"], only=[notebook])
+    scratch = root / "reports" / ".record-verify"
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(rec, scratch, ignore=shutil.ignore_patterns("index.html", "report.pdf"))
+    try:
+        for part in _parts(scratch, notebook):
+            shutil.rmtree(part) if part.is_dir() else part.unlink(missing_ok=True)
+        result = run(replace(cfg, run_id=scratch.name, with_deps=False, force=True))
+        if result.results.get(notebook, {}).get("status") != "ok":
+            return [f"{notebook}: the re-run did not finish ok: {result.failures}"]
+        diffs = compare(rec / "data" / notebook, scratch / "data" / notebook)
+        a, b = rec / "scorecard" / f"{notebook}.json", scratch / "scorecard" / f"{notebook}.json"
+        if a.is_file() and (not b.is_file() or _clean(read_json(a)) != _clean(read_json(b))):
+            diffs.append(f"scorecard/{notebook}.json: rows differ")
+        return diffs
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def size(root: Path) -> int:
+    return sum(p.stat().st_size for p in record_dir(root).rglob("*") if p.is_file())

@@ -1,0 +1,99 @@
+"""The judged record (esa.runner.record) end to end on tiny notebooks in a temporary project folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_runner_run import make_project, run_all
+
+BODY = """
+import esa.nb
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+
+ctx = esa.nb.context("{id}", profile, models, run_dir, overrides)
+ctx.save_table(pd.DataFrame({{"x": [1, 2, 3], "y": [0.5, 0.25, {y}]}}), "numbers")
+fig, ax = plt.subplots()
+ax.plot([1, 2, 3])
+ctx.savefig(fig, "line", caption="a line")
+{extra}
+"""
+
+ENTRIES = [
+    {"id": "nb_a", "phase": 1, "week": 0, "title": "A", "models": "profile", "depends_on": []},
+    {"id": "nb_b", "phase": 2, "week": 1, "title": "B", "models": "profile", "depends_on": ["nb_a"]},
+]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = make_project(tmp_path / "proj", {"nb_a": BODY.format(id="nb_a", y=0.125, extra=""),
+                                            "nb_b": BODY.format(id="nb_b", y=0.0625, extra="")}, ENTRIES)
+    return root
+
+
+def test_chunks_publish_in_order_and_the_index_names_what_is_missing(project: Path, capsys) -> None:
+    rec = project / "reports" / "record"
+    rc, err = run_all(project, "--only", "nb_b", "--record", capsys=capsys)
+    assert rc == 2 and "needs chunk nb_a in the record first" in err and "--only nb_a --record" in err
+    assert len(err.strip().splitlines()) == 1 and not rec.exists()
+
+    assert run_all(project, "--only", "nb_a", "--record")[0] == 0
+    manifest = json.loads((rec / "chunks" / "nb_a.json").read_text())
+    assert manifest["profile"] == "smoke" and manifest["machine"]["cores"] and manifest["seconds"] > 0
+    assert {"commit", "code_hash", "models"} <= set(manifest)
+    assert (rec / "data" / "nb_a" / "numbers.csv").is_file() and (rec / "html" / "nb_a.nocode.html").is_file()
+    assert (rec / "figures" / "nb_a" / "line.png").is_file()  # figures inside the record
+    art = json.loads((rec / "data" / "nb_a" / "artefacts.json").read_text())
+    assert art["figures"][0]["png"] == "figures/nb_a/line.png"  # relative: a clone elsewhere reads it
+    index = (rec / "index.html").read_text()
+    assert "Not yet in this record" in index and "nb_b" in index
+    assert not (project / "reports" / ".record-staging").exists()
+
+    assert run_all(project, "--only", "nb_b", "--record")[0] == 0
+    assert "Not yet in this record" not in (rec / "index.html").read_text()
+    assert json.loads((rec / "manifest.json").read_text())["missing"] == []
+
+
+def test_a_failed_chunk_leaves_the_record_as_it_was(project: Path) -> None:
+    rec = project / "reports" / "record"
+    assert run_all(project, "--only", "nb_a", "--record")[0] == 0
+    before = sorted(p.relative_to(rec) for p in rec.rglob("*"))
+    nb = project / "notebooks" / "nb_b.py"
+    nb.write_text(nb.read_text() + "\nraise RuntimeError('boom')\n")
+    assert run_all(project, "--only", "nb_b", "--record")[0] == 1
+    assert sorted(p.relative_to(rec) for p in rec.rglob("*")) == before
+    assert not (rec / "data" / "nb_b").exists()
+
+
+def test_a_record_of_other_code_or_profile_is_refused_unless_overwrite(project: Path, capsys, monkeypatch) -> None:
+    rec = project / "reports" / "record"
+    assert run_all(project, "--only", "nb_a", "--record")[0] == 0
+    monkeypatch.setenv("ESA_CODE_HASH", "other-code")
+    rc, err = run_all(project, "--only", "nb_a", "--record", capsys=capsys)
+    assert rc == 2 and "differs in code_hash" in err and "--overwrite" in err
+    rc, err = run_all(project, "--only", "nb_a", "--record", "--set", "seqlen=64", capsys=capsys)
+    assert rc == 2 and "overrides" in err
+    assert run_all(project, "--only", "nb_a", "--record", "--overwrite")[0] == 0
+    assert json.loads((rec / "record.json").read_text())["code_hash"] == "other-code"
+    rc, err = run_all(project, "--only", "nb_a", "--overwrite", capsys=capsys)
+    assert rc == 2 and "--overwrite only applies to --record" in err
+
+
+def test_verify_record_reruns_a_chunk_and_finds_a_changed_number(project: Path, capsys) -> None:
+    rec = project / "reports" / "record"
+    assert run_all(project, "--only", "nb_a", "--record")[0] == 0
+    capsys.readouterr()
+    rc, _ = run_all(project, "--verify-record", "nb_a")
+    assert rc == 0 and "numbers equal the committed record" in capsys.readouterr().out
+    nb = project / "notebooks" / "nb_a.py"
+    nb.write_text(nb.read_text().replace("0.125", "0.126"))  # a result that changes: verification must fail
+    rc, err = run_all(project, "--verify-record", "nb_a", capsys=capsys)
+    assert rc == 1 and "numbers.parquet" in err
+    assert not (project / "reports" / ".record-verify").exists() and (rec / "chunks" / "nb_a.json").is_file()
+    rc, err = run_all(project, "--verify-record", "nb_b", capsys=capsys)
+    assert rc == 2 and "no chunk nb_b" in err
