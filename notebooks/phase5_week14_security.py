@@ -24,7 +24,7 @@
 # so the first table measures that share, and the critical-vs-random comparisons are made where one
 # flip's damage is bounded: int8 (a flip moves a weight by at most its row's range).
 #
-# **The criterion, defined** (esa.phases.phase5_security): three vulnerability ratios
+# **The criterion, defined** (esa.phases.phase5_security; verdicts: esa.stats.ratios): three ratios
 # V = vulnerability(critical) / vulnerability(random-k), random-k matched per matrix, with 95% bootstrap
 # CIs: flips the bit search needs to reach PPL ×100 (random / critical, paired over attack seeds), damage
 # per trial of random bounded faults inside the set, and the PGD loss increase under an L∞ budget.
@@ -38,38 +38,39 @@ run_dir = "reports/interactive"
 overrides = {}
 
 # %%
-import os
-import time
-
 import pandas as pd
-from IPython.display import display
+from IPython.display import Markdown, display
 
 import esa.nb
 from esa.apps.security import plots
 from esa.phases import phase5_security as sec5
 from esa.report import scorecard
+from esa.stats.ratios import ratio_table
 
-t_start = time.perf_counter()
 ctx = esa.nb.context("phase5_week14_security", profile, models, run_dir, overrides)
-P = ctx.profile
-S = sec5.settings(P)
-print(f"profile {P.name}: models {ctx.models}; critical set = {P.mode} top-{P.topk} of {S.critical_metric} "
-      f"(seed {P.seeds[0]}); attack {S.attack_format}, budget {S.max_flips} flips, seeds {S.attack_seeds}; "
-      f"held-out {S.heldout_windows} x {S.heldout_seqlen} tokens")
+study = sec5.STUDY
+S = study.settings(ctx.profile, None)
+plan = study.plan(S, ctx.profile, ctx.models)
+ctx.save_json(plan.as_dict(), "plan")
+c, h = plan.setup["critical_set"], plan.setup["heldout"]
 why = sec5.budget_reason(S)
-if why:
-    print(f"verdicts are a machinery check: {why}")
+Markdown(f"The plan: {len(plan.conditions)} conditions on {', '.join(plan.models)}. The critical set is the "
+         f"{c['mode']} top-{c['topk']} of {c['metric']} (seed {c['score_seed']}); the attack searches "
+         f"{S.attack_format} with a budget of {S.max_flips} flips over {len(S.attack_seeds)} attack seeds; every "
+         f"condition is judged on {h['windows']} held-out window(s) of {h['seqlen']} tokens."
+         + (f" The verdicts are a machinery check ({why})." if why else ""))
 
 # %% [markdown]
 # ## Single flips, attacks, faults, protection and PGD, per model
 
 # %%
-results = {m: sec5.analyse(m, P, S) for m in ctx.models}
-for m, r in results.items():
-    print(f"{m}: base PPL {r.base['ppl']:.1f} on the held-out windows; critical set {r.critical['n_weights']} "
-          f"weights ({r.critical['fraction']:.3%}), scores from cache: {r.critical['from_cache']}; "
-          f"weights restored bit-exactly after every analysis: {r.weights_restored}; seconds: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items()))
+results = study.run(plan)
+Markdown("\n".join(f"- **{m}**: base perplexity {r.base['ppl']:.1f} on the held-out windows; critical set "
+                   f"{r.critical['n_weights']:,} weights ({r.critical['fraction']:.3%}), scores from the cache: "
+                   f"{'yes' if r.critical['from_cache'] else 'no'}; weights restored bit-exactly after every analysis: "
+                   f"{'yes' if r.weights_restored else 'NO'}; seconds: "
+                   + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in r.seconds.items()) + "."
+                   for m, r in results.items()))
 
 # %%
 collapse = pd.concat([r.collapse for r in results.values()], ignore_index=True)
@@ -118,7 +119,7 @@ for m, r in results.items():
 # statistics of the weight deltas.
 
 # %%
-bd = sec5.backdoor(P, S)
+bd = sec5.backdoor(ctx.profile, S)
 ctx.save_table(bd.twins, "backdoor_twins")
 ctx.save_table(bd.detection, "backdoor_detection")
 ctx.save_table(bd.scores, "backdoor_scores")
@@ -126,21 +127,18 @@ display(bd.twins.groupby("label")[["asr", "false_trigger_rate", "heldout_loss"]]
 display(bd.detection)
 ctx.savefig(plots.detector_plot(bd.scores, f"backdoor detection on {S.backdoor_base} twins"), "backdoor")
 
-# %%
-ratios = pd.concat([sec5.ratio_table(r) for r in results.values()], ignore_index=True)
-ctx.save_table(ratios, "vulnerability_ratios")
-display(ratios)
-rows = []
-for m, r in results.items():
-    rows += sec5.criterion_rows(m, S, r.ratios["attack"], r.ratios["faults"], r.ratios["adversarial"],
-                                "data/phase5_week14_security/vulnerability_ratios.parquet")
-scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
-scorecard.as_frame(rows)
+# %% [markdown]
+# ## The criterion
 
 # %%
-for r in results.values():
-    for line in sec5.prose(r, S):
-        print(line)
-for line in sec5.backdoor_prose(bd):
-    print(line)
-print(f"notebook wall time {time.perf_counter() - t_start:.1f} s, load average {os.getloadavg()[0]:.2f}")
+ratios = pd.concat([ratio_table(m, r.ratios) for m, r in results.items()], ignore_index=True)
+ctx.save_table(ratios, "vulnerability_ratios")
+display(ratios)
+crit = study.criteria(results, plan, "data/phase5_week14_security/vulnerability_ratios.parquet")
+scorecard.write_rows(ctx.run_dir, ctx.notebook, crit)
+scorecard.as_frame(crit)
+
+# %%
+counts = pd.Series([c.verdict for c in crit]).value_counts().to_dict()
+Markdown("\n\n".join([*study.findings(results, plan), sec5.backdoor_findings(bd)]) + "\n\nCriterion rows: "
+         + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".")

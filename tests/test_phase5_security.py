@@ -1,5 +1,6 @@
-"""esa.phases.phase5_security: the profile section, esa-runner's --attack / --faults, the phase functions'
-bit-exact restore, the backdoor twins, and the criterion's verdict logic on constructed inputs."""
+"""esa.phases.phase5_security: the profile section, the plan, esa-runner's --attack / --faults, the comparisons'
+bit-exact restore (esa.apps.security.compare), the backdoor twins, and the criterion's verdict logic on
+constructed inputs (esa.stats.ratios)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from esa import cli
 from esa.apps import security as sec
+from esa.apps.security import compare
 from esa.apps.security.backdoor import loaded_state
 from esa.apps.security.poison import encode, poison_windows
 from esa.errors import EsaError
@@ -22,6 +24,7 @@ from esa.params import load_profile
 from esa.perturb import weights_hash
 from esa.phases import phase5_security as s5
 from esa.sensitivity.metrics import batch_loss
+from esa.stats import ratios
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,7 +42,8 @@ def small(**kw) -> s5.Settings:
                 protect_fractions=[0.01], protect_format="fp32", protect_rate=1e-5, protect_trials=2,
                 guard_fraction=0.01, pgd_budgets=[0.1], pgd_steps=2, min_runs=2, n_boot=200)
     base.update(kw)
-    return s5.Settings(**base).validate()
+    # through the one settings path (every field's check and the cross-field ones), from the dataclass defaults
+    return s5.settings(dataclasses.replace(load_profile("smoke"), security={}), base)
 
 
 # ---------------------------------------------------------------- settings
@@ -53,19 +57,26 @@ def test_profiles_have_valid_sections():
 
 
 @pytest.mark.parametrize("override,msg", [
-    ({"formats": ["int4"]}, "unknown storage format in security.formats 'int4'"),
-    ({"fault_rates": [0.0]}, "(0, 1)"),
-    ({"fault_rates": [1.5]}, "(0, 1)"),
-    ({"fault_trials": 0}, "security.fault_trials must be a positive integer"),
-    ({"max_flips": -1}, "security.max_flips must be a positive integer"),
-    ({"attack_sets": ["everything"]}, "unknown attack target set"),
+    ({"formats": ["int4"]}, "unknown security.formats 'int4'; accepted: bf16, fp16, fp32, int8"),
+    ({"formats": []}, "security.formats is empty"),
+    ({"fault_rates": [0.0]}, "security.fault_rates must be a per-bit fault rate in (0, 1), got 0.0"),
+    ({"fault_rates": [1.5]}, "security.fault_rates must be a per-bit fault rate in (0, 1), got 1.5"),
+    ({"fault_trials": 0}, "security.fault_trials must be a number >= 1, got 0"),
+    ({"max_flips": -1}, "security.max_flips must be a number >= 1, got -1"),
+    ({"attack_sets": ["everything"]}, "unknown security.attack_sets 'everything'; accepted: all, critical, random_k"),
     ({"criterion_goal": 50.0}, "criterion_goal 50 is not among security.goals"),
-    ({"protect_mode": "tmr"}, "unknown protection in security.protect_mode 'tmr'"),
+    ({"goals": [100.0, 0.5]}, "security.goals must be a finite number > 1"),
+    ({"protect_mode": "tmr"}, "unknown security.protect_mode 'tmr'; accepted: bounded, ecc, parity"),
     ({"protect_mode": "bounded"}, "protection 'bounded' guards a float exponent"),  # smoke guards int8
-    ({"attack_bits": "nibble"}, "unknown bit class"),
+    ({"protect_fractions": [0.6]}, "security.protect_fractions must be a share of the weights in (0, 0.5), got 0.6"),
+    ({"pgd_budgets": [math.inf]}, "security.pgd_budgets must be a finite number > 0, got inf"),
+    ({"backdoor_poison_frac": 1.0}, "security.backdoor_poison_frac must be a poisoned share"),
+    ({"critical_metric": "vibes"}, "unknown security.critical_metric 'vibes'"),
+    ({"attack_bits": "nibble"}, "unknown bit class in security.attack_bits for attack_format int8 'nibble'"),
     ({"trials": 3}, "unknown setting(s) ['trials']"),
     ({"max_flips": "ten"}, "expected an integer"),
     ({"attack_seeds": [1, 1]}, "duplicates"),
+    ({"attack_seeds": [-1]}, "seed -1 is not accepted"),
 ])
 def test_bad_settings_are_one_line(override, msg):
     with pytest.raises(EsaError) as e:
@@ -73,12 +84,35 @@ def test_bad_settings_are_one_line(override, msg):
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
+def test_plan_lists_the_conditions_and_the_criteria_they_serve():
+    P = load_profile("smoke")
+    S = s5.settings(P)
+    plan = s5.STUDY.plan(S, P, ["m1", "m2"])
+    assert plan.models == ["m1", "m2"] and plan.settings is S
+    one = plan.for_model("m1")
+    assert len(one) == len(plan.for_model("m2")) == len(plan.conditions) // 2
+    serves = {c.serves[0] for c in one if c.serves}
+    assert serves == {"P5.security.attack.m1", "P5.security.faults.m1", "P5.security.adversarial.m1"}
+    by_label = {c.label: c for c in one}
+    crit_attack = next(c for c in one if c.label.startswith("bit search over critical"))
+    assert (crit_attack.n, crit_attack.unit) == (len(S.attack_seeds), "seeds")
+    faults = [c for c in one if c.serves == ("P5.security.faults.m1",)]
+    assert [c.n for c in faults] == [S.set_fault_trials, S.set_fault_trials // len(S.attack_seeds) * len(S.attack_seeds)]
+    assert sum(c.label.startswith("fault campaign") for c in one) == len(S.fault_formats) * len(S.fault_rates)
+    assert sum(c.label.startswith("single-flip collapse") for c in one) == len(S.formats)
+    assert not any("guarded" in label for label in by_label)  # smoke: guard_attack false
+    assert {c.unit for c in one} <= {"weights", "seeds", "trials"}
+    d = plan.as_dict()
+    assert d["setup"]["critical_set"]["metric"] == S.critical_metric and json.dumps(d)
+    assert any("machinery checks" in n for n in plan.notes)
+
+
 # ---------------------------------------------------------------- esa-runner
 BAD_FLAGS = [
-    (["--attack", "rowhammer"], "unknown attack 'rowhammer'"),
+    (["--attack", "rowhammer"], "unknown --attack 'rowhammer'"),
     (["--attack", "bfa", "--flips", "0"], "flip budget"),
     (["--attack", "bfa", "--flips", "-2"], "flip budget"),
-    (["--attack", "bfa", "--format", "int4"], "unknown storage format 'int4'"),
+    (["--attack", "bfa", "--format", "int4"], "unknown --format 'int4'"),
     (["--attack", "bfa", "--format", "bf16"], "add --dtype bfloat16"),
     (["--faults", "0"], "(0, 1)"),
     (["--faults", "1"], "(0, 1)"),
@@ -113,6 +147,19 @@ def test_no_security_flags_no_spec():
     assert spec.attack == "bfa" and spec.format == "bf16" and spec.flips == s5.settings(load_profile("smoke")).max_flips
 
 
+def test_esa_runner_dry_run_prints_the_plan(monkeypatch, capsys, tmp_path):
+    from esa.phases import command
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(command, "load_model", boom)
+    rc = cli.main(["--model", "tiny-llama", "--attack", "bfa", "--dry-run", "--out-dir", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "security plan, profile smoke" in out and "-> P5.security.attack.tiny-llama" in out
+    assert "attack bfa (2 flips) on int8: settings checked" in out and not (tmp_path / "o").exists()
+
+
 def test_esa_runner_attack_and_faults_write_outputs(tmp_path, capsys):
     out = tmp_path / "out"
     rc = cli.main(["--model", "tiny-llama", "--metric", "grad_x_weight", "--topk", "5", "--max-samples", "1",
@@ -145,25 +192,83 @@ def test_phase_functions_restore_bit_exactly(tiny):
     S = small()
     P = load_profile("smoke")
     wins = s5.heldout(lm, P.corpus, S)
+
+    def batch(seed):
+        return s5.attack_batch(lm, P.corpus, S, seed)
+
+    def in_format(fmt):  # tiny-llama is fp32: every format of small() is the model itself
+        return lm.model, wins
+
     h0 = weights_hash(lm.model)
-    runs = s5.attacks(lm, P, S, crit, wins)
+    runs = compare.attack_runs(lm, crit, wins, batch, s5.attack_config(S), S.attack_seeds, S.attack_sets,
+                               S.random_flips, S.guard_fraction, S.n_boot)
     assert weights_hash(lm.model) == h0
     assert set(runs.results) == {"all", "critical", "random_k", "random_flips", "guard_critical", "guard_random"}
     assert all(len(v) == 2 for v in runs.results.values())
     crit_hist = runs.history[runs.history["set"] == "critical"]
     assert crit_hist["in_critical"].all()  # the restricted search stays inside its set
-    sf = s5.set_faults(lm, S, crit, wins)
+    sf = compare.set_fault_table(lm, crit, wins, S.attack_format, S.set_fault_flips, S.set_fault_trials,
+                                 S.attack_seeds, S.attack_bits, S.seed, S.fault_factor)
     assert weights_hash(lm.model) == h0
     assert (sf.groupby("set")["trial"].count() == 4).all() and (sf["n_flips"] == 3).all()
-    adv = s5.adversarial(lm, P, S, crit, wins)
+    adv = compare.pgd_table(lm, crit, wins, batch, S.attack_seeds, S.pgd_budgets, S.pgd_radius, S.pgd_steps)
     assert weights_hash(lm.model) == h0
     assert set(adv["set"]) == {"critical", "random_k", "magnitude_k"} and adv["equal_size"].all()
-    faults, trials = s5.fault_curves(lm, "tiny-llama", P, S, crit, wins)
-    prot = s5.protection(lm, "tiny-llama", P, S, crit)
+    faults, trials = compare.fault_curve_table(in_format, S.fault_formats, "tiny-llama", crit, S.fault_rates,
+                                               S.fault_trials, S.seed, S.fault_factor)
+    prot = compare.protection_table(lm, in_format, "tiny-llama", crit, S.protect_fractions, S.protect_format,
+                                    S.protect_rate, S.protect_trials, S.protect_mode, S.seed, S.fault_factor)
     assert weights_hash(lm.model) == h0
     assert len(trials) == 2 and list(prot["kind"]) == ["none", "critical", "random"]
-    ratio = s5.attack_ratio(runs, S)
+    assert list(prot.columns[-2:]) == ["model", "format"] and set(faults["model"]) == {"tiny-llama"}
+    ratio = compare.attack_ratio(runs, f"ppl_x{S.criterion_goal:g}", S.min_runs, S.n_boot, S.seed)
     assert ratio.verdict in ("PASS", "FAIL", "underpowered", "not estimable")
+    assert (ratio.n_critical, ratio.n_random) == (2, 2)
+
+
+def test_analyse_one_model_and_its_findings(tiny):
+    import time
+
+    lm, crit = tiny
+    S = small(guard_attack=False)
+    P = load_profile("smoke")
+    wins = s5.heldout(lm, P.corpus, S)
+    h0 = weights_hash(lm.model)
+
+    def no_load(dtype):
+        raise AssertionError("tiny-llama is fp32: no format needs another copy")
+
+    r = compare.analyse("tiny-llama", lm, crit, wins, compare.in_formats(lm, wins, no_load, None), P.corpus, S, h0,
+                        time.perf_counter())
+    assert r.weights_restored and weights_hash(lm.model) == h0
+    assert set(r.attacks.results) == {"all", "critical", "random_k", "random_flips"}
+    assert list(r.collapse["format"]) == ["fp32", "int8"] and (r.set_faults["model"] == "tiny-llama").all()
+    assert set(r.ratios) == {"attack", "faults", "adversarial"} and list(r.ratios["adversarial"]) == [0.1]
+    assert list(r.seconds) == ["load_and_critical_set", "collapse", "adversarial", "faults", "attack", "set_faults",
+                               "protection"]
+    plan = s5.STUDY.plan(S, P, ["tiny-llama"])
+    (text,) = s5.STUDY.findings({"tiny-llama": r}, plan)
+    assert text.startswith("**tiny-llama**") and "vulnerability ratio from the attack" in text
+    assert "{" not in text and "Ratio(" not in text and "/work" not in text and "\n" not in text
+    rows = s5.STUDY.criteria({"tiny-llama": r}, plan, "ev")
+    assert [c.id for c in rows] == [f"P5.security.{k}.tiny-llama" for k in ("attack", "faults", "adversarial")]
+    assert {c.id.rsplit(".", 1)[0] for c in rows} == {s for c in plan.conditions for s in (x.rsplit(".", 1)[0]
+                                                                                          for x in c.serves)}
+
+
+def test_in_formats_loads_a_float_format_once(tiny):
+    lm, _ = tiny
+    wins = object()
+    loads = []
+
+    def load(dtype):
+        loads.append(dtype)
+        return lm
+
+    in_format = compare.in_formats(lm, wins, load, lambda m: ("windows of", m))
+    assert in_format("int8") == (lm.model, wins) and in_format("fp32") == (lm.model, wins)  # tiny-llama is fp32
+    assert in_format("bf16") == (lm.model, ("windows of", lm)) and in_format("bf16")[0] is lm.model
+    assert loads == [torch.bfloat16]
 
 
 def test_matched_random_and_magnitude_sets(tiny):
@@ -218,7 +323,7 @@ def test_twins_share_everything_but_the_poison(tiny):
 
 
 # ---------------------------------------------------------------- the criterion's verdicts
-V = s5.vulnerability_verdict
+V = ratios.vulnerability_verdict
 
 
 def test_verdict_pass_fail_and_direction():
@@ -266,4 +371,31 @@ def test_criterion_rows_demote_below_budget():
 
 def test_fault_ratio_refuses_nonfinite_damage():
     t = pd.DataFrame({"set": ["critical"] * 3 + ["random_k"] * 3, "damage": [1.0, np.inf, 2.0, 0.1, 0.2, 0.3]})
-    assert s5.fault_ratio(t, small()).verdict == "not estimable"
+    assert ratios.fault_ratio(t, min_runs=2, n_boot=200).verdict == "not estimable"
+    finite = pd.DataFrame({"set": ["critical"] * 3 + ["random_k"] * 3, "damage": [1.0, 1.2, 0.9, 0.1, 0.12, 0.09]})
+    r = ratios.fault_ratio(finite, min_runs=2, n_boot=200)
+    assert r.verdict == "PASS" and r.value == pytest.approx(3.1 / 0.31)
+
+
+def test_adversarial_ratios_pair_by_seed_per_budget():
+    t = pd.DataFrame({"eps": [0.1] * 6 + [0.2] * 6, "set": (["critical"] * 3 + ["random_k"] * 3) * 2,
+                      "seed": [0, 1, 2] * 4,
+                      "loss_increase": [2.0, 2.2, 2.1, 0.5, 0.4, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]})
+    by = ratios.adversarial_ratios(t, min_runs=2, n_boot=200)
+    assert list(by) == [0.1, 0.2] and by[0.1].verdict == "PASS" and by[0.2].verdict == "FAIL"
+    table = ratios.ratio_table("m", {"attack": by[0.1], "faults": by[0.2], "adversarial": by})
+    assert list(table["comparison"]) == ["attack", "faults", "adversarial", "adversarial"]
+    assert table["eps"].tolist()[2:] == [0.1, 0.2] and (table["model"] == "m").all()
+
+
+def test_backdoor_findings_say_when_the_backdoors_did_not_take():
+    twins = pd.DataFrame({"label": [0, 1, 0, 1], "asr": [0.0, 0.25, 0.0, 0.25]})
+    det = pd.DataFrame([dict(detector="sensitivity_map", auroc=0.75, lo=0.5, hi=1.0, n_clean=2, n_backdoored=2,
+                             note="")])
+    bd = s5.BackdoorResult(twins, det, pd.DataFrame(), dict(n_prompts=8, steps=10, base="micro"))
+    text = s5.backdoor_findings(bd)
+    assert text.startswith("**Backdoor detection.**") and "25% on backdoored twins" in text
+    assert "did not take" in text and "AUROC of 0.75 [0.50, 1.00] on 2 clean and 2 backdoored twins." in text
+    took = s5.backdoor_findings(s5.BackdoorResult(twins.assign(asr=[0.0, 0.9, 0.0, 0.8]), det, pd.DataFrame(),
+                                                  bd.settings))
+    assert "did not take" not in took and "85% on backdoored twins" in took

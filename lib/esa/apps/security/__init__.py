@@ -12,6 +12,9 @@
   baseline, AUROC with a bootstrap CI.
 - `poison`: clean and backdoored twin models fine-tuned offline from one base, and their attack success rate.
 - `attacks`: the attack registry (`ATTACKS`: bfa, random) behind `run_attack`.
+- `compare`: the critical set against matched random sets on one model (attacks, set faults, PGD,
+  protection) and the per-format collapse and fault tables, as the Phase 5 week-14 study runs them.
+- `sentences`: what those tables say, as sentences computed from them (a study's findings).
 """
 
 from esa.apps.security.adversarial import RADII, pgd_attack, pgd_compare

@@ -42,6 +42,20 @@ def check_factor(factor: float, what: str = "damage factor") -> float:
     return f
 
 
+def check_positive(value: float, what: str) -> float:
+    """A finite number > 0 (an L-infinity budget, a learning rate)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 < value < math.inf):
+        raise EsaError(f"{what} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_protected_fraction(fraction: float, what: str = "protected fraction") -> float:
+    """A share of the weights to guard or compare, in (0, 0.5): an equal random set disjoint from it must fit."""
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not (0.0 < fraction < 0.5):
+        raise EsaError(f"{what} must be a share of the weights in (0, 0.5), got {fraction!r}")
+    return float(fraction)
+
+
 def rng_for(seed: int, *parts: object) -> np.random.Generator:
     """One numpy stream per (seed, parts): a draw never depends on which other draws were made before."""
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, *(zlib.crc32(str(p).encode()) for p in parts)])

@@ -11,11 +11,14 @@ greedy decoding of len(target) tokens; a success is an exact match of the whole 
 without the trigger give the false-trigger rate, and clean twins give the ASR a detector should not see.
 
 The base model is restored bit-exactly after every fine-tune (`loaded_state`); each result is the studied
-weights as a CPU state dict, to be loaded back by `backdoor.sensitivity_features`.
+weights as a CPU state dict, to be loaded back by `backdoor.sensitivity_features`. `detect_twins` scores a
+suite with the sensitivity-map detector and the weight-delta spectral baseline (AUROC over the twins);
+`twin_study` draws the windows, makes the twins and scores them.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +27,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from esa.apps.security.backdoor import loaded_state
+from esa.apps.security.backdoor import (
+    detect,
+    loaded_state,
+    sensitivity_features,
+    spectral_features,
+    weight_deltas,
+)
 from esa.apps.security.common import check_positive_int, resolve_weights, rng_for
+from esa.data import calibration, evaluation
 from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
 from esa.sensitivity.metrics import batch_loss
@@ -161,3 +171,46 @@ def make_twins(model: torch.nn.Module, tokenizer: Any, train_ids: torch.Tensor, 
                      dict(trigger=cfg.trigger, target=cfg.target, poison_frac=cfg.poison_frac, steps=cfg.steps,
                           batch=cfg.batch, lr=cfg.lr, n_pairs=n_pairs, n_train_windows=int(train_ids.shape[0]),
                           n_prompts=int(prompt_ids.shape[0])))
+
+
+def detect_twins(model: torch.nn.Module, suite: TwinSuite, probe_ids: torch.Tensor, metric: str,
+                 n_boot: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per detector: AUROC with CI, counts, note; per (detector, twin): anomaly score and label) for the
+    sensitivity-map detector (`metric` on `probe_ids`, `model` holding the base weights) and the weight-delta
+    spectral baseline."""
+    names = list(suite.base)
+    feats = {
+        "sensitivity_map": sensitivity_features(model, suite.states, probe_ids, metric=metric),
+        "weight_delta_spectral": pd.DataFrame({mid: spectral_features(weight_deltas(sd, suite.base, names))
+                                               for mid, sd in suite.states.items()}).T,
+    }
+    det, scores = [], []
+    for label, f in feats.items():
+        r = detect(f, suite.labels, n_boot=n_boot, seed=seed)
+        det.append(dict(detector=label, auroc=r.auroc, lo=r.lo, hi=r.hi, n_clean=r.n_clean,
+                        n_backdoored=r.n_backdoored, n_features=int(f.shape[1]), note=r.note))
+        scores.append(r.scores.assign(detector=label))
+    return pd.DataFrame(det), pd.concat(scores, ignore_index=True)
+
+
+@dataclass
+class BackdoorResult:
+    twins: pd.DataFrame  # per model: ASR, false-trigger rate, losses
+    detection: pd.DataFrame  # per detector: AUROC with CI, counts, note
+    scores: pd.DataFrame  # per (detector, model): anomaly score and label
+    settings: dict[str, Any]
+
+
+def twin_study(name: str, model: torch.nn.Module, tokenizer: Any, corpus: str, n_pairs: int, cfg: PoisonConfig,
+               seqlen: int, train_windows: int, n_prompts: int, metric: str, n_boot: int = 2000, seed: int = 0,
+               max_positions: int | None = None) -> BackdoorResult:
+    """Clean/backdoored twins of base model `name` (`model`) fine-tuned on `train_windows` calibration windows
+    of `corpus` (drawn with `seed`), their ASR on `n_prompts` held-out prompts, and the detectors
+    (`detect_twins`) on 4 probe windows (drawn with seed + 1)."""
+    t0 = time.perf_counter()
+    train = calibration(tokenizer, corpus, seqlen, train_windows, seed, max_positions=max_positions).ids
+    prompts = evaluation(tokenizer, corpus, 24, n_prompts, seed=0, max_positions=max_positions).ids
+    probe = calibration(tokenizer, corpus, seqlen, 4, seed + 1, max_positions=max_positions).ids
+    suite = make_twins(model, tokenizer, train, prompts, n_pairs, cfg, seed=seed)
+    det, scores = detect_twins(model, suite, probe, metric, n_boot=n_boot, seed=seed)
+    return BackdoorResult(suite.table, det, scores, dict(base=name, seconds=time.perf_counter() - t0, **suite.settings))
