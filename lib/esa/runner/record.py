@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import replace
@@ -30,6 +29,7 @@ from typing import Any
 
 from esa.errors import EsaError
 from esa.figures import FIGURES_INSIDE
+from esa.phases import costs
 from esa.runner import schedule
 from esa.runner.driver import RunConfig, RunResult, build_index, make_plan, run
 from esa.runner.layout import outputs
@@ -131,7 +131,7 @@ def publish(stage: Path, rec: Path, nb: str, cfg: RunConfig, result: dict[str, A
     write_json(rec / CHUNKS / f"{nb}.json", {
         "notebook": nb, "commit": env.get("git_commit"), "git_dirty": env.get("git_dirty"),
         "code_hash": code_hash(), "profile": cfg.profile, "overrides": dict(cfg.overrides),
-        "models": (stamp.get("parameters") or {}).get("models"), "machine": machine(),
+        "models": (stamp.get("parameters") or {}).get("models"), "machine": costs.machine(),
         "seconds": result.get("seconds"), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "packages": env.get("packages"),
     })
@@ -149,20 +149,6 @@ def _relative_figures(rec: Path, nb: str, stage: Path) -> None:
             with_stage = p.is_absolute() and p.is_relative_to(stage)
             f[key] = p.relative_to(stage).as_posix() if with_stage else f[key]
     write_json(path, raw)
-
-
-def machine() -> dict[str, Any]:
-    """Cores and CPU model: a chunk's time means something only with them."""
-    model = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "cpu": model, "platform": platform.platform()}
 
 
 def missing(root: Path) -> list[str]:

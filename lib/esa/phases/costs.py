@@ -1,0 +1,124 @@
+"""Measured costs per window on the machine at hand, so a plan predicts its seconds from numbers, not hopes.
+
+    python tests/bench/bench_costs.py [--models smollm2-135m,gemma3-270m] [--seqlen 256]   (make costs)
+
+times, per model, the passes every notebook is made of, on `windows` windows of `seqlen` tokens after one
+warm-up: an evaluation window (forward + loss), a gradient window (forward + backward), an act_mag window
+(forward with input hooks), a curvature product (one Hessian-vector product of hutchinson_diag), and the
+load. It writes reports/bench/costs.json with the machine (cores, CPU model). A plan multiplies its units by
+these (linear in windows and in tokens per window, which holds for the windows sizes we plan: compute-bound
+matmuls); with no measurement for a model the prediction is None and the plan says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from esa.store import REPO_ROOT, write_json
+
+KINDS = ("eval", "grad", "act", "hvp", "load")
+DEFAULT = REPO_ROOT / "reports" / "bench" / "costs.json"
+RECORD = REPO_ROOT / "reports" / "record" / "costs.json"  # committed with the record: the machine that made it
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor()
+    with contextlib.suppress(OSError):
+        model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("model name")), model)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cores": cores, "cpu": model, "platform": platform.platform()}
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per window of `seqlen` tokens, per model and pass kind (KINDS), on `machine`."""
+
+    seqlen: int
+    per_window: dict[str, dict[str, float]]  # model -> kind -> seconds per window (load: per load)
+    machine: dict[str, Any]
+
+    def seconds(self, model: str, kind: str, windows: float = 1.0, seqlen: int | None = None) -> float | None:
+        """Predicted seconds for `windows` windows of `seqlen` tokens (None: `model` was not measured)."""
+        per = self.per_window.get(_family(model), {}).get(kind)
+        if per is None:
+            return None
+        if kind == "load":
+            return per
+        return per * windows * (seqlen or self.seqlen) / self.seqlen
+
+    def same_machine(self) -> bool:
+        return self.machine == machine()
+
+
+def _family(model: str) -> str:
+    """Micro-suite and tiny models cost what their smallest measured kin costs: measured as one entry each."""
+    if model.startswith("micro-"):
+        return "micro"
+    if model.startswith("tiny-"):
+        return "tiny"
+    return model
+
+
+def load(path: Path | None = None) -> Costs | None:
+    """The measured costs (this machine's bench file, else the record's), or None when none was measured."""
+    for p in ([path] if path else [DEFAULT, RECORD]):
+        if p is not None and p.is_file():
+            raw = json.loads(p.read_text())
+            return Costs(int(raw["seqlen"]), raw["per_window"], raw.get("machine", {}))
+    return None
+
+
+def save(costs: Costs, path: Path = DEFAULT) -> Path:
+    return write_json(path, {"seqlen": costs.seqlen, "per_window": costs.per_window, "machine": costs.machine,
+                             "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def measure(models: list[str], seqlen: int = 256, windows: int = 2) -> Costs:
+    """Time each pass of KINDS on each model (after one warm-up window), on the evaluation split."""
+    return Costs(seqlen, {_family(m): _measure_one(m, seqlen, windows) for m in models}, machine())
+
+
+def _measure_one(name: str, seqlen: int, windows: int) -> dict[str, float]:
+    import torch
+
+    from esa.data import evaluation
+    from esa.models import load as load_model
+    from esa.sensitivity.metrics import METRICS, MetricConfig
+
+    t0 = time.perf_counter()
+    lm = load_model(name, device="cpu", attn_implementation="eager")  # eager: the Hessian pass needs it
+    load_s = time.perf_counter() - t0
+    ids = evaluation(lm.tokenizer, "shakespeare", seqlen, n_windows=windows + 1, seed=0,
+                     max_positions=lm.info.max_positions or None).ids
+    model, cfg = lm.model, MetricConfig(batch_size=1, probes=1, show_progress=False)
+
+    def timed(fn: Any) -> float:
+        fn(ids[:1])  # warm-up: allocations, kernels
+        t = time.perf_counter()
+        fn(ids[1:])
+        return (time.perf_counter() - t) / windows
+
+    def forward(x: torch.Tensor) -> None:
+        with torch.no_grad():
+            model(x, labels=x)
+
+    def backward(x: torch.Tensor) -> None:
+        with torch.enable_grad():
+            for p in model.parameters():
+                p.requires_grad_(True)
+            model(x, labels=x).loss.backward()
+            for p in model.parameters():
+                p.grad = None
+                p.requires_grad_(False)
+
+    return {"eval": timed(forward), "grad": timed(backward),
+            "act": timed(lambda x: METRICS["act_mag"](model, lm.inventory, x, cfg)),
+            "hvp": timed(lambda x: METRICS["hutchinson_diag"](model, lm.inventory, x, cfg)), "load": load_s}
