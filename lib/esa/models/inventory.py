@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from esa.errors import EsaError
 
 # last name segment(s) -> (component, kind). Order matters: the first match wins.
 _RULES: list[tuple[str, str, str]] = [
@@ -137,21 +140,30 @@ def get_parameter(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
 
 
 def inventory_without_weights(ref: str) -> list[WeightSpec] | None:
-    """The studied weights' shapes without reading any weight (a meta-device model from the config of a
-    tiny model or a local folder); None when no config is at hand without loading."""
-    from pathlib import Path
-
+    """The studied weights' shapes without reading any weight: a meta-device model built from the config of
+    a tiny model (esa.models.tiny), of a local folder, or of an embedded GGUF model whose dequantised folder
+    is already in the cache (esa.models.embedded; not for the chunked ones, whose GGUF this would join).
+    None when no config is at hand without loading (a GGUF not yet dequantised, a hub id, an unreadable
+    config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from esa.models import tiny
+    from esa.models import embedded, tiny
+    from esa.store import cache_dir
 
-    if ref in tiny.TINY_CONFIGS:
-        config = tiny.TINY_CONFIGS[ref]()
-    elif Path(ref).is_dir() and (Path(ref) / "config.json").is_file():
-        config = AutoConfig.from_pretrained(ref)
-    else:
+    try:
+        if ref in tiny.TINY_CONFIGS:
+            config = tiny.TINY_CONFIGS[ref]()
+        else:
+            folder = Path(ref) if Path(ref).is_dir() else None
+            if folder is None and ref in embedded.EMBEDDED and embedded.EMBEDDED[ref].chunks is None:
+                stem = embedded.gguf_path(ref).stem  # the loader dequantises into models/<stem>-<key>/
+                found = sorted(cache_dir("models").glob(f"{stem}-*/config.json"))
+                folder = found[0].parent if found else None
+            if folder is None or not (folder / "config.json").is_file():
+                return None
+            config = AutoConfig.from_pretrained(str(folder))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return weight_inventory(model)
+    except (OSError, ValueError, KeyError, EsaError):
         return None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return weight_inventory(model)
-

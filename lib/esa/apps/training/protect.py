@@ -17,7 +17,7 @@ Every variant is a `Protection` in `PROTECTIONS` and acts through the two capabi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +102,16 @@ def check_protection(spec: ProtectSpec, method: Method, inventory: list[WeightSp
         if name in shapes and tuple(f.shape) != tuple(shapes[name]):
             raise EsaError(f"Fisher diagonal of {name} has shape {tuple(f.shape)}, the weight {shapes[name]}")
     return prot
+
+
+def check_lora_protections(names: Iterable[str], where: str) -> None:
+    """Protections that freeze single weights cannot act on LoRA (a low-rank update cannot hold them fixed): one
+    EsaError naming them, `where` they were asked for (a setting or a flag) and the ones LoRA accepts."""
+    bad = [n for n in names if PROTECTIONS[n].freezes]
+    if bad:
+        ok = [n for n, p in PROTECTIONS.items() if not p.freezes]
+        raise EsaError(f"{where}: {', '.join(bad)} cannot act on LoRA (a low-rank update cannot hold single weights "
+                       f"fixed); accepted with lora: {', '.join(ok)}")
 
 
 def frozen_set(spec: ProtectSpec, model: torch.nn.Module, inventory: list[WeightSpec]) -> Targets | None:
