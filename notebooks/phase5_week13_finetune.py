@@ -38,26 +38,29 @@ overrides = {}
 
 # %%
 import pandas as pd
-from IPython.display import display
+from IPython.display import Markdown, display
 
 import esa.nb
 from esa.apps.training import plots
+from esa.apps.training.tables import equal_count_table, protection_table, summary_table
 from esa.phases import phase5_training as ft
 from esa.report import scorecard
 
 ctx = esa.nb.context("phase5_week13_finetune", profile, models, run_dir, overrides)
-P = ctx.profile
-S = ft.settings(P)
+study = ft.STUDY
+S = study.settings(ctx.profile, None)
+plan = study.plan(S, ctx.profile, ctx.models)
+ctx.save_json(plan.as_dict(), "plan")
 grid = ft.arms(S)
-print(f"profile {P.name}: models {ctx.models}; seeds {ft.seeds_of(S, P)}; {len(grid)} runs per seed: "
-      f"{', '.join(a.label for a in grid)}")
-print(f"budget per run: {S.n_steps()} steps x {S.batch_size} x {S.seqlen} tokens; lr sparse {S.lr_sparse:g}, "
-      f"LoRA {S.lr_lora:g}, full {S.lr_full:g}; critical set = super-weight candidates + {S.critical_metric} "
-      f"top {S.critical_density:g}; EWC lambda {S.ewc_strength:g} (Fisher normalised to mean 1), "
-      f"anchor lambda {S.anchor_strength:g}")
+Markdown(f"The plan: on {', '.join(plan.models)}, {len(grid)} runs per seed ({', '.join(a.label for a in grid)}), "
+         f"each once for every seed ({', '.join(map(str, plan.setup['seeds']))}). A run trains {S.n_steps()} steps of {S.batch_size} "
+         f"windows of {S.seqlen} tokens at a peak learning rate of {S.lr_sparse:g} (sparse), {S.lr_lora:g} (LoRA) "
+         f"or {S.lr_full:g} (full). The critical set is the super-weight candidates and the {S.critical_metric} "
+         f"top {S.critical_density:g}; EWC's lambda is {S.ewc_strength:g} (Fisher diagonal normalised to mean 1) "
+         f"and the anchor's {S.anchor_strength:g}.")
 
 # %%
-results = {m: ft.run_grid(m, P, S) for m in ctx.models}
+results = study.run(plan)
 for m, res in results.items():
     ctx.save_table(res.final, f"final_{m}")
     ctx.save_table(res.steps, f"steps_{m}")
@@ -65,23 +68,28 @@ for m, res in results.items():
     ctx.save_table(res.drift, f"drift_{m}")
     ctx.save_json({"settings": res.settings, "data": res.data, "seconds": res.seconds,
                    "weights_restored": res.weights_restored}, f"setup_{m}")
-    d = res.data
-    print(f"{m}: {res.seconds:.0f} s; base weights restored bit-exactly after every run: {res.weights_restored}")
-    print(f"  target: {d['domain']['description']}")
-    print(f"  windows: train {d['train']['n_windows']} x {d['train']['seqlen']}, held-out target "
-          f"{d['target']['n_windows']} x {d['target']['seqlen']}, source {d['source']['corpus']} "
-          f"{d['source']['n_windows']} x {d['source']['seqlen']} (tokenizer {d['source']['tokenizer']})")
+
+
+def windows(d: dict) -> str:
+    return f"{d['n_windows']} windows of {d['seqlen']} tokens"
+
+
+Markdown("\n".join(
+    f"- **{m}** ({r.seconds:.0f} s; base weights restored bit-exactly after every run: "
+    f"{'yes' if r.weights_restored else 'NO'}). Target: {r.data['domain']['description']}. Training on "
+    f"{windows(r.data['train'])}, evaluated on {windows(r.data['target'])} of held-out target text and "
+    f"{windows(r.data['source'])} of the {r.data['source']['corpus']} corpus, for forgetting."
+    for m, r in results.items()))
 
 # %% [markdown]
 # ## Equal trainable count: sparse selections, controls and LoRA per density; full fine-tuning last
 
 # %%
-summaries = {m: ft.summary_table(res.final) for m, res in results.items()}
+summaries = {m: summary_table(res.final) for m, res in results.items()}
 for m, summ in summaries.items():
-    eq = ft.equal_count_table(summ)
+    eq = equal_count_table(summ)
     ctx.save_table(eq, f"equal_count_{m}")
-    print(m)
-    display(eq)
+    display(Markdown(f"**{m}**"), eq)
 
 # %% [markdown]
 # ## Gain against forgetting (Pareto), learning curves, super-weight drift
@@ -92,15 +100,15 @@ for m, res in results.items():
     ctx.savefig(plots.curve_plot(res.steps, res.evals, f"{m}: learning curves (mean over seeds)"), f"curves_{m}")
     ctx.savefig(plots.drift_plot(res.drift, res.evals, f"{m}: super weight and massive activation during training"),
                 f"drift_{m}")
-    print(f"{m}: tracked super-weight candidate(s) and the massive-activation channel's module:")
-    display(pd.DataFrame(res.data["tracked"]))
+    display(Markdown(f"**{m}**: the tracked super-weight candidate(s) and the massive-activation channel's module"),
+            pd.DataFrame(res.data["tracked"]))
 
 # %% [markdown]
 # ## Protection during fine-tuning
 
 # %%
 for m in results:
-    prot = ft.protection_table(summaries[m], S)
+    prot = protection_table(summaries[m], ft.reference(S))
     ctx.save_table(prot, f"protection_{m}")
     display(prot)
 
@@ -108,17 +116,9 @@ for m in results:
 # ## Criteria
 
 # %%
-rows = []
-for m, res in results.items():
-    rows += ft.criteria_rows(res, P, S, f"data/phase5_week13_finetune/final_{m}.parquet")
-scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
-scorecard.as_frame(rows)
+crit = study.criteria(results, plan, "data/phase5_week13_finetune/final_{model}.parquet")
+scorecard.write_rows(ctx.run_dir, ctx.notebook, crit)
+scorecard.as_frame(crit)[["id", "measured", "threshold", "verdict", "note"]]
 
 # %%
-for m, res in results.items():
-    for line in ft.prose(res, S, [r for r in rows if r.id.endswith(f".{m}")]):
-        print(line)
-    for r in rows:
-        if r.id.endswith(f".{m}"):
-            print(f"  {r.id}: {r.verdict} (measured {r.measured if r.measured is None else f'{r.measured:+.4g}'}; "
-                  f"{r.threshold})")
+Markdown("\n\n".join(study.findings(results, plan)))

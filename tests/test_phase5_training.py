@@ -1,5 +1,5 @@
-"""Phase 5 week 13b (esa.phases.phase5_training): settings, esa-runner's --finetune flags, the grid end to end on
-tiny-llama (bit-exact restore of the base), and the criteria's verdict logic on constructed results."""
+"""Phase 5 week 13b (esa.phases.phase5_training): settings, the plan, esa-runner's --finetune flags, the grid end to
+end on tiny-llama (bit-exact restore of the base), and the criteria's verdict logic on constructed results."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ import pytest
 
 import esa.apps.training.domains as domains
 from esa import cli
+from esa.apps.training.grid import Result
+from esa.apps.training.tables import summary_table
 from esa.errors import EsaError
+from esa.models import embedded, inventory_without_weights, tiny
 from esa.params import load_profile
 from esa.perturb.apply import weights_hash
 from esa.phases import command
 from esa.phases import phase5_training as ft
+from esa.phases.study import RunContext
 from esa.recipes import Recipe
 
 TINY = {"models": ["tiny-llama"], "finetune": {"steps": 3, "seqlen": 32, "densities": [0.3], "target_windows": 2,
@@ -38,16 +42,25 @@ def test_profiles_sections_validate_and_name_their_grid():
 
 
 @pytest.mark.parametrize("bad,match", [
-    ({"densities": [0.0]}, "density must lie in"),
-    ({"densities": [1.5]}, "density must lie in"),
-    ({"selections": ["gradnorm"]}, "unknown finetune selection metric 'gradnorm'"),
-    ({"controls": ["top_k"]}, "unknown finetune control 'top_k'"),
-    ({"protections": ["shield"]}, "unknown protection 'shield'"),
-    ({"baselines": ["adapter"]}, "unknown finetune baseline 'adapter'"),
+    ({"densities": [0.0]}, r"finetune.densities must lie in \(0, 1\].*got 0.0"),
+    ({"densities": [1.5]}, r"finetune.densities must lie in \(0, 1\].*got 1.5"),
+    ({"critical_density": -1.0}, r"finetune.critical_density must lie in \(0, 1\].*got -1.0"),
+    ({"selections": ["gradnorm"]}, "unknown finetune.selections 'gradnorm'; accepted: .*grad_x_weight"),
+    ({"controls": ["top_k"]}, "unknown finetune.controls 'top_k'; accepted: .*random_k"),
+    ({"protections": ["shield"]}, "unknown finetune.protections 'shield'; accepted: .*anchor"),
+    ({"baselines": ["adapter"]}, "unknown finetune.baselines 'adapter'; accepted: full, lora"),
+    ({"protect_method": "adapter"}, "unknown finetune.protect_method 'adapter'; accepted: full, lora"),
+    ({"full_scope": "some"}, "unknown finetune.full_scope 'some'; accepted: all, studied"),
     ({"steps": 0}, "budget of 0 steps"),
-    ({"protect_method": "lora", "protections": ["none", "freeze"]}, "cannot act on protect_method 'lora'"),
-    ({"lr_full": 0.0}, "lr_full must be a finite number > 0"),
-    ({"domain": "mmlu"}, "unknown target domain 'mmlu'"),
+    ({"steps": 5, "tokens": 100}, "as steps or as tokens, not both"),
+    ({"protect_method": "lora", "protections": ["none", "freeze"]},
+     "finetune.protections with protect_method 'lora': freeze cannot act on LoRA.*accepted with lora: .*anchor"),
+    ({"lr_full": 0.0}, "finetune.lr_full must be a finite number > 0, got 0.0"),
+    ({"ewc_strength": math.inf}, "finetune.ewc_strength must be a finite number >= 0, got inf"),
+    ({"seqlen": 1}, "finetune.seqlen = 1 .*must be >= 2"),
+    ({"target_windows": 0}, "finetune.target_windows must be a number >= 1, got 0"),
+    ({"seeds": [1, 1]}, "finetune.seeds has duplicates"),
+    ({"domain": "mmlu"}, "unknown finetune.domain 'mmlu'; accepted: gsm8k"),
     ({"colour": "red"}, "unknown setting"),
 ])
 def test_bad_settings_are_one_clear_line(bad, match):
@@ -56,21 +69,72 @@ def test_bad_settings_are_one_clear_line(bad, match):
     assert "\n" not in str(err.value)
 
 
+# ---------------------------------------------------------------- the plan
+def test_plan_lists_every_arm_with_its_seeds_and_the_criteria_it_serves(monkeypatch):
+    monkeypatch.setattr("esa.recipes.load", lambda *a, **k: pytest.fail("a model was loaded"))
+    S = ft.settings(BIG)
+    plan = ft.plan(S, BIG, ["m1", "m2"])
+    seeds = ft.seeds_of(S, BIG)
+    assert [(c.model, c.label) for c in plan.conditions] == [(m, a.label) for m in ("m1", "m2") for a in ft.arms(S)]
+    assert {(c.n, c.unit) for c in plan.conditions} == {(len(seeds), "seeds")}
+    serves = {c.label: set(c.serves) for c in plan.for_model("m1")}
+    assert serves["sparse[grad_x_weight]@0.01"] == {"P5.ft.sparse_vs_random.grad_x_weight@0.01",
+                                                    "P5.ft.gap_lora.grad_x_weight@0.01",
+                                                    "P5.ft.gap_full.grad_x_weight@0.01"}
+    assert serves["sparse[random_k]@0.01"] == {"P5.ft.sparse_vs_random.grad_x_weight@0.01"}
+    assert serves["full"] == {"P5.ft.gap_full.grad_x_weight@0.01", "P5.ft.protect_freeze",
+                              "P5.ft.protect_random_freeze"}
+    assert serves["full+freeze"] == {"P5.ft.protect_freeze", "P5.ft.freeze_vs_random"}
+    assert plan.setup["training"]["steps"] == 100 and plan.setup["seeds"] == seeds and not plan.notes
+    # every criterion row the study writes is served by a planned condition, and every served id is written
+    rows = ft.criteria_rows(_result(_final({a.label: [(0.1, 0.1)] * 3 for a in ft.arms(S)})), BIG, S, "x")
+    served = {p for c in plan.conditions for p in c.serves}
+    assert {r.id.removesuffix(".m") for r in rows} == served
+    smoke = ft.plan(ft.settings(load_profile("smoke")), load_profile("smoke"))
+    assert smoke.notes == ["a PASS or FAIL is machinery-only: " + ft.budget_reason(smoke.profile, smoke.settings)]
+    assert serves.keys() == {a.label for a in ft.arms(S)} and "magnitude_k" not in " ".join(
+        p for c in plan.conditions for p in c.serves)
+
+
+def test_dry_run_prints_the_plan_and_loads_nothing(capsys, monkeypatch):
+    monkeypatch.setattr(command, "load_model", lambda cmd: pytest.fail("a model was loaded"))
+    assert cli.main(["--model", "tiny-llama", "--finetune", "sparse", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune plan, profile smoke: models tiny-llama" in out
+    assert "[tiny-llama] sparse[grad_x_weight]@0.01: n = 1 seeds -> P5.ft.sparse_vs_random.grad_x_weight@0.01" in out
+    assert "esa-runner --finetune: sparse[grad_x_weight]@0.01: settings checked" in out and "nothing loaded" in out
+
+
+def test_lora_count_is_checked_from_a_dequantised_embedded_model(tmp_path, monkeypatch):
+    """An embedded GGUF model's config is at hand once the loader has dequantised it into the cache."""
+    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path))
+    assert len(inventory_without_weights("smollm2-135m")) == 30 * 7  # not dequantised yet: the GGUF header
+    folder = tmp_path / "models" / f"{embedded.gguf_path('smollm2-135m').stem}-0123abcd"
+    folder.mkdir(parents=True)
+    tiny.TINY_CONFIGS["tiny-llama"]().to_json_file(folder / "config.json")
+    inv = inventory_without_weights("smollm2-135m")
+    assert inv == inventory_without_weights("tiny-llama") and inv
+    P = load_profile("smoke", {"models": ["smollm2-135m"]})
+    with pytest.raises(EsaError, match="LoRA cannot match"):
+        ft.job(ft.FinetuneRequest(finetune="lora", density=0.01),
+               RunContext(P, "smollm2-135m", Recipe.of(P)))
+
+
 # ---------------------------------------------------------------- esa-runner flags
 def _resolve(argv):
     return cli.resolve(cli.build_parser().parse_args(argv))
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--finetune", "adapter"], "unknown fine-tuning method.*'adapter'.*full, lora, sparse"),
-    (["--finetune", "sparse", "--density", "0"], "density must lie in"),
-    (["--finetune", "sparse", "--density", "2"], "density must lie in"),
+    (["--finetune", "adapter"], "unknown --finetune 'adapter'.*full, lora, sparse"),
+    (["--finetune", "sparse", "--density", "0"], "--density must lie in"),
+    (["--finetune", "sparse", "--density", "2"], "--density must lie in"),
     (["--finetune", "sparse", "--density", "lots"], "--density must be a number"),
-    (["--finetune", "sparse", "--select", "gradnorm"], "unknown selection 'gradnorm'"),
-    (["--finetune", "sparse", "--protect", "shield"], "unknown protection.*'shield'"),
+    (["--finetune", "sparse", "--select", "gradnorm"], "unknown --select 'gradnorm'"),
+    (["--finetune", "sparse", "--protect", "shield"], "unknown --protect 'shield'"),
     (["--finetune", "sparse", "--steps", "0"], "budget of 0 steps"),
     (["--finetune", "sparse", "--steps", "many"], "--steps must be a whole number"),
-    (["--finetune", "lora", "--protect", "freeze"], "not available with --finetune lora"),
+    (["--finetune", "lora", "--protect", "freeze"], "--protect with --finetune lora: freeze cannot act on LoRA"),
     (["--finetune", "full", "--density", "0.1"], "--density applies to"),
     (["--finetune", "lora", "--select", "act_mag"], "--select applies to --finetune sparse"),
     (["--density", "0.1"], "--density needs --finetune"),
@@ -97,7 +161,7 @@ def test_flags_resolve_to_a_spec():
                     "--protect", "anchor", "--steps", "7"])
     spec = cmd.apps["finetune"]
     assert (spec.method, spec.selection, spec.density, spec.protection) == ("sparse", "act_mag", 0.05, "anchor")
-    assert spec.settings["steps"] == 7 and spec.arm().label == "sparse[act_mag]@0.05+anchor"
+    assert spec.settings.steps == 7 and spec.arm().label == "sparse[act_mag]@0.05+anchor"
     assert "finetune" not in _resolve(["--model", "tiny-llama"]).apps
     lora = _resolve(["--model", "tiny-llama", "--finetune", "lora", "--density", "0.3"]).apps["finetune"]
     assert lora.density == 0.3  # 30% of tiny-llama's weights is matchable (rank >= 1 everywhere)
@@ -142,11 +206,14 @@ def test_grid_runs_every_arm_and_restores_the_base_bit_exactly():
     assert final["target_loss_0"].nunique() == 1 and final["source_loss_0"].nunique() == 1
     assert (final["target_loss"] != final["target_loss_0"]).all()  # and every run moved it
     assert set(res.evals["step"]) == {0, 3} and {"massive_act", "target_ppl", "source_ppl"} <= set(res.evals)
-    summ = ft.summary_table(res.final)
+    summ = summary_table(res.final)
     assert summ["pareto"].any()
     rows = ft.criteria_rows(res, P, S, "x")
     assert {r.verdict for r in rows} <= {"underpowered", "not estimable", "machinery-only"}  # 1 seed, tiny budget
-    assert any(line.startswith("tiny-llama, density 0.3") for line in ft.prose(res, S, rows))
+    (text,) = ft.findings({"tiny-llama": res}, ft.plan(S, P, ["tiny-llama"]))
+    assert text.startswith("**tiny-llama**, density 0.3: sparse fine-tuning of the grad_x_weight top-k moves")
+    assert "beats" in text or "loses to" in text
+    assert "The criteria read" in text and "\n" not in text and "{" not in text
 
 
 # ---------------------------------------------------------------- verdict logic on constructed results
@@ -159,8 +226,8 @@ def _final(values: dict[str, list[tuple[float, float]]], seeds=(1, 2, 3)) -> pd.
     return pd.DataFrame(rows)
 
 
-def _result(final: pd.DataFrame, seeds=(1, 2, 3)) -> ft.Result:
-    return ft.Result("m", {}, final, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {"seeds": list(seeds)}, 0.0, True)
+def _result(final: pd.DataFrame, seeds=(1, 2, 3)) -> Result:
+    return Result("m", {}, final, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {"seeds": list(seeds)}, 0.0, True)
 
 
 BIG = load_profile("smoke", {"finetune": {"steps": 100, "batch_size": 4, "seqlen": 128, "target_windows": 24,
@@ -220,7 +287,9 @@ def test_degenerate_statistics_are_never_a_pass():
 def test_smoke_budget_demotes_pass_to_machinery_only():
     P = load_profile("smoke")
     S = ft.settings(P)
-    assert ft.budget_reason(P, S, [1, 2, 3]) is not None
+    assert ft.budget_reason(P, S) == ("smoke budget: 192 training tokens per run, 62 held-out target tokens "
+                                      "(evidence needs >= 16384 and >= 2048)")
+    assert ft.budget_reason(BIG, ft.settings(BIG)) is None
     sp, rk = "sparse[grad_x_weight]@0.01", "sparse[random_k]@0.01"
     final = _final({sp: [(0.50, 0.1), (0.52, 0.1), (0.49, 0.1)], rk: [(0.10, 0.1), (0.12, 0.1), (0.11, 0.1)]})
     rows = ft.criteria_rows(_result(final), P, S, "x")

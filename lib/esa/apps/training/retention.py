@@ -18,7 +18,7 @@ Every variant is a `Retention` in `RETENTIONS` and acts through the two capabili
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +102,16 @@ def check_retention(spec: RetentionSpec, method: Method, inventory: list[WeightS
         if name in shapes and tuple(f.shape) != tuple(shapes[name]):
             raise EsaError(f"Fisher diagonal of {name} has shape {tuple(f.shape)}, the weight {shapes[name]}")
     return ret
+
+
+def check_lora_protections(names: Iterable[str], where: str) -> None:
+    """Retention variants that freeze single weights cannot act on LoRA (a low-rank update cannot hold them
+    fixed): one EsaError naming them, `where` they were asked for (a setting or a flag) and the ones LoRA accepts."""
+    bad = [n for n in names if RETENTIONS[n].freezes]
+    if bad:
+        ok = [n for n, p in RETENTIONS.items() if not p.freezes]
+        raise EsaError(f"{where}: {', '.join(bad)} cannot act on LoRA (a low-rank update cannot hold single weights "
+                       f"fixed); accepted with lora: {', '.join(ok)}")
 
 
 def frozen_set(spec: RetentionSpec, model: torch.nn.Module, inventory: list[WeightSpec]) -> Targets | None:

@@ -40,11 +40,12 @@ from esa.sensitivity.select import topk_flat
 BACKENDS = ("auto", "sampled", "dense")
 
 
-def check_density(density: object) -> float:
-    """`density` as a float in (0, 1] (the fraction of the studied weights to train), else one EsaError."""
+def check_density(density: object, where: str = "density") -> float:
+    """`density` as a float in (0, 1] (the fraction of the studied weights to train), else one EsaError naming
+    `where` (a settings key or a flag)."""
     ok = isinstance(density, int | float) and not isinstance(density, bool) and math.isfinite(float(density))
     if not ok or not 0.0 < float(density) <= 1.0:  # type: ignore[arg-type]
-        raise EsaError(f"density must lie in (0, 1] (a fraction of the studied weights; 0.001 = 0.1%), "
+        raise EsaError(f"{where} must lie in (0, 1] (a fraction of the studied weights; 0.001 = 0.1%), "
                        f"got {density!r}")
     return float(density)  # type: ignore[arg-type]
 
