@@ -21,7 +21,7 @@
 # activation, (b) feeds an attention sink, (c) suppresses stopwords are ablation tests; (d) bias-like
 # output, (e) reads a massive channel, (f) first-token handling read the baseline only; (g) is "unexplained".
 #
-# **The criterion, defined** (esa.phases.phase5_interpret): the share of the union of each metric's global
+# **The criterion, defined** (esa.phases.phase5_interpret, verdict by esa.stats.shares): the share of the union of each metric's global
 # top-k weights with at least one *ablation-verified* role (a-c) at Holm-adjusted p < alpha, with a Wilson CI.
 # FAIL below 50%; PASS only when the CI's lower bound is at 50% or more; underpowered when the inputs are too
 # few for any test to pass, when too few weights were tested, or when the CI straddles 50%. The super-weight
@@ -38,7 +38,7 @@ run_dir = "reports/interactive"
 overrides = {}
 
 # %%
-from IPython.display import display
+from IPython.display import Markdown, display
 
 import esa.nb
 from esa.apps import interpret as interp
@@ -46,20 +46,22 @@ from esa.phases import phase5_interpret as p5
 from esa.report import scorecard
 
 ctx = esa.nb.context("phase5_week15_interpretability", profile, models, run_dir, overrides)
-P = ctx.profile
-S = p5.settings(P)
-names = list(models) if models else p5.model_names(P, S)
-print(f"profile {P.name}: models {names}, metrics {p5.metric_names(P, S)} (seed {p5.score_seed(P, S)}), "
-      f"top-k {dict((m, S.topk_for(m)) for m in names)} per metric, {S.n_inputs} inputs x {S.input_seqlen} tokens, "
-      f"alpha {S.alpha} (Holm), criterion roles {S.criterion_roles}")
-print("reduced against the issue's full grid: " + ("; ".join(p5.reductions(P, S, names)) or "nothing"))
+study = p5.STUDY
+S = study.settings(ctx.profile, None)
+plan = study.plan(S, ctx.profile, list(models) if models else None)
+ctx.save_json(plan.as_dict(), "plan")
 display(interp.catalogue()[["role", "hypothesis", "passes_per_weight"]])
+Markdown(f"The plan: {len(plan.conditions)} conditions on {', '.join(plan.models)}, on the scores of "
+         f"{', '.join(plan.setup['scores']['metrics'])} (calibration seed {plan.setup['scores']['seed']}); role tests on "
+         f"{plan.setup['roles']['inputs']} at Holm-adjusted alpha {S.alpha:g}, the criterion counting "
+         f"{', '.join(S.criterion_roles)}. Reduced against the issue's full grid: "
+         + ("; ".join(plan.notes) or "nothing") + ".")
 
 # %%
-results = {m: p5.analyse(m, P, S) for m in names}
-for m, r in results.items():
-    print(f"{m}: seconds per step {r.seconds}; catalogue {r.report.timing['n_weights']} weights, "
-          f"{r.report.timing['forward_passes']} forward passes")
+results = study.run(plan)
+Markdown("\n".join(f"- **{m}**: {r.report.timing['n_weights']} weights in the catalogue, "
+                   f"{r.report.timing['forward_passes']} forward passes; seconds per step: "
+                   + ", ".join(f"{step} {sec:.1f}" for step, sec in r.seconds.items()) + "." for m, r in results.items()))
 
 # %% [markdown]
 # ## Role catalogue
@@ -71,9 +73,9 @@ for m, r in results.items():
     ctx.save_table(interp.wide_table(r.report).assign(model=m), f"roles_{m}")
     ctx.save_table(r.report.tests.assign(model=m), f"role_tests_{m}")
     ctx.save_table(r.selection.assign(model=m), f"selection_{m}")
-    display(p5.headline(r, 12))
+    display(interp.headline(r.report, 12))
     display(interp.role_metric_table(r.report))
-    display(p5.share_table(r, S))
+    display(interp.share_table(m, r.report, S.criterion_roles))
 
 # %% [markdown]
 # ## The super-weight chain through depth
@@ -95,11 +97,11 @@ for m, r in results.items():
 # %%
 for m, r in results.items():
     if r.sinks is None:
-        print(f"{m}: {r.sinks_note}")
+        display(Markdown(f"The sink analysis of {m} was {r.sinks_note}."))
         continue
     ctx.save_table(r.sinks.table.assign(model=m), f"sink_heads_{m}")
     ctx.save_table(r.sinks.per_layer.assign(model=m), f"sink_layers_{m}")
-    ax = p5.plot_sinks(r.sinks, m)
+    ax = interp.plot_sinks(r.sinks, m)
     ctx.savefig(ax.figure, f"sinks_{m}")
     display(r.sinks.per_component)
 
@@ -110,7 +112,7 @@ for m, r in results.items():
 for m, r in results.items():
     loc = r.localisation
     if loc is None:
-        print(f"{m}: {r.localisation_note}")
+        display(Markdown(f"Localisation on {m}: {r.localisation_note}."))
         continue
     ctx.save_table(loc.probes.assign(model=m), f"probe_accuracy_{m}")
     ctx.save_table(loc.selectivity.table.assign(model=m), f"selectivity_{m}")
@@ -122,14 +124,13 @@ for m, r in results.items():
                                    "note"]])
     display(loc.direct.correlations[loc.direct.correlations["target"] == "abs_effect"])
 
-# %%
-rows = []
-for m, r in results.items():
-    rows += p5.criterion_rows(m, r.share, S, r.k, f"data/phase5_week15_interpretability/roles_{m}.parquet")
-scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
-scorecard.as_frame(rows)
+# %% [markdown]
+# ## The criterion
 
 # %%
-for r in results.values():
-    for line in p5.prose(r, S):
-        print(line)
+crit = study.criteria(results, plan, "data/phase5_week15_interpretability/roles_{model}.parquet")
+scorecard.write_rows(ctx.run_dir, ctx.notebook, crit)
+scorecard.as_frame(crit)[["id", "measured", "threshold", "verdict", "note"]]
+
+# %%
+Markdown("\n\n".join(study.findings(results, plan)))

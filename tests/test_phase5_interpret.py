@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import esa.cli
+from esa.apps import interpret as interp
 from esa.apps.interpret.roles import KEY, RoleReport
 from esa.errors import EsaError
 from esa.params import load_profile
 from esa.perturb.apply import weights_hash
 from esa.phases import command
 from esa.phases import phase5_interpret as p5
+from esa.stats.shares import holm_reachable, share_verdict, wilson_interval
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -28,26 +30,40 @@ def _settings(**interpret):
 def test_every_profile_section_is_valid():
     for name in ("smoke", "standard", "extended"):
         S = p5.settings(load_profile(name))
-        assert S.topk >= 1 and set(S.criterion_roles) <= set(p5.ABLATION_ROLES)
+        assert S.topk >= 1 and set(S.criterion_roles) <= set(interp.ABLATION_ROLES)
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"alpha": 2.0}, r"alpha = 2.0 must lie in \(0, 1\)"),
+    ({"alpha": 2.0}, r"interpret.alpha must be a family-wise error rate in \(0, 1\), got 2.0"),
     ({"topk": 0}, r"interpret.topk = 0 .* must be >= 1"),
     ({"topk": "many"}, r"interpret.topk = 'many' .*expected an integer"),
-    ({"roles": ["creates_massive", "superweight"]}, r"unknown role 'superweight'.*accepted: .*feeds_sink"),
+    ({"roles": ["creates_massive", "superweight"]},
+     r"unknown interpret.roles 'superweight'; accepted: .*feeds_sink"),
+    ({"roles": []}, r"interpret.roles is empty"),
     ({"criterion_roles": ["bias_like"], "roles": ["creates_massive"]}, r"criterion role 'bias_like' is not among"),
-    ({"criterion_roles": ["unexplained"]}, r"unknown criterion role 'unexplained'"),
-    ({"sink": "last"}, r"unknown sink 'last'; accepted: delimiters, first"),
-    ({"metrics": ["grad_x_weight", "nope"]}, r"unknown metric 'nope'"),
+    ({"criterion_roles": ["unexplained"]}, r"unknown interpret.criterion_roles 'unexplained'; accepted: bias_like"),
+    ({"sink": "last"}, r"unknown interpret.sink 'last'; accepted: delimiters, first"),
+    ({"sink_aggregate": "median"}, r"unknown interpret.sink_aggregate 'median'; accepted: max, mean, sum"),
+    ({"metrics": ["grad_x_weight", "nope"]}, r"unknown interpret.metrics 'nope'; accepted: "),
+    ({"localise_metric": "nope"}, r"unknown interpret.localise_metric 'nope'"),
     ({"score_seed": 5}, r"score_seed 5 is not one of the profile's seeds"),
-    ({"model_topk": {"gemma3-270m": 0}}, r"model_topk\['gemma3-270m'\] = 0 must be a positive integer"),
-    ({"n_inputs": 3}, r"n_inputs = 3 must be >= 6"),
+    ({"model_topk": {"gemma3-270m": 0}}, r"interpret.model_topk\['gemma3-270m'\] = 0 must be a positive integer"),
+    ({"n_inputs": 3}, r"interpret.n_inputs must be a number >= 6, got 3"),
+    ({"probes_per_kind": 0}, r"interpret.probes_per_kind must be a number >= 1, got 0"),
+    ({"chain_text": "  "}, r"interpret.chain_text = '  ' is empty"),
     ({"colour": "red"}, r"unknown setting\(s\) \['colour'\].*section interpret"),
 ])
 def test_bad_settings_are_one_clear_error(bad, match):
-    with pytest.raises(EsaError, match=match):
+    with pytest.raises(EsaError, match=match) as e:
         _settings(**bad)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_settings_come_from_the_section_and_overrides():
+    P = load_profile("smoke")
+    S = p5.STUDY.settings(P, {"topk": 7, "sink": "delimiters"})
+    assert (S.topk, S.sink, S.n_inputs) == (7, "delimiters", P.interpret["n_inputs"])
+    assert p5.settings(P) == p5.settings(P, None) and p5.settings(P).topk == P.interpret["topk"]
 
 
 # ------------------------------------------------------------------ the criterion's verdict
@@ -60,13 +76,30 @@ def test_bad_settings_are_one_clear_error(bad, match):
     ((math.nan, math.nan, 0, True, 20), None, "not estimable"),
 ])
 def test_share_verdict(args, passed, verdict):
-    got = p5.share_verdict(*args)
+    got = share_verdict(*args)
     assert got[:2] == (passed, verdict) and got[2]
 
 
 def test_share_verdict_below_the_guides_budget_is_machinery_only():
-    passed, verdict, why = p5.share_verdict(0.2, 0.1, 300, True, 20, budget="top-3 per metric")
+    passed, verdict, why = share_verdict(0.2, 0.1, 300, True, 20, budget="top-3 per metric")
     assert (passed, verdict) == (None, "machinery-only") and "reads FAIL" in why
+
+
+def test_wilson_interval_and_holm_reachability():
+    lo, hi = wilson_interval(3, 7)
+    assert (round(lo, 2), round(hi, 2)) == (0.16, 0.75)  # the smoke run's 3/7
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    assert holm_reachable(16, 10, 0.05)["reachable"] and not holm_reachable(6, 8, 0.05)["reachable"]
+    assert holm_reachable(0, 0, 0.05) == {"min_p": pytest.approx(math.nan, nan_ok=True),
+                                          "holm_first_threshold": pytest.approx(math.nan, nan_ok=True),
+                                          "reachable": False}
+
+
+def test_budget_reason_text():
+    S = _settings(n_inputs=12, input_seqlen=12)
+    assert p5.budget_reason(S, 2) == ("top-2 per metric on 12 inputs of 12 tokens (the guide's: top-100 per "
+                                      "metric, >= 16 inputs)")
+    assert p5.budget_reason(_settings(n_inputs=16), 100) is None
 
 
 def _report(roles: list[str], metrics: list[str], n_inputs: int = 16, m_pass: int = 0) -> RoleReport:
@@ -84,13 +117,35 @@ def _report(roles: list[str], metrics: list[str], n_inputs: int = 16, m_pass: in
 def test_role_share_counts_ablation_roles_of_metric_weights_only():
     S = _settings()
     rep = _report(["creates_massive", "bias_like", "", "feeds_sink;bias_like", "creates_massive"],
-                  ["m1", "m1", "m2", "m2", p5.DETECTOR])
-    sh = p5.role_share(rep, S)
+                  ["m1", "m1", "m2", "m2", interp.DETECTOR])
+    sh = interp.role_share(rep, S.criterion_roles, S.alpha)
     # the detector's own candidate is not a top weight; bias_like (baseline only) does not count
     assert (sh["n"], sh["explained"]) == (4, 2) and sh["share"] == 0.5
     assert sh["share_any_role"] == 0.75 and sh["ci_lo"] < 0.5 < sh["ci_hi"]
     assert sh["reachable"]  # 2^-16 < 0.05 / 10
-    assert not p5.role_share(_report(["creates_massive"] * 4, ["m"] * 4, n_inputs=6), S)["reachable"]  # 2^-6 > 0.05/8
+    assert not interp.role_share(_report(["creates_massive"] * 4, ["m"] * 4, n_inputs=6), S.criterion_roles,
+                                 S.alpha)["reachable"]  # 2^-6 > 0.05/8
+    table = interp.share_table("m", rep, S.criterion_roles).set_index("metric")
+    assert table.loc["all (criterion)", ["n", "explained"]].tolist() == [4, 2]
+    assert table.loc["m1", "explained"] == 1 and table.loc[interp.DETECTOR, "explained"] == 1
+
+
+# ------------------------------------------------------------------ the plan
+def test_plan_lists_every_condition_and_loads_nothing(monkeypatch):
+    monkeypatch.setattr(p5, "load_model", lambda *a, **k: pytest.fail("plan loaded a model"))
+    P = load_profile("smoke")
+    S = p5.settings(P)
+    plan = p5.STUDY.plan(S, P, ["smollm2-135m", "tiny-llama"])
+    assert plan.study == "interpret" and plan.models == ["smollm2-135m", "tiny-llama"]
+    mine = plan.for_model("tiny-llama")
+    assert len(mine) == 3 + (1 + 3 + 1 if S.localise else 0)  # roles, chain, sinks; probes, 3 ablations, direct
+    roles = [c for c in mine if c.serves]
+    assert len(roles) == 1 and roles[0].serves == ("P5.interpret_roles.tiny-llama",)
+    assert (roles[0].n, roles[0].unit) == (S.n_inputs, "inputs")
+    assert {c.unit for c in mine} == {"inputs", "windows", "trials"} and all(c.n >= 1 for c in mine)
+    assert plan.as_dict()["setup"]["scores"]["metrics"] == list(P.metrics)
+    off = p5.plan(p5.settings(P, {"localise": False}), P, ["tiny-llama"])
+    assert len(off.conditions) == 3 and "no localisation tests" in off.notes
 
 
 # ------------------------------------------------------------------ esa-runner --roles
@@ -132,6 +187,14 @@ def test_cli_roles_writes_one_row_per_weight(tmp_path, capsys):
     assert summary["settings"]["apps"]["interpret"]["topk"] == 3
 
 
+def test_cli_roles_dry_run_prints_the_plan(monkeypatch, capsys, tmp_path):
+    _no_load(monkeypatch)
+    assert esa.cli.main(["--model", "tiny-llama", "--roles", "--dry-run", "--out-dir", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "interpret plan, profile smoke" in out and "-> P5.interpret_roles.tiny-llama" in out
+    assert "esa-runner --roles" in out and not (tmp_path / "o").exists()
+
+
 def test_cli_roles_subset(tmp_path):
     out = tmp_path / "out"
     assert esa.cli.main(["--model", "tiny-llama", "--metric", "act_mag", "--topk", "2", "--max-samples", "1",
@@ -156,10 +219,16 @@ def test_analyse_restores_the_model_bit_exactly():
     assert res.share["n"] >= 3 and len(res.chain.depth) == lm.model.config.num_hidden_layers
     assert res.sinks is not None and res.sinks.overall["n"] > 0
     assert res.localisation is not None and len(res.localisation.selectivity.table) == 3
-    rows = p5.criterion_rows("tiny-llama", res.share, S, res.k, "test")
+    plan = p5.plan(S, P, ["tiny-llama"])
+    rows = p5.criteria({"tiny-llama": res}, plan, "test")
+    assert [r.id for r in rows] == ["P5.interpret_roles.tiny-llama"]
     assert rows[0].verdict in ("underpowered", "machinery-only") and rows[0].passed is None
-    assert len(p5.headline(res, 2)) <= 2 and p5.prose(res, S)
-    assert set(p5.share_table(res, S)["metric"]) >= {"act_mag", "grad_x_weight", "all (criterion)"}
+    assert len(interp.headline(res.report, 2)) <= 2
+    text = p5.findings({"tiny-llama": res}, plan)
+    assert len(text) == 4 and all(t.endswith((".", ".)")) and "{" not in t for t in text)
+    assert text[0].startswith("**tiny-llama**") and f"{res.share['explained']} of {res.share['n']}" in text[0]
+    assert set(interp.share_table("tiny-llama", res.report, S.criterion_roles)["metric"]) >= {
+        "act_mag", "grad_x_weight", "all (criterion)"}
 
 
 def test_catalogue_switches_an_sdpa_model_to_eager_and_back():

@@ -8,17 +8,31 @@ knowledge localisation (issue 19).
 - `sinks`: per-head sink strength, per-head sensitivity of q/k/v/o, and their rank correlation.
 - `probes`: the offline Shakespeare fact probe set, its TSV file format, and its scoring.
 - `localise`: probe- vs generic-calibrated top-k ablations (selectivity) and the direct Hase-style test.
-- `anatomy`, `passes`, `tokens`, `correlation`: where modules live, the one reduced-capture forward pass,
-  the stopword / sink token sets and default inputs, and Spearman with a bootstrap CI.
+- `critical`: which weights are explained (each metric's global top-k plus the super-weight detector's
+  candidates) and which one's chain is traced; `tables`: the criterion's share and the headline rows;
+  `sentences`: Markdown sentences computed from each result.
+- `anatomy`, `passes`, `tokens`, `correlation`: where modules live (and `Eager` attention for a block), the one
+  reduced-capture forward pass, the stopword / sink token sets and default inputs, and Spearman with a
+  bootstrap CI.
 """
 
+from esa.apps.interpret.anatomy import Eager
 from esa.apps.interpret.chain import ChainTrace, plot_chain, trace_chain
+from esa.apps.interpret.critical import (
+    DETECTOR,
+    critical_selection,
+    detector_table,
+    has_candidate,
+    trace_chosen,
+)
 from esa.apps.interpret.localise import (
     DirectTest,
+    Localisation,
     SelectivityResult,
     ablation_sets,
     direct_candidates,
     direct_test,
+    localisation,
     metric_scores,
     probe_windows,
     selectivity,
@@ -35,6 +49,7 @@ from esa.apps.interpret.probes import (
     write_probes,
 )
 from esa.apps.interpret.roles import (
+    ABLATION_ROLES,
     ROLES,
     Role,
     RoleConfig,
@@ -48,14 +63,24 @@ from esa.apps.interpret.roles import (
     top_selection,
     wide_table,
 )
-from esa.apps.interpret.sinks import SinkCorrelation, head_sensitivity, head_sink_strength, sink_correlation
+from esa.apps.interpret.sinks import (
+    SinkCorrelation,
+    head_sensitivity,
+    head_sink_correlation,
+    head_sink_strength,
+    plot_sinks,
+    sink_correlation,
+)
+from esa.apps.interpret.tables import headline, role_share, share_table
 from esa.apps.interpret.tokens import STOPWORDS, default_inputs, sink_mask, stopword_ids
 
 __all__ = [
-    "ROLES", "STOPWORDS", "ChainTrace", "DirectTest", "ProbeItem", "ProbeScores", "ProbeSet", "Role", "RoleConfig",
-    "RoleReport", "SelectivityResult", "SinkCorrelation", "ablation_sets", "build_probes", "catalogue", "criterion",
-    "default_inputs", "direct_candidates", "direct_test", "head_sensitivity", "head_sink_strength", "metric_scores",
-    "parse_roles", "plot_chain", "probe_summary", "probe_windows", "read_probes", "role_metric_table", "roles_for", "run_roles",
-    "score_probes", "selectivity", "sink_correlation", "sink_mask", "stopword_ids", "top_selection", "top_targets",
-    "trace_chain", "wide_table", "write_probes",
+    "ABLATION_ROLES", "DETECTOR", "ROLES", "STOPWORDS", "ChainTrace", "DirectTest", "Eager", "Localisation",
+    "ProbeItem", "ProbeScores", "ProbeSet", "Role", "RoleConfig", "RoleReport", "SelectivityResult",
+    "SinkCorrelation", "ablation_sets", "build_probes", "catalogue", "criterion", "critical_selection",
+    "default_inputs", "detector_table", "direct_candidates", "direct_test", "has_candidate", "head_sensitivity",
+    "head_sink_correlation", "head_sink_strength", "headline", "localisation", "metric_scores", "parse_roles",
+    "plot_chain", "plot_sinks", "probe_summary", "probe_windows", "read_probes", "role_metric_table", "role_share",
+    "roles_for", "run_roles", "score_probes", "selectivity", "share_table", "sink_correlation", "sink_mask",
+    "stopword_ids", "top_selection", "top_targets", "trace_chain", "trace_chosen", "wide_table", "write_probes",
 ]

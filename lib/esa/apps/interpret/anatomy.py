@@ -4,7 +4,7 @@ The role tests, the chain trace and the sink analysis read the residual stream a
 the attention probabilities of each attention module and the logits. `anatomy(model)` finds those modules
 once, by structure (the `ModuleList` of decoder blocks, each block's attention child), so Llama, Mistral,
 Phi-3, Mixtral, Qwen2, Gemma-3 and GPT-NeoX all work; a model without them gets one clear EsaError from
-`require(...)`, before any forward pass.
+`require(...)`, before any forward pass. `Eager(model)` switches a model to eager attention for a block.
 """
 
 from __future__ import annotations
@@ -74,6 +74,22 @@ def anatomy(model: torch.nn.Module) -> Anatomy:
     head_dim = _config_int(text, "head_dim", default=hidden // n_heads if n_heads else 0)
     return Anatomy(blocks, tuple(attention), lm_head, getattr(text, "_attn_implementation", None), n_heads, n_kv,
                    head_dim, hidden)
+
+
+class Eager:
+    """Eager attention for the duration of a `with` block (the sink role, the chain and the sink analysis read
+    attention probabilities), then the model's own implementation again."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.before = model, anatomy(model).attn_implementation
+
+    def __enter__(self) -> None:
+        if self.before != "eager":
+            self.model.set_attn_implementation("eager")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.before != "eager" and self.before is not None:
+            self.model.set_attn_implementation(self.before)
 
 
 def require(anat: Anatomy, what: str, needs: tuple[str, ...]) -> None:

@@ -12,7 +12,8 @@ Two tests (Hase et al. 2023: localisation claims need a direct test):
   log(probe score / generic score), over all candidates and within the probe top-n, bootstrap CIs over
   weights.
 Probe calibration runs a registered sensitivity metric on windows made of the probe statements (prompt +
-answer); `metric_scores` is the one call into the metric registry.
+answer); `metric_scores` is the one call into the metric registry. `localisation` runs all of it for a loaded model:
+probe accuracy, the selectivity of the three ablations, and the direct test.
 """
 
 from __future__ import annotations
@@ -28,10 +29,18 @@ import torch
 from scipy import stats as sps
 
 from esa.apps.interpret.correlation import spearman_ci
-from esa.apps.interpret.probes import ProbeSet, answer_nll, probe_statements, score_probes
+from esa.apps.interpret.probes import (
+    ProbeSet,
+    answer_nll,
+    build_probes,
+    probe_statements,
+    probe_summary,
+    score_probes,
+)
 from esa.errors import EsaError
 from esa.evaluate import evaluate
 from esa.models.inventory import WeightSpec
+from esa.models.loader import LoadedModel
 from esa.perturb.apply import Targets, perturbed, targets_from_selection
 from esa.perturb.controls import ControlInput, make_control
 from esa.perturb.ops import PerturbSpec
@@ -281,3 +290,28 @@ def direct_test(model: torch.nn.Module, tokenizer: Any, probes: ProbeSet, candid
                 rows.append({"predictor": predictor, "target": target, "subset": name,
                              **spearman_ci(sub[predictor], sub[target], n_boot, level, seed)})
     return DirectTest(table, pd.DataFrame(rows))
+
+
+@dataclass
+class Localisation:
+    probes: pd.DataFrame  # probe_summary: accuracy, CI, chance, p vs chance per kind and overall
+    selectivity: SelectivityResult
+    direct: DirectTest
+    n_items: int
+
+
+def localisation(lm: LoadedModel, generic_scores: Mapping[str, torch.Tensor], eval_ids: torch.Tensor, *,
+             metric: str = "grad_x_weight", k: int = 100, probes_per_kind: int | None = None, probe_seqlen: int = 64,
+             direct_top: int = 30, direct_random: int = 30, n_boot: int = 2000, seed: int = 0,
+             exclude: Targets | None = None) -> Localisation:
+    """Probe accuracy; `metric` calibrated on the probe set vs `generic_scores` (the same metric on generic
+    text): their top-k and a random-k zeroed, probe damage per unit of generic damage on `eval_ids`; the
+    direct test on the probe top `direct_top` and `direct_random` random weights. `exclude` is never zeroed."""
+    probes = build_probes(max_per_kind=probes_per_kind)
+    summary = probe_summary(score_probes(lm.model, lm.tokenizer, probes))
+    probe_scores = metric_scores(lm.model, lm.inventory, probe_windows(lm.tokenizer, probes, probe_seqlen), metric)
+    sets = ablation_sets(lm.model, lm.inventory, probe_scores, generic_scores, k, "global", seed, exclude)
+    sel = selectivity(lm.model, lm.tokenizer, probes, eval_ids, sets, n_boot, seed=seed, show_progress=False)
+    cand = direct_candidates(lm.model, lm.inventory, probe_scores, generic_scores, direct_top, direct_random, seed)
+    direct = direct_test(lm.model, lm.tokenizer, probes, cand, lm.inventory, n_boot, seed=seed, show_progress=False)
+    return Localisation(summary, sel, direct, len(probes))

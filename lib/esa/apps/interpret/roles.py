@@ -55,6 +55,7 @@ from esa.perturb.ops import PerturbSpec
 from esa.progress import progress
 from esa.registry import Registry
 from esa.stats.inference import bootstrap_ci, holm
+from esa.stats.shares import wilson_interval
 
 KEY = ["param", "expert", "row", "col"]
 VERDICTS = ("pass", "fail", "not estimable", "not applicable")
@@ -290,6 +291,7 @@ ROLES: Registry[Role] = Registry("role", [
          "(g) none of the tested roles is verified for the weight at the Holm-corrected alpha",
          "nothing (the complement of the other roles)", "", "linear", frozenset(), False, (), None),
 ], base=Role, describe=lambda r: r.hypothesis)
+ABLATION_ROLES = [r.name for r in ROLES.values() if r.ablation]  # (a)-(c): verified by zeroing the weight
 
 
 def parse_roles(names: str | Iterable[str] | None) -> list[str]:
@@ -563,8 +565,8 @@ def criterion(report: RoleReport, metric: str | None = None, roles: Sequence[str
     base = {"metric": metric or "all", "roles": ";".join(counted), "n": n, "explained": k}
     if n == 0:
         return {**base, "share": math.nan, "ci_lo": math.nan, "ci_hi": math.nan, "note": "no weights: not estimable"}
-    ci = sps.binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
-    return {**base, "share": k / n, "ci_lo": float(ci.low), "ci_hi": float(ci.high),
+    lo, hi = wilson_interval(k, n, level)
+    return {**base, "share": k / n, "ci_lo": lo, "ci_hi": hi,
             "note": "Wilson interval" + ("; fewer than 10 weights" if n < 10 else "")}
 
 

@@ -5,7 +5,8 @@ delimiters: tokens.SINKS), averaged over query positions t >= 1 and over inputs,
 eager attention. Sensitivity of a head = an aggregate (sum, mean or max) of a metric's per-weight scores
 over the head's slice of q (its rows), k and v (its key-value group's rows: grouped-query heads share
 them), and o (its columns); fused qkv weights are split by anatomy.head_slices_fused. `sink_correlation`
-gives Spearman's rho over heads with a bootstrap CI (heads resampled), overall and within each layer.
+gives Spearman's rho over heads with a bootstrap CI (heads resampled), overall and within each layer;
+`head_sink_correlation` runs the three for a loaded model, `plot_sinks` draws the heads.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from esa.apps.interpret.anatomy import anatomy, head_slices, head_slices_fused, require
+from esa.apps.interpret.anatomy import Eager, anatomy, head_slices, head_slices_fused, require
 from esa.apps.interpret.correlation import spearman_ci
 from esa.apps.interpret.passes import Wants, forward_capture
 from esa.apps.interpret.tokens import sink_mask
 from esa.errors import EsaError, unknown
 from esa.models.inventory import WeightSpec
+from esa.models.loader import LoadedModel
 from esa.stats.inference import bootstrap_ci
 
 AGGREGATES = ("sum", "mean", "max")
@@ -113,3 +115,30 @@ def _within(per_layer: pd.DataFrame, n_boot: int, level: float, seed: int) -> di
     est, lo, hi = bootstrap_ci(r, n_boot=n_boot, level=level, seed=seed)
     return {"rho": est, "ci_lo": lo, "ci_hi": hi, "n_layers": int(r.size),
             "n_negative": int((r < 0).sum()), "note": "mean of per-layer Spearman rho; CI resamples layers"}
+
+
+def head_sink_correlation(lm: LoadedModel, scores: dict[str, torch.Tensor], ids: torch.Tensor, sink: str = "first",
+                          aggregate: str = "sum", n_boot: int = 2000, seed: int = 0,
+                          batch_size: int | None = None) -> SinkCorrelation:
+    """Per-head sink strength on `ids` (eager attention for that pass) against the heads' aggregated `scores`."""
+    with Eager(lm.model):
+        strength = head_sink_strength(lm.model, ids, lm.tokenizer, sink, batch_size)
+    sensitivity = head_sensitivity(scores, lm.inventory, lm.model, aggregate)
+    return sink_correlation(strength, sensitivity, n_boot=n_boot, seed=seed)
+
+
+def plot_sinks(sc: SinkCorrelation, title: str, ax: Any = None) -> Any:
+    """Sink mass of each head against its sensitivity (log scale), coloured by layer."""
+    import matplotlib.pyplot as plt  # plotting only: the method package imports without matplotlib
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.6))
+    t = sc.table
+    pts = ax.scatter(np.maximum(t["total"], 1e-30), t["sink_mass"], c=t["layer"], s=12, cmap="viridis")
+    ax.set_xscale("log")
+    ax.set_xlabel("head sensitivity (sum over q/k/v/o slices)")
+    ax.set_ylabel("attention mass on sink")
+    o = sc.overall
+    ax.set_title(f"{title}: Spearman {o['rho']:.2f} [{o['ci_lo']:.2f}, {o['ci_hi']:.2f}]", fontsize=9)
+    plt.colorbar(pts, ax=ax, label="layer")
+    return ax
