@@ -1,18 +1,12 @@
 """Phase 5, week 13a (pruning): every scorer side by side at equal sparsity, one evaluation, one criterion.
 
-A `Study` (esa.phases.study): `settings` reads the profile section `pruning`, `plan` expands it into pruning
-conditions (the 50% table, the sparsity sweep, N:M, OWL, protected vs unprotected, each over the calibration
-seeds; seed-free conditions once), `run` prunes and evaluates each in place (masks restored bit-exactly after
-st.each), `criteria` judges the guide's ">15% better than magnitude":
-
-    gain = 1 - Delta_method / Delta_baseline,  Delta = log-PPL(pruned) - log-PPL(dense),
-
-at the section's `sparsity` (50%) unstructured, per model and calibration seed (esa.apps.pruning.criterion),
-as the paired contrast 0.85·Δ_baseline − Δ_method > 0 by its one-sided 99% bound over calibration seeds
-(esa.stats.intervals.damage_contrast); the same comparison against Wanda and
-SparseGPT stands beside it. esa-runner's request is `PruneRequest` (`--prune METHOD --sparsity S --pattern
-unstructured|2:4|4:8 --allocation uniform|owl --protect-critical --calibration sequential|one-shot
---export-pruned DIR`), checked in `job` before any model is loaded.
+A `Study` (esa.phases.study) on the profile section `pruning`: `plan` expands it into conditions
+(esa.apps.pruning.grid), `run` prunes and evaluates each in place (masks restored bit-exactly after each), and
+`criteria` judges the guide's "ESA-guided pruning outperforms magnitude by >15%" per model as the contrast
+0.85·Δ_magnitude − Δ_method > 0 (Δ = log-PPL(pruned) − log-PPL(dense) at the section's sparsity, unstructured,
+paired by calibration seed; esa.stats.intervals.damage_contrast), with Wanda and SparseGPT beside it.
+esa-runner's `PruneRequest` (--prune, --sparsity, --pattern, --allocation, --protect-critical, --calibration,
+--export-pruned) is checked in `job` before any model is loaded.
 """
 
 from __future__ import annotations
@@ -35,14 +29,17 @@ from esa.apps.pruning import (
     evaluate_condition,
     export_pruned,
     get_method,
+    grid,
     matched_gains,
     methods,
     prune,
     results_table,
+    sentences,
 )
+from esa.apps.pruning.critical import critical_or_topk
 from esa.apps.pruning.prune import check_protected_fits, pruned_specs
 from esa.apps.pruning.sparsity_patterns import check_divides, parse_pattern
-from esa.apps.pruning.tables import summary_tables
+from esa.apps.pruning.tables import published_ppl, summary_tables
 from esa.data import check_reachable, evaluation
 from esa.errors import EsaError
 from esa.models.loader import LoadedModel, inventory_without_weights
@@ -127,52 +124,13 @@ def settings(profile: Profile, overrides: Mapping[str, Any] | None = None) -> Se
 
 
 # ---------------------------------------------------------------- conditions
-@dataclass(frozen=True)
-class Condition:
-    spec: PruneSpec
-    protected: bool = False
-
-    def key(self) -> tuple:
-        return (tuple(sorted(asdict(self.spec).items())), self.protected)
+def _defaults(P: Profile) -> grid.Defaults:
+    return grid.Defaults(P.corpus, P.seqlen, P.batch_size, P.hutchinson_probes)
 
 
-def base_spec(S: Settings, P: Profile, method: str, sparsity: float | None, pattern: str = "unstructured",
-              allocation: str = "uniform", seed: int | None = None, calibration: str | None = None) -> PruneSpec:
-    method_obj = get_method(method)
-    calib = calibration or S.calibration
-    if calib is not None and method_obj.needs == "weights":
-        calib = None  # data-free: the mode does not apply
-    return PruneSpec(method, sparsity=sparsity, pattern=pattern, allocation=allocation, calibration=calib,
-                     corpus=S.calib_corpus or P.corpus, seqlen=S.calib_seqlen or P.seqlen, n_calib=S.calib_windows,
-                     calib_seed=S.calib_seeds[0] if seed is None else seed, batch_size=S.batch_size or P.batch_size,
-                     probes=P.hutchinson_probes)
-
-
-def seed_dependent(spec: PruneSpec) -> bool:
-    """Whether the calibration seed changes the masks (data-free magnitude does not; random does)."""
-    return spec.uses_calibration or spec.method == "random"
-
-
-def conditions(S: Settings, P: Profile) -> list[Condition]:
+def conditions(S: Settings, P: Profile) -> list[grid.Condition]:
     """Every (spec, protected) the section asks for, each over the calibration seeds, without repeats."""
-    wanted: list[tuple[str, float | None, str, str, bool]] = []  # method, sparsity, pattern, allocation, protected
-    wanted += [(m, S.sparsity, "unstructured", "uniform", False) for m in S.methods]
-    wanted += [(m, s, "unstructured", "uniform", False) for m in (S.sweep_methods or S.methods) for s in S.sweep]
-    wanted += [(m, None, p, "uniform", False) for m in (S.pattern_methods or S.methods) for p in S.patterns]
-    for m in S.owl_methods:
-        wanted += [(m, S.owl_sparsity, "unstructured", a, False) for a in ("uniform", "owl")]
-    if S.protect:
-        wanted += [(m, S.sparsity, "unstructured", "uniform", True) for m in S.protect_methods]
-        wanted += [(m, S.sparsity, "unstructured", "uniform", False) for m in S.protect_methods]
-    out: dict[tuple, Condition] = {}
-    for method, sp, pat, alloc, protected in wanted:
-        for seed in S.calib_seeds:
-            spec = base_spec(S, P, method, sp, pat, alloc, seed)
-            if not seed_dependent(spec) and seed != S.calib_seeds[0]:
-                continue
-            c = Condition(spec, protected)
-            out.setdefault(c.key(), c)
-    return list(out.values())
+    return grid.conditions(S, _defaults(P))
 
 
 def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
@@ -199,7 +157,7 @@ def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
     return Plan("pruning", P, chosen, S, planned, setup, notes)
 
 
-def _serves(c: Condition, S: Settings) -> tuple[str, ...]:
+def _serves(c: grid.Condition, S: Settings) -> tuple[str, ...]:
     """The criterion a condition's numbers decide: the gain rows at the criterion's sparsity, unstructured."""
     at = c.spec.sparsity is not None and abs(c.spec.sparsity - S.sparsity) < 1e-9
     if at and c.spec.pattern == "unstructured" and c.spec.allocation == "uniform" and (
@@ -237,15 +195,7 @@ def protected_set(lm: LoadedModel, name: str, S: Settings, P: Profile) -> tuple[
     if k:
         run = R.score_model(lm, name, [S.protect_metric], seeds=[P.seeds[0]])[(S.protect_metric, P.seeds[0])]
         scores, from_cache = run.full(), run.from_cache
-    sw = S.superweights
-    try:
-        crit = critical_targets(lm, scores, topk=k, mode=mode, superweights=sw, metric=S.protect_metric)
-        note = ""
-    except EsaError as e:  # e.g. an architecture the detector cannot read: protect the top-k alone
-        if not (sw and k):
-            raise
-        crit = critical_targets(lm, scores, topk=k, mode=mode, superweights=False, metric=S.protect_metric)
-        note = f"super-weight detector skipped: {e}"
+    crit, note = critical_or_topk(lm, scores, k, mode, S.superweights, S.protect_metric)
     info = {"label": crit.label, "n_protected": len(crit.table), "metric": S.protect_metric, "topk": k, "mode": mode,
             "score_seed": P.seeds[0], "scores_from_cache": from_cache, "note": note,
             "by_source": crit.table["source"].value_counts().to_dict()}
@@ -253,7 +203,7 @@ def protected_set(lm: LoadedModel, name: str, S: Settings, P: Profile) -> tuple[
 
 
 def run_model(name: str, P: Profile, S: Settings, lm: LoadedModel | None = None, show_progress: bool = False,
-              conds: list[Condition] | None = None, protect: tuple[dict, dict] | None = None,
+              conds: list[grid.Condition] | None = None, protect: tuple[dict, dict] | None = None,
               keep: bool = False) -> ModelPruning:
     """Every condition of the section (or `conds`) on model `name`: prune, evaluate in place, restore (checked).
     `protect`: (targets, description) of the critical set, instead of the section's; `keep`: keep the masks."""
@@ -333,14 +283,8 @@ def reference_rows(mp: ModelPruning, S: Settings, evidence: str) -> list[Criteri
     t = mp.rows
     for pat, by_method in S.reference.items():
         for method, published in by_method.items():
-            if method == "dense":
-                sel = t[t["method"] == "dense"]
-            else:
-                sparsity = S.sparsity if pat == "unstructured" else parse_pattern(pat).sparsity
-                sel = t[(t["method"] == method) & (t["pattern"] == parse_pattern(pat).label) & (t["protected"] == "none")
-                        & (t["allocation"] == "uniform") & (t["sparsity"].sub(sparsity).abs() < 1e-9)
-                        & (t["calib_seed"] == S.calib_seeds[0])]
-            got = float(sel["ppl"].iloc[0]) if len(sel) else None
+            sparsity = S.sparsity if pat == "unstructured" else parse_pattern(pat).sparsity
+            got = published_ppl(t, method, parse_pattern(pat).label, sparsity, S.calib_seeds[0])
             passed = None if got is None or not math.isfinite(got) else abs(got - float(published)) <= S.reference_tolerance
             out.append(Criterion(f"P5.reproduce.{mp.model}.{pat}.{method}", 5,
                                  f"reproduce {S.reference_source or 'the published'} {method} {pat} PPL {published}",
@@ -361,41 +305,8 @@ def findings(results: Mapping[str, ModelPruning], p: Plan) -> list[str]:
     """Markdown sentences computed from the numbers, one paragraph per model."""
     S = p.settings
     _, detail = criterion_rows(pd.concat([r.rows for r in results.values()], ignore_index=True), S, "")
-    return [" ".join(_model_findings(mp, S, detail)) for mp in results.values()]
-
-
-def _model_findings(mp: ModelPruning, S: Settings, detail: pd.DataFrame) -> list[str]:
-    main = mp.tables["main"]
-    dense = main[main["method"] == "dense"]["ppl"].iloc[0]
-    pruned = main[main["method"] != "dense"].sort_values("ppl")
-    lines = [f"**{mp.model}** has a dense perplexity of {dense:.2f}; at {S.sparsity:.0%} unstructured sparsity the "
-             "methods rank " + ", ".join(f"{r.method} {r.ppl:.1f} ({r.calib_mode})" for r in pruned.itertuples()) + "."]
-    if not detail.empty:
-        for (m, base, prot), g in detail[detail["model"] == mp.model].groupby(["method", "baseline", "protected_method"]):
-            tag = f"{m}{'+protect' if prot else ''}"
-            ok = g[g["estimable"] & (g["delta_log_ppl_baseline"] > S.min_damage)]
-            if ok.empty:
-                lines.append(f"{tag} against {base} is not estimable: {base} does no damage above "
-                             f"{S.min_damage:g} nats, or a log-PPL is not finite.")
-                continue
-            gain = float(ok["gain"].mean())
-            word = "loses to" if gain < 0 else "beats"
-            lines.append(f"{tag} {word} {base} with {abs(gain):.0%} {'more' if gain < 0 else 'less'} damage "
-                         f"(Δ log-PPL against dense, mean over {len(ok)} seed(s)).")
-    prot = mp.tables["protection"]
-    if not prot.empty:
-        for m in prot["method"].unique():
-            q = prot[(prot["method"] == m)]
-            a, b = q[q["protected"] != "none"], q[q["protected"] == "none"]
-            if len(a) and len(b):
-                lines.append(f"Protecting {mp.critical['n_protected']} critical weights ({mp.critical['label']}) "
-                             f"changes {m}'s perplexity from {b['ppl'].iloc[0]:.2f} to {a['ppl'].iloc[0]:.2f}.")
-    zs = main[main["method"] == "dense"]
-    if "zs_accuracy" in zs:
-        lines.append(f"On the zero-shot next-line task ({int(zs['zs_items'].iloc[0])} items, chance "
-                     f"{zs['zs_chance'].iloc[0]:.0%}) the dense model scores {zs['zs_accuracy'].iloc[0]:.0%}, and "
-                     + ", ".join(f"{r.method} {r.zs_accuracy:.0%}" for r in pruned.itertuples()) + ".")
-    return lines
+    return [sentences.paragraph(mp.model, mp.tables, mp.critical, detail[detail["model"] == mp.model] if len(detail)
+                                else detail, S.sparsity, S.min_damage) for mp in results.values()]
 
 
 # ---------------------------------------------------------------- esa-runner
@@ -442,7 +353,7 @@ def job(req: PruneRequest, ctx: RunContext) -> PruneJob:
                 calib_seqlen=R.seqlen if "seqlen" in given else S.calib_seqlen,
                 calib_windows=R.max_samples if "max_samples" in given else S.calib_windows,
                 eval_corpus=None, zeroshot_items=0, protect=req.protect_critical)
-    spec = base_spec(S, P, req.prune, sparsity, pattern, req.allocation or "uniform",  # type: ignore[arg-type]
+    spec = grid.base_spec(S, _defaults(P), req.prune, sparsity, pattern, req.allocation or "uniform",  # type: ignore[arg-type]
                      calibration=req.calibration)
     specs = inventory_without_weights(model_params(ctx.model).ref)
     if specs is not None:
@@ -467,7 +378,7 @@ def run_job(job: PruneJob, cmd: Any, lm: LoadedModel, runs: Any, stage: Path) ->
     P = Profile(name=cmd.profile, corpus=R.corpus, seqlen=R.seqlen, eval_windows=R.eval_windows, batch_size=R.batch_size,
                 hutchinson_probes=R.hutchinson_probes)
     mp = run_model(cmd.model, P, job.settings, lm=lm, show_progress=R.show_progress, keep=True,
-                   conds=[Condition(job.spec, job.protect_critical)], protect=protect)
+                   conds=[grid.Condition(job.spec, job.protect_critical)], protect=protect)
     res, (d, p) = mp.pruned[0], mp.rows.to_dict("records")
     write_parquet(stage / "pruning.parquet", mp.rows.assign(run_id=cmd.run_id))
     write_parquet(stage / "pruning_masks.parquet", res.masks.per_matrix(lm.inventory).assign(model=cmd.model))

@@ -12,7 +12,7 @@ Every Phase 5 application (and, step by step, every week) is a `Study`:
 runner's resources. esa-runner reaches a study through its `Request`: a dataclass whose fields carry an
 `option(...)` each. The command layer (`esa.cli`) turns those fields into flags and help text (method lists
 read from the registries at that moment) and parses their values; the study only validates the typed request
-against the run (`study.job`) and computes it (`study.run_job`). So this layer knows no argparse.
+against the run (`study.job`) and computes it (`study.run_job`); no command-line parsing happens in this layer.
 """
 
 from __future__ import annotations

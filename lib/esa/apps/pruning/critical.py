@@ -61,3 +61,17 @@ def critical_targets(
     table = pd.concat(parts, ignore_index=True)
     targets = targets_from_selection(table, lm.inventory) if len(table) else {}
     return Critical(targets, "+".join(label), table)
+
+
+def critical_or_topk(lm: LoadedModel, scores: Mapping[str, torch.Tensor] | None, topk: int, mode: str,
+                     superweights: bool, metric: str) -> tuple[Critical, str]:
+    """`critical_targets`, falling back to the top-k alone when the super-weight detector cannot read the
+    architecture; returns the set and a note saying so ("" when the detector ran)."""
+    try:
+        return critical_targets(lm, scores, topk=topk, mode=mode, superweights=superweights, metric=metric), ""
+    except EsaError as e:
+        if not (superweights and topk):
+            raise
+        crit = critical_targets(lm, scores, topk=topk, mode=mode, superweights=False, metric=metric)
+        return crit, f"super-weight detector skipped: {e}"
+

@@ -51,3 +51,16 @@ def summary_tables(table: pd.DataFrame, sparsity: float, sweep_methods: list[str
     owl = summarize(table[dense | (unstr & none & owl_at & table["method"].isin(owl_methods))])
     prot = summarize(table[dense | (unstr & uni & at & table["method"].isin(protect_methods))]) if protect_methods is not None else pd.DataFrame()
     return {"main": main, "sweep": sweep, "patterns": nm, "owl": owl, "protection": prot}
+
+
+def published_ppl(rows: pd.DataFrame, method: str, pattern: str, sparsity: float, seed: int) -> float | None:
+    """The PPL of the row a published number is compared with: `method` ("dense" for the dense model) at
+    `pattern` and `sparsity`, unprotected, uniform, calibration seed `seed`; None when not run."""
+    if method == "dense":
+        sel = rows[rows["method"] == "dense"]
+    else:
+        sel = rows[(rows["method"] == method) & (rows["pattern"] == pattern) & (rows["protected"] == "none")
+                   & (rows["allocation"] == "uniform") & (rows["sparsity"].sub(sparsity).abs() < 1e-9)
+                   & (rows["calib_seed"] == seed)]
+    return float(sel["ppl"].iloc[0]) if len(sel) else None
+
