@@ -50,6 +50,10 @@ class Profile:
     dose_scales: list[float] = field(default_factory=lambda: [0.01, 0.1])
     controls: list[str] = field(default_factory=lambda: ["random_k", "bottom_k"])
     perturb_eval_windows: int | None = None  # Phase 3 sweeps: evaluation windows per condition (None: eval_windows)
+    # sequential evaluation (esa.stats.sequential): {} = every condition on every window (fixed n); a mapping
+    # (first_windows: windows per seed at the first look, spending: pocock | obf) makes the Phase 3 sweeps add
+    # windows in doubling looks, up to perturb_eval_windows, until each comparison is decided
+    sequential: dict[str, Any] = field(default_factory=dict)
     highres_topk: int = 500  # Phase 2 week 3: the high-resolution top-k
     # score cache: per-matrix depth of the stored top/bottom candidates (every top-k with k <= it is exact),
     # and whether entries also keep every weight's score (bf16, 2 bytes a weight) for deep readers

@@ -13,9 +13,11 @@ so statistics can cap it explicitly (see esa.stats.inference).
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +31,8 @@ from esa.perturb.controls import CONTROLS, ControlInput, make_control, overlap
 from esa.perturb.ops import PerturbSpec
 from esa.progress import progress
 from esa.sensitivity.select import BottomSource
+from esa.stats.inference import LOG_PPL_CAP, capped
+from esa.stats.sequential import Design, SequentialContrast
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +117,7 @@ class SweepResult:
     table: pd.DataFrame  # one row per condition (COLUMNS)
     windows: pd.DataFrame  # one row per (condition, window): per-window NLL and delta NLL
     baseline: EvalResult
+    sequential: pd.DataFrame | None = None  # run_sweep_sequential: one row per comparison and its decision
 
 
 def run_sweep(
@@ -173,3 +178,114 @@ def _stats_only(model: torch.nn.Module, targets: Targets, spec: PerturbSpec, see
     with perturbed(model, targets, spec, seed) as st:
         pass
     return st
+
+
+# ---------------------------------------------------------------- sequential evaluation
+Comparison = tuple[str, str, float]  # (group a, group b, c): the claim mean(Δa − c·Δb) > 0
+
+
+def run_sweep_sequential(
+    model: torch.nn.Module,
+    windows: Any,
+    groups: dict[tuple[str, int], Targets],
+    specs: list[PerturbSpec],
+    comparisons: Callable[[PerturbSpec], list[Comparison]],
+    design: Design,
+    baseline: EvalResult | None = None,
+    batch_size: int | None = None,
+    show_progress: bool = True,
+) -> SweepResult:
+    """`run_sweep` that adds evaluation windows in looks until each comparison of a perturbation is decided.
+
+    Units are (seed, window) pairs: at look k every seed has w_k = n_k / S windows (the design's looks must
+    be multiples of the seed count S; n_max = S x the windows available). A comparison (a, b, c) of a spec
+    judges Δa − c·Δb > 0 over those pairs with `design` (esa.stats.sequential: alpha spent over the looks,
+    so stopping early keeps the error rate; a family of m comparisons should use a design at alpha/m). Only
+    the groups an undecided comparison needs get more windows; a window's non-finite NLL is capped at
+    LOG_PPL_CAP. The table gains `n_windows` (windows each condition was evaluated on: its log-PPL is over
+    those) and `sequential` holds one row per comparison (decision, look, n, bounds)."""
+    ids = windows.ids if hasattr(windows, "ids") else windows
+    n_avail = int(ids.shape[0])
+    seeds = sorted({s for _, s in groups})
+    n_seeds = len(seeds)
+    if any(n % n_seeds for n in design.looks) or design.n_max != n_seeds * n_avail:
+        raise EsaError(f"sequential sweep: the design's looks {design.looks} must be multiples of the {n_seeds} seeds, "
+                       f"ending at {n_seeds} x {n_avail} windows")
+    if baseline is None:
+        baseline = evaluate(model, windows, batch_size=batch_size, show_progress=False)
+    base = capped(np.asarray(baseline.window_nll), LOG_PPL_CAP)
+    rows, win_rows, seq_rows = [], [], []
+    for spec in progress(specs, desc="sequential sweep", disable=not show_progress, unit="perturbation"):
+        seqs = {c: SequentialContrast(design, c[2], 0.0, "(seed, window) pairs") for c in comparisons(spec)}
+        blocks: dict[tuple[str, int], list[tuple[EvalResult | None, PerturbStats, float]]] = {g: [] for g in groups}
+        nll: dict[tuple[str, int], list[float]] = {g: [] for g in groups}
+        for n_k in design.looks:
+            active = [c for c, s in seqs.items() if not s.done]
+            if not active:
+                break
+            w_k = n_k // n_seeds
+            needed = {TOP} | {g for a, b, _ in active for g in (a, b)}
+            for g in groups:
+                if g[0] in needed and len(nll[g]) < w_k:
+                    _evaluate_block(model, ids, g, groups[g], spec, len(nll[g]), w_k, batch_size, blocks, nll)
+            for c in active:
+                a, b, _ = c
+                w0 = seqs[c].n // n_seeds
+                pairs = [(w, s) for w in range(w0, w_k) for s in seeds]
+                seqs[c].update([nll[(a, s)][w] - base[w] for w, s in pairs],
+                               [nll[(b, s)][w] - base[w] for w, s in pairs])
+        for (a, b, c), sq in seqs.items():
+            r = (sq.close("windows ran out") if not sq.done else sq.result()).as_dict()
+            r.pop("history")
+            seq_rows.append(dict(perturbation=spec.kind(), scale=float(spec.scale), prob=float(spec.prob),
+                                 dose=float(spec.dose()), a=a, b=b, alpha=design.alpha,
+                                 **{k: v for k, v in r.items() if k != "c"},
+                                 c=c, zero_differences=bool(np.all(sq._d == 0)) if sq.n else False))
+        for g, parts in blocks.items():
+            if parts:
+                rows.append(_sequential_row(spec, g, parts, nll[g], base, groups))
+                win_rows += [(spec.kind(), float(spec.scale), float(spec.prob), float(spec.dose()), g[0], int(g[1]),
+                              w, float(v), float(base[w]), float(v - base[w])) for w, v in enumerate(nll[g])]
+    table = pd.DataFrame(rows, columns=[*COLUMNS, "n_windows"])
+    wins = pd.DataFrame(win_rows, columns=["perturbation", "scale", "prob", "dose", "group", "seed", "window",
+                                           "nll", "base_nll", "delta_nll"])
+    return SweepResult(table, wins, baseline, pd.DataFrame(seq_rows))
+
+
+def _evaluate_block(model: torch.nn.Module, ids: torch.Tensor, g: tuple[str, int], targets: Targets,
+                    spec: PerturbSpec, start: int, stop: int, batch_size: int | None,
+                    blocks: dict[tuple[str, int], list[Any]], nll: dict[tuple[str, int], list[float]]) -> None:
+    """Windows [start, stop) of group `g` under `spec` (perturbed in place, evaluated, restored)."""
+    t0 = time.perf_counter()
+    try:
+        res, st = evaluate_perturbed(model, ids[start:stop], targets, spec, g[1], batch_size)
+        values = capped(np.asarray(res.window_nll), LOG_PPL_CAP)
+    except AllNonFinite:
+        res, st, values = None, _stats_only(model, targets, spec, g[1]), np.full(stop - start, LOG_PPL_CAP)
+    blocks[g].append((res, st, time.perf_counter() - t0, stop - start))
+    nll[g] += values.tolist()
+
+
+def _sequential_row(spec: PerturbSpec, g: tuple[str, int], parts: list[Any], nll: list[float], base: np.ndarray,
+                    groups: dict[tuple[str, int], Targets]) -> dict[str, Any]:
+    """One condition's row over the windows it was evaluated on (capped NLL; mean of the window means)."""
+    n = len(nll)
+    log_ppl = float(np.mean(nll))
+    done = [(r, k) for r, _, _, k in parts if r is not None]
+    acc = sum(r.accuracy * k for r, k in done) / max(1, sum(k for _, k in done)) if done else math.nan
+    nonfinite = sum(r.n_nonfinite_windows if r is not None else k for r, _, _, k in parts)
+    st = parts[0][1]
+    top = groups.get((TOP, g[1]), {})
+    targets = groups[g]
+    base_lp = float(np.mean(base[:n]))
+    return dict(perturbation=spec.kind(), scale=float(spec.scale), prob=float(spec.prob), dose=float(spec.dose()),
+                group=g[0], k=count_targets(targets), seed=int(g[1]), ppl=_exp(log_ppl), log_ppl=log_ppl,
+                delta_ppl=_exp(log_ppl) - _exp(base_lp), delta_log_ppl=log_ppl - base_lp, accuracy=float(acc),
+                n_nonfinite_windows=int(nonfinite), n_inf_weights=st.n_inf, n_nan_weights=st.n_nan,
+                seconds=float(sum(t for _, _, t, _ in parts)), n_changed=st.n_changed,
+                overlap_top=overlap(targets, top) if g[0] != TOP else count_targets(targets), n_windows=n)
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
+

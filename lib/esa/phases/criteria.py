@@ -89,6 +89,8 @@ def p3_sign_flip_ratio(stats: Mapping[str, Any], evidence: str, control: str = "
     large and decided, not 'not estimable'. Units: seeds when the run has >= 5, else (seed, window) pairs."""
     text = "ΔPPL(top) ≥ 5× ΔPPL(random) for sign flip (on Δlog-PPL)"
     thr = f"> 0: one-sided {1 - ALPHA:.0%} lower bound of Δtop − {RATIO_THRESHOLD:g}·Δ{control}"
+    if stats.get("sequential"):
+        return [_sequential_ratio(stats, evidence, control, text, thr)]
     cs = [c for c in stats.get("contrasts", []) if c["perturbation"] == "sign_flip" and c["a"] == "top_k"
           and c["b"] == control and c.get("primary") in c]
     if not cs:
@@ -112,6 +114,66 @@ def p3_sign_flip_ratio(stats: Mapping[str, Any], evidence: str, control: str = "
             else "the observed contrast is not positive, so more units would not make it pass")
     return [Criterion("P3.sign_flip_ratio", 3, text, value, thr, None, evidence, f"{note}; {more}",
                       verdict="underpowered")]
+
+
+def _sequential_ratio(stats: Mapping[str, Any], evidence: str, control: str, text: str, thr: str) -> Criterion:
+    """P3.sign_flip_ratio from a sequential sweep's decision on Δtop − 5·Δcontrol (esa.stats.sequential)."""
+    rows = [r for r in stats["sequential"] if r["perturbation"] == "sign_flip" and r["a"] == "top_k"
+            and r["b"] == control and r["c"] == RATIO_THRESHOLD]
+    if not rows:
+        return Criterion("P3.sign_flip_ratio", 3, text, None, thr, None, evidence,
+                         f"no sign_flip top_k vs {control} contrast was run")
+    r = next((x for x in rows if x["scale"] == 1.0), max(rows, key=lambda x: x["scale"]))
+    value = _finite(r["estimate"])
+    note = (f"sign_flip scale {r['scale']:g}, sequential: D = Δtop − {RATIO_THRESHOLD:g}·Δ{control} = "
+            f"{_num(r['estimate'])} [{_num(r['lower'])}, {_num(r['upper'])}] at n = {r['n']} of {r['n_max']} "
+            f"{r['unit']}; {r['reason']}; {r['design']}")
+    if r["decision"] in ("PASS", "FAIL"):
+        return Criterion("P3.sign_flip_ratio", 3, text, value, thr, r["decision"] == "PASS", evidence, note)
+    return Criterion("P3.sign_flip_ratio", 3, text, value, thr, None, evidence, note,
+                     verdict="underpowered" if value is not None else "not estimable")
+
+
+def _num(x: Any) -> str:
+    v = _finite(x)
+    return f"{v:.3g}" if v is not None else str(x)
+
+
+def _sequential_significance(stats: Mapping[str, Any], evidence: str, control: str, text: str, thr: str,
+                             expected: list[str] | None) -> Criterion:
+    """P3.significance from a sequential sweep: every usable top_k vs control comparison decided PASS at its
+    alpha/m (Bonferroni over the sweep's comparisons, which the design spends over its looks)."""
+    rows = [r for r in stats["sequential"] if r["a"] == "top_k" and r["b"] == control and r["c"] == 1.0]
+    if not rows:
+        return Criterion("P3.significance", 3, text, None, thr, None, evidence, f"no top_k vs {control} comparison was run")
+    label = lambda r: r["perturbation"] + (f" x{r['scale']:g}" if r["scale"] != 1.0 else "")  # noqa: E731
+    saturated = [r for r in rows if r["zero_differences"]]
+    usable = [r for r in rows if not r["zero_differences"]]
+    types = sorted({_base_type(r["perturbation"]) for r in rows})
+    missing = sorted(set(expected or []) - set(types))
+    dead = sorted(set(types) - {_base_type(r["perturbation"]) for r in usable})
+    notes = [f"{label(r)}: top_k and {control} do identical damage" for r in saturated]
+    notes += [f"perturbation types not run: {missing}"] if missing else []
+    notes += [f"no condition of {dead} can tell top_k from {control}"] if dead else []
+    n_used = sum(r["n"] for r in usable)
+    level = f"{usable[0]['alpha']:.3g}" if usable else "?"
+    head = (f"{len(usable)} sequential comparison(s) of {types}, each at one-sided alpha {level} (alpha {ALPHA} / m), "
+            f"{n_used} (seed, window) pairs used")
+    failed = [r for r in usable if r["decision"] == "FAIL"]
+    open_ = [r for r in usable if r["decision"] not in ("PASS", "FAIL")]
+    worst = max((r["p"] for r in usable if _finite(r["p"]) is not None), default=None)
+    if failed:
+        return Criterion("P3.significance", 3, text, worst, thr, False, evidence,
+                         "; ".join([f"{head}; decided against top_k > {control}: "
+                                    + ", ".join(label(r) for r in failed), *notes]))
+    if open_:
+        return Criterion("P3.significance", 3, text, worst, thr, None, evidence,
+                         "; ".join([f"{head}; undecided at the cap: " + ", ".join(
+                             f"{label(r)} ({r['reason']})" for r in open_), *notes]), verdict="underpowered")
+    if missing or dead or not usable:
+        return Criterion("P3.significance", 3, text, worst, thr, None, evidence, "; ".join([head, *notes]),
+                         verdict="not estimable")
+    return Criterion("P3.significance", 3, text, worst, thr, True, evidence, "; ".join([head, *notes]))
 
 
 def _base_type(perturbation: str) -> str:
@@ -184,6 +246,9 @@ def p3_significance(stats: Mapping[str, Any], evidence: str, control: str = "ran
     comps = [c for c in stats.get("comparisons", []) if c["a"] == "top_k" and c["b"] == control]
     text = "p < 0.01 across all perturbation types"
     thr = "< 0.01 (Holm-corrected)"
+    if stats.get("sequential"):
+        return [_sequential_significance(stats, evidence, control, text, "< 0.01 family-wise (sequential, "
+                                         "Bonferroni)", expected)]
     if not comps:
         return [Criterion("P3.significance", 3, text, None, thr, None, evidence,
                           f"no top_k vs {control} comparison was run")]
@@ -300,6 +365,9 @@ def holds(stats: Mapping[str, Any], control: str = "random_k") -> bool | None:
     """The Phase 3 claim for one model: the sign-flip ratio PASSes and top_k > control is significant in every
     condition; None when either cannot be judged (ratio over noise, underpowered tests)."""
     ratio = p3_sign_flip_ratio(stats, "", control)[0]
+    if stats.get("sequential"):
+        sig = p3_significance(stats, "", control)[0]
+        return None if ratio.passed is None or sig.passed is None else bool(ratio.passed and sig.passed)
     comps = [c for c in stats.get("comparisons", []) if c["a"] == "top_k" and c["b"] == control]
     if ratio.passed is None or not comps:
         return None

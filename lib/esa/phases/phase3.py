@@ -22,10 +22,12 @@ from esa.params import Profile
 from esa.perturb import build_groups, run_sweep
 from esa.perturb.advanced import single_weight_test
 from esa.perturb.ops import PerturbSpec
-from esa.perturb.sweep import group_composition
+from esa.perturb.sweep import TOP, group_composition, run_sweep_sequential
+from esa.phases import criteria
 from esa.recipes import Recipe
 from esa.sensitivity.superweights import detect_superweights
 from esa.stats.inference import analyze
+from esa.stats.sequential import Design
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +89,36 @@ def sweep_model(model_name: str, P: Profile, specs: list[PerturbSpec], controls:
     controls = list(P.controls if controls is None else controls)
     wins = eval_windows(lm, P)
     groups = build_groups(lm.model, lm.inventory, sel, P.seeds, controls, scores)
-    res = run_sweep(lm.model, wins, groups, specs, batch_size=P.batch_size)
-    stats = analyze(res.table, res.windows)
+    if P.sequential:
+        design = sweep_design(P, specs, controls, wins.n_windows)
+        res = run_sweep_sequential(lm.model, wins, groups, specs, lambda s: comparisons(s, controls), design,
+                                   batch_size=P.batch_size, show_progress=False)
+    else:
+        res = run_sweep(lm.model, wins, groups, specs, batch_size=P.batch_size)
+    stats = analyze(res.table, res.windows, sequential=res.sequential)
     table = res.table.assign(model=model_name)
     return ModelSweep(model_name, lm.info.family, table, res.windows.assign(model=model_name), stats,
                       res.baseline, cached, time.perf_counter() - t0,
                       group_composition(lm.model, groups).assign(model=model_name), sel)
+
+
+def comparisons(spec: PerturbSpec, controls: list[str]) -> list[tuple[str, str, float]]:
+    """What a sweep judges per perturbation: top-k against each control (P3.significance), and for sign_flip
+    top-k against 5x random_k (P3.sign_flip_ratio)."""
+    out = [(TOP, c, 1.0) for c in controls]
+    if spec.kind() == "sign_flip" and "random_k" in controls:
+        out.append((TOP, "random_k", criteria.RATIO_THRESHOLD))
+    return out
+
+
+def sweep_design(P: Profile, specs: list[PerturbSpec], controls: list[str], n_windows: int) -> Design:
+    """The sequential design of a sweep: looks at `first_windows` x seeds (doubling) up to every window, each
+    comparison at alpha / m (Bonferroni over the sweep's m comparisons: valid for any stopping)."""
+    S = len(P.seeds)
+    m = sum(len(comparisons(s, controls)) for s in specs)
+    first = int(P.sequential.get("first_windows", 2))
+    return Design(alpha=criteria.ALPHA / max(1, m), n0=S * min(first, n_windows), n_max=S * n_windows,
+                  spending=P.sequential.get("spending", "pocock"))
 
 
 def zero_alone(lm: LoadedModel, P: Profile, selection: pd.DataFrame, metric: str = PRIMARY_METRIC,

@@ -22,6 +22,7 @@ The plan (README, "Methods", statistics):
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -242,6 +243,7 @@ def analyze(
     alpha: float = 0.01,
     seed: int = 0,
     contrast_c: float = 5.0,
+    sequential: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """Everything stats.json holds for one sweep table (and, optionally, its per-window table).
 
@@ -321,8 +323,18 @@ def analyze(
     ]
     notes.append(f"contrasts: D = a − {contrast_c:g}·b per seed and per (seed, window) pair, one-sided "
                  f"{1 - alpha:.0%} t bounds (esa.stats.contrasts); PASS when the lower bound is above 0")
-    return dict(value=value, cap=cap, alpha=alpha, summary=summary, ratios=ratios, comparisons=comps,
-                contrasts=contrasts, dose_response=dose_response(table, value), notes=notes)
+    out = dict(value=value, cap=cap, alpha=alpha, summary=summary, ratios=ratios, comparisons=comps,
+               contrasts=contrasts, dose_response=dose_response(table, value), notes=notes)
+    if sequential is not None and len(sequential):
+        # the decisions of a sequential sweep: what its criteria are judged on (its stopping made the fixed-n
+        # tests above, computed on whatever windows were evaluated, descriptive only)
+        out["sequential"] = json.loads(sequential.to_json(orient="records"))
+        per_seed = int(sequential["n_max"].iloc[0]) // max(1, table["seed"].nunique())  # the cap, in windows
+        n_used, n_fixed = int(table["n_windows"].sum()), per_seed * len(table)
+        out["sequential_windows"] = {"evaluated": n_used, "fixed_n_plan": n_fixed}
+        notes.append(f"sequential evaluation: {n_used} condition-windows evaluated against {n_fixed} for the fixed-n "
+                     f"plan; decisions from {sequential['design'].iloc[0]}")
+    return out
 
 
 def _window_comparison(w: pd.DataFrame, key: dict[str, Any], a: str, b: str) -> dict[str, Any]:
