@@ -83,3 +83,33 @@ def test_looks_must_align_with_the_seeds(planted):
     with pytest.raises(EsaError, match="multiples of the 2 seeds"):
         run_sweep_sequential(lm.model, _windows(8), groups, [PerturbSpec("zero")], lambda s: [],
                              Design(alpha=0.01, n0=3, n_max=16), show_progress=False)
+
+
+def _seq_row(perturbation: str, b: str, c: float, decision: str, n: int = 8, zero: bool = False) -> dict:
+    return dict(perturbation=perturbation, scale=1.0, prob=0.5, dose=1.0, a="top_k", b=b, c=c, alpha=0.001,
+                decision=decision, reason="p 1e-05 ≤ α_k at look 1" if decision in ("PASS", "FAIL") else "reached the cap",
+                look=1 if decision in ("PASS", "FAIL") else None, n=n, n_max=32, estimate=3.0, lower=1.0, upper=5.0,
+                p=1e-5, p_opposite=0.9, alpha_look=1e-4, threshold=0.0, unit="(seed, window) pairs",
+                design="group-sequential paired t", zero_differences=zero)
+
+
+def test_phase3_criteria_read_the_sequential_decisions():
+    from esa.phases import criteria
+
+    rows = [_seq_row("sign_flip", "random_k", 1.0, "PASS"), _seq_row("sign_flip", "random_k", 5.0, "PASS"),
+            _seq_row("zero", "random_k", 1.0, "PASS"), _seq_row("bit_flip", "random_k", 1.0, "undecided", zero=True),
+            _seq_row("bit_flip[lsb-exponent]", "random_k", 1.0, "PASS")]
+    st = {"sequential": rows, "comparisons": []}
+    assert criteria.p3_sign_flip_ratio(st, "x")[0].verdict == "PASS"
+    sig = criteria.p3_significance(st, "x", expected=["sign_flip", "zero"])[0]
+    assert sig.verdict == "PASS" and "identical damage" in sig.note  # the saturated one is named, left out
+    assert criteria.holds(st) is True
+    st["sequential"][2] = _seq_row("zero", "random_k", 1.0, "undecided", n=32)
+    sig = criteria.p3_significance(st, "x")[0]
+    assert sig.verdict == "underpowered" and "undecided at the cap" in sig.note and criteria.holds(st) is None
+    st["sequential"][2] = _seq_row("zero", "random_k", 1.0, "FAIL")
+    assert criteria.p3_significance(st, "x")[0].verdict == "FAIL" and criteria.holds(st) is False
+    st["sequential"][1] = _seq_row("sign_flip", "random_k", 5.0, "FAIL")
+    assert criteria.p3_sign_flip_ratio(st, "x")[0].verdict == "FAIL"
+    missing = criteria.p3_significance({"sequential": rows[:2]}, "x", expected=["sign_flip", "zero"])[0]
+    assert missing.verdict == "not estimable" and "zero" in missing.note
