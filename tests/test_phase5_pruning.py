@@ -109,7 +109,7 @@ def test_cli_uncomputable_scorer_refused_before_load(tmp_path, monkeypatch, caps
     monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", str(tmp_path / "empty"))
     assert cli.main(BASE + ["--prune", "wanda", "--corpus", "c4"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "cannot be computed" in err and "c4" in err and err.count("\n") == 0
+    assert "--prune wanda needs text from 'c4'" in err and "data-free method" in err and err.count("\n") == 0
 
 
 def test_dry_run_of_the_gpu_reproduction_loads_nothing(capsys, no_load, monkeypatch):
@@ -228,3 +228,30 @@ def test_run_model_restores_bit_exactly_and_builds_tables():
     plan = pp.plan(S, P, ["tiny-llama"])
     text = pp.findings({"tiny-llama": mp}, plan)
     assert len(text) == 1 and text[0].startswith("**tiny-llama** has a dense perplexity of")
+
+
+def test_sequential_run_decides_the_criterion_on_fewer_windows_and_restores():
+    lm = load("tiny-llama")
+    before = weights_hash(lm.model)
+    section = {"methods": ["magnitude", "obd"], "sweep": [0.3], "sweep_methods": ["magnitude"], "patterns": [],
+               "owl_methods": [], "protect": False, "calib_seeds": [0, 1], "calib_windows": 2, "calib_seqlen": 32,
+               "eval_windows": 16, "eval_seqlen": 32, "zeroshot_items": 0, "superweights": False,
+               "esa_methods": ["obd"], "machinery_only": False}
+    P = load_profile("smoke", {"seqlen": 32, "max_samples": 2, "seeds": [1337], "topk": 3, "eval_windows": 16,
+                               "pruning": section, "sequential": {"first_windows": 2}})
+    S = pp.settings(P)
+    mp = pp.run_model("tiny-llama", P, S, lm=lm)
+    assert mp.restored and weights_hash(lm.model) == before
+    d = mp.decisions.set_index("comparison")
+    assert list(d.index) == ["obd.vs_magnitude"] and d.loc["obd.vs_magnitude", "n_seeds"] == 2
+    rows = mp.rows.set_index(["method", "sparsity", "calib_seed"])
+    # what was not compared is measured on the first look's windows; dense on as many as any condition
+    assert rows.loc[("magnitude", 0.3, 0), "eval_windows"] == 2
+    assert rows["eval_windows"].max() == rows.loc[("dense", 0.0, -1), "eval_windows"] <= 16
+    crit, _ = pp.criterion_rows(mp.rows, S, "t", mp.decisions.assign(model="tiny-llama"))
+    main = [c for c in crit if c.id == "P5.prune_gain.obd.vs_magnitude.tiny-llama"][0]
+    assert main.verdict in ("PASS", "FAIL", "underpowered") and "sequential: D =" in main.note
+    # the numbers on the windows both saw equal the fixed-n run's (window order is one fixed prefix)
+    fixed = pp.run_model("tiny-llama", P.__class__(**{**P.as_dict(), "sequential": {}}), S, lm=lm)
+    n = int(rows.loc[("magnitude", 0.3, 0), "eval_windows"])
+    assert fixed.rows["eval_windows"].min() == 16 and n < 16

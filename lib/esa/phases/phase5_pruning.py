@@ -1,12 +1,11 @@
 """Phase 5, week 13a (pruning): every scorer side by side at equal sparsity, one evaluation, one criterion.
 
 A `Study` (esa.phases.study) on the profile section `pruning`: `plan` expands it into conditions
-(esa.apps.pruning.grid), `run` prunes and evaluates each in place (masks restored bit-exactly after each), and
-`criteria` judges the guide's "ESA-guided pruning outperforms magnitude by >15%" per model as the contrast
-0.85·Δ_magnitude − Δ_method > 0 (Δ = log-PPL(pruned) − log-PPL(dense) at the section's sparsity, unstructured,
-paired by calibration seed; esa.stats.intervals.damage_contrast), with Wanda and SparseGPT beside it.
-esa-runner's `PruneRequest` (--prune, --sparsity, --pattern, --allocation, --protect-critical, --calibration,
---export-pruned) is checked in `job` before any model is loaded.
+(esa.apps.pruning.grid), `run` prunes and evaluates each in place (masks restored bit-exactly), and `criteria`
+judges "ESA-guided pruning outperforms magnitude by >15%" per model as the contrast 0.85·Δ_magnitude − Δ_method
+> 0 (Δ = log-PPL(pruned) − log-PPL(dense), unstructured, at the section's sparsity), over calibration seeds
+(esa.stats.intervals.damage_contrast) or, with the profile's `sequential`, over (seed, window) pairs decided
+in looks (esa.apps.pruning.sequential); Wanda and SparseGPT stand beside magnitude.
 """
 
 from __future__ import annotations
@@ -36,9 +35,10 @@ from esa.apps.pruning import (
     results_table,
     sentences,
 )
+from esa.apps.pruning import sequential as seq
 from esa.apps.pruning.critical import critical_or_topk
-from esa.apps.pruning.prune import check_protected_fits, pruned_specs
-from esa.apps.pruning.sparsity_patterns import check_divides, parse_pattern
+from esa.apps.pruning.prune import check_shapes
+from esa.apps.pruning.sparsity_patterns import parse_pattern
 from esa.apps.pruning.tables import published_ppl, summary_tables
 from esa.data import check_reachable, evaluation
 from esa.errors import EsaError
@@ -50,13 +50,14 @@ from esa.phases.study import Plan, Planned, RunContext, Study, option, setting
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 from esa.sensitivity.select import MODES
-from esa.stats.intervals import damage_contrast
+from esa.stats.intervals import damage_contrast, decision_verdict
 from esa.stats.verdicts import Criterion
 from esa.store import write_json, write_parquet
 from esa.zeroshot import ZeroShotTask, build_next_line
 
 SENSITIVITY = ("grad_x_weight", "obd", "hutchinson_diag")  # the scorers the guide calls "ESA"
 CRITERION = "P5.prune_gain"
+BASELINES = ("magnitude", "wanda", "sparsegpt")
 
 
 _METHODS = st.each(st.one_of(lambda: methods()), unique=True)
@@ -116,9 +117,8 @@ def settings(profile: Profile, overrides: Mapping[str, Any] | None = None) -> Se
         parse_pattern(pat)
         if not isinstance(by_method, dict):
             raise EsaError(f"pruning.reference.{pat} must map method (or 'dense') to a PPL, got {by_method!r}")
-        for m in by_method:
-            if m != "dense":
-                get_method(m)
+        for m in set(by_method) - {"dense"}:
+            get_method(m)
     conditions(S, profile)  # every PruneSpec is built (and so checked) here
     return S
 
@@ -129,41 +129,32 @@ def _defaults(P: Profile) -> grid.Defaults:
 
 
 def conditions(S: Settings, P: Profile) -> list[grid.Condition]:
-    """Every (spec, protected) the section asks for, each over the calibration seeds, without repeats."""
-    return grid.conditions(S, _defaults(P))
+    return grid.conditions(S, _defaults(P))  # the section's (spec, protected) pairs, each over the seeds
 
 
 def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
-    """What a run of the section computes, without loading anything (the dry run prints it)."""
-    conds = conditions(S, P)
-    chosen = list(models or S.models or P.models)
-    n_eval = S.eval_windows if S.eval_windows is not None else P.eval_windows
+    """What a run of the section computes, without loading anything (the dry run prints it). Sequential: a
+    compared condition is planned at its cap (the worst case), any other at the first look's windows."""
+    chosen, n_eval, seqlen = list(models or S.models or P.models), S.eval_windows or P.eval_windows or 0, \
+        S.eval_seqlen or P.seqlen
     notes = st.hub_notes({S.calib_corpus or P.corpus, S.eval_corpus or P.corpus}
-                      | ({S.zeroshot_corpus} if S.zeroshot_items else set()), chosen)
-    if S.reference:
-        notes.append(f"reference ({S.reference_source}): {S.reference}; pass = within {S.reference_tolerance:g} PPL "
-                     "of each published number")
+                         | ({S.zeroshot_corpus} if S.zeroshot_items else set()), chosen)
+    notes += [f"reference ({S.reference_source}): {S.reference}; pass = within {S.reference_tolerance:g} PPL"] * bool(
+        S.reference)
+    first = min(n_eval, int(P.sequential.get("first_windows", 2))) if P.sequential else n_eval
     planned = []
     for m in chosen:
-        planned.append(Planned(m, "dense", n_eval or 0, "windows", (CRITERION,)))
-        planned += [Planned(m, c.spec.label() + (" [protected]" if c.protected else "") + f" seed={c.spec.calib_seed}"
-                            f" calib={c.spec.calibration}", n_eval or 0, "windows", _serves(c, S)) for c in conds]
-    setup = {"calibration": {"corpus": S.calib_corpus or P.corpus, "seqlen": S.calib_seqlen or P.seqlen,
-                             "windows": S.calib_windows, "seeds": list(S.calib_seeds),
-                             "mode": S.calibration or "each method's default (sequential; gradient scorers one-shot)"},
-             "evaluation": {"corpus": S.eval_corpus or P.corpus, "seqlen": S.eval_seqlen or P.seqlen,
-                            "windows": n_eval, "zeroshot_items": S.zeroshot_items,
-                            "zeroshot_corpus": S.zeroshot_corpus}}
+        planned.append(Planned(m, "dense", n_eval, "windows", (CRITERION,), seqlen=seqlen))
+        for c in conditions(S, P):
+            decides = grid.serves(c, S.sparsity, (*S.esa_methods, *BASELINES))
+            planned.append(Planned(m, f"{c.spec.label()}{' [protected]' * c.protected} seed={c.spec.calib_seed} "
+                                   f"calib={c.spec.calibration}",
+                                   n_eval if decides else first, "windows", (CRITERION,) * decides, seqlen=seqlen))
+    setup = {"calibration": dict(corpus=S.calib_corpus or P.corpus, seqlen=S.calib_seqlen or P.seqlen,
+                                 windows=S.calib_windows, seeds=list(S.calib_seeds)),
+             "evaluation": dict(corpus=S.eval_corpus or P.corpus, seqlen=seqlen, windows=n_eval,
+                                zeroshot_items=S.zeroshot_items, sequential=P.sequential or "no (fixed n)")}
     return Plan("pruning", P, chosen, S, planned, setup, notes)
-
-
-def _serves(c: grid.Condition, S: Settings) -> tuple[str, ...]:
-    """The criterion a condition's numbers decide: the gain rows at the criterion's sparsity, unstructured."""
-    at = c.spec.sparsity is not None and abs(c.spec.sparsity - S.sparsity) < 1e-9
-    if at and c.spec.pattern == "unstructured" and c.spec.allocation == "uniform" and (
-            c.spec.method in (*S.esa_methods, "magnitude", "wanda", "sparsegpt")):
-        return (CRITERION,)
-    return ()
 
 
 # ---------------------------------------------------------------- one model
@@ -178,6 +169,7 @@ class ModelPruning:
     restored: bool  # weights hash after == before
     seconds: float = 0.0
     pruned: list[Any] = field(default_factory=list)  # the PruneResults (masks), only when run_model(keep=True)
+    decisions: pd.DataFrame | None = None  # sequential evaluation: one row per comparison of the criterion
 
 
 def eval_windows(lm: LoadedModel, S: Settings, P: Profile) -> Any:
@@ -218,22 +210,28 @@ def run_model(name: str, P: Profile, S: Settings, lm: LoadedModel | None = None,
     if protect is None and S.protect and any(c.protected for c in conds):
         targets, crit = protected_set(lm, name, S, P)
     bs = S.batch_size or P.batch_size
-    rows = [evaluate_condition(lm, None, windows, task, batch_size=bs, show_progress=show_progress)]
-    kept = []
-    for c in conds:
+    rows, kept, decisions = [] if P.sequential else [evaluate_condition(lm, None, windows, task, batch_size=bs)], [], None
+    for c in conds:  # fixed n: each condition pruned, evaluated on every window, its masks dropped
         spec = replace(c.spec, protect=crit["label"]) if c.protected else c.spec
         res = prune(lm, spec, protect=targets if c.protected else None, model_ref=name, show_progress=show_progress)
-        rows.append(evaluate_condition(lm, res, windows, task, batch_size=bs, show_progress=show_progress))
-        kept += [res] if keep else []
-    for r in rows:
-        r["model"] = name
-    table = results_table(rows)
+        if not P.sequential:
+            rows.append(evaluate_condition(lm, res, windows, task, batch_size=bs, show_progress=show_progress))
+        kept += [res] if keep or P.sequential else []
+    if P.sequential:  # sequential: windows go to the criterion's comparisons until each is decided
+        prot = {m for m in S.esa_methods if S.protect and m in S.protect_methods and any(
+            c.protected and c.spec.method == m for c in conds)}
+        comps = seq.comparisons_of(dict(enumerate(conds)), S.esa_methods, BASELINES, S.sparsity, prot, S.threshold)
+        table, decisions = seq.run(lm, windows, bs, kept, comps, task, S.alpha, P.sequential)
+        kept = kept if keep else []
+    else:
+        table = results_table(rows)
+    table["model"] = name
     restored = weights_hash(lm.model) == before
     if not restored:
         raise EsaError(f"{name}: the weights differ from the dense model after pruning and evaluation "
                        "(a mask was not restored bit-exactly)")
     return ModelPruning(name, table, tables(table, S), crit, windows.describe(),
-                        task.describe() if task is not None else {}, restored, time.perf_counter() - t0, kept)
+                        task.describe() if task is not None else {}, restored, time.perf_counter() - t0, kept, decisions)
 
 
 def tables(table: pd.DataFrame, S: Settings) -> dict[str, pd.DataFrame]:
@@ -247,15 +245,17 @@ def run(p: Plan) -> dict[str, ModelPruning]:
 
 
 # ---------------------------------------------------------------- the criterion
-def criterion_rows(table: pd.DataFrame, S: Settings, evidence: str) -> tuple[list[Criterion], pd.DataFrame]:
+def criterion_rows(table: pd.DataFrame, S: Settings, evidence: str,
+                   decisions: pd.DataFrame | None = None) -> tuple[list[Criterion], pd.DataFrame]:
     """Scorecard rows: each ESA scorer (protected if run, else plain) vs magnitude (the guide's criterion),
-    and beside it vs Wanda and SparseGPT; plus the per-seed gains they rest on."""
+    and beside it vs Wanda and SparseGPT; plus the per-seed gains they rest on. With `decisions` (a
+    sequential run's, column `model`), each row is that comparison's decision over (seed, window) pairs."""
     rows, detail = [], []
     for model in table["model"].unique():
         tm = table[table["model"] == model]
         for m in S.esa_methods:
             protected = bool(S.protect and m in S.protect_methods and (tm["method"].eq(m) & tm["protected"].ne("none")).any())
-            for base in ("magnitude", "wanda", "sparsegpt"):
+            for base in BASELINES:
                 if base == m:
                     continue
                 cmp = matched_gains(tm, m, base, S.sparsity, protected)
@@ -263,8 +263,10 @@ def criterion_rows(table: pd.DataFrame, S: Settings, evidence: str) -> tuple[lis
                     detail.append(cmp.assign(protected_method=protected))
                 dm = cmp["delta_log_ppl"].tolist() if not cmp.empty else []
                 db = cmp["delta_log_ppl_baseline"].tolist() if not cmp.empty else []
-                v = damage_contrast(dm, db, S.threshold, S.alpha, S.machinery_only)
                 tag = f"{m}{'+protect' if protected else ''}"
+                v = damage_contrast(dm, db, S.threshold, S.alpha, S.machinery_only) if decisions is None else \
+                    decision_verdict(decisions[(decisions["model"] == model) & (decisions["comparison"]
+                                                                                 == f"{tag}.vs_{base}")], S.machinery_only)
                 text = (f"ESA-guided pruning outperforms {base} pruning by >{S.threshold:.0%} ({tag}, {model}, "
                         f"{S.sparsity:.0%} unstructured)")
                 if base != "magnitude":
@@ -295,10 +297,16 @@ def reference_rows(mp: ModelPruning, S: Settings, evidence: str) -> list[Criteri
 
 def criteria(results: Mapping[str, ModelPruning], p: Plan, evidence: str) -> list[Criterion]:
     """The gain rows over every model, and the reproduction rows where the section names published numbers."""
-    rows, _ = criterion_rows(pd.concat([r.rows for r in results.values()], ignore_index=True), p.settings, evidence)
+    rows, _ = criterion_rows(pd.concat([r.rows for r in results.values()], ignore_index=True), p.settings, evidence,
+                             _decisions(results))
     for m, r in results.items():
         rows += reference_rows(r, p.settings, f"{evidence} ({m})") if p.settings.reference else []
     return rows
+
+
+def _decisions(results: Mapping[str, ModelPruning]) -> pd.DataFrame | None:
+    parts = [r.decisions.assign(model=m) for m, r in results.items() if r.decisions is not None]
+    return pd.concat(parts, ignore_index=True) if parts else None
 
 
 def findings(results: Mapping[str, ModelPruning], p: Plan) -> list[str]:
@@ -355,15 +363,11 @@ def job(req: PruneRequest, ctx: RunContext) -> PruneJob:
                 eval_corpus=None, zeroshot_items=0, protect=req.protect_critical)
     spec = grid.base_spec(S, _defaults(P), req.prune, sparsity, pattern, req.allocation or "uniform",  # type: ignore[arg-type]
                      calibration=req.calibration)
-    specs = inventory_without_weights(model_params(ctx.model).ref)
-    if specs is not None:
-        todo = pruned_specs(specs, spec)
-        check_divides(spec.pattern_obj, todo)
-        if req.protect_critical:
-            check_protected_fits(spec, todo, R.topk, R.mode, S.superweights)
+    check_shapes(spec, inventory_without_weights(model_params(ctx.model).ref), R.topk if req.protect_critical else None,
+                 R.mode, S.superweights)
     if not ctx.dry_run and spec.uses_calibration:
-        check_reachable(spec.corpus, f"--prune {spec.method}", f"; its scores cannot be computed for {ctx.model}. Use "
-                        "--corpus shakespeare (or a local text file), or a data-free method (magnitude, random)")
+        check_reachable(spec.corpus, f"--prune {spec.method}", "; use --corpus shakespeare (or a local text file), or "
+                        "a data-free method (magnitude, random)")
     return PruneJob(spec, S, bool(req.protect_critical), req.export_pruned)
 
 

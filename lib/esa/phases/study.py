@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -188,6 +188,9 @@ class Planned:
     serves: tuple[str, ...] = ()  # criterion ids (or id prefixes) this condition's numbers decide
     seconds: float | None = None  # predicted on this machine; None: no measured cost to predict from
     peak_bytes: int | None = None
+    kind: str = "eval"  # the pass each unit costs (esa.phases.costs.KINDS); windows of `seqlen` tokens
+    seqlen: int | None = None
+    per_unit: float = 1.0  # passes per unit (e.g. windows per training step, windows per seed)
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "label": self.label, "n": self.n, "unit": self.unit,
@@ -210,6 +213,14 @@ class Plan:
         """The predicted total, or None when any condition has no prediction."""
         s = [c.seconds for c in self.conditions]
         return None if not s or any(x is None for x in s) else float(sum(s))  # type: ignore[arg-type]
+
+    def predict(self, costs: Any) -> Plan:
+        """Fill each condition's predicted seconds from measured per-window costs (esa.phases.costs.Costs):
+        n units x per_unit passes of `kind`; a condition already predicted keeps its number."""
+        if costs is not None:
+            self.conditions = [c if c.seconds is not None else replace(
+                c, seconds=costs.seconds(c.model, c.kind, c.n * c.per_unit, c.seqlen)) for c in self.conditions]
+        return self
 
     def for_model(self, model: str) -> list[Planned]:
         return [c for c in self.conditions if c.model == model]

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy import stats as st
 
 from esa.stats.contrasts import contrast
@@ -64,4 +65,19 @@ def damage_contrast(method_damage: list[float], baseline_damage: list[float], th
         return Verdict(k.estimate, k.lower, k.upper, k.n, None, "machinery-only",
                        f"smoke budget, the number is not evidence (would read {verdict}): {note}")
     return Verdict(k.estimate, k.lower, k.upper, k.n, passed, verdict, note)
+
+
+def decision_verdict(rows: pd.DataFrame, machinery_only: bool = False) -> Verdict:
+    """The Verdict of a sequential comparison (one row of a decisions table, esa.stats.sequential fields):
+    PASS / FAIL as decided, underpowered when it reached its cap undecided, not estimable when it was not run."""
+    if rows.empty:
+        return Verdict(None, math.nan, math.nan, 0, None, "not estimable", "no matched (method, baseline) pair was run")
+    r = rows.iloc[0]
+    note = (f"sequential: D = {r['estimate']:.3g} [{r['lower']:.3g}, {r['upper']:.3g}] at n = {r['n']} of {r['n_max']} "
+            f"{r['unit']} (one-sided alpha {r['alpha']:.3g} over the family); {r['reason']}; {r['design']}")
+    passed, verdict = {"PASS": (True, "PASS"), "FAIL": (False, "FAIL")}.get(r["decision"], (None, "underpowered"))
+    if machinery_only:
+        return Verdict(float(r["estimate"]), float(r["lower"]), float(r["upper"]), int(r["n"]), None, "machinery-only",
+                       f"smoke budget, the number is not evidence (would read {verdict}): {note}")
+    return Verdict(float(r["estimate"]), float(r["lower"]), float(r["upper"]), int(r["n"]), passed, verdict, note)
 

@@ -72,3 +72,11 @@ def conditions(S: Any, d: Defaults) -> list[Condition]:
             c = Condition(spec, protected)
             out.setdefault(c.key(), c)
     return list(out.values())
+
+
+def serves(c: Condition, sparsity: float, compared: tuple[str, ...]) -> bool:
+    """Whether a condition's numbers decide the criterion: a compared method at the criterion's sparsity,
+    unstructured, uniform allocation."""
+    at = c.spec.sparsity is not None and abs(c.spec.sparsity - sparsity) < 1e-9
+    return at and c.spec.pattern == "unstructured" and c.spec.allocation == "uniform" and c.spec.method in compared
+

@@ -267,3 +267,16 @@ def check_protected_fits(spec: PruneSpec, specs: list[WeightSpec], k: int, mode:
         if k > keep:
             raise EsaError(f"--protect-critical protects the global top-{k}, more than the {keep} weights sparsity "
                            f"{spec.sparsity:g} keeps; lower --topk or --sparsity")
+
+
+def check_shapes(spec: PruneSpec, specs: list[WeightSpec] | None, protect_topk: int | None, mode: str,
+                 superweights: bool) -> None:
+    """What the shapes alone can refuse before a model loads (nothing when they are unknown, `specs` None): an
+    N:M group that does not divide a row, and (`protect_topk` given) a protected set larger than what is kept."""
+    if specs is None:
+        return
+    todo = pruned_specs(specs, spec)
+    check_divides(spec.pattern_obj, todo)
+    if protect_topk is not None:
+        check_protected_fits(spec, todo, protect_topk, mode, superweights)
+
