@@ -9,7 +9,7 @@ from pathlib import Path
 from esa.errors import EsaError
 from esa.params import yaml_load
 from esa.runner import record
-from esa.runner.driver import RunConfig, format_plan, generate_docs, make_plan, run, verify_cache
+from esa.runner.driver import RunConfig, format_plan, generate_docs, make_plan, run, study_plans, verify_cache
 from esa.runner.executors import EXECUTORS
 from esa.runner.lifeline import Terminated, sigterm_as_interrupt
 from esa.store import REPO_ROOT
@@ -159,6 +159,7 @@ def _run(args: argparse.Namespace) -> int:
             if cfg.verify_cache:
                 verify_cache()
             print(format_plan(plan))
+            print("\n".join(study_plans(plan)))
             return 0
         else:
             result = run(cfg)

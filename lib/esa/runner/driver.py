@@ -241,6 +241,31 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def study_plans(plan: Plan) -> list[str]:
+    """Per notebook of the plan that is a study (schedule.yaml `study:`): its conditions, n, the criterion
+    each serves and the seconds predicted from this machine's measured costs (esa.phases.costs); loads nothing."""
+    from esa.phases import costs
+    from esa.phases.command import STUDIES
+
+    by_name = {s.name: s for s in STUDIES}
+    measured = costs.load()
+    profile = load_profile(plan.config.profile, plan.config.overrides)
+    lines = [("costs: " + (f"measured on {measured.machine.get('cores')} cores, {measured.machine.get('cpu')}"
+                           + ("" if measured.same_machine() else " (another machine: predictions are that machine's)"))
+              if measured else "costs: none measured here (make costs): no seconds predicted")]
+    total = 0.0
+    for item in plan.items:
+        study = by_name.get(item.entry.study or "")
+        if study is None:
+            lines.append(f"{item.entry.id}: not a study yet (no plan)")
+            continue
+        p = study.plan(study.settings(profile, None), profile, item.task.parameters["models"]).predict(measured)
+        total += p.seconds() or 0.0
+        lines += [f"{item.entry.id}:"] + ["  " + ln for ln in p.lines()]
+    lines.append(f"predicted for the studies above: {total / 60:.0f} min on this machine" if measured else "")
+    return lines
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 

@@ -23,6 +23,7 @@ class Entry:
     title: str = ""
     models_spec: Any = "profile"  # "profile" | "phase1" | [names]
     depends_on: tuple[str, ...] = field(default_factory=tuple)
+    study: str | None = None  # the esa.phases study whose plan() says what the notebook computes
 
     @property
     def phase_week(self) -> str:
@@ -49,6 +50,7 @@ def entries(raw: list[dict[str, Any]] | None = None) -> list[Entry]:
                 title=str(item.get("title", "")),
                 models_spec=item.get("models", "profile"),
                 depends_on=tuple(str(d) for d in item.get("depends_on", []) or []),
+                study=item.get("study"),
             )
         )
     ids = [e.id for e in out]
