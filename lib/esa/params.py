@@ -54,6 +54,10 @@ class Profile:
     # (first_windows: windows per seed at the first look, spending: pocock | obf) makes the Phase 3 sweeps add
     # windows in doubling looks, up to perturb_eval_windows, until each comparison is decided
     sequential: dict[str, Any] = field(default_factory=dict)
+    # True: the sizes come from a power plan (the judged record's profile): a PASS or FAIL counts as evidence at
+    # these sizes, each row stating them; False: below the research guide's GPU budget a verdict is shown as
+    # machinery-only (smoke)
+    planned: bool = False
     highres_topk: int = 500  # Phase 2 week 3: the high-resolution top-k
     # score cache: per-matrix depth of the stored top/bottom candidates (every top-k with k <= it is exact),
     # and whether entries also keep every weight's score (bf16, 2 bytes a weight) for deep readers

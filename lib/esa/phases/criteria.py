@@ -411,7 +411,10 @@ def _get(settings: Any, key: str, default: Any = None) -> Any:
 
 def budget_reason(settings: Any, cid: str) -> str | None:
     """Why a row of id `cid` rests on too small a sample under profile `settings` (a Profile or its dict),
-    or None. Only rows that rest on the calibration or perturbation sample are checked."""
+    or None. Only rows that rest on the calibration or perturbation sample are checked; a power-planned
+    profile (`planned`) is judged at its own sizes."""
+    if _get(settings, "planned", False):
+        return None
     seeds = len(_get(settings, "seeds", []) or [])
     name = _get(settings, "name", "?")
     seqlen = _get(settings, "seqlen")

@@ -166,8 +166,10 @@ def score_seed(P: Profile, S: Settings) -> int:
     return P.seeds[0] if S.score_seed is None else S.score_seed
 
 
-def budget_reason(S: Settings, k: int) -> str | None:
-    """Why a run is a machinery check rather than the guide's experiment, or None."""
+def budget_reason(S: Settings, k: int, planned: bool = False) -> str | None:
+    """Why a run is a machinery check rather than the guide's experiment, or None (or `planned`: judged as is)."""
+    if planned:
+        return None
     return stats_budget(f"top-{k} per metric on {S.n_inputs} inputs of {S.input_seqlen} tokens ", [(
         k < GUIDE_TOPK or S.n_inputs < GUIDE_INPUTS,
         f"(the guide's: top-{GUIDE_TOPK} per metric, >= {GUIDE_INPUTS} inputs)")])
@@ -266,14 +268,15 @@ def analyse_loaded(lm: LoadedModel, name: str, P: Profile, S: Settings) -> Model
 
 
 # ------------------------------------------------------------------ the criterion
-def judge(share: dict[str, Any], S: Settings, k: int) -> tuple[bool | None, str, str]:
+def judge(share: dict[str, Any], S: Settings, k: int, planned: bool = False) -> tuple[bool | None, str, str]:
     """(passed, verdict, reason) of a measured share (esa.stats.shares.share_verdict) at top-k per metric."""
     return share_verdict(share["share"], share["ci_lo"], share["n"], share["reachable"], S.min_weights,
-                         budget_reason(S, k))
+                         budget_reason(S, k, planned))
 
 
-def criterion_rows(model: str, share: dict[str, Any], S: Settings, k: int, evidence: str) -> list[Criterion]:
-    passed, verdict, why = judge(share, S, k)
+def criterion_rows(model: str, share: dict[str, Any], S: Settings, k: int, evidence: str,
+                   planned: bool = False) -> list[Criterion]:
+    passed, verdict, why = judge(share, S, k, planned)
     note = (f"{why}; {share['explained']}/{share['n']} weights (union of the global top-{k} of each metric), "
             f"95% Wilson CI [{share['ci_lo']:.2f}, {share['ci_hi']:.2f}]; identified = an ablation role "
             f"({', '.join(share['roles'])}) beats its matched control at Holm-adjusted p < {S.alpha:g} over "
@@ -321,7 +324,7 @@ def run(p: Plan) -> dict[str, ModelInterpret]:
 def criteria(results: Mapping[str, ModelInterpret], p: Plan, evidence: str) -> list[Criterion]:
     """One row per model; a "{model}" in `evidence` (where the numbers are) becomes the model's name."""
     return [row for m, r in results.items()
-            for row in criterion_rows(m, r.share, p.settings, r.k, evidence.replace("{model}", m))]
+            for row in criterion_rows(m, r.share, p.settings, r.k, evidence.replace("{model}", m), p.profile.planned)]
 
 
 def findings(results: Mapping[str, ModelInterpret], p: Plan) -> list[str]:

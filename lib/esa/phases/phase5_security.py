@@ -167,8 +167,11 @@ def settings(P: Profile, overrides: Mapping[str, Any] | None = None) -> Settings
     return validate(build_settings(P, "security", Settings, overrides))
 
 
-def budget_reason(S: Settings) -> str | None:
-    """Why a verdict under these settings is a machinery check, or None (guide-sized)."""
+def budget_reason(S: Settings, planned: bool = False) -> str | None:
+    """Why a verdict under these settings is a machinery check, or None (guide-sized, or `planned`: a
+    power-planned profile, judged at its own sizes)."""
+    if planned:
+        return None
     n = len(S.attack_seeds)
     return budget.budget_reason("budget below the guide's: ", [
         (n < GUIDE_ATTACK_SEEDS, f"{n} attack seed(s) (guide-sized: {GUIDE_ATTACK_SEEDS})"),
@@ -222,7 +225,7 @@ def backdoor(P: Profile, S: Settings) -> BackdoorResult:
 
 # ------------------------------------------------------------------ the criterion
 def criterion_rows(model: str, S: Settings, attack: Ratio | None, faults: Ratio | None,
-                   adversarial: dict[float, Ratio] | None, evidence: str) -> list[Criterion]:
+                   adversarial: dict[float, Ratio] | None, evidence: str, planned: bool = False) -> list[Criterion]:
     """One row per comparison (attack, faults, adversarial at the largest budget); not run -> not estimable."""
     where = f"{S.attack_format}, bits {S.attack_bits or FORMATS[S.attack_format].bounded}"
     eps = max(adversarial) if adversarial else math.nan
@@ -234,7 +237,7 @@ def criterion_rows(model: str, S: Settings, attack: Ratio | None, faults: Ratio 
          f"PGD loss increase critical / random-k at L-inf {eps:g} ({S.pgd_radius})"),
     ]
     rows = []
-    why = budget_reason(S)
+    why = budget_reason(S, planned)
     for key, r, what in specs:
         cid, text = f"P5.security.{key}.{model}", f"{CRITERION} ({key}, {model})"
         if r is None:
@@ -281,7 +284,7 @@ def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
                            "min_runs": S.min_runs, "n_boot": S.n_boot},
              "backdoor": {"base": S.backdoor_base, "pairs": S.backdoor_pairs, "steps": S.backdoor_steps,
                           "metric": S.backdoor_metric}}
-    why = budget_reason(S)
+    why = budget_reason(S, P.planned)
     notes = ["the backdoor study fine-tunes twins of its own base model, apart from the models (`backdoor`)"]
     return Plan("security", P, chosen, S, conds, setup, notes + [f"verdicts are machinery checks: {why}"] * bool(why))
 
@@ -293,7 +296,7 @@ def run(p: Plan) -> dict[str, ModelSecurity]:
 
 def criteria(results: Mapping[str, ModelSecurity], p: Plan, evidence: str) -> list[Criterion]:
     return [row for m, r in results.items() for row in criterion_rows(
-        m, p.settings, r.ratios["attack"], r.ratios["faults"], r.ratios["adversarial"], evidence)]
+        m, p.settings, r.ratios["attack"], r.ratios["faults"], r.ratios["adversarial"], evidence, p.profile.planned)]
 
 
 def findings(results: Mapping[str, ModelSecurity], p: Plan) -> list[str]:

@@ -198,7 +198,10 @@ def run(p: Plan) -> dict[str, Result]:
 
 # ------------------------------------------------------------------ criteria
 def budget_reason(P: Profile, S: Settings) -> str | None:
-    """Why this run's numbers are a machinery check rather than evidence (the smoke budget), or None."""
+    """Why this run's numbers are a machinery check rather than evidence (the smoke budget), or None (also for
+    a power-planned profile, judged at its own sizes)."""
+    if P.planned:
+        return None
     tokens, held = S.n_steps() * S.batch_size * S.seqlen, S.target_windows * (S.seqlen - 1)
     return budget.budget_reason(f"{P.name} budget: ", [(
         tokens < GUIDE_TRAIN_TOKENS or held < GUIDE_HELDOUT_TOKENS,
