@@ -46,7 +46,7 @@ from esa.report import scorecard
 ctx = esa.nb.context("phase5_week13_pruning", profile, models, run_dir, overrides)
 study = pp.STUDY
 S = study.settings(ctx.profile, None)
-plan = study.plan(S, ctx.profile, list(models) if models else None)
+plan = study.plan(S, ctx.profile, None if S.models else models)  # a section that names its models wins
 ctx.save_json(plan.as_dict(), "plan")
 Markdown(f"The plan: {len(plan.conditions)} evaluations of {plan.setup['evaluation']['windows']} windows each on "
          f"{', '.join(plan.models)}.")

@@ -259,7 +259,9 @@ def study_plans(plan: Plan) -> list[str]:
         if study is None:
             lines.append(f"{item.entry.id}: not a study yet (no plan)")
             continue
-        p = study.plan(study.settings(profile, None), profile, item.task.parameters["models"]).predict(measured)
+        S = study.settings(profile, None)
+        models = None if getattr(S, "models", None) else item.task.parameters["models"]  # a section's own models win
+        p = study.plan(S, profile, models).predict(measured)
         total += p.seconds() or 0.0
         lines += [f"{item.entry.id}:"] + ["  " + ln for ln in p.lines()]
     lines.append(f"predicted for the studies above: {total / 60:.0f} min on this machine" if measured else "")
