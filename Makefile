@@ -18,7 +18,7 @@ REFERENCE_PKGS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 einc
 	linear_operator==0.6.1 opt_einsum==3.4.0 unfoldNd==0.2.3 jaxtyping==0.3.11 wadler_lindig==0.1.8
 LLAMA := llama-3.1-8b
 
-.PHONY: env run test test-fast lint bench curvature-reliability verify-cache clean-cache \
+.PHONY: env run test test-fast lint bench costs record verify-record curvature-reliability verify-cache clean-cache \
 	smoke-phase1 standard-core extended-all smoke-llama standard-llama extended-llama generate-docs chromium
 
 $(STAMP): pyproject.toml Makefile
@@ -71,6 +71,17 @@ bench: env
 curvature-reliability: env
 	for m in smollm2-135m gemma3-270m; do \
 		$(BIN)/python tests/bench/curvature_reliability.py --model $$m --windows 2 --seqlen 128 --probes 64 || exit 1; done
+
+# seconds per window of each pass on this machine (reports/bench/costs.json): what plans predict from
+costs: env
+	$(BIN)/python tests/bench/bench_costs.py
+
+# the judged record (reports/record/, committed): one chunk of the powered profile, and its re-check
+CHUNK ?= phase1_week0_baselines
+record: env
+	$(RUN) --profile powered --only $(CHUNK) --record
+verify-record: env
+	$(RUN) --verify-record $(CHUNK)
 
 verify-cache: env
 	$(RUN) --verify-cache --dry-run
