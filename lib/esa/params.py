@@ -41,6 +41,9 @@ class Profile:
     batch_size: int = 4
     models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
     phase1_models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    # the notebooks whose criteria compare models (schedule `models: several`: week 2, the synthesis); empty:
+    # the profile's `models`
+    several_models: list[str] = field(default_factory=list)
     # Phase 4 scaling/architecture: a suite of sizes (micro-suite `name@budget` and/or real models)
     phase4_models: list[str] = field(default_factory=list)
     perturbations: list[str] = field(default_factory=lambda: ["sign_flip"])

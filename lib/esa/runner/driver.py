@@ -242,10 +242,12 @@ def format_plan(plan: Plan) -> str:
 
 
 def study_plans(plan: Plan) -> list[str]:
-    """Per notebook of the plan that is a study (schedule.yaml `study:`): its conditions, n, the criterion
-    each serves and the seconds predicted from this machine's measured costs (esa.phases.costs); loads nothing."""
+    """Per notebook of the plan: a study's plan (schedule.yaml `study:`) or the week's (esa.phases.plans): its
+    conditions, n, the criterion each serves and the seconds predicted from this machine's measured costs
+    (esa.phases.costs); loads nothing."""
     from esa.phases import costs
     from esa.phases.command import STUDIES
+    from esa.phases.plans import PLANS
 
     by_name = {s.name: s for s in STUDIES}
     measured = costs.load()
@@ -256,12 +258,15 @@ def study_plans(plan: Plan) -> list[str]:
     total = 0.0
     for item in plan.items:
         study = by_name.get(item.entry.study or "")
-        if study is None:
-            lines.append(f"{item.entry.id}: not a study yet (no plan)")
+        if study is not None:
+            S = study.settings(profile, None)
+            models = None if getattr(S, "models", None) else item.task.parameters["models"]  # a section's models win
+            p = study.plan(S, profile, models).predict(measured)
+        elif item.entry.id in PLANS:
+            p = PLANS[item.entry.id](profile, item.task.parameters["models"]).predict(measured)
+        else:
+            lines.append(f"{item.entry.id}: no plan (it reads what the notebooks before it computed)")
             continue
-        S = study.settings(profile, None)
-        models = None if getattr(S, "models", None) else item.task.parameters["models"]  # a section's own models win
-        p = study.plan(S, profile, models).predict(measured)
         total += p.seconds() or 0.0
         lines += [f"{item.entry.id}:"] + ["  " + ln for ln in p.lines()]
     lines.append(f"predicted for the studies above: {total / 60:.0f} min on this machine" if measured else "")

@@ -31,7 +31,8 @@ class Entry:
 
 
 # How a schedule entry's `models` field maps onto the profile; an explicit list is used as is.
-MODEL_SETS: dict[str, str] = {"profile": "models", "phase1": "phase1_models", "phase4": "phase4_models"}
+MODEL_SETS: dict[str, str] = {"profile": "models", "phase1": "phase1_models", "phase4": "phase4_models",
+                              "several": "several_models"}
 
 
 def entries(raw: list[dict[str, Any]] | None = None) -> list[Entry]:
@@ -140,5 +141,5 @@ def resolve_models(entry: Entry, profile: Profile, models: list[str] | None) -> 
             raise EsaError(
                 f"schedule.yaml: {entry.id} has models {spec!r}; accepted: {', '.join(MODEL_SETS)} or a list"
             )
-        return list(getattr(profile, MODEL_SETS[spec]))
+        return list(getattr(profile, MODEL_SETS[spec]) or profile.models)  # an empty set: the profile's models
     return [str(m) for m in spec]

@@ -1,0 +1,141 @@
+"""What each notebook of Phases 1-4 computes, as a Plan: the Phase 5 studies' `plan()` for the weeks that are
+not yet studies. Each condition names its units (windows of `seqlen` tokens, or calibration windows), the
+pass each unit costs (esa.phases.costs.KINDS) and the criterion its numbers decide; nothing is loaded. A
+sequential comparison is planned at its cap (the worst case); scores a notebook reads from the cache that an
+earlier notebook of the run wrote are planned where they are computed, not again. `run_all.py --dry-run`
+prints these with the seconds this machine's measured costs predict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from esa.params import Profile
+from esa.phases.study import Plan, Planned
+from esa.registry import Registry
+
+PlanFn = Callable[[Profile, Sequence[str]], Plan]
+PLANS: Registry[PlanFn] = Registry("notebook plan", key=lambda f: f.__name__)
+
+GRADIENT = ("grad_x_weight", "grad_squared", "ggn_mc_diag")  # one shared backward per calibration window
+
+
+def _scoring(P: Profile, model: str, seeds: Sequence[int], metrics: Sequence[str], serves: tuple[str, ...],
+             what: str = "") -> list[Planned]:
+    """The scoring passes of `metrics` over the calibration windows of each seed (fused gradient metrics: one
+    backward per window; Hutchinson: one product per probe and window)."""
+    out = []
+    for s in seeds:
+        if any(m in GRADIENT for m in metrics):
+            out.append(Planned(model, f"{what}gradient metrics seed {s}", P.max_samples, "calibration windows",
+                               serves, kind="grad", seqlen=P.seqlen))
+        if "act_mag" in metrics:
+            out.append(Planned(model, f"{what}act_mag seed {s}", P.max_samples, "calibration windows", serves,
+                               kind="act", seqlen=P.seqlen))
+        if "hutchinson_diag" in metrics:
+            out.append(Planned(model, f"{what}hutchinson_diag seed {s} ({P.hutchinson_probes} probe(s))",
+                               P.max_samples, "calibration windows", serves, kind="hvp", seqlen=P.seqlen,
+                               per_unit=P.hutchinson_probes))
+    return out
+
+
+def _sweep(P: Profile, model: str, n_perturbations: int, groups: Sequence[str], serves: tuple[str, ...]) -> list[Planned]:
+    w = P.perturb_eval_windows or P.eval_windows or 0
+    how = "up to" if P.sequential else "on"
+    return [Planned(model, f"{n_perturbations} perturbation(s) x {g}, {how} {w} windows x {len(P.seeds)} seeds",
+                    n_perturbations * w * len(P.seeds), "windows", serves, seqlen=P.seqlen) for g in groups]
+
+
+def phase1_week0_baselines(P: Profile, models: Sequence[str]) -> Plan:
+    conds = [Planned(m, f"evaluation seed {s}", P.eval_windows or 0, "windows", ("P1",), seqlen=P.seqlen)
+             for m in models for s in P.seeds] + [Planned(m, "load", 1, "loads", (), kind="load") for m in models]
+    return Plan("baselines", P, list(models), None, conds, {"windows per seed": P.eval_windows, "seeds": P.seeds})
+
+
+def phase2_week1_metric_validation(P: Profile, models: Sequence[str]) -> Plan:
+    m = models[0]
+    conds = _scoring(P, m, P.seeds, P.metrics, ("P2.jaccard", "P2.heavy_tail", "P2.metric_overlap"))
+    conds.append(Planned(m, "held-out resolution check (every metric, one pass)", P.max_samples, "calibration windows",
+                         ("P2.heavy_tail",), kind="grad", seqlen=P.seqlen))
+    return Plan("metric validation", P, [m], None, conds, {"calibration": f"{P.max_samples} x {P.seqlen} tokens",
+                                                          "seeds": P.seeds, "metrics": P.metrics})
+
+
+def phase2_week2_cross_model(P: Profile, models: Sequence[str]) -> Plan:
+    conds = [c for m in models[1:] for c in _scoring(P, m, P.seeds, P.metrics, ("P2.jaccard",))]
+    return Plan("cross-model metrics", P, list(models), None, conds,
+                notes=[f"{models[0]}: its scores come from week 1's cache"] if models else [])
+
+
+def phase2_week3_global_vs_per_layer(P: Profile, models: Sequence[str]) -> Plan:
+    new = [s for s in P.highres_seeds if s not in P.seeds]
+    conds = _scoring(P, models[0], new, P.metrics[:1], ("P2.global_within_per_layer", "P2.jaccard"), "high-res ")
+    return Plan("global vs per-layer", P, list(models[:1]), None, conds,
+                notes=[f"seeds {sorted(set(P.highres_seeds) & set(P.seeds))}: week 1's cached scores"])
+
+
+def phase2_week4_components(P: Profile, models: Sequence[str]) -> Plan:
+    conds = [Planned(m, "massive-activation forward", 1, "windows", ("P2.heavy_tail_max",), seqlen=P.seqlen)
+             for m in models]
+    return Plan("components", P, list(models), None, conds, notes=["scores: the week 1-2 cache"])
+
+
+def phase3_week5_core_perturbation(P: Profile, models: Sequence[str]) -> Plan:
+    n = len(P.perturbations) + (len(P.bit_flip_bits) - 1 if "bit_flip" in P.perturbations else 0)
+    conds = [c for m in models for c in _sweep(P, m, n, ["top_k", *P.controls], ("P3.significance", "P3.sign_flip_ratio"))]
+    return Plan("core perturbation", P, list(models), None, conds, {"sequential": P.sequential or "no (fixed n)"})
+
+
+def phase3_week6_dose_response(P: Profile, models: Sequence[str]) -> Plan:
+    n = 2 * len(P.dose_scales)  # sign_flip and gauss_noise at every dose
+    groups = ["top_k", *[c for c in P.controls if c in ("random_k", "bottom_k")]]
+    conds = [c for m in models for c in _sweep(P, m, n, groups, ("P3.dose_monotonic",))]
+    return Plan("dose-response", P, list(models), None, conds)
+
+
+def phase3_week7_cross_model(P: Profile, models: Sequence[str]) -> Plan:
+    every = list(dict.fromkeys([*models, *P.cross_model_extra]))
+    conds = []
+    for m in every:
+        conds += _scoring(P, m, P.seeds, P.metrics[:1], ("P3.cross_architecture",)) if m not in models else []
+        conds += _sweep(P, m, 2, ["top_k", "random_k", "bottom_k"], ("P3.cross_architecture",))
+        conds.append(Planned(m, "zero-alone: 2 candidates + 20 random single weights each", 42 * (P.perturb_eval_windows
+                             or P.eval_windows or 0), "windows", ("P3.zero_alone",), seqlen=P.seqlen))
+    return Plan("cross-model", P, every, None, conds)
+
+
+def phase3_week8_advanced(P: Profile, models: Sequence[str]) -> Plan:
+    w = P.perturb_eval_windows or P.eval_windows or 0
+    conds = []
+    for m in models:
+        conds.append(Planned(m, "cumulative ablation + restore-one", 10 * w, "windows", (), seqlen=P.seqlen))
+        conds += _sweep(P, m, 2, ["top_k", "random_k", "bottom_k"], ("P3.ranking_stability",))
+    return Plan("advanced", P, list(models), None, conds)
+
+
+def _micro(P: Profile, models: Sequence[str], what: str, serves: tuple[str, ...], windows: int) -> Plan:
+    conds = [Planned(m, what, windows, "windows", serves, seqlen=P.seqlen) for m in models]
+    return Plan(what, P, list(models), None, conds, notes=["micro-suite training is measured by week 9 (not planned)"])
+
+
+def phase4_week9_parameter_scaling(P: Profile, models: Sequence[str]) -> Plan:
+    return _micro(P, models, "sensitivity measures per model", ("P4.scaling_r2",), P.max_samples * len(P.seeds))
+
+
+def phase4_week10_architecture_comparison(P: Profile, models: Sequence[str]) -> Plan:
+    return _micro(P, models, "attention vs FFN and depth", ("P4.family_differences",), P.eval_windows or 0)
+
+
+def phase4_week11_scaling_validation(P: Profile, models: Sequence[str]) -> Plan:
+    return _micro(P, models, "leave-one-model-out fits (from week 9)", ("P4.loo_within_20pct",), 0)
+
+
+def phase4_week12_architecture_patterns(P: Profile, models: Sequence[str]) -> Plan:
+    return _micro(P, models, "forward patterns", ("P4.family_differences",), 8)
+
+
+for _f in (phase1_week0_baselines, phase2_week1_metric_validation, phase2_week2_cross_model,
+           phase2_week3_global_vs_per_layer, phase2_week4_components, phase3_week5_core_perturbation,
+           phase3_week6_dose_response, phase3_week7_cross_model, phase3_week8_advanced, phase4_week9_parameter_scaling,
+           phase4_week10_architecture_comparison, phase4_week11_scaling_validation, phase4_week12_architecture_patterns):
+    PLANS.register(_f, definition=(_f.__doc__ or _f.__name__.replace("_", " ")).split("\n")[0])
