@@ -2,11 +2,11 @@
 
 Every Phase 5 application (and, step by step, every week) is a `Study`:
 
-    S = study.settings(profile, overrides)     typed, built from the profile section + overrides, validated once
-    plan = study.plan(S, profile, models)       conditions, n per condition, the criterion each serves, cost
-    results = study.run(plan)                   one result per model
-    rows = study.criteria(results, evidence)    Criterion rows (verdicts with power)
-    text = study.findings(results)              Markdown sentences computed from the numbers
+    S = study.settings(profile, overrides)          typed: the profile section + overrides, validated once
+    plan = study.plan(S, profile, models)            conditions, n each, the criterion each serves, cost
+    results = study.run(plan)                        one result per model
+    rows = study.criteria(results, plan, evidence)   Criterion rows (verdicts with power)
+    text = study.findings(results, plan)             Markdown sentences computed from the numbers
 
 `plan()` loads nothing; it is the one source of `--dry-run`, of the power-planned profile's sizes and of the
 runner's resources. esa-runner reaches a study through its `Request`: a dataclass whose fields carry an
