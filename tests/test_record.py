@@ -97,3 +97,20 @@ def test_verify_record_reruns_a_chunk_and_finds_a_changed_number(project: Path, 
     assert not (project / "reports" / ".record-verify").exists() and (rec / "chunks" / "nb_a.json").is_file()
     rc, err = run_all(project, "--verify-record", "nb_b", capsys=capsys)
     assert rc == 2 and "no chunk nb_b" in err
+
+
+def test_readme_says_what_the_record_found_in_sentences_computed_from_it(project: Path) -> None:
+    from esa.runner import record
+
+    (project / "README.md").write_text(f"# x\n{record.README_BEGIN}\nSTALE TEXT\n{record.README_END}\ntail\n")
+    assert run_all(project, "--only", "nb_a", "--record")[0] == 0
+    text = (project / "README.md").read_text()
+    assert "holds 1 of 2 notebooks" in text and text.endswith("tail\n") and "STALE" not in text
+    assert record.readme_block(project) in text
+
+
+def test_the_repository_readme_block_is_the_committed_records() -> None:
+    from esa.runner import record
+    from esa.store import REPO_ROOT
+
+    assert record.readme_block(REPO_ROOT) in (REPO_ROOT / "README.md").read_text()

@@ -104,6 +104,8 @@ def run_chunk(cfg: RunConfig, overwrite: bool = False) -> RunResult:
         write_json(rec / IDENTITY, identity(cfg))
         (rec / FIGURES_INSIDE).touch()
         rebuild(cfg)
+        if (root / "README.md").is_file() and README_BEGIN in (root / "README.md").read_text():
+            update_readme(root)
     return result
 
 
@@ -245,6 +247,56 @@ def verify(cfg: RunConfig, notebook: str) -> list[str]:
         return diffs
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+README_BEGIN, README_END = "<!-- record:begin -->", "<!-- record:end -->"
+
+
+def summary_sentences(root: Path) -> list[str]:
+    """Three sentences computed from the committed record's scorecard: what it holds, what it decided, and
+    what contradicts the guide's hypotheses (its FAILs), for README's "what this found"."""
+    from esa.report.scorecard import read_all, unique
+
+    rec = record_dir(root)
+    done = [p.stem for p in sorted((rec / CHUNKS).glob("*.json"))]
+    if not done:
+        return ["The record holds no chunk yet: run `make record CHUNK=phase1_week0_baselines` first."]
+    rows = unique(read_all(rec))
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("PASS", "FAIL", "underpowered", "not estimable",
+                                                                  "machinery-only")}
+    meta = read_json(rec / IDENTITY)
+    n_all = len(schedule.entries())
+    first = (f"The record (profile `{meta['profile']}`, code {meta['code_hash']}) holds {len(done)} of {n_all} "
+             f"notebooks and judges {len(rows)} criteria: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n) + ".")
+    passed = [r for r in rows if r["verdict"] == "PASS" and r.get("phase", 0) >= 2]
+    second = ("Among the claims beyond the baselines it confirms " + "; ".join(f"{r['id']} ({_short(r['measured'])})"
+                                                                             for r in passed[:3]) + "."
+              if passed else "No claim beyond the Phase 1 baselines is confirmed yet.")
+    failed = [r for r in rows if r["verdict"] == "FAIL"]
+    third = ("Against the guide's hypotheses it finds " + "; ".join(f"{r['id']} ({_short(r['measured'])} against "
+                                                                    f"{r['threshold']})" for r in failed[:3]) + "."
+             if failed else "Nothing it has judged so far contradicts the guide's hypotheses.")
+    return [first, second, third]
+
+
+def _short(x: Any) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def readme_block(root: Path) -> str:
+    return "\n".join([README_BEGIN, " ".join(summary_sentences(root)), README_END])
+
+
+def update_readme(root: Path) -> bool:
+    """Replace README's record block with the sentences computed now; returns whether it changed."""
+    path = Path(root) / "README.md"
+    text = path.read_text()
+    if README_BEGIN not in text:
+        raise EsaError(f"README.md has no {README_BEGIN} ... {README_END} block")
+    head, rest = text.split(README_BEGIN, 1)
+    new = head + readme_block(root) + rest.split(README_END, 1)[1]
+    path.write_text(new)
+    return new != text
 
 
 def size(root: Path) -> int:
