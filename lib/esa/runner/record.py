@@ -29,6 +29,7 @@ from typing import Any
 
 from esa.errors import EsaError
 from esa.figures import FIGURES_INSIDE
+from esa.params import yaml_load
 from esa.phases import costs
 from esa.runner import schedule
 from esa.runner.driver import RunConfig, RunResult, build_index, make_plan, run
@@ -153,10 +154,19 @@ def _relative_figures(rec: Path, nb: str, stage: Path) -> None:
     write_json(path, raw)
 
 
+def _entries(root: Path) -> list[schedule.Entry]:
+    """The schedule of the project at `root` (its params/, whatever ESA_PARAMS_DIR says now)."""
+    path = Path(root) / "params" / "schedule.yaml"
+    if not path.is_file():
+        return schedule.entries()
+    data = yaml_load(path.read_text(), str(path)) or {}
+    return schedule.entries(list(data.get("notebooks", [])))
+
+
 def missing(root: Path) -> list[str]:
     """The schedule's notebooks that have no chunk in the record yet, in schedule order."""
     rec = record_dir(root)
-    return [e.id for e in schedule.entries() if not chunk_done(rec, e.id)]
+    return [e.id for e in _entries(root) if not chunk_done(rec, e.id)]
 
 
 def rebuild(cfg: RunConfig) -> Path:
@@ -265,7 +275,7 @@ def summary_sentences(root: Path) -> list[str]:
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("PASS", "FAIL", "underpowered", "not estimable",
                                                                   "machinery-only")}
     meta = read_json(rec / IDENTITY)
-    n_all = len(schedule.entries())
+    n_all = len(_entries(root))
     first = (f"The record (profile `{meta['profile']}`, code {meta['code_hash']}) holds {len(done)} of {n_all} "
              f"notebooks and judges {len(rows)} criteria: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n) + ".")
     passed = [r for r in rows if r["verdict"] == "PASS" and r.get("phase", 0) >= 2]
