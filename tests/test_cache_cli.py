@@ -156,7 +156,7 @@ def test_prune_stale_and_age_filters_all_apply(fake, private_cache, capsys):
     (["prune", "--older-than", "-3"], ["'-3'", "days >= 0"]),
     (["prune", "--model", "gpt-9"], ["'gpt-9'", "tiny-llama-b"]),
     (["du", "--by", "colour"], ["'colour'", "'model', 'metric', 'seed', 'format'"]),
-    (["plan", "--profile", "huge"], ["'huge'", "extended, smoke, standard"]),
+    (["plan", "--profile", "huge"], ["'huge'", "extended, powered, smoke, standard"]),
     (["plan", "--profile", "smoke", "--model", "gpt-9"], ["'gpt-9'", "llama-3.1-8b", "tiny-llama"]),
     (["plan"], ["--profile"]),
     (["vacuum"], ["'vacuum'", "'du', 'prune', 'plan'"]),
