@@ -337,20 +337,8 @@ def analyze(
     return out
 
 
-def _window_comparison(w: pd.DataFrame, key: dict[str, Any], a: str, b: str) -> dict[str, Any]:
-    sel = w
-    for col, v in key.items():
-        sel = sel[sel[col] == v]
-    pa = sel[sel.group == a].pivot_table(index="seed", columns="window", values="_d")
-    pb = sel[sel.group == b].pivot_table(index="seed", columns="window", values="_d")
-    common = pa.index.intersection(pb.index)
-    if len(common) == 0:
-        return dict(test="none", p=math.nan, n=0, note="no shared seeds for window pairing")
-    return window_test(pa.loc[common].to_numpy(), pb.loc[common, pa.columns].to_numpy())
-
-
-def _window_pairs(w: pd.DataFrame, key: dict[str, Any], a: str, b: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The capped per-window deltas of groups a and b on the (seed, window) pairs both have, flattened."""
+def _window_matrices(w: pd.DataFrame, key: dict[str, Any], a: str, b: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The capped per-window deltas of groups a and b, (seeds, windows) each, on the seeds both have."""
     sel = w
     for col, v in key.items():
         sel = sel[sel[col] == v]
@@ -359,7 +347,20 @@ def _window_pairs(w: pd.DataFrame, key: dict[str, Any], a: str, b: str) -> tuple
     common = pa.index.intersection(pb.index)
     if len(common) == 0:
         return None
-    return pa.loc[common].to_numpy().ravel(), pb.loc[common, pa.columns].to_numpy().ravel()
+    return pa.loc[common].to_numpy(), pb.loc[common, pa.columns].to_numpy()
+
+
+def _window_comparison(w: pd.DataFrame, key: dict[str, Any], a: str, b: str) -> dict[str, Any]:
+    mats = _window_matrices(w, key, a, b)
+    if mats is None:
+        return dict(test="none", p=math.nan, n=0, note="no shared seeds for window pairing")
+    return window_test(*mats)
+
+
+def _window_pairs(w: pd.DataFrame, key: dict[str, Any], a: str, b: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The same deltas flattened over the (seed, window) pairs."""
+    mats = _window_matrices(w, key, a, b)
+    return None if mats is None else (mats[0].ravel(), mats[1].ravel())
 
 
 def _holm_family(comps: list[dict[str, Any]], family: str) -> None:
