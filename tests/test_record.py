@@ -70,18 +70,32 @@ def test_a_failed_chunk_leaves_the_record_as_it_was(project: Path) -> None:
     assert not (rec / "data" / "nb_b").exists()
 
 
-def test_a_record_of_other_code_or_profile_is_refused_unless_overwrite(project: Path, capsys, monkeypatch) -> None:
+def test_a_record_of_another_profile_is_refused_unless_overwrite(project: Path, capsys, monkeypatch) -> None:
     rec = project / "reports" / "record"
     assert run_all(project, "--only", "nb_a", "--record")[0] == 0
-    monkeypatch.setenv("ESA_CODE_HASH", "other-code")
-    rc, err = run_all(project, "--only", "nb_a", "--record", capsys=capsys)
-    assert rc == 2 and "differs in code_hash" in err and "--overwrite" in err
     rc, err = run_all(project, "--only", "nb_a", "--record", "--set", "seqlen=64", capsys=capsys)
-    assert rc == 2 and "overrides" in err
-    assert run_all(project, "--only", "nb_a", "--record", "--overwrite")[0] == 0
-    assert json.loads((rec / "record.json").read_text())["code_hash"] == "other-code"
+    assert rc == 2 and "differs in overrides" in err and "--overwrite" in err
+    assert run_all(project, "--only", "nb_a", "--record", "--set", "seqlen=64", "--overwrite")[0] == 0
+    assert json.loads((rec / "record.json").read_text())["overrides"] == {"seqlen": 64}
     rc, err = run_all(project, "--only", "nb_a", "--overwrite", capsys=capsys)
     assert rc == 2 and "--overwrite only applies to --record" in err
+
+
+def test_a_record_grows_across_code_versions_and_says_so(project: Path, monkeypatch) -> None:
+    """Sessions change the code between chunks: a new chunk is accepted, and each chunk names its own code."""
+    from esa.runner import record
+
+    rec = project / "reports" / "record"
+    (project / "README.md").write_text(f"# x\n{record.README_BEGIN}\n{record.README_END}\n")
+    monkeypatch.setenv("ESA_CODE_HASH", "code-one")
+    assert run_all(project, "--only", "nb_a", "--record")[0] == 0
+    monkeypatch.setenv("ESA_CODE_HASH", "code-two")
+    assert run_all(project, "--only", "nb_b", "--record")[0] == 0
+    hashes = {json.loads((rec / "chunks" / f"{nb}.json").read_text())["code_hash"] for nb in ("nb_a", "nb_b")}
+    assert hashes == {"code-one", "code-two"}
+    manifest = json.loads((rec / "manifest.json").read_text())
+    assert len(manifest["code_versions"]) == 2
+    assert "2 code versions" in (project / "README.md").read_text()
 
 
 def test_verify_record_reruns_a_chunk_and_finds_a_changed_number(project: Path, capsys) -> None:

@@ -11,8 +11,10 @@ notebook leaves reports/record/ as it was. Then index.html and report.pdf are re
 present, and the index names the schedule's notebooks still missing.
 
 Refused in one line, before any work: a chunk whose dependency has no chunk in the record yet (it says
-which to run first); and a record written by other code (its `code_hash`) or another profile, unless
-`--overwrite`, which clears the record first. Nothing here reads a cache left by an earlier session as
+which to run first); and a record of another profile or other overrides, unless `--overwrite`, which clears
+the record first. Code may change between chunks (a record grows over several sessions): each chunk's
+manifest names the commit and code hash it ran at, `make verify-record` re-runs it at the code checked out,
+and the index says how many code versions the record spans. Nothing here reads a cache left by an earlier session as
 input: a chunk recomputes what it needs (deterministically: seeds, strict MKL) or reads the committed
 chunks it depends on.
 """
@@ -40,7 +42,7 @@ from esa.store import read_json, write_json
 
 RECORD = "record"
 STAGING = ".record-staging"
-IDENTITY = "record.json"  # the record's identity: profile, overrides, code hash
+IDENTITY = "record.json"  # the record's identity: profile and overrides (code is per chunk)
 CHUNKS = "chunks"  # chunks/<notebook>.json: one manifest per published chunk
 MAX_BYTES = 60 * 2**20  # the committed record stays under 60 MB
 
@@ -56,7 +58,7 @@ def chunk_done(rec: Path, notebook: str) -> bool:
 
 
 def identity(cfg: RunConfig) -> dict[str, Any]:
-    return {"profile": cfg.profile, "overrides": dict(cfg.overrides), "code_hash": code_hash()}
+    return {"profile": cfg.profile, "overrides": dict(cfg.overrides)}
 
 
 def check(cfg: RunConfig, chosen: list[str], overwrite: bool) -> None:
@@ -66,8 +68,8 @@ def check(cfg: RunConfig, chosen: list[str], overwrite: bool) -> None:
     theirs = read_json(rec / IDENTITY) if (rec / IDENTITY).is_file() else None
     if theirs is not None and theirs != mine and not overwrite:
         diff = sorted(k for k in mine if theirs.get(k) != mine[k])
-        raise EsaError(f"reports/record holds chunks of {theirs.get('profile')!r} at code {theirs.get('code_hash')} "
-                       f"(differs in {', '.join(diff)}); add --overwrite to clear it and start a new record")
+        raise EsaError(f"reports/record holds chunks of profile {theirs.get('profile')!r} (differs in "
+                       f"{', '.join(diff)}); add --overwrite to clear it and start a new record")
     if theirs is not None and theirs != mine:
         return  # --overwrite: every dependency is rerun from an empty record, so none can be missing below
     entries = {e.id: e for e in schedule.entries()}
@@ -176,11 +178,19 @@ def rebuild(cfg: RunConfig) -> Path:
     chunks = {p.stem: read_json(p) for p in sorted((rec / CHUNKS).glob("*.json"))}
     write_json(rec / "manifest.json", {
         "run_id": RECORD, "status": "partial" if missing(root) else "ok", "profile": cfg.profile,
-        "overrides": dict(cfg.overrides), "code_hash": code_hash(),
+        "overrides": dict(cfg.overrides), "code_versions": code_versions(chunks),
         "profile_settings": _profile_settings(cfg), "chunks": chunks, "missing": missing(root),
         "wall_seconds": round(sum(c.get("seconds") or 0 for c in chunks.values()), 1),
     })
     return build_index(replace(cfg, run_id=RECORD))
+
+
+def code_versions(chunks: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Each code hash the record's chunks ran at, with the chunks made at it (one entry: one code version)."""
+    out: dict[str, list[str]] = {}
+    for nb, c in chunks.items():
+        out.setdefault(f"{c.get('code_hash')} (commit {str(c.get('commit'))[:12]})", []).append(nb)
+    return out
 
 
 def _profile_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -276,7 +286,9 @@ def summary_sentences(root: Path) -> list[str]:
                                                                   "machinery-only")}
     meta = read_json(rec / IDENTITY)
     n_all = len(_entries(root))
-    first = (f"The record (profile `{meta['profile']}`, code {meta['code_hash']}) holds {len(done)} of {n_all} "
+    versions = code_versions({p.stem: read_json(p) for p in sorted((rec / CHUNKS).glob("*.json"))})
+    code = "one code version" if len(versions) == 1 else f"{len(versions)} code versions"
+    first = (f"The record (profile `{meta['profile']}`, {code}) holds {len(done)} of {n_all} "
              f"notebooks and judges {len(rows)} criteria: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n) + ".")
     passed = [r for r in rows if r["verdict"] == "PASS" and r.get("phase", 0) >= 2]
     second = ("Among the claims beyond the baselines it confirms " + "; ".join(f"{r['id']} ({_short(r['measured'])})"
