@@ -53,3 +53,14 @@ def test_plans_predict_seconds_from_measured_costs():
     # a model nobody measured has no prediction, and the plan's total says so (None), never a guess
     other = PLANS["phase1_week0_baselines"](P, ["gemma3-270m"]).predict(measured)
     assert other.seconds() is None and "predicted" not in other.lines()[0]
+
+
+def test_a_fine_tuning_seed_costs_its_training_steps_and_its_evaluations():
+    P = load_profile("powered")
+    study = {s.name: s for s in STUDIES}["finetune"]
+    S = study.settings(P, None)
+    measured = costs.Costs(128, {"smollm2-135m": {"eval": 1.0, "grad": 3.0, "act": 0.5, "hvp": 10.0, "load": 3.0}},
+                           costs.machine())
+    plan = study.plan(S, P, ["smollm2-135m"]).predict(measured)
+    per_seed = 3.0 * S.n_steps() * S.batch_size * S.seqlen / 128 + 1.0 * (S.target_windows + S.source_windows) * S.seqlen / 128
+    assert all(c.seconds == pytest.approx(per_seed * c.n) for c in plan.conditions)

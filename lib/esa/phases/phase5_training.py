@@ -159,8 +159,11 @@ def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
     """Every arm on each model, run once per seed (the comparisons' n), without loading anything."""
     chosen, seeds = list(models or P.models), seeds_of(S, P)
     compared = pairs(S)
+    # a seed of an arm: its training steps (a forward and backward pass per window) and its evaluations
+    train, evals = S.n_steps() * S.batch_size, S.target_windows + S.source_windows
     conds = [Planned(m, a.label, len(seeds), "seeds",
-                     tuple(f"P5.ft.{p.name}" for p in compared if a.label in (p.a, p.b))) for m in chosen for a in arms(S)]
+                     tuple(f"P5.ft.{p.name}" for p in compared if a.label in (p.a, p.b)), kind="grad",
+                     seqlen=S.seqlen, per_unit=train, also=(("eval", evals),)) for m in chosen for a in arms(S)]
     setup = {"training": {"domain": S.domain, "steps": S.n_steps(), "batch_size": S.batch_size, "seqlen": S.seqlen,
                           "lr": {"sparse": S.lr_sparse, "lora": S.lr_lora, "full": S.lr_full}},
              "evaluation": {"target_windows": S.target_windows, "source_windows": S.source_windows,

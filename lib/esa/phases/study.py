@@ -191,10 +191,16 @@ class Planned:
     kind: str = "eval"  # the pass each unit costs (esa.phases.costs.KINDS); windows of `seqlen` tokens
     seqlen: int | None = None
     per_unit: float = 1.0  # passes per unit (e.g. windows per training step, windows per seed)
+    also: tuple[tuple[str, float], ...] = ()  # further (kind, passes per unit) each unit costs, at `seqlen`
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "label": self.label, "n": self.n, "unit": self.unit,
                 "serves": list(self.serves), "seconds": self.seconds, "peak_bytes": self.peak_bytes}
+
+
+def _predicted(costs: Any, c: Planned) -> float | None:
+    parts = [costs.seconds(c.model, kind, c.n * per, c.seqlen) for kind, per in ((c.kind, c.per_unit), *c.also)]
+    return None if any(x is None for x in parts) else float(sum(parts))
 
 
 @dataclass
@@ -218,8 +224,8 @@ class Plan:
         """Fill each condition's predicted seconds from measured per-window costs (esa.phases.costs.Costs):
         n units x per_unit passes of `kind`; a condition already predicted keeps its number."""
         if costs is not None:
-            self.conditions = [c if c.seconds is not None else replace(
-                c, seconds=costs.seconds(c.model, c.kind, c.n * c.per_unit, c.seqlen)) for c in self.conditions]
+            self.conditions = [c if c.seconds is not None else replace(c, seconds=_predicted(costs, c))
+                               for c in self.conditions]
         return self
 
     def for_model(self, model: str) -> list[Planned]:

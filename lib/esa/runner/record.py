@@ -96,11 +96,12 @@ def run_chunk(cfg: RunConfig, overwrite: bool = False) -> RunResult:
     stage.mkdir(parents=True, exist_ok=True)
     (stage / FIGURES_INSIDE).touch()
     started = time.time()
+    code = {**environment(), "code_hash": code_hash()}  # what the chunk runs at (read before it runs)
     try:
         result = run(replace(cfg, run_id=STAGING, with_deps=False, force=True))
         ok = [nb for nb in chosen if result.results.get(nb, {}).get("status") == "ok"]
         for nb in ok:
-            publish(stage, rec, nb, cfg, result.results[nb], started)
+            publish(stage, rec, nb, cfg, result.results[nb], started, code)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     if ok:
@@ -118,7 +119,8 @@ def _parts(run_dir: Path, nb: str) -> list[Path]:
             run_dir / "state" / f"{nb}.json", run_dir / "figures" / nb]
 
 
-def publish(stage: Path, rec: Path, nb: str, cfg: RunConfig, result: dict[str, Any], started: float) -> None:
+def publish(stage: Path, rec: Path, nb: str, cfg: RunConfig, result: dict[str, Any], started: float,
+            code: dict[str, Any]) -> None:
     """Move one finished notebook's outputs from the staging run into the record, then its manifest last
     (a chunk counts as present only once its manifest is there)."""
     rec.mkdir(parents=True, exist_ok=True)
@@ -131,14 +133,13 @@ def publish(stage: Path, rec: Path, nb: str, cfg: RunConfig, result: dict[str, A
             shutil.rmtree(dst)
         os.replace(src, dst)
     _relative_figures(rec, nb, stage)
-    env = environment()
     stamp = read_stamp(rec, nb) or {}
     write_json(rec / CHUNKS / f"{nb}.json", {
-        "notebook": nb, "commit": env.get("git_commit"), "git_dirty": env.get("git_dirty"),
-        "code_hash": code_hash(), "profile": cfg.profile, "overrides": dict(cfg.overrides),
+        "notebook": nb, "commit": code.get("git_commit"), "git_dirty": code.get("git_dirty"),
+        "code_hash": code["code_hash"], "profile": cfg.profile, "overrides": dict(cfg.overrides),
         "models": (stamp.get("parameters") or {}).get("models"), "machine": costs.machine(),
         "seconds": result.get("seconds"), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "packages": env.get("packages"),
+        "packages": code.get("packages"),
     })
 
 
@@ -250,6 +251,11 @@ def verify(cfg: RunConfig, notebook: str) -> list[str]:
         raise EsaError(f"reports/record has no chunk {notebook}; committed chunks: "
                        + (", ".join(sorted(p.stem for p in (rec / CHUNKS).glob("*.json"))) or "none"))
     meta = read_json(rec / IDENTITY)
+    made = read_json(rec / CHUNKS / f"{notebook}.json")
+    if made.get("code_hash") != code_hash():
+        # bit-exact numbers are promised at the chunk's own code: say which, and compare anyway
+        print(f"note: chunk {notebook} ran at code {made.get('code_hash')} (commit {made.get('commit')}); this is "
+              f"code {code_hash()}: `git checkout {str(made.get('commit'))[:12]}` first to verify it exactly")
     cfg = replace(cfg, profile=meta["profile"], overrides=meta["overrides"], only=[notebook])
     scratch = root / "reports" / ".record-verify"
     shutil.rmtree(scratch, ignore_errors=True)
