@@ -182,8 +182,20 @@ def rebuild(cfg: RunConfig) -> Path:
         "overrides": dict(cfg.overrides), "code_versions": code_versions(chunks),
         "profile_settings": _profile_settings(cfg), "chunks": chunks, "missing": missing(root),
         "wall_seconds": round(sum(c.get("seconds") or 0 for c in chunks.values()), 1),
+        "started": min((c.get("started") or "" for c in chunks.values()), default=None),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "executor": "record chunks", "jobs": 1, "kernel": cfg.kernel,
+        "environment": _environment(chunks),
     })
     return build_index(replace(cfg, run_id=RECORD))
+
+
+def _environment(chunks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The index's environment line for a record: every commit its chunks ran at, the newest chunk's packages."""
+    env = environment()
+    commits = sorted({str(c.get("commit"))[:12] for c in chunks.values()})
+    newest = max(chunks.values(), key=lambda c: c.get("started") or "", default={})
+    return {**env, "git_commit": ", ".join(commits) or None, "packages": newest.get("packages") or env["packages"],
+            "git_dirty": any(c.get("git_dirty") for c in chunks.values())}
 
 
 def code_versions(chunks: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
