@@ -344,19 +344,29 @@ def test_header_damage_is_caught_even_when_a_manifest_is_rewritten(tmp_path: Pat
         store.check(entry)
 
 
-def test_changed_bytes_are_caught_by_the_full_check_only(tmp_path: Path, monkeypatch) -> None:
+def test_changed_bytes_are_caught_on_every_read(tmp_path: Path, monkeypatch) -> None:
     entry = _entry(tmp_path / "cache" / "scores" / "k1")
     weights = entry / "scores.safetensors"
-    _flip_byte(weights, weights.stat().st_size - 100)  # a byte of tensor data
-    store.check(entry)  # sizes and headers are fine: the cheap check cannot see it
-    with pytest.raises(store.CacheCorrupt, match="SHA-256 differs"):
-        store.check(entry, full=True)
-    monkeypatch.setenv(store.VERIFY_ENV, "1")  # run_all.py --verify-cache: every read hashes
-    with pytest.raises(store.CacheCorrupt, match="SHA-256 differs"):
+    _flip_byte(weights, weights.stat().st_size - 100)  # a byte of tensor data: sizes and headers are fine
+    monkeypatch.setenv(store.VERIFY_ENV, "0")  # the old switch no longer matters: every read compares digests
+    with pytest.raises(store.CacheCorrupt, match="scores.safetensors: contents differ from its manifest"):
         store.check(entry)
     bad = store.verify_cache()
-    assert [(p.name, "SHA-256" in why) for p, why in bad] == [("k1", True)]
+    assert [(p.name, "contents differ" in why) for p, why in bad] == [("k1", True)]
     assert not entry.exists() and list((tmp_path / "cache" / "quarantine" / "scores").glob("k1.*"))
+
+
+def test_version_1_manifest_is_checked_by_sha256_and_upgraded(tmp_path: Path) -> None:
+    entry = _entry(tmp_path / "e")
+    files = {p.name: {"size": p.stat().st_size, "sha256": store.file_sha256(p)} for p in entry.iterdir()
+             if p.name != store.MANIFEST_NAME}
+    store.write_json(store.manifest_path(entry), {"version": 1, "files": files})
+    store.check(entry)
+    assert store.read_json(store.manifest_path(entry))["version"] == 2  # rewritten with the fast digest
+    store.write_json(store.manifest_path(entry), {"version": 1, "files": files})
+    _flip_byte(entry / "top.parquet", 20)
+    with pytest.raises(store.CacheCorrupt, match="top.parquet: contents differ from its manifest \\(SHA-256"):
+        store.check(entry)
 
 
 def test_run_all_verify_cache_names_and_moves_aside_a_changed_entry(tmp_path: Path, capsys) -> None:
@@ -364,12 +374,11 @@ def test_run_all_verify_cache_names_and_moves_aside_a_changed_entry(tmp_path: Pa
     good = _entry(tmp_path / "cache" / "scores" / "good")
     bad = _entry(tmp_path / "cache" / "scores" / "bad")
     _flip_byte(bad / "top.parquet", 10)
-    assert run_all(root, "--dry-run") == 0 and bad.exists()  # without the flag nothing hashes
+    assert run_all(root, "--dry-run") == 0 and bad.exists()  # a dry run reads no entry
     assert run_all(root, "--dry-run", "--verify-cache") == 0
     err = capsys.readouterr().err
-    assert f"corrupt, moved aside (it will be recomputed): {bad}: top.parquet: SHA-256 differs" in err, err
+    assert f"corrupt, moved aside (it will be recomputed): {bad}: top.parquet: contents differ" in err, err
     assert "1 corrupt entry" in err and not bad.exists() and good.exists()
-    assert store.VERIFY_ENV not in os.environ
 
 
 def test_cached_quarantines_and_rebuilds_a_bad_entry(tmp_path: Path, caplog) -> None:

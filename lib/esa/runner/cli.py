@@ -76,8 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify-cache",
         action="store_true",
-        help="hash every sealed cache entry first (corrupt ones are named and moved aside, so they are "
-        "recomputed), and make every cache read of this run a full hash check",
+        help="check every sealed cache entry first (corrupt ones are named and moved aside, so they are "
+        "recomputed); every cache read is checked in any case",
     )
     p.add_argument("--record", action="store_true",
                    help="run the --only selection as one chunk of the judged record and publish what finished ok "

@@ -11,7 +11,6 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ class RunConfig:
     jobs: int = 1
     executor: str = "process"
     timeout: float | None = None  # per-cell seconds
-    verify_cache: bool = False  # full hash check of the cache first, and on every cache read of the run
+    verify_cache: bool = False  # check every cache entry first (reads are always checked)
 
     @property
     def run_name(self) -> str:
@@ -294,7 +293,7 @@ def run(cfg: RunConfig) -> RunResult:
         nbrun.check_kernel(cfg.kernel)
         executors.preflight(cfg.executor)
     started = time.time()
-    with run_lock(run_dir), _verifying_reads(cfg.verify_cache):
+    with run_lock(run_dir):
         if cfg.verify_cache:
             verify_cache()
         for folder in (run_dir, figures_dir(Path(cfg.root), cfg.run_name)):
@@ -367,27 +366,12 @@ def _mark_interrupted(plan: Plan, done: dict[str, dict[str, Any]], started: floa
 
 def verify_cache() -> list[tuple[Path, str]]:
     """--verify-cache: hash every sealed cache entry; corrupt ones are named and quarantined (recomputed)."""
-    _log(f"verifying the cache under {store.cache_root()} (every file's SHA-256)")
+    _log(f"verifying the cache under {store.cache_root()} (every file's size, header and digest)")
     bad = store.verify_cache()
     for entry, reason in bad:
         _log(f"  corrupt, moved aside (it will be recomputed): {entry}: {reason}")
     _log(f"  {len(bad)} corrupt entr{'y' if len(bad) == 1 else 'ies'}")
     return bad
-
-
-@contextlib.contextmanager
-def _verifying_reads(on: bool) -> Iterator[None]:
-    """Workers and kernels inherit the environment: with `on`, every cache read of theirs hashes in full."""
-    previous = os.environ.get(store.VERIFY_ENV)
-    if on:
-        os.environ[store.VERIFY_ENV] = "1"
-    try:
-        yield
-    finally:  # run() is also called in-process (tests, notebooks): leave the environment as it was
-        if previous is None:
-            os.environ.pop(store.VERIFY_ENV, None)
-        else:
-            os.environ[store.VERIFY_ENV] = previous
 
 
 def write_manifest(
