@@ -380,10 +380,16 @@ def quarantine(entry: str | os.PathLike[str], reason: str) -> Path | None:
     except ValueError:  # not under the cache root: keep it beside the entry
         dest = entry.with_name(f"{entry.name}.corrupt-{stamp}-{os.getpid()}")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    base, n = dest, 1
+    while dest.exists() or dest.is_symlink():  # the same entry damaged twice within a second
+        dest, n = base.with_name(f"{base.name}-{n}"), n + 1
     sidecar = entry.with_name(entry.name + "." + MANIFEST_NAME)
     try:
         os.replace(entry, dest)
     except FileNotFoundError:
+        if sidecar.is_file():  # a file entry deleted by hand: its manifest alone must not linger
+            with contextlib.suppress(OSError):
+                os.replace(sidecar, dest.with_name(dest.name + "." + MANIFEST_NAME))
         return None
     if sidecar.is_file():
         with contextlib.suppress(OSError):
@@ -596,4 +602,9 @@ def structure_problem(path: str | os.PathLike[str]) -> str | None:
     """What is wrong with a file's header/size consistency (safetensors, parquet, npy, JSON), or None."""
     path = Path(path)
     checker = _STRUCTURE.get(path.suffix)
-    return checker(path, path.stat().st_size) if checker else None
+    if checker is None:
+        return None
+    try:
+        return checker(path, path.stat().st_size)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, SyntaxError, struct.error) as err:
+        return f"unreadable header ({type(err).__name__}: {err})"  # damage inside a header is data, not a bug

@@ -174,8 +174,10 @@ def assemble_chunks(chunks: ChunkedGGUF, model: str) -> Path:
     and names the package(s) to reinstall.
     """
     target = cache_dir("gguf") / chunks.filename
-    if target.is_file() and target.stat().st_size == chunks.size and usable(target, adopt=True):
-        return target  # renamed into place only after its hash was checked; sealed, so checked on every use
+    # renamed into place only after its hash was checked, then sealed: checked on every use, quarantined if
+    # damaged (one written before seals existed is adopted when its size is right)
+    if target.is_file() and usable(target, adopt=target.stat().st_size == chunks.size):
+        return target
     files = _chunk_files(chunks, model)
     bad = [p.package for p, f in zip(chunks.parts, files, strict=True) if f.stat().st_size != p.size]
     if bad:  # a wrong size is a wrong file: refuse before reading 0.5 GB
@@ -207,7 +209,7 @@ def _assemble_gemma() -> Path:
     sums = (index / "data" / "SHA256SUMS").read_text().split()
     expected, fname = sums[0], Path(sums[1].lstrip("*")).name
     target = cache_dir("gguf") / fname
-    if target.exists() and target.stat().st_size > 0 and usable(target, adopt=True):
+    if target.is_file() and usable(target, adopt=target.stat().st_size > 0):
         return target  # written atomically after its hash was checked; sealed, so checked on every use
     parts = []
     for i in range(1, 5):
