@@ -327,3 +327,25 @@ def test_issue_mask_damage_is_caught(damage: str, tmp_path: Path, private_cache_
 
 def json_of(path: Path) -> Any:
     return store.read_json(path)
+
+
+def test_verify_cache_reports_every_kind_and_quarantines_the_damaged(tmp_path: Path, private_cache: Path,
+                                                                    monkeypatch, capsys) -> None:
+    from esa.runner import cache as cache_cli
+
+    for kind in ("tokens", "corpora", "gguf"):
+        (tmp_path / kind).mkdir()
+        KINDS[kind](monkeypatch, tmp_path / kind).run()
+    (private_cache / "masks" / "old").mkdir(parents=True)  # written before seals existed: counted, not judged
+    assert cache_cli.main(["verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verified 3 entries" in out and ": 0 damaged" in out and "masks: 0 entries, 0 B, 0 damaged, 1 unsealed" in out
+    assert "GB/s" in out
+    (corpus,) = (private_cache / "corpora").iterdir()
+    flip("middle")(corpus / "hamlet_gut.txt")
+    assert cache_cli.main(["verify", "--keep"]) == 1 and corpus.exists()
+    assert cache_cli.main(["verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"damaged: {corpus}: hamlet_gut.txt: contents differ" in out and not corpus.exists()
+    assert len(quarantined(private_cache)) == 1
+    assert cache_cli.main(["verify"]) == 0  # the quarantine itself is not checked
