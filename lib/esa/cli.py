@@ -27,7 +27,8 @@ from esa.data import check_corpus
 from esa.dispatch import check_device
 from esa.errors import EsaError, unknown
 from esa.models import DTYPES, EMBEDDED
-from esa.params import check_seed, load_profile
+from esa.models.loader import check_local_model
+from esa.params import check_seed, load_profile, model_params
 from esa.perturb.controls import CONTROLS, parse_controls
 from esa.perturb.ops import PERTURBATIONS, PerturbSpec, parse_perturbations, parse_scales
 from esa.phases import command
@@ -36,7 +37,7 @@ from esa.progress import quiet
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 from esa.sensitivity.select import MODES
-from esa.store import atomic_folder, folder_lock, write_json
+from esa.store import atomic_folder, check_cache_writable, folder_lock, write_json
 
 log = logging.getLogger("esa.cli")
 
@@ -220,6 +221,7 @@ def resolve(args: argparse.Namespace) -> command.Command:
         raise EsaError(f"--topk {recipe.topk} is deeper than the {recipe.candidate_depth} candidates a cache entry "
                        f"stores per matrix: add --candidate-depth {recipe.topk} or --keep-scores")
     model = args.model or prof.models[0]
+    check_local_model(model_params(model).ref)
     explicit = frozenset(k for k in _COMMON if getattr(args, k, None) not in (None, False))
     ctx = RunContext(prof, model, recipe, explicit, dry_run=args.dry_run)
     apps = {}
@@ -318,15 +320,22 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(dry_run_lines(cmd, args)))
             return 0
         out = Path(args.out_dir) if args.out_dir else default_out_dir(cmd)
+        check_cache_writable()  # every output target is checked before the model loads
         created = prepare_out_dir(out)
         with folder_lock(out, what="out dir", hint="give another --out-dir", command="esa-runner"):
             claim_out_dir(out, cmd, args.overwrite)
             summary = execute(cmd, out)
     except EsaError as e:
-        if out is not None and created and out.is_dir() and not _has_outputs(out):
-            shutil.rmtree(out, ignore_errors=True)  # a failed run leaves no folder it made
+        _drop_if_empty(out, created)
         print(f"esa-runner: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        removed = _drop_if_empty(out, created)
+        where = ("" if out is None else f"; the out dir {out} it created was removed" if removed
+                 else f"; {out} holds only what earlier runs finished")
+        print(f"esa-runner: interrupted (Ctrl-C): nothing of this run was kept (outputs are moved into place only "
+              f"when a run finishes){where}", file=sys.stderr)
+        return 130
     print(_report(summary, cmd, out))
     return 0
 
@@ -348,6 +357,14 @@ def dry_run_lines(cmd: command.Command, args: argparse.Namespace) -> list[str]:
 
 def flag_name_of(study: Study) -> str:
     return " / ".join("--" + t.replace("_", "-") for t in study.trigger)
+
+
+def _drop_if_empty(out: Path | None, created: bool) -> bool:
+    """Remove an out dir this run created that holds nothing finished (only its lock files); True if removed."""
+    if out is not None and created and out.is_dir() and not _has_outputs(out):
+        shutil.rmtree(out, ignore_errors=True)
+        return True
+    return False
 
 
 def _has_outputs(out: Path) -> bool:

@@ -91,6 +91,35 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def write_problem(folder: str | os.PathLike[str]) -> str | None:
+    """Why nothing can be created in `folder` (or, when it does not exist yet, in the nearest existing folder
+    above it, where it would be made), or None. It tries: a file is created and removed, so a read-only
+    mount, missing permissions and a file in the way are all caught before any work."""
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".esa-write-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        return f"{probe} is not writable ({err.strerror or err})"
+    return None
+
+
+def check_cache_writable() -> None:
+    """Refuse (EsaError, before any work) a cache root, or a folder of it, that cannot be written: every run
+    writes or repairs entries there (scores, masks, tokens, quarantine)."""
+    root = cache_root()
+    folders = [root] + (sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else [])
+    for folder in folders:
+        problem = write_problem(folder)
+        if problem:
+            raise EsaError(f"the cache {root} cannot be written: {problem}; point ESA_CACHE_DIR at a writable folder")
+
+
 PARTIAL = ".partial-"  # a staging folder's name ends in PARTIAL + the PID of the process writing it
 
 

@@ -173,7 +173,8 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # Completed notebooks have their stamps; partial files are temporary names, removed next run.
         print(
-            "run_all.py: interrupted; completed notebooks are kept, rerun the same command to resume",
+            "run_all.py: interrupted; completed notebooks are kept (a run folder this run created with nothing "
+            "finished is removed), rerun the same command to resume",
             file=sys.stderr,
         )
         return 130
