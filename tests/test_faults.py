@@ -631,6 +631,8 @@ FAULTS: dict[str, Case] = {
     "cache-unwritable": Case("esa-runner", ["--no-cache", "--out-dir", "{t}/out"], 2,
                              f"the cache {UNWRITABLE} cannot be written: /sys is not writable (Permission denied)",
                              ("out",), _cache_at(UNWRITABLE)),
+    "run-folder-under-a-file": Case("run_all", [], 2, "the run folder {t}/p/reports/smoke cannot be written: "
+                                    "{t}/p/reports is a file, not a folder", ("p/figures/smoke",), _file("p/reports", "x")),
     "out-dir-under-a-file": Case("esa-runner", ["--out-dir", "{t}/afile/out"], 2, "lies under {t}/afile, which is a file",
                                  ("cache/scores",), _file("afile", "x")),
     # Ctrl-C: exit 130, one line, no folder this run created
@@ -679,6 +681,8 @@ FAULTS: dict[str, Case] = {
     "set-python-tag": Case("run_all", ["--dry-run", "--set", "x=!!python/object:os.system ls"], 2,
                            "the YAML tag !!python/object:os.system at line 1"),
     # --dry-run is general: it prints the plan and loads nothing, with or without a study flag
+    "dry-run-prune": Case("esa-runner", ["--dry-run", *PRUNE, "--out-dir", "{t}/out"], 0, "nothing loaded (dry run)",
+                          ("out", "cache/masks", "cache/scores")),
     "dry-run-plain": Case("esa-runner", ["--dry-run", "--out-dir", "{t}/out"], 0, "nothing loaded (dry run)",
                           ("out", "cache/scores")),
 }
@@ -715,3 +719,26 @@ def test_fault_table(name: str, tmp_path: Path, private_cache: Path, monkeypatch
         assert err.count("\n") == 1, err  # one line, before any work
     for rel in case.absent:
         assert not (t / rel).exists(), f"{rel} was left behind"
+
+
+def test_a_schedule_id_that_is_not_a_plain_name_is_refused(tmp_path: Path, capsys) -> None:
+    root = make_project(tmp_path / "p", {"k1": "x = 1\n"})
+    (root / "params" / "schedule.yaml").write_text(yaml.safe_dump({"notebooks": [{"id": "../k1", "phase": 1,
+                                                                                  "week": 0}]}))
+    assert run_all(root, "--dry-run") == 2
+    err = capsys.readouterr().err
+    assert "schedule entry id '../k1' is not a plain name" in err and err.count("\n") == 1, err
+
+
+def test_a_profile_may_be_the_path_of_a_yaml_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("seeds: [7]\n")
+    prof = load_profile(str(path))
+    assert prof.name == "mine" and prof.seeds == [7]
+    for bad in ("../profiles/smoke", "smoke/../smoke", str(tmp_path / "missing.yaml"), ".hidden"):
+        with pytest.raises(EsaError, match="give a profile name|unknown profile"):
+            load_profile(bad)
+    from esa.params import model_params
+
+    (tmp_path / "evil.yaml").write_text("ref: tiny-llama\n")
+    assert model_params(f"../../../../{tmp_path}/evil").ref == f"../../../../{tmp_path}/evil"  # a path, not a file

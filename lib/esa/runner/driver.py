@@ -292,16 +292,16 @@ class RunResult:
 def run(cfg: RunConfig) -> RunResult:
     """Execute the plan; failures are collected (others still run unless fail_fast); exit code 1 on any."""
     plan = make_plan(cfg)
-    _log(format_plan(plan))
     run_dir = cfg.run_dir.resolve()
-    if plan.to_run:
-        nbrun.check_kernel(cfg.kernel)
-        executors.preflight(cfg.executor)
     for target, what in ((run_dir, "run folder"), (figures_dir(Path(cfg.root), cfg.run_name), "figures folder")):
         problem = store.write_problem(target)
         if problem:
             raise EsaError(f"the {what} {target} cannot be written: {problem}")
     store.check_cache_writable()
+    _log(format_plan(plan))
+    if plan.to_run:
+        nbrun.check_kernel(cfg.kernel)
+        executors.preflight(cfg.executor)
     started = time.time()
     created = [p for p in (run_dir, figures_dir(Path(cfg.root), cfg.run_name)) if not p.exists()]
     done: dict[str, dict[str, Any]] = {}
