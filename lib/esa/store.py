@@ -378,8 +378,9 @@ def check(entry: str | os.PathLike[str], adopt: bool | str = False) -> None:
                 raise CacheCorrupt(entry, f"{rel}: contents differ from its manifest (SHA-256 digest)")
         else:
             raise CacheCorrupt(entry, f"unreadable manifest {mpath.name}: no digest for {rel}")
-    if legacy:
-        seal(entry)  # checked in full just now: from here on the fast digest
+    if legacy:  # checked in full just now: from here on the fast digest (a read-only cache keeps SHA-256)
+        with contextlib.suppress(OSError):
+            seal(entry)
 
 
 def usable(entry: str | os.PathLike[str], adopt: bool | str = False) -> bool:
