@@ -604,6 +604,16 @@ def _interrupt_run_all(t: Path, monkeypatch: Any) -> None:
     monkeypatch.setattr(executors, "get_executor", lambda name: ctrl_c)
 
 
+def _disk_full(t: Path, monkeypatch: Any) -> None:
+    import errno
+
+    from esa.phases import command
+
+    def full(cmd: Any, lm: Any, stage: Path) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device", str(stage / "topk.parquet"))
+    monkeypatch.setattr(command, "run", full)
+
+
 def _cache_at(path: str) -> Callable[[Path, Any], None]:
     return lambda t, monkeypatch: monkeypatch.setenv("ESA_CACHE_DIR", path)
 
@@ -640,6 +650,8 @@ FAULTS: dict[str, Case] = {
                               "interrupted (Ctrl-C): nothing of this run was kept", ("out",), _interrupt_esa_runner),
     "ctrl-c-run-all": Case("run_all", [], 130, "run_all.py: interrupted; completed notebooks are kept",
                            ("p/reports/smoke", "p/figures/smoke"), _interrupt_run_all),
+    "disk-full": Case("esa-runner", ["--out-dir", "{t}/out"], 1, "esa-runner: error: No space left on device: "
+                      "{t}/out/.partial-", ("out",), _disk_full),
     # files a user gives
     "pickle-only-model": Case("esa-runner", ["--model", "{t}/pickled", "--out-dir", "{t}/out"], 2,
                               "holds its weights only as pickles (pytorch_model.bin)", ("out", "cache/scores"),
@@ -715,8 +727,8 @@ def test_fault_table(name: str, tmp_path: Path, private_cache: Path, monkeypatch
         assert _fmt(case.fragment, t) in captured.out, captured.out
     else:
         assert _fmt(case.fragment, t) in last, err
-    if rc == 2:
-        assert err.count("\n") == 1, err  # one line, before any work
+    if rc == 2 or (rc != 0 and case.tool == "esa-runner"):
+        assert err.count("\n") == 1, err  # one line (a refusal: before any work)
     for rel in case.absent:
         assert not (t / rel).exists(), f"{rel} was left behind"
 

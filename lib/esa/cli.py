@@ -13,6 +13,7 @@ esa-runner on the same folder is refused while the first runs. The work itself i
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -44,6 +45,8 @@ log = logging.getLogger("esa.cli")
 # the common flags a study may take as the user's explicit choice over its profile section (RunContext.explicit)
 _COMMON = ("corpus", "seqlen", "max_samples", "batch_size", "topk", "mode", "metric", "dtype", "seeds")
 MANIFEST = "esa-runner.json"  # the settings of the outputs in an out dir
+# failures of the machine, not of the code: a full disk or quota, a read-only file system, permissions
+_ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _csv(text: str) -> list[str]:
@@ -329,6 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         _drop_if_empty(out, created)
         print(f"esa-runner: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT:
+            raise  # anything else is a bug: keep its traceback
+        _drop_if_empty(out, created)
+        print(f"esa-runner: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+              + "; nothing of this run was kept (free space or fix the permissions, then rerun)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         removed = _drop_if_empty(out, created)
         where = ("" if out is None else f"; the out dir {out} it created was removed" if removed
