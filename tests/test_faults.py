@@ -352,7 +352,8 @@ def test_version_1_manifest_is_checked_by_sha256_and_upgraded(tmp_path: Path) ->
              if p.name != store.MANIFEST_NAME}
     store.write_json(store.manifest_path(entry), {"version": 1, "files": files})
     store.check(entry)
-    assert store.read_json(store.manifest_path(entry))["version"] == 2  # rewritten with the fast digest
+    upgraded = store.read_json(store.manifest_path(entry))
+    assert upgraded["version"] == 2 and all(store.DIGEST in w and "sha256" in w for w in upgraded["files"].values())
     store.write_json(store.manifest_path(entry), {"version": 1, "files": files})
     _flip_byte(entry / "top.parquet", 20)
     with pytest.raises(store.CacheCorrupt, match="top.parquet: contents differ from its manifest \\(SHA-256"):

@@ -331,8 +331,7 @@ def check(entry: str | os.PathLike[str], adopt: bool | str = False) -> None:
     """Raise CacheCorrupt unless every file of the entry has the size, header and digest its manifest records.
 
     Runs on every read: the digest catches same-size damage (a flipped byte), sizes and headers name a
-    truncation precisely. A version-1 manifest (SHA-256) is checked by SHA-256 and then rewritten with
-    xxh3-128. `adopt`: an entry written before manifests existed, which the caller knows was complete
+    truncation precisely. A version-1 manifest (SHA-256) is checked by SHA-256, and xxh3-128 is added to it. `adopt`: an entry written before manifests existed, which the caller knows was complete
     (True, or the name of the marker file the old writer put in a finished folder, e.g. "complete"), is
     accepted if every file passes the header check, and is sealed on the spot (there is nothing to compare
     its bytes with; from then on they are checked).
@@ -378,9 +377,10 @@ def check(entry: str | os.PathLike[str], adopt: bool | str = False) -> None:
                 raise CacheCorrupt(entry, f"{rel}: contents differ from its manifest (SHA-256 digest)")
         else:
             raise CacheCorrupt(entry, f"unreadable manifest {mpath.name}: no digest for {rel}")
-    if legacy:  # checked in full just now: from here on the fast digest (a read-only cache keeps SHA-256)
-        with contextlib.suppress(OSError):
-            seal(entry)
+    if legacy:  # checked in full just now: add the fast digest, keep SHA-256 for older code sharing the cache
+        upgraded = {rel: {**want, DIGEST: file_digest(base / rel)} for rel, want in files.items()}
+        with contextlib.suppress(OSError):  # a read-only cache keeps the version-1 manifest
+            write_json(mpath, {"version": 2, "files": upgraded})
 
 
 def usable(entry: str | os.PathLike[str], adopt: bool | str = False) -> bool:
