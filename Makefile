@@ -84,7 +84,7 @@ verify-record: env
 	$(RUN) --verify-record $(CHUNK)
 
 verify-cache: env
-	$(RUN) --verify-cache --dry-run
+	$(BIN)/python -m esa.runner.cache verify
 
 clean-cache:
 	rm -rf $${ESA_CACHE_DIR:-$$HOME/.cache/critical-weights}

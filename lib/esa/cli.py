@@ -13,6 +13,7 @@ esa-runner on the same folder is refused while the first runs. The work itself i
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -27,7 +28,8 @@ from esa.data import check_corpus
 from esa.dispatch import check_device
 from esa.errors import EsaError, unknown
 from esa.models import DTYPES, EMBEDDED
-from esa.params import check_seed, load_profile
+from esa.models.loader import check_local_model
+from esa.params import check_seed, load_profile, model_params
 from esa.perturb.controls import CONTROLS, parse_controls
 from esa.perturb.ops import PERTURBATIONS, PerturbSpec, parse_perturbations, parse_scales
 from esa.phases import command
@@ -36,13 +38,15 @@ from esa.progress import quiet
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 from esa.sensitivity.select import MODES
-from esa.store import atomic_folder, folder_lock, write_json
+from esa.store import atomic_folder, check_cache_writable, folder_lock, write_json
 
 log = logging.getLogger("esa.cli")
 
 # the common flags a study may take as the user's explicit choice over its profile section (RunContext.explicit)
 _COMMON = ("corpus", "seqlen", "max_samples", "batch_size", "topk", "mode", "metric", "dtype", "seeds")
 MANIFEST = "esa-runner.json"  # the settings of the outputs in an out dir
+# failures of the machine, not of the code: a full disk or quota, a read-only file system, permissions
+_ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _csv(text: str) -> list[str]:
@@ -220,6 +224,7 @@ def resolve(args: argparse.Namespace) -> command.Command:
         raise EsaError(f"--topk {recipe.topk} is deeper than the {recipe.candidate_depth} candidates a cache entry "
                        f"stores per matrix: add --candidate-depth {recipe.topk} or --keep-scores")
     model = args.model or prof.models[0]
+    check_local_model(model_params(model).ref)
     explicit = frozenset(k for k in _COMMON if getattr(args, k, None) not in (None, False))
     ctx = RunContext(prof, model, recipe, explicit, dry_run=args.dry_run)
     apps = {}
@@ -318,15 +323,29 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(dry_run_lines(cmd, args)))
             return 0
         out = Path(args.out_dir) if args.out_dir else default_out_dir(cmd)
+        check_cache_writable()  # every output target is checked before the model loads
         created = prepare_out_dir(out)
         with folder_lock(out, what="out dir", hint="give another --out-dir", command="esa-runner"):
             claim_out_dir(out, cmd, args.overwrite)
             summary = execute(cmd, out)
     except EsaError as e:
-        if out is not None and created and out.is_dir() and not _has_outputs(out):
-            shutil.rmtree(out, ignore_errors=True)  # a failed run leaves no folder it made
+        _drop_if_empty(out, created)
         print(f"esa-runner: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT:
+            raise  # anything else is a bug: keep its traceback
+        _drop_if_empty(out, created)
+        print(f"esa-runner: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+              + "; nothing of this run was kept (free space or fix the permissions, then rerun)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        removed = _drop_if_empty(out, created)
+        where = ("" if out is None else f"; the out dir {out} it created was removed" if removed
+                 else f"; {out} holds only what earlier runs finished")
+        print(f"esa-runner: interrupted (Ctrl-C): nothing of this run was kept (outputs are moved into place only "
+              f"when a run finishes){where}", file=sys.stderr)
+        return 130
     print(_report(summary, cmd, out))
     return 0
 
@@ -348,6 +367,14 @@ def dry_run_lines(cmd: command.Command, args: argparse.Namespace) -> list[str]:
 
 def flag_name_of(study: Study) -> str:
     return " / ".join("--" + t.replace("_", "-") for t in study.trigger)
+
+
+def _drop_if_empty(out: Path | None, created: bool) -> bool:
+    """Remove an out dir this run created that holds nothing finished (only its lock files); True if removed."""
+    if out is not None and created and out.is_dir() and not _has_outputs(out):
+        shutil.rmtree(out, ignore_errors=True)
+        return True
+    return False
 
 
 def _has_outputs(out: Path) -> bool:

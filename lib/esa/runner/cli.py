@@ -76,8 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify-cache",
         action="store_true",
-        help="hash every sealed cache entry first (corrupt ones are named and moved aside, so they are "
-        "recomputed), and make every cache read of this run a full hash check",
+        help="check every sealed cache entry first (corrupt ones are named and moved aside, so they are "
+        "recomputed); every cache read is checked in any case",
     )
     p.add_argument("--record", action="store_true",
                    help="run the --only selection as one chunk of the judged record and publish what finished ok "
@@ -173,7 +173,8 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # Completed notebooks have their stamps; partial files are temporary names, removed next run.
         print(
-            "run_all.py: interrupted; completed notebooks are kept, rerun the same command to resume",
+            "run_all.py: interrupted; completed notebooks are kept (a run folder this run created with nothing "
+            "finished is removed), rerun the same command to resume",
             file=sys.stderr,
         )
         return 130

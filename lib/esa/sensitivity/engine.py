@@ -209,7 +209,7 @@ def score_many(lm: LoadedModel, metrics: list[str], calib: Calibration,
     accumulators fit in memory (`esa.memory`, pass "grad_fused"). Results and cache entries are the same
     as separate `score` calls, bit for bit. `windows`: the sample itself, when the caller already has it.
     `use_cache=False` neither reads nor writes the cache; `refresh` recomputes and rewrites the entries. A
-    corrupt entry (sizes or headers not matching its manifest) is moved aside and recomputed.
+    corrupt entry (sizes, headers or digests not matching its manifest) is named, moved aside and recomputed.
 
     An entry stores each matrix's top and bottom `depth` candidates, the tail statistics, the survival curve,
     the matrix summaries and the candidates of derived scores (`Metric.derived`); `keep_scores` adds the full
@@ -383,7 +383,7 @@ def _write_cache(folder: Path, run: ScoreRun, scores: Mapping[str, torch.Tensor]
                                    "timings": run.timings, "has_scores": scores is not None,
                                    "derived": sorted(run.derived),
                                    "names": [n for n in run.top["param"].unique()]})
-    seal(tmp)  # sizes and hashes of every file: checked on every read (esa.store.check)
+    seal(tmp)  # sizes and digests of every file: checked on every read (esa.store.check)
     shutil.rmtree(folder, ignore_errors=True)
     try:
         os.replace(tmp, folder)
