@@ -30,7 +30,7 @@ from esa.models import DTYPES, EMBEDDED
 from esa.params import check_seed, load_profile
 from esa.perturb.controls import CONTROLS, parse_controls
 from esa.perturb.ops import PERTURBATIONS, PerturbSpec, parse_perturbations, parse_scales
-from esa.phases import command
+from esa.phases import command, memplan
 from esa.phases.study import RunContext, Study, check_request, flag_name, options
 from esa.progress import quiet
 from esa.recipes import Recipe
@@ -342,6 +342,10 @@ def dry_run_lines(cmd: command.Command, args: argparse.Namespace) -> list[str]:
             job = cmd.apps[study.name]
             plan = study.plan(job.settings, prof, [args.model] if args.model else None)
             lines += plan.lines() + [f"esa-runner {flag_name_of(study)}: {job.describe()}: settings checked"]
+    try:  # the profile's passes (every metric it lists: the notebooks run them all), on the meta device
+        lines += memplan.lines(cmd.model, r.but(metrics=list(dict.fromkeys([*r.metrics, *prof.metrics]))))
+    except EsaError as e:
+        lines.append(str(e))
     lines.append("nothing loaded (dry run)")
     return lines
 

@@ -45,14 +45,24 @@ from esa.dispatch import execution_device
 from esa.errors import EsaError, unknown
 from esa.models.inventory import weight_inventory
 
-# Saved-for-backward elements per token per layer, in units of h, I and a*T (see module docstring).
-ACT_HIDDEN = 16.0
+# Saved for backward, per token per layer, measured on the CPU allocator (tests/bench/memory_ledger.py, fitted over
+# tiny-llama, SmolLM2-135M and Qwen2.5-0.5B's shape in fp32 and bf16 with SDPA): elements of the model dtype per
+# hidden, intermediate (x experts per token) and key/value width, plus fp32 elements per hidden (the RMSNorms'
+# upcasts) and per head (SDPA's log-sum-exp)
+ACT_HIDDEN = 4.0
 ACT_INTER = 4.0
-ACT_ATTN = 3.0  # eager/math attention: scores, probabilities (often upcast to fp32)
-# Live elements per token inside one layer when nothing is kept for backward.
-EVAL_HIDDEN = 6.0
+ACT_KV = 2.0
+ACT_HIDDEN_F32 = 2.0
+ACT_HEAD_F32 = 1.0
+# eager attention also keeps (a, T, T) probabilities: fp32 softmax output (+ its cast to the model dtype)
+# Live elements per token inside one layer when nothing is kept for backward (evaluation, act_mag, perturbation)
+EVAL_HIDDEN = 4.0
 EVAL_INTER = 3.0
-EVAL_ATTN = 2.0
+EVAL_HIDDEN_F32 = 2.0  # an RMSNorm's fp32 temporaries
+# the double backward (hutchinson_diag) keeps, on top of a gradient pass, about HVP_GRAPH more activation sets (the
+# first backward's graph) and HVP_ATTN bytes per (a, T, T) element and model-dtype byte for SDPA's math kernel
+HVP_GRAPH = 1.0
+HVP_ATTN = 3.0
 HEADROOM = 0.9  # use at most this share of the free memory (allocator fragmentation, CUDA context, ...)
 GIB = 1 << 30
 
@@ -72,7 +82,8 @@ class ModelShape:
     layers: int
     heads: int
     vocab: int
-    materialised_attention: bool  # eager/math attention keeps (a, T, T) scores
+    materialised_attention: bool  # eager attention keeps (a, T, T) probabilities in every pass
+    kv: int = 0  # key/value width: kv heads x head dim (0: as hidden)
 
     @classmethod
     def of(cls, model: torch.nn.Module, specs: list[Any] | None = None) -> ModelShape:
@@ -82,6 +93,8 @@ class ModelShape:
         k = int(getattr(cfg, "num_experts_per_tok", 0) or 0)
         inter = int(getattr(cfg, "moe_intermediate_size", 0) or getattr(cfg, "intermediate_size", 0) or 4 * hidden)
         attn = str(getattr(cfg, "_attn_implementation", None) or "eager")
+        heads = int(cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", 0) or hidden // heads)
         p0 = next(model.parameters())
         return cls(
             n_params=sum(p.numel() for p in model.parameters()),
@@ -91,9 +104,10 @@ class ModelShape:
             hidden=hidden,
             intermediate=inter * max(1, k),
             layers=int(cfg.num_hidden_layers),
-            heads=int(cfg.num_attention_heads),
+            heads=heads,
             vocab=int(cfg.vocab_size),
-            materialised_attention=attn in ("eager", "math"),
+            materialised_attention=attn == "eager",
+            kv=int(getattr(cfg, "num_key_value_heads", 0) or heads) * head_dim,
         )
 
 
@@ -124,29 +138,56 @@ class MemoryEstimate:
 
 
 # ---------------------------------------------------------------- per-pass components
+def _upcast(s: ModelShape) -> int:
+    """Bytes per element of an fp32 copy of a model-dtype tensor: none when the model is fp32 already."""
+    return 0 if s.dtype_bytes == 4 else 4
+
+
+def _attn_probs(s: ModelShape, b: int, t: int, math_kernel: bool = False) -> int:
+    """(a, T, T) probabilities one layer keeps: eager's fp32 softmax and its cast, or SDPA's math kernel in
+    a double backward (its scores, softmax and their gradients: HVP_ATTN bytes a element)."""
+    if math_kernel:
+        return int(b * s.heads * t * t * s.dtype_bytes * HVP_ATTN)
+    if not s.materialised_attention:
+        return 0
+    return b * s.heads * t * t * (4 + (s.dtype_bytes if s.dtype_bytes != 4 else 0))
+
+
 def _activations(s: ModelShape, b: int, t: int, backward: bool) -> int:
-    attn = s.heads * t if s.materialised_attention else 0
-    if backward:
-        per_tok = ACT_HIDDEN * s.hidden + ACT_INTER * s.intermediate + ACT_ATTN * attn
-        return int(s.layers * b * t * per_tok * s.dtype_bytes)
-    per_tok = EVAL_HIDDEN * s.hidden + EVAL_INTER * s.intermediate + EVAL_ATTN * attn
-    return int(b * t * per_tok * s.dtype_bytes)
+    if backward:  # everything the layers keep for the backward pass
+        per_tok = (s.dtype_bytes * (ACT_HIDDEN * s.hidden + ACT_INTER * s.intermediate + ACT_KV * (s.kv or s.hidden))
+                   + 4 * (ACT_HIDDEN_F32 * s.hidden + ACT_HEAD_F32 * s.heads))
+        return int(s.layers * (b * t * per_tok + _attn_probs(s, b, t)))
+    # no graph: one layer's working set at a time
+    return int(b * t * ((EVAL_HIDDEN * s.hidden + EVAL_INTER * s.intermediate) * s.dtype_bytes
+                        + 4 * EVAL_HIDDEN_F32 * s.hidden) + _attn_probs(s, b, t))
 
 
-def _logits(s: ModelShape, b: int, t: int, backward: bool) -> int:
-    per = (2 * s.dtype_bytes + 12) if backward else (s.dtype_bytes + 8)
-    return int(b * t * s.vocab * per)
+def _eval_logits(s: ModelShape, b: int, t: int) -> int:
+    """The (B, T, V) logits in the model dtype, then one window at a time its fp32 copy and log-softmax."""
+    return b * t * s.vocab * s.dtype_bytes + t * s.vocab * (4 + _upcast(s))
+
+
+def _loss_logits(s: ModelShape, b: int, t: int) -> int:
+    """Backward through the fp32 loss: the log-softmax kept for it, the gradient of the loss w.r.t. it, the
+    fp32 gradient of the logits and its cast to the model dtype (the logits themselves are not kept)."""
+    return b * t * s.vocab * (12 + (s.dtype_bytes if s.dtype_bytes != 4 else 0))
 
 
 def _forward_only(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    return {"activations": _activations(s, b, t, False), "logits": _logits(s, b, t, False)}
+    # the peak is the larger of a layer's working set and the logits phase (the last hidden state and the logits)
+    layer, head = _activations(s, b, t, False), _eval_logits(s, b, t) + b * t * s.hidden * s.dtype_bytes
+    return {"activations": layer} if layer > head else {"activations": b * t * s.hidden * s.dtype_bytes,
+                                                         "logits": _eval_logits(s, b, t)}
 
 
 def _act_mag(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    # a forward with no loss that keeps the last position's logits only (logits_to_keep=1): B V b. fp32 sums
-    # of squared inputs are tiny; the scores themselves are one fp32 per studied weight
-    return {"activations": _activations(s, b, t, False), "logits": b * s.vocab * s.dtype_bytes,
-            "accumulators": 4 * s.n_studied}
+    # hooks add fp32 sums of squared inputs (tiny) to a forward that keeps the last position's logits only; the
+    # scores are |W| (an fp32 copy per weight: one more per matrix while a model-dtype matrix is upcast)
+    # x ||X||: they are built after the forward, so the peak is the larger of the two
+    fwd = _activations(s, b, t, False) + b * s.vocab * s.dtype_bytes
+    scores = 4 * s.n_studied + _upcast(s) * s.largest_studied
+    return {"accumulators": scores} if scores >= fwd else {"activations": fwd}
 
 
 def _gradient(s: ModelShape, b: int, t: int) -> dict[str, int]:
@@ -154,7 +195,7 @@ def _gradient(s: ModelShape, b: int, t: int) -> dict[str, int]:
         "accumulators": 4 * s.n_studied,
         "grads_in_flight": s.largest_studied * (s.dtype_bytes + 4),
         "activations": _activations(s, b, t, True),
-        "logits": _logits(s, b, t, True),
+        "logits": _loss_logits(s, b, t),
     }
 
 
@@ -165,10 +206,13 @@ def _grad_fused(s: ModelShape, b: int, t: int) -> dict[str, int]:
 
 
 def _hutchinson(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    d = _gradient(s, b, t)
+    # one window at a time (the metric's own micro-batches), whatever the batch size
+    d = _gradient(s, 1, t)
     d["grads_in_flight"] = s.largest_studied * (s.dtype_bytes + 8)  # Hv, v.float() and the product
-    d["hutchinson"] = (s.n_studied * (s.dtype_bytes + 1)  # all first-order grads at once + int8 probes
-                       + _activations(s, b, t, True) + b * t * s.vocab * 4)  # graph of the first backward
+    # create_graph: every studied gradient at once, the probe in use cast to the model dtype, and the graph of
+    # the first backward (HVP_GRAPH activation sets and SDPA's math kernel's (a, T, T) buffers per layer)
+    d["hutchinson"] = (2 * s.n_studied * s.dtype_bytes + int(HVP_GRAPH * _activations(s, 1, t, True))
+                       + s.layers * _attn_probs(s, 1, t, math_kernel=True))
     return d
 
 
@@ -245,10 +289,13 @@ def estimate(
     specs: list[Any] | None = None,
     target: str | torch.device | None = None,
     probes: int = 1,
+    written: int = 0,
 ) -> MemoryEstimate:
     """Memory a pass over `model` needs, whole and per device (see the module docstring for the model).
 
     `probes`: hutchinson_diag's probe count (all probes are kept while they fit PROBE_CACHE_BYTES).
+    `written`: weights a perturbation writes (pass "perturb"): its raw-bit backup, and on an accelerator the
+    int64 index moved there, are held while the perturbed model is evaluated.
 
     `specs`: the studied weights (default: the model's inventory). `target`: the device a model still on
     `meta` (built for planning, not loaded) would be placed on; default cuda:0 if available, else cpu.
@@ -272,20 +319,30 @@ def estimate(
         part = _PASS_FNS[pass_name](local, batch_size, seqlen)
         part["activations"] = int(part.get("activations", 0) * (pl["layers"] if "grads_in_flight" in part else
                                                                (1.0 if pl["layers"] else 0.0)))
-        if "hutchinson" in part:
-            act_full = _activations(shape, batch_size, seqlen, True)
-            part["hutchinson"] += int(act_full * pl["layers"]) - act_full
+        if "hutchinson" in part:  # the graph part follows the layers this device holds
+            grads = 2 * local.n_studied * local.dtype_bytes
+            part["hutchinson"] = grads + int((part["hutchinson"] - grads) * pl["layers"])
         part["logits"] = int(part.get("logits", 0) * pl["logits"])
         if pass_name == "hutchinson":
             part["probe_cache"] = probe_cache_bytes(local.n_studied, probes, shape.n_studied)
+        if written and shape.n_studied:  # spread like the studied weights it copies
+            part["backup"] = backup_bytes(int(written * pl["studied"] / shape.n_studied), shape.dtype_bytes, dev)
         part = {"weights": int(pl["weights"]), **part, "offload_staging": int(pl["staging"])}
         per_device[dev] = {k: v for k, v in part.items() if v}
         if not dev.startswith("meta"):
             resident[dev] = int(pl["weights"])
     if pass_name == "hutchinson":
         comps["probe_cache"] = probe_cache_bytes(shape.n_studied, probes, shape.n_studied)
+    if written:
+        comps["backup"] = backup_bytes(written, shape.dtype_bytes, tgt)
     comps["offload_staging"] = max((int(pl["staging"]) for pl in place.values()), default=0)
     return MemoryEstimate(pass_name, batch_size, seqlen, {k: v for k, v in comps.items() if v}, per_device, resident)
+
+
+def backup_bytes(written: int, dtype_bytes: int, device: str) -> int:
+    """The raw bits of `written` weights (esa.perturb.apply), plus their int64 index when it is copied to an
+    accelerator (on the CPU the caller's index is used in place)."""
+    return written * (dtype_bytes + (0 if device.startswith("cpu") else 8))
 
 
 def probe_cache_bytes(n_local: int, probes: int, n_total: int) -> int:
