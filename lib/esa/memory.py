@@ -59,10 +59,13 @@ ACT_HEAD_F32 = 1.0
 EVAL_HIDDEN = 4.0
 EVAL_INTER = 3.0
 EVAL_HIDDEN_F32 = 2.0  # an RMSNorm's fp32 temporaries
-# the double backward (hutchinson_diag) keeps, on top of a gradient pass, about HVP_GRAPH more activation sets (the
-# first backward's graph) and HVP_ATTN bytes per (a, T, T) element and model-dtype byte for SDPA's math kernel
-HVP_GRAPH = 1.0
-HVP_ATTN = 3.0
+# the double backward (hutchinson_diag) keeps, on top of a gradient pass, HVP_GRADS model-dtype copies of every
+# studied weight (the create_graph gradients, the probe cast to the model dtype, the second backward's products),
+# HVP_GRAPH more activation sets (the first backward's graph) and HVP_ATTN bytes per (a, T, T) element per layer
+# for SDPA's math kernel (its scores, probabilities and their gradients; fp32 on the CPU whatever the dtype)
+HVP_GRADS = 3.0
+HVP_GRAPH = 3.5
+HVP_ATTN = 30.0
 HEADROOM = 0.9  # use at most this share of the free memory (allocator fragmentation, CUDA context, ...)
 GIB = 1 << 30
 
@@ -147,7 +150,7 @@ def _attn_probs(s: ModelShape, b: int, t: int, math_kernel: bool = False) -> int
     """(a, T, T) probabilities one layer keeps: eager's fp32 softmax and its cast, or SDPA's math kernel in
     a double backward (its scores, softmax and their gradients: HVP_ATTN bytes a element)."""
     if math_kernel:
-        return int(b * s.heads * t * t * s.dtype_bytes * HVP_ATTN)
+        return int(b * s.heads * t * t * HVP_ATTN)
     if not s.materialised_attention:
         return 0
     return b * s.heads * t * t * (4 + (s.dtype_bytes if s.dtype_bytes != 4 else 0))
@@ -211,7 +214,7 @@ def _hutchinson(s: ModelShape, b: int, t: int) -> dict[str, int]:
     d["grads_in_flight"] = s.largest_studied * (s.dtype_bytes + 8)  # Hv, v.float() and the product
     # create_graph: every studied gradient at once, the probe in use cast to the model dtype, and the graph of
     # the first backward (HVP_GRAPH activation sets and SDPA's math kernel's (a, T, T) buffers per layer)
-    d["hutchinson"] = (2 * s.n_studied * s.dtype_bytes + int(HVP_GRAPH * _activations(s, 1, t, True))
+    d["hutchinson"] = (int(HVP_GRADS * s.n_studied * s.dtype_bytes) + int(HVP_GRAPH * _activations(s, 1, t, True))
                        + s.layers * _attn_probs(s, 1, t, math_kernel=True))
     return d
 
@@ -320,7 +323,7 @@ def estimate(
         part["activations"] = int(part.get("activations", 0) * (pl["layers"] if "grads_in_flight" in part else
                                                                (1.0 if pl["layers"] else 0.0)))
         if "hutchinson" in part:  # the graph part follows the layers this device holds
-            grads = 2 * local.n_studied * local.dtype_bytes
+            grads = int(HVP_GRADS * local.n_studied * local.dtype_bytes)
             part["hutchinson"] = grads + int((part["hutchinson"] - grads) * pl["layers"])
         part["logits"] = int(part.get("logits", 0) * pl["logits"])
         if pass_name == "hutchinson":
@@ -334,15 +337,17 @@ def estimate(
     if pass_name == "hutchinson":
         comps["probe_cache"] = probe_cache_bytes(shape.n_studied, probes, shape.n_studied)
     if written:
-        comps["backup"] = backup_bytes(written, shape.dtype_bytes, tgt)
+        comps["backup"] = backup_bytes(written, shape.dtype_bytes, tgt, shape.n_studied * shape.dtype_bytes)
     comps["offload_staging"] = max((int(pl["staging"]) for pl in place.values()), default=0)
     return MemoryEstimate(pass_name, batch_size, seqlen, {k: v for k, v in comps.items() if v}, per_device, resident)
 
 
-def backup_bytes(written: int, dtype_bytes: int, device: str) -> int:
+def backup_bytes(written: int, dtype_bytes: int, device: str, dense: int | None = None) -> int:
     """The raw bits of `written` weights (esa.perturb.apply), plus their int64 index when it is copied to an
-    accelerator (on the CPU the caller's index is used in place)."""
-    return written * (dtype_bytes + (0 if device.startswith("cpu") else 8))
+    accelerator (on the CPU the caller's index is used in place); at most `dense` (the studied weights' own
+    bytes: apply backs up a whole matrix instead when that is smaller)."""
+    sparse = written * (dtype_bytes + (0 if device.startswith("cpu") else 8))
+    return sparse if dense is None else min(sparse, dense)
 
 
 def probe_cache_bytes(n_local: int, probes: int, n_total: int) -> int:

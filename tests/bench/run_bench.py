@@ -52,7 +52,9 @@ def main() -> int:
             # curvature diagonals: Hutchinson probe vs MC-GGN sample cost, equal-product errors vs exact diagonals
             ["bench_curvature.py"],
             # score cache: entry bytes per weight, write/read vs the scoring pass, the Llama-3.1-8B projection
-            ["bench_cache.py"]]
+            ["bench_cache.py"],
+            # the memory ledger: every pass's CPU allocator peak against esa.memory's plan (reports/bench/memory-ledger.json)
+            ["memory_ledger.py"]]
     if gpu:
         jobs += [["bench_sensitivity.py", "--gpu-8b"], ["gpu_check.py"],
                  ["bench_security.py", "--model", "smollm2-135m", "--flips", "3", "--trials", "5", "--tag", "all-layers"]]
