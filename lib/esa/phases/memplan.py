@@ -111,3 +111,17 @@ def lines(name: str, recipe: Recipe, capacity: int = GPU_BYTES) -> list[str]:
         out.append(f"  {r.label}: batch {r.batch_size}, peak {r.estimate.total / memory.GIB:.1f} GiB ({parts} GiB): "
                    f"{verdict}")
     return out
+
+
+def gpus_for(models: list[str], recipe: Recipe, capacity: int = GPU_BYTES) -> int:
+    """The GPUs a notebook running every pass of `recipe` on each of `models` needs: the most any pass of any
+    model needs (1 for a model without an offline shape, or a pass no GPU count holds: the run then fails with
+    the memory guard's message instead of waiting forever)."""
+    need = 1
+    for name in models:
+        try:
+            rows, _ = plan(name, recipe, capacity)
+        except EsaError:
+            continue
+        need = max([need, *(r.gpus for r in rows if r.gpus)])
+    return need
