@@ -6,30 +6,32 @@ staging) in total and per device. `check(...)` compares it with the free memory 
 (`torch.cuda.mem_get_info` on GPUs, MemAvailable on the CPU) and raises `EsaError` naming the estimate,
 what is available and concrete remedies, instead of letting the pass die with an OOM half-way.
 
-The model of memory (bytes; b = bytes per element of the model dtype, B = batch, T = seqlen,
-h = hidden, I = MLP intermediate (x experts_per_token for MoE), a = attention heads, L = layers,
-V = vocab, N = studied weights, n_max = the largest studied parameter):
+The model of memory (bytes; b = bytes per element of the model dtype, B = batch, T = seqlen, h = hidden,
+I = MLP intermediate (x experts_per_token for MoE), kv = key/value width, a = attention heads, L = layers,
+V = vocab, N = studied weights, n_max = the largest studied parameter). Its factors are measured, not assumed:
+tests/bench/memory_ledger.py runs every pass on the CPU allocator (esa.memtrace) for tiny-llama, SmolLM2-135M
+and Qwen2.5-0.5B's shape in fp32 and bf16 and checks each estimate within +-15% (reports/bench/memory-ledger.json).
 - weights: every parameter, b each (already allocated when the model is loaded: `check` then counts
   only the rest against free memory).
 - accumulators: gradient metrics, Hutchinson and act_mag keep one fp32 score per studied weight: 4N.
 - gradients in flight: the metrics fold each .grad into its accumulator in a post-accumulate-grad hook
   and free it at once, so at most the largest studied gradient plus its fp32 copy live: n_max (b + 4).
-- activations kept for backward: L B T (ACT_HIDDEN h + ACT_INTER I + ACT_ATTN a T) b. The factors
-  count the tensors autograd saves in a pre-norm decoder layer (norm inputs and their fp32 upcasts,
-  q/k/v/o inputs, rotated q/k, MLP gate/up/activation outputs; eager or math attention also stores
-  the a x T x T scores and probabilities), in the spirit of Korthikanti et al. 2022 ("Reducing
-  activation recomputation in large transformer models", sec. 4.1). Without backward (evaluation,
-  act_mag, perturbation) only about one layer's worth is alive: B T (EVAL_HIDDEN h + EVAL_INTER I +
-  EVAL_ATTN a T) b.
-- logits: the model's (B, T, V) output in its dtype, its fp32 copy and the fp32 log-softmax of the
-  loss: B T V (b + 8); act_mag computes no loss and keeps the last position only, so B V b; backward adds the fp32 and model-dtype gradients: B T V (2b + 12) in all.
-- Hutchinson (double backward): `autograd.grad(create_graph=True)` holds every studied gradient at
-  once (N b), the int8 probe in use (N), and the first backward's graph (about one more activation set
-  and the logits' gradient); all P probes (P N) are kept between windows while that fits
-  PROBE_CACHE_BYTES, otherwise each is redrawn per window.
+- activations kept for backward (SDPA): L B T (b (4h + 4I + 2kv) + 4 (2h + a)): the linear layers' inputs
+  and outputs, the RMSNorms' fp32 upcasts and SDPA's log-sum-exp; eager attention adds its (a, T, T)
+  probabilities. Without backward (evaluation, act_mag, perturbation) the peak is the larger of one layer's
+  working set, B T (b (4h + 3I) + 8h), and the logits phase.
+- logits: evaluation holds the (B, T, V) logits and, one window at a time, their fp32 copy (bf16 only) and
+  log-softmax: B T V b + T V (4 + 4 [b != 4]); a backward through the fp32 loss holds the log-softmax, its
+  gradient, the logits' fp32 gradient and its cast: B T V (12 + b [b != 4]); act_mag keeps the last
+  position's logits only (its peak is its fp32 scores, built after the forward).
+- Hutchinson (double backward, one window at a time): on top of a gradient pass, 3 N b (the create_graph
+  gradients, the probe cast to the model dtype, the second backward's products), 3.5 more activation sets
+  (the first backward's graph) and 30 bytes per (a, T, T) element per layer for SDPA's math kernel; all P
+  int8 probes (P N) are kept between windows while that fits PROBE_CACHE_BYTES, else redrawn per window.
+- perturbation: the raw-bit backup of the written weights (with their int64 index on an accelerator), at
+  most a copy of each matrix (esa.perturb.apply backs up whichever is smaller).
 - offload staging: accelerate loads an offloaded block's weights for its forward: the largest block.
-These are estimates: tests/bench/gpu_check.py records them next to the measured peak
-(torch.cuda.max_memory_allocated) so the factors can be checked on real hardware.
+On a GPU, tests/bench/gpu_check.py records the estimates next to torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from esa import memory
 from esa.evaluate import evaluate
 from esa.memtrace import measure
 from esa.models import load
+from esa.models.inventory import weight_inventory
 from esa.perturb.apply import perturbed
 from esa.perturb.ops import PerturbSpec
 from esa.sensitivity.metrics import METRICS, MetricConfig, fused_gradients
@@ -41,15 +42,20 @@ PROBES = 2
 PERTURB_SHARE = 0.01  # perturbation pass: this share of every studied matrix is written (a large top-k)
 
 
+def _qwen_config() -> Any:
+    """Qwen2.5-0.5B's published dimensions (its config.json), written here: no hub, no download."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                       tie_word_embeddings=True)
+
+
 def qwen_shape(dtype: torch.dtype) -> _Loaded:
-    """Qwen2.5-0.5B's published dimensions, random weights: no hub, no download."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    """Qwen2.5-0.5B's shape with random weights."""
+    from transformers import AutoModelForCausalLM
 
-    from esa.models.inventory import weight_inventory
-
-    cfg = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                      num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-                      tie_word_embeddings=True)
+    cfg = _qwen_config()
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
@@ -65,6 +71,19 @@ class _Loaded:
         self.model, self.inventory = model, inventory
 
 
+def meta_model(name: str, dtype: torch.dtype) -> _Loaded:
+    """The model's shape on the meta device (what the plan reads), to re-plan rows measured before."""
+    from transformers import AutoModelForCausalLM
+
+    from esa.models.loader import shape_source
+
+    cfg = _qwen_config() if name == QWEN_SHAPE else shape_source(name)[1]()  # type: ignore[index]
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return _Loaded(model, weight_inventory(model))
+
+
 def load_model(name: str, dtype: torch.dtype) -> Any:
     if name == QWEN_SHAPE:
         return qwen_shape(dtype)
@@ -78,6 +97,8 @@ def _ids(model: torch.nn.Module, b: int, t: int) -> torch.Tensor:
 
 
 def _targets(lm: Any) -> dict[str, torch.Tensor]:
+    if next(lm.model.parameters()).device.type == "meta":  # planning only: the count is what matters
+        return {s.name: torch.empty(max(1, int(PERTURB_SHARE * s.numel)), dtype=torch.long) for s in lm.inventory}
     g = torch.Generator().manual_seed(0)
     return {s.name: torch.randperm(s.numel, generator=g)[: max(1, int(PERTURB_SHARE * s.numel))].sort().values
             for s in lm.inventory}
@@ -133,15 +154,21 @@ def measure_pass(lm: Any, pass_name: str, b: int, t: int) -> dict[str, Any]:
     peak, out = measure(run)
     seconds = time.perf_counter() - t0
     del out
-    if pass_name == "perturb":
+    row = {"pass": pass_name, "plan_pass": plan_pass, "batch": b, "seqlen": t, "measured": peak.peak,
+           "measured_end": peak.end, "seconds": round(seconds, 2)}
+    return {**row, **planned(lm, row)}
+
+
+def planned(lm: Any, row: dict[str, Any]) -> dict[str, Any]:
+    """The plan's need for a measured row (esa.memory as it is now), its ratio to the measurement and components."""
+    plan_pass, kw, _ = PASSES[row["pass"]]
+    if row["pass"] == "perturb":
         kw = {"written": sum(int(v.numel()) for v in _targets(lm).values())}
-    est = memory.estimate(lm.model, plan_pass, b, t, specs=lm.inventory, target="cpu", **kw)
+    est = memory.estimate(lm.model, plan_pass, row["batch"], row["seqlen"], specs=lm.inventory, target="cpu", **kw)
     plan = est.need("cpu")
-    return {"pass": pass_name, "plan_pass": plan_pass, "batch": b, "seqlen": t, "measured": peak.peak,
-            "measured_end": peak.end, "plan": plan, "ratio": plan / max(1, peak.peak),
-            "within": abs(plan / max(1, peak.peak) - 1) <= TOLERANCE,
-            "components": {k: v for k, v in est.per_device["cpu"].items() if k != "weights"},
-            "seconds": round(seconds, 2)}
+    ratio = plan / max(1, row["measured"])
+    return {"plan": plan, "ratio": round(ratio, 4), "within": abs(ratio - 1) <= TOLERANCE,
+            "components": {k: v for k, v in est.per_device["cpu"].items() if k != "weights"}}
 
 
 def features(lm: Any, b: int, t: int) -> dict[str, float]:
@@ -176,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passes", default=",".join(PASSES))
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of other models already in --out (every row is re-planned with esa.memory as "
+                         "it is now), so the slow models can be measured one at a time")
     a = ap.parse_args(argv)
     passes = a.passes.split(",")
     bad = [p for p in passes if p not in PASSES]
@@ -197,6 +227,15 @@ def main(argv: list[str] | None = None) -> int:
                           f"plan {r['plan'] / 2**20:9.2f} MiB  ratio {r['ratio']:.3f}{'' if r['within'] else '  MISS'}",
                           flush=True)
             del lm
+    if a.append and Path(a.out).is_file():
+        measured = {(r["model"], r["dtype"]) for r in rows}
+        kept = [r for r in json.loads(Path(a.out).read_text())["rows"] if (r["model"], r["dtype"]) not in measured]
+        metas: dict[tuple[str, str], Any] = {}
+        for r in kept:
+            key = (r["model"], r["dtype"])
+            metas[key] = metas.get(key) or meta_model(r["model"], getattr(torch, r["dtype"]))
+            r.update(planned(metas[key], r))
+        rows = kept + rows
     report = {"tolerance": TOLERANCE, "measure": "torch.profiler CPU allocator events (esa.memtrace)",
               "torch": torch.__version__, "rows": rows, "fit": fit(rows),
               "within": sum(r["within"] for r in rows), "n": len(rows)}

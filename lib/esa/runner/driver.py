@@ -127,7 +127,8 @@ def make_plan(cfg: RunConfig) -> Plan:
     nb_dir = Path(cfg.notebooks_dir or root / "notebooks").resolve()
     run_dir = cfg.run_dir.resolve()
     code = code_hash()
-    gpu_machine = bool(executors.visible_gpus())  # a notebook gets the GPUs its memory plan needs there
+    # a notebook gets the GPUs its memory plan needs on a GPU machine or a SLURM cluster (sized per job array)
+    gpu_machine = cfg.executor == "slurm" or bool(executors.visible_gpus())
     keys: dict[str, str] = {}
     items: list[PlanItem] = []
     for entry in chosen:

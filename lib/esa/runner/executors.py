@@ -382,6 +382,9 @@ def _run_submitit(tasks: list[Task], opts: ExecOptions, on_done: OnDone, cluster
         if not runnable:
             continue
         fn = _local_job if cluster == "local" else run_task
+        if cluster == "slurm":  # the array's tasks get the GPUs its most demanding notebook's plan needs
+            need = max([int(opts.cluster.get("gpus_per_node", 1) or 0), *(t.gpus for t in runnable)])
+            executor.update_parameters(gpus_per_node=need)
         jobs = executor.map_array(fn, [t.as_dict() for t in runnable])
         for task, job in zip(runnable, jobs, strict=True):
             try:
