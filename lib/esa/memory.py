@@ -89,6 +89,7 @@ class ModelShape:
     vocab: int
     materialised_attention: bool  # eager attention keeps (a, T, T) probabilities in every pass
     kv: int = 0  # key/value width: kv heads x head dim (0: as hidden)
+    largest_param: int = 0  # elements of the largest parameter (the embedding, usually)
 
     @classmethod
     def of(cls, model: torch.nn.Module, specs: list[Any] | None = None) -> ModelShape:
@@ -113,6 +114,7 @@ class ModelShape:
             vocab=int(cfg.vocab_size),
             materialised_attention=attn == "eager",
             kv=int(getattr(cfg, "num_key_value_heads", 0) or heads) * head_dim,
+            largest_param=max((p.numel() for p in model.parameters()), default=0),
         )
 
 
@@ -221,6 +223,18 @@ def _hutchinson(s: ModelShape, b: int, t: int) -> dict[str, int]:
     return d
 
 
+def _finetune_full(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    # one AdamW step of full fine-tuning (esa.apps.training, fp32 weights), with AdamW's two moments allocated.
+    # The backward frees the graph as it fills the gradients, so the peak is the larger of its start (the graph,
+    # the loss's logits buffers, the first (head) gradient) and the step (every gradient, and the update's
+    # temporaries for the largest parameter: CPU steps one tensor at a time; a GPU's foreach step may hold more)
+    moments = {"optimizer": 2 * s.n_params * s.dtype_bytes}
+    start = {"activations": _activations(s, b, t, True), "logits": _loss_logits(s, b, t),
+             "gradients": s.largest_param * s.dtype_bytes}
+    step = {"gradients": s.n_params * s.dtype_bytes, "optimizer_step": 2 * s.largest_param * s.dtype_bytes}
+    return {**moments, **(start if sum(start.values()) > sum(step.values()) else step)}
+
+
 # The passes the guard knows; a metric names its own (esa.sensitivity.metrics.Metric.memory_pass).
 _PASS_FNS: dict[str, Callable[[ModelShape, int, int], dict[str, int]]] = {
     "eval": _forward_only,
@@ -229,6 +243,7 @@ _PASS_FNS: dict[str, Callable[[ModelShape, int, int], dict[str, int]]] = {
     "gradient": _gradient,  # one gradient metric (grad_x_weight, grad_squared)
     "grad_fused": _grad_fused,  # grad_x_weight and grad_squared from one backward
     "hutchinson": _hutchinson,
+    "finetune_full": _finetune_full,  # one full fine-tuning step (AdamW)
 }
 PASSES = tuple(_PASS_FNS)
 

@@ -112,7 +112,7 @@ def _eval(lm: Any, ids: torch.Tensor) -> Any:
 BATCH = {"b": 1}  # windows per micro-batch (main's --batch)
 # micro-batches per pass: a gradient pass's second micro-batch runs with every accumulator allocated (its
 # steady state); the others hold nothing across windows, and Hutchinson allocates its buffers up front
-WINDOWS = {"grad_x_weight": 2, "grad_fused": 2}
+WINDOWS = {"grad_x_weight": 2, "grad_fused": 2, "finetune_full": 2}
 
 
 def _metric(name: str) -> Callable[[Any, torch.Tensor], Any]:
@@ -135,6 +135,15 @@ def _perturb(lm: Any, ids: torch.Tensor) -> Any:
     return run
 
 
+def _finetune(lm: Any, ids: torch.Tensor) -> Any:
+    """Two steps of full fine-tuning (the second runs with AdamW's moments allocated: its steady state). It
+    trains the model in place, which changes no later pass's memory."""
+    from esa.apps.training import FullFT, TrainConfig, train
+
+    cfg = TrainConfig(steps=2, batch_size=BATCH["b"], eval_start=False, grad_clip=1.0, show_progress=False)
+    return train(lm.model, FullFT(), ids, cfg).summary
+
+
 PASSES: dict[str, tuple[str, dict[str, Any], Callable[[Any, torch.Tensor], Any]]] = {
     "eval": ("eval", {}, _eval),
     "grad_x_weight": ("gradient", {}, _metric("grad_x_weight")),
@@ -142,6 +151,7 @@ PASSES: dict[str, tuple[str, dict[str, Any], Callable[[Any, torch.Tensor], Any]]
     "act_mag": ("act_mag", {}, _metric("act_mag")),
     "hutchinson_diag": ("hutchinson", {"probes": PROBES}, _metric("hutchinson_diag")),
     "perturb": ("perturb", {}, None),  # built per model (its targets, their count: `written`): below
+    "finetune_full": ("finetune_full", {}, _finetune),  # fp32 only: full fine-tuning refuses bf16 weights
 }
 
 
@@ -220,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             lm = load_model(name, getattr(torch, dt))
             for t in (int(s) for s in a.seqlens.split(",")):
                 for p in passes:
+                    if p == "finetune_full" and dt != "float32":
+                        continue  # refused: no fp32 master weights (esa.apps.training.full)
                     r = measure_pass(lm, p, a.batch, t)
                     r.update(model=name, dtype=dt, features=features(lm, a.batch, t))
                     rows.append(r)
