@@ -479,3 +479,15 @@ def test_full_fine_tuning_refuses_bf16_weights_before_any_step(ids):
     with pytest.raises(EsaError, match="full fine-tuning needs fp32 weights, the model has bfloat16") as err:
         train(lm.model, FullFT(), ids, cfg(steps=1))
     assert "\n" not in str(err.value) and weights_hash(lm.model) == before
+
+
+def test_full_fine_tuning_asks_the_memory_plan_before_the_first_step(ids, monkeypatch):
+    from esa import memory
+
+    lm = load("tiny-llama", device="cpu")
+    before = weights_hash(lm.model)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 100_000)  # less than one AdamW step needs
+    with pytest.raises(EsaError, match="not enough memory for finetune_full") as err:
+        train(lm.model, FullFT(), ids, cfg(steps=1))
+    assert "sparse fine-tuning or LoRA" in str(err.value) and "bfloat16" not in str(err.value)
+    assert weights_hash(lm.model) == before and not any(p.requires_grad for p in lm.model.parameters())

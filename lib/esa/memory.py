@@ -449,7 +449,10 @@ def _message(est: MemoryEstimate, short: Iterable[tuple[str, int, int]], headroo
     lines.append(f"  whole pass: about {_gib(est.total)} ({', '.join(f'{k} {_gib(v)}' for k, v in est.components.items())})")
     lines.append("Try:")
     dtype_bytes = next(model.parameters()).element_size()
-    if dtype_bytes > 2:
+    if est.pass_name == "finetune_full":
+        lines.append("  - sparse fine-tuning or LoRA (fp32 deltas or adapters on a share of the weights; full "
+                     "fine-tuning keeps fp32 weights, gradients and two AdamW moments of every parameter)")
+    elif dtype_bytes > 2:
         lines.append("  - dtype='bfloat16' (halves weights and activations; scores stay fp32)")
     big_act = est.components.get("activations", 0) + est.components.get("logits", 0) + est.components.get("hutchinson", 0)
     if est.batch_size > 1 and big_act > 0.2 * est.total:
