@@ -54,7 +54,9 @@ def main() -> int:
             # score cache: entry bytes per weight, write/read vs the scoring pass, the Llama-3.1-8B projection
             ["bench_cache.py"],
             # the memory ledger: every pass's CPU allocator peak against esa.memory's plan (reports/bench/memory-ledger.json)
-            ["memory_ledger.py"]]
+            ["memory_ledger.py"],
+            # bf16 swallows small perturbations of large weights: the unchanged share of top-k vs random_k
+            ["bf16_perturbation_bias.py"]]
     if gpu:
         jobs += [["bench_sensitivity.py", "--gpu-8b"], ["gpu_check.py"],
                  ["bench_security.py", "--model", "smollm2-135m", "--flips", "3", "--trials", "5", "--tag", "all-layers"]]
