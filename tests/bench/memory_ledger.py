@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--append", action="store_true",
-                    help="keep the rows of other models already in --out (every row is re-planned with esa.memory as "
-                         "it is now), so the slow models can be measured one at a time")
+                    help="keep the rows already in --out that this run does not measure again (every row is re-planned "
+                         "with esa.memory as it is now), so the slow models can be measured one at a time")
     a = ap.parse_args(argv)
     passes = a.passes.split(",")
     bad = [p for p in passes if p not in PASSES]
@@ -240,8 +240,11 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
             del lm
     if a.append and Path(a.out).is_file():
-        measured = {(r["model"], r["dtype"]) for r in rows}
-        kept = [r for r in json.loads(Path(a.out).read_text())["rows"] if (r["model"], r["dtype"]) not in measured]
+        def key(r: dict[str, Any]) -> tuple[Any, ...]:
+            return r["model"], r["dtype"], r["pass"], r["batch"], r["seqlen"]
+
+        measured = {key(r) for r in rows}
+        kept = [r for r in json.loads(Path(a.out).read_text())["rows"] if key(r) not in measured]
         metas: dict[tuple[str, str], Any] = {}
         for r in kept:
             key = (r["model"], r["dtype"])
