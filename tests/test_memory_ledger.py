@@ -83,6 +83,9 @@ def test_8b_extended_dry_run_prints_each_pass_and_loads_nothing(capsys, monkeypa
     # the weights alone are 15 GiB in bf16 (8.03B parameters); evaluation fits one GPU, the double backward does not
     assert "weights 15.0" in plan["evaluation"] and "fits one GPU" in plan["evaluation"]
     assert "needs" in plan["hutchinson_diag"]
+    # full fine-tuning runs on fp32 weights (no master weights in bf16): 8B of them, with AdamW, need GPUs
+    full = plan["full fine-tuning step (fp32 weights, AdamW)"]
+    assert "batch 8 x 512" in full and "weights 29.9" in full and "optimizer 59.8" in full and "needs" in full
     rows, source = memplan.plan("llama-3.1-8b", cli.Recipe(dtype="bfloat16", seqlen=2048, metrics=("hutchinson_diag",),
                                                              hutchinson_probes=16, batch_size=1))
     hutch = next(r for r in rows if r.label == "hutchinson_diag")

@@ -98,9 +98,22 @@ def plan(name: str, recipe: Recipe, capacity: int = GPU_BYTES) -> tuple[list[Pas
     return rows, source
 
 
-def lines(name: str, recipe: Recipe, capacity: int = GPU_BYTES) -> list[str]:
-    """The plan as the dry run prints it: one line per pass, its peak, and one GPU or the count it needs."""
+def finetune_plan(name: str, batch_size: int, seqlen: int, capacity: int = GPU_BYTES) -> PassPlan:
+    """One full fine-tuning step (AdamW) of model `name`: always on fp32 weights (esa.apps.training.full refuses
+    others, having no separate master weights)."""
+    model, _ = meta_model(name, "float32")
+    est = memory.estimate(model, "finetune_full", batch_size, seqlen, target="cuda:0")
+    return PassPlan("full fine-tuning step (fp32 weights, AdamW)", "finetune_full", batch_size, est,
+                    gpus_needed(est, capacity))
+
+
+def lines(name: str, recipe: Recipe, capacity: int = GPU_BYTES,
+          finetune: tuple[int, int] | None = None) -> list[str]:
+    """The plan as the dry run prints it: one line per pass, its peak, and one GPU or the count it needs.
+    `finetune`: (batch size, seqlen) of the profile's fine-tuning, to add its full fine-tuning step."""
     rows, source = plan(name, recipe, capacity)
+    if finetune:
+        rows.append(finetune_plan(name, *finetune, capacity=capacity))
     cap = f"{capacity / memory.GIB:.0f} GiB"
     out = [f"memory plan: {name} ({source}, {recipe.dtype}, SDPA; built on the meta device, nothing loaded), "
            f"seqlen {recipe.seqlen}, one GPU = {cap} used up to {memory.HEADROOM:.0%}:"]
@@ -108,7 +121,7 @@ def lines(name: str, recipe: Recipe, capacity: int = GPU_BYTES) -> list[str]:
         parts = ", ".join(f"{k} {v / memory.GIB:.1f}" for k, v in r.estimate.components.items())
         verdict = ("fits one GPU" if r.gpus == 1 else f"needs {r.gpus} GPUs (device_map over {r.gpus} x {cap})"
                    if r.gpus else f"does not fit {MAX_GPUS} GPUs")
-        out.append(f"  {r.label}: batch {r.batch_size}, peak {r.estimate.total / memory.GIB:.1f} GiB ({parts} GiB): "
+        out.append(f"  {r.label}: batch {r.batch_size} x {r.estimate.seqlen}, peak {r.estimate.total / memory.GIB:.1f} GiB ({parts} GiB): "
                    f"{verdict}")
     return out
 
