@@ -18,6 +18,7 @@ def test_gpu_pool_hands_out_the_lowest_free_ids_and_takes_them_back():
 
 
 def test_an_8b_extended_notebook_is_planned_on_several_gpus(monkeypatch):
+    monkeypatch.delenv("ESA_PARAMS_DIR", raising=False)  # make_plan sets it: restored after the test
     monkeypatch.setattr(executors, "visible_gpus", lambda: ["0", "1", "2", "3"])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     plan = driver.make_plan(driver.RunConfig(profile="extended", only=["phase2_week1_metric_validation"],
@@ -31,6 +32,7 @@ def test_an_8b_extended_notebook_is_planned_on_several_gpus(monkeypatch):
 
 
 def test_cpu_machine_plans_no_gpus(monkeypatch):
+    monkeypatch.delenv("ESA_PARAMS_DIR", raising=False)
     monkeypatch.setattr(executors, "visible_gpus", lambda: [])
     plan = driver.make_plan(driver.RunConfig(profile="extended", only=["phase2_week1_metric_validation"],
                                              models=["llama-3.1-8b"], with_deps=False))
@@ -46,6 +48,7 @@ def test_the_task_kernel_sees_exactly_its_gpus(monkeypatch, tmp_path):
     monkeypatch.setattr(task.nbrun, "write_input", lambda *a, **k: None)
     monkeypatch.setattr(task.nbrun, "execute", fake_execute)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    monkeypatch.setenv("ESA_PARAMS_DIR", str(tmp_path))  # run_task sets both: restored after the test
     t = task.Task("nb", "t", 2, 1, "nb.py", str(tmp_path), str(tmp_path), str(tmp_path), "esa", {}, "k",
                   gpus=2, gpu_ids=["2", "3"])
     stamp = task.run_task(t.as_dict())
