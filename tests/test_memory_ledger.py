@@ -91,3 +91,22 @@ def test_8b_extended_dry_run_prints_each_pass_and_loads_nothing(capsys, monkeypa
     hutch = next(r for r in rows if r.label == "hutchinson_diag")
     assert source == "published shape" and hutch.gpus and hutch.gpus > 1
     assert hutch.estimate.total > memplan.GPU_BYTES * memory.HEADROOM  # more than one GPU's share, so > 1 GPU
+
+
+def test_scoring_asks_the_plan_before_the_pass(monkeypatch, tmp_path):
+    from esa.data import Calibration, Windows
+    from esa.errors import EsaError
+    from esa.models import load
+    from esa.sensitivity.engine import score
+    from esa.sensitivity.metrics import MetricConfig
+
+    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path))
+    lm = load("tiny-llama", device="cpu")
+    ids = torch.randint(3, 259, (2, 32), generator=torch.Generator().manual_seed(0))
+    w = Windows(ids, "random", "calib", 32, False, "byt5", 100, (0, 1))
+    cfg = MetricConfig(batch_size=1, show_progress=False)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 50_000)  # less than the pass needs
+    with pytest.raises(EsaError, match="not enough memory for gradient"):
+        score(lm, "grad_x_weight", Calibration(seed=1), cfg, windows=w, use_cache=False)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1 << 40)
+    assert score(lm, "grad_x_weight", Calibration(seed=1), cfg, windows=w, use_cache=False).top is not None

@@ -267,6 +267,10 @@ def score_many(lm: LoadedModel, metrics: list[str], calib: Calibration,
     for m in todo:
         if m in group:
             continue
+        # the memory plan of this pass, asked before it runs: a pass that cannot fit stops here with its need,
+        # what is free and what to change, not with an out-of-memory error half-way
+        memory.check(lm.model, METRICS[m].memory_pass, cfgs[m].batch_size, windows.seqlen, inventory,
+                     probes=cfgs[m].probes)
         t1 = time.perf_counter()
         result = get_metric(m)(lm.model, inventory, windows.ids, cfgs[m])
         t_metric = _synced(t1)
