@@ -499,3 +499,13 @@ def test_cpu_share_follows_the_running_notebooks(monkeypatch, tmp_path) -> None:
         torch.set_num_threads(before)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert executors.CpuShare(tmp_path, 2, []).path is None
+
+
+def test_manifest_states_tf32_when_a_gpu_ran(monkeypatch):
+    from esa.runner import manifest
+
+    monkeypatch.setattr(manifest, "gpus", lambda: ["GPU 0: NVIDIA H100 80GB HBM3"])
+    env = manifest.environment()
+    assert env["gpus"] and "off for matmuls" in env["tf32"] and "full fp32" in env["tf32"]
+    monkeypatch.setattr(manifest, "gpus", lambda: [])
+    assert manifest.environment()["tf32"] is None

@@ -32,7 +32,7 @@ from esa.models.loader import check_local_model
 from esa.params import check_seed, load_profile, model_params
 from esa.perturb.controls import CONTROLS, parse_controls
 from esa.perturb.ops import PERTURBATIONS, PerturbSpec, parse_perturbations, parse_scales
-from esa.phases import command
+from esa.phases import command, memplan
 from esa.phases.study import RunContext, Study, check_request, flag_name, options
 from esa.progress import quiet
 from esa.recipes import Recipe
@@ -361,6 +361,12 @@ def dry_run_lines(cmd: command.Command, args: argparse.Namespace) -> list[str]:
             job = cmd.apps[study.name]
             plan = study.plan(job.settings, prof, [args.model] if args.model else None)
             lines += plan.lines() + [f"esa-runner {flag_name_of(study)}: {job.describe()}: settings checked"]
+    try:  # the profile's passes (every metric it lists: the notebooks run them all), on the meta device
+        ft = prof.finetune
+        lines += memplan.lines(cmd.model, r.but(metrics=list(dict.fromkeys([*r.metrics, *prof.metrics]))),
+                               finetune=(int(ft.get("batch_size", 8)), int(ft.get("seqlen", r.seqlen))) if ft else None)
+    except EsaError as e:
+        lines.append(str(e))
     lines.append("nothing loaded (dry run)")
     return lines
 

@@ -55,7 +55,11 @@ def main() -> int:
             # score cache: entry bytes per weight, write/read vs the scoring pass, the Llama-3.1-8B projection
             ["bench_cache.py"],
             # cache integrity: digest GB/s (xxh3-128 vs BLAKE2b, SHA-256) and checking every read vs smoke week 1
-            ["bench_integrity.py"]]
+            ["bench_integrity.py"],
+            # the memory ledger: every pass's CPU allocator peak against esa.memory's plan (reports/bench/memory-ledger.json)
+            ["memory_ledger.py"],
+            # bf16 swallows small perturbations of large weights: the unchanged share of top-k vs random_k
+            ["bf16_perturbation_bias.py"]]
     if gpu:
         jobs += [["bench_sensitivity.py", "--gpu-8b"], ["gpu_check.py"],
                  ["bench_security.py", "--model", "smollm2-135m", "--flips", "3", "--trials", "5", "--tag", "all-layers"]]

@@ -238,10 +238,11 @@ def load(
             hf_kwargs["offload_folder"] = str(offload_folder)
 
     if ref in tiny.TINY_CONFIGS:
-        model = tiny.tiny_model(ref, seed=seed, dtype=torch_dtype)
+        model = tiny.tiny_model(ref, seed=seed, dtype=torch_dtype, attn_implementation=attn_implementation or "eager")
         tokenizer, source = tiny.tiny_tokenizer(), "tiny"
     elif micro.is_micro(ref):  # trained here on first use, then cached (esa.models.micro)
-        model, tokenizer = micro.load_micro(ref, dtype=torch_dtype, seed=seed)
+        model, tokenizer = micro.load_micro(ref, dtype=torch_dtype, seed=seed,
+                                            attn_implementation=attn_implementation or "eager")
         source = "micro"
     elif ref in embedded.EMBEDDED:
         folder = _dequantised_folder(embedded.gguf_path(ref))

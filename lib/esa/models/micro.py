@@ -181,11 +181,11 @@ def is_trained(name: str, budget: str, seed: int = 0) -> bool:
     return (model_dir(name, budget, seed) / "train.json").exists()
 
 
-def load_micro(ref: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+def load_micro(ref: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn_implementation: str = "eager"):
     """(model, tokenizer) of a suite member, training it first if no cached copy exists."""
     name, budget = parse_ref(ref)
     folder = ensure_trained(name, budget, seed)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation)
     # output_router_logits is for training only; the analysis wants plain logits
     model.config.output_router_logits = False
     return model, micro_tokenizer()

@@ -201,8 +201,7 @@ def run_model(name: str, P: Profile, S: Settings, lm: LoadedModel | None = None,
     `protect`: (targets, description) of the critical set, instead of the section's; `keep`: keep the masks."""
     t0 = time.perf_counter()
     conds = conditions(S, P) if conds is None else conds
-    eager = any(c.spec.method == "hutchinson_diag" for c in conds) or (S.protect and S.protect_metric == "hutchinson_diag")
-    lm = lm or Recipe.of(P).load(name, eager=True if eager else None)
+    lm = lm or Recipe.of(P).load(name)
     before = weights_hash(lm.model)
     windows = eval_windows(lm, S, P)
     task: ZeroShotTask | None = build_next_line(S.zeroshot_corpus, n_items=S.zeroshot_items) if S.zeroshot_items else None

@@ -103,6 +103,14 @@ def _rel(path: Path, root: Path) -> str:
         return str(path.resolve())
 
 
+def _gpus(models: list[str], profile: Any) -> int:
+    """GPUs a notebook of `models` under `profile` needs: every metric of the profile at its settings."""
+    from esa.phases import memplan
+    from esa.recipes import Recipe
+
+    return memplan.gpus_for(models, Recipe.of(profile))
+
+
 def make_plan(cfg: RunConfig) -> Plan:
     """Resolve the schedule for `cfg`; every bad input is an EsaError raised before anything runs."""
     if cfg.jobs < 1:
@@ -123,6 +131,8 @@ def make_plan(cfg: RunConfig) -> Plan:
     nb_dir = Path(cfg.notebooks_dir or root / "notebooks").resolve()
     run_dir = cfg.run_dir.resolve()
     code = code_hash()
+    # a notebook gets the GPUs its memory plan needs on a GPU machine or a SLURM cluster (sized per job array)
+    gpu_machine = cfg.executor == "slurm" or bool(executors.visible_gpus())
     keys: dict[str, str] = {}
     items: list[PlanItem] = []
     for entry in chosen:
@@ -163,6 +173,7 @@ def make_plan(cfg: RunConfig) -> Plan:
             key=key,
             depends_on=[d for d in entry.depends_on if d in in_plan],
             timeout=cfg.timeout,
+            gpus=_gpus(models, profile) if gpu_machine else 1,
         )
         # --force applies to what was asked for, not to dependencies pulled in to satisfy it.
         action, reason = _decide(cfg.force and entry.id not in added, run_dir, entry.id, key)
