@@ -18,7 +18,8 @@ def test_gpu_pool_hands_out_the_lowest_free_ids_and_takes_them_back():
 
 
 def test_an_8b_extended_notebook_is_planned_on_several_gpus(monkeypatch):
-    monkeypatch.delenv("ESA_PARAMS_DIR", raising=False)  # make_plan sets it: restored after the test
+    # make_plan sets it; setenv (not delenv, which records nothing when the variable is absent) restores it
+    monkeypatch.setenv("ESA_PARAMS_DIR", str(driver.REPO_ROOT / "params"))
     monkeypatch.setattr(executors, "visible_gpus", lambda: ["0", "1", "2", "3"])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     plan = driver.make_plan(driver.RunConfig(profile="extended", only=["phase2_week1_metric_validation"],
@@ -32,7 +33,7 @@ def test_an_8b_extended_notebook_is_planned_on_several_gpus(monkeypatch):
 
 
 def test_cpu_machine_plans_no_gpus(monkeypatch):
-    monkeypatch.delenv("ESA_PARAMS_DIR", raising=False)
+    monkeypatch.setenv("ESA_PARAMS_DIR", str(driver.REPO_ROOT / "params"))
     monkeypatch.setattr(executors, "visible_gpus", lambda: [])
     plan = driver.make_plan(driver.RunConfig(profile="extended", only=["phase2_week1_metric_validation"],
                                              models=["llama-3.1-8b"], with_deps=False))
