@@ -154,6 +154,7 @@ def test_cli_prune_end_to_end(tmp_path, capsys):
     assert zs["engine"].startswith("lm-eval 0.4") and zs["task"]["n_items"] == 2
     assert zs["zs_items"] == {"dense": 2, "pruned": 2} and set(zs["zs_accuracy"]) == {"dense", "pruned"}
     assert list(table["zs_accuracy"].map(lambda a: a in (0.0, 0.5, 1.0))) == [True, True]
+    assert "zero-shot next_line (lm-eval 0.4" in capsys.readouterr().out
     assert (export / "pruning.json").is_file() and (export / "config.json").is_file()
     manifest = json.loads((out / cli.MANIFEST).read_text())
     assert {"pruning.parquet", "pruning_masks.parquet", "pruning.json"} <= set(manifest["files"])

@@ -25,7 +25,9 @@ cannot tell the lines apart.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -271,10 +273,11 @@ def check_hub_tasks(names: Sequence[str], who: str = "--zeroshot-tasks") -> None
 
 
 def run_lm_eval(model: torch.nn.Module, tokenizer: Any, task: ZeroShotTask | None, hub_tasks: Sequence[str] = (),
-                batch_size: int | None = None, root: Path | None = None) -> dict[str, Any]:
+                batch_size: int | None = None, root: Path | None = None, show_progress: bool = False) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` of the local task and `hub_tasks` on the in-memory model, in one call:
     {"results": {name: metrics}, "samples": {name: [...]}, "local": the local task's name}. The model's
-    training mode and the global random states are restored afterwards (lm-eval's seeds are not set)."""
+    training mode is restored afterwards and the global random states are left alone (lm-eval's seeds are
+    not set); without `show_progress`, lm-eval's and datasets' progress bars (stderr) are swallowed."""
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -289,16 +292,17 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, task: ZeroShotTask | Non
     levels = [lg.level for lg in quiet]
     for lg in quiet:
         lg.setLevel(logging.ERROR)
+    bars = contextlib.redirect_stderr(io.StringIO()) if not show_progress else contextlib.nullcontext()
     try:
-        # add_bos_token: the tokenizer's own special tokens only where it prepends a BOS (a byte-level
-        # tokenizer that appends EOS would otherwise split contexts from continuations wrongly)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or 8,
-                  add_bos_token=_bos_id(tokenizer) is not None)
-        manager = TaskManager(include_path=str(folder) if folder else None,
-                                            include_defaults=bool(hub_tasks))
-        out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=0, log_samples=True,
-                                      bootstrap_iters=0, random_seed=None, numpy_random_seed=None,
-                                      torch_random_seed=None, fewshot_random_seed=None)
+        with bars:
+            # add_bos_token: the tokenizer's own special tokens only where it prepends a BOS (a byte-level
+            # tokenizer that appends EOS would otherwise split contexts from continuations wrongly)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or 8,
+                      add_bos_token=_bos_id(tokenizer) is not None)
+            manager = TaskManager(include_path=str(folder) if folder else None, include_defaults=bool(hub_tasks))
+            out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=0, log_samples=True,
+                                          bootstrap_iters=0, random_seed=None, numpy_random_seed=None,
+                                          torch_random_seed=None, fewshot_random_seed=None)
     finally:
         model.train(was_training)
         for lg, lv in zip(quiet, levels, strict=True):
@@ -307,9 +311,9 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, task: ZeroShotTask | Non
 
 
 def score_next_line(model: torch.nn.Module, tokenizer: Any, task: ZeroShotTask, batch_size: int | None = None,
-                    root: Path | None = None) -> ZeroShotResult:
+                    root: Path | None = None, show_progress: bool = False) -> ZeroShotResult:
     """Accuracy of choosing the true line by log-likelihood (and per character), computed by lm-eval."""
-    return _result(run_lm_eval(model, tokenizer, task, (), batch_size, root), task, tokenizer)
+    return _result(run_lm_eval(model, tokenizer, task, (), batch_size, root, show_progress), task, tokenizer)
 
 
 def _result(out: dict[str, Any], task: ZeroShotTask, tokenizer: Any) -> ZeroShotResult:
@@ -327,11 +331,12 @@ def _result(out: dict[str, Any], task: ZeroShotTask, tokenizer: Any) -> ZeroShot
 
 
 def zero_shot_columns(model: torch.nn.Module, tokenizer: Any, task: ZeroShotTask | None,
-                      hub_tasks: Sequence[str] = (), batch_size: int | None = None) -> dict[str, Any]:
+                      hub_tasks: Sequence[str] = (), batch_size: int | None = None,
+                      show_progress: bool = False) -> dict[str, Any]:
     """A results table's zero-shot columns: zs_* for the local task, zs_<task>_acc(_norm) for each hub task."""
     if task is None and not hub_tasks:
         return {}
-    out, row = run_lm_eval(model, tokenizer, task, hub_tasks, batch_size), {}
+    out, row = run_lm_eval(model, tokenizer, task, hub_tasks, batch_size, show_progress=show_progress), {}
     if task is not None:
         zs = _result(out, task, tokenizer)
         row.update({"zs_task": zs.task, "zs_accuracy": zs.accuracy, "zs_accuracy_norm": zs.accuracy_norm,

@@ -49,7 +49,7 @@ def evaluate_condition(lm: LoadedModel, result: PruneResult | None, windows: Win
     cm = applied(lm.model, result.masks) if result is not None else contextlib.nullcontext()
     with cm:
         ev = evaluate(lm.model, windows, batch_size=batch_size, show_progress=show_progress)
-        zs = zero_shot_columns(lm.model, lm.tokenizer, task, hub_tasks, zs_batch_size)
+        zs = zero_shot_columns(lm.model, lm.tokenizer, task, hub_tasks, zs_batch_size, show_progress)
     row.update({
         "eval_corpus": windows.corpus, "eval_seqlen": windows.seqlen, "eval_windows": windows.n_windows,
         "eval_tokens": ev.n_tokens, "tokenizer": windows.tokenizer, "ppl": ev.ppl, "log_ppl": ev.log_ppl,
