@@ -2,9 +2,10 @@
 
 `evaluate_condition(lm, result, windows, task)` applies the masks in place, measures perplexity and
 next-token accuracy (esa.evaluate.evaluate: non-overlapping windows of the evaluation split) and the
-offline zero-shot task and any lm-eval hub tasks (esa.zeroshot, run by lm-eval), restores the model bit-exactly, and returns one tidy row: the
-condition (method, sparsity, pattern, group, allocation, protected set, calibration mode and seed) and the
-measurements (with the evaluation corpus, seqlen, window count and tokenizer every table must state).
+offline zero-shot task with any hub tasks (esa.zeroshot: lm-eval on the in-memory model), restores the
+model bit-exactly, and returns one tidy row: the condition (method, sparsity, pattern, group, allocation,
+protected set, calibration mode and seed) and the measurements (with the evaluation corpus, seqlen, window
+count and tokenizer every table must state).
 `result=None` is the dense model.
 
 `criterion(table, method, baseline)`: the guide's ">15% better than magnitude", made precise as the
