@@ -72,7 +72,7 @@ test-fast: env
 
 # requirements.lock / requirements-oldest.lock from pyproject's ranges (uv pip compile, PyPI), environment.yml
 lock: env
-	$(BIN)/python -m pip install -q uv
+	$(BIN)/python -m pip install -q uv==0.13.9
 	$(BIN)/python -m esa.runner.environment lock --extras $(EXTRAS) --torch $(TORCH) --oldest-torch $(TORCH_OLDEST)
 	$(BIN)/python -m esa.runner.environment yml
 
