@@ -401,6 +401,16 @@ def _report(summary: dict[str, Any], cmd: command.Command, out: Path) -> str:
         if metric in summary["stability"]:
             j = summary["stability"][metric]["jaccard"]
             lines.append(f"    stability: mean pairwise Jaccard {j['mean']:.3f} (sd {j['std']:.3f})")
+    if p := summary.get("prune"):
+        s = p["spec"]
+        lines.append(f"  prune {s['method']} {s['pattern']} (achieved sparsity {p['achieved_sparsity']:.3f}): "
+                     f"PPL {p['dense_ppl']:.4g} dense -> {p['ppl']:.4g}")
+        zs = p.get("zeroshot", {})
+        for key in [k for k in zs if k.endswith("acc") or k == "zs_accuracy"]:
+            name = zs["task"].get("task", "next_line") if key == "zs_accuracy" else key[3:-4]
+            n = f", {zs['task']['n_items']} items, chance {zs['task']['chance']:.0%}" if key == "zs_accuracy" else ""
+            lines.append(f"    zero-shot {name} ({zs['engine']}{n}): accuracy {zs[key]['dense']:.3f} dense -> "
+                         f"{zs[key]['pruned']:.3f}")
     lines.append(f"outputs: {out.resolve()}")
     return "\n".join(lines)
 
