@@ -615,6 +615,16 @@ def _disk_full(t: Path, monkeypatch: Any) -> None:
     monkeypatch.setattr(command, "run", full)
 
 
+def _disk_full_run_all(t: Path, monkeypatch: Any) -> None:
+    import errno
+
+    from esa.runner import executors
+
+    def full(*args: Any, **kw: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device", str(t / "p" / "reports" / "smoke" / "x.ipynb"))
+    monkeypatch.setattr(executors, "get_executor", lambda name: full)
+
+
 def _cache_at(path: str) -> Callable[[Path, Any], None]:
     return lambda t, monkeypatch: monkeypatch.setenv("ESA_CACHE_DIR", path)
 
@@ -651,6 +661,8 @@ FAULTS: dict[str, Case] = {
                               "interrupted (Ctrl-C): nothing of this run was kept", ("out",), _interrupt_esa_runner),
     "ctrl-c-run-all": Case("run_all", [], 130, "run_all.py: interrupted; completed notebooks are kept",
                            ("p/reports/smoke", "p/figures/smoke"), _interrupt_run_all),
+    "disk-full-run-all": Case("run_all", [], 1, "run_all.py: error: No space left on device: "
+                              "{t}/p/reports/smoke/x.ipynb; completed notebooks are kept", (), _disk_full_run_all),
     "disk-full": Case("esa-runner", ["--out-dir", "{t}/out"], 1, "esa-runner: error: No space left on device: "
                       "{t}/out/.partial-", ("out",), _disk_full),
     # files a user gives

@@ -13,7 +13,6 @@ esa-runner on the same folder is refused while the first runs. The work itself i
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from esa.data import check_corpus
 from esa.dispatch import check_device
-from esa.errors import EsaError, unknown
+from esa.errors import EsaError, machine_failure, unknown
 from esa.models import DTYPES, EMBEDDED
 from esa.models.loader import check_local_model
 from esa.params import check_seed, load_profile, model_params
@@ -45,8 +44,6 @@ log = logging.getLogger("esa.cli")
 # the common flags a study may take as the user's explicit choice over its profile section (RunContext.explicit)
 _COMMON = ("corpus", "seqlen", "max_samples", "batch_size", "topk", "mode", "metric", "dtype", "seeds")
 MANIFEST = "esa-runner.json"  # the settings of the outputs in an out dir
-# failures of the machine, not of the code: a full disk or quota, a read-only file system, permissions
-_ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _csv(text: str) -> list[str]:
@@ -333,11 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"esa-runner: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno not in _ENVIRONMENT:
+        line = machine_failure(e)
+        if line is None:
             raise  # anything else is a bug: keep its traceback
         _drop_if_empty(out, created)
-        print(f"esa-runner: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-              + "; nothing of this run was kept (free space or fix the permissions, then rerun)", file=sys.stderr)
+        print(f"esa-runner: error: {line}; nothing of this run was kept (free space or fix the permissions, then "
+              "rerun)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         removed = _drop_if_empty(out, created)

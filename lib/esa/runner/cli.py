@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from esa.errors import EsaError
+from esa.errors import EsaError, machine_failure
 from esa.params import yaml_load
 from esa.runner import record
 from esa.runner.driver import RunConfig, format_plan, generate_docs, make_plan, run, study_plans, verify_cache
@@ -170,6 +170,13 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except Terminated:
         raise
+    except OSError as e:
+        line = machine_failure(e)
+        if line is None:
+            raise  # anything else is a bug: keep its traceback
+        print(f"run_all.py: error: {line}; completed notebooks are kept (free space or fix the permissions, then "
+              "rerun the same command to resume)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # Completed notebooks have their stamps; partial files are temporary names, removed next run.
         print(
