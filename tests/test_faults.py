@@ -15,7 +15,10 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -170,11 +173,12 @@ def test_killing_the_runner_takes_its_worker_and_kernel_with_it(tmp_path: Path, 
             return
     # SIGTERM is handled like Ctrl-C: the run is marked interrupted and resumes where it stopped.
     assert proc.returncode == 143 and "terminated (SIGTERM)" in err, err
+    if not full:  # nothing finished in a run folder this run created: the folder and its lock are gone
+        assert not run_dir.exists(), sorted(run_dir.rglob("*"))
+        return
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "interrupted"
     assert {n["notebook"]: n["status"] for n in manifest["notebooks"]}["k2"] == "interrupted"
-    if not full:
-        return
     assert json.loads((run_dir / "state" / "k1.json").read_text())["status"] == "ok"
     (root / "gate").unlink()
     assert run_all(root) == 0
@@ -224,25 +228,11 @@ def test_a_clean_notebook_run_sends_no_interrupt_and_prints_no_error(tmp_path: P
 # ------------------------------------------------------------------------------------------- 4. run_all input
 
 
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
-        (["--models", "tiny-lama"], "unknown model 'tiny-lama'; accepted: "),
-        (["--set", "eval_windows=abc"], "eval_windows = 'abc' (from --set / overrides): expected an integer"),
-        (["--set", "topk=0"], "topk = 0 (from --set / overrides): must be >= 1"),
-        (["--set", "seeds=[-1]"], "seed -1 is not accepted; seeds are integers 0 .. 4294967295"),
-        (["--set", "seeds=[1, 2"], "--set seeds=[1, 2: not valid YAML at line 1, column 6"),
-        (["--set", "x=!!python/object:os.system ls"], "the YAML tag !!python/object:os.system at line 1"),
-    ],
-    ids=["models-typo", "wrong-type", "zero-size", "negative-seed", "malformed-yaml", "python-tag"],
-)
-def test_bad_run_all_input_is_one_line_before_any_work(tmp_path: Path, capsys, args, needle) -> None:
-    root = make_project(tmp_path / "p", {"k1": "x = 1\n"})
-    rc = run_all(root, "--dry-run", *args)
+def test_a_model_typo_lists_known_and_params_models(tmp_path: Path, capsys) -> None:
+    root = make_project(tmp_path / "p", {"k1": "x = 1\n"})  # the table (FAULTS) has the one-line checks
+    assert run_all(root, "--dry-run", "--models", "tiny-lama") == 2
     err = capsys.readouterr().err
-    assert rc == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err, err
-    if "tiny-lama" in err:  # names both the known models and the params/models ones
-        assert "tiny-llama" in err and "smollm2-135m" in err
+    assert "tiny-llama" in err and "smollm2-135m" in err, err
 
 
 def test_models_accepts_known_names_micro_refs_and_hub_ids(tmp_path: Path, capsys) -> None:
@@ -344,19 +334,30 @@ def test_header_damage_is_caught_even_when_a_manifest_is_rewritten(tmp_path: Pat
         store.check(entry)
 
 
-def test_changed_bytes_are_caught_by_the_full_check_only(tmp_path: Path, monkeypatch) -> None:
+def test_changed_bytes_are_caught_on_every_read(tmp_path: Path, monkeypatch) -> None:
     entry = _entry(tmp_path / "cache" / "scores" / "k1")
     weights = entry / "scores.safetensors"
-    _flip_byte(weights, weights.stat().st_size - 100)  # a byte of tensor data
-    store.check(entry)  # sizes and headers are fine: the cheap check cannot see it
-    with pytest.raises(store.CacheCorrupt, match="SHA-256 differs"):
-        store.check(entry, full=True)
-    monkeypatch.setenv(store.VERIFY_ENV, "1")  # run_all.py --verify-cache: every read hashes
-    with pytest.raises(store.CacheCorrupt, match="SHA-256 differs"):
+    _flip_byte(weights, weights.stat().st_size - 100)  # a byte of tensor data: sizes and headers are fine
+    monkeypatch.setenv(store.VERIFY_ENV, "0")  # the old switch no longer matters: every read compares digests
+    with pytest.raises(store.CacheCorrupt, match="scores.safetensors: contents differ from its manifest"):
         store.check(entry)
     bad = store.verify_cache()
-    assert [(p.name, "SHA-256" in why) for p, why in bad] == [("k1", True)]
+    assert [(p.name, "contents differ" in why) for p, why in bad] == [("k1", True)]
     assert not entry.exists() and list((tmp_path / "cache" / "quarantine" / "scores").glob("k1.*"))
+
+
+def test_version_1_manifest_is_checked_by_sha256_and_upgraded(tmp_path: Path) -> None:
+    entry = _entry(tmp_path / "e")
+    files = {p.name: {"size": p.stat().st_size, "sha256": store.file_sha256(p)} for p in entry.iterdir()
+             if p.name != store.MANIFEST_NAME}
+    store.write_json(store.manifest_path(entry), {"version": 1, "files": files})
+    store.check(entry)
+    upgraded = store.read_json(store.manifest_path(entry))
+    assert upgraded["version"] == 2 and all(store.DIGEST in w and "sha256" in w for w in upgraded["files"].values())
+    store.write_json(store.manifest_path(entry), {"version": 1, "files": files})
+    _flip_byte(entry / "top.parquet", 20)
+    with pytest.raises(store.CacheCorrupt, match="top.parquet: contents differ from its manifest \\(SHA-256"):
+        store.check(entry)
 
 
 def test_run_all_verify_cache_names_and_moves_aside_a_changed_entry(tmp_path: Path, capsys) -> None:
@@ -364,12 +365,11 @@ def test_run_all_verify_cache_names_and_moves_aside_a_changed_entry(tmp_path: Pa
     good = _entry(tmp_path / "cache" / "scores" / "good")
     bad = _entry(tmp_path / "cache" / "scores" / "bad")
     _flip_byte(bad / "top.parquet", 10)
-    assert run_all(root, "--dry-run") == 0 and bad.exists()  # without the flag nothing hashes
+    assert run_all(root, "--dry-run") == 0 and bad.exists()  # a dry run reads no entry
     assert run_all(root, "--dry-run", "--verify-cache") == 0
     err = capsys.readouterr().err
-    assert f"corrupt, moved aside (it will be recomputed): {bad}: top.parquet: SHA-256 differs" in err, err
+    assert f"corrupt, moved aside (it will be recomputed): {bad}: top.parquet: contents differ" in err, err
     assert "1 corrupt entry" in err and not bad.exists() and good.exists()
-    assert store.VERIFY_ENV not in os.environ
 
 
 def test_cached_quarantines_and_rebuilds_a_bad_entry(tmp_path: Path, caplog) -> None:
@@ -556,3 +556,214 @@ def test_check_device() -> None:
     else:
         with pytest.raises(EsaError, match=r"'cuda' needs CUDA, but .*; accepted on this machine: cpu$"):
             check_device("cuda")
+
+
+# ------------------------------------------------------------------------------------------- 7. the fault table
+# One row per fault a user can cause or meet (README, "What happens when things go wrong"): the command, its
+# exit code, a fragment of its one line, and what must not be left behind. `{t}` is the test's folder; the
+# cache is `{t}/cache` (private); esa-runner writes to `{t}/out`; run_all.py runs the project `{t}/p`.
+# "cache/scores" and "cache/masks" absent mean that nothing was computed before the refusal.
+
+RUNNER = ["--model", "tiny-llama", "--seeds", "1", "--max-samples", "2", "--seqlen", "32", "--topk", "5", "--quiet"]
+PRUNE = ["--prune", "magnitude", "--sparsity", "0.5"]
+UNWRITABLE = "/sys/esa-test-unwritable"  # refused even to root (sysfs): chmod cannot make a folder root can't write
+
+
+def _file(rel: str, data: bytes | str) -> Callable[[Path, Any], None]:
+    def setup(t: Path, monkeypatch: Any) -> None:
+        path = t / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return setup
+
+
+def _pickle_folder(t: Path, monkeypatch: Any) -> None:
+    from esa.models import tiny
+
+    folder = t / "pickled"
+    model = tiny.tiny_model("tiny-llama")
+    model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # what older checkpoints ship
+    tiny.tiny_tokenizer().save_pretrained(folder)
+    assert (folder / "pytorch_model.bin").is_file() and not list(folder.glob("*.safetensors"))
+
+
+def _interrupt_esa_runner(t: Path, monkeypatch: Any) -> None:
+    from esa.phases import command
+
+    def ctrl_c(cmd: Any) -> Any:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(command, "load_model", ctrl_c)
+
+
+def _interrupt_run_all(t: Path, monkeypatch: Any) -> None:
+    from esa.runner import executors
+
+    def ctrl_c(*args: Any, **kw: Any) -> Any:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(executors, "get_executor", lambda name: ctrl_c)
+
+
+def _disk_full(t: Path, monkeypatch: Any) -> None:
+    import errno
+
+    from esa.phases import command
+
+    def full(cmd: Any, lm: Any, stage: Path) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device", str(stage / "topk.parquet"))
+    monkeypatch.setattr(command, "run", full)
+
+
+def _disk_full_run_all(t: Path, monkeypatch: Any) -> None:
+    import errno
+
+    from esa.runner import executors
+
+    def full(*args: Any, **kw: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device", str(t / "p" / "reports" / "smoke" / "x.ipynb"))
+    monkeypatch.setattr(executors, "get_executor", lambda name: full)
+
+
+def _cache_at(path: str) -> Callable[[Path, Any], None]:
+    return lambda t, monkeypatch: monkeypatch.setenv("ESA_CACHE_DIR", path)
+
+
+@dataclass(frozen=True)
+class Case:
+    tool: str  # "esa-runner" (in-process esa.cli.main) or "run_all" (esa.runner.cli.main on {t}/p)
+    args: list[str]
+    rc: int
+    fragment: str
+    absent: tuple[str, ...] = ()  # paths under {t} that must not exist afterwards
+    setup: Callable[[Path, Any], None] | None = None
+
+
+FAULTS: dict[str, Case] = {
+    # refuse before the work: every output target checked with the flags
+    "export-exists": Case("esa-runner", [*PRUNE, "--export-pruned", "{t}/exists", "--out-dir", "{t}/out"], 2,
+                          "--export-pruned {t}/exists exists; give a new folder", ("out", "cache/masks", "cache/scores"),
+                          _file("exists", "x")),
+    "export-under-a-file": Case("esa-runner", [*PRUNE, "--export-pruned", "{t}/afile/model", "--out-dir", "{t}/out"], 2,
+                                "{t}/afile is a file, not a folder", ("out", "cache/masks", "cache/scores"),
+                                _file("afile", "x")),
+    "export-unwritable": Case("esa-runner", [*PRUNE, "--export-pruned", f"{UNWRITABLE}/m", "--out-dir", "{t}/out"], 2,
+                              "cannot be created: /sys is not writable", ("out", "cache/masks", "cache/scores")),
+    "cache-unwritable": Case("esa-runner", ["--no-cache", "--out-dir", "{t}/out"], 2,
+                             f"the cache {UNWRITABLE} cannot be written: /sys is not writable (Permission denied)",
+                             ("out",), _cache_at(UNWRITABLE)),
+    "run-folder-under-a-file": Case("run_all", [], 2, "the run folder {t}/p/reports/smoke cannot be written: "
+                                    "{t}/p/reports is a file, not a folder", ("p/figures/smoke",), _file("p/reports", "x")),
+    "out-dir-under-a-file": Case("esa-runner", ["--out-dir", "{t}/afile/out"], 2, "lies under {t}/afile, which is a file",
+                                 ("cache/scores",), _file("afile", "x")),
+    # Ctrl-C: exit 130, one line, no folder this run created
+    "ctrl-c-esa-runner": Case("esa-runner", ["--out-dir", "{t}/out"], 130,
+                              "interrupted (Ctrl-C): nothing of this run was kept", ("out",), _interrupt_esa_runner),
+    "ctrl-c-run-all": Case("run_all", [], 130, "run_all.py: interrupted; completed notebooks are kept",
+                           ("p/reports/smoke", "p/figures/smoke"), _interrupt_run_all),
+    "disk-full-run-all": Case("run_all", [], 1, "run_all.py: error: No space left on device: "
+                              "{t}/p/reports/smoke/x.ipynb; completed notebooks are kept", (), _disk_full_run_all),
+    "disk-full": Case("esa-runner", ["--out-dir", "{t}/out"], 1, "esa-runner: error: No space left on device: "
+                      "{t}/out/.partial-", ("out",), _disk_full),
+    # files a user gives
+    "pickle-only-model": Case("esa-runner", ["--model", "{t}/pickled", "--out-dir", "{t}/out"], 2,
+                              "holds its weights only as pickles (pytorch_model.bin)", ("out", "cache/scores"),
+                              _pickle_folder),
+    "empty-profile": Case("esa-runner", ["--profile", "{t}/empty.yaml", "--out-dir", "{t}/out"], 2,
+                          "profile file {t}/empty.yaml is empty", ("out",), _file("empty.yaml", "")),
+    "profile-duplicate-seeds": Case("esa-runner", ["--profile", "{t}/dup.yaml", "--out-dir", "{t}/out"], 2,
+                                    "seeds = [1337, 1337] ({t}/dup.yaml, line 2): has duplicates", ("out",),
+                                    _file("dup.yaml", "name: dup\nseeds: [1337, 1337]\n")),
+    "corpus-nul-bytes": Case("esa-runner", ["--corpus", "{t}/random.bin", "--out-dir", "{t}/out"], 2,
+                             "corpus file {t}/random.bin is not text: a NUL byte at offset 3", ("out", "cache/tokens"),
+                             _file("random.bin", b"abc\x00" + bytes(range(256)) * 40)),
+    "corpus-not-utf8": Case("esa-runner", ["--corpus", "{t}/latin1.txt", "--out-dir", "{t}/out"], 2,
+                            "is not UTF-8 text: byte 0xe9 at offset 3", ("out", "cache/tokens"),
+                            _file("latin1.txt", "caf\u00e9 au lait\n".encode("latin-1") * 50)),
+    "flips-above-the-bits": Case("esa-runner", ["--attack", "bfa", "--flips", "1000000000000", "--out-dir", "{t}/out"],
+                                 2, "--flips 1000000000000 is more than the", ("out", "cache/scores")),
+    # names stay inside their folders
+    "profile-traversal": Case("esa-runner", ["--profile", "../../../../tmp/trav", "--out-dir", "{t}/out"], 2,
+                              "profile '../../../../tmp/trav': give a profile name", ("out",)),
+    "run-id-traversal": Case("run_all", ["--dry-run", "--run-id", "../../x"], 2,
+                             "--run-id '../../x' is not a plain name", ("x", "p/reports")),
+    "run-id-hidden": Case("run_all", ["--run-id", ".hidden"], 2, "--run-id '.hidden' is not a plain name",
+                          ("p/reports/.hidden",)),
+    # values that had no effect or made no sense
+    "timeout-negative": Case("run_all", ["--timeout", "-5"], 2, "--timeout must be a number of seconds > 0, got -5",
+                             ("p/reports",)),
+    "timeout-zero": Case("run_all", ["--dry-run", "--timeout", "0"], 2, "--timeout must be a number of seconds > 0"),
+    "models-typo": Case("run_all", ["--dry-run", "--models", "tiny-lama"], 2, "unknown model 'tiny-lama'; accepted: "),
+    "set-wrong-type": Case("run_all", ["--dry-run", "--set", "eval_windows=abc"], 2,
+                           "eval_windows = 'abc' (from --set / overrides): expected an integer"),
+    "set-zero-size": Case("run_all", ["--dry-run", "--set", "topk=0"], 2, "topk = 0 (from --set / overrides): must be >= 1"),
+    "set-negative-seed": Case("run_all", ["--dry-run", "--set", "seeds=[-1]"], 2,
+                              "seed -1 is not accepted; seeds are integers 0 .. 4294967295"),
+    "set-duplicate-seeds": Case("run_all", ["--dry-run", "--set", "seeds=[5, 5]"], 2, "seeds = [5, 5] (from --set / "
+                                "overrides): has duplicates"),
+    "set-malformed-yaml": Case("run_all", ["--dry-run", "--set", "seeds=[1, 2"], 2,
+                               "--set seeds=[1, 2: not valid YAML at line 1, column 6"),
+    "set-python-tag": Case("run_all", ["--dry-run", "--set", "x=!!python/object:os.system ls"], 2,
+                           "the YAML tag !!python/object:os.system at line 1"),
+    # --dry-run is general: it prints the plan and loads nothing, with or without a study flag
+    "dry-run-prune": Case("esa-runner", ["--dry-run", *PRUNE, "--out-dir", "{t}/out"], 0, "nothing loaded (dry run)",
+                          ("out", "cache/masks", "cache/scores")),
+    "dry-run-plain": Case("esa-runner", ["--dry-run", "--out-dir", "{t}/out"], 0, "nothing loaded (dry run)",
+                          ("out", "cache/scores")),
+}
+
+
+def _fmt(text: str, t: Path) -> str:
+    return text.replace("{t}", str(t))
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_fault_table(name: str, tmp_path: Path, private_cache: Path, monkeypatch, capsys) -> None:
+    from esa import cli as esa_cli
+
+    case = FAULTS[name]
+    t = tmp_path
+    monkeypatch.chdir(t)
+    if case.setup is not None:
+        case.setup(t, monkeypatch)
+    args = [_fmt(a, t) for a in case.args]
+    capsys.readouterr()
+    if case.tool == "esa-runner":
+        rc = esa_cli.main([*RUNNER, *args])
+    else:
+        rc = run_all(make_project(t / "p", {"k1": "x = 1\n"}), *args)
+    captured = capsys.readouterr()
+    err = captured.err
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert rc == case.rc and "Traceback" not in err, (rc, err)
+    if rc == 0:
+        assert _fmt(case.fragment, t) in captured.out, captured.out
+    else:
+        assert _fmt(case.fragment, t) in last, err
+    if rc == 2 or (rc != 0 and case.tool == "esa-runner"):
+        assert err.count("\n") == 1, err  # one line (a refusal: before any work)
+    for rel in case.absent:
+        assert not (t / rel).exists(), f"{rel} was left behind"
+
+
+def test_a_schedule_id_that_is_not_a_plain_name_is_refused(tmp_path: Path, capsys) -> None:
+    root = make_project(tmp_path / "p", {"k1": "x = 1\n"})
+    (root / "params" / "schedule.yaml").write_text(yaml.safe_dump({"notebooks": [{"id": "../k1", "phase": 1,
+                                                                                  "week": 0}]}))
+    assert run_all(root, "--dry-run") == 2
+    err = capsys.readouterr().err
+    assert "schedule entry id '../k1' is not a plain name" in err and err.count("\n") == 1, err
+
+
+def test_a_profile_may_be_the_path_of_a_yaml_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("seeds: [7]\n")
+    prof = load_profile(str(path))
+    assert prof.name == "mine" and prof.seeds == [7]
+    for bad in ("../profiles/smoke", "smoke/../smoke", str(tmp_path / "missing.yaml"), ".hidden"):
+        with pytest.raises(EsaError, match="give a profile name|unknown profile"):
+            load_profile(bad)
+    from esa.params import model_params
+
+    (tmp_path / "evil.yaml").write_text("ref: tiny-llama\n")
+    assert model_params(f"../../../../{tmp_path}/evil").ref == f"../../../../{tmp_path}/evil"  # a path, not a file

@@ -40,18 +40,20 @@ def test_dtype_halves_weights_not_accumulators(fp32, bf16):
     a = memory.estimate(fp32.model, "gradient", 2, 32).components
     b = memory.estimate(bf16.model, "gradient", 2, 32).components
     assert b["weights"] * 2 == a["weights"]
-    assert b["activations"] * 2 == a["activations"]
+    # the model-dtype part of the activations halves; the RMSNorms' fp32 upcasts and eager's fp32 softmax do not
+    assert a["activations"] / 2 < b["activations"] < a["activations"]
     assert b["accumulators"] == a["accumulators"]  # scores are fp32 whatever the model dtype
 
 
 def test_pass_ordering_and_per_device_sum(fp32):
     tot = {p: memory.estimate(fp32.model, p, 2, 32).total for p in memory.PASSES}
     assert max(tot["eval"], tot["act_mag"]) < tot["gradient"] < tot["hutchinson"]
-    # act_mag computes no loss and keeps the last position's logits only (logits_to_keep=1); evaluation keeps
-    # every position and adds the fp32 copy and log-softmax
+    # act_mag computes no loss and keeps the last position's logits only (logits_to_keep=1): its peak is its
+    # scores or its forward; evaluation keeps every position's logits and, one window at a time, the log-softmax
+    # (plus an fp32 copy of the logits when the model is not fp32)
     vocab = fp32.model.get_output_embeddings().weight.shape[0]
-    assert memory.estimate(fp32.model, "act_mag", 2, 32).components["logits"] == 2 * vocab * 4
-    assert memory.estimate(fp32.model, "eval", 2, 32).components["logits"] == 2 * 32 * vocab * 12
+    assert "logits" not in memory.estimate(fp32.model, "act_mag", 2, 32).components
+    assert memory.estimate(fp32.model, "eval", 2, 32).components["logits"] == 2 * 32 * vocab * 4 + 32 * vocab * 4
     est = memory.estimate(fp32.model, "hutchinson", 2, 32)
     assert list(est.per_device) == ["cpu"]
     assert sum(est.per_device["cpu"].values()) == est.total  # one device holds everything

@@ -253,3 +253,28 @@ def test_selection_naming_unknown_param_is_an_error():
     sel.loc[0, "param"] = "nope.weight"
     with pytest.raises(EsaError, match="nope.weight"):
         targets_from_selection(sel, inv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dense_backup_past_a_fifth_of_a_matrix_restores_bit_exactly(dtype):
+    """Writing most of a matrix backs up the matrix itself (cheaper than values + int64 index); the restore is
+    still bit-exact, NaN payloads and -0.0 included, and overlapping writes unwind in reverse order."""
+    from esa.perturb.apply import INT_VIEW, _InPlace, dense_backup_cheaper
+
+    assert dense_backup_cheaper(300, 1000, 2) and not dense_backup_cheaper(100, 1000, 2)  # bf16: past 20%
+    assert dense_backup_cheaper(400, 1000, 4) and not dense_backup_cheaper(300, 1000, 4)  # fp32: past 33%
+    p = torch.randn(40, 25).to(dtype)
+    ints = p.view(INT_VIEW[dtype]).view(-1)
+    p.view(-1)[1] = -0.0
+    ints[2] = ints[2] | 0x7F81 if dtype != torch.float32 else 0x7FC00123  # a NaN with a payload
+    before = ints.clone()
+    writes = _InPlace()
+    with torch.no_grad():
+        big = torch.arange(0, 900)  # 90% of the matrix: a dense backup
+        writes.write("w", p, big, torch.full((900,), 7.0, dtype=dtype))
+        small = torch.tensor([5, 950])  # then a few weights: values + index
+        writes.write("w", p, small, torch.full((2,), -3.0, dtype=dtype))
+    assert [e[1] is None for e in writes.entries] == [True, False]
+    assert writes.stats.n_weights == 902 and writes.stats.n_changed == 902  # none was 7.0 or -3.0 before
+    writes.restore()
+    assert torch.equal(ints, before)

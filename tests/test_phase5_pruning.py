@@ -97,6 +97,8 @@ BASE = ["--model", "tiny-llama", "--metric", "grad_x_weight", "--topk", "5", "--
     (["--prune", "wanda", "--calibration", "twice"], "twice"),
     (["--prune", "wanda", "--sparsity", "0.99", "--protect-critical"], "protect"),
     (["--sparsity", "0.5"], "--prune"),
+    (["--prune", "wanda", "--zeroshot-items", "-1"], "-1"),
+    (["--prune", "wanda", "--zeroshot-items", "many"], "many"),
 ])
 def test_cli_bad_input_one_line_before_any_load(extra, match, capsys, no_load):
     assert cli.main(BASE + extra) == 2
@@ -110,6 +112,13 @@ def test_cli_uncomputable_scorer_refused_before_load(tmp_path, monkeypatch, caps
     assert cli.main(BASE + ["--prune", "wanda", "--corpus", "c4"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--prune wanda needs text from 'c4'" in err and "data-free method" in err and err.count("\n") == 0
+
+
+def test_cli_hub_zeroshot_task_refused_offline_in_one_line(monkeypatch, capsys, no_load):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(BASE + ["--prune", "wanda", "--zeroshot-tasks", "hellaswag,arc_easy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--zeroshot-tasks: lm-eval task 'hellaswag' needs its data set" in err, err
 
 
 def test_dry_run_of_the_gpu_reproduction_loads_nothing(capsys, no_load, monkeypatch):
@@ -140,6 +149,12 @@ def test_cli_prune_end_to_end(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())["prune"]
     assert abs(summary["achieved_sparsity"] - 0.5) < 0.02 and summary["protected"]["n_protected"] > 0
     assert summary["calibration"] == "sequential"
+    # zero-shot: the profile's next-line items (smoke: 2), scored by lm-eval on the dense and the pruned model
+    zs = summary["zeroshot"]
+    assert zs["engine"].startswith("lm-eval 0.4") and zs["task"]["n_items"] == 2
+    assert zs["zs_items"] == {"dense": 2, "pruned": 2} and set(zs["zs_accuracy"]) == {"dense", "pruned"}
+    assert list(table["zs_accuracy"].map(lambda a: a in (0.0, 0.5, 1.0))) == [True, True]
+    assert "zero-shot next_line (lm-eval 0.4" in capsys.readouterr().out
     assert (export / "pruning.json").is_file() and (export / "config.json").is_file()
     manifest = json.loads((out / cli.MANIFEST).read_text())
     assert {"pruning.parquet", "pruning_masks.parquet", "pruning.json"} <= set(manifest["files"])

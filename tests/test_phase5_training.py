@@ -59,7 +59,7 @@ def test_profiles_sections_validate_and_name_their_grid():
     ({"ewc_strength": math.inf}, "finetune.ewc_strength must be a finite number >= 0, got inf"),
     ({"seqlen": 1}, "finetune.seqlen = 1 .*must be >= 2"),
     ({"target_windows": 0}, "finetune.target_windows must be a number >= 1, got 0"),
-    ({"seeds": [1, 1]}, "finetune.seeds has duplicates"),
+    ({"seeds": [1, 1]}, r"finetune.seeds = \[1, 1\] .*has duplicates"),
     ({"domain": "mmlu"}, "unknown finetune.domain 'mmlu'; accepted: gsm8k"),
     ({"colour": "red"}, "unknown setting"),
 ])
@@ -141,7 +141,6 @@ def _resolve(argv):
     (["--finetune", "sparse", "--protect", "freeze", "--select", "grad_x_weight", "--density", "0.001"],
      "covers the whole"),
     (["--model", "tiny-llama", "--finetune", "lora", "--density", "0.01"], "LoRA cannot match"),
-    (["--finetune", "sparse", "--select", "hutchinson_diag", "--metric", "grad_x_weight"], "eager attention"),
 ])
 def test_bad_flags_fail_before_loading(argv, match, monkeypatch):
     monkeypatch.setattr(command, "load_model", lambda cmd: pytest.fail("a model was loaded"))

@@ -226,7 +226,8 @@ def test_assembly_joins_in_order_verifies_and_reuses_the_cache(chunk_env):
     chunks = _fake_chunks(site, CONTENTS)
     path = emb.assemble_chunks(chunks, "fake")
     assert path == cache / "gguf" / "fakechunk.gguf" and path.read_bytes() == b"".join(CONTENTS)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["fakechunk.gguf"]  # no temporary left
+    # no temporary left; the manifest beside it lets every later use check the file (esa.store)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["fakechunk.gguf", "fakechunk.gguf.esa-manifest.json"]
     (site / "fakechunk_2" / "data" / "part02.bin").unlink()  # a verified cached file needs the parts no more
     assert emb.assemble_chunks(chunks, "fake") == path
 

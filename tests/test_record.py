@@ -52,7 +52,7 @@ def test_chunks_publish_in_order_and_the_index_names_what_is_missing(project: Pa
     assert art["figures"][0]["png"] == "figures/nb_a/line.png"  # relative: a clone elsewhere reads it
     index = (rec / "index.html").read_text()
     assert "Not yet in this record" in index and "nb_b" in index
-    assert not (project / "reports" / ".record-staging").exists()
+    assert not (project / "reports" / "record-staging").exists()
 
     assert run_all(project, "--only", "nb_b", "--record")[0] == 0
     assert "Not yet in this record" not in (rec / "index.html").read_text()
@@ -108,7 +108,7 @@ def test_verify_record_reruns_a_chunk_and_finds_a_changed_number(project: Path, 
     nb.write_text(nb.read_text().replace("0.125", "0.126"))  # a result that changes: verification must fail
     rc, err = run_all(project, "--verify-record", "nb_a", capsys=capsys)
     assert rc == 1 and "numbers.parquet" in err
-    assert not (project / "reports" / ".record-verify").exists() and (rec / "chunks" / "nb_a.json").is_file()
+    assert not (project / "reports" / "record-verify").exists() and (rec / "chunks" / "nb_a.json").is_file()
     rc, err = run_all(project, "--verify-record", "nb_b", capsys=capsys)
     assert rc == 2 and "no chunk nb_b" in err
 
@@ -128,3 +128,21 @@ def test_the_repository_readme_block_is_the_committed_records() -> None:
     from esa.store import REPO_ROOT
 
     assert record.readme_block(REPO_ROOT) in (REPO_ROOT / "README.md").read_text()
+
+
+def test_a_damaged_chunk_is_named_and_never_read(project: Path, capsys) -> None:
+    """A same-size flip in a committed chunk's data: the next chunk (which would read it) is refused in one line
+    naming the file, and verify-record reports it without running anything."""
+    rec = project / "reports" / "record"
+    assert run_all(project, "--only", "nb_a", "--record")[0] == 0
+    manifest = json.loads((rec / "chunks" / "nb_a.json").read_text())
+    assert manifest["files"] and all(len(d) == 32 for d in manifest["files"].values())
+    table = next(p for p in sorted((rec / "data" / "nb_a").glob("*.parquet")))
+    raw = bytearray(table.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    table.write_bytes(bytes(raw))
+    rc, err = run_all(project, "--only", "nb_b", "--record", capsys=capsys)
+    assert rc == 2 and "chunk nb_a is damaged" in err and table.name in err
+    assert not (rec / "chunks" / "nb_b.json").exists()
+    rc, out = run_all(project, "--verify-record", "nb_a", capsys=capsys)
+    assert rc == 1

@@ -320,23 +320,21 @@ def test_schedule_selection_and_cycles() -> None:
         schedule.entries([{"id": "x", "phase": 1, "week": 0, "depends_on": ["zz"]}])
 
 
-def test_gpu_pinning_round_robin(monkeypatch) -> None:
+def test_workers_leave_gpus_to_their_tasks(monkeypatch) -> None:
+    """A worker no longer pins a GPU: each task gets the GPUs its plan needs (GpuPool, tests/test_runner_gpus)."""
     import queue
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     gpus = executors.visible_gpus()
     assert gpus == ["3", "5"]
-    seen = []
     slots: queue.Queue[int] = queue.Queue()
     for i in range(3):
         slots.put(i)
-    for _ in range(3):  # three workers over two GPUs: 3, 5, 3
+    for _ in range(3):
         executors._pin_worker(slots, gpus)
-        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
-    assert seen == ["3", "5", "3"]
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert executors.visible_gpus() == []
-
 
 
 def test_cpu_workers_share_the_cores_and_a_users_setting_wins(monkeypatch) -> None:
@@ -499,3 +497,13 @@ def test_cpu_share_follows_the_running_notebooks(monkeypatch, tmp_path) -> None:
         torch.set_num_threads(before)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert executors.CpuShare(tmp_path, 2, []).path is None
+
+
+def test_manifest_states_tf32_when_a_gpu_ran(monkeypatch):
+    from esa.runner import manifest
+
+    monkeypatch.setattr(manifest, "gpus", lambda: ["GPU 0: NVIDIA H100 80GB HBM3"])
+    env = manifest.environment()
+    assert env["gpus"] and "off for matmuls" in env["tf32"] and "full fp32" in env["tf32"]
+    monkeypatch.setattr(manifest, "gpus", lambda: [])
+    assert manifest.environment()["tf32"] is None

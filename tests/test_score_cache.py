@@ -309,8 +309,10 @@ def test_the_attention_kernel_is_part_of_the_key_and_a_recipe_loads_one_kernel(m
     assert a.key != b.key and not b.from_cache
     assert a.settings["attention"] == "eager" and b.settings["attention"] == "sdpa"
     monkeypatch.delenv("ESA_CACHE_DIR")  # SmolLM2 from the usual model cache (nothing is scored below)
-    hutch = Recipe(metrics=("grad_x_weight", "hutchinson_diag"))
+    hutch = Recipe(metrics=("grad_x_weight", "hutchinson_diag"))  # a double backward no longer forces eager
     plain = Recipe(metrics=("grad_x_weight",))
-    assert engine.attention_of(hutch.load("smollm2-135m").model) == "eager"
-    assert engine.attention_of(plain.load("smollm2-135m").model) == "sdpa"
+    model = hutch.load("smollm2-135m").model
+    assert engine.attention_of(model) == "sdpa" and engine.attention_of(plain.load("smollm2-135m").model) == "sdpa"
+    assert engine.pass_attention(model, "hutchinson_diag") == "sdpa-math"  # the math kernel, around that pass only
+    assert engine.pass_attention(model, "grad_x_weight") == "sdpa"
     assert engine.attention_of(plain.load("smollm2-135m", eager=True).model) == "eager"

@@ -470,3 +470,24 @@ def test_measure_base_equals_the_step0_evaluation_and_eval_start_skips_it(ids):
     without = train(lm.model, SparseFT(targets), ids, cfg(steps=2, eval_start=False), evaluator=ev())
     assert without.evals["step"].tolist() == [2]
     assert weights_hash(without.model) == weights_hash(with_start.model)  # evaluation never changes training
+
+
+def test_full_fine_tuning_refuses_bf16_weights_before_any_step(ids):
+    """AdamW writes into the weights themselves: in bf16 its small steps round away, so full FT wants fp32."""
+    lm = load("tiny-llama", dtype="bfloat16", device="cpu")
+    before = weights_hash(lm.model)
+    with pytest.raises(EsaError, match="full fine-tuning needs fp32 weights, the model has bfloat16") as err:
+        train(lm.model, FullFT(), ids, cfg(steps=1))
+    assert "\n" not in str(err.value) and weights_hash(lm.model) == before
+
+
+def test_full_fine_tuning_asks_the_memory_plan_before_the_first_step(ids, monkeypatch):
+    from esa import memory
+
+    lm = load("tiny-llama", device="cpu")
+    before = weights_hash(lm.model)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 100_000)  # less than one AdamW step needs
+    with pytest.raises(EsaError, match="not enough memory for finetune_full") as err:
+        train(lm.model, FullFT(), ids, cfg(steps=1))
+    assert "sparse fine-tuning or LoRA" in str(err.value) and "bfloat16" not in str(err.value)
+    assert weights_hash(lm.model) == before and not any(p.requires_grad for p in lm.model.parameters())

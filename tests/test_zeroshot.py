@@ -1,10 +1,13 @@
 """The offline next-line zero-shot task: built deterministically from the evaluation split only, candidates
-well formed, log-likelihoods equal to a direct computation (shared-context and plain paths), chance 1/4."""
+well formed; written as an lm-eval task and scored by lm-eval offline, log-likelihoods equal to a direct
+computation, strict accuracy (chance 1/4); hub tasks refused offline."""
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +15,14 @@ import torch.nn.functional as F
 from esa.data import get_corpus
 from esa.errors import EsaError
 from esa.models import load
-from esa.zeroshot import build_next_line, candidate_loglik, score_next_line, strict_first
+from esa.zeroshot import (
+    build_next_line,
+    check_hub_tasks,
+    doc_to_choice,
+    process_results,
+    score_next_line,
+    write_lm_eval_task,
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,36 +69,60 @@ def test_deterministic_in_seed(task):
     assert other.items != task.items
 
 
-def test_loglik_equals_direct_computation(task):
+def test_lm_eval_task_folder(task, tmp_path):
+    name, folder = write_lm_eval_task(task, tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{name}.yaml", "items.jsonl", "utils.py"])
+    docs = [json.loads(line) for line in (folder / "items.jsonl").read_text().splitlines()]
+    assert [d["context"] + "\n" for d in docs] == [it.context for it in task.items]
+    assert [tuple(d["choices"]) for d in docs] == [it.choices for it in task.items]
+    assert doc_to_choice(docs[0]) == [*("\n" + c for c in docs[0]["choices"]), "\n"]
+    assert write_lm_eval_task(task, tmp_path) == (name, folder)  # keyed by the items: written once
+    assert write_lm_eval_task(build_next_line(n_items=12, seed=1), tmp_path)[0] != name
+
+
+def test_process_results_is_strict_and_subtracts_the_newline():
+    doc = {"choices": ["a", "bbbbbbbbbb", "cc", "dd"]}
+    # lm-eval's 5 results: each line after the newline, then the newline alone (-1)
+    got = process_results(doc, [(-5.0, False), (-6.0, False), (-7.0, False), (-8.0, False), (-1.0, False)])
+    assert got == {"acc": 1.0, "acc_norm": 0.0, "finite": 1.0}  # per character: -4 against -0.5, -3, -3.5
+    tie = process_results(doc, [(-5.0, False)] * 4 + [(-1.0, False)])
+    assert tie["acc"] == 0.0  # equal scores count as wrong: chance is 1/4 only for real guessing
+    nan = process_results(doc, [(-5.0, False), (float("nan"), False), (-7.0, False), (-8.0, False), (-1.0, False)])
+    assert nan == {"acc": 1.0, "acc_norm": 0.0, "finite": 0.0}  # NaN counts as -inf
+
+
+def test_lm_eval_scores_the_local_task_offline(task, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     lm = load("tiny-llama")
-    shared = candidate_loglik(lm.model, lm.tokenizer, task, share_context=True)
-    plain = candidate_loglik(lm.model, lm.tokenizer, task, share_context=False, batch_size=5)
-    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-3)
-    # one candidate by hand: a single unpadded forward of context + candidate
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    lm.model.train()
+    res = score_next_line(lm.model, lm.tokenizer, task, root=tmp_path)
+    assert lm.model.training  # the caller's mode is restored
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    ll = np.asarray(res.loglik)
+    assert ll.shape == (12, 4) and np.isfinite(ll).all() and (ll < 0).all()
+    assert res.correct == [bool(r[0] > r[1:].max()) for r in ll]
+    chars = np.asarray([[len(c) for c in it.choices] for it in task.items])
+    assert res.correct_norm == [bool(r[0] > r[1:].max()) for r in ll / chars]
+    assert res.accuracy == pytest.approx(sum(res.correct) / 12)
+    assert res.n_items == 12 and res.chance == 0.25 and res.n_nonfinite == 0
+    assert res.se == pytest.approx(math.sqrt(res.accuracy * (1 - res.accuracy) / 12))
+    # one candidate by hand: a single forward of context + newline-led line, minus the newline's own term
     item = task.items[3]
-    ctx = lm.tokenizer(item.context, add_special_tokens=False)["input_ids"][-160:]
-    cont = lm.tokenizer(item.choices[2], add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([ctx + cont])
+    ids = lm.tokenizer(item.context + item.choices[2], add_special_tokens=False)["input_ids"]
+    n_ctx = len(lm.tokenizer(item.context, add_special_tokens=False)["input_ids"])
     with torch.no_grad():
-        lp = F.log_softmax(lm.model(input_ids=ids).logits[0].float(), dim=-1)
-    direct = sum(float(lp[len(ctx) + i - 1, t]) for i, t in enumerate(cont))
-    assert plain[3, 2].item() == pytest.approx(direct, abs=1e-3)
+        lp = F.log_softmax(lm.model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+    direct = sum(float(lp[i - 1, ids[i]]) for i in range(n_ctx, len(ids)))
+    assert ll[3, 2] == pytest.approx(direct, abs=2e-3)
 
 
-def test_accuracy_is_strict_argmax():
-    lm = load("tiny-llama")
-    task = build_next_line(n_items=16, seed=3)
-    res = score_next_line(lm.model, lm.tokenizer, task)
-    ll = candidate_loglik(lm.model, lm.tokenizer, task)
-    assert res.correct == strict_first(ll).tolist()
-    chars = torch.tensor([[len(c) for c in it.choices] for it in task.items], dtype=torch.float64)
-    assert res.correct_norm == strict_first(ll / chars).tolist()
-    assert res.accuracy == pytest.approx(sum(res.correct) / 16)
-    assert res.n_items == 16 and res.chance == 0.25 and res.n_nonfinite == 0
-    assert res.se == pytest.approx(math.sqrt(res.accuracy * (1 - res.accuracy) / 16))
-    ties = torch.zeros(5, 4)
-    assert not strict_first(ties).any()  # equal scores count as wrong: chance is 1/4 only for real guessing
-    assert strict_first(torch.tensor([[0.0, -1.0, float("nan"), -2.0]])).all()
+def test_hub_tasks_refused_offline_in_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EsaError, match="'hellaswag' needs its data set from the Hugging Face hub") as e:
+        check_hub_tasks(["hellaswag", "arc_easy"])
+    assert "\n" not in str(e.value)
+    check_hub_tasks([])  # none asked: nothing to refuse
 
 
 def test_bad_input():
@@ -102,5 +136,5 @@ def test_bad_input():
 def test_real_model_above_chance():
     lm = load("smollm2-135m")
     task = build_next_line(n_items=100, seed=0)
-    res = score_next_line(lm.model, lm.tokenizer, task)
+    res = score_next_line(lm.model, lm.tokenizer, task)  # through lm-eval, offline
     assert res.accuracy - 0.25 > 3 * res.se  # SmolLM2 tells the true next line apart

@@ -25,18 +25,19 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from esa.data import check_corpus
 from esa.dispatch import check_device
-from esa.errors import EsaError, unknown
+from esa.errors import EsaError, machine_failure, unknown
 from esa.models import DTYPES, EMBEDDED
-from esa.params import check_seed, load_profile
+from esa.models.loader import check_local_model
+from esa.params import check_seed, load_profile, model_params
 from esa.perturb.controls import CONTROLS, parse_controls
 from esa.perturb.ops import PERTURBATIONS, PerturbSpec, parse_perturbations, parse_scales
-from esa.phases import command
+from esa.phases import command, memplan
 from esa.phases.study import RunContext, Study, check_request, flag_name, options
 from esa.progress import quiet
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 from esa.sensitivity.select import MODES
-from esa.store import atomic_folder, folder_lock, write_json
+from esa.store import atomic_folder, check_cache_writable, folder_lock, write_json
 
 log = logging.getLogger("esa.cli")
 
@@ -220,6 +221,7 @@ def resolve(args: argparse.Namespace) -> command.Command:
         raise EsaError(f"--topk {recipe.topk} is deeper than the {recipe.candidate_depth} candidates a cache entry "
                        f"stores per matrix: add --candidate-depth {recipe.topk} or --keep-scores")
     model = args.model or prof.models[0]
+    check_local_model(model_params(model).ref)
     explicit = frozenset(k for k in _COMMON if getattr(args, k, None) not in (None, False))
     ctx = RunContext(prof, model, recipe, explicit, dry_run=args.dry_run)
     apps = {}
@@ -318,15 +320,30 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(dry_run_lines(cmd, args)))
             return 0
         out = Path(args.out_dir) if args.out_dir else default_out_dir(cmd)
+        check_cache_writable()  # every output target is checked before the model loads
         created = prepare_out_dir(out)
         with folder_lock(out, what="out dir", hint="give another --out-dir", command="esa-runner"):
             claim_out_dir(out, cmd, args.overwrite)
             summary = execute(cmd, out)
     except EsaError as e:
-        if out is not None and created and out.is_dir() and not _has_outputs(out):
-            shutil.rmtree(out, ignore_errors=True)  # a failed run leaves no folder it made
+        _drop_if_empty(out, created)
         print(f"esa-runner: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        line = machine_failure(e)
+        if line is None:
+            raise  # anything else is a bug: keep its traceback
+        _drop_if_empty(out, created)
+        print(f"esa-runner: error: {line}; nothing of this run was kept (free space or fix the permissions, then "
+              "rerun)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        removed = _drop_if_empty(out, created)
+        where = ("" if out is None else f"; the out dir {out} it created was removed" if removed
+                 else f"; {out} holds only what earlier runs finished")
+        print(f"esa-runner: interrupted (Ctrl-C): nothing of this run was kept (outputs are moved into place only "
+              f"when a run finishes){where}", file=sys.stderr)
+        return 130
     print(_report(summary, cmd, out))
     return 0
 
@@ -342,12 +359,26 @@ def dry_run_lines(cmd: command.Command, args: argparse.Namespace) -> list[str]:
             job = cmd.apps[study.name]
             plan = study.plan(job.settings, prof, [args.model] if args.model else None)
             lines += plan.lines() + [f"esa-runner {flag_name_of(study)}: {job.describe()}: settings checked"]
+    try:  # the profile's passes (every metric it lists: the notebooks run them all), on the meta device
+        ft = prof.finetune
+        lines += memplan.lines(cmd.model, r.but(metrics=list(dict.fromkeys([*r.metrics, *prof.metrics]))),
+                               finetune=(int(ft.get("batch_size", 8)), int(ft.get("seqlen", r.seqlen))) if ft else None)
+    except EsaError as e:
+        lines.append(str(e))
     lines.append("nothing loaded (dry run)")
     return lines
 
 
 def flag_name_of(study: Study) -> str:
     return " / ".join("--" + t.replace("_", "-") for t in study.trigger)
+
+
+def _drop_if_empty(out: Path | None, created: bool) -> bool:
+    """Remove an out dir this run created that holds nothing finished (only its lock files); True if removed."""
+    if out is not None and created and out.is_dir() and not _has_outputs(out):
+        shutil.rmtree(out, ignore_errors=True)
+        return True
+    return False
 
 
 def _has_outputs(out: Path) -> bool:
@@ -368,6 +399,16 @@ def _report(summary: dict[str, Any], cmd: command.Command, out: Path) -> str:
         if metric in summary["stability"]:
             j = summary["stability"][metric]["jaccard"]
             lines.append(f"    stability: mean pairwise Jaccard {j['mean']:.3f} (sd {j['std']:.3f})")
+    if p := summary.get("prune"):
+        s = p["spec"]
+        lines.append(f"  prune {s['method']} {s['pattern']} (achieved sparsity {p['achieved_sparsity']:.3f}): "
+                     f"PPL {p['dense_ppl']:.4g} dense -> {p['ppl']:.4g}")
+        zs = p.get("zeroshot", {})
+        for key in [k for k in zs if k.endswith("acc") or k == "zs_accuracy"]:
+            name = zs["task"].get("task", "next_line") if key == "zs_accuracy" else key[3:-4]
+            n = f", {zs['task']['n_items']} items, chance {zs['task']['chance']:.0%}" if key == "zs_accuracy" else ""
+            lines.append(f"    zero-shot {name} ({zs['engine']}{n}): accuracy {zs[key]['dense']:.3f} dense -> "
+                         f"{zs[key]['pruned']:.3f}")
     lines.append(f"outputs: {out.resolve()}")
     return "\n".join(lines)
 

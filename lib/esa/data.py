@@ -99,6 +99,24 @@ def check_corpus(name: str) -> None:
     """Refuse an unknown corpus name before anything is loaded (registered names, or an existing text file)."""
     if name not in CORPORA and not Path(name).is_file():
         raise unknown("corpus", name, CORPORA, hint="or give the path of an existing local text file")
+    if name not in CORPORA:
+        read_text_file(Path(name))
+
+
+def read_text_file(path: Path) -> str:
+    """A local corpus file as text; one EsaError if it cannot be read or is not text (NUL bytes, not UTF-8)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise EsaError(f"corpus file {path} cannot be read: {err.strerror or err}") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise EsaError(f"corpus file {path} is not text: a NUL byte at offset {nul}; give a UTF-8 text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise EsaError(f"corpus file {path} is not UTF-8 text: byte {data[err.start]:#04x} at offset {err.start}; "
+                       "give a UTF-8 text file") from None
 
 
 HUB_CORPORA = {"wikitext2": "wikitext", "c4": "allenai___c4"}  # name -> its folder stem in the datasets cache
@@ -123,7 +141,7 @@ def get_corpus(name: str) -> Corpus:
         corpus = CORPORA[name]()
     else:
         check_corpus(name)
-        text = Path(name).read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(Path(name))
         cut = int(len(text) * 0.8)
         corpus = Corpus(name, text[cut:], text[:cut], f"local file {name} (first 80% calibration, last 20% eval)")
     if not corpus.eval_text.strip():

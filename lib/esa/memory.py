@@ -6,30 +6,32 @@ staging) in total and per device. `check(...)` compares it with the free memory 
 (`torch.cuda.mem_get_info` on GPUs, MemAvailable on the CPU) and raises `EsaError` naming the estimate,
 what is available and concrete remedies, instead of letting the pass die with an OOM half-way.
 
-The model of memory (bytes; b = bytes per element of the model dtype, B = batch, T = seqlen,
-h = hidden, I = MLP intermediate (x experts_per_token for MoE), a = attention heads, L = layers,
-V = vocab, N = studied weights, n_max = the largest studied parameter):
+The model of memory (bytes; b = bytes per element of the model dtype, B = batch, T = seqlen, h = hidden,
+I = MLP intermediate (x experts_per_token for MoE), kv = key/value width, a = attention heads, L = layers,
+V = vocab, N = studied weights, n_max = the largest studied parameter). Its factors are measured, not assumed:
+tests/bench/memory_ledger.py runs every pass on the CPU allocator (esa.memtrace) for tiny-llama, SmolLM2-135M
+and Qwen2.5-0.5B's shape in fp32 and bf16 and checks each estimate within +-15% (reports/bench/memory-ledger.json).
 - weights: every parameter, b each (already allocated when the model is loaded: `check` then counts
   only the rest against free memory).
 - accumulators: gradient metrics, Hutchinson and act_mag keep one fp32 score per studied weight: 4N.
 - gradients in flight: the metrics fold each .grad into its accumulator in a post-accumulate-grad hook
   and free it at once, so at most the largest studied gradient plus its fp32 copy live: n_max (b + 4).
-- activations kept for backward: L B T (ACT_HIDDEN h + ACT_INTER I + ACT_ATTN a T) b. The factors
-  count the tensors autograd saves in a pre-norm decoder layer (norm inputs and their fp32 upcasts,
-  q/k/v/o inputs, rotated q/k, MLP gate/up/activation outputs; eager or math attention also stores
-  the a x T x T scores and probabilities), in the spirit of Korthikanti et al. 2022 ("Reducing
-  activation recomputation in large transformer models", sec. 4.1). Without backward (evaluation,
-  act_mag, perturbation) only about one layer's worth is alive: B T (EVAL_HIDDEN h + EVAL_INTER I +
-  EVAL_ATTN a T) b.
-- logits: the model's (B, T, V) output in its dtype, its fp32 copy and the fp32 log-softmax of the
-  loss: B T V (b + 8); act_mag computes no loss and keeps the last position only, so B V b; backward adds the fp32 and model-dtype gradients: B T V (2b + 12) in all.
-- Hutchinson (double backward): `autograd.grad(create_graph=True)` holds every studied gradient at
-  once (N b), the int8 probe in use (N), and the first backward's graph (about one more activation set
-  and the logits' gradient); all P probes (P N) are kept between windows while that fits
-  PROBE_CACHE_BYTES, otherwise each is redrawn per window.
+- activations kept for backward (SDPA): L B T (b (4h + 4I + 2kv) + 4 (2h + a)): the linear layers' inputs
+  and outputs, the RMSNorms' fp32 upcasts and SDPA's log-sum-exp; eager attention adds its (a, T, T)
+  probabilities. Without backward (evaluation, act_mag, perturbation) the peak is the larger of one layer's
+  working set, B T (b (4h + 3I) + 8h), and the logits phase.
+- logits: evaluation holds the (B, T, V) logits and, one window at a time, their fp32 copy (bf16 only) and
+  log-softmax: B T V b + T V (4 + 4 [b != 4]); a backward through the fp32 loss holds the log-softmax, its
+  gradient, the logits' fp32 gradient and its cast: B T V (12 + b [b != 4]); act_mag keeps the last
+  position's logits only (its peak is its fp32 scores, built after the forward).
+- Hutchinson (double backward, one window at a time): on top of a gradient pass, 3 N b (the create_graph
+  gradients, the probe cast to the model dtype, the second backward's products), 3.5 more activation sets
+  (the first backward's graph) and 30 bytes per (a, T, T) element per layer for SDPA's math kernel; all P
+  int8 probes (P N) are kept between windows while that fits PROBE_CACHE_BYTES, else redrawn per window.
+- perturbation: the raw-bit backup of the written weights (with their int64 index on an accelerator), at
+  most a copy of each matrix (esa.perturb.apply backs up whichever is smaller).
 - offload staging: accelerate loads an offloaded block's weights for its forward: the largest block.
-These are estimates: tests/bench/gpu_check.py records them next to the measured peak
-(torch.cuda.max_memory_allocated) so the factors can be checked on real hardware.
+On a GPU, tests/bench/gpu_check.py records the estimates next to torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
@@ -45,14 +47,27 @@ from esa.dispatch import execution_device
 from esa.errors import EsaError, unknown
 from esa.models.inventory import weight_inventory
 
-# Saved-for-backward elements per token per layer, in units of h, I and a*T (see module docstring).
-ACT_HIDDEN = 16.0
+# Saved for backward, per token per layer, measured on the CPU allocator (tests/bench/memory_ledger.py, fitted over
+# tiny-llama, SmolLM2-135M and Qwen2.5-0.5B's shape in fp32 and bf16 with SDPA): elements of the model dtype per
+# hidden, intermediate (x experts per token) and key/value width, plus fp32 elements per hidden (the RMSNorms'
+# upcasts) and per head (SDPA's log-sum-exp)
+ACT_HIDDEN = 4.0
 ACT_INTER = 4.0
-ACT_ATTN = 3.0  # eager/math attention: scores, probabilities (often upcast to fp32)
-# Live elements per token inside one layer when nothing is kept for backward.
-EVAL_HIDDEN = 6.0
+ACT_KV = 2.0
+ACT_HIDDEN_F32 = 2.0
+ACT_HEAD_F32 = 1.0
+# eager attention also keeps (a, T, T) probabilities: fp32 softmax output (+ its cast to the model dtype)
+# Live elements per token inside one layer when nothing is kept for backward (evaluation, act_mag, perturbation)
+EVAL_HIDDEN = 4.0
 EVAL_INTER = 3.0
-EVAL_ATTN = 2.0
+EVAL_HIDDEN_F32 = 2.0  # an RMSNorm's fp32 temporaries
+# the double backward (hutchinson_diag) keeps, on top of a gradient pass, HVP_GRADS model-dtype copies of every
+# studied weight (the create_graph gradients, the probe cast to the model dtype, the second backward's products),
+# HVP_GRAPH more activation sets (the first backward's graph) and HVP_ATTN bytes per (a, T, T) element per layer
+# for SDPA's math kernel (its scores, probabilities and their gradients; fp32 on the CPU whatever the dtype)
+HVP_GRADS = 3.0
+HVP_GRAPH = 3.5
+HVP_ATTN = 30.0
 HEADROOM = 0.9  # use at most this share of the free memory (allocator fragmentation, CUDA context, ...)
 GIB = 1 << 30
 
@@ -72,7 +87,9 @@ class ModelShape:
     layers: int
     heads: int
     vocab: int
-    materialised_attention: bool  # eager/math attention keeps (a, T, T) scores
+    materialised_attention: bool  # eager attention keeps (a, T, T) probabilities in every pass
+    kv: int = 0  # key/value width: kv heads x head dim (0: as hidden)
+    largest_param: int = 0  # elements of the largest parameter (the embedding, usually)
 
     @classmethod
     def of(cls, model: torch.nn.Module, specs: list[Any] | None = None) -> ModelShape:
@@ -82,6 +99,8 @@ class ModelShape:
         k = int(getattr(cfg, "num_experts_per_tok", 0) or 0)
         inter = int(getattr(cfg, "moe_intermediate_size", 0) or getattr(cfg, "intermediate_size", 0) or 4 * hidden)
         attn = str(getattr(cfg, "_attn_implementation", None) or "eager")
+        heads = int(cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", 0) or hidden // heads)
         p0 = next(model.parameters())
         return cls(
             n_params=sum(p.numel() for p in model.parameters()),
@@ -91,9 +110,11 @@ class ModelShape:
             hidden=hidden,
             intermediate=inter * max(1, k),
             layers=int(cfg.num_hidden_layers),
-            heads=int(cfg.num_attention_heads),
+            heads=heads,
             vocab=int(cfg.vocab_size),
-            materialised_attention=attn in ("eager", "math"),
+            materialised_attention=attn == "eager",
+            kv=int(getattr(cfg, "num_key_value_heads", 0) or heads) * head_dim,
+            largest_param=max((p.numel() for p in model.parameters()), default=0),
         )
 
 
@@ -124,29 +145,56 @@ class MemoryEstimate:
 
 
 # ---------------------------------------------------------------- per-pass components
+def _upcast(s: ModelShape) -> int:
+    """Bytes per element of an fp32 copy of a model-dtype tensor: none when the model is fp32 already."""
+    return 0 if s.dtype_bytes == 4 else 4
+
+
+def _attn_probs(s: ModelShape, b: int, t: int, math_kernel: bool = False) -> int:
+    """(a, T, T) probabilities one layer keeps: eager's fp32 softmax and its cast, or SDPA's math kernel in
+    a double backward (its scores, softmax and their gradients: HVP_ATTN bytes a element)."""
+    if math_kernel:
+        return int(b * s.heads * t * t * HVP_ATTN)
+    if not s.materialised_attention:
+        return 0
+    return b * s.heads * t * t * (4 + (s.dtype_bytes if s.dtype_bytes != 4 else 0))
+
+
 def _activations(s: ModelShape, b: int, t: int, backward: bool) -> int:
-    attn = s.heads * t if s.materialised_attention else 0
-    if backward:
-        per_tok = ACT_HIDDEN * s.hidden + ACT_INTER * s.intermediate + ACT_ATTN * attn
-        return int(s.layers * b * t * per_tok * s.dtype_bytes)
-    per_tok = EVAL_HIDDEN * s.hidden + EVAL_INTER * s.intermediate + EVAL_ATTN * attn
-    return int(b * t * per_tok * s.dtype_bytes)
+    if backward:  # everything the layers keep for the backward pass
+        per_tok = (s.dtype_bytes * (ACT_HIDDEN * s.hidden + ACT_INTER * s.intermediate + ACT_KV * (s.kv or s.hidden))
+                   + 4 * (ACT_HIDDEN_F32 * s.hidden + ACT_HEAD_F32 * s.heads))
+        return int(s.layers * (b * t * per_tok + _attn_probs(s, b, t)))
+    # no graph: one layer's working set at a time
+    return int(b * t * ((EVAL_HIDDEN * s.hidden + EVAL_INTER * s.intermediate) * s.dtype_bytes
+                        + 4 * EVAL_HIDDEN_F32 * s.hidden) + _attn_probs(s, b, t))
 
 
-def _logits(s: ModelShape, b: int, t: int, backward: bool) -> int:
-    per = (2 * s.dtype_bytes + 12) if backward else (s.dtype_bytes + 8)
-    return int(b * t * s.vocab * per)
+def _eval_logits(s: ModelShape, b: int, t: int) -> int:
+    """The (B, T, V) logits in the model dtype, then one window at a time its fp32 copy and log-softmax."""
+    return b * t * s.vocab * s.dtype_bytes + t * s.vocab * (4 + _upcast(s))
+
+
+def _loss_logits(s: ModelShape, b: int, t: int) -> int:
+    """Backward through the fp32 loss: the log-softmax kept for it, the gradient of the loss w.r.t. it, the
+    fp32 gradient of the logits and its cast to the model dtype (the logits themselves are not kept)."""
+    return b * t * s.vocab * (12 + (s.dtype_bytes if s.dtype_bytes != 4 else 0))
 
 
 def _forward_only(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    return {"activations": _activations(s, b, t, False), "logits": _logits(s, b, t, False)}
+    # the peak is the larger of a layer's working set and the logits phase (the last hidden state and the logits)
+    layer, head = _activations(s, b, t, False), _eval_logits(s, b, t) + b * t * s.hidden * s.dtype_bytes
+    return {"activations": layer} if layer > head else {"activations": b * t * s.hidden * s.dtype_bytes,
+                                                         "logits": _eval_logits(s, b, t)}
 
 
 def _act_mag(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    # a forward with no loss that keeps the last position's logits only (logits_to_keep=1): B V b. fp32 sums
-    # of squared inputs are tiny; the scores themselves are one fp32 per studied weight
-    return {"activations": _activations(s, b, t, False), "logits": b * s.vocab * s.dtype_bytes,
-            "accumulators": 4 * s.n_studied}
+    # hooks add fp32 sums of squared inputs (tiny) to a forward that keeps the last position's logits only; the
+    # scores are |W| (an fp32 copy per weight: one more per matrix while a model-dtype matrix is upcast)
+    # x ||X||: they are built after the forward, so the peak is the larger of the two
+    fwd = _activations(s, b, t, False) + b * s.vocab * s.dtype_bytes
+    scores = 4 * s.n_studied + _upcast(s) * s.largest_studied
+    return {"accumulators": scores} if scores >= fwd else {"activations": fwd}
 
 
 def _gradient(s: ModelShape, b: int, t: int) -> dict[str, int]:
@@ -154,7 +202,7 @@ def _gradient(s: ModelShape, b: int, t: int) -> dict[str, int]:
         "accumulators": 4 * s.n_studied,
         "grads_in_flight": s.largest_studied * (s.dtype_bytes + 4),
         "activations": _activations(s, b, t, True),
-        "logits": _logits(s, b, t, True),
+        "logits": _loss_logits(s, b, t),
     }
 
 
@@ -165,11 +213,26 @@ def _grad_fused(s: ModelShape, b: int, t: int) -> dict[str, int]:
 
 
 def _hutchinson(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    d = _gradient(s, b, t)
+    # one window at a time (the metric's own micro-batches), whatever the batch size
+    d = _gradient(s, 1, t)
     d["grads_in_flight"] = s.largest_studied * (s.dtype_bytes + 8)  # Hv, v.float() and the product
-    d["hutchinson"] = (s.n_studied * (s.dtype_bytes + 1)  # all first-order grads at once + int8 probes
-                       + _activations(s, b, t, True) + b * t * s.vocab * 4)  # graph of the first backward
+    # create_graph: every studied gradient at once, the probe in use cast to the model dtype, and the graph of
+    # the first backward (HVP_GRAPH activation sets and SDPA's math kernel's (a, T, T) buffers per layer)
+    d["hutchinson"] = (int(HVP_GRADS * s.n_studied * s.dtype_bytes) + int(HVP_GRAPH * _activations(s, 1, t, True))
+                       + s.layers * _attn_probs(s, 1, t, math_kernel=True))
     return d
+
+
+def _finetune_full(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    # one AdamW step of full fine-tuning (esa.apps.training, fp32 weights), with AdamW's two moments allocated.
+    # The backward frees the graph as it fills the gradients, so the peak is the larger of its start (the graph,
+    # the loss's logits buffers, the first (head) gradient) and the step (every gradient, and the update's
+    # temporaries for the largest parameter: CPU steps one tensor at a time; a GPU's foreach step may hold more)
+    moments = {"optimizer": 2 * s.n_params * s.dtype_bytes}
+    start = {"activations": _activations(s, b, t, True), "logits": _loss_logits(s, b, t),
+             "gradients": s.largest_param * s.dtype_bytes}
+    step = {"gradients": s.n_params * s.dtype_bytes, "optimizer_step": 2 * s.largest_param * s.dtype_bytes}
+    return {**moments, **(start if sum(start.values()) > sum(step.values()) else step)}
 
 
 # The passes the guard knows; a metric names its own (esa.sensitivity.metrics.Metric.memory_pass).
@@ -180,6 +243,7 @@ _PASS_FNS: dict[str, Callable[[ModelShape, int, int], dict[str, int]]] = {
     "gradient": _gradient,  # one gradient metric (grad_x_weight, grad_squared)
     "grad_fused": _grad_fused,  # grad_x_weight and grad_squared from one backward
     "hutchinson": _hutchinson,
+    "finetune_full": _finetune_full,  # one full fine-tuning step (AdamW)
 }
 PASSES = tuple(_PASS_FNS)
 
@@ -245,10 +309,13 @@ def estimate(
     specs: list[Any] | None = None,
     target: str | torch.device | None = None,
     probes: int = 1,
+    written: int = 0,
 ) -> MemoryEstimate:
     """Memory a pass over `model` needs, whole and per device (see the module docstring for the model).
 
     `probes`: hutchinson_diag's probe count (all probes are kept while they fit PROBE_CACHE_BYTES).
+    `written`: weights a perturbation writes (pass "perturb"): its raw-bit backup, and on an accelerator the
+    int64 index moved there, are held while the perturbed model is evaluated.
 
     `specs`: the studied weights (default: the model's inventory). `target`: the device a model still on
     `meta` (built for planning, not loaded) would be placed on; default cuda:0 if available, else cpu.
@@ -272,20 +339,32 @@ def estimate(
         part = _PASS_FNS[pass_name](local, batch_size, seqlen)
         part["activations"] = int(part.get("activations", 0) * (pl["layers"] if "grads_in_flight" in part else
                                                                (1.0 if pl["layers"] else 0.0)))
-        if "hutchinson" in part:
-            act_full = _activations(shape, batch_size, seqlen, True)
-            part["hutchinson"] += int(act_full * pl["layers"]) - act_full
+        if "hutchinson" in part:  # the graph part follows the layers this device holds
+            grads = int(HVP_GRADS * local.n_studied * local.dtype_bytes)
+            part["hutchinson"] = grads + int((part["hutchinson"] - grads) * pl["layers"])
         part["logits"] = int(part.get("logits", 0) * pl["logits"])
         if pass_name == "hutchinson":
             part["probe_cache"] = probe_cache_bytes(local.n_studied, probes, shape.n_studied)
+        if written and shape.n_studied:  # spread like the studied weights it copies
+            part["backup"] = backup_bytes(int(written * pl["studied"] / shape.n_studied), shape.dtype_bytes, dev)
         part = {"weights": int(pl["weights"]), **part, "offload_staging": int(pl["staging"])}
         per_device[dev] = {k: v for k, v in part.items() if v}
         if not dev.startswith("meta"):
             resident[dev] = int(pl["weights"])
     if pass_name == "hutchinson":
         comps["probe_cache"] = probe_cache_bytes(shape.n_studied, probes, shape.n_studied)
+    if written:
+        comps["backup"] = backup_bytes(written, shape.dtype_bytes, tgt, shape.n_studied * shape.dtype_bytes)
     comps["offload_staging"] = max((int(pl["staging"]) for pl in place.values()), default=0)
     return MemoryEstimate(pass_name, batch_size, seqlen, {k: v for k, v in comps.items() if v}, per_device, resident)
+
+
+def backup_bytes(written: int, dtype_bytes: int, device: str, dense: int | None = None) -> int:
+    """The raw bits of `written` weights (esa.perturb.apply), plus their int64 index when it is copied to an
+    accelerator (on the CPU the caller's index is used in place); at most `dense` (the studied weights' own
+    bytes: apply backs up a whole matrix instead when that is smaller)."""
+    sparse = written * (dtype_bytes + (0 if device.startswith("cpu") else 8))
+    return sparse if dense is None else min(sparse, dense)
 
 
 def probe_cache_bytes(n_local: int, probes: int, n_total: int) -> int:
@@ -370,7 +449,10 @@ def _message(est: MemoryEstimate, short: Iterable[tuple[str, int, int]], headroo
     lines.append(f"  whole pass: about {_gib(est.total)} ({', '.join(f'{k} {_gib(v)}' for k, v in est.components.items())})")
     lines.append("Try:")
     dtype_bytes = next(model.parameters()).element_size()
-    if dtype_bytes > 2:
+    if est.pass_name == "finetune_full":
+        lines.append("  - sparse fine-tuning or LoRA (fp32 deltas or adapters on a share of the weights; full "
+                     "fine-tuning keeps fp32 weights, gradients and two AdamW moments of every parameter)")
+    elif dtype_bytes > 2:
         lines.append("  - dtype='bfloat16' (halves weights and activations; scores stay fp32)")
     big_act = est.components.get("activations", 0) + est.components.get("logits", 0) + est.components.get("hutchinson", 0)
     if est.batch_size > 1 and big_act > 0.2 * est.total:

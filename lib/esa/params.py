@@ -83,6 +83,37 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in (params_dir() / "profiles").glob("*.yaml"))
 
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+PLAIN_RULE = "letters, digits, '.', '_' and '-', not starting with a dot"
+
+
+def is_plain_name(name: Any) -> bool:
+    """A name that stays inside the folder it is joined to: no separator, no leading dot (so no `..`)."""
+    return isinstance(name, str) and PLAIN_NAME.fullmatch(name) is not None
+
+
+def check_plain_name(name: Any, what: str) -> str:
+    """`name` if it is plain (is_plain_name), else one EsaError naming `what` (e.g. "--run-id") and the rule."""
+    if not is_plain_name(name):
+        raise EsaError(f"{what} {name!r} is not a plain name ({PLAIN_RULE}); it becomes a folder or file name")
+    return name
+
+
+def profile_path(name: str) -> Path:
+    """The file of profile `name`: params/profiles/<name>.yaml for a plain name, or `name` itself when it is the
+    path of an existing .yaml file; anything else (a name with `/` or `..` that is not such a file) is refused."""
+    if is_plain_name(name):
+        path = params_dir() / "profiles" / f"{name}.yaml"
+        if path.is_file():
+            return path
+        if not (name.endswith((".yaml", ".yml")) and Path(name).is_file()):
+            raise unknown("profile", name, available_profiles())
+    if isinstance(name, str) and name.endswith((".yaml", ".yml")) and Path(name).is_file():
+        return Path(name)
+    raise EsaError(f"profile {name!r}: give a profile name ({PLAIN_RULE}; accepted: {', '.join(available_profiles())}) "
+                   "or the path of an existing .yaml file")
+
+
 # Sizes and counts: the smallest value that makes sense (0 or a negative size is a typo, not a request).
 MINIMUM: dict[str, int] = {
     "seqlen": 2,  # a BOS token plus at least one predicted token
@@ -107,13 +138,17 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
     Profile annotations) and zero or negative sizes are one EsaError naming the key, where it came from
     (the file and line, or the overrides) and what is accepted.
     """
-    path = params_dir() / "profiles" / f"{name}.yaml"
-    if not path.is_file():
-        raise unknown("profile", name, available_profiles())
-    text = path.read_text()
-    data = yaml_load(text, str(path)) or {}
+    path = profile_path(name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise EsaError(f"profile file {path} cannot be read: {getattr(err, 'strerror', None) or err}") from None
+    data = yaml_load(text, str(path))
+    if data is None:
+        raise EsaError(f"profile file {path} is empty; a profile is a mapping of settings, e.g. `name: {path.stem}`")
     if not isinstance(data, dict):
         raise EsaError(f"{path}: a profile is a mapping of settings (key: value), got {type(data).__name__}")
+    data.setdefault("name", path.stem)
     lines = _key_lines(text)
     where = {k: f"{path}, line {lines[k]}" if k in lines else str(path) for k in data}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -150,6 +185,8 @@ def check_setting(key: str, value: Any, hint: Any, where: str) -> Any:
             raise EsaError(f"profile setting {key} ({where}): give at least one seed")
         for seed in converted:
             check_seed(seed, f"profile setting {key} ({where})")
+        if len(set(converted)) != len(converted):
+            raise EsaError(f"profile setting {key} = {value!r} ({where}): has duplicates; give each seed once")
     if base == "perturb_prob" and not 0.0 <= converted <= 1.0:
         raise EsaError(f"profile setting {key} = {value!r} ({where}): a probability, between 0 and 1")
     return converted
@@ -272,7 +309,7 @@ def available_models() -> list[str]:
 def model_params(name: str) -> ModelParams:
     """The params/models/<name>.yaml entry; a name without a file is taken as a raw model reference."""
     path = params_dir() / "models" / f"{name}.yaml"
-    if not path.is_file():
+    if not is_plain_name(name) or not path.is_file():  # a path or hub id is a reference, never a params file
         return ModelParams(name=name, ref=name, display=name)
     data = yaml_load(path.read_text(), str(path)) or {}
     if not isinstance(data, dict):

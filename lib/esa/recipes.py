@@ -23,7 +23,7 @@ from esa.models import LoadedModel, load
 from esa.params import Profile, model_params
 from esa.perturb.ops import PerturbSpec, sweep_specs
 from esa.sensitivity.engine import ScoreRun, score, score_many
-from esa.sensitivity.metrics import METRICS, MetricConfig, get_metric
+from esa.sensitivity.metrics import MetricConfig, get_metric
 
 log = logging.getLogger(__name__)
 # model -> its recomputed full maps by (run key, name): weakly keyed, so a model's maps go when it does and no
@@ -78,17 +78,15 @@ class Recipe:
         return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 
     # ------------------------------------------------------------ model
-    def load(self, name: str, eager: bool | None = None, **kwargs: Any) -> LoadedModel:
-        """Model `name` (a params/models name or any reference) in the recipe's dtype. `eager` attention is
-        twice differentiable, which Hutchinson's double backward needs; by default (None) a recipe loads every
-        model the same way, eager exactly when its metrics need it (`needs_eager`), because the attention
-        kernel changes scores (up to 1e-4 relative on SmolLM2's gradients) and is part of their cache key:
-        the phases then share one set of entries instead of reading whichever kernel scored first."""
-        eager = self.needs_eager() if eager is None else eager
-        return load_configured(name, self.dtype, attn_implementation="eager" if eager else None, **kwargs)
+    def load(self, name: str, eager: bool = False, **kwargs: Any) -> LoadedModel:
+        """Model `name` (a params/models name or any reference) in the recipe's dtype, with SDPA attention.
 
-    def needs_eager(self, metrics: list[str] | tuple[str, ...] | None = None) -> bool:
-        return any(METRICS[m].double_backward for m in (metrics or self.metrics))
+        Every pass runs SDPA's fused kernels except the double backward (hutchinson_diag and the curvature
+        reliability), which switches to SDPA's math kernel around itself (`esa.sensitivity.passes.
+        math_attention`): no pass pays for eager attention's (heads x T x T) buffers unless it needs them.
+        `eager=True` is for readers of attention probabilities (interpretability). The kernel a pass ran is
+        part of its scores' cache key (`esa.sensitivity.engine.pass_attention`)."""
+        return load_configured(name, self.dtype, attn_implementation="eager" if eager else "sdpa", **kwargs)
 
     # ------------------------------------------------------------ sensitivity
     def calibration(self, seed: int, n_samples: int | None = None) -> Calibration:

@@ -2,9 +2,10 @@
 
 Nothing half-written is ever read back: every file is written under a temporary name in the same
 folder and renamed into place, which is atomic on POSIX file systems. Nothing corrupt is trusted: a
-cache entry (a folder or one file) records the size and SHA-256 of its files when written (`seal`);
-every read checks sizes and headers (`check`), a full hash check runs on demand (`verify_cache`,
-`$ESA_VERIFY_CACHE=1`), and a bad entry is quarantined and rebuilt (`cached`, `usable`).
+cache entry (a folder or one file) records the size and xxh3-128 digest of its files when written
+(`seal`); every read compares sizes, headers and digests (`check`), so a truncated file or a flipped byte
+is caught before it is used, and a bad entry is named in one line, quarantined and rebuilt (`cached`,
+`usable`). `verify_cache` checks every entry of the cache at once (`make verify-cache`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 from filelock import FileLock, Timeout
 
 import esa
@@ -87,6 +89,35 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def write_problem(folder: str | os.PathLike[str]) -> str | None:
+    """Why nothing can be created in `folder` (or, when it does not exist yet, in the nearest existing folder
+    above it, where it would be made), or None. It tries: a file is created and removed, so a read-only
+    mount, missing permissions and a file in the way are all caught before any work."""
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".esa-write-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        return f"{probe} is not writable ({err.strerror or err})"
+    return None
+
+
+def check_cache_writable() -> None:
+    """Refuse (EsaError, before any work) a cache root, or a folder of it, that cannot be written: every run
+    writes or repairs entries there (scores, masks, tokens, quarantine)."""
+    root = cache_root()
+    folders = [root] + (sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else [])
+    for folder in folders:
+        problem = write_problem(folder)
+        if problem:
+            raise EsaError(f"the cache {root} cannot be written: {problem}; point ESA_CACHE_DIR at a writable folder")
 
 
 PARTIAL = ".partial-"  # a staging folder's name ends in PARTIAL + the PID of the process writing it
@@ -237,7 +268,9 @@ def folder_lock(
 # ---------------------------------------------------------------- cache entries with size + hash
 
 MANIFEST_NAME = "esa-manifest.json"  # in a folder entry; beside a file entry as `<name>.esa-manifest.json`
-VERIFY_ENV = "ESA_VERIFY_CACHE"  # "1": every check hashes every file (run_all.py --verify-cache sets it)
+VERIFY_ENV = "ESA_VERIFY_CACHE"  # no longer read: every check compares digests (kept so old settings are harmless)
+DIGEST = "xxh3_128"  # the manifest key of a file's digest; manifests of version 1 hold "sha256" instead
+_BLOCK = 1 << 23  # 8 MiB reads: large enough that hashing, not the read loop, sets the speed
 
 
 class CacheCorrupt(EsaError):
@@ -259,16 +292,27 @@ def _entry_files(entry: Path) -> list[Path]:
     return sorted(p for p in entry.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
+def _hash_file(path: Path, h: Any) -> str:
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """xxh3-128 of a file (hex): what a manifest records and every read compares (tens of GB/s in memory)."""
+    return _hash_file(Path(path), xxhash.xxh3_128())
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file (hex): the digest of version-1 manifests, still read for entries written then."""
+    return _hash_file(Path(path), hashlib.sha256())
+
+
 def seal(entry: str | os.PathLike[str]) -> Path:
-    """Record size and SHA-256 of every file of a cache entry (a folder, or one file) in its manifest.
+    """Record size and digest of every file of a cache entry (a folder, or one file) in its manifest.
 
     Call it once the entry is completely written (a folder: before renaming it into place).
     """
@@ -277,24 +321,20 @@ def seal(entry: str | os.PathLike[str]) -> Path:
         raise FileNotFoundError(entry)
     base = entry if entry.is_dir() else entry.parent
     files = {
-        p.relative_to(base).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        p.relative_to(base).as_posix(): {"size": p.stat().st_size, DIGEST: file_digest(p)}
         for p in _entry_files(entry)
     }
-    return write_json(manifest_path(entry), {"version": 1, "files": files})
+    return write_json(manifest_path(entry), {"version": 2, "files": files})
 
 
-def _full_requested(full: bool | None) -> bool:
-    return bool(full) if full is not None else os.environ.get(VERIFY_ENV, "") not in ("", "0")
+def check(entry: str | os.PathLike[str], adopt: bool | str = False) -> None:
+    """Raise CacheCorrupt unless every file of the entry has the size, header and digest its manifest records.
 
-
-def check(entry: str | os.PathLike[str], full: bool | None = None, adopt: bool | str = False) -> None:
-    """Raise CacheCorrupt unless the entry's files match its manifest.
-
-    The cheap check (every read) compares sizes and reads the headers of safetensors, parquet, npy and
-    JSON files; `full` (or $ESA_VERIFY_CACHE=1) also compares every SHA-256. `adopt`: an entry written
-    before manifests existed, which the caller knows was complete (True, or the name of the marker file
-    the old writer put in a finished folder, e.g. "complete"), is accepted if every file passes the
-    header check, and is sealed on the spot.
+    Runs on every read: the digest catches same-size damage (a flipped byte), sizes and headers name a
+    truncation precisely. A version-1 manifest (SHA-256) is checked by SHA-256, and xxh3-128 is added to it. `adopt`: an entry written before manifests existed, which the caller knows was complete
+    (True, or the name of the marker file the old writer put in a finished folder, e.g. "complete"), is
+    accepted if every file passes the header check, and is sealed on the spot (there is nothing to compare
+    its bytes with; from then on they are checked).
     """
     entry = Path(entry)
     if not entry.exists():
@@ -312,10 +352,12 @@ def check(entry: str | os.PathLike[str], full: bool | None = None, adopt: bool |
         return
     try:
         files = read_json(mpath)["files"]
+        if not isinstance(files, dict) or not all(isinstance(w, dict) and "size" in w for w in files.values()):
+            raise TypeError("no size per file")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CacheCorrupt(entry, f"unreadable manifest {mpath.name}: {err}") from None
     base = entry if entry.is_dir() else entry.parent
-    full = _full_requested(full)
+    legacy = False
     for rel, want in files.items():
         path = base / rel
         if not path.is_file():
@@ -326,17 +368,28 @@ def check(entry: str | os.PathLike[str], full: bool | None = None, adopt: bool |
         problem = structure_problem(path)
         if problem:
             raise CacheCorrupt(entry, f"{rel}: {problem}")
-        if full and file_sha256(path) != want["sha256"]:
-            raise CacheCorrupt(entry, f"{rel}: SHA-256 differs from its manifest (contents changed)")
+        if DIGEST in want:
+            if file_digest(path) != want[DIGEST]:
+                raise CacheCorrupt(entry, f"{rel}: contents differ from its manifest ({DIGEST} digest)")
+        elif "sha256" in want:
+            legacy = True
+            if file_sha256(path) != want["sha256"]:
+                raise CacheCorrupt(entry, f"{rel}: contents differ from its manifest (SHA-256 digest)")
+        else:
+            raise CacheCorrupt(entry, f"unreadable manifest {mpath.name}: no digest for {rel}")
+    if legacy:  # checked in full just now: add the fast digest, keep SHA-256 for older code sharing the cache
+        upgraded = {rel: {**want, DIGEST: file_digest(base / rel)} for rel, want in files.items()}
+        with contextlib.suppress(OSError):  # a read-only cache keeps the version-1 manifest
+            write_json(mpath, {"version": 2, "files": upgraded})
 
 
-def usable(entry: str | os.PathLike[str], full: bool | None = None, adopt: bool | str = False) -> bool:
+def usable(entry: str | os.PathLike[str], adopt: bool | str = False) -> bool:
     """True if the entry exists and passes `check`; a corrupt entry is quarantined (and False returned)."""
     entry = Path(entry)
     if not entry.exists():
         return False
     try:
-        check(entry, full, adopt)
+        check(entry, adopt)
     except CacheCorrupt as err:
         quarantine(entry, err.reason)
         return False
@@ -357,10 +410,16 @@ def quarantine(entry: str | os.PathLike[str], reason: str) -> Path | None:
     except ValueError:  # not under the cache root: keep it beside the entry
         dest = entry.with_name(f"{entry.name}.corrupt-{stamp}-{os.getpid()}")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    base, n = dest, 1
+    while dest.exists() or dest.is_symlink():  # the same entry damaged twice within a second
+        dest, n = base.with_name(f"{base.name}-{n}"), n + 1
     sidecar = entry.with_name(entry.name + "." + MANIFEST_NAME)
     try:
         os.replace(entry, dest)
     except FileNotFoundError:
+        if sidecar.is_file():  # a file entry deleted by hand: its manifest alone must not linger
+            with contextlib.suppress(OSError):
+                os.replace(sidecar, dest.with_name(dest.name + "." + MANIFEST_NAME))
         return None
     if sidecar.is_file():
         with contextlib.suppress(OSError):
@@ -373,7 +432,6 @@ def cached(
     entry: str | os.PathLike[str],
     build: Callable[[Path], object],
     folder: bool = True,
-    full: bool | None = None,
     adopt: bool | str = False,
     refresh: bool = False,
 ) -> Path:
@@ -385,7 +443,7 @@ def cached(
     (what --no-cache means). `adopt`: see `check`.
     """
     entry = Path(entry)
-    if entry.exists() and not refresh and usable(entry, full, adopt):
+    if entry.exists() and not refresh and usable(entry, adopt):
         return entry
     entry.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_partials(entry, folder)
@@ -399,9 +457,9 @@ def cached(
             raise FileNotFoundError(f"building cache entry {entry} wrote nothing to {tmp}")
         if folder:
             seal(tmp)
-            if entry.exists() and not refresh and usable(entry, full):
+            if entry.exists() and not refresh and usable(entry):
                 return entry  # another process finished the same entry first; its content is identical
-            _replace_folder(tmp, entry, full)
+            _replace_folder(tmp, entry)
         else:
             _remove(manifest_path(entry))  # the old entry's manifest must never describe the new file
             os.replace(tmp, entry)
@@ -411,7 +469,7 @@ def cached(
     return entry
 
 
-def _replace_folder(tmp: Path, entry: Path, full: bool | None) -> None:
+def _replace_folder(tmp: Path, entry: Path) -> None:
     """Rename the finished `tmp` onto `entry`; an old entry is renamed aside first (a folder cannot be
     renamed onto a non-empty one), so readers never see a half-deleted entry."""
     old = entry.with_name(f".{entry.name}.old-{os.getpid()}")
@@ -420,7 +478,7 @@ def _replace_folder(tmp: Path, entry: Path, full: bool | None) -> None:
     try:
         os.replace(tmp, entry)
     except OSError:
-        if not usable(entry, full):  # another process renamed its (identical) entry in between: keep it
+        if not usable(entry):  # another process renamed its (identical) entry in between: keep it
             raise
     finally:
         _remove(old)
@@ -464,32 +522,44 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def verify_cache(
-    root: str | os.PathLike[str] | None = None, quarantine_bad: bool = True
-) -> list[tuple[Path, str]]:
-    """Full hash check of every sealed entry under the cache root; returns (entry, reason) of each bad one.
-
-    Bad entries are quarantined (unless `quarantine_bad=False`), so the next run recomputes them.
-    """
+def sealed_entries(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Every entry under the cache root that has a manifest (quarantined and half-written ones left out)."""
     root = Path(root) if root is not None else cache_root()
-    bad: list[tuple[Path, str]] = []
     if not root.is_dir():
-        return bad
+        return []
+    out = []
     for mpath in sorted(root.rglob(f"*{MANIFEST_NAME}")):
         if "quarantine" in mpath.relative_to(root).parts or mpath.name.startswith("."):
             continue
-        if mpath.name == MANIFEST_NAME:
-            entry = mpath.parent
-        else:
-            entry = mpath.with_name(mpath.name[: -len("." + MANIFEST_NAME)])
+        entry = mpath.parent if mpath.name == MANIFEST_NAME else mpath.with_name(mpath.name[: -len("." + MANIFEST_NAME)])
         if any(part.startswith(".") and ".partial-" in part for part in entry.parts):
             continue  # being written right now
+        out.append(entry)
+    return out
+
+
+def verify_cache(
+    root: str | os.PathLike[str] | None = None,
+    quarantine_bad: bool = True,
+    on_entry: Callable[[Path, str | None], None] | None = None,
+) -> list[tuple[Path, str]]:
+    """Check every sealed entry under the cache root; returns (entry, reason) of each bad one.
+
+    Bad entries are quarantined (unless `quarantine_bad=False`), so the next run recomputes them.
+    `on_entry(entry, reason or None)` is called after each entry is checked (for a report).
+    """
+    bad: list[tuple[Path, str]] = []
+    for entry in sealed_entries(root):
+        reason = None
         try:
-            check(entry, full=True)
+            check(entry)
         except CacheCorrupt as err:
-            bad.append((entry, err.reason))
+            reason = err.reason
+            bad.append((entry, reason))
             if quarantine_bad:
-                quarantine(entry, err.reason)
+                quarantine(entry, reason)
+        if on_entry is not None:
+            on_entry(entry, reason)
     return bad
 
 
@@ -562,4 +632,9 @@ def structure_problem(path: str | os.PathLike[str]) -> str | None:
     """What is wrong with a file's header/size consistency (safetensors, parquet, npy, JSON), or None."""
     path = Path(path)
     checker = _STRUCTURE.get(path.suffix)
-    return checker(path, path.stat().st_size) if checker else None
+    if checker is None:
+        return None
+    try:
+        return checker(path, path.stat().st_size)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, SyntaxError, struct.error) as err:
+        return f"unreadable header ({type(err).__name__}: {err})"  # damage inside a header is data, not a bug

@@ -12,29 +12,38 @@ no calibration sample ever overlaps -- esa.data):
   a different text, drawn among the `pool` lines closest to the true line in length (so length alone
   gives the answer away as little as possible);
 - `n_items` targets are drawn without replacement over the whole split.
-Scoring (`score_next_line`): the model's summed log-likelihood of each candidate's tokens after the context
-(`accuracy`), and the same per character of the candidate (`accuracy_norm`, lm-eval's acc_norm idea). An
-item counts as correct only if the true line scores strictly highest, so ties (a broken model) count as
-wrong and chance is exactly 1/4 for a model that cannot tell the lines apart.
+Scoring (`score_next_line`) is lm-evaluation-harness's (the `zeroshot` extra): `write_lm_eval_task` writes
+the items as an lm-eval task folder (YAML + JSON lines + a two-function utils.py) and `run_lm_eval` runs it
+through `HFLM` on the in-memory model, with any hub tasks (hellaswag, arc_easy, ...) in the same call. Each
+candidate's score is its summed log-likelihood after the context (`accuracy`), and the same per character of
+the candidate (`accuracy_norm`, lm-eval's acc_norm). lm-eval moves a context's trailing newline into the
+continuation, so each item also scores the newline alone, and a line's score is the difference: the line
+given the context *with* its newline, as the task defines it. An item counts as correct only if the true line
+scores strictly highest, so ties (a broken model) count as wrong and chance is exactly 1/4 for a model that
+cannot tell the lines apart.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
+import hashlib
+import io
+import json
+import logging
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from esa.data import Corpus, get_corpus, tokenizer_name
-from esa.dispatch import input_device
+from esa.data import Corpus, _bos_id, get_corpus, tokenizer_name
 from esa.errors import EsaError
-from esa.evaluate import auto_batch_size
-from esa.progress import progress
 from esa.registry import Registry
+from esa.store import cache_dir
 
 
 @dataclass(frozen=True)
@@ -144,132 +153,200 @@ class ZeroShotResult:
     tokenizer: str
     correct: list[bool] = field(default_factory=list)
     correct_norm: list[bool] = field(default_factory=list)
+    loglik: list[list[float]] = field(default_factory=list)  # per item, per candidate (true line first)
 
     def as_dict(self, with_items: bool = False) -> dict[str, Any]:
         d = asdict(self)
         if not with_items:
-            d.pop("correct")
-            d.pop("correct_norm")
+            for k in ("correct", "correct_norm", "loglik"):
+                d.pop(k)
         return d
 
 
-def _bos(tokenizer: Any) -> list[int]:
-    """[BOS] if the tokenizer prepends one by itself (as the evaluation windows do), else []."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    probe = tokenizer("a")["input_ids"]
-    return [bos] if bos is not None and probe and probe[0] == bos else []
+# ---------------------------------------------------------------- the task as lm-eval reads it
+def doc_to_choice(doc: dict[str, Any]) -> list[str]:
+    """The 4 lines after the context's newline, then the newline alone (module docstring)."""
+    return [*("\n" + c for c in doc["choices"]), "\n"]
 
 
-def _sequences(tokenizer: Any, task: ZeroShotTask, max_context_tokens: int) -> list[tuple[list[int], list[list[int]]]]:
-    """Per item: (BOS + context ids, [candidate ids, ...])."""
-    prefix = _bos(tokenizer)
-    out = []
-    for item in task.items:
-        ctx = tokenizer(item.context, add_special_tokens=False)["input_ids"][-max_context_tokens:]
-        conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in item.choices]
-        for c, ids in zip(item.choices, conts, strict=True):
-            if not ids:
-                raise EsaError(f"candidate line {c!r} tokenises to nothing")
-        out.append((prefix + ctx, conts))
-    return out
+def line_loglik(results: Sequence[tuple[float, bool]]) -> np.ndarray:
+    """Each line's log-likelihood after the context and its newline, from lm-eval's 5 results of an item."""
+    lls = np.asarray([r[0] for r in results], dtype=np.float64)
+    return lls[:-1] - lls[-1]
 
 
-def _plain(model: torch.nn.Module, seqs: list[tuple[list[int], list[list[int]]]], bs: int, dev: torch.device,
-           show_progress: bool) -> torch.Tensor:
-    """Every (context + candidate) as its own sequence, right-padded in batches of `bs`."""
-    flat = [(ctx + c, len(ctx)) for ctx, conts in seqs for c in conts]
-    ll = torch.empty(len(flat), dtype=torch.float64)
-    for start in progress(range(0, len(flat), bs), desc="zero-shot", disable=not show_progress):
-        chunk = flat[start : start + bs]
-        width = max(len(s) for s, _ in chunk)
-        # right padding: a causal model's logits at real positions never see the padding after them
-        ids = torch.tensor([s + [s[0]] * (width - len(s)) for s, _ in chunk], device=dev)
-        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-        for b, (s, c0) in enumerate(chunk):
-            lp = F.log_softmax(logits[b, c0 - 1 : len(s) - 1].float(), dim=-1)  # (n_cont, V)
-            ll[start + b] = float(lp.gather(1, torch.tensor(s[c0:], device=lp.device).unsqueeze(1)).sum())
-        del logits
-    return ll
+def _strict_first(scores: np.ndarray) -> bool:
+    s = np.nan_to_num(scores, nan=-np.inf, posinf=np.inf, neginf=-np.inf)
+    return bool(s[0] > s[1:].max())
 
 
-def _cache_kw(model: torch.nn.Module) -> str:
-    # transformers renames past_key_values to cache (5.x); pass whichever the forward takes
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def process_results(doc: dict[str, Any], results: Sequence[tuple[float, bool]]) -> dict[str, float]:
+    """lm-eval's per-item metrics: strict accuracy, per character, and whether every score is finite."""
+    ll = line_loglik(results)
+    chars = np.asarray([max(1, len(c)) for c in doc["choices"]], dtype=np.float64)
+    return {"acc": float(_strict_first(ll)), "acc_norm": float(_strict_first(ll / chars)),
+            "finite": float(np.isfinite(ll).all())}
 
 
-def _shared(model: torch.nn.Module, seqs: list[tuple[list[int], list[list[int]]]], dev: torch.device,
-            show_progress: bool) -> torch.Tensor:
-    """The context once per item (KV cache), then its candidates as one batch continuing from it."""
-    kw = _cache_kw(model)
-    out_ll = []
-    for ctx, conts in progress(seqs, desc="zero-shot", disable=not show_progress):
-        out = model(input_ids=torch.tensor([ctx], device=dev), use_cache=True)
-        first = F.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,): each candidate's first token
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        if cache is None:
-            raise EsaError("the model returned no KV cache; score the zero-shot task with share_context=False")
-        cache.batch_repeat_interleave(len(conts))
-        width = max(len(c) for c in conts)
-        ids = torch.tensor([c + [c[0]] * (width - len(c)) for c in conts], device=dev)  # (k, width)
-        logits = model(input_ids=ids, use_cache=True, **{kw: cache}).logits  # (k, width, V)
-        for c, row in zip(conts, logits, strict=True):
-            lp = F.log_softmax(row[: len(c) - 1].float(), dim=-1)
-            rest = float(lp.gather(1, torch.tensor(c[1:], device=lp.device).unsqueeze(1)).sum()) if len(c) > 1 else 0.0
-            out_ll.append(float(first[c[0]]) + rest)
-        del out, logits, cache
-    return torch.tensor(out_ll, dtype=torch.float64)
+_METRICS = "".join(f"  - {{metric: {m}, aggregation: mean, higher_is_better: true}}\n"
+                   for m in ("acc", "acc_norm", "finite"))
 
 
-@torch.no_grad()
-def candidate_loglik(model: torch.nn.Module, tokenizer: Any, task: ZeroShotTask, batch_size: int | None = None,
-                     max_context_tokens: int = 160, share_context: bool = True,
-                     show_progress: bool = False) -> torch.Tensor:
-    """Summed log-likelihood of every candidate's tokens after its context: (n_items, n_choices) float64.
+def write_lm_eval_task(task: ZeroShotTask, root: Path | None = None) -> tuple[str, Path]:
+    """`task` as an lm-eval task folder (YAML + JSON lines + utils.py); returns (lm-eval task name, folder).
 
-    The context keeps its last `max_context_tokens` tokens, after a BOS where the tokenizer uses one.
-    `share_context`: run each context once and continue its KV cache for the candidates (about 2.5x fewer
-    tokens); the first item is also scored without the cache and must agree, else EsaError."""
-    seqs = _sequences(tokenizer, task, max_context_tokens)
-    dev = input_device(model)
-    was_training = model.training
-    model.eval()
+    The folder is keyed by the items, under the cache (or `root`), so equal tasks share it; `lm_eval --include_path
+    FOLDER --tasks NAME` runs it from the command line in this environment."""
+    data = [{"context": it.context[:-1], "choices": list(it.choices), "line": it.line} for it in task.items]
+    blob = json.dumps({"describe": task.describe(), "items": data}, sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    name = f"esa_{task.name}_{key}"
+    folder = (root or cache_dir("zeroshot")) / name
+    if not (folder / f"{name}.yaml").exists():
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "items.jsonl").write_text("".join(json.dumps(d) + "\n" for d in data))
+        (tmp / "utils.py").write_text("# lm-eval imports this file by path; the functions live in the library\n"
+                                      "from esa.zeroshot import doc_to_choice, process_results  # noqa: F401\n")
+        (tmp / f"{name}.yaml").write_text(
+            f"# {json.dumps(task.describe())}\n"
+            f"task: {name}\n"
+            "dataset_path: json\n"
+            f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(folder / 'items.jsonl'))}}}, "
+            f"cache_dir: {json.dumps(str(folder / 'hf_datasets'))}}}\n"
+            "test_split: test\n"
+            "output_type: multiple_choice\n"
+            "doc_to_text: context\n"
+            "doc_to_choice: !function utils.doc_to_choice\n"
+            "doc_to_target: 0\n"
+            'target_delimiter: ""\n'
+            "process_results: !function utils.process_results\n"
+            f"metric_list:\n{_METRICS}"
+            "metadata: {version: 1.0}\n")
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process wrote the same task first
+            if not (folder / f"{name}.yaml").exists():
+                raise
+    return name, folder
+
+
+# ---------------------------------------------------------------- running lm-eval on the in-memory model
+def _lm_eval() -> Any:
     try:
-        if share_context:
-            ll = _shared(model, seqs, dev, show_progress)
-            check = _plain(model, seqs[:1], len(seqs[0][1]), dev, False)
-            if not torch.allclose(ll[: check.numel()], check, rtol=1e-4, atol=1e-3):
-                raise EsaError(f"zero-shot scoring with a shared context disagrees with plain scoring on this model "
-                               f"({ll[: check.numel()].tolist()} vs {check.tolist()}); use share_context=False")
-        else:
-            longest = max(len(ctx) + len(c) for ctx, conts in seqs for c in conts)
-            vocab = model.get_output_embeddings().weight.shape[0]
-            ll = _plain(model, seqs, batch_size or auto_batch_size(longest, vocab, cap=16), dev, show_progress)
+        import lm_eval
+    except ImportError:
+        raise EsaError("zero-shot scoring runs lm-evaluation-harness, which is not installed: "
+                       "pip install -e '.[zeroshot]' (or make env)") from None
+    return lm_eval
+
+
+def engine() -> str:
+    """The zero-shot engine and its version, for the records."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"lm-eval {version('lm-eval')}"
+    except PackageNotFoundError:
+        return "lm-eval (not installed)"
+
+
+def hub_offline() -> bool:
+    return "1" in (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"))
+
+
+def check_hub_tasks(names: Sequence[str], who: str = "--zeroshot-tasks") -> None:
+    """Refuse, before any work, an lm-eval task this machine cannot run: unknown to lm-eval, or from the hub
+    while the hub is off (HF_HUB_OFFLINE=1)."""
+    if not names:
+        return
+    if hub_offline():
+        raise EsaError(f"{who}: lm-eval task {names[0]!r} needs its data set from the Hugging Face hub, which is "
+                       "off here (HF_HUB_OFFLINE=1); the offline zero-shot task is the built-in next_line")
+    _lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    known = set(TaskManager().all_tasks)
+    for n in names:
+        if n not in known:
+            raise EsaError(f"{who}: {n!r} is not an lm-eval task (e.g. hellaswag, arc_easy, winogrande, piqa)")
+
+
+def run_lm_eval(model: torch.nn.Module, tokenizer: Any, task: ZeroShotTask | None, hub_tasks: Sequence[str] = (),
+                batch_size: int | None = None, root: Path | None = None, show_progress: bool = False) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` of the local task and `hub_tasks` on the in-memory model, in one call:
+    {"results": {name: metrics}, "samples": {name: [...]}, "local": the local task's name}. The model's
+    training mode is restored afterwards and the global random states are left alone (lm-eval's seeds are
+    not set); without `show_progress`, lm-eval's and datasets' progress bars (stderr) are swallowed."""
+    lm_eval = _lm_eval()
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    check_hub_tasks(hub_tasks)
+    name, folder = write_lm_eval_task(task, root) if task is not None else (None, None)
+    names = [n for n in (name, *hub_tasks) if n is not None]
+    if not names:
+        return {"results": {}, "samples": {}, "local": None}
+    was_training = model.training
+    quiet = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    bars = contextlib.redirect_stderr(io.StringIO()) if not show_progress else contextlib.nullcontext()
+    try:
+        with bars:
+            # add_bos_token: the tokenizer's own special tokens only where it prepends a BOS (a byte-level
+            # tokenizer that appends EOS would otherwise split contexts from continuations wrongly)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or 8,
+                      add_bos_token=_bos_id(tokenizer) is not None)
+            manager = TaskManager(include_path=str(folder) if folder else None, include_defaults=bool(hub_tasks))
+            out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=0, log_samples=True,
+                                          bootstrap_iters=0, random_seed=None, numpy_random_seed=None,
+                                          torch_random_seed=None, fewshot_random_seed=None)
     finally:
         model.train(was_training)
-    return ll.view(len(task.items), task.n_choices)
+        for lg, lv in zip(quiet, levels, strict=True):
+            lg.setLevel(lv)
+    return {"results": out["results"], "samples": out["samples"], "local": name}
 
 
 def score_next_line(model: torch.nn.Module, tokenizer: Any, task: ZeroShotTask, batch_size: int | None = None,
-                    max_context_tokens: int = 160, share_context: bool = True,
-                    show_progress: bool = False) -> ZeroShotResult:
-    """Accuracy of choosing the true line by log-likelihood (and per character); see the module docstring."""
-    scores = candidate_loglik(model, tokenizer, task, batch_size, max_context_tokens, share_context, show_progress)
-    chars = torch.tensor([[max(1, len(c)) for c in it.choices] for it in task.items], dtype=torch.float64)
-    finite = torch.isfinite(scores).all(1)
-    correct, correct_norm = strict_first(scores), strict_first(scores / chars)
-    n = len(task.items)
-    acc = float(correct.double().mean())
-    return ZeroShotResult(task.name, acc, float(correct_norm.double().mean()), n, task.chance,
-                          math.sqrt(acc * (1 - acc) / n), int((~finite).sum()), tokenizer_name(tokenizer),
-                          correct.tolist(), correct_norm.tolist())
+                    root: Path | None = None, show_progress: bool = False) -> ZeroShotResult:
+    """Accuracy of choosing the true line by log-likelihood (and per character), computed by lm-eval."""
+    return _result(run_lm_eval(model, tokenizer, task, (), batch_size, root, show_progress), task, tokenizer)
 
 
-def strict_first(scores: torch.Tensor) -> torch.Tensor:
-    """Per item: does choice 0 (the true line) score strictly above every other? NaN counts as -inf."""
-    s = torch.nan_to_num(scores, nan=-math.inf)
-    return s[:, 0] > s[:, 1:].max(1).values
+def _result(out: dict[str, Any], task: ZeroShotTask, tokenizer: Any) -> ZeroShotResult:
+    samples = sorted(out["samples"][out["local"]], key=lambda s: s["doc_id"])
+    if len(samples) != len(task.items):
+        raise EsaError(f"lm-eval scored {len(samples)} of the {len(task.items)} next-line items")
+    ll = [line_loglik([(r[0], False) for r in s["filtered_resps"]]) for s in samples]
+    correct = [bool(s["acc"]) for s in samples]
+    correct_norm = [bool(s["acc_norm"]) for s in samples]
+    n = len(samples)
+    acc = sum(correct) / n
+    return ZeroShotResult(task.name, acc, sum(correct_norm) / n, n, task.chance, math.sqrt(acc * (1 - acc) / n),
+                          sum(not s["finite"] for s in samples), tokenizer_name(tokenizer), correct, correct_norm,
+                          [x.tolist() for x in ll])
+
+
+def zero_shot_columns(model: torch.nn.Module, tokenizer: Any, task: ZeroShotTask | None,
+                      hub_tasks: Sequence[str] = (), batch_size: int | None = None,
+                      show_progress: bool = False) -> dict[str, Any]:
+    """A results table's zero-shot columns: zs_* for the local task, zs_<task>_acc(_norm) for each hub task."""
+    if task is None and not hub_tasks:
+        return {}
+    out, row = run_lm_eval(model, tokenizer, task, hub_tasks, batch_size, show_progress=show_progress), {}
+    if task is not None:
+        zs = _result(out, task, tokenizer)
+        row.update({"zs_task": zs.task, "zs_accuracy": zs.accuracy, "zs_accuracy_norm": zs.accuracy_norm,
+                    "zs_se": zs.se, "zs_items": zs.n_items, "zs_chance": zs.chance, "zs_nonfinite": zs.n_nonfinite})
+    for t in hub_tasks:
+        metrics = out["results"].get(t, {})
+        row.update({f"zs_{t}_{m}": metrics[f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in metrics})
+    return row
 
 
 TASKS: Registry[tuple[Any, Any]] = Registry("zero-shot task")  # name -> (build, score)
 TASKS.register((build_next_line, score_next_line), "next_line", "the true next line of a held-out play among "
-               "4 candidates, by summed (and per-character) log-likelihood")
+               "4 candidates, by summed (and per-character) log-likelihood, scored by lm-eval")

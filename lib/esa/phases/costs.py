@@ -94,7 +94,7 @@ def _measure_one(name: str, seqlen: int, windows: int) -> dict[str, float]:
     from esa.sensitivity.metrics import METRICS, MetricConfig
 
     t0 = time.perf_counter()
-    lm = load_model(name, device="cpu", attn_implementation="eager")  # eager: the Hessian pass needs it
+    lm = load_model(name, device="cpu", attn_implementation="sdpa")  # as recipes load: the Hessian pass runs math SDPA
     load_s = time.perf_counter() - t0
     ids = evaluation(lm.tokenizer, "shakespeare", seqlen, n_windows=windows + 1, seed=0,
                      max_positions=lm.info.max_positions or None).ids

@@ -33,7 +33,7 @@ HEAVY_TAIL_RATIO = 10.0  # our rule for "orders of magnitude above the rest": to
 
 
 def load_model(name: str, P: Profile) -> LoadedModel:
-    # eager attention when Hutchinson's double backward needs it, as every phase of the profile loads it
+    # SDPA, as every phase loads it; Hutchinson's double backward switches to SDPA's math kernel itself
     return Recipe.of(P).load(name)
 
 

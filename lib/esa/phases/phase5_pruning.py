@@ -53,7 +53,7 @@ from esa.sensitivity.select import MODES
 from esa.stats.intervals import damage_contrast, decision_verdict
 from esa.stats.verdicts import Criterion
 from esa.store import write_json, write_parquet
-from esa.zeroshot import ZeroShotTask, build_next_line
+from esa.zeroshot import ZeroShotTask, build_next_line, check_hub_tasks, engine
 
 SENSITIVITY = ("grad_x_weight", "obd", "hutchinson_diag")  # the scorers the guide calls "ESA"
 CRITERION = "P5.prune_gain"
@@ -94,6 +94,7 @@ class Settings:
     eval_corpus: str | None = setting(None, st.optional(st.corpus))
     zeroshot_items: int = setting(64, st.at_least(0))  # 0: no zero-shot task
     zeroshot_corpus: str = setting("shakespeare", st.corpus)  # the next-line task needs a play's speeches
+    zeroshot_tasks: list[str] = setting(factory=list)  # lm-eval tasks from the hub, beside the next-line task
     esa_methods: list[str] = setting(check=_METHODS, factory=lambda: list(SENSITIVITY))  # judged by the criterion
     threshold: float = setting(0.15, st.finite)
     min_damage: float = setting(0.01, st.at_least(0))  # nats: findings call a baseline doing less "no damage"
@@ -120,6 +121,7 @@ def settings(profile: Profile, overrides: Mapping[str, Any] | None = None) -> Se
         for m in set(by_method) - {"dense"}:
             get_method(m)
     conditions(S, profile)  # every PruneSpec is built (and so checked) here
+    check_hub_tasks(S.zeroshot_tasks, "pruning.zeroshot_tasks")
     return S
 
 
@@ -139,6 +141,8 @@ def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
         S.eval_seqlen or P.seqlen
     notes = st.hub_notes({S.calib_corpus or P.corpus, S.eval_corpus or P.corpus}
                          | ({S.zeroshot_corpus} if S.zeroshot_items else set()), chosen)
+    notes += [f"lm-eval hub tasks {', '.join(S.zeroshot_tasks)}: need the hub (or a local HF cache)"] * bool(
+        S.zeroshot_tasks)
     notes += [f"reference ({S.reference_source}): {S.reference}; pass = within {S.reference_tolerance:g} PPL"] * bool(
         S.reference)
     first = min(n_eval, int(P.sequential.get("first_windows", 2))) if P.sequential else n_eval
@@ -153,7 +157,7 @@ def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
     setup = {"calibration": dict(corpus=S.calib_corpus or P.corpus, seqlen=S.calib_seqlen or P.seqlen,
                                  windows=S.calib_windows, seeds=list(S.calib_seeds)),
              "evaluation": dict(corpus=S.eval_corpus or P.corpus, seqlen=seqlen, windows=n_eval,
-                                zeroshot_items=S.zeroshot_items, sequential=P.sequential or "no (fixed n)")}
+                                zeroshot_items=S.zeroshot_items, zeroshot_tasks=list(S.zeroshot_tasks), sequential=P.sequential or "no (fixed n)")}
     return Plan("pruning", P, chosen, S, planned, setup, notes)
 
 
@@ -201,27 +205,28 @@ def run_model(name: str, P: Profile, S: Settings, lm: LoadedModel | None = None,
     `protect`: (targets, description) of the critical set, instead of the section's; `keep`: keep the masks."""
     t0 = time.perf_counter()
     conds = conditions(S, P) if conds is None else conds
-    eager = any(c.spec.method == "hutchinson_diag" for c in conds) or (S.protect and S.protect_metric == "hutchinson_diag")
-    lm = lm or Recipe.of(P).load(name, eager=True if eager else None)
+    lm = lm or Recipe.of(P).load(name)
     before = weights_hash(lm.model)
     windows = eval_windows(lm, S, P)
     task: ZeroShotTask | None = build_next_line(S.zeroshot_corpus, n_items=S.zeroshot_items) if S.zeroshot_items else None
     targets, crit = protect or ({}, {"label": "none", "n_protected": 0})
     if protect is None and S.protect and any(c.protected for c in conds):
         targets, crit = protected_set(lm, name, S, P)
-    bs = S.batch_size or P.batch_size
-    rows, kept, decisions = [] if P.sequential else [evaluate_condition(lm, None, windows, task, batch_size=bs)], [], None
+    bs, hub = S.batch_size or P.batch_size, tuple(S.zeroshot_tasks)
+    rows, kept, decisions = [] if P.sequential else [evaluate_condition(lm, None, windows, task, batch_size=bs,
+                                                                        hub_tasks=hub)], [], None
     for c in conds:  # fixed n: each condition pruned, evaluated on every window, its masks dropped
         spec = replace(c.spec, protect=crit["label"]) if c.protected else c.spec
         res = prune(lm, spec, protect=targets if c.protected else None, model_ref=name, show_progress=show_progress)
         if not P.sequential:
-            rows.append(evaluate_condition(lm, res, windows, task, batch_size=bs, show_progress=show_progress))
+            rows.append(evaluate_condition(lm, res, windows, task, batch_size=bs, show_progress=show_progress,
+                                           hub_tasks=hub))
         kept += [res] if keep or P.sequential else []
     if P.sequential:  # sequential: windows go to the criterion's comparisons until each is decided
         prot = {m for m in S.esa_methods if S.protect and m in S.protect_methods and any(
             c.protected and c.spec.method == m for c in conds)}
         comps = seq.comparisons_of(dict(enumerate(conds)), S.esa_methods, BASELINES, S.sparsity, prot, S.threshold)
-        table, decisions = seq.run(lm, windows, bs, kept, comps, task, S.alpha, P.sequential)
+        table, decisions = seq.run(lm, windows, bs, kept, comps, task, S.alpha, P.sequential, hub)
         kept = kept if keep else []
     else:
         table = results_table(rows)
@@ -333,6 +338,11 @@ class PruneRequest:
     calibration: str | None = option("default: the method's", choices=lambda: CALIBRATIONS)
     export_pruned: str | None = option("also save the pruned model as a safetensors folder", metavar="DIR",
                                        check=st.new_path)
+    zeroshot_items: int | None = option("items of the offline next-line task, scored by lm-eval (0: none; default: "
+                                        "the profile's pruning.zeroshot_items)", check=st.at_least(0))
+    zeroshot_tasks: list[str] | None = option("lm-eval tasks from the hub scored beside it, comma list (needs the hub "
+                                              "or a local HF cache)", metavar="TASKS",
+                                              accepts="a comma list of lm-eval task names, e.g. hellaswag,arc_easy")
 
 
 @dataclass(frozen=True)
@@ -360,7 +370,10 @@ def job(req: PruneRequest, ctx: RunContext) -> PruneJob:
     S = replace(S, calib_corpus=R.corpus if "corpus" in given else S.calib_corpus,
                 calib_seqlen=R.seqlen if "seqlen" in given else S.calib_seqlen,
                 calib_windows=R.max_samples if "max_samples" in given else S.calib_windows,
-                eval_corpus=None, zeroshot_items=0, protect=req.protect_critical)
+                eval_corpus=None, protect=req.protect_critical,
+                zeroshot_items=S.zeroshot_items if req.zeroshot_items is None else req.zeroshot_items,
+                zeroshot_tasks=req.zeroshot_tasks or S.zeroshot_tasks)
+    check_hub_tasks(S.zeroshot_tasks)
     spec = grid.base_spec(S, _defaults(P), req.prune, sparsity, pattern, req.allocation or "uniform",  # type: ignore[arg-type]
                      calibration=req.calibration)
     check_shapes(spec, inventory_without_weights(model_params(ctx.model).ref), R.topk if req.protect_critical else None,
@@ -392,6 +405,8 @@ def run_job(job: PruneJob, cmd: Any, lm: LoadedModel, runs: Any, stage: Path) ->
     return {"spec": asdict(res.spec), "mask_key": res.key, "achieved_sparsity": res.achieved_sparsity,
             "calibration": res.calibration.get("mode"), "protected": mp.critical, "dense_ppl": d["ppl"], "ppl": p["ppl"],
             "dense_accuracy": d["accuracy"], "accuracy": p["accuracy"], "evaluation": mp.evaluation,
+            "zeroshot": {"task": mp.zeroshot, "engine": engine(),
+                         **{k: {"dense": d[k], "pruned": p[k]} for k in d if k.startswith("zs_") and k != "zs_task"}},
             "files": ["pruning.parquet", "pruning_masks.parquet", "pruning.json"], "export": job.export_dir,
             "timings": {k: v for k, v in res.timings.items() if k != "blocks"}}
 

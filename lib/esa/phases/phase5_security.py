@@ -38,8 +38,8 @@ from esa.apps.security.defences import check_mode
 from esa.apps.security.formats import FORMATS
 from esa.apps.security.poison import BackdoorResult, PoisonConfig, twin_study
 from esa.errors import EsaError, unknown
-from esa.models import LoadedModel
-from esa.params import Profile
+from esa.models import LoadedModel, inventory_without_weights
+from esa.params import Profile, model_params
 from esa.perturb.apply import count_targets, targets_from_selection, weights_hash
 from esa.phases.study import (
     Plan,
@@ -357,6 +357,13 @@ def job(req: SecurityRequest, ctx: RunContext) -> Spec:
         raise EsaError(f"--format {fmt} flips the weights as stored, so the model must be loaded as {want}; "
                        f"the run's dtype is {dtype}: add --dtype {want}, or use --format int8")
     n = common.check_positive_int(flips if flips is not None else S.max_flips, "--flips (flip budget)")
+    if attack is not None:
+        inventory = inventory_without_weights(model_params(ctx.model).ref)  # None: load() says what is wrong
+        if inventory is not None:
+            bits = sum(s.numel for s in inventory) * FORMATS[fmt].n_bits
+            if n > bits:
+                raise EsaError(f"--flips {n} is more than the {bits:,} {fmt} bits of {ctx.model}'s studied weights; "
+                               f"give at most {bits:,}")
     t = common.check_positive_int(trials if trials is not None else S.fault_trials, "--trials")
     rates = [common.check_rate(r, "--faults rate") for r in faults or []]
     return Spec(attack=attack, flips=n, format=fmt, faults=rates, trials=t, settings=S)

@@ -346,9 +346,6 @@ def job(req: FinetuneRequest, ctx: RunContext) -> Spec:
         raise EsaError(f"--select applies to --finetune sparse (what it trains); {method} trains a fixed set")
     if method == "sparse":
         selection = tr.check_selection(req.select or (S.selections[0] if S.selections else "grad_x_weight"))
-    base = "grad_squared" if selection == "obd" else selection
-    if base in METRICS and METRICS[base].double_backward and base not in ctx.recipe.metrics:
-        raise EsaError(f"--select {selection} needs its scores computed with eager attention: add --metric {base}")
     protection = req.protect or "none"
     if protection not in tr.RETENTIONS:
         raise unknown("protection (--protect)", protection, tr.RETENTIONS)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from esa.data import HUB_CORPORA, check_corpus
 from esa.errors import EsaError, unknown
 from esa.params import Profile, check_seed, model_params, section
+from esa.store import write_problem
 
 if TYPE_CHECKING:
     from esa.models import LoadedModel
@@ -117,9 +118,13 @@ def corpus(v: Any, where: str) -> None:
 
 
 def new_path(v: Any, where: str) -> None:
-    """An output path that does not exist yet (checked before any work, so nothing is computed for nothing)."""
+    """An output path that does not exist yet, in a folder that can be written (checked before any work, so
+    nothing is computed for nothing)."""
     if Path(v).exists():
         raise EsaError(f"{where} {v} exists; give a new folder")
+    problem = write_problem(Path(v))
+    if problem:
+        raise EsaError(f"{where} {v} cannot be created: {problem}; give a folder you can write")
 
 
 # ---------------------------------------------------------------- esa-runner requests

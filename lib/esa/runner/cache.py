@@ -3,6 +3,7 @@
     python -m esa.runner.cache du [--by model|metric|seed|format]
     python -m esa.runner.cache prune [--older-than DAYS] [--model NAME] [--stale] [--dry-run]
     python -m esa.runner.cache plan --profile NAME [--model M ...]
+    python -m esa.runner.cache verify [--keep]
 
 `du`: entries and bytes of `<cache>/scores` by model, metric, seed and entry format (format 1 = stale,
 written by older code and never read by this one; an entry whose meta.json cannot be read is stale too),
@@ -17,6 +18,11 @@ model's config, built on the meta device (no weights, no download; `esa.models.i
 knows the same references): a tiny or micro model's own config, an embedded model's dequantised folder or
 GGUF header, a hub model's config in the local Hugging Face cache, else its published dimensions
 (`esa.models.loader.PUBLISHED`).
+`verify` (`make verify-cache`): every sealed entry of every kind (scores, masks, models, micro, corpora,
+tokens, gguf) checked for sizes, headers and digests, one line per kind (entries, bytes, GB/s) and one line
+per damaged entry, which is moved to `<cache>/quarantine/` (kept in place with `--keep`) so it is recomputed;
+entries without a manifest are counted as unsealed (sealed or replaced at their next read). Exit 1 if any
+entry was damaged.
 
 Every bad argument is one line naming the value and what is accepted, exit status 2, before any work.
 """
@@ -38,6 +44,7 @@ from typing import Any
 
 import pandas as pd
 
+from esa import store
 from esa.errors import EsaError
 from esa.store import cache_root, pid_alive, read_json
 
@@ -307,7 +314,7 @@ def _days(text: str) -> float:
 def parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="python -m esa.runner.cache", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                            metavar="{du,prune,plan}")
+                            metavar="{du,prune,plan,verify}")
     du = sub.add_parser("du", help="score-cache size by model, metric, seed and format; other cache folders")
     du.add_argument("--by", choices=BY, help="one grouping column (default: all four)")
     pr = sub.add_parser("prune", help="delete score entries matching every filter given")
@@ -318,6 +325,8 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="projected score-cache bytes of a profile's Phase 2 scoring")
     pl.add_argument("--profile", required=True, metavar="NAME")
     pl.add_argument("--model", action="append", metavar="M", help="a model (repeatable; default: the profile's)")
+    ve = sub.add_parser("verify", help="check every cache entry's sizes, headers and digests; quarantine bad ones")
+    ve.add_argument("--keep", action="store_true", help="only report damaged entries, leave them in place")
     return ap
 
 
@@ -329,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             return _du(args)
         if args.command == "prune":
             return _prune(args, prog)
+        if args.command == "verify":
+            return _verify(args)
         return _plan(args, prog)
     except EsaError as err:
         print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
@@ -346,6 +357,62 @@ def _du(args: argparse.Namespace) -> int:
     listed = ", ".join(f"{k} {human(v)}" for k, v in others.items()) or "none"
     print(f"other cache folders: {listed} (total {sum(others.values())} bytes, {human(sum(others.values()))})")
     return 0
+
+
+def verify(root: Path | None = None, keep: bool = False, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Check every sealed entry under `root` (esa.store.verify_cache); per kind (the top-level folder): entries,
+    bytes, seconds and damaged ones; unsealed entries (no manifest) counted apart. Returns the report."""
+    root = root or cache_root()
+    kinds: dict[str, dict[str, Any]] = {}
+    last = [time.perf_counter()]
+
+    def on_entry(entry: Path, reason: str | None) -> None:
+        now = time.perf_counter()
+        kind = entry.relative_to(root).parts[0]
+        k = kinds.setdefault(kind, {"entries": 0, "bytes": 0, "seconds": 0.0, "bad": [], "unsealed": 0})
+        k["entries"] += 1
+        k["seconds"] += now - last[0]
+        k["bytes"] += _sealed_bytes(entry)
+        if reason is not None:
+            k["bad"].append(str(entry))
+            out(f"damaged: {entry}: {reason} ({'left in place' if keep else 'moved to the quarantine'})")
+        last[0] = time.perf_counter()
+
+    store.verify_cache(root, quarantine_bad=not keep, on_entry=on_entry)
+    for kind, n in _unsealed(root).items():
+        kinds.setdefault(kind, {"entries": 0, "bytes": 0, "seconds": 0.0, "bad": [], "unsealed": 0})["unsealed"] = n
+    for kind, k in sorted(kinds.items()):
+        rate = k["bytes"] / k["seconds"] / 1e9 if k["seconds"] > 0 else float("nan")
+        out(f"{kind}: {k['entries']} entries, {human(k['bytes'])}, {len(k['bad'])} damaged, {k['unsealed']} unsealed; "
+            f"checked in {k['seconds']:.2f} s ({rate:.2f} GB/s)")
+    n_bad = sum(len(k["bad"]) for k in kinds.values())
+    out(f"verified {sum(k['entries'] for k in kinds.values())} entries under {root}: {n_bad} damaged")
+    return kinds
+
+
+def _sealed_bytes(entry: Path) -> int:
+    """Bytes of an entry's files as its manifest records them (the entry may have been moved aside)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        files = read_json(store.manifest_path(entry))["files"]
+        return sum(int(f["size"]) for f in files.values())
+    return 0
+
+
+def _unsealed(root: Path) -> dict[str, int]:
+    """Per kind, the entries without a manifest (a writer's temporaries and the quarantine left out)."""
+    counts: dict[str, int] = {}
+    for kind in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("quarantine", "offload")):
+        for item in kind.iterdir():
+            if item.name.startswith(".") or item.name.endswith(store.MANIFEST_NAME) or _LEFTOVER.search(item.name):
+                continue
+            if not store.manifest_path(item).is_file():
+                counts[kind.name] = counts.get(kind.name, 0) + 1
+    return counts
+
+
+def _verify(args: argparse.Namespace) -> int:
+    kinds = verify(keep=args.keep)
+    return 1 if any(k["bad"] for k in kinds.values()) else 0
 
 
 def _prune(args: argparse.Namespace, prog: str) -> int:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from esa.errors import EsaError
+from esa.errors import EsaError, machine_failure
 from esa.params import yaml_load
 from esa.runner import record
 from esa.runner.driver import RunConfig, format_plan, generate_docs, make_plan, run, study_plans, verify_cache
@@ -76,8 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify-cache",
         action="store_true",
-        help="hash every sealed cache entry first (corrupt ones are named and moved aside, so they are "
-        "recomputed), and make every cache read of this run a full hash check",
+        help="check every sealed cache entry first (corrupt ones are named and moved aside, so they are "
+        "recomputed); every cache read is checked in any case",
     )
     p.add_argument("--record", action="store_true",
                    help="run the --only selection as one chunk of the judged record and publish what finished ok "
@@ -170,10 +170,18 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except Terminated:
         raise
+    except OSError as e:
+        line = machine_failure(e)
+        if line is None:
+            raise  # anything else is a bug: keep its traceback
+        print(f"run_all.py: error: {line}; completed notebooks are kept (free space or fix the permissions, then "
+              "rerun the same command to resume)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # Completed notebooks have their stamps; partial files are temporary names, removed next run.
         print(
-            "run_all.py: interrupted; completed notebooks are kept, rerun the same command to resume",
+            "run_all.py: interrupted; completed notebooks are kept (a run folder this run created with nothing "
+            "finished is removed), rerun the same command to resume",
             file=sys.stderr,
         )
         return 130

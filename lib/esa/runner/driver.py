@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from esa import store
 from esa.errors import EsaError, unknown
-from esa.params import load_profile, params_dir
+from esa.params import check_plain_name, is_plain_name, load_profile, params_dir
 from esa.runner import executors, schedule
 from esa.runner import notebook as nbrun
 from esa.runner.index import write_index
@@ -55,11 +55,12 @@ class RunConfig:
     jobs: int = 1
     executor: str = "process"
     timeout: float | None = None  # per-cell seconds
-    verify_cache: bool = False  # full hash check of the cache first, and on every cache read of the run
+    verify_cache: bool = False  # check every cache entry first (reads are always checked)
 
     @property
     def run_name(self) -> str:
-        return self.run_id or self.profile
+        """The run folder's name: --run-id, else the profile's name (a profile given as a path: its file's stem)."""
+        return self.run_id or (self.profile if is_plain_name(self.profile) else Path(self.profile).stem)
 
     @property
     def run_dir(self) -> Path:
@@ -102,10 +103,21 @@ def _rel(path: Path, root: Path) -> str:
         return str(path.resolve())
 
 
+def _gpus(models: list[str], profile: Any) -> int:
+    """GPUs a notebook of `models` under `profile` needs: every metric of the profile at its settings."""
+    from esa.phases import memplan
+    from esa.recipes import Recipe
+
+    return memplan.gpus_for(models, Recipe.of(profile))
+
+
 def make_plan(cfg: RunConfig) -> Plan:
     """Resolve the schedule for `cfg`; every bad input is an EsaError raised before anything runs."""
     if cfg.jobs < 1:
         raise EsaError(f"--jobs must be >= 1, got {cfg.jobs}")
+    if cfg.timeout is not None and not cfg.timeout > 0:  # not > 0 also catches NaN
+        raise EsaError(f"--timeout must be a number of seconds > 0, got {cfg.timeout:g}; leave it out for no limit")
+    check_plain_name(cfg.run_name, "--run-id" if cfg.run_id else "the run name (from --profile)")
     executors.get_executor(cfg.executor)
     pdir = _resolve_params_dir(cfg)
     if not (pdir / "schedule.yaml").is_file():
@@ -119,10 +131,12 @@ def make_plan(cfg: RunConfig) -> Plan:
     nb_dir = Path(cfg.notebooks_dir or root / "notebooks").resolve()
     run_dir = cfg.run_dir.resolve()
     code = code_hash()
+    # a notebook gets the GPUs its memory plan needs on a GPU machine or a SLURM cluster (sized per job array)
+    gpu_machine = cfg.executor == "slurm" or bool(executors.visible_gpus())
     keys: dict[str, str] = {}
     items: list[PlanItem] = []
     for entry in chosen:
-        source = nb_dir / f"{entry.id}.py"
+        source = nb_dir / f"{check_plain_name(entry.id, 'schedule entry id')}.py"
         nbrun.check_parameters_cell(nbrun.read_source(source), source)
         models = schedule.resolve_models(entry, profile, cfg.models)
         parameters = {
@@ -159,6 +173,7 @@ def make_plan(cfg: RunConfig) -> Plan:
             key=key,
             depends_on=[d for d in entry.depends_on if d in in_plan],
             timeout=cfg.timeout,
+            gpus=_gpus(models, profile) if gpu_machine else 1,
         )
         # --force applies to what was asked for, not to dependencies pulled in to satisfy it.
         action, reason = _decide(cfg.force and entry.id not in added, run_dir, entry.id, key)
@@ -288,13 +303,31 @@ class RunResult:
 def run(cfg: RunConfig) -> RunResult:
     """Execute the plan; failures are collected (others still run unless fail_fast); exit code 1 on any."""
     plan = make_plan(cfg)
-    _log(format_plan(plan))
     run_dir = cfg.run_dir.resolve()
+    for target, what in ((run_dir, "run folder"), (figures_dir(Path(cfg.root), cfg.run_name), "figures folder")):
+        problem = store.write_problem(target)
+        if problem:
+            raise EsaError(f"the {what} {target} cannot be written: {problem}")
+    store.check_cache_writable()
+    _log(format_plan(plan))
     if plan.to_run:
         nbrun.check_kernel(cfg.kernel)
         executors.preflight(cfg.executor)
     started = time.time()
-    with run_lock(run_dir), _verifying_reads(cfg.verify_cache):
+    created = [p for p in (run_dir, figures_dir(Path(cfg.root), cfg.run_name)) if not p.exists()]
+    done: dict[str, dict[str, Any]] = {}
+    try:
+        return _run_locked(cfg, plan, run_dir, started, done, fresh=run_dir in created)
+    except KeyboardInterrupt:
+        if created and not done:  # Ctrl-C before anything finished: leave no folder this run made (its lock too)
+            for folder in created:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _run_locked(cfg: RunConfig, plan: Plan, run_dir: Path, started: float, done: dict[str, dict[str, Any]],
+                fresh: bool) -> RunResult:
+    with run_lock(run_dir):
         if cfg.verify_cache:
             verify_cache()
         for folder in (run_dir, figures_dir(Path(cfg.root), cfg.run_name)):
@@ -303,7 +336,6 @@ def run(cfg: RunConfig) -> RunResult:
                     _log(f"  removed partial file left by an interrupted run: {path}")
         total = len(plan.to_run)
         counter = {"n": 0}
-        done: dict[str, dict[str, Any]] = {}
 
         def on_done(result: dict[str, Any]) -> None:
             counter["n"] += 1
@@ -328,7 +360,8 @@ def run(cfg: RunConfig) -> RunResult:
         try:
             results = executors.get_executor(cfg.executor)([i.task for i in plan.to_run], opts, on_done)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (esa.runner.lifeline): the workers are stopped by now
-            _mark_interrupted(plan, done, started)
+            if done or not fresh:  # nothing finished in a folder this run made: the caller removes it instead
+                _mark_interrupted(plan, done, started)
             raise
         for item in plan.items:
             if item.action == "skip":
@@ -367,27 +400,12 @@ def _mark_interrupted(plan: Plan, done: dict[str, dict[str, Any]], started: floa
 
 def verify_cache() -> list[tuple[Path, str]]:
     """--verify-cache: hash every sealed cache entry; corrupt ones are named and quarantined (recomputed)."""
-    _log(f"verifying the cache under {store.cache_root()} (every file's SHA-256)")
+    _log(f"verifying the cache under {store.cache_root()} (every file's size, header and digest)")
     bad = store.verify_cache()
     for entry, reason in bad:
         _log(f"  corrupt, moved aside (it will be recomputed): {entry}: {reason}")
     _log(f"  {len(bad)} corrupt entr{'y' if len(bad) == 1 else 'ies'}")
     return bad
-
-
-@contextlib.contextmanager
-def _verifying_reads(on: bool) -> Iterator[None]:
-    """Workers and kernels inherit the environment: with `on`, every cache read of theirs hashes in full."""
-    previous = os.environ.get(store.VERIFY_ENV)
-    if on:
-        os.environ[store.VERIFY_ENV] = "1"
-    try:
-        yield
-    finally:  # run() is also called in-process (tests, notebooks): leave the environment as it was
-        if previous is None:
-            os.environ.pop(store.VERIFY_ENV, None)
-        else:
-            os.environ[store.VERIFY_ENV] = previous
 
 
 def write_manifest(

@@ -1,9 +1,10 @@
 """How the tasks of a run are executed: a registry of engines with one signature.
 
 - `process` (default): a `concurrent.futures.ProcessPoolExecutor` with `--jobs` worker processes; a task
-  is submitted once the tasks it depends on have finished `ok`. On a GPU machine each worker is pinned
-  to one GPU (CUDA_VISIBLE_DEVICES, round-robin over the visible ones) before it starts any kernel, so
-  every notebook it runs sees exactly one GPU. On CPU it still runs notebooks in parallel.
+  is submitted once the tasks it depends on have finished `ok`. On a GPU machine a task waits for as many
+  free GPUs as its memory plan needs (`Task.gpus`, from esa.phases.memplan) and its kernel sees exactly
+  those (CUDA_VISIBLE_DEVICES); one that needs more than the machine has is not run, with the numbers.
+  On CPU it still runs notebooks in parallel.
 - `slurm`: the same tasks as submitit job arrays, one array per dependency level (a level is submitted
   when the previous one has finished), with partition / GPUs / time from params/cluster.yaml.
 - `local`: submitit's local executor, the same code path as `slurm` without a cluster (used by tests).
@@ -121,12 +122,27 @@ class CpuShare:
             os.environ.pop(CPU_SHARE_ENV, None)
 
 
+class GpuPool:
+    """The visible GPUs, handed out per task: `take(n)` the n lowest free ids (None while fewer are free)."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids, self.free = list(ids), list(ids)
+
+    def take(self, n: int) -> list[str] | None:
+        if n > len(self.free):
+            return None
+        got, self.free = self.free[:n], self.free[n:]
+        return got
+
+    def give(self, ids: list[str]) -> None:
+        self.free = [g for g in self.ids if g in set(self.free) | set(ids)]
+
+
 def _pin_worker(slots: Any, gpus: list[str], threads: int | None = None) -> None:
-    """Take a worker slot; pin this process (and its kernels) to one GPU, or to its share of the CPU."""
-    slot = slots.get()
-    if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-    elif threads:
+    """Take a worker slot; pin this process (and its kernels) to its share of the CPU. GPUs go per task
+    (`GpuPool`, `Task.gpu_ids`)."""
+    slots.get()
+    if not gpus and threads:
         for var in THREAD_VARS:  # read by torch when the kernel imports it; a user's own setting wins
             os.environ.setdefault(var, str(threads))
 
@@ -172,6 +188,8 @@ def run_processes(tasks: list[Task], opts: ExecOptions, on_done: OnDone) -> dict
             stop_reason = f"--fail-fast after {task.notebook} failed"
 
     gpu_ids = visible_gpus()
+    gpu_pool = GpuPool(gpu_ids)
+    held: dict[str, list[str]] = {}  # notebook -> the GPUs it holds
     share = CpuShare(opts.run_dir, opts.jobs, gpu_ids)
     if share.path is not None:
         os.environ[CPU_SHARE_ENV] = str(share.path)  # the spawned workers and their kernels inherit it
@@ -194,12 +212,23 @@ def run_processes(tasks: list[Task], opts: ExecOptions, on_done: OnDone) -> dict
                     for d in task.depends_on
                 ):
                     continue  # a dependency has not finished yet
-                pending.remove(task)
                 dep = _blocked_by(task, results)
                 if dep:
+                    pending.remove(task)
                     finish(task, not_run(task, f"dependency {dep} did not finish ok"))
                     continue
-                running[pool.submit(run_task, task.as_dict())] = task
+                if gpu_ids and task.gpus > len(gpu_ids):
+                    pending.remove(task)
+                    finish(task, not_run(task, f"its memory plan needs {task.gpus} GPUs, {len(gpu_ids)} are visible "
+                                               "(esa-runner --dry-run shows the plan per pass)"))
+                    continue
+                got = gpu_pool.take(task.gpus) if gpu_ids else []
+                if got is None:
+                    continue  # waits for GPUs to be freed
+                pending.remove(task)
+                spec = {**task.as_dict(), "gpu_ids": got}
+                running[pool.submit(run_task, spec)] = task
+                held[task.notebook] = got
             share.update(len(running))
             if not running:
                 break
@@ -208,6 +237,7 @@ def run_processes(tasks: list[Task], opts: ExecOptions, on_done: OnDone) -> dict
             done, _ = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
             for fut in done:
                 task = running.pop(fut)
+                gpu_pool.give(held.pop(task.notebook, []))
                 try:
                     finish(task, fut.result())
                 except Exception as err:  # noqa: BLE001 - a dead worker process is a failure of its task
@@ -352,6 +382,9 @@ def _run_submitit(tasks: list[Task], opts: ExecOptions, on_done: OnDone, cluster
         if not runnable:
             continue
         fn = _local_job if cluster == "local" else run_task
+        if cluster == "slurm":  # the array's tasks get the GPUs its most demanding notebook's plan needs
+            need = max([int(opts.cluster.get("gpus_per_node", 1) or 0), *(t.gpus for t in runnable)])
+            executor.update_parameters(gpus_per_node=need)
         jobs = executor.map_array(fn, [t.as_dict() for t in runnable])
         for task, job in zip(runnable, jobs, strict=True):
             try:

@@ -73,6 +73,12 @@ def gpus() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.startswith("GPU ")]
 
 
+# Nothing in esa changes torch's TF32 switches, so its kernels run with torch's defaults: on an Ampere or newer
+# GPU an fp32 profile's matmuls run in full fp32 (several times slower than bf16, and not TF32's 10-bit mantissa)
+TF32 = ("off for matmuls (torch.backends.cuda.matmul.allow_tf32 = False, torch's default; esa never turns it on): "
+        "fp32 profiles compute in full fp32 on the GPU; cuDNN's TF32 (convolutions, unused here) keeps torch's default")
+
+
 def environment() -> dict[str, Any]:
     return {
         "git_commit": git_commit(),
@@ -80,6 +86,7 @@ def environment() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "host": socket.gethostname(),
-        "gpus": gpus(),
+        "gpus": (found := gpus()),
+        "tf32": TF32 if found else None,  # stated wherever a GPU ran the notebooks
         "packages": package_versions(),
     }

@@ -3,7 +3,7 @@
     python run_all.py --profile powered --only phase1_week0_baselines --record
 
 A chunk is one notebook (or a few, `--only a,b`). It runs in a scratch copy of the record
-(reports/.record-staging/, holding the chunks it depends on), and only a chunk that finished ok is moved
+(reports/record-staging/, holding the chunks it depends on), and only a chunk that finished ok is moved
 into reports/record/: its executed notebook, both HTML pages, its data (parquet, CSV, LaTeX), figures
 (inside the record: figures/<notebook>/), scorecard rows, stamp, log and a manifest
 (chunks/<notebook>.json: commit, code hash, profile, models, machine, wall time). A crash or a failed
@@ -38,10 +38,10 @@ from esa.runner.driver import RunConfig, RunResult, build_index, make_plan, run
 from esa.runner.layout import outputs
 from esa.runner.manifest import environment
 from esa.runner.state import code_hash, read_stamp
-from esa.store import read_json, write_json
+from esa.store import file_digest, read_json, write_json
 
 RECORD = "record"
-STAGING = ".record-staging"
+STAGING = "record-staging"  # a plain run id (names stay inside reports/)
 IDENTITY = "record.json"  # the record's identity: profile and overrides (code is per chunk)
 CHUNKS = "chunks"  # chunks/<notebook>.json: one manifest per published chunk
 MAX_BYTES = 60 * 2**20  # the committed record stays under 60 MB
@@ -87,6 +87,8 @@ def run_chunk(cfg: RunConfig, overwrite: bool = False) -> RunResult:
     plan = make_plan(replace(cfg, run_id=STAGING, with_deps=False))  # every bad input before any work
     chosen = [i.entry.id for i in plan.items]
     check(cfg, chosen, overwrite)
+    if rec.is_dir() and not overwrite:
+        check_intact(rec)
     if overwrite and rec.exists() and (not (rec / IDENTITY).is_file() or read_json(rec / IDENTITY) != identity(cfg)):
         shutil.rmtree(rec)
     stage = root / "reports" / STAGING
@@ -140,7 +142,38 @@ def publish(stage: Path, rec: Path, nb: str, cfg: RunConfig, result: dict[str, A
         "models": (stamp.get("parameters") or {}).get("models"), "machine": costs.machine(),
         "seconds": result.get("seconds"), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "packages": code.get("packages"),
+        "files": _digests(rec, nb),  # xxh3-128 of every file of the chunk: a damaged record is caught, never used
     })
+
+
+def _files(rec: Path, nb: str) -> list[Path]:
+    out = []
+    for part in _parts(rec, nb):
+        out += sorted(p for p in part.rglob("*") if p.is_file()) if part.is_dir() else [part] * part.is_file()
+    return out
+
+
+def _digests(rec: Path, nb: str) -> dict[str, str]:
+    return {p.relative_to(rec).as_posix(): file_digest(p) for p in _files(rec, nb)}
+
+
+def damaged(rec: Path, nb: str) -> list[str]:
+    """The files of a published chunk that are missing or differ from the digests its manifest recorded."""
+    recorded = read_json(rec / CHUNKS / f"{nb}.json").get("files")
+    if recorded is None:
+        return []  # a chunk published before digests were recorded: nothing to compare with
+    now = _digests(rec, nb)
+    return sorted(f for f in set(recorded) | set(now) if recorded.get(f) != now.get(f))
+
+
+def check_intact(rec: Path) -> None:
+    """Every published chunk whole, before a chunk reads the record or the index is rebuilt from it."""
+    for path in sorted((rec / CHUNKS).glob("*.json")):
+        bad = damaged(rec, path.stem)
+        if bad:
+            raise EsaError(f"reports/record: chunk {path.stem} is damaged ({', '.join(bad[:3])}"
+                           f"{', ...' if len(bad) > 3 else ''} differ from its manifest's digests); restore it with "
+                           f"`git checkout -- reports/record` or re-run it with --record")
 
 
 def _relative_figures(rec: Path, nb: str, stage: Path) -> None:
@@ -262,6 +295,9 @@ def verify(cfg: RunConfig, notebook: str) -> list[str]:
     if not chunk_done(rec, notebook):
         raise EsaError(f"reports/record has no chunk {notebook}; committed chunks: "
                        + (", ".join(sorted(p.stem for p in (rec / CHUNKS).glob("*.json"))) or "none"))
+    bad = damaged(rec, notebook)
+    if bad:
+        return [f"{f}: differs from the digest chunk {notebook}'s manifest recorded" for f in bad]
     meta = read_json(rec / IDENTITY)
     made = read_json(rec / CHUNKS / f"{notebook}.json")
     if made.get("code_hash") != code_hash():
@@ -269,7 +305,7 @@ def verify(cfg: RunConfig, notebook: str) -> list[str]:
         print(f"note: chunk {notebook} ran at code {made.get('code_hash')} (commit {made.get('commit')}); this is "
               f"code {code_hash()}: `git checkout {str(made.get('commit'))[:12]}` first to verify it exactly")
     cfg = replace(cfg, profile=meta["profile"], overrides=meta["overrides"], only=[notebook])
-    scratch = root / "reports" / ".record-verify"
+    scratch = root / "reports" / "record-verify"
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.copytree(rec, scratch, ignore=shutil.ignore_patterns("index.html", "report.pdf"))
     try:

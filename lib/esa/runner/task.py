@@ -35,6 +35,8 @@ class Task:
     key: str  # up-to-date key (esa.runner.state.notebook_key)
     depends_on: list[str] = field(default_factory=list)
     timeout: float | None = None  # per-cell seconds, None: no limit
+    gpus: int = 1  # GPUs its memory plan needs (esa.phases.memplan), given to it on a GPU machine
+    gpu_ids: list[str] = field(default_factory=list)  # the ones it got (set by the executor; empty: none)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,8 +45,11 @@ class Task:
 def run_task(spec: dict[str, Any] | Task) -> dict[str, Any]:
     """Execute one notebook task; return (and write) its stamp."""
     task = spec if isinstance(spec, Task) else Task(**spec)
-    # Kernels inherit the environment: make the params the runner resolved visible to the notebook.
+    # Kernels inherit the environment: make the params the runner resolved visible to the notebook, and give it
+    # the GPUs the executor assigned (a device map inside the notebook spreads the model over all of them)
     os.environ["ESA_PARAMS_DIR"] = task.params_dir
+    if task.gpu_ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(task.gpu_ids)
     run_dir = Path(task.run_dir)
     out = outputs(run_dir, task.notebook)
     started = time.time()

@@ -181,6 +181,13 @@ def attention_of(model: torch.nn.Module) -> str | None:
     return str(impl) if impl is not None else None
 
 
+def pass_attention(model: torch.nn.Module, metric: str) -> str | None:
+    """The attention kernel `metric`'s pass runs on `model`: the model's, except that a double-backward metric
+    on an SDPA model runs SDPA's math kernel (`math_attention`), recorded as "sdpa-math"."""
+    impl = attention_of(model)
+    return "sdpa-math" if impl == "sdpa" and METRICS[metric].double_backward else impl
+
+
 def check_depth(depth: int) -> int:
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise EsaError(f"candidate_depth must be a positive integer (candidates per matrix), got {depth!r}")
@@ -209,7 +216,7 @@ def score_many(lm: LoadedModel, metrics: list[str], calib: Calibration,
     accumulators fit in memory (`esa.memory`, pass "grad_fused"). Results and cache entries are the same
     as separate `score` calls, bit for bit. `windows`: the sample itself, when the caller already has it.
     `use_cache=False` neither reads nor writes the cache; `refresh` recomputes and rewrites the entries. A
-    corrupt entry (sizes or headers not matching its manifest) is moved aside and recomputed.
+    corrupt entry (sizes, headers or digests not matching its manifest) is named, moved aside and recomputed.
 
     An entry stores each matrix's top and bottom `depth` candidates, the tail statistics, the survival curve,
     the matrix summaries and the candidates of derived scores (`Metric.derived`); `keep_scores` adds the full
@@ -233,7 +240,7 @@ def score_many(lm: LoadedModel, metrics: list[str], calib: Calibration,
     todo: dict[str, tuple[dict[str, Any], Path]] = {}
     for m in metrics:
         settings = settings_for(ref, windows, m, seed, lm.info.dtype, cfgs[m], inventory, depth, keep_scores,
-                                attention_of(lm.model))
+                                pass_attention(lm.model, m))
         folder = cache_dir("scores") / score_key(settings)
         if use_cache and not refresh and usable(folder):
             t1 = time.perf_counter()
@@ -260,6 +267,10 @@ def score_many(lm: LoadedModel, metrics: list[str], calib: Calibration,
     for m in todo:
         if m in group:
             continue
+        # the memory plan of this pass, asked before it runs: a pass that cannot fit stops here with its need,
+        # what is free and what to change, not with an out-of-memory error half-way
+        memory.check(lm.model, METRICS[m].memory_pass, cfgs[m].batch_size, windows.seqlen, inventory,
+                     probes=cfgs[m].probes)
         t1 = time.perf_counter()
         result = get_metric(m)(lm.model, inventory, windows.ids, cfgs[m])
         t_metric = _synced(t1)
@@ -383,7 +394,7 @@ def _write_cache(folder: Path, run: ScoreRun, scores: Mapping[str, torch.Tensor]
                                    "timings": run.timings, "has_scores": scores is not None,
                                    "derived": sorted(run.derived),
                                    "names": [n for n in run.top["param"].unique()]})
-    seal(tmp)  # sizes and hashes of every file: checked on every read (esa.store.check)
+    seal(tmp)  # sizes and digests of every file: checked on every read (esa.store.check)
     shutil.rmtree(folder, ignore_errors=True)
     try:
         os.replace(tmp, folder)

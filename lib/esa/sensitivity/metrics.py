@@ -3,7 +3,7 @@
 Every metric is one registered `Metric` object in `METRICS`, holding everything known about it: its
 computation, the settings that enter its cache key, whether it can share a backward pass with other
 gradient metrics (`fold`), the memory pass the guard estimates for it, whether it needs a double
-backward (eager attention), and its one-line definition, which reports print. A metric is called as
+backward (run under SDPA's math kernel, `math_attention`), and its one-line definition, which reports print. A metric is called as
 
     METRICS[name](model, specs, ids, cfg: MetricConfig) -> MetricResult
 

@@ -2,9 +2,10 @@
 
 `evaluate_condition(lm, result, windows, task)` applies the masks in place, measures perplexity and
 next-token accuracy (esa.evaluate.evaluate: non-overlapping windows of the evaluation split) and the
-offline zero-shot task (esa.zeroshot), restores the model bit-exactly, and returns one tidy row: the
-condition (method, sparsity, pattern, group, allocation, protected set, calibration mode and seed) and the
-measurements (with the evaluation corpus, seqlen, window count and tokenizer every table must state).
+offline zero-shot task with any hub tasks (esa.zeroshot: lm-eval on the in-memory model), restores the
+model bit-exactly, and returns one tidy row: the condition (method, sparsity, pattern, group, allocation,
+protected set, calibration mode and seed) and the measurements (with the evaluation corpus, seqlen, window
+count and tokenizer every table must state).
 `result=None` is the dense model.
 
 `criterion(table, method, baseline)`: the guide's ">15% better than magnitude", made precise as the
@@ -29,7 +30,7 @@ from esa.data import Windows
 from esa.errors import EsaError
 from esa.evaluate import evaluate
 from esa.models.loader import LoadedModel
-from esa.zeroshot import ZeroShotTask, score_next_line
+from esa.zeroshot import ZeroShotTask, zero_shot_columns
 
 
 def dense_row(lm: LoadedModel, model_ref: str | None = None) -> dict[str, Any]:
@@ -42,22 +43,20 @@ def dense_row(lm: LoadedModel, model_ref: str | None = None) -> dict[str, Any]:
 
 def evaluate_condition(lm: LoadedModel, result: PruneResult | None, windows: Windows, task: ZeroShotTask | None = None,
                        batch_size: int | None = None, zs_batch_size: int | None = None,
-                       show_progress: bool = False) -> dict[str, Any]:
-    """One table row: the condition of `result` (None: dense) measured on `windows` (and `task`)."""
+                       show_progress: bool = False, hub_tasks: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One table row: the condition of `result` (None: dense) measured on `windows` (and `task`, `hub_tasks`)."""
     row = result.row() if result is not None else dense_row(lm)
     t0 = time.perf_counter()
     cm = applied(lm.model, result.masks) if result is not None else contextlib.nullcontext()
     with cm:
         ev = evaluate(lm.model, windows, batch_size=batch_size, show_progress=show_progress)
-        zs = score_next_line(lm.model, lm.tokenizer, task, zs_batch_size) if task is not None else None
+        zs = zero_shot_columns(lm.model, lm.tokenizer, task, hub_tasks, zs_batch_size, show_progress)
     row.update({
         "eval_corpus": windows.corpus, "eval_seqlen": windows.seqlen, "eval_windows": windows.n_windows,
         "eval_tokens": ev.n_tokens, "tokenizer": windows.tokenizer, "ppl": ev.ppl, "log_ppl": ev.log_ppl,
         "accuracy": ev.accuracy, "n_nonfinite_windows": ev.n_nonfinite_windows,
     })
-    if zs is not None:
-        row.update({"zs_task": zs.task, "zs_accuracy": zs.accuracy, "zs_accuracy_norm": zs.accuracy_norm,
-                    "zs_se": zs.se, "zs_items": zs.n_items, "zs_chance": zs.chance, "zs_nonfinite": zs.n_nonfinite})
+    row.update(zs)
     row["eval_s"] = time.perf_counter() - t0
     return row
 

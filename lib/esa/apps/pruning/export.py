@@ -6,7 +6,9 @@ and is not serializable"). Its weights are plain dense tensors by then, so `with
 both for the save (and puts them back afterwards: the in-memory model is left as it was). The folder gets
 the weights with the masks applied, the tokenizer, `pruning.json` (settings, calibration, allocation,
 per-matrix sparsity) and a README.md card of the settings; it is written under a temporary name and
-renamed into place, so a crash never leaves a half-written export.
+renamed into place, so a crash never leaves a half-written export. A 2:4 pruning also gets
+`sparse-24-bitmask/`: the same model with its pruned matrices stored as compressed-tensors' 2:4 values +
+bitmask (esa.apps.pruning.sparse24).
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from esa.apps.pruning import sparse24
 from esa.apps.pruning.masks import applied
 from esa.apps.pruning.prune import PruneResult
+from esa.apps.pruning.sparse24 import write_sparse24
+from esa.apps.pruning.sparsity_patterns import parse_pattern
 from esa.errors import EsaError
 from esa.models.loader import LoadedModel
 from esa.store import atomic_folder, write_json
@@ -82,9 +88,21 @@ def export_pruned(lm: LoadedModel, result: PruneResult | None, folder: str | os.
         if result is not None:
             info["pruning"] = result.summary()
             info["per_matrix"] = result.masks.per_matrix(lm.inventory).to_dict(orient="records")
+        if result is not None and parse_pattern(result.spec.pattern).label == "2:4":
+            info["sparse24"] = _sparse24(tmp, result)
         write_json(tmp / "pruning.json", info)
         (tmp / "README.md").write_text(model_card(lm, result, card or {}))
     return folder
+
+
+def _sparse24(folder: Path, result: PruneResult) -> dict[str, Any]:
+    """The 2:4 copy in `folder`/sparse-24-bitmask (esa.apps.pruning.sparse24), or why there is none."""
+    try:
+        sizes = write_sparse24(folder, result.masks, folder / sparse24.FOLDER)
+    except EsaError as e:  # e.g. a protected weight kept a third input of a group
+        shutil.rmtree(folder / sparse24.FOLDER, ignore_errors=True)
+        return {"written": False, "why": str(e)}
+    return {"written": True, "folder": sparse24.FOLDER, "format": sparse24.FORMAT, **sizes}
 
 
 def model_card(lm: LoadedModel, result: PruneResult | None, extra: dict[str, Any]) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from esa.apps.pruning.core import Decision
 from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
 from esa.perturb.apply import PerturbStats, overwritten
-from esa.store import read_json, write_json
+from esa.store import cached, check, read_json, write_json
 
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # bit 7 first, as numpy.packbits
 _INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
@@ -139,29 +138,23 @@ class MaskSet:
 
     # ------------------------------------------------------------ storage
     def save(self, folder: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> Path:
-        """Write into `folder` atomically (a temporary sibling renamed into place; 'complete' marks it whole)."""
-        folder = Path(folder)
-        tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        """Write a sealed cache entry into `folder` (esa.store.cached: built aside, digested, renamed into place)."""
         tensors = {f"bits::{n}": b.contiguous() for n, b in self.bits.items()}
         tensors.update({f"kept::{n}": v.contiguous() for n, v in self.kept.items()})
-        save_file(tensors, str(tmp / "masks.safetensors"))
-        write_json(tmp / "meta.json", {"shapes": {n: list(s) for n, s in self.shapes.items()},
-                                       "n_pruned": self.n_pruned, "names": self.names, **(meta or {})})
-        (tmp / "complete").write_text("masks\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process wrote the same entry first; its content is the same
-            shutil.rmtree(tmp, ignore_errors=True)
-        return folder
+
+        def build(tmp: Path) -> None:
+            save_file(tensors, str(tmp / "masks.safetensors"))
+            write_json(tmp / "meta.json", {"shapes": {n: list(s) for n, s in self.shapes.items()},
+                                           "n_pruned": self.n_pruned, "names": self.names, **(meta or {})})
+            (tmp / "complete").write_text("masks\n")
+
+        return cached(Path(folder), build, refresh=True)
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> tuple[MaskSet, dict[str, Any]]:
+        """A saved mask set; CacheCorrupt (esa.store.check) if any byte differs from what was written."""
         folder = Path(folder)
-        if not (folder / "complete").exists():
-            raise EsaError(f"{folder} is not a complete mask entry")
+        check(folder)
         meta = read_json(folder / "meta.json")
         tensors = load_file(str(folder / "masks.safetensors"))
         ms = cls()

@@ -32,7 +32,7 @@ from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
 from esa.models.loader import LoadedModel
 from esa.perturb.apply import Targets, overwritten
-from esa.store import cache_dir, content_key, source_hash
+from esa.store import CacheCorrupt, cache_dir, content_key, quarantine, source_hash
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +180,13 @@ def prune(
     ref = model_ref or lm.info.ref
     key = mask_key(ref, lm.info.dtype, spec, specs, calib, protect_t)
     folder = cache_dir("masks") / key
-    if use_cache and (folder / "complete").exists():
-        masks, meta = MaskSet.load(folder)
-        return PruneResult(spec, masks, key, ref, method.definition, meta["calibration"], meta["allocation"],
-                           meta["protected"], dict(meta["timings"]), from_cache=True)
+    if use_cache and folder.exists():
+        try:  # sizes, headers and digests are checked: a damaged entry is named, quarantined and recomputed
+            masks, meta = MaskSet.load(folder)
+            return PruneResult(spec, masks, key, ref, method.definition, meta["calibration"], meta["allocation"],
+                               meta["protected"], dict(meta["timings"]), from_cache=True)
+        except CacheCorrupt as err:
+            quarantine(folder, err.reason)
 
     names = {s.name for s in specs}
     protected_info = {"label": spec.protect, "n_protected": sum(int(v.numel()) for n, v in protect_t.items() if n in names),

@@ -30,7 +30,7 @@ from esa.evaluate import EvalResult, evaluate
 from esa.models.loader import LoadedModel
 from esa.stats.inference import LOG_PPL_CAP, capped
 from esa.stats.sequential import Design, SequentialContrast
-from esa.zeroshot import ZeroShotTask, score_next_line
+from esa.zeroshot import ZeroShotTask, zero_shot_columns
 
 UNIT = "(calibration seed, window) pairs"
 
@@ -65,8 +65,8 @@ class Windowed:
         values = np.concatenate([np.asarray(p.window_nll, dtype=float) for p in self.parts[key]])
         return capped(values[:n], LOG_PPL_CAP)
 
-    def row(self, key: str, task: ZeroShotTask | None = None) -> dict[str, Any]:
-        """The condition's table row over the windows it was evaluated on (+ the zero-shot task, once)."""
+    def row(self, key: str, task: ZeroShotTask | None = None, hub_tasks: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The condition's table row over the windows it was evaluated on (+ the zero-shot tasks, once)."""
         res, parts = self.results[key], self.parts[key]
         if not parts:
             raise EsaError(f"condition {key} was never evaluated")
@@ -78,11 +78,9 @@ class Windowed:
                     "ppl": float(np.exp(log_ppl)) if log_ppl < 700 else float("inf"), "log_ppl": log_ppl,
                     "accuracy": float(sum(p.accuracy * p.n_tokens for p in parts) / n_tok),
                     "n_nonfinite_windows": sum(p.n_nonfinite_windows for p in parts)})
-        if task is not None:
+        if task is not None or hub_tasks:
             with applied(self.lm.model, res.masks) if res is not None else contextlib.nullcontext():
-                zs = score_next_line(self.lm.model, self.lm.tokenizer, task)
-            row.update({"zs_task": zs.task, "zs_accuracy": zs.accuracy, "zs_accuracy_norm": zs.accuracy_norm,
-                        "zs_se": zs.se, "zs_items": zs.n_items, "zs_chance": zs.chance, "zs_nonfinite": zs.n_nonfinite})
+                row.update(zero_shot_columns(self.lm.model, self.lm.tokenizer, task, hub_tasks))
         row["eval_s"] = self.seconds[key]
         return row
 
@@ -160,7 +158,7 @@ def comparisons_of(conditions: dict[int, Any], esa_methods: list[str], baselines
 
 
 def evaluate_all(w: Windowed, comparisons: list[Comparison], design_for: Callable[[int], Design], first: int,
-                 task: ZeroShotTask | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 task: ZeroShotTask | None, hub_tasks: tuple[str, ...] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decide the comparisons, measure every other condition on the first `first` windows, the dense model
     on as many as any condition used; returns (one row per condition, one row per decision)."""
     decisions = decide(comparisons, w, "dense", design_for)
@@ -168,12 +166,12 @@ def evaluate_all(w: Windowed, comparisons: list[Comparison], design_for: Callabl
         if key != "dense" and w.n(key) == 0:
             w.nll(key, min(first, w.windows.n_windows))
     w.nll("dense", max(w.n(k) for k in w.results))
-    return pd.DataFrame([w.row(k, task) for k in w.results]), decisions
+    return pd.DataFrame([w.row(k, task, hub_tasks) for k in w.results]), decisions
 
 
 def run(lm: LoadedModel, windows: Windows, batch_size: int | None, results: list[PruneResult],
         comparisons: list[Comparison], task: ZeroShotTask | None, alpha: float,
-        policy: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        policy: dict[str, Any], hub_tasks: tuple[str, ...] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The sequential evaluation of a study's conditions (`results`, indexed as `comparisons_of` saw them):
     each comparison at alpha / m with looks from `policy` (first_windows per seed, doubling; spending)."""
     w = Windowed(lm, windows, batch_size)
@@ -186,5 +184,5 @@ def run(lm: LoadedModel, windows: Windows, batch_size: int | None, results: list
         return Design(alpha=alpha / max(1, len(comparisons)), n0=n_seeds * min(first, windows.n_windows),
                       n_max=n_seeds * windows.n_windows, spending=policy.get("spending", "pocock"))
 
-    return evaluate_all(w, comparisons, design, first, task)
+    return evaluate_all(w, comparisons, design, first, task, hub_tasks)
 

@@ -91,6 +91,12 @@ class FullFT(InPlaceMethod):
         self.model = model
         named = dict(model.named_parameters())
         names = self.names if self.names is not None else list(named)
+        low = sorted({str(named[n].dtype).removeprefix("torch.") for n in names if named[n].dtype != torch.float32})
+        if low:  # AdamW writes straight into the weights: they are the master weights, and must be fp32
+            raise EsaError(f"full fine-tuning needs fp32 weights, the model has {', '.join(low)}: AdamW steps of "
+                           "~1e-4 of a weight round away in bf16 (8 significant bits), which would handicap the full "
+                           "baseline against sparse FT and LoRA (fp32 deltas and adapters); load the model in float32 "
+                           "(dtype: float32; autocast still computes in bf16 on a GPU)")
         model.requires_grad_(False)
         self.params = {n: named[n] for n in names}
         for p in self.params.values():

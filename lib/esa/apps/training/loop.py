@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from esa import memory
 from esa.apps.training.base import Method
 from esa.apps.training.retention import RetentionSpec, check_retention, frozen_set, penalty
 from esa.data import Windows
@@ -281,6 +282,12 @@ def train(
 
     frozen = frozen_set(protect, model, inventory)
     module = method.prepare(model, frozen)
+    if method.name == "full":  # the memory plan of one AdamW step, asked before the first (esa.memory)
+        try:
+            memory.check(model, "finetune_full", cfg.batch_size, int(ids.shape[1]))
+        except EsaError:
+            method.close()
+            raise
     try:
         pen = penalty(protect, method)
         opt = torch.optim.AdamW(method.param_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)

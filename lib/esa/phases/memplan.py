@@ -1,0 +1,140 @@
+"""A run's memory plan before anything is loaded: each pass's peak on one accelerator, and the GPUs it needs.
+
+The model is built on the meta device from its shape alone (`esa.models.loader.shape_source`: a tiny or
+micro config, an embedded GGUF header, a local folder, the local Hugging Face cache, or the published
+dimensions recorded for the guide's hub models), so planning Llama-3.1-8B reads no weight and downloads
+nothing. Each pass's peak is `esa.memory.estimate` (whose factors the CPU memory ledger measures,
+tests/bench/memory_ledger.py); a pass that does not fit one GPU gets the smallest count of GPUs over which
+a device map spreads it (`gpus_needed`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from esa import memory
+from esa.errors import EsaError
+from esa.evaluate import auto_batch_size
+from esa.models import parse_dtype
+from esa.models.inventory import weight_inventory
+from esa.models.loader import shape_source
+from esa.params import model_params
+from esa.recipes import Recipe
+from esa.sensitivity.metrics import METRICS
+
+GPU_BYTES = 80 * memory.GIB  # "one 80 GB GPU" (A100/H100 80GB), of which memory.HEADROOM is used
+MAX_GPUS = 64
+
+
+@dataclass
+class PassPlan:
+    label: str  # what runs: evaluation, a metric, the fused gradient metrics, a perturbation
+    pass_name: str  # esa.memory's pass
+    batch_size: int
+    estimate: memory.MemoryEstimate
+    gpus: int | None  # GPUs a device map needs for it (None: more than MAX_GPUS)
+
+
+def meta_model(name: str, dtype: str) -> tuple[torch.nn.Module, str]:
+    """(the model of params/models name or reference `name` on the meta device with SDPA, where its shape came
+    from); an EsaError when no shape is known offline."""
+    from transformers import AutoModelForCausalLM
+
+    ref = model_params(name).ref
+    found = shape_source(ref)
+    if found is None:
+        raise EsaError(f"no memory plan for {name!r}: its shape is not known offline ({ref!r} is not in the local "
+                       "Hugging Face cache and has no published shape here)")
+    source, build = found
+    config = build()
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype))
+    return model, source
+
+
+def gpus_needed(est: memory.MemoryEstimate, capacity: int = GPU_BYTES, headroom: float = memory.HEADROOM) -> int | None:
+    """The fewest GPUs of `capacity` bytes whose device map holds the pass: weights, accumulators, activations
+    and Hutchinson's buffers spread with the layers; the logits, the largest gradient in flight and offload
+    staging stay whole on one device. None past MAX_GPUS."""
+    c = est.components
+    whole = c.get("logits", 0) + c.get("grads_in_flight", 0) + c.get("offload_staging", 0)
+    spread = est.total - whole
+    usable = headroom * capacity
+    if whole >= usable:
+        return None
+    n = max(1, math.ceil(spread / (usable - whole)))
+    return n if n <= MAX_GPUS else None
+
+
+def passes(recipe: Recipe, model: torch.nn.Module) -> list[tuple[str, str, int, dict[str, Any]]]:
+    """(label, pass, batch size, estimate arguments) of every pass a run of `recipe` makes on `model`."""
+    specs = weight_inventory(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    eval_bs = auto_batch_size(recipe.seqlen, vocab)
+    out = [("evaluation", "eval", eval_bs, {})]
+    for m in recipe.metrics:
+        kw = {"probes": recipe.hutchinson_probes} if METRICS[m].memory_pass == "hutchinson" else {}
+        out.append((m, METRICS[m].memory_pass, recipe.batch_size, kw))
+    folded = [m for m in recipe.metrics if METRICS[m].fold is not None]
+    if len(folded) >= 2:
+        out.append(("+".join(folded) + " (fused)", "grad_fused", recipe.batch_size, {}))
+    written = recipe.topk * len(specs) if recipe.mode == "per_layer" else recipe.topk
+    out.append((f"perturbation (top-{recipe.topk} {recipe.mode})", "perturb", eval_bs, {"written": written}))
+    return out
+
+
+def plan(name: str, recipe: Recipe, capacity: int = GPU_BYTES) -> tuple[list[PassPlan], str]:
+    """Every pass's plan for model `name` under `recipe` (on meta: nothing loaded), and the shape's source."""
+    model, source = meta_model(name, recipe.dtype)
+    rows = []
+    for label, pass_name, bs, kw in passes(recipe, model):
+        est = memory.estimate(model, pass_name, bs, recipe.seqlen, target="cuda:0", **kw)
+        rows.append(PassPlan(label, pass_name, bs, est, gpus_needed(est, capacity)))
+    return rows, source
+
+
+def finetune_plan(name: str, batch_size: int, seqlen: int, capacity: int = GPU_BYTES) -> PassPlan:
+    """One full fine-tuning step (AdamW) of model `name`: always on fp32 weights (esa.apps.training.full refuses
+    others, having no separate master weights)."""
+    model, _ = meta_model(name, "float32")
+    est = memory.estimate(model, "finetune_full", batch_size, seqlen, target="cuda:0")
+    return PassPlan("full fine-tuning step (fp32 weights, AdamW)", "finetune_full", batch_size, est,
+                    gpus_needed(est, capacity))
+
+
+def lines(name: str, recipe: Recipe, capacity: int = GPU_BYTES,
+          finetune: tuple[int, int] | None = None) -> list[str]:
+    """The plan as the dry run prints it: one line per pass, its peak, and one GPU or the count it needs.
+    `finetune`: (batch size, seqlen) of the profile's fine-tuning, to add its full fine-tuning step."""
+    rows, source = plan(name, recipe, capacity)
+    if finetune:
+        rows.append(finetune_plan(name, *finetune, capacity=capacity))
+    cap = f"{capacity / memory.GIB:.0f} GiB"
+    out = [f"memory plan: {name} ({source}, {recipe.dtype}, SDPA; built on the meta device, nothing loaded), "
+           f"seqlen {recipe.seqlen}, one GPU = {cap} used up to {memory.HEADROOM:.0%}:"]
+    for r in rows:
+        parts = ", ".join(f"{k} {v / memory.GIB:.1f}" for k, v in r.estimate.components.items())
+        verdict = ("fits one GPU" if r.gpus == 1 else f"needs {r.gpus} GPUs (device_map over {r.gpus} x {cap})"
+                   if r.gpus else f"does not fit {MAX_GPUS} GPUs")
+        out.append(f"  {r.label}: batch {r.batch_size} x {r.estimate.seqlen}, peak {r.estimate.total / memory.GIB:.1f} GiB ({parts} GiB): "
+                   f"{verdict}")
+    return out
+
+
+def gpus_for(models: list[str], recipe: Recipe, capacity: int = GPU_BYTES) -> int:
+    """The GPUs a notebook running every pass of `recipe` on each of `models` needs: the most any pass of any
+    model needs (1 for a model without an offline shape, or a pass no GPU count holds: the run then fails with
+    the memory guard's message instead of waiting forever)."""
+    need = 1
+    for name in models:
+        try:
+            rows, _ = plan(name, recipe, capacity)
+        except EsaError:
+            continue
+        need = max([need, *(r.gpus for r in rows if r.gpus)])
+    return need

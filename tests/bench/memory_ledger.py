@@ -1,0 +1,264 @@
+"""The measured memory ledger: every pass's peak on the CPU allocator against the plan of esa.memory.
+
+For each model (tiny-llama, SmolLM2-135M, and a random-initialised model of Qwen2.5-0.5B's shape built from a
+local config), dtype (fp32, bf16) and sequence length, each pass runs once under `esa.memtrace.measure` (torch's
+profiler, allocator events, not resident memory), and `esa.memory.estimate(...).need("cpu")` gives the plan's
+number for the same pass. The ledger records both, their ratio, and per pass a least-squares fit of the measured
+peaks as bytes per studied weight + bytes per (token x layer x hidden) + bytes per (token x vocab).
+
+    .venv/bin/python tests/bench/memory_ledger.py                     # every model, writes reports/bench/memory-ledger.json
+    .venv/bin/python tests/bench/memory_ledger.py --models tiny-llama --seqlens 64
+
+Each measurement is one short pass (1 window of 64 or 128 tokens); the whole ledger takes a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esa import memory
+from esa.evaluate import evaluate
+from esa.memtrace import measure
+from esa.models import load
+from esa.models.inventory import weight_inventory
+from esa.perturb.apply import perturbed
+from esa.perturb.ops import PerturbSpec
+from esa.sensitivity.metrics import METRICS, MetricConfig, fused_gradients
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "reports" / "bench" / "memory-ledger.json"
+TOLERANCE = 0.15  # the plan must land within this share of the measured peak
+QWEN_SHAPE = "qwen2.5-0.5b-shape"
+MODELS = ("tiny-llama", "smollm2-135m", QWEN_SHAPE)
+PROBES = 2
+PERTURB_SHARE = 0.01  # perturbation pass: this share of every studied matrix is written (a large top-k)
+
+
+def _qwen_config() -> Any:
+    """Qwen2.5-0.5B's published dimensions (its config.json), written here: no hub, no download."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                       tie_word_embeddings=True)
+
+
+def qwen_shape(dtype: torch.dtype) -> _Loaded:
+    """Qwen2.5-0.5B's shape with random weights."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _qwen_config()
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return _Loaded(model, weight_inventory(model))
+
+
+class _Loaded:
+    """What the passes read of a LoadedModel: the model and its studied weights."""
+
+    def __init__(self, model: torch.nn.Module, inventory: list[Any]) -> None:
+        self.model, self.inventory = model, inventory
+
+
+def meta_model(name: str, dtype: torch.dtype) -> _Loaded:
+    """The model's shape on the meta device (what the plan reads), to re-plan rows measured before."""
+    from transformers import AutoModelForCausalLM
+
+    from esa.models.loader import shape_source
+
+    cfg = _qwen_config() if name == QWEN_SHAPE else shape_source(name)[1]()  # type: ignore[index]
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return _Loaded(model, weight_inventory(model))
+
+
+def load_model(name: str, dtype: torch.dtype) -> Any:
+    if name == QWEN_SHAPE:
+        return qwen_shape(dtype)
+    lm = load(name, dtype=dtype, device="cpu", attn_implementation="sdpa")
+    return _Loaded(lm.model, lm.inventory)
+
+
+def _ids(model: torch.nn.Module, b: int, t: int) -> torch.Tensor:
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return torch.randint(3, min(vocab, 4000), (b, t), generator=torch.Generator().manual_seed(t))
+
+
+def _targets(lm: Any) -> dict[str, torch.Tensor]:
+    if next(lm.model.parameters()).device.type == "meta":  # planning only: the count is what matters
+        return {s.name: torch.empty(max(1, int(PERTURB_SHARE * s.numel)), dtype=torch.long) for s in lm.inventory}
+    g = torch.Generator().manual_seed(0)
+    return {s.name: torch.randperm(s.numel, generator=g)[: max(1, int(PERTURB_SHARE * s.numel))].sort().values
+            for s in lm.inventory}
+
+
+# pass -> (the plan's pass name, the plan's extra arguments, a function of (lm, ids) running it once)
+def _eval(lm: Any, ids: torch.Tensor) -> Any:
+    return evaluate(lm.model, ids, batch_size=ids.shape[0], show_progress=False)
+
+
+BATCH = {"b": 1}  # windows per micro-batch (main's --batch)
+# micro-batches per pass: a gradient pass's second micro-batch runs with every accumulator allocated (its
+# steady state); the others hold nothing across windows, and Hutchinson allocates its buffers up front
+WINDOWS = {"grad_x_weight": 2, "grad_fused": 2, "finetune_full": 2}
+
+
+def _metric(name: str) -> Callable[[Any, torch.Tensor], Any]:
+    def run(lm: Any, ids: torch.Tensor) -> Any:
+        cfg = MetricConfig(batch_size=BATCH["b"], probes=PROBES, seed=1, show_progress=False)
+        return METRICS[name](lm.model, lm.inventory, ids, cfg).scores
+    return run
+
+
+def _fused(lm: Any, ids: torch.Tensor) -> Any:
+    cfg = MetricConfig(batch_size=BATCH["b"], show_progress=False)
+    return fused_gradients(lm.model, lm.inventory, ids, {"grad_x_weight": cfg, "grad_squared": cfg})
+
+
+def _perturb(lm: Any, ids: torch.Tensor) -> Any:
+    targets = _targets(lm)  # drawn outside: the caller's selection, not the pass's memory
+    def run() -> Any:
+        with perturbed(lm.model, targets, PerturbSpec("sign_flip", scale=1.0), seed=0):
+            return evaluate(lm.model, ids, batch_size=ids.shape[0], show_progress=False)
+    return run
+
+
+def _finetune(lm: Any, ids: torch.Tensor) -> Any:
+    """Two steps of full fine-tuning (the second runs with AdamW's moments allocated: its steady state). It
+    trains the model in place, which changes no later pass's memory."""
+    from esa.apps.training import FullFT, TrainConfig, train
+
+    cfg = TrainConfig(steps=2, batch_size=BATCH["b"], eval_start=False, grad_clip=1.0, show_progress=False)
+    return train(lm.model, FullFT(), ids, cfg).summary
+
+
+PASSES: dict[str, tuple[str, dict[str, Any], Callable[[Any, torch.Tensor], Any]]] = {
+    "eval": ("eval", {}, _eval),
+    "grad_x_weight": ("gradient", {}, _metric("grad_x_weight")),
+    "grad_fused": ("grad_fused", {}, _fused),
+    "act_mag": ("act_mag", {}, _metric("act_mag")),
+    "hutchinson_diag": ("hutchinson", {"probes": PROBES}, _metric("hutchinson_diag")),
+    "perturb": ("perturb", {}, None),  # built per model (its targets, their count: `written`): below
+    "finetune_full": ("finetune_full", {}, _finetune),  # fp32 only: full fine-tuning refuses bf16 weights
+}
+
+
+def measure_pass(lm: Any, pass_name: str, b: int, t: int) -> dict[str, Any]:
+    """One pass on `lm` at batch b x seqlen t: measured peak, the plan's need and their ratio."""
+    plan_pass, kw, fn = PASSES[pass_name]
+    ids = _ids(lm.model, b * WINDOWS.get(pass_name, 1), t)
+    run = _perturb(lm, ids) if pass_name == "perturb" else (lambda: fn(lm, ids))
+    t0 = time.perf_counter()
+    peak, out = measure(run)
+    seconds = time.perf_counter() - t0
+    del out
+    row = {"pass": pass_name, "plan_pass": plan_pass, "batch": b, "seqlen": t, "measured": peak.peak,
+           "measured_end": peak.end, "seconds": round(seconds, 2)}
+    return {**row, **planned(lm, row)}
+
+
+def planned(lm: Any, row: dict[str, Any]) -> dict[str, Any]:
+    """The plan's need for a measured row (esa.memory as it is now), its ratio to the measurement and components."""
+    plan_pass, kw, _ = PASSES[row["pass"]]
+    if row["pass"] == "perturb":
+        kw = {"written": sum(int(v.numel()) for v in _targets(lm).values())}
+    est = memory.estimate(lm.model, plan_pass, row["batch"], row["seqlen"], specs=lm.inventory, target="cpu", **kw)
+    plan = est.need("cpu")
+    ratio = plan / max(1, row["measured"])
+    return {"plan": plan, "ratio": round(ratio, 4), "within": abs(ratio - 1) <= TOLERANCE,
+            "components": {k: v for k, v in est.per_device["cpu"].items() if k != "weights"}}
+
+
+def features(lm: Any, b: int, t: int) -> dict[str, float]:
+    s = memory.ModelShape.of(lm.model, lm.inventory)
+    return {"studied": s.n_studied, "token_layer_hidden": b * t * s.layers * s.hidden, "token_vocab": b * t * s.vocab}
+
+
+def fit(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per pass and dtype: measured = a * studied + c * (tokens x layers x hidden) + d * (tokens x vocab),
+    least squares (non-negative by clipping), and its worst relative error over the rows."""
+    out: dict[str, Any] = {}
+    keys = ("studied", "token_layer_hidden", "token_vocab")
+    for key in sorted({(r["pass"], r["dtype"]) for r in rows}):
+        sub = [r for r in rows if (r["pass"], r["dtype"]) == key]
+        x = torch.tensor([[float(r["features"][k]) for k in keys] for r in sub], dtype=torch.float64)
+        y = torch.tensor([float(r["measured"]) for r in sub], dtype=torch.float64)
+        scale = x.abs().amax(0).clamp_min(1.0)
+        coef = torch.linalg.lstsq(x / scale, y.unsqueeze(1)).solution.squeeze(1) / scale
+        coef = coef.clamp_min(0.0)
+        pred = x @ coef
+        err = ((pred - y).abs() / y.clamp_min(1.0)).max().item()
+        out[f"{key[0]}/{key[1]}"] = {**{f"bytes_per_{k}": round(float(c), 3) for k, c in zip(keys, coef, strict=True)},
+                                     "max_rel_error": round(err, 3), "n": len(sub)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--seqlens", default="64,128")
+    ap.add_argument("--passes", default=",".join(PASSES))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows already in --out that this run does not measure again (every row is re-planned "
+                         "with esa.memory as it is now), so the slow models can be measured one at a time")
+    a = ap.parse_args(argv)
+    passes = a.passes.split(",")
+    bad = [p for p in passes if p not in PASSES]
+    if bad:
+        print(f"memory_ledger: unknown pass {bad[0]!r}; accepted: {', '.join(PASSES)}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    BATCH["b"] = a.batch
+    rows: list[dict[str, Any]] = []
+    for name in a.models.split(","):
+        for dt in a.dtypes.split(","):
+            lm = load_model(name, getattr(torch, dt))
+            for t in (int(s) for s in a.seqlens.split(",")):
+                for p in passes:
+                    if p == "finetune_full" and dt != "float32":
+                        continue  # refused: no fp32 master weights (esa.apps.training.full)
+                    r = measure_pass(lm, p, a.batch, t)
+                    r.update(model=name, dtype=dt, features=features(lm, a.batch, t))
+                    rows.append(r)
+                    print(f"{name:20s} {dt:9s} T={t:<4d} {p:16s} measured {r['measured'] / 2**20:9.2f} MiB  "
+                          f"plan {r['plan'] / 2**20:9.2f} MiB  ratio {r['ratio']:.3f}{'' if r['within'] else '  MISS'}",
+                          flush=True)
+            del lm
+    if a.append and Path(a.out).is_file():
+        def key(r: dict[str, Any]) -> tuple[Any, ...]:
+            return r["model"], r["dtype"], r["pass"], r["batch"], r["seqlen"]
+
+        measured = {key(r) for r in rows}
+        kept = [r for r in json.loads(Path(a.out).read_text())["rows"] if key(r) not in measured]
+        metas: dict[tuple[str, str], Any] = {}
+        for r in kept:
+            key = (r["model"], r["dtype"])
+            metas[key] = metas.get(key) or meta_model(r["model"], getattr(torch, r["dtype"]))
+            r.update(planned(metas[key], r))
+        rows = kept + rows
+    report = {"tolerance": TOLERANCE, "measure": "torch.profiler CPU allocator events (esa.memtrace)",
+              "torch": torch.__version__, "rows": rows, "fit": fit(rows),
+              "within": sum(r["within"] for r in rows), "n": len(rows)}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=1))
+    print(f"memory ledger: {report['within']}/{report['n']} passes within +-{TOLERANCE:.0%} of the plan -> {a.out}")
+    return 0 if report["within"] == report["n"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

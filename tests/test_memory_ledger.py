@@ -1,0 +1,112 @@
+"""The memory plan against a measurement: each core pass on tiny-llama, measured on the CPU allocator
+(esa.memtrace), lands within the ledger's tolerance of esa.memory's estimate; and the 8B dry run prints a plan
+built on the meta device that says, per pass, whether one 80 GB GPU holds it or how many it needs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from esa import memory
+from esa.memtrace import measure
+from esa.phases import memplan
+
+SCRIPT = Path(__file__).resolve().parent / "bench" / "memory_ledger.py"
+
+
+def _ledger():
+    spec = importlib.util.spec_from_file_location("memory_ledger", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def test_measure_sees_an_allocation_and_its_release():
+    def work():
+        a = torch.empty(1 << 20, dtype=torch.float32)  # 4 MiB, freed before the return
+        b = torch.empty(1 << 18, dtype=torch.float32)  # 1 MiB, returned
+        del a
+        return b
+
+    peak, out = measure(work)
+    assert peak.peak >= 5 << 20 and (1 << 20) <= peak.end < 2 << 20 and out.numel() == 1 << 18
+
+
+@pytest.fixture(scope="module")
+def ledger():
+    return _ledger()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plan_matches_the_measured_peak_on_tiny_llama(ledger, dtype):
+    lm = ledger.load_model("tiny-llama", dtype)
+    full_ft = ("finetune_full",) if dtype == torch.float32 else ()  # full FT refuses bf16 weights
+    for p in ("eval", "grad_x_weight", "grad_fused", "act_mag", "hutchinson_diag", "perturb", *full_ft):
+        row = ledger.measure_pass(lm, p, 1, 64)
+        assert row["measured"] > 0
+        assert abs(row["ratio"] - 1) <= ledger.TOLERANCE, (p, dtype, row["measured"], row["plan"], row["components"])
+
+
+def test_ledger_refuses_an_unknown_pass(ledger, capsys):
+    assert ledger.main(["--models", "tiny-llama", "--passes", "backprop", "--out", "/dev/null"]) == 2
+    assert "unknown pass 'backprop'; accepted: eval" in capsys.readouterr().err
+
+
+def test_gpus_needed_spreads_what_follows_the_layers():
+    est = memory.MemoryEstimate("gradient", 1, 8, {"weights": 50 * memory.GIB, "accumulators": 50 * memory.GIB,
+                                                   "logits": 10 * memory.GIB})
+    assert memplan.gpus_needed(est, capacity=200 * memory.GIB) == 1
+    assert memplan.gpus_needed(est, capacity=80 * memory.GIB) == 2  # 100 spread + 10 whole: 50 + 10 <= 72
+    assert memplan.gpus_needed(est, capacity=10 * memory.GIB) is None  # the logits alone exceed one device
+
+
+def test_8b_extended_dry_run_prints_each_pass_and_loads_nothing(capsys, monkeypatch):
+    from esa import cli
+    from esa.phases import command
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(command, "load_model", boom)
+    monkeypatch.setattr("esa.recipes.load", boom)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["--model", "llama-3.1-8b", "--profile", "extended", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: llama-3.1-8b (published shape, bfloat16" in out and "nothing loaded" in out
+    plan = {line.split(":")[0].strip(): line for line in out.splitlines() if line.startswith("  ")}
+    for label in ("evaluation", "grad_x_weight", "grad_squared", "act_mag", "hutchinson_diag", "ggn_mc_diag"):
+        assert label in plan, out
+        assert "fits one GPU" in plan[label] or "GPUs (device_map over" in plan[label], plan[label]
+    # the weights alone are 15 GiB in bf16 (8.03B parameters); evaluation fits one GPU, the double backward does not
+    assert "weights 15.0" in plan["evaluation"] and "fits one GPU" in plan["evaluation"]
+    assert "needs" in plan["hutchinson_diag"]
+    # full fine-tuning runs on fp32 weights (no master weights in bf16): 8B of them, with AdamW, need GPUs
+    full = plan["full fine-tuning step (fp32 weights, AdamW)"]
+    assert "batch 8 x 512" in full and "weights 29.9" in full and "optimizer 59.8" in full and "needs" in full
+    rows, source = memplan.plan("llama-3.1-8b", cli.Recipe(dtype="bfloat16", seqlen=2048, metrics=("hutchinson_diag",),
+                                                             hutchinson_probes=16, batch_size=1))
+    hutch = next(r for r in rows if r.label == "hutchinson_diag")
+    assert source == "published shape" and hutch.gpus and hutch.gpus > 1
+    assert hutch.estimate.total > memplan.GPU_BYTES * memory.HEADROOM  # more than one GPU's share, so > 1 GPU
+
+
+def test_scoring_asks_the_plan_before_the_pass(monkeypatch, tmp_path):
+    from esa.data import Calibration, Windows
+    from esa.errors import EsaError
+    from esa.models import load
+    from esa.sensitivity.engine import score
+    from esa.sensitivity.metrics import MetricConfig
+
+    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path))
+    lm = load("tiny-llama", device="cpu")
+    ids = torch.randint(3, 259, (2, 32), generator=torch.Generator().manual_seed(0))
+    w = Windows(ids, "random", "calib", 32, False, "byt5", 100, (0, 1))
+    cfg = MetricConfig(batch_size=1, show_progress=False)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 50_000)  # less than the pass needs
+    with pytest.raises(EsaError, match="not enough memory for gradient"):
+        score(lm, "grad_x_weight", Calibration(seed=1), cfg, windows=w, use_cache=False)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1 << 40)
+    assert score(lm, "grad_x_weight", Calibration(seed=1), cfg, windows=w, use_cache=False).top is not None
