@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_runner_run import make_project, run_all
+from test_runner_run import KERNEL, make_project, run_all
 
 BODY = """
 import esa.nb
@@ -146,3 +146,18 @@ def test_a_damaged_chunk_is_named_and_never_read(project: Path, capsys) -> None:
     assert not (rec / "chunks" / "nb_b.json").exists()
     rc, out = run_all(project, "--verify-record", "nb_a", capsys=capsys)
     assert rc == 1
+
+
+def test_a_chunk_published_before_sealing_is_sealed_at_the_next_rebuild(project: Path) -> None:
+    from esa.runner import record
+    from esa.runner.driver import RunConfig
+
+    rec = project / "reports" / "record"
+    assert run_all(project, "--only", "nb_a", "--record")[0] == 0
+    path = rec / "chunks" / "nb_a.json"
+    made = json.loads(path.read_text())
+    sealed = made.pop("files")
+    path.write_text(json.dumps(made))
+    record.rebuild(RunConfig(profile="smoke", root=project, kernel=KERNEL))
+    again = json.loads(path.read_text())
+    assert again["files"] == sealed and again["sealed"] == "after publishing"

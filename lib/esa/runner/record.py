@@ -209,6 +209,10 @@ def rebuild(cfg: RunConfig) -> Path:
     """index.html (and a manifest gathering the chunks) from whatever the record holds."""
     root = Path(cfg.root).resolve()
     rec = record_dir(root)
+    for path in sorted((rec / CHUNKS).glob("*.json")):
+        made = read_json(path)
+        if "files" not in made:  # published before chunks were sealed: sealed now, and it says so
+            write_json(path, {**made, "files": _digests(rec, path.stem), "sealed": "after publishing"})
     chunks = {p.stem: read_json(p) for p in sorted((rec / CHUNKS).glob("*.json"))}
     write_json(rec / "manifest.json", {
         "run_id": RECORD, "status": "partial" if missing(root) else "ok", "profile": cfg.profile,
