@@ -87,10 +87,10 @@ def run_chunk(cfg: RunConfig, overwrite: bool = False) -> RunResult:
     plan = make_plan(replace(cfg, run_id=STAGING, with_deps=False))  # every bad input before any work
     chosen = [i.entry.id for i in plan.items]
     check(cfg, chosen, overwrite)
-    if rec.is_dir() and not overwrite:
-        check_intact(rec)
     if overwrite and rec.exists() and (not (rec / IDENTITY).is_file() or read_json(rec / IDENTITY) != identity(cfg)):
         shutil.rmtree(rec)
+    if rec.is_dir():
+        check_intact(rec)  # what survives (--overwrite of the same profile keeps it) is read by this chunk
     stage = root / "reports" / STAGING
     shutil.rmtree(stage, ignore_errors=True)
     if rec.is_dir():
@@ -167,11 +167,11 @@ def damaged(rec: Path, nb: str) -> list[str]:
 
 
 def check_intact(rec: Path) -> None:
-    """Every published chunk whole, before a chunk reads the record or the index is rebuilt from it."""
-    for path in sorted((rec / CHUNKS).glob("*.json")):
-        bad = damaged(rec, path.stem)
+    """Every published chunk whole, before a chunk reads the record."""
+    for nb in _chunks(rec):
+        bad = damaged(rec, nb)
         if bad:
-            raise EsaError(f"reports/record: chunk {path.stem} is damaged ({', '.join(bad[:3])}"
+            raise EsaError(f"reports/record: chunk {nb} is damaged ({', '.join(bad[:3])}"
                            f"{', ...' if len(bad) > 3 else ''} differ from its manifest's digests); restore it with "
                            f"`git checkout -- reports/record` or re-run it with --record")
 
@@ -209,11 +209,11 @@ def rebuild(cfg: RunConfig) -> Path:
     """index.html (and a manifest gathering the chunks) from whatever the record holds."""
     root = Path(cfg.root).resolve()
     rec = record_dir(root)
-    for path in sorted((rec / CHUNKS).glob("*.json")):
-        made = read_json(path)
+    chunks = _chunks(rec)
+    for nb, made in chunks.items():
         if "files" not in made:  # published before chunks were sealed: sealed now, and it says so
-            write_json(path, {**made, "files": _digests(rec, path.stem), "sealed": "after publishing"})
-    chunks = {p.stem: read_json(p) for p in sorted((rec / CHUNKS).glob("*.json"))}
+            chunks[nb] = {**made, "files": _digests(rec, nb), "sealed": "after publishing"}
+            write_json(rec / CHUNKS / f"{nb}.json", chunks[nb])
     write_json(rec / "manifest.json", {
         "run_id": RECORD, "status": "partial" if missing(root) else "ok", "profile": cfg.profile,
         "overrides": dict(cfg.overrides), "code_versions": code_versions(chunks),
@@ -224,6 +224,11 @@ def rebuild(cfg: RunConfig) -> Path:
         "environment": _environment(chunks),
     })
     return build_index(replace(cfg, run_id=RECORD))
+
+
+def _chunks(rec: Path) -> dict[str, dict[str, Any]]:
+    """Every published chunk's manifest, by notebook."""
+    return {p.stem: read_json(p) for p in sorted((rec / CHUNKS).glob("*.json"))}
 
 
 def _environment(chunks: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -303,11 +308,11 @@ def verify(cfg: RunConfig, notebook: str) -> list[str]:
     if bad:
         return [f"{f}: differs from the digest chunk {notebook}'s manifest recorded" for f in bad]
     meta = read_json(rec / IDENTITY)
-    made = read_json(rec / CHUNKS / f"{notebook}.json")
-    if made.get("code_hash") != code_hash():
+    made, now = read_json(rec / CHUNKS / f"{notebook}.json"), code_hash()
+    if made.get("code_hash") != now:
         # bit-exact numbers are promised at the chunk's own code: say which, and compare anyway
         print(f"note: chunk {notebook} ran at code {made.get('code_hash')} (commit {made.get('commit')}); this is "
-              f"code {code_hash()}: `git checkout {str(made.get('commit'))[:12]}` first to verify it exactly")
+              f"code {now}: `git checkout {str(made.get('commit'))[:12]}` first to verify it exactly")
     cfg = replace(cfg, profile=meta["profile"], overrides=meta["overrides"], only=[notebook])
     scratch = root / "reports" / "record-verify"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -336,7 +341,7 @@ def summary_sentences(root: Path) -> list[str]:
     from esa.report.scorecard import read_all, unique
 
     rec = record_dir(root)
-    done = [p.stem for p in sorted((rec / CHUNKS).glob("*.json"))]
+    done = _chunks(rec)
     if not done:
         return ["The record holds no chunk yet: run `make record CHUNK=phase1_week0_baselines` first."]
     rows = unique(read_all(rec))
@@ -344,7 +349,7 @@ def summary_sentences(root: Path) -> list[str]:
                                                                   "machinery-only")}
     meta = read_json(rec / IDENTITY)
     n_all = len(_entries(root))
-    versions = code_versions({p.stem: read_json(p) for p in sorted((rec / CHUNKS).glob("*.json"))})
+    versions = code_versions(done)
     code = "one code version" if len(versions) == 1 else f"{len(versions)} code versions"
     first = (f"The record (profile `{meta['profile']}`, {code}) holds {len(done)} of {n_all} "
              f"notebooks and judges {len(rows)} criteria: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n) + ".")
