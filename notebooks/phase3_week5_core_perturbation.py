@@ -28,10 +28,13 @@ run_dir = "reports/interactive"
 overrides = {}
 
 # %%
+import logging
+
 import pandas as pd
 from IPython.display import display
 
 import esa.nb
+from esa.nb import say
 from esa.perturb import plots
 from esa.phases import criteria, phase3
 from esa.report import scorecard
@@ -40,19 +43,24 @@ from esa.stats.inference import comparisons_frame
 ctx = esa.nb.context("phase3_week5_core_perturbation", profile, models, run_dir, overrides)
 P = ctx.profile
 specs = phase3.specs_from_profile(P)
-print(f"profile {P.name}: models {ctx.models}, perturbations {[s.label() for s in specs]}, controls {P.controls}, "
-      f"top-k {P.topk} ({P.mode}), seeds {P.seeds}, {P.perturb_eval_windows or P.eval_windows} eval windows x {P.seqlen}")
+logging.getLogger(ctx.notebook).info("plan: models %s, perturbations %s, controls %s, top-k %s (%s), seeds %s",
+                                     ctx.models, [s.label() for s in specs], P.controls, P.topk, P.mode, P.seeds)
+say(f"Profile *{P.name}*: {len(ctx.models)} model(s) ({', '.join(ctx.models)}), {len(specs)} perturbations "
+    f"({', '.join(s.label() for s in specs)}), controls {', '.join(P.controls)}; the top-{P.topk} "
+    f"({P.mode}) against as many other weights, over {len(P.seeds)} seed(s) and "
+    f"{P.perturb_eval_windows or P.eval_windows} evaluation windows of {P.seqlen} tokens.")
 
 # %%
 runs = {m: phase3.sweep_model(m, P, specs) for m in ctx.models}
 table = pd.concat([r.table for r in runs.values()], ignore_index=True)
-ctx.save_table(table, "perturbation")
 ctx.save_table(pd.concat([r.windows for r in runs.values()], ignore_index=True), "perturbation_windows")
 for m, r in runs.items():
     ctx.save_json({"baseline": r.baseline.as_dict(), "from_cache": r.from_cache, **r.stats}, f"stats_{m}")
-    print(f"{m}: baseline PPL {r.baseline.ppl:.2f}; top-k sets from Phase 2 cache: {r.from_cache}; {r.seconds:.0f} s")
-table[["model", "perturbation", "scale", "prob", "group", "seed", "k", "ppl", "delta_log_ppl", "n_nonfinite_windows",
-       "n_inf_weights", "n_nan_weights"]]
+display(say(*(f"{m}: the unperturbed model's perplexity is {r.baseline.ppl:.3g}; the top-k sets were "
+              f"{'read from Phase 2' if r.from_cache else 'scored afresh (no Phase 2 cache)'}; the sweep took "
+              f"{r.seconds:.0f} s." for m, r in runs.items())))
+ctx.table(table, "perturbation", "Every run: perplexity and damage per model, perturbation, group and seed.",
+          columns=["model", "perturbation", "group", "seed", "k", "ppl", "delta_log_ppl", "n_nonfinite_windows"])
 
 # %% [markdown]
 # ## What each group holds
@@ -61,12 +69,11 @@ table[["model", "perturbation", "scale", "prob", "group", "seed", "k", "ppl", "d
 
 # %%
 comp = pd.concat([r.composition for r in runs.values()], ignore_index=True)
-ctx.save_table(comp, "group_composition")
-display(comp.groupby(["model", "group"])[["n", "zero_share", "median_abs_w"]].mean())
-for (m, g), z in comp.groupby(["model", "group"])["zero_share"].mean().items():
-    if z >= 0.5:
-        print(f"{m}: {z:.0%} of {g} are exactly-zero weights, so sign_flip, zero and exponent bit flips leave "
-              f"them unchanged; only gauss_noise tests that group.")
+held = comp.groupby(["model", "group"])[["n", "zero_share", "median_abs_w"]].mean()
+display(ctx.table(held, "group_composition", "What each weight group holds (mean over seeds)."))
+zeros = [(m, g, z) for (m, g), z in held["zero_share"].items() if z >= 0.5]
+say(*(f"On {m}, {z:.0%} of {g} are exactly zero, so sign flips, zeroing and exponent bit flips leave them "
+      f"unchanged; only Gaussian noise tests that group." for m, g, z in zeros))
 
 # %% [markdown]
 # ## Damage per group, with 95% bootstrap CIs over seeds
@@ -74,8 +81,8 @@ for (m, g), z in comp.groupby(["model", "group"])["zero_share"].mean().items():
 # %%
 for m, r in runs.items():
     s = pd.DataFrame(r.stats["summary"])
-    display(s[["perturbation", "scale", "prob", "group", "n_seeds", "mean", "ci_lo", "ci_hi", "mean_delta_ppl",
-               "n_capped"]])
+    display(ctx.table(s, f"summary_{m}", f"{m}: mean damage per perturbation and group, 95% bootstrap CI over seeds.",
+                      columns=["perturbation", "group", "n_seeds", "mean", "mean_delta_ppl", "n_capped"]))
     _sf = s[s.perturbation == "sign_flip"].set_index("group")["mean"]
     ctx.savefig(plots.damage_bars(s, f"{m}: damage per group"), f"damage_{m}",
                 caption=f"{m}: mean damage per group and perturbation, 95% bootstrap CIs over seeds.",
@@ -83,17 +90,23 @@ for m, r in runs.items():
                 if len(_sf) else "")
 
 # %% [markdown]
-# ## Ratios and tests (Holm-corrected across every comparison of this notebook, per model)
+# ## Ratios and tests
+# Tests are Holm-corrected across every comparison of this notebook, per model; the primary test is the
+# seed-level one with enough seeds, else the window-level one. The full method notes are in the JSON
+# summary of each model.
 
 # %%
 for m, r in runs.items():
-    print(m)
-    display(pd.DataFrame(r.stats["ratios"]))
-    display(comparisons_frame(r.stats))
-    print("\n".join(r.stats["notes"]))
+    display(ctx.table(pd.DataFrame(r.stats["ratios"]), f"ratios_{m}",
+                      f"{m}: damage of one group over another (Δ log-PPL), 95% bootstrap CI.",
+                      columns=["perturbation", "numerator", "denominator", "ratio_delta_log_ppl"],
+                      ci={"ratio_delta_log_ppl": ("log_ci_lo", "log_ci_hi")}))
+    display(ctx.table(comparisons_frame(r.stats), f"tests_{m}", f"{m}: is the first group damaged more? "
+                      "One-sided tests, Holm-corrected.",
+                      columns=["perturbation", "a", "b", "primary", "p_primary_holm", "significant"]))
 
 # %% [markdown]
-# ## Scorecard
+# ## Criteria
 
 # %%
 rows = []
@@ -105,20 +118,21 @@ for m, r in runs.items():
             rows.append(c)
 rows = criteria.budgeted(rows, P)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
-scorecard.as_frame(rows)
+say(scorecard.in_words(rows))
 
 # %%
+card = {c.id: c for c in rows}
+findings = []
 for m, r in runs.items():
     s = pd.DataFrame(r.stats["summary"])
     sf = s[(s.perturbation == "sign_flip")].set_index("group")["mean"]
-    comps = comparisons_frame(r.stats)
-    tv = comps[(comps.a == "top_k") & (comps.b == "random_k")]
-    card = {c.id: c for c in rows}
-    ratio, sig = card.get(f"P3.sign_flip_ratio.{m}"), card.get(f"P3.significance.{m}")
-    print(f"{m}: a sign flip of the top-{P.topk} per matrix adds {sf.get('top_k', float('nan')):.4f} nats/token "
-          f"(random_k: {sf.get('random_k', float('nan')):.4f}, bottom_k: {sf.get('bottom_k', float('nan')):.4f}); "
-          f"sign-flip ratio criterion (on Δlog-PPL): {ratio.verdict if ratio else 'not run'}"
-          f"{f' ({ratio.measured})' if ratio else ''}. "
-          f"top_k > random_k is significant (Holm, alpha 0.01) in {int(tv['significant'].fillna(False).sum())} of "
-          f"{len(tv)} perturbation conditions (primary test: {', '.join(sorted(set(tv['primary'])))}); "
-          f"significance criterion: {sig.verdict if sig else 'not run'}.")
+    tv = comparisons_frame(r.stats)
+    tv = tv[(tv.a == "top_k") & (tv.b == "random_k")]
+    ratio = card.get(f"P3.sign_flip_ratio.{m}")
+    findings.append(
+        f"On {m}, a sign flip of the top-{P.topk} adds {sf.get('top_k', float('nan')):.3g} nats/token against "
+        f"{sf.get('random_k', float('nan')):.3g} for as many random weights ({ctx.ref('figure', f'damage_{m}')}); top-k beats random in "
+        f"{int(tv['significant'].fillna(False).sum())} of {len(tv)} perturbation conditions after Holm "
+        f"correction ({ctx.ref('table', f'tests_{m}')}), and the sign-flip ratio criterion reads "
+        f"{ratio.verdict if ratio else 'not run'}.")
+esa.nb.found(*findings[:3])

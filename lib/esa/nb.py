@@ -25,7 +25,7 @@ from typing import Any
 from esa.figures import run_figures, save_figure
 from esa.params import Profile, load_profile
 from esa.progress import LOG_ENV, follow_cpu_share, quiet
-from esa.report import artefacts
+from esa.report import artefacts, tables
 from esa.store import REPO_ROOT, write_json
 
 HEADLINE_ROWS = 10  # rows a page shows of a long table; the CSV has them all
@@ -39,6 +39,32 @@ class SavedTable(_PathBase):
     def _repr_html_(self) -> str | None:
         view = getattr(self, "view", None)
         return view() if view else None
+
+
+class Prose(str):
+    """Computed sentences shown as Markdown (Jupyter calls `_repr_markdown_`; no IPython import needed)."""
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
+FOUND_MARK = artefacts.FOUND_MARK  # the page renderer (esa.runner.pages) moves this output under the title
+
+
+def say(*sentences: str) -> Prose:
+    """Sentences computed by a notebook, as one Markdown paragraph (never print())."""
+    return Prose(" ".join(s.strip() for s in sentences if s and s.strip()))
+
+
+def found(*sentences: str) -> Prose:
+    """The page's "What this week found": at most three sentences, each naming its figure or table.
+
+    Computed at the end of a notebook; the page shows it first, under the title."""
+    kept = [s.strip() for s in sentences if s and s.strip()]
+    if len(kept) > 3:
+        raise ValueError(f"'What this week found' holds at most three sentences, got {len(kept)}")
+    body = "\n".join(f"- {s}" for s in kept) or "- Nothing this run could state."
+    return Prose(f"{FOUND_MARK}\n## What this week found\n\n{body}\n")
 
 
 class SavedFigure(_PathBase):
@@ -57,10 +83,12 @@ class NotebookContext:
     data_dir: Path
     fig_dir: Path
     registry: artefacts.Registry = field(init=False)
+    shown: list[str] = field(init=False)  # tables shown on the page, in order: "Table <week>.<i>"
 
     def __post_init__(self) -> None:
         # A fresh registry per execution: a rerun that saves fewer artefacts must not list stale ones.
         self.registry = artefacts.Registry(self.notebook)
+        self.shown = []
 
     @property
     def page_dir(self) -> Path:
@@ -79,17 +107,48 @@ class NotebookContext:
         out.view = lambda: self.table_html(df, name)  # type: ignore[attr-defined]
         return out
 
-    def table_html(self, df: Any, name: str, rows: int = HEADLINE_ROWS) -> str:
-        """The first `rows` rows of `df` as HTML, and where the full table of that name is."""
-        shown = df.head(rows).to_html(max_rows=rows, border=0)
-        links = " · ".join(
+    def _links(self, name: str) -> str:
+        """Links from the page to a table's full CSV and LaTeX files."""
+        return " · ".join(
             f'<a href="{html.escape(artefacts.relative(self.data_dir / f"{name}{ext}", self.page_dir))}">{label}</a>'
             for ext, label in ((".csv", "CSV"), (".tex", "LaTeX"))
         )
-        head = f"{min(rows, len(df))} of {len(df):,} rows" if len(df) > rows else f"{len(df):,} rows"
-        return (
-            f"{shown}<p><small>{head} of <code>{html.escape(name)}</code> · full table: {links}</small></p>"
-        )
+
+    def table_html(self, df: Any, name: str, rows: int = HEADLINE_ROWS) -> str:
+        """The first `rows` rows of `df` as a people-table (esa.report.tables), and where the full one is."""
+        links = self._links(name)
+        head = f"first {min(rows, len(df))} of {len(df):,} rows" if len(df) > rows else f"{len(df):,} rows"
+        return tables.html(df.head(rows), footer=f"{head}; full table: {links}")
+
+    def table(
+        self, df: Any, name: str, caption: str, columns: list[str] | None = None,
+        headers: dict[str, str] | None = None, rows: int = HEADLINE_ROWS,
+        ci: dict[str, tuple[str, str]] | None = None,
+    ) -> tables.Table:
+        """Save `df` in full (save_table) and show it numbered ("Table 5.2. caption") as a people-table:
+        `columns` are the headline columns (all when None), the first `rows` rows; the CSV has the rest."""
+        self.save_table(df, name, caption)
+        if name not in self.shown:
+            self.shown.append(name)
+        number = artefacts.figure_number(self.notebook, self.shown.index(name) + 1)
+        links = self._links(name)
+        head = df.head(rows) if hasattr(df, "head") else df
+        n = len(df)
+        more = f"first {rows} of {n:,} rows, " if n > rows else ""
+        hidden = len(df.columns) - len(columns) if columns else 0
+        cols = f"{hidden} more column{'s' if hidden != 1 else ''} in the files, " if hidden > 0 else ""
+        return tables.Table(head, caption=f"Table {number}. {caption}", columns=columns, headers=headers,
+                            footer=f"{more}{cols}full table: {links}", ci=ci)
+
+    def ref(self, kind: str, name: str) -> str:
+        """"Table 5.2" or "Figure 5.1": the number a shown table or saved figure of that name got, for prose."""
+        if kind == "table" and name in self.shown:
+            return f"Table {artefacts.figure_number(self.notebook, self.shown.index(name) + 1)}"
+        if kind == "figure":
+            rec = next((f for f in self.registry.figures if f.name == name), None)
+            if rec is not None:
+                return f"Figure {rec.number}"
+        raise KeyError(f"no {kind} named {name!r} on this page yet")
 
     def save_json(self, obj: Any, name: str) -> Path:
         return write_json(self.data_dir / f"{name}.json", obj)
@@ -165,6 +224,26 @@ def headless_kernel() -> None:
         return
     pd.set_option("display.max_rows", 2 * HEADLINE_ROWS)
     pd.set_option("display.min_rows", HEADLINE_ROWS)
+    _people_tables(pd)
+
+
+def _people_tables(pd: Any) -> None:
+    # A DataFrame left as a cell's value shows as a people-table (no index column, no "rows x columns"
+    # footer, headers in words), capped to its headline rows; the kernel's IPython is there when run.
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    shell.display_formatter.formatters["text/html"].for_type(
+        pd.DataFrame, lambda df: tables.html(df.head(2 * HEADLINE_ROWS), footer=_capped(len(df)))
+    )
+
+
+def _capped(n: int) -> str:
+    return f"first {2 * HEADLINE_ROWS} of {n:,} rows" if n > 2 * HEADLINE_ROWS else ""
 
 
 def _quiet_tqdm_auto() -> None:

@@ -20,6 +20,8 @@ REGISTRY = "artefacts.json"
 # A LaTeX table is for a paper: beyond this many rows the .tex holds the first rows and says so (the CSV
 # and parquet keep every row).
 TEX_MAX_ROWS = 200
+# Marks a notebook's "What this week found" output; the page renderer shows it under the title.
+FOUND_MARK = "<!-- esa:found -->"
 LONGTABLE_ROWS = 40  # longer than a page: longtable, so LaTeX can break it
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from esa.phases.criteria import budget_reason, untrained_in_run
+from esa.report.tables import number
 from esa.stats.verdicts import VERDICTS, Criterion, verdict_of
 from esa.store import read_json, write_json
 
@@ -110,3 +111,28 @@ def as_frame(rows: list[Criterion] | list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame.from_records(recs)
     df["result"] = [verdict_of(r) for r in recs]
     return df
+
+
+def in_words(rows: list[Criterion] | list[dict[str, Any]]) -> str:
+    """A page's closing "Criteria" section in Markdown: per criterion its wording, the verdict in bold, the
+    measured value against its threshold, any note, and the criterion id in small type."""
+    recs = [r.as_dict() if isinstance(r, Criterion) else dict(r) for r in rows]
+    if not recs:
+        return "## Criteria\n\nThis page judges no criterion of the guide in this run."
+    c = counts(recs)
+    tally = ", ".join(f"{n} {v}" for v, n in c.items() if n)
+    lines = [f"## Criteria\n\n{len(recs)} criteri{'a' if len(recs) != 1 else 'on'} judged here: {tally}.\n"]
+    for r in recs:
+        measured = _measured(r.get("measured"))
+        note = f" {str(r['note']).rstrip('.')}." if r.get("note") else ""
+        lines.append(
+            f"- **{verdict_of(r)}**: {str(r.get('text', '')).rstrip('.')}. Measured {measured}; passing needs "
+            f"{r.get('threshold', '') or 'no threshold'}.{note} <small><code>{r.get('id', '')}</code></small>"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _measured(value: Any) -> str:
+    if isinstance(value, float):
+        return number(value)
+    return str(value) if value not in (None, "") else "nothing"

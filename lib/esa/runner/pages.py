@@ -40,6 +40,11 @@ _TEMPLATE_SOURCE = """{%- extends 'index.html.j2' -%}
 # Wide tables scroll inside their output instead of widening the page; captions read as captions.
 PAGE_CSS = """
 .jp-OutputArea-output { overflow-x: auto; max-width: 100%; }
+table.esa-table { border-collapse: collapse; margin: 4px 0 10px; font-size: 0.92em; max-width: 100%; }
+table.esa-table caption { caption-side: top; text-align: left; font-weight: 600; padding-bottom: 4px; }
+table.esa-table th { text-align: left; vertical-align: bottom; border-bottom: 1px solid #444; padding: 2px 10px; }
+table.esa-table td { text-align: right; padding: 2px 10px; overflow-wrap: anywhere; max-width: 28em; }
+table.esa-table tr:nth-child(even) td { background: #f6f6f6; }
 .jp-RenderedHTMLCommon table { max-width: none; }
 .jp-RenderedText pre { white-space: pre-wrap; word-break: break-word; }
 p.esa-caption { font-size: 0.92em; color: #333; margin: 2px 0 16px; max-width: 60em; }
@@ -74,12 +79,29 @@ def prepare(nb: Any, notebook: str, run_dir: Path) -> Any:
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = _captioned(cell.get("outputs", []), by_label, page_dir)
+    _found_first(nb)
     section = _artefacts_markdown(registry, out.log, out.data, page_dir)
     if section:
         import nbformat
 
         nb.cells.append(nbformat.v4.new_markdown_cell(section))
     return nb
+
+
+def _found_first(nb: Any) -> None:
+    """Move the notebook's "What this week found" output (computed last) under the page's title cell."""
+    import nbformat
+
+    for cell in nb.cells:
+        for o in list(cell.get("outputs", []) if cell.cell_type == "code" else []):
+            text = o.get("data", {}).get("text/markdown", "")
+            if isinstance(text, list):
+                text = "".join(text)
+            if artefacts.FOUND_MARK in text:
+                cell.outputs.remove(o)
+                first = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"), -1)
+                nb.cells.insert(first + 1, nbformat.v4.new_markdown_cell(text.replace(artefacts.FOUND_MARK, "")))
+                return
 
 
 def _captioned(outs: list[Any], by_label: dict[str, artefacts.FigureRecord], page_dir: Path) -> list[Any]:
