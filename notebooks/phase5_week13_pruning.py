@@ -40,6 +40,7 @@ from IPython.display import Markdown, display
 
 import esa.nb
 from esa.apps.pruning import plots
+from esa.nb import say
 from esa.phases import phase5_pruning as pp
 from esa.report import scorecard
 
@@ -47,7 +48,7 @@ ctx = esa.nb.context("phase5_week13_pruning", profile, models, run_dir, override
 study = pp.STUDY
 S = study.settings(ctx.profile, None)
 plan = study.plan(S, ctx.profile, None if S.models else models)  # a section that names its models wins
-ctx.save_json(plan.as_dict(), "plan")
+ctx.save_json(plan.as_dict(), "plan")  # the plan goes to the manifest's data folder, not the page
 Markdown(f"The plan: {len(plan.conditions)} evaluations of {plan.setup['evaluation']['windows']} windows each on "
          f"{', '.join(plan.models)}.")
 
@@ -57,7 +58,7 @@ rows = pd.concat([r.rows for r in results.values()], ignore_index=True)
 ctx.save_table(rows, "pruning_rows")
 for m, r in results.items():
     for name, t in r.tables.items():
-        if len(t):
+        if len(t) and name not in ("main", "sweep", "patterns", "owl", "protection"):  # those are shown below
             ctx.save_table(t, f"{name}_{m}")
     ctx.save_json({"critical": r.critical, "evaluation": r.evaluation, "zeroshot": r.zeroshot, "restored": r.restored,
                    "seconds": r.seconds}, f"setup_{m}")
@@ -67,14 +68,14 @@ Markdown("\n".join(f"- **{m}**: {r.evaluation['n_windows']} evaluation windows o
 
 # %% [markdown]
 # ## The 50% table
-# PPL is the geometric mean over calibration seeds with its 95% CI (NaN with one seed); `calib_mode` says
-# how each method was calibrated; `zs_chance` is the zero-shot task's chance level.
+# Perplexity is the geometric mean over calibration seeds with its 95% CI (the estimate alone with one seed);
+# "Calib mode" says how each method was calibrated; the zero-shot task's chance level is in the full table.
 
 # %%
-COLS = ["model", "method", "sparsity", "pattern", "group", "allocation", "protected", "calib_mode", "n_seeds", "ppl",
-        "ppl_lo", "ppl_hi", "accuracy", "zs_accuracy", "zs_chance", "zs_items", "achieved_sparsity"]
-for r in results.values():
-    display(r.tables["main"][[c for c in COLS if c in r.tables["main"]]].sort_values("ppl"))
+COLS = ["method", "pattern", "protected", "calib_mode", "n_seeds", "ppl", "accuracy", "zs_accuracy"]
+for m, r in results.items():
+    display(ctx.table(r.tables["main"].sort_values("ppl"), f"main_{m}",
+                      f"{m}: every method at {S.sparsity:.0%} sparsity, best perplexity first.", columns=COLS))
 
 # %% [markdown]
 # ## The sparsity sweep
@@ -82,18 +83,20 @@ for r in results.values():
 # %%
 for m, r in results.items():
     ctx.savefig(plots.sparsity_curve(r.tables["sweep"], f"{m}: perplexity vs sparsity (95% CI over seeds)"), f"sweep_{m}")
-    display(r.tables["sweep"].pivot_table(index="method", columns="sparsity", values="ppl"))
+    sweep = r.tables["sweep"].pivot_table(index="method", columns="sparsity", values="ppl")
+    sweep.columns = [f"PPL at {c:.0%}" for c in sweep.columns]
+    display(ctx.table(sweep, f"sweep_{m}", f"{m}: perplexity per method and sparsity (geometric mean over seeds)."))
 
 # %% [markdown]
 # ## N:M patterns, OWL allocation, protected vs unprotected
 
 # %%
 for m, r in results.items():
-    for name in ("patterns", "owl", "protection"):
+    for name, what in (("patterns", "N:M patterns"), ("owl", "OWL layer-wise allocation"),
+                       ("protection", "critical set protected or not")):
         t = r.tables[name]
         if len(t):
-            print(f"{m}: {name}")
-            display(t[[c for c in COLS if c in t]])
+            display(ctx.table(t, f"{name}_{m}", f"{m}: {what}.", columns=["method", "sparsity", *COLS[1:]]))
 
 # %% [markdown]
 # ## The criterion
@@ -104,10 +107,23 @@ _, detail = pp.criterion_rows(rows, S, "")
 if len(detail):
     ctx.save_table(detail, "criterion_per_seed")
 scorecard.write_rows(ctx.run_dir, ctx.notebook, crit)
-scorecard.as_frame(crit)[["id", "measured", "threshold", "verdict", "note"]]
+display(Markdown("\n\n".join(study.findings(results, plan))))
+say(scorecard.in_words(crit))
 
 # %%
-counts = pd.Series([c.verdict for c in crit]).value_counts().to_dict()
-Markdown("\n\n".join(study.findings(results, plan)) + "\n\nCriterion rows: " + ", ".join(
-    f"{n} {v}" for v, n in counts.items()) + (" (smoke budget: machinery-only, the numbers are not evidence)."
-                                               if S.machinery_only else "."))
+found = []
+for m, r in results.items():
+    main = r.tables["main"].sort_values("ppl")
+    dense, pruned = main[main.method == "dense"], main[main.method != "dense"]
+    if not len(pruned):
+        continue
+    best, mag = pruned.iloc[0], pruned[pruned.method == "magnitude"]
+    than = f", against {mag.ppl.iloc[0]:.3g} for magnitude pruning" if len(mag) and best.method != "magnitude" else ""
+    was = f" (dense {dense.ppl.iloc[0]:.3g})" if len(dense) else ""
+    found.append(f"On {m} at {S.sparsity:.0%} sparsity, {best.method} keeps the lowest perplexity, {best.ppl:.3g}"
+                 f"{was}{than} ({ctx.ref('table', f'main_{m}')}, {ctx.ref('figure', f'sweep_{m}')}).")
+gain = [c for c in crit if c.verdict in ("PASS", "FAIL")]
+found.append(f"{len(gain)} of {len(crit)} pruning criteria could be judged on this run's numbers"
+             + (" (smoke budget: the rest are machinery-only)" if S.machinery_only else "")
+             + "; each is listed under Criteria with its value and threshold.")
+esa.nb.found(*found[-3:])
