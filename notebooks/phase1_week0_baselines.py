@@ -35,22 +35,24 @@ import seaborn as sns
 
 import esa.nb
 from esa.data import get_corpus
+from esa.nb import say
 from esa.phases import phase1
 from esa.report import scorecard
 
 ctx = esa.nb.context("phase1_week0_baselines", profile, models, run_dir, overrides, model_set="phase1_models")
 P = ctx.profile
 corpus = get_corpus(P.corpus)
-print(f"profile {P.name}: models {ctx.models}, corpus {corpus.name}, seqlen {P.seqlen}, "
-      f"{P.eval_windows or 'all'} windows per seed, seeds {P.seeds}, dtype {P.dtype}")
-print(corpus.description)
+say(f"Profile *{P.name}*: {', '.join(ctx.models)} on the {corpus.name} corpus, windows of {P.seqlen} tokens, "
+    f"{P.eval_windows or 'all'} windows per seed, seeds {', '.join(map(str, P.seeds))}, {P.dtype} weights.",
+    corpus.description)
 
 # %%
 per_seed, per_model = phase1.run_baselines(ctx.models, P)
 summary = phase1.summarise(per_seed, per_model)
 ctx.save_table(per_seed, "per_seed")
 ctx.save_table(summary, "summary")
-per_seed[["model", "seed", "ppl", "log_ppl", "accuracy", "n_windows", "n_tokens", "n_nonfinite_windows", "seconds"]]
+ctx.table(per_seed, "per_seed", "Perplexity and next-token accuracy per model and seed.",
+          columns=["model", "seed", "ppl", "log_ppl", "accuracy", "n_windows", "n_tokens", "seconds"])
 
 # %% [markdown]
 # ## The guide's table
@@ -59,7 +61,7 @@ per_seed[["model", "seed", "ppl", "log_ppl", "accuracy", "n_windows", "n_tokens"
 
 # %%
 table = phase1.guide_table(summary, P.name, ctx.run_dir)
-table
+ctx.table(table, "guide_table", "The guide's baseline table, one column per profile.")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -89,10 +91,15 @@ ctx.savefig(fig, "baselines", caption="Perplexity per seed (left) and against re
 rows = phase1.phase1_criteria(summary)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)
-card[["id", "measured", "threshold", "result", "note"]]
+say(scorecard.in_words(rows))
 
 # %%
 lines = phase1.summary_lines(summary, card, corpus.description)
-from IPython.display import Markdown  # noqa: E402
+say("\n".join(lines))
 
-Markdown("\n".join(lines))
+# %%
+fig_ref, tab_ref = ctx.ref("figure", "baselines"), ctx.ref("table", "per_seed")
+esa.nb.found(
+    *[f"{r.model} reads the {corpus.name} text at perplexity {r.ppl:.3g}, against {r.unigram_ppl:.3g} for a unigram "
+      f"model of the same corpus ({fig_ref}, {tab_ref})." for r in summary.itertuples()][:2],
+    f"{sum(c.verdict == 'PASS' for c in rows)} of {len(rows)} baseline criteria pass on this run (Criteria below).")

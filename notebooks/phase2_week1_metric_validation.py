@@ -34,6 +34,7 @@ overrides = {}
 import matplotlib.pyplot as plt
 
 import esa.nb
+from esa.nb import say
 from esa.phases import criteria, phase2
 from esa.report import scorecard
 from esa.sensitivity import plots
@@ -41,8 +42,9 @@ from esa.sensitivity import plots
 ctx = esa.nb.context("phase2_week1_metric_validation", profile, models, run_dir, overrides)
 P = ctx.profile
 model = ctx.models[0]  # week 1: the embedded default (the first model of the profile)
-print(f"profile {P.name}: model {model}, metrics {P.metrics}, seeds {P.seeds}, {P.max_samples} calibration "
-      f"windows x {P.seqlen} tokens ({P.corpus}), top-k {P.topk} {P.mode}, {P.hutchinson_probes} Hutchinson probes")
+say(f"Profile *{P.name}*: model {model}, metrics {', '.join(P.metrics)}, seeds {', '.join(map(str, P.seeds))}; "
+    f"{P.max_samples} calibration windows of {P.seqlen} tokens ({P.corpus}), top-{P.topk} ({P.mode}), "
+    f"{P.hutchinson_probes} Hutchinson probes.")
 
 # %%
 lm = phase2.load_model(model, P)
@@ -50,8 +52,8 @@ runs = phase2.score_model(lm, model, P)
 table = phase2.selections(runs, P.topk, P.mode, lm)
 ctx.save_table(table, "topk")
 info = phase2.describe_runs(runs)
-print(info["windows"])
-info["definitions"]
+say(f"Calibration windows: {info['windows']}.",
+    "\n\n" + "\n".join(f"- **{m}**: {v}" for m, v in info["definitions"].items()))
 
 # %% [markdown]
 # ## Heavy tails: how far above the median do the top scores sit?
@@ -162,7 +164,7 @@ for m, r in resolutions.items():
 rows = criteria.budgeted(rows, P)  # rows resting on a sample below the guide's: machinery-only, with the reason
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)
-card[["id", "measured", "threshold", "result", "note"]]
+say(scorecard.in_words(rows))
 
 # %%
 first = tails[tails.seed == P.seeds[0]].set_index("metric")
@@ -202,3 +204,16 @@ n_pass = int((card.result == "PASS").sum())
 lines.append(f"\n{n_pass} of {len(card)} criteria pass; {int((~card.result.isin(['PASS', 'FAIL'])).sum())} cannot be "
              "judged from this run (verdict and reason in the notes).")
 Markdown("\n".join(lines))
+
+# %%
+first_metric = P.metrics[0]
+_found = [f"The scores are heavy-tailed: for {first_metric} the top 1% averages "
+          f"{first.loc[first_metric].top1pct_over_median:.3g} times the median ({ctx.ref('figure', 'survival')})."]
+if len(stab):
+    s0 = stab.sort_values("jaccard_mean").iloc[0]
+    _found.append(f"The least stable metric across calibration seeds is {s0.metric}, with a mean top-{P.topk} "
+                  f"Jaccard of {s0.jaccard_mean:.3g} between seeds (stability table above).")
+if len(agree_mean):
+    _found.append(f"The two metrics that agree most are {best_pair.metric_a} and {best_pair.metric_b}, "
+                  f"sharing {best_pair.overlap:.0%} of their top-k (agreement table above).")
+esa.nb.found(*_found)
