@@ -27,19 +27,22 @@ overrides = {}
 
 # %%
 import gc
+import logging
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
 import esa.nb
 from esa.errors import EsaError
+from esa.nb import say
 from esa.phases import criteria, phase2
 from esa.report import scorecard
 from esa.sensitivity import plots
 
 ctx = esa.nb.context("phase2_week2_cross_model", profile, models, run_dir, overrides)
 P = ctx.profile
-print(f"profile {P.name}: models {ctx.models}, metrics {P.metrics}, seeds {P.seeds}, top-k {P.topk} {P.mode}")
+say(f"Profile *{P.name}*: models {', '.join(ctx.models)}; metrics {', '.join(P.metrics)}; seeds "
+    f"{', '.join(map(str, P.seeds))}; top-{P.topk} ({P.mode}).")
 
 # %%
 tails, tops, stabs, agrees, sws, infos, rows = [], [], [], [], [], [], []
@@ -59,7 +62,8 @@ for model in ctx.models:
     try:
         sws.append(phase2.superweight_table(lm, runs).assign(model=model))
     except EsaError as e:  # a model without dense down projections (MoE): say so, keep going
-        print(f"{model}: super-weight detector skipped ({e})")
+        skipped = f"{model}: super-weight detector skipped ({e})"
+        logging.getLogger(ctx.notebook).warning(skipped)
     curves[model] = runs[(P.metrics[0], P.seeds[0])].survival
     infos.append({"model": model, "family": lm.info.family, "layers": lm.info.n_layers,
                   "weights_studied_M": lm.info.n_weights_studied / 1e6, "moe": lm.info.moe})
@@ -90,12 +94,12 @@ stabs
 # %%
 # each criterion is judged once: rows week 1 already wrote for the same model are not repeated here
 fresh = scorecard.unseen(ctx.run_dir, ctx.notebook, rows)
-print(f"{len(rows) - len(fresh)} of {len(rows)} rows already judged by an earlier notebook of this run; "
-      f"{len(fresh)} written here")
+_already = (f"{len(rows) - len(fresh)} of the {len(rows)} criteria computed here were already judged by an earlier "
+            f"notebook of this run, so {len(fresh)} are judged on this page.")
 rows = criteria.budgeted(fresh, P)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)
-card[["id", "measured", "threshold", "result", "note"]]
+say(_already, "\n\n" + scorecard.in_words(rows))
 
 # %%
 from IPython.display import Markdown  # noqa: E402
@@ -123,3 +127,11 @@ for model in ctx.models:
 n_pass = int((card.result == "PASS").sum())
 lines.append(f"\n{n_pass} of {len(card)} criteria pass over {len(ctx.models)} model(s).")
 Markdown("\n".join(lines))
+
+# %%
+_fig = ctx.ref("figure", "survival_by_model")
+_ts = tail_summary[tail_summary.metric == P.metrics[0]].sort_values("top1pct_over_median", ascending=False)
+esa.nb.found(
+    *[f"On {r.model}, the top 1% of {r.metric} scores averages {r.top1pct_over_median:.3g} times the median "
+      f"({_fig})." for r in _ts.head(2).itertuples()],
+    f"{n_pass} of {len(card)} criteria judged on this page pass (Criteria below).")

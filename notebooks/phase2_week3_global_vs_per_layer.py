@@ -32,6 +32,7 @@ import pandas as pd
 import seaborn as sns
 
 import esa.nb
+from esa.nb import say
 from esa.phases import criteria, phase2
 from esa.report import scorecard
 from esa.stats.verdicts import Criterion
@@ -40,14 +41,14 @@ ctx = esa.nb.context("phase2_week3_global_vs_per_layer", profile, models, run_di
 P = ctx.profile
 model, metric = ctx.models[0], P.metrics[0]
 ks = sorted({max(1, P.topk // 4), P.topk, P.highres_topk})
-print(f"profile {P.name}: model {model}, metric {metric}, seeds {P.highres_seeds}, k in {ks}")
+say(f"Profile *{P.name}*: model {model}, metric {metric}, seeds {', '.join(map(str, P.highres_seeds))}, "
+    f"k in {', '.join(map(str, ks))}.")
 
 # %%
 lm = phase2.load_model(model, P)
 runs = phase2.score_model(lm, model, P, metrics=[metric], seeds=P.highres_seeds)
 comp = phase2.mode_comparison(runs, lm, ks, metric)
-ctx.save_table(comp, "mode_comparison")
-comp
+ctx.table(comp, "mode_comparison", f"{metric}: seed stability of the global and per-layer top-k at each k.")
 
 # %%
 n_mats = sum(s.n_experts or 1 for s in lm.inventory)
@@ -55,7 +56,6 @@ glob = runs[(metric, P.highres_seeds[0])].topk(P.highres_topk, "global", lm.inve
 ctx.save_table(glob, "global_highres")
 conc = phase2.concentration(glob, n_mats)
 by_comp = glob.groupby(["layer", "component"]).size().rename("count").reset_index()
-conc
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -87,7 +87,7 @@ rows += phase2.phase2_criteria(
 rows = criteria.budgeted([r for r in rows if r.id.startswith(("P2.global_within", "P2.jaccard"))], P)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)
-card[["id", "measured", "threshold", "result", "note"]]
+say(scorecard.in_words(rows))
 
 # %%
 from IPython.display import Markdown  # noqa: E402
@@ -102,3 +102,12 @@ Markdown(
     f"global and {pl.jaccard_mean:.3f} for per-layer selection. The global top-k "
     f"{'lies' if contained else 'does NOT lie'} inside the per-layer union at every k and seed tested."
 )
+
+# %%
+_fig, _tab = ctx.ref("figure", "global_vs_per_layer"), ctx.ref("table", "mode_comparison")
+esa.nb.found(
+    f"At k={P.highres_topk}, the global top-k of {metric} is {'more' if g.jaccard_mean > pl.jaccard_mean else 'less'} "
+    f"stable across seeds than the per-layer one: mean Jaccard {g.jaccard_mean:.3g} against {pl.jaccard_mean:.3g} "
+    f"({_fig}, {_tab}).",
+    f"The global top-{P.highres_topk} touches {conc['matrices_hit']} of {n_mats} matrices, and the busiest 10% of "
+    f"matrices hold {conc['share_in_busiest_10pct']:.0%} of it ({_fig}, right).")

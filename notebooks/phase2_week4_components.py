@@ -34,6 +34,7 @@ import pandas as pd
 
 import esa.nb
 from esa.data import calibration
+from esa.nb import say
 from esa.phases import criteria, phase2
 from esa.report import scorecard
 from esa.sensitivity import plots, structure
@@ -42,7 +43,8 @@ from esa.stats.verdicts import Criterion, judge
 ctx = esa.nb.context("phase2_week4_components", profile, models, run_dir, overrides)
 P = ctx.profile
 seed = P.seeds[0]
-print(f"profile {P.name}: models {ctx.models}, metrics {P.metrics}, global top-{P.topk}, seed {seed}")
+say(f"Profile *{P.name}*: models {', '.join(ctx.models)}; metrics {', '.join(P.metrics)}; the global top-{P.topk}; "
+    f"seed {seed}.")
 
 # %%
 shares, archs, weights, summary = [], [], [], []
@@ -89,6 +91,7 @@ weights
 fig, ax = plt.subplots(figsize=(8, 3.8))
 piv = shares.pivot_table(index="component", columns="metric", values="selected_share", aggfunc="mean")
 piv.plot.bar(ax=ax)
+ax.legend(title="metric", fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")  # beside the bars, not over them
 ax.set(ylabel=f"share of global top-{P.topk}", title="Where the critical weights sit, by component (mean over models)")
 fig.tight_layout()
 ctx.savefig(fig, "component_shares")
@@ -110,7 +113,7 @@ for r in summary.itertuples():
 rows = criteria.budgeted(rows, P)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)
-card[["id", "measured", "threshold", "result", "note"]]
+say(scorecard.in_words(rows))
 
 # %%
 from IPython.display import Markdown  # noqa: E402
@@ -133,3 +136,13 @@ for model in ctx.models:
 heavy = int((card.result == "PASS").sum())
 lines.append(f"\n{heavy} of {len(card)} model x metric pairs have a weight scoring at least 100x the median.")
 Markdown("\n".join(lines))
+
+# %%
+_lead = piv.mean(axis=1).sort_values(ascending=False)
+_top = summary.sort_values("max_over_median", ascending=False).iloc[0]
+esa.nb.found(
+    f"{_lead.index[0]} holds the largest share of the global top-{P.topk}, {_lead.iloc[0]:.0%} on average over "
+    f"metrics and models ({ctx.ref('figure', 'component_shares')}).",
+    f"The most extreme score is {_top.max_over_median:.3g} times the median ({_top.metric} on {_top.model}, weight "
+    f"{_top.top_weight}; Phase 2 summary table above).",
+    f"{heavy} of {len(card)} heavy-tail criteria pass (Criteria below).")
