@@ -35,6 +35,7 @@ import pandas as pd
 from IPython.display import display
 
 import esa.nb
+from esa.nb import say
 from esa.perturb import PerturbSpec, plots
 from esa.phases import criteria, phase3
 from esa.report import scorecard
@@ -43,7 +44,8 @@ ctx = esa.nb.context("phase3_week6_dose_response", profile, models, run_dir, ove
 P = ctx.profile
 controls = [c for c in P.controls if c in ("random_k", "bottom_k")]
 specs = [PerturbSpec(p, scale=s) for p in ("sign_flip", "gauss_noise") if p in P.perturbations for s in P.dose_scales]
-print(f"profile {P.name}: models {ctx.models}, doses {P.dose_scales}, groups top_k + {controls}, seeds {P.seeds}")
+say(f"Profile *{P.name}*: models {', '.join(ctx.models)}; doses {', '.join(map(str, P.dose_scales))}; the top-k "
+    f"against {', '.join(controls)}; seeds {', '.join(map(str, P.seeds))}.")
 
 # %%
 runs = {m: phase3.sweep_model(m, P, specs, controls=controls) for m in ctx.models}
@@ -52,8 +54,10 @@ ctx.save_table(table, "dose_response")
 for m, r in runs.items():
     ctx.save_json({"baseline": r.baseline.as_dict(), **r.stats}, f"stats_{m}")
     ctx.savefig(plots.dose_plot(r.table, title=f"{m}: dose-response"), f"dose_{m}")
-    display(pd.DataFrame(r.stats["dose_response"]["curves"]))
-    display(pd.DataFrame(r.stats["dose_response"]["hierarchy"]))
+    display(ctx.table(pd.DataFrame(r.stats["dose_response"]["curves"]), f"curves_{m}",
+                      f"{m}: does each group's damage rise with the dose? (Spearman ρ over doses)"))
+    display(ctx.table(pd.DataFrame(r.stats["dose_response"]["hierarchy"]), f"hierarchy_{m}",
+                      f"{m}: mean damage per group at each (perturbation, dose) point."))
 
 # %%
 rows = []
@@ -63,18 +67,20 @@ for m, r in runs.items():
         rows.append(c)
 rows = criteria.budgeted(rows, P)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
-scorecard.as_frame(rows)
+say(scorecard.in_words(rows))
 
 # %%
+found = []
 for m, r in runs.items():
     top = [c for c in r.stats["dose_response"]["curves"] if c["group"] == "top_k"]
     hier = r.stats["dose_response"]["hierarchy"]
     rhos = ", ".join(f"{c['perturbation']} {c['rho']:.2f}" for c in top)
-    print(f"{m}: the top-k curve rises at every dose step for {sum(bool(c['monotonic']) for c in top)} of "
+    found.append(f"On {m}, the top-k curve rises at every dose step for {sum(bool(c['monotonic']) for c in top)} of "
           f"{len(top)} perturbations (Spearman rho: {rhos}); "
           f"top-k lies above every control at {sum(h['means'][0] > max(h['means'][1:]) for h in hier)} of {len(hier)} "
           f"(perturbation, dose) points; the full order top > random > bottom (controls at noise level) holds at "
-          f"{sum(bool(h['holds']) for h in hier)}.")
+          f"{sum(bool(h['holds']) for h in hier)} ({ctx.ref('figure', f'dose_{m}')}, {ctx.ref('table', f'hierarchy_{m}')}).")
     zeros = r.composition.groupby("group")["zero_share"].mean()
-    print("  exactly-zero weights per group (a sign flip leaves them unchanged): "
-          + ", ".join(f"{g} {z:.0%}" for g, z in zeros.items()))
+    display(say(f"{m}: exactly-zero weights per group (a sign flip leaves them unchanged): "
+                + ", ".join(f"{g} {z:.0%}" for g, z in zeros.items()) + "."))
+esa.nb.found(*found[:3])

@@ -30,9 +30,10 @@ overrides = {}
 
 # %%
 import pandas as pd
-from IPython.display import Markdown
+from IPython.display import Markdown, display
 
 import esa.nb
+from esa.nb import say
 from esa.perturb import PerturbSpec, plots
 from esa.phases import criteria, phase3
 from esa.report import scorecard
@@ -42,14 +43,16 @@ P = ctx.profile
 model_list = list(dict.fromkeys([*ctx.models, *P.cross_model_extra]))
 controls = [c for c in P.controls if c in ("random_k", "bottom_k")]
 specs = [PerturbSpec("sign_flip", scale=P.perturb_scale), PerturbSpec("zero")]
-print(f"models {model_list}; perturbations {[s.label() for s in specs]}; groups top_k + {controls}; seeds {P.seeds}")
+say(f"Models {', '.join(model_list)}; perturbations {', '.join(s.label() for s in specs)}; the top-k against "
+    f"{', '.join(controls)}; seeds {', '.join(map(str, P.seeds))}.")
 
 # %%
-runs, alone, detector = {}, [], {}
+runs, alone, detector, ks = {}, [], {}, []
 for m in model_list:
     lm = phase3.load_model(m, P)
     k = phase3.feasible_k(lm.inventory, P.topk)  # tiny models' routers are too small for the profile's k
-    print(f"{m}: top-{k} per matrix" + ("" if k == P.topk else f" (profile's {P.topk} capped: smallest matrix)"))
+    ks.append(f"{m}: the top-{k} per matrix" + ("" if k == P.topk else f" (the profile's {P.topk}, capped by its "
+                                                                      "smallest matrix)"))
     runs[m] = phase3.sweep_model(m, P, specs, controls=controls, lm=lm, k=k)
     one = phase3.zero_alone(lm, P, runs[m].selection, baseline=runs[m].baseline)  # the sweep's windows
     detector[m] = one.attrs["detector"]
@@ -62,7 +65,9 @@ for m, r in runs.items():
     s = pd.DataFrame(r.stats["summary"]).assign(model=m, family=r.family)  # k is in the table
     rows.append(s)
 summary = pd.concat(rows, ignore_index=True)
-summary[["model", "family", "perturbation", "group", "n_seeds", "mean", "ci_lo", "ci_hi", "mean_delta_ppl"]]
+display(say("; ".join(ks) + "."))
+ctx.table(summary, "damage_summary", "Mean damage per model, perturbation and group, 95% bootstrap CI over seeds.",
+          columns=["model", "family", "perturbation", "group", "n_seeds", "mean", "mean_delta_ppl"])
 
 # %% [markdown]
 # Damage per group, one panel per model (delta log-PPL in nats/token, 95% bootstrap CIs over seeds).
@@ -90,7 +95,7 @@ Markdown("\n".join(phase3.zero_alone_lines(alone, detector)))
 verdicts = {m: (r.family, r.stats) for m, r in runs.items()}
 cards = criteria.budgeted(criteria.p3_cross_architecture(verdicts, "data/phase3_week7_cross_model/"), P)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, cards)
-scorecard.as_frame(cards)
+say(scorecard.in_words(cards))
 
 # %%
 held = {m: criteria.holds(r.stats) for m, r in runs.items()}
@@ -98,3 +103,12 @@ Markdown(f"The Phase 3 claim (sign-flip ΔPPL ratio ≥ 5 and top_k > random_k s
          f"for {sum(bool(v) for v in held.values())} of {len(held)} models; "
          f"{len({r.family for r in runs.values()})} architectures were run.\n\n"
          + "\n".join(f"- {m} ({runs[m].family}): {criteria.holds_word(v)}" for m, v in held.items()))
+
+# %%
+_sf = summary[summary.perturbation.str.startswith("sign_flip")].pivot_table(index="model", columns="group", values="mean")
+esa.nb.found(
+    *[f"On {m} ({runs[m].family}), a sign flip of the top-k adds {_sf.loc[m, 'top_k']:.3g} nats/token against "
+      f"{_sf.loc[m, 'random_k']:.3g} for random weights ({ctx.ref('figure', f'damage_{m}')})."
+      for m in _sf.index if {"top_k", "random_k"} <= set(_sf.columns)][:2],
+    f"The Phase 3 claim holds for {sum(bool(v) for v in held.values())} of {len(held)} models "
+    f"({ctx.ref('table', 'damage_summary')}; Criteria below).")

@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt
 from IPython.display import display
 
 import esa.nb
+from esa.nb import say
 from esa.perturb import PerturbSpec, advanced
 from esa.phases import criteria, phase3
 from esa.report import scorecard
@@ -39,7 +40,8 @@ ctx = esa.nb.context("phase3_week8_advanced", profile, models, run_dir, override
 P = ctx.profile
 seed = P.seeds[0]
 ns = [n for n in (1, 10, 100, 1000, 10000) if n <= P.topk * 10]
-print(f"profile {P.name}: models {ctx.models}; cumulative ns {ns}; seed {seed}")
+say(f"Profile *{P.name}*: models {', '.join(ctx.models)}; the best-ranked {', '.join(map(str, ns))} weights zeroed "
+    f"cumulatively; seed {seed}.")
 
 # %%
 results = {}
@@ -54,12 +56,9 @@ for m in ctx.models:
                             controls=[c for c in P.controls if c in ("random_k", "bottom_k")], lm=lm)
     stab = advanced.ranking_stability(sw.windows)
     results[m] = dict(cum=cum, restore=r1, stability=stab, top1=ranked.head(1).to_dict("records"))
-    ctx.save_table(cum.assign(model=m), f"cumulative_{m}")
-    ctx.save_table(r1.assign(model=m), f"restore_one_{m}")
     ctx.save_json({"stability": stab, "top1": results[m]["top1"], "from_cache": cached}, f"advanced_{m}")
-    display(cum)
-    display(r1)
-    print(m, stab)
+    display(ctx.table(cum.assign(model=m), f"cumulative_{m}", f"{m}: damage as the n best-ranked weights are zeroed together."))
+    display(ctx.table(r1.assign(model=m), f"restore_one_{m}", f"{m}: the top-k zeroed, with and without its single top weight."))
 
 # %%
 fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -70,22 +69,24 @@ ax.set_xscale("log")
 ax.set_xlabel("n best-ranked weights zeroed (global rank)")
 ax.set_ylabel("delta log-PPL (nats/token)")
 ax.grid(alpha=0.3)
-ax.legend(fontsize=8)
+ax.legend(fontsize=8, loc="upper left")  # the curves rise to the right
 ctx.savefig(fig, "cumulative_ablation")
 
 # %%
-rows = []
+rows, found = [], []
 for m, r in results.items():
     rs = r["restore"].set_index("condition")["delta_log_ppl"]
     share = rs["top-1 only"] / rs["all top-k"] if rs["all top-k"] > 0 else float("nan")
     # judged by criteria: a 95% range from fewer distinct half-splits than MIN_DISTINCT_SPLITS is no spread
     rows += criteria.p3_ranking_stability(r["stability"], m, f"data/phase3_week8_advanced/advanced_{m}.json")
-    print(f"{m}: zeroing the global top-1 adds {r['cum']['delta_log_ppl'].iloc[0]:.4f} nats/token, the top-"
+    found.append(f"On {m}, zeroing the global top-1 adds {r['cum']['delta_log_ppl'].iloc[0]:.4f} nats/token, the top-"
           f"{int(r['cum']['n_weights'].iloc[-1])} {r['cum']['delta_log_ppl'].iloc[-1]:.4f}; the single top weight alone "
           f"carries {share:.1%} of the top-{P.topk} damage, and restoring it leaves "
           f"{rs['top-k but keep top-1']:.4f} nats/token; damage rankings on random window halves agree with "
           f"rho = {r['stability']['rho_mean']:.2f} "
-          f"({criteria.distinct_half_splits(r['stability']['n_windows'])} distinct half-split(s) of the windows).")
+          f"({criteria.distinct_half_splits(r['stability']['n_windows'])} distinct half-split(s) of the windows; "
+          f"{ctx.ref('figure', 'cumulative_ablation')}, {ctx.ref('table', f'restore_one_{m}')}).")
 rows = criteria.budgeted(rows, P)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
-scorecard.as_frame(rows)
+display(say(scorecard.in_words(rows)))
+esa.nb.found(*found[:3])
