@@ -32,7 +32,9 @@ import seaborn as sns
 
 import esa.nb
 from esa.analysis import architecture
+from esa.nb import say
 from esa.phases import phase4
+from esa.report import scorecard
 
 ctx = esa.nb.context("phase4_week10_architecture_comparison", profile, models, run_dir, overrides)
 P = ctx.profile
@@ -41,7 +43,9 @@ meta = measures[["model", "family", "moe", "n_layers"]]
 out = architecture.compare_architectures(tables, meta, n_perm=5000)
 for name, df in out.items():
     ctx.save_table(df, name)
-print(f"{len(tables)} models from {source}")
+say(f"{len(tables)} models, read from {source}.")
+
+# %%
 out["attn_ffn"].groupby("model")[["attention_mean_score", "ffn_mean_score", "attn_ffn_ratio"]].mean()
 
 # %%
@@ -52,7 +56,7 @@ sns.lineplot(data=out["progression"], x="rel_depth", y="score_vs_model_median", 
              marker="o", ax=axes[0], hue_order=by_size)
 axes[0].set(yscale="log", xlabel="relative depth", ylabel="mean top-k score / model median",
             title="Layer-wise progression")
-axes[0].legend(fontsize=6)
+axes[0].legend(fontsize=6, bbox_to_anchor=(1.01, 1), loc="upper left")  # beside the lines, not over them
 sns.stripplot(data=out["layer_observations"], x="model", y="log_attn_ffn", ax=axes[1], order=by_size)
 axes[1].axhline(0, color="k", lw=0.8)
 axes[1].set(ylabel="log(attention / FFN mean top-k score)", xlabel="", title="Attention vs FFN per layer")
@@ -69,10 +73,15 @@ out["moe_by_kind"]
 
 # %%
 tests = out["tests"]
-tests[["comparison", "n_a", "n_b", "diff", "p_perm", "p_perm_holm", "p_mw_holm", "rank_biserial", "confounds"]]
+ctx.table(tests, "tests", "Architecture comparisons: permutation and Mann-Whitney tests, Holm-corrected.",
+          columns=["comparison", "n_a", "n_b", "diff", "p_perm", "p_perm_holm", "p_mw_holm", "rank_biserial",
+                   "confounds"],
+          headers={"n_a": "n (first)", "n_b": "n (second)", "diff": "Difference of mean log-ratio",
+                   "p_perm": "p (permutation)", "p_perm_holm": "p (permutation, Holm)",
+                   "p_mw_holm": "p (Mann-Whitney, Holm)", "rank_biserial": "Rank-biserial r"})
 
 # %%
-from IPython.display import Markdown  # noqa: E402
+from IPython.display import Markdown, display  # noqa: E402
 
 r = out["attn_ffn"].groupby("model")["attn_ffn_ratio"].mean()
 lines = [f"Attention/FFN ratio of mean top-k scores ranges {r.min():.2f} ({r.idxmin()}) to {r.max():.2f} "
@@ -84,4 +93,14 @@ kinds = out["moe_by_kind"]
 for m, sub in kinds.groupby("model"):
     shares = ", ".join(f"{k} {s:.0%}" for k, s in zip(sub.kind, sub.score_share, strict=True))
     lines.append(f"- {m}: share of top-k score mass by kind: {shares}.")
-Markdown("\n".join(lines))
+display(Markdown("\n".join(lines)))
+say(scorecard.in_words([c for c in scorecard.read_all(ctx.run_dir) if c.get("notebook") == ctx.notebook]))
+
+# %%
+_low = tests.sort_values("p_perm_holm").head(1)
+esa.nb.found(
+    f"The attention/FFN ratio of mean top-k scores ranges from {r.min():.2f} ({r.idxmin()}) to {r.max():.2f} "
+    f"({r.idxmax()}) ({ctx.ref('figure', 'architecture')}).",
+    *[f"The strongest architecture contrast, {t.comparison}, differs by {t.diff:+.2f} in mean log-ratio with "
+      f"permutation p = {t.p_perm_holm:.3g} after Holm correction ({ctx.ref('table', 'tests')})."
+      for t in _low.itertuples()])

@@ -38,13 +38,15 @@ import numpy as np
 import esa.nb
 from esa.analysis import scaling
 from esa.models import micro
+from esa.nb import say
 from esa.phases import phase4
+from esa.report import scorecard
 
 ctx = esa.nb.context("phase4_week9_parameter_scaling", profile, models, run_dir, overrides)
 P = ctx.profile
 refs = list(models) if models else phase4.phase4_models(P)
-print(f"profile {P.name}: {len(refs)} models {refs}; corpus {P.corpus}, seqlen {P.seqlen}, seeds {P.seeds}, "
-      f"top-k {P.topk} ({P.mode})")
+say(f"Profile *{P.name}*: {len(refs)} models ({', '.join(refs)}); corpus {P.corpus}, windows of {P.seqlen} tokens, "
+    f"seeds {', '.join(map(str, P.seeds))}, top-{P.topk} ({P.mode}).")
 
 # %% [markdown]
 # ## The micro-suite: training cost and whether each model learned anything
@@ -60,18 +62,24 @@ suite
 
 # %%
 measures, topk_tables = phase4.collect(refs, P)
-ctx.save_table(measures, "measures")
 for name, t in topk_tables.items():
     ctx.save_table(t, f"topk_{name.replace('@', '_')}")
-measures[["model", "n_params", "n_params_active", "base_ppl", "dlogppl_topk_zero", "dlogppl_random_zero",
-          "topk_over_random", "tail_top1pct_over_median", "frac_selected"]]
+ctx.table(measures, "measures", "Each model's size, perplexity and sensitivity measures.",
+          columns=["model", "n_params", "n_params_active", "base_ppl", "dlogppl_topk_zero", "dlogppl_random_zero",
+                   "topk_over_random", "tail_top1pct_over_median", "frac_selected"],
+          headers={"dlogppl_topk_zero": "Δ log-PPL, top-k zeroed (nats/token)",
+                   "dlogppl_random_zero": "Δ log-PPL, random-k zeroed (nats/token)",
+                   "topk_over_random": "Top-k / random damage", "base_ppl": "Perplexity",
+                   "n_params_active": "Active parameters", "tail_top1pct_over_median": "Top-1% score / median",
+                   "frac_selected": "Share of weights selected"})
 
 # %%
 MEASURES = ["dlogppl_topk_zero", "topk_over_random", "tail_top1pct_over_median", "tail_max_over_median"]
 fits = scaling.scaling_fits(measures, MEASURES, n_boot=1000)
-ctx.save_table(fits, "fits")
-fits[["measure", "x", "n_models", "exponent", "exponent_ci_lo", "exponent_ci_hi", "r2", "loo_mean_error",
-      "loo_max_error", "descriptive_only", "segmented_preferred"]]
+ctx.table(fits, "fits", "Power-law fits of each measure against parameters (exponent b with its 95% bootstrap CI).",
+          columns=["measure", "x", "n_models", "exponent", "r2", "loo_mean_error", "descriptive_only"],
+          headers={"x": "Against", "n_models": "Models", "exponent": "Exponent b", "r2": "R²",
+                   "loo_mean_error": "Leave-one-out error", "descriptive_only": "Descriptive only"})
 
 # %%
 from matplotlib.ticker import LogLocator, NullFormatter
@@ -97,7 +105,7 @@ ctx.savefig(fig, "scaling_fits", caption="Power-law fits of each sensitivity mea
             takeaway="Exponents on total parameters: " + ", ".join(f"{m} b={b:.2f}" for m, b in _f.items()) + ".")
 
 # %%
-from IPython.display import Markdown  # noqa: E402
+from IPython.display import Markdown, display  # noqa: E402
 
 lines = [scaling.describe_fit(r) for _, r in fits[fits.x == "n_params"].iterrows()]
 judged, basis = scaling.criteria_basis(measures)
@@ -116,4 +124,14 @@ if len(moe):
                  f"{moe.n_params_active.iloc[0]:,} active parameters; fits against both are in the table.")
 lines.append(f"\nThe per-layer k is fixed, so the selected fraction falls from {measures.frac_selected.max():.2%} to "
              f"{measures.frac_selected.min():.2%} with size: a confound of every damage-vs-size exponent here.")
-Markdown("\n\n".join(lines))
+display(Markdown("\n\n".join(lines)))
+say(scorecard.in_words([r for r in scorecard.read_all(ctx.run_dir) if r.get("notebook") == ctx.notebook]))
+
+# %%
+_b = fits[(fits.x == "n_params") & (fits.measure == MEASURES[0])]
+esa.nb.found(
+    *([f"Damage from zeroing the top-k scales with parameters as N^{_b.exponent.iloc[0]:.2f} "
+       f"(R² {_b.r2.iloc[0]:.2f}, {int(_b.n_models.iloc[0])} models; {ctx.ref('figure', 'scaling_fits')}, "
+       f"{ctx.ref('table', 'fits')})."] if len(_b) else []),
+    f"The selected share of weights falls from {measures.frac_selected.max():.2%} to {measures.frac_selected.min():.2%} "
+    f"with size, a confound of every exponent here ({ctx.ref('table', 'measures')}).")
