@@ -28,9 +28,11 @@ overrides = {}
 # %%
 import matplotlib.pyplot as plt
 import pandas as pd
+from IPython.display import display
 
 import esa.nb
 from esa.analysis import scaling
+from esa.nb import say
 from esa.phases import criteria, phase4
 from esa.report import scorecard
 
@@ -47,8 +49,8 @@ N_REP = 60 if P.name == "smoke" else 300
 grid = [(n, b, s) for n in (4, 5, 8) for b in (-0.3, 0.5) for s in (0.05, 0.2)]
 synth = pd.DataFrame([scaling.synthetic_recovery(n, b, s, n_rep=N_REP, n_boot=200, seed=i)
                       for i, (n, b, s) in enumerate(grid)])
-ctx.save_table(synth, "synthetic_recovery")
-synth
+ctx.table(synth, "synthetic_recovery", f"Recovery of a known exponent by suites of synthetic models "
+          f"({N_REP} suites per row).")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -61,7 +63,7 @@ axes[0].set(xlabel="models in the suite", ylabel="CI coverage of the true expone
 axes[1].axhline(0.2, color="k", lw=0.8)
 axes[1].set(xlabel="models in the suite", ylabel="median of max LOO rel. error", title="LOO error")
 for ax in axes:
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")  # beside the points, not over them
 fig.tight_layout()
 ctx.savefig(fig, "synthetic_validation")
 
@@ -79,20 +81,20 @@ judged, basis = scaling.criteria_basis(measures)
 fits = scaling.scaling_fits(judged, [MEASURE], n_boot=1000)
 loo = scaling.loo_table(judged, [MEASURE])
 ctx.save_table(fits, "real_fits")
-ctx.save_table(loo, "real_loo")
-print(basis)
-pd.concat([fits_all.assign(models="all"), fits.assign(models="judged")])[
-    ["models", "x", "n_models", "exponent", "exponent_ci_lo", "exponent_ci_hi", "r2", "loo_max_error"]]
-
-# %%
-loo
+display(say(f"The criteria are judged on {basis}."))
+display(ctx.table(pd.concat([fits_all.assign(models="all"), fits.assign(models="judged")]), "real_fits_shown",
+                  "Power-law fit of top-k damage against parameters, on all models and on the judged suite.",
+                  columns=["models", "x", "n_models", "exponent", "r2", "loo_max_error"],
+                  headers={"models": "Models fitted", "x": "Against", "n_models": "Models", "exponent": "Exponent b",
+                           "r2": "R²", "loo_max_error": "Largest leave-one-out error"}))
+ctx.table(loo, "real_loo", "Leave-one-model-out: each model's error when the fit is made without it.")
 
 # %%
 rows = scaling.scaling_criteria(fits, MEASURE, evidence=f"{ctx.notebook}: real_fits / real_loo", basis=basis)
 rows = criteria.machinery_only(rows, criteria.untrained_in_run(ctx.run_dir))  # untrained micro models: no evidence
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)
-card[["id", "measured", "threshold", "result", "note"]]
+say(scorecard.in_words(rows))
 
 # %%
 from IPython.display import Markdown  # noqa: E402
@@ -111,3 +113,11 @@ text = [
     "Too few models for leave-one-out.",
 ]
 Markdown("\n\n".join(text))
+
+# %%
+esa.nb.found(
+    f"With 5 models, bootstrap CIs covered the true exponent in {five.coverage_bootstrap.min():.0%}-"
+    f"{five.coverage_bootstrap.max():.0%} of synthetic suites against a nominal 95% "
+    f"({ctx.ref('figure', 'synthetic_validation')}, {ctx.ref('table', 'synthetic_recovery')}).",
+    f"On the judged suite the damage exponent is {f.exponent:.2f} with R² {f.r2:.2f} over {int(f.n_models)} models "
+    f"({ctx.ref('table', 'real_fits_shown')}).")

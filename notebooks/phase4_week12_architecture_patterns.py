@@ -33,6 +33,7 @@ import seaborn as sns
 
 import esa.nb
 from esa.analysis import architecture, patterns
+from esa.nb import say
 from esa.phases import criteria, phase4
 from esa.report import scorecard
 
@@ -42,7 +43,7 @@ measures, tables, source = phase4.week9_results(ctx.run_dir, models, P)
 refs = list(measures.model)
 topk = architecture.combine_topk(tables)
 n_layers = dict(zip(measures.model, measures.n_layers, strict=True))
-print(f"{len(refs)} models from {source}: {refs}")
+say(f"{len(refs)} models ({', '.join(refs)}), read from {source}.")
 
 # %% [markdown]
 # ## The single most critical weight of each model
@@ -51,9 +52,12 @@ print(f"{len(refs)} models from {source}: {refs}")
 
 # %%
 top = patterns.top_weights(topk, n_layers)
-ctx.save_table(top, "top_weights")
-top[["model", "seed", "param", "component", "layer", "rel_depth", "row", "col", "score_over_topk_median",
-     "same_across_seeds"]]
+ctx.table(top, "top_weights", "The single most critical weight of each model and seed.",
+          columns=["model", "seed", "param", "component", "layer", "rel_depth", "row", "col", "score_over_topk_median",
+                   "same_across_seeds"],
+          headers={"param": "Parameter", "component": "Component", "rel_depth": "Relative depth", "row": "Row",
+                   "col": "Column", "score_over_topk_median": "Score / top-k median",
+                   "same_across_seeds": "Same weight every seed"})
 
 # %% [markdown]
 # ## Which components carry the critical mass, and how concentrated it is
@@ -127,7 +131,8 @@ rows = criteria.machinery_only(rows, criteria.untrained_in_run(ctx.run_dir))  # 
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 others = [r for r in scorecard.read_all(ctx.run_dir) if r.get("phase") == 4 and r.get("notebook") != ctx.notebook]
 card = scorecard.as_frame(others + [r.as_dict() | {"notebook": ctx.notebook} for r in rows])
-card[["id", "text", "measured", "threshold", "result", "notebook", "note"]]
+say(scorecard.in_words(rows), "\n\nThe other Phase 4 criteria of this run are judged on their own pages "
+    f"({len(others)} rows, weeks 9-11).")
 
 # %%
 from IPython.display import Markdown  # noqa: E402
@@ -153,8 +158,16 @@ for r in app.itertuples():
 for r in moe["load_vs_sensitivity"].itertuples():
     lines.append(f"- {r.model}: Spearman ρ between routing load and expert sensitivity = {r.spearman_rho:+.2f} "
                  f"(p = {r.p:.2g}, n = {r.n} experts × layers).")
-lines += [f"\n**{row.id}**: {row.result} (measured {row.measured}; {row.note})" for row in card.itertuples()
-          if row.notebook == ctx.notebook]
 if P.name == "smoke":
     lines.append("\n*Smoke profile: the micro-suite is undertrained, so these patterns check the machinery only.*")
 Markdown("\n".join(lines))
+
+# %%
+_d = dom.sort_values("score_share", ascending=False).iloc[0]
+esa.nb.found(
+    f"The component with the most top-k score mass is {_d.component} on {_d.model}, with {_d.score_share:.0%} "
+    f"({ctx.ref('figure', 'components_concentration')}).",
+    f"The top 1% of each model's top-k holds {c.share_top_frac.min():.0%}-{c.share_top_frac.max():.0%} of its score "
+    f"mass ({ctx.ref('figure', 'components_concentration')}, right).",
+    f"{int(top.groupby('model').same_across_seeds.all().sum())} of {top.model.nunique()} models keep the same top "
+    f"weight in every seed ({ctx.ref('table', 'top_weights')}).")
