@@ -43,6 +43,7 @@ from IPython.display import Markdown, display
 import esa.nb
 from esa.apps.training import plots
 from esa.apps.training.tables import equal_count_table, protection_table, summary_table
+from esa.nb import say
 from esa.phases import phase5_training as ft
 from esa.report import scorecard
 
@@ -87,9 +88,8 @@ Markdown("\n".join(
 # %%
 summaries = {m: summary_table(res.final) for m, res in results.items()}
 for m, summ in summaries.items():
-    eq = equal_count_table(summ)
-    ctx.save_table(eq, f"equal_count_{m}")
-    display(Markdown(f"**{m}**"), eq)
+    display(ctx.table(equal_count_table(summ), f"equal_count_{m}",
+                      f"{m}: target gain and source forgetting at an equal trainable count, per density."))
 
 # %% [markdown]
 # ## Gain against forgetting (Pareto), learning curves, super-weight drift
@@ -100,17 +100,16 @@ for m, res in results.items():
     ctx.savefig(plots.curve_plot(res.steps, res.evals, f"{m}: learning curves (mean over seeds)"), f"curves_{m}")
     ctx.savefig(plots.drift_plot(res.drift, res.evals, f"{m}: super weight and massive activation during training"),
                 f"drift_{m}")
-    display(Markdown(f"**{m}**: the tracked super-weight candidate(s) and the massive-activation channel's module"),
-            pd.DataFrame(res.data["tracked"]))
+    display(ctx.table(pd.DataFrame(res.data["tracked"]), f"tracked_{m}",
+                      f"{m}: the tracked super-weight candidate(s) and the massive-activation channel's module."))
 
 # %% [markdown]
 # ## Protection during fine-tuning
 
 # %%
 for m in results:
-    prot = protection_table(summaries[m], ft.reference(S))
-    ctx.save_table(prot, f"protection_{m}")
-    display(prot)
+    display(ctx.table(protection_table(summaries[m], ft.reference(S)), f"protection_{m}",
+                      f"{m}: what protecting the critical set during fine-tuning changed."))
 
 # %% [markdown]
 # ## Criteria
@@ -118,7 +117,18 @@ for m in results:
 # %%
 crit = study.criteria(results, plan, "data/phase5_week13_finetune/final_{model}.parquet")
 scorecard.write_rows(ctx.run_dir, ctx.notebook, crit)
-scorecard.as_frame(crit)[["id", "measured", "threshold", "verdict", "note"]]
+display(Markdown("\n\n".join(study.findings(results, plan))))
+say(scorecard.in_words(crit))
 
 # %%
-Markdown("\n\n".join(study.findings(results, plan)))
+found = []
+for m, summ in summaries.items():
+    ok = summ[summ["n_seeds"] > 0] if len(summ) else summ
+    if len(ok) and ok["gain"].notna().any():
+        b = ok.loc[ok["gain"].idxmax()]
+        found.append(f"On {m}, {b.arm} gains the most on the target text, {b.gain:+.3g} nats/token, while the source "
+                     f"perplexity moves from {b.source_ppl_0:.3g} to {b.source_ppl:.3g} "
+                     f"({ctx.ref('figure', f'pareto_{m}')}, {ctx.ref('table', f'equal_count_{m}')}).")
+found.append(f"{sum(c.verdict == 'PASS' for c in crit)} of {len(crit)} fine-tuning criteria pass on this run "
+             "(Criteria below).")
+esa.nb.found(*found[-3:])

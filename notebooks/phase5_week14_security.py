@@ -43,6 +43,7 @@ from IPython.display import Markdown, display
 
 import esa.nb
 from esa.apps.security import plots
+from esa.nb import say
 from esa.phases import phase5_security as sec5
 from esa.report import scorecard
 from esa.stats.ratios import ratio_table
@@ -74,9 +75,12 @@ Markdown("\n".join(f"- **{m}**: base perplexity {r.base['ppl']:.1f} on the held-
 
 # %%
 collapse = pd.concat([r.collapse for r in results.values()], ignore_index=True)
-ctx.save_table(collapse, "collapse_share")
 ctx.save_table(pd.concat([r.collapse_weights for r in results.values()], ignore_index=True), "collapse_weights")
-display(collapse[["model", "format", "bits", "n", "n_collapsed", "share", "lo", "hi", "n_nonfinite", "base_ppl"]])
+display(ctx.table(collapse, "collapse_share", "Share of weights whose single worst bit flip collapses the model, "
+                  "95% CI.", columns=["model", "format", "bits", "n", "n_collapsed", "share", "n_nonfinite", "base_ppl"],
+                  ci={"share": ("lo", "hi")},
+                  headers={"format": "Format", "bits": "Bits", "n": "Weights tried", "n_collapsed": "Collapsed",
+                           "share": "Share collapsed", "n_nonfinite": "Non-finite"}))
 ctx.savefig(plots.collapse_bars(collapse, "share of weights whose single worst flip collapses the model"),
             "collapse_share")
 
@@ -84,24 +88,26 @@ ctx.savefig(plots.collapse_bars(collapse, "share of weights whose single worst f
 for m, r in results.items():
     ctx.save_table(r.attacks.table.assign(model=m), f"attack_runs_{m}")
     ctx.save_table(r.attacks.history.assign(model=m), f"attack_history_{m}")
-    ctx.save_table(r.attacks.summary.assign(model=m), f"attack_summary_{m}")
-    display(r.attacks.summary)
+    display(ctx.table(r.attacks.summary.assign(model=m), f"attack_summary_{m}",
+                      f"{m}: the bit-flip attack per search space, summarised over attack seeds."))
     ctx.savefig(plots.attack_curves(r.attacks.history, r.base["log_ppl"], f"{m}: bit-flip attack, {S.attack_format}"),
                 f"attack_{m}")
 
 # %%
 for m, r in results.items():
-    ctx.save_table(r.faults, f"faults_{m}")
     ctx.save_table(r.fault_trials, f"fault_trials_{m}")
     ctx.save_table(r.set_faults, f"set_faults_{m}")
     ctx.save_table(r.protection, f"protection_{m}")
-    display(r.faults[["format", "rate", "n_trials", "mean_flips", "n_catastrophic", "catastrophic_rate",
-                      "catastrophic_lo", "catastrophic_hi", "damage_median", "catastrophes_hit_critical",
-                      "catastrophes_hit_exponent", "catastrophes_hit_top_bit"]])
+    display(ctx.table(r.faults, f"faults_{m}", f"{m}: random bit faults per format and rate, catastrophic rate with its "
+                      "95% CI.", columns=["format", "rate", "n_trials", "mean_flips", "n_catastrophic",
+                                          "catastrophic_rate", "damage_median", "catastrophes_hit_critical"],
+                      ci={"catastrophic_rate": ("catastrophic_lo", "catastrophic_hi")}))
     display(r.set_faults.groupby("set")[["damage", "catastrophic", "n_inf", "n_nan"]].mean())
     if len(r.protection):
-        display(r.protection[["protected", "kind", "protected_fraction", "mean_flips", "mean_flips_stopped",
-                              "catastrophic_rate", "catastrophic_lo", "catastrophic_hi"]])
+        display(ctx.table(r.protection, f"protection_{m}", f"{m}: faults with a protected set.",
+                          columns=["protected", "kind", "protected_fraction", "mean_flips", "mean_flips_stopped",
+                                   "catastrophic_rate"],
+                          ci={"catastrophic_rate": ("catastrophic_lo", "catastrophic_hi")}))
     ctx.savefig(plots.fault_plot(r.faults, r.protection, f"{m}: faults and protection"), f"faults_{m}")
 
 # %%
@@ -132,13 +138,16 @@ ctx.savefig(plots.detector_plot(bd.scores, f"backdoor detection on {S.backdoor_b
 
 # %%
 ratios = pd.concat([ratio_table(m, r.ratios) for m, r in results.items()], ignore_index=True)
-ctx.save_table(ratios, "vulnerability_ratios")
-display(ratios)
+display(ctx.table(ratios, "vulnerability_ratios", "How much more vulnerable the critical set is than controls."))
 crit = study.criteria(results, plan, "data/phase5_week14_security/vulnerability_ratios.parquet")
 scorecard.write_rows(ctx.run_dir, ctx.notebook, crit)
-scorecard.as_frame(crit)
+display(Markdown("\n\n".join([*study.findings(results, plan), sec5.backdoor_findings(bd)])))
+say(scorecard.in_words(crit))
 
 # %%
-counts = pd.Series([c.verdict for c in crit]).value_counts().to_dict()
-Markdown("\n\n".join([*study.findings(results, plan), sec5.backdoor_findings(bd)]) + "\n\nCriterion rows: "
-         + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".")
+_c = collapse.sort_values("share", ascending=False)
+esa.nb.found(
+    *[f"On {r.model} in {r.format}, the single worst bit flip collapses the model for {r.share:.1%} of the weights "
+      f"tried ({r.n_collapsed} of {r.n}; {ctx.ref('figure', 'collapse_share')}, {ctx.ref('table', 'collapse_share')})."
+      for r in _c.head(2).itertuples()],
+    f"{sum(c.verdict == 'PASS' for c in crit)} of {len(crit)} security criteria pass on this run (Criteria below).")
