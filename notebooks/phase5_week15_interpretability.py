@@ -42,6 +42,7 @@ from IPython.display import Markdown, display
 
 import esa.nb
 from esa.apps import interpret as interp
+from esa.nb import say
 from esa.phases import phase5_interpret as p5
 from esa.report import scorecard
 
@@ -88,8 +89,12 @@ for m, r in results.items():
     ctx.save_json(r.chain.summary, f"chain_{m}")
     axes = interp.plot_chain(r.chain)
     ctx.savefig(axes[0].figure, f"chain_{m}")
-    display(r.chain.depth[["block", "max_base", "max_ablated", "max_control", "factor", "sink_base",
-                           "sink_ablated"]].round(3))
+    display(ctx.table(r.chain.depth.assign(model=m), f"chain_depth_{m}",
+                      f"{m}: the channel's peak and the sink's attention mass after every block.",
+                      columns=["block", "max_base", "max_ablated", "max_control", "factor", "sink_base", "sink_ablated"],
+                      headers={"block": "Block", "max_base": "Peak, baseline", "max_ablated": "Peak, weight zeroed",
+                               "max_control": "Peak, control zeroed", "factor": "Factor",
+                               "sink_base": "Sink mass, baseline", "sink_ablated": "Sink mass, weight zeroed"}))
 
 # %% [markdown]
 # ## Attention sinks against head sensitivity
@@ -119,9 +124,10 @@ for m, r in results.items():
     ctx.save_table(loc.direct.table.assign(model=m), f"direct_{m}")
     ctx.save_table(loc.direct.correlations.assign(model=m), f"direct_rho_{m}")
     display(loc.probes)
-    display(loc.selectivity.table[["condition", "n_weights", "probe_accuracy", "drop_accuracy", "rise_answer_nll",
-                                   "rise_log_ppl", "selectivity_nll", "selectivity_nll_lo", "selectivity_nll_hi",
-                                   "note"]])
+    display(ctx.table(loc.selectivity.table.assign(model=m), f"selectivity_shown_{m}",
+                      f"{m}: what zeroing each weight set does to the probe's facts and to the text at large.",
+                      columns=["condition", "n_weights", "probe_accuracy", "drop_accuracy", "rise_answer_nll",
+                               "rise_log_ppl", "selectivity_nll", "note"]))
     display(loc.direct.correlations[loc.direct.correlations["target"] == "abs_effect"])
 
 # %% [markdown]
@@ -130,7 +136,17 @@ for m, r in results.items():
 # %%
 crit = study.criteria(results, plan, "data/phase5_week15_interpretability/roles_{model}.parquet")
 scorecard.write_rows(ctx.run_dir, ctx.notebook, crit)
-scorecard.as_frame(crit)[["id", "measured", "threshold", "verdict", "note"]]
+display(Markdown("\n\n".join(study.findings(results, plan))))
+say(scorecard.in_words(crit))
 
 # %%
-Markdown("\n\n".join(study.findings(results, plan)))
+found = []
+for m, r in results.items():
+    d = r.chain.depth
+    if len(d):
+        found.append(f"On {m}, zeroing the super weight takes the channel's largest peak over depth from "
+                     f"{d.max_base.max():.3g} to {d.max_ablated.max():.3g}, against {d.max_control.max():.3g} for its "
+                     f"matched control ({ctx.ref('figure', f'chain_{m}')}, {ctx.ref('table', f'chain_depth_{m}')}).")
+found.append(f"{sum(c.verdict == 'PASS' for c in crit)} of {len(crit)} interpretability criteria pass on this run "
+             "(Criteria below).")
+esa.nb.found(*found[-3:])
