@@ -34,6 +34,8 @@ from esa.runner.layout import outputs
 
 PDF_SECONDS = 60  # the issue's limit for building the whole report's PDF
 PROGRESS = re.compile(r"\d+%\|[^|\n]*\|\s*\d+/\d+|it/s\]|s/it\]")
+INDEX_FOOTER = re.compile(r"\d+ rows × \d+ columns")
+FIGURE_REF = re.compile(r"\bFigure (\d+(?:\.\d+)?)\b")
 NOISE = ("TqdmWarning", "RuntimeWarning", "UserWarning", "IProgress not found", "PosixPath(", "Traceback")
 
 
@@ -86,6 +88,12 @@ def inspect_page(browser, page_path: Path, width: int = docs.VIEWPORT_WIDTH) -> 
         stderr: document.querySelectorAll('[data-mime-type="application/vnd.jupyter.stderr"]').length,
         text: document.body.innerText,
         captions: [...document.querySelectorAll('p.esa-caption')].map(p => p.innerText),
+        // an output that scrolls sideways inside itself: wider content than the box that shows it
+        sideways: [...document.querySelectorAll('.jp-OutputArea-output, .jp-RenderedMarkdown, table')]
+            .filter(e => e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflowX !== 'visible')
+            .map(e => `${e.tagName}.${e.className} ${e.scrollWidth}>${e.clientWidth}`.slice(0, 120)),
+        // a pandas index: row headers in a table's body
+        index_cells: [...document.querySelectorAll('table tbody th')].length,
     })"""
     )
     page.close()
@@ -104,6 +112,8 @@ def inspect_page(browser, page_path: Path, width: int = docs.VIEWPORT_WIDTH) -> 
         elif url.scheme not in ("mailto", "data"):
             broken.append(href)
     noise = [w for w in NOISE if w in found["text"]] + PROGRESS.findall(found["text"])[:3]
+    figure_ids = {i.removeprefix("figure-") for i in found["ids"] if i.startswith("figure-")}
+    refs = set(FIGURE_REF.findall(found["text"]))
     return {
         "overflow_px": max(0, found["scrollWidth"] - found["innerWidth"]),
         "broken_images": [i["src"] for i in found["images"] if not i["ok"]],
@@ -115,6 +125,10 @@ def inspect_page(browser, page_path: Path, width: int = docs.VIEWPORT_WIDTH) -> 
         "stderr_outputs": found["stderr"],
         "noise": noise,
         "captions": found["captions"],
+        "sideways": found["sideways"],
+        "index_cells": found["index_cells"],
+        "shape_footers": INDEX_FOOTER.findall(found["text"]),
+        "missing_figures": sorted(refs - figure_ids),
     }
 
 
@@ -132,6 +146,11 @@ def assert_clean(report: dict, page: Path, nocode: bool) -> None:
             f"{where}: {report['stderr_outputs']} stderr output(s) on the page"
         )
         assert not report["noise"], f"{where}: terminal noise on the page: {report['noise']}"
+        assert not report["sideways"], f"{where}: outputs that scroll sideways at 1400 px: {report['sideways']}"
+        assert report["index_cells"] == 0, f"{where}: {report['index_cells']} pandas index cell(s) on the page"
+        assert not report["shape_footers"], f"{where}: DataFrame footers on the page: {report['shape_footers']}"
+        assert not report["missing_figures"], f"{where}: figures named in prose but not on the page: " \
+                                              f"{report['missing_figures']}"
 
 
 # ------------------------------------------------------------------------------------ the checker can fail
@@ -144,6 +163,10 @@ def test_the_checker_sees_overflow_stderr_broken_images_and_links(browser, tmp_p
         '<div data-mime-type="application/vnd.jupyter.stderr">TqdmWarning: IProgress not found</div>'
         "<pre>Loading weights:  40%|████      | 109/272 [00:00<00:00, 12588.28it/s]</pre>"
         "<img src='missing.png'><a href='nowhere.csv'>csv</a><a href='#no-such-id'>anchor</a>"
+        "<div class='jp-OutputArea-output' style='overflow-x:auto;width:300px'><table><thead><tr><th></th>"
+        "<th>a_rather_long_column</th></tr></thead><tbody><tr><th>0</th><td style='white-space:nowrap'>"
+        + "x" * 200 + "</td></tr></tbody></table></div><p>50 rows × 12 columns</p>"
+        "<p>As Figure 9.9 shows, and Figure 9.1 too.</p><p class='esa-caption' id='figure-9.1'>Figure 9.1.</p>"
         "<script>console.error('boom')</script></body></html>"
     )
     r = inspect_page(browser, bad)
@@ -152,6 +175,8 @@ def test_the_checker_sees_overflow_stderr_broken_images_and_links(browser, tmp_p
     assert any("109/272" in n for n in r["noise"])
     assert len(r["broken_images"]) == 1 and len(r["broken_links"]) == 2
     assert any("boom" in e for e in r["console_errors"])
+    assert r["sideways"] and r["index_cells"] == 1 and r["shape_footers"] == ["50 rows × 12 columns"]
+    assert r["missing_figures"] == ["9.9"]
 
 
 # ------------------------------------------------------------------------------------ a fixture run
@@ -194,6 +219,12 @@ fig, ax = plt.subplots(figsize=(6, 3))
 ax.plot(big.score)
 ax.set_title("score by rank")
 ctx.savefig(fig, "score", caption="Score by rank.", takeaway=f"The top score is {big.score.max():.0f}.")
+
+# %%
+ctx.table(big.assign(ci_lo=big.score - 1, ci_hi=big.score + 1, mean=big.score * 1.1e7), "ranked", "Scores by rank.")
+
+# %%
+esa.nb.found(f"The top score is {big.score.max():.0f} ({ctx.ref('figure', 'score')}, {ctx.ref('table', 'ranked')}).")
 """
 
 LOOP = """\
@@ -256,6 +287,10 @@ def test_fixture_run_pages_are_clean_in_a_browser(browser, fixture_run):
         assert not with_code["broken_links"] and not with_code["console_errors"]
     noisy = inspect_page(browser, outputs(run_dir, "phase3_week5_noisy").html_nocode)
     assert noisy["captions"] == ["Figure 5.1. Score by rank. The top score is 49. (PDF · PNG)"]
+    page = outputs(run_dir, "phase3_week5_noisy").html_nocode.read_text(encoding="utf-8")
+    # "What this week found" sits under the title, before the first table; the table is numbered and typeset
+    assert page.index("What this week found") < page.index("model.layers.0.")
+    assert "Table 5.1. Scores by rank." in page and "1.10 × 10⁷ [0, 2.00]" in page
     loop = inspect_page(browser, outputs(run_dir, "phase3_week6_loop").html_nocode)
     assert [c.split(".")[0] + "." + c.split(".")[1] for c in loop["captions"]] == ["Figure 6.1", "Figure 6.2"]
 
@@ -273,7 +308,8 @@ def test_fixture_run_logs_and_artefacts(fixture_run):
     page = out.html_nocode.read_text()
     assert "../logs/phase3_week5_noisy.log" in page and "../data/phase3_week5_noisy/big_table.csv" in page
     # the 50-row table shows its headline rows only (pandas display capped in runner kernels)
-    assert page.count("model.layers.") < 25
+    # (20 rows as the cell's value, 10 in the numbered table), each saying how many rows the CSV holds
+    assert page.count("model.layers.") <= 30 and "first 20 of 50 rows" in page and "first 10 of 50 rows" in page
     assert len((out.data / "big_table.csv").read_text().splitlines()) == 51
     reg = artefacts.read_registry(out.data)
     assert reg is not None and [f.number for f in reg.figures] == ["5.1"]
