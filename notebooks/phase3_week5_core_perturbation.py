@@ -82,7 +82,8 @@ say(*(f"On {m}, {z:.0%} of {g} are exactly zero, so sign flips, zeroing and expo
 for m, r in runs.items():
     s = pd.DataFrame(r.stats["summary"])
     display(ctx.table(s, f"summary_{m}", f"{m}: mean damage per perturbation and group, 95% bootstrap CI over seeds.",
-                      columns=["perturbation", "group", "n_seeds", "mean", "mean_delta_ppl", "n_capped"]))
+                      columns=["perturbation", "group", "n_seeds", "mean", "mean_delta_ppl", "n_capped"],
+                      headers={"mean": "Δ log-PPL (nats/token)"}))
     _sf = s[s.perturbation == "sign_flip"].set_index("group")["mean"]
     ctx.savefig(plots.damage_bars(s, f"{m}: damage per group"), f"damage_{m}",
                 caption=f"{m}: mean damage per group and perturbation, 95% bootstrap CIs over seeds.",

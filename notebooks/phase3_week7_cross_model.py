@@ -67,7 +67,8 @@ for m, r in runs.items():
 summary = pd.concat(rows, ignore_index=True)
 display(say("; ".join(ks) + "."))
 ctx.table(summary, "damage_summary", "Mean damage per model, perturbation and group, 95% bootstrap CI over seeds.",
-          columns=["model", "family", "perturbation", "group", "n_seeds", "mean", "mean_delta_ppl"])
+          columns=["model", "family", "perturbation", "group", "n_seeds", "mean", "mean_delta_ppl"],
+          headers={"mean": "Δ log-PPL (nats/token)", "family": "Family"})
 
 # %% [markdown]
 # Damage per group, one panel per model (delta log-PPL in nats/token, 95% bootstrap CIs over seeds).

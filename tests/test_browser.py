@@ -290,7 +290,7 @@ def test_fixture_run_pages_are_clean_in_a_browser(browser, fixture_run):
     page = outputs(run_dir, "phase3_week5_noisy").html_nocode.read_text(encoding="utf-8")
     # "What this week found" sits under the title, before the first table; the table is numbered and typeset
     assert page.index("What this week found") < page.index("model.layers.0.")
-    assert "Table 5.1. Scores by rank." in page and "1.10 × 10⁷ [0, 2.00]" in page
+    assert "Table 5.1. Scores by rank." in page and "Mean [95% CI]" in page and "1.10 × 10⁷ [0, 2.00]" in page
     loop = inspect_page(browser, outputs(run_dir, "phase3_week6_loop").html_nocode)
     assert [c.split(".")[0] + "." + c.split(".")[1] for c in loop["captions"]] == ["Figure 6.1", "Figure 6.2"]
 

@@ -45,7 +45,6 @@ HEADERS: dict[str, str] = {
     "dense_ppl": "Dense perplexity",
     "baseline_ppl": "Baseline perplexity",
     "delta_log_ppl": "Δ log-PPL (nats/token)",
-    "mean": "Δ log-PPL (nats/token)",
     "mean_delta_ppl": "Δ PPL",
     "n_seeds": "Seeds",
     "n_capped": "Capped runs",
@@ -241,7 +240,7 @@ def html(
         if caption and i == 0:
             sty = sty.set_caption(_html.escape(caption))
         out.append(sty.to_html())
-    more = f" (in {len(pieces)} parts, each with the row's names)" if len(pieces) > 1 else ""
+    more = f" (split into {len(pieces)} parts to fit the page)" if len(pieces) > 1 else ""
     tail = f'<p class="esa-table-note"><small>{footer}{more}</small></p>' if footer or more else ""
     return '<div class="esa-tables">' + "".join(out) + tail + "</div>"
 
