@@ -106,9 +106,6 @@ for m, r in runs.items():
                       "One-sided tests, Holm-corrected.",
                       columns=["perturbation", "a", "b", "primary", "p_primary_holm", "significant"]))
 
-# %% [markdown]
-# ## Criteria
-
 # %%
 rows = []
 for m, r in runs.items():

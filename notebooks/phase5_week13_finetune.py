@@ -112,7 +112,7 @@ for m in results:
                       f"{m}: what protecting the critical set during fine-tuning changed."))
 
 # %% [markdown]
-# ## Criteria
+# ## In numbers
 
 # %%
 crit = study.criteria(results, plan, "data/phase5_week13_finetune/final_{model}.parquet")

@@ -99,7 +99,7 @@ for m, r in results.items():
             display(ctx.table(t, f"{name}_{m}", f"{m}: {what}.", columns=["method", "sparsity", *COLS[1:]]))
 
 # %% [markdown]
-# ## The criterion
+# ## In numbers
 
 # %%
 crit = study.criteria(results, plan, "data/phase5_week13_pruning/pruning_rows.parquet")

@@ -134,7 +134,7 @@ display(bd.detection)
 ctx.savefig(plots.detector_plot(bd.scores, f"backdoor detection on {S.backdoor_base} twins"), "backdoor")
 
 # %% [markdown]
-# ## The criterion
+# ## Vulnerability ratios, in numbers
 
 # %%
 ratios = pd.concat([ratio_table(m, r.ratios) for m, r in results.items()], ignore_index=True)

@@ -131,7 +131,7 @@ for m, r in results.items():
     display(loc.direct.correlations[loc.direct.correlations["target"] == "abs_effect"])
 
 # %% [markdown]
-# ## The criterion
+# ## In numbers
 
 # %%
 crit = study.criteria(results, plan, "data/phase5_week15_interpretability/roles_{model}.parquet")

@@ -221,6 +221,11 @@ ax.set_title("score by rank")
 ctx.savefig(fig, "score", caption="Score by rank.", takeaway=f"The top score is {big.score.max():.0f}.")
 
 # %%
+from esa.report import scorecard
+
+esa.nb.say(scorecard.in_words([]))
+
+# %%
 ctx.table(big.assign(ci_lo=big.score - 1, ci_hi=big.score + 1, mean=big.score * 1.1e7), "ranked", "Scores by rank.")
 
 # %%
@@ -290,6 +295,8 @@ def test_fixture_run_pages_are_clean_in_a_browser(browser, fixture_run):
     page = outputs(run_dir, "phase3_week5_noisy").html_nocode.read_text(encoding="utf-8")
     # "What this week found" sits under the title, before the first table; the table is numbered and typeset
     assert page.index("What this week found") < page.index("model.layers.0.")
+    # and the criteria in words close the page, after the last figure and before the artefacts
+    assert page.index("<caption>Table 5.1.") < page.index("judges no criterion") < page.index("id=\"Artefacts\"")
     assert "Table 5.1. Scores by rank." in page and "Mean [95% CI]" in page and "1.10 × 10⁷ [0, 2.00]" in page
     loop = inspect_page(browser, outputs(run_dir, "phase3_week6_loop").html_nocode)
     assert [c.split(".")[0] + "." + c.split(".")[1] for c in loop["captions"]] == ["Figure 6.1", "Figure 6.2"]

@@ -22,6 +22,8 @@ REGISTRY = "artefacts.json"
 TEX_MAX_ROWS = 200
 # Marks a notebook's "What this week found" output; the page renderer shows it under the title.
 FOUND_MARK = "<!-- esa:found -->"
+# Marks a page's criteria in words (esa.report.scorecard.in_words); the renderer shows it last.
+CRITERIA_MARK = "<!-- esa:criteria -->"
 LONGTABLE_ROWS = 40  # longer than a page: longtable, so LaTeX can break it
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from esa.phases.criteria import budget_reason, untrained_in_run
+from esa.report.artefacts import CRITERIA_MARK
 from esa.report.tables import number
 from esa.stats.verdicts import VERDICTS, Criterion, verdict_of
 from esa.store import read_json, write_json
@@ -118,10 +119,10 @@ def in_words(rows: list[Criterion] | list[dict[str, Any]]) -> str:
     measured value against its threshold, any note, and the criterion id in small type."""
     recs = [r.as_dict() if isinstance(r, Criterion) else dict(r) for r in rows]
     if not recs:
-        return "## Criteria\n\nThis page judges no criterion of the guide in this run."
+        return f"{CRITERIA_MARK}\n## Criteria\n\nThis page judges no criterion of the guide in this run."
     c = counts(recs)
     tally = ", ".join(f"{n} {v}" for v, n in c.items() if n)
-    lines = [f"## Criteria\n\n{len(recs)} criteri{'a' if len(recs) != 1 else 'on'} judged here: {tally}.\n"]
+    lines = [f"{CRITERIA_MARK}\n## Criteria\n\n{len(recs)} criteri{'a' if len(recs) != 1 else 'on'} judged here: {tally}.\n"]
     for r in recs:
         measured = _measured(r.get("measured"))
         note = f" {str(r['note']).rstrip('.')}." if r.get("note") else ""

@@ -89,19 +89,24 @@ def prepare(nb: Any, notebook: str, run_dir: Path) -> Any:
 
 
 def _found_first(nb: Any) -> None:
-    """Move the notebook's "What this week found" output (computed last) under the page's title cell."""
+    """Move the notebook's "What this week found" (computed last) under the page's title cell, and its criteria
+    in words to the end, so the page opens with its findings and closes with its verdicts."""
     import nbformat
 
+    moved: dict[str, str] = {}
     for cell in nb.cells:
         for o in list(cell.get("outputs", []) if cell.cell_type == "code" else []):
             text = o.get("data", {}).get("text/markdown", "")
-            if isinstance(text, list):
-                text = "".join(text)
-            if artefacts.FOUND_MARK in text:
+            text = "".join(text) if isinstance(text, list) else text
+            mark = next((m for m in (artefacts.FOUND_MARK, artefacts.CRITERIA_MARK) if m in text), None)
+            if mark and mark not in moved:
                 cell.outputs.remove(o)
-                first = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"), -1)
-                nb.cells.insert(first + 1, nbformat.v4.new_markdown_cell(text.replace(artefacts.FOUND_MARK, "")))
-                return
+                moved[mark] = text.replace(mark, "")
+    if artefacts.FOUND_MARK in moved:
+        first = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"), -1)
+        nb.cells.insert(first + 1, nbformat.v4.new_markdown_cell(moved[artefacts.FOUND_MARK]))
+    if artefacts.CRITERIA_MARK in moved:
+        nb.cells.append(nbformat.v4.new_markdown_cell(moved[artefacts.CRITERIA_MARK]))
 
 
 def _captioned(outs: list[Any], by_label: dict[str, artefacts.FigureRecord], page_dir: Path) -> list[Any]:
