@@ -98,8 +98,9 @@ def dose_plot(table: pd.DataFrame, value: str = "delta_log_ppl", title: str = ""
         ax.set_xlabel("dose (scale, or bit-flip probability)")
         ax.set_title(pert, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{value} (mean; band: seed range)")
-    axes[0][-1].legend(fontsize=7)
+    unit = "Δ log-PPL (nats/token)" if value == "delta_log_ppl" else value
+    axes[0][0].set_ylabel(f"{unit}, mean (band: seed range)")
+    axes[0][-1].legend(fontsize=7, loc="upper left")  # damage rises with the dose: the top left stays clear
     fig.suptitle(title or "dose-response", fontsize=10)
     fig.tight_layout()
     return fig
