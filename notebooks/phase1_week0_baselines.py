@@ -38,6 +38,7 @@ from esa.data import get_corpus
 from esa.nb import say
 from esa.phases import phase1
 from esa.report import scorecard
+from esa.report.tables import number
 
 ctx = esa.nb.context("phase1_week0_baselines", profile, models, run_dir, overrides, model_set="phase1_models")
 P = ctx.profile
@@ -100,6 +101,6 @@ say("\n".join(lines))
 # %%
 fig_ref, tab_ref = ctx.ref("figure", "baselines"), ctx.ref("table", "per_seed")
 esa.nb.found(
-    *[f"{r.model} reads the {corpus.name} text at perplexity {r.ppl:.3g}, against {r.unigram_ppl:.3g} for a unigram "
+    *[f"{r.model} reads the {corpus.name} text at perplexity {number(r.ppl)}, against {number(r.unigram_ppl)} for a unigram "
       f"model of the same corpus ({fig_ref}, {tab_ref})." for r in summary.itertuples()][:2],
     f"{sum(c.verdict == 'PASS' for c in rows)} of {len(rows)} baseline criteria pass on this run (Criteria below).")

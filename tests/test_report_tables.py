@@ -84,3 +84,8 @@ def test_criteria_in_words_name_verdict_value_threshold_and_id_in_small_type():
     assert "- **PASS**: Sign flip of top-k hurts more than random. Measured 12.3; passing needs > 10." in text
     assert re.search(r"one seed\. <small><code>P3\.significance\.m</code></small>", text)
     assert "judges no criterion" in in_words([])
+
+
+def test_identifiers_are_written_as_they_are():
+    out = tables.people(pd.DataFrame({"seed": [1337, 123], "layer": [12, 3], "n_tokens": [2040, 99]}))
+    assert out.to_dict("list") == {"Seed": ["1337", "123"], "Layer": ["12", "3"], "Number of tokens": ["2,040", "99"]}

@@ -87,6 +87,8 @@ HEADERS: dict[str, str] = {
     "seed_level_effect_size": "Effect size, seeds",
     "window_level_effect_size": "Effect size, windows",
 }
+# Columns that name a thing by number (seed 1337, layer 12): written as they are, without separators.
+IDENTIFIERS = {"seed", "layer", "row", "col", "block", "expert", "rank", "step", "head"}
 # Spelled-out abbreviations inside a machine name ("p_primary_holm" -> "p primary Holm").
 _WORDS = {"ppl": "PPL", "ci": "CI", "lo": "low", "hi": "high", "holm": "Holm", "mlp": "MLP", "ft": "FT",
           "lora": "LoRA", "n": "number of", "pct": "%", "abs": "|·|", "std": "SD", "sd": "SD"}
@@ -182,6 +184,8 @@ def people(
         t = next((t for t in triples if t[0] == c), None)
         if t:
             out[c] = [with_ci(e, lo, hi, sig) for e, lo, hi in zip(df[t[0]], df[t[1]], df[t[2]], strict=True)]
+        elif c in IDENTIFIERS:
+            out[c] = [number(v) if v is None or isinstance(v, float) and math.isnan(v) else str(v) for v in df[c]]
         else:
             out[c] = [_cell(v, sig) for v in df[c]]
     names = {**HEADERS, **(headers or {})}
