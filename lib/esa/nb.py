@@ -4,7 +4,9 @@ A notebook's parameters cell sets `profile`, `models`, `run_dir`, `overrides`; `
 into a `NotebookContext` with the merged profile, the model list, and output folders:
 `<run_dir>/data/<notebook>/` for tables and JSON, `figures/<run>/<notebook>/` for figures.
 `save_table` writes parquet + CSV + LaTeX, `savefig` PNG + PDF with a numbered caption; both are listed
-in the notebook's artefact registry (esa.report.artefacts), which the page renderer reads.
+in the notebook's artefact registry (esa.report.artefacts), which the page renderer reads. `table` saves a
+frame and shows it numbered as a people-table (esa.report.tables); `say` and `found` return computed
+sentences as Markdown (a page shows no print()); `ref` gives "Table 5.2" / "Figure 5.1" for those sentences.
 
 Under the runner (ESA_NOTEBOOK_LOG set), `headless_kernel()` runs in the kernel before the first cell:
 progress bars off, logs and Python warnings into the notebook's log file, long tables shown capped, so the
