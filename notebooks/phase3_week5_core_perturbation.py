@@ -38,6 +38,7 @@ from esa.nb import say
 from esa.perturb import plots
 from esa.phases import criteria, phase3
 from esa.report import scorecard
+from esa.report.tables import number
 from esa.stats.inference import comparisons_frame
 
 ctx = esa.nb.context("phase3_week5_core_perturbation", profile, models, run_dir, overrides)
@@ -128,8 +129,8 @@ for m, r in runs.items():
     tv = tv[(tv.a == "top_k") & (tv.b == "random_k")]
     ratio = card.get(f"P3.sign_flip_ratio.{m}")
     findings.append(
-        f"On {m}, a sign flip of the top-{P.topk} adds {sf.get('top_k', float('nan')):.3g} nats/token against "
-        f"{sf.get('random_k', float('nan')):.3g} for as many random weights ({ctx.ref('figure', f'damage_{m}')}); top-k beats random in "
+        f"On {m}, a sign flip of the top-{P.topk} adds {number(sf.get('top_k', float('nan')))} nats/token against "
+        f"{number(sf.get('random_k', float('nan')))} for as many random weights ({ctx.ref('figure', f'damage_{m}')}); top-k beats random in "
         f"{int(tv['significant'].fillna(False).sum())} of {len(tv)} perturbation conditions after Holm "
         f"correction ({ctx.ref('table', f'tests_{m}')}), and the sign-flip ratio criterion reads "
         f"{ratio.verdict if ratio else 'not run'}.")

@@ -37,6 +37,7 @@ from esa.nb import say
 from esa.perturb import PerturbSpec, plots
 from esa.phases import criteria, phase3
 from esa.report import scorecard
+from esa.report.tables import number
 
 ctx = esa.nb.context("phase3_week7_cross_model", profile, models, run_dir, overrides)
 P = ctx.profile
@@ -108,8 +109,8 @@ Markdown(f"The Phase 3 claim (sign-flip ΔPPL ratio ≥ 5 and top_k > random_k s
 # %%
 _sf = summary[summary.perturbation.str.startswith("sign_flip")].pivot_table(index="model", columns="group", values="mean")
 esa.nb.found(
-    *[f"On {m} ({runs[m].family}), a sign flip of the top-k adds {_sf.loc[m, 'top_k']:.3g} nats/token against "
-      f"{_sf.loc[m, 'random_k']:.3g} for random weights ({ctx.ref('figure', f'damage_{m}')})."
+    *[f"On {m} ({runs[m].family}), a sign flip of the top-k adds {number(_sf.loc[m, 'top_k'])} nats/token against "
+      f"{number(_sf.loc[m, 'random_k'])} for random weights ({ctx.ref('figure', f'damage_{m}')})."
       for m in _sf.index if {"top_k", "random_k"} <= set(_sf.columns)][:2],
     f"The Phase 3 claim holds for {sum(bool(v) for v in held.values())} of {len(held)} models "
     f"({ctx.ref('table', 'damage_summary')}; Criteria below).")
