@@ -364,6 +364,17 @@ def test_smoke_report_in_a_browser_and_its_pdf(browser, smoke_run):  # noqa: F81
         if 'data-mime-type="application/vnd.jupyter.stderr"' in text or hits:
             noisy[page.name] = hits or ["stderr output"]
     assert not noisy, f"no-code pages with terminal noise: {noisy}"
+    # every page shows people-tables (no raw DataFrame: its class, its index, its shape footer); every phase page
+    # (weeks 0-15; the synthesis has its own shape) opens with what its week found
+    raw, unfound = {}, []
+    for page in sorted((run_dir / "html").glob("*.nocode.html")):
+        text = page.read_text(encoding="utf-8")
+        if 'class="dataframe' in text or INDEX_FOOTER.search(text):
+            raw[page.name] = INDEX_FOOTER.findall(text) or ["a raw DataFrame"]
+        if "synthesis" not in page.name and "What this week found" not in text:
+            unfound.append(page.name)
+    assert not raw, f"no-code pages with raw DataFrames: {raw}"
+    assert not unfound, f"phase pages without 'What this week found': {unfound}"
     started = time.perf_counter()
     pdf = docs.build_pdf(run_dir, chrome=browser)
     seconds = time.perf_counter() - started
