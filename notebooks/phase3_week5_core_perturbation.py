@@ -70,8 +70,9 @@ ctx.table(table, "perturbation", "Every run: perplexity and damage per model, pe
 
 # %%
 comp = pd.concat([r.composition for r in runs.values()], ignore_index=True)
+ctx.save_table(comp, "group_composition")  # per seed; the synthesis reads it
 held = comp.groupby(["model", "group"])[["n", "zero_share", "median_abs_w"]].mean()
-display(ctx.table(held, "group_composition", "What each weight group holds (mean over seeds)."))
+display(ctx.table(held, "group_composition_mean", "What each weight group holds (mean over seeds)."))
 zeros = [(m, g, z) for (m, g), z in held["zero_share"].items() if z >= 0.5]
 say(*(f"On {m}, {z:.0%} of {g} are exactly zero, so sign flips, zeroing and exponent bit flips leave them "
       f"unchanged; only Gaussian noise tests that group." for m, g, z in zeros))

@@ -58,7 +58,7 @@ rows = pd.concat([r.rows for r in results.values()], ignore_index=True)
 ctx.save_table(rows, "pruning_rows")
 for m, r in results.items():
     for name, t in r.tables.items():
-        if len(t) and name not in ("main", "sweep", "patterns", "owl", "protection"):  # those are shown below
+        if len(t) and name not in ("main", "patterns", "owl", "protection"):  # those are shown below
             ctx.save_table(t, f"{name}_{m}")
     ctx.save_json({"critical": r.critical, "evaluation": r.evaluation, "zeroshot": r.zeroshot, "restored": r.restored,
                    "seconds": r.seconds}, f"setup_{m}")
@@ -85,7 +85,7 @@ for m, r in results.items():
     ctx.savefig(plots.sparsity_curve(r.tables["sweep"], f"{m}: perplexity vs sparsity (95% CI over seeds)"), f"sweep_{m}")
     sweep = r.tables["sweep"].pivot_table(index="method", columns="sparsity", values="ppl")
     sweep.columns = [f"PPL at {c:.0%}" for c in sweep.columns]
-    display(ctx.table(sweep, f"sweep_{m}", f"{m}: perplexity per method and sparsity (geometric mean over seeds)."))
+    display(ctx.table(sweep, f"sweep_ppl_{m}", f"{m}: perplexity per method and sparsity (geometric mean over seeds)."))
 
 # %% [markdown]
 # ## N:M patterns, OWL allocation, protected vs unprotected

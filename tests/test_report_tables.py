@@ -89,3 +89,14 @@ def test_criteria_in_words_name_verdict_value_threshold_and_id_in_small_type():
 def test_identifiers_are_written_as_they_are():
     out = tables.people(pd.DataFrame({"seed": [1337, 123], "layer": [12, 3], "n_tokens": [2040, 99]}))
     assert out.to_dict("list") == {"Seed": ["1337", "123"], "Layer": ["12", "3"], "Number of tokens": ["2,040", "99"]}
+
+
+def test_a_shown_groupby_keeps_its_keys_in_the_saved_files(tmp_path):
+    import esa.nb
+
+    ctx = esa.nb.context("phase3_week5_demo", run_dir=tmp_path / "run")
+    held = pd.DataFrame({"model": ["a", "a"], "group": ["top_k", "random_k"], "z": [0.1, 0.2]}).groupby(
+        ["model", "group"])[["z"]].mean()
+    shown = ctx.table(held, "held", "Held.")
+    assert list(pd.read_parquet(ctx.data_dir / "held.parquet").columns) == ["model", "group", "z"]
+    assert "Table 5.1. Held." in shown._repr_html_() and ctx.ref("table", "held") == "Table 5.1"

@@ -129,6 +129,8 @@ class NotebookContext:
     ) -> tables.Table:
         """Save `df` in full (save_table) and show it numbered ("Table 5.2. caption") as a people-table:
         `columns` are the headline columns (all when None), the first `rows` rows; the CSV has the rest."""
+        if any(n is not None for n in getattr(df.index, "names", [None])):
+            df = df.reset_index()  # a groupby's keys are data: the parquet (which drops the index) keeps them
         self.save_table(df, name, caption)
         if name not in self.shown:
             self.shown.append(name)
