@@ -132,7 +132,8 @@ def _notebooks(run_dir: Path, phase: int, tmp: Path) -> list[dict[str, Any]]:
                 copy = f"fig_{len(list(tmp.glob('fig_*')))}.png"
                 shutil.copyfile(f.png, tmp / copy)
                 figs.append({"path": copy, "caption": f.label()})
-        out.append({"title": f"Week {week}: {titles.get(name) or name}", "figures": figs})
+        stamp = fd._json(run_dir / "state" / f"{name}.json") or {}  # the runner's record of the notebook
+        out.append({"title": f"Week {week}: {stamp.get('title') or titles.get(name) or name}", "figures": figs})
     return out
 
 
