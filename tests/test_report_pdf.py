@@ -31,13 +31,16 @@ def test_numbers_and_tables_for_people():
     t = people_table(df, cis={"dlogppl_top_k": ("lo", "hi")})
     assert list(t.columns) == ["Model", "Top-k Δ log-PPL (nats/token)", "odd name"]
     assert t.iloc[0].tolist() == ["a", "22 [20, 24.5]", "1.5"]
+    auto = people_table(df.rename(columns={"lo": "dlogppl_top_k_lo", "hi": "dlogppl_top_k_hi"}))
+    assert auto.equals(t)  # X_lo / X_hi beside X are its interval without being asked
     md = to_markdown(t)
     assert md.splitlines()[0] == "| Model | Top-k Δ log-PPL (nats/token) | odd name |" and "7" not in md
 
 
 def _phase3(top: float, magnitude: float, random: float = 0.1) -> pd.DataFrame:
     return pd.DataFrame([{"model": "smollm2-135m", "perturbation": "sign_flip", "scale": 1.0, "k": 100,
-                          "dlogppl_top_k": top, "dlogppl_random_k": random, "dlogppl_magnitude_k": magnitude}])
+                          "dlogppl_top_k": top, "dlogppl_random_k": random, "dlogppl_magnitude_k": magnitude,
+                          "dlogppl_top_k_lo": top - 1, "dlogppl_top_k_hi": 99.0}])  # CI bounds are no control
 
 
 def test_contradictions_are_computed_from_the_tables():

@@ -67,8 +67,10 @@ def header(col: str) -> str:
 def people_table(df: pd.DataFrame, columns: Sequence[str] | None = None,
                  cis: Mapping[str, tuple[str, str]] | None = None) -> pd.DataFrame:
     """`df` as text for reading: chosen columns, an "est [lo, hi]" cell for each `cis` entry
-    (estimate column -> (low, high) columns, which are then dropped), headers in words, no index."""
-    cis = dict(cis or {})
+    (estimate column -> (low, high) columns, which are then dropped; by default every column X that has
+    X_lo and X_hi beside it), headers in words, no index."""
+    cis = dict(cis) if cis is not None else {c: (f"{c}_lo", f"{c}_hi") for c in df.columns
+                                             if {f"{c}_lo", f"{c}_hi"} <= set(df.columns)}
     cols = [c for c in (columns or df.columns) if c in df.columns]
     bounds = {b for pair in cis.values() for b in pair}
     out = {}

@@ -125,10 +125,11 @@ def _phase3(run_dir: Path) -> pd.DataFrame | None:
             continue
         comps = {(c["perturbation"], c["scale"], c["b"]): c for c in st.get("comparisons", []) if c["a"] == "top_k"}
         for (pert, scale), g in summ.groupby(["perturbation", "scale"], sort=True):
-            m = g.set_index("group")["mean"]
+            m = g.set_index("group")
             c = comps.get((pert, scale, "random_k"), {})
+            ci = {f"dlogppl_{grp}_{end}": fd._num(m.loc[grp].get(f"ci_{end}")) for grp in m.index for end in ("lo", "hi")}
             rows.append({"model": model, "perturbation": pert, "scale": scale, "k": int(g["k"].iloc[0]),
-                         **{f"dlogppl_{grp}": float(v) for grp, v in m.items()},
+                         **{f"dlogppl_{grp}": float(v) for grp, v in m["mean"].items()}, **ci,
                          "p_holm_top_vs_random": c.get("p_primary_holm"), "test": c.get("primary")})
     for p in sorted((run_dir / "data" / fd.W8).glob("cumulative_*.parquet")):
         t = pd.read_parquet(p)
@@ -411,7 +412,8 @@ def contradictions(phase3: pd.DataFrame | None, rows: list[dict[str, Any]]) -> l
             for col, v in r.items():
                 ctl = col.removeprefix("dlogppl_")
                 v = fd._num(v)
-                if not col.startswith("dlogppl_") or ctl == "top_k" or v is None or v <= top:
+                if not col.startswith("dlogppl_") or col.endswith(("_lo", "_hi")) or ctl == "top_k" or v is None \
+                        or v <= top:
                     continue
                 out.append(f"On {r['model']}, {r['perturbation']} (scale {sig(r.get('scale'))}) of the "
                            f"{_control_words(ctl)} does more damage than the same perturbation of the sensitivity "
