@@ -120,6 +120,8 @@ def test_report_pdf_is_a_document(tmp_path):
     # the abstract's numbers are the scorecard's
     n = len(synthesis.synthesize(run, figs)["rows"])
     assert f"Of {n} criteria" in text
+    abstract = text[text.index("Abstract"):text.index("Contents")]
+    assert f"On {MODEL}: The strongest critical weight is" in abstract and "result(s) against the hypothesis" in abstract
     heads = [f"Phase {p}: {name}" for p, name in synthesis.PHASE_NAMES.items()]
     starts = [next((i for i, pg in enumerate(pages) if h in " ".join(pg.split())), None) for h in heads]
     assert None not in starts and starts == sorted(starts), starts  # one section per phase, in order

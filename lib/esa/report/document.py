@@ -95,9 +95,9 @@ def _table(df: pd.DataFrame | None, caption: str) -> dict[str, Any] | None:
             "rows": [[_breakable(str(v)) for v in row] for row in t.itertuples(index=False)]}
 
 
-def abstract(syn: Mapping[str, Any], run_id: str, profile: str) -> list[str]:
-    """The abstract, computed: the question, the run, what was judged, each outcome's answer, the
-    contradictions."""
+def abstract(syn: Mapping[str, Any], run_id: str, profile: str, f: fd.Findings | None = None) -> list[str]:
+    """The abstract, computed: the question, the run, what was judged, each outcome's answer, the first
+    model's leading finding, the contradictions."""
     rows = syn["rows"]
     c = Counter(verdict_of(r) for r in rows)
     judged_n = c["PASS"] + c["FAIL"]
@@ -108,6 +108,9 @@ def abstract(syn: Mapping[str, Any], run_id: str, profile: str) -> list[str]:
            f"Of {len(rows)} criteria, {judged_n} could be judged ({c['PASS']} passed, {c['FAIL']} failed); "
            + ", ".join(f"{c[v]} {v}" for v in VERDICTS[2:] if c[v]) + (". " if len(rows) > judged_n else ". ")
            + f"By expected outcome: {outcomes}."]
+    lead = next((m for m in (f.models if f else []) if m.sentences and m.model != "Phase 5"), None)
+    if lead is not None:
+        out.append(f"On {lead.model}: {_plain(lead.sentences[0])}")
     found = syn["contradictions"]
     if found:
         out.append(f"The runs found {len(found)} result(s) against the hypothesis; the first: {_plain(found[0])}")
@@ -169,7 +172,7 @@ def document_model(run_dir: Path, fig_dir: Path | None, tmp: Path) -> dict[str, 
     sections.append({"title": "Appendix: the scorecard", "appendix": True, "notebooks": [], "tables": [card] if card else [],
                      "paragraphs": [] if card else ["The run wrote no scorecard."]})
     return {"title": TITLE, "subtitle": f"Results of run {run_dir.name}", "facts": facts,
-            "abstract": abstract(syn, run_dir.name, profile), "sections": sections}
+            "abstract": abstract(syn, run_dir.name, profile, f), "sections": sections}
 
 
 def build(run_dir: Path, fig_dir: Path | None, dest: Path) -> Path:
