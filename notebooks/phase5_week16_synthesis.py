@@ -63,8 +63,9 @@ Markdown("\n".join(f"- {line}" for line in found) if found else
 
 # %%
 ctx.save_table(syn["claims"].astype({"measured": str}), "claims")
-Markdown(f"**Table {synthesis.TABLE_CLAIMS}.** Every criterion of the run, the expected outcome it tests, its "
-         "verdict and where its evidence is.\n\n" + to_markdown(people_table(syn["claims"])))
+Markdown(f"**Table {synthesis.TABLE_CLAIMS}.** Every criterion of the run (the scorecard, each criterion once): "
+         "its value against its threshold, its verdict, why it could not be judged where it could not, and the "
+         "figures and table that carry its evidence.\n\n" + to_markdown(people_table(syn["claims"])))
 
 # %% [markdown]
 # ## One table per phase
@@ -80,15 +81,15 @@ for phase, table in syn["tables"].items():
     display(Markdown(f"**Table {number}.** Phase {phase} in this run.\n\n" + to_markdown(people_table(table))))
 
 # %% [markdown]
-# ## The scorecard across all phases (each criterion once)
+# ## The verdicts by phase
 
 # %%
 ctx.save_table(syn["counts"], "verdict_counts")
 ctx.save_table(syn["scorecard"].astype({"measured": str}), "scorecard")
 fig = synthesis.counts_figure(syn["counts"])
 ctx.savefig(fig, "scorecard_by_phase")
-Markdown(f"**Table {synthesis.TABLE_SCORECARD}.** The scorecard, every row.\n\n"
-         + to_markdown(people_table(syn["scorecard"])))
+Markdown(f"**Table {synthesis.TABLE_COUNTS}.** Criteria per phase by verdict (every row is in table "
+         f"{synthesis.TABLE_CLAIMS}).\n\n" + to_markdown(people_table(syn["counts"])))
 
 # %% [markdown]
 # ## Limitations (computed from this run)

@@ -23,8 +23,8 @@ PDF_SECONDS = 60  # as tests/test_browser.py
 
 
 def test_numbers_and_tables_for_people():
-    assert [sig(117.234), sig(0.01234), sig(5.893999e24), sig(12345.6), sig(3), sig(None), sig(True)] == \
-        ["117", "0.0123", "5.89e+24", "12,346", "3", "–", "yes"]
+    assert [sig(117.234), sig(0.01234), sig(-0.000297), sig(5.893999e24), sig(12345.6), sig(3), sig(None), sig(True)] == \
+        ["117", "0.0123", "-0.000297", "5.89e+24", "12,346", "3", "–", "yes"]
     assert with_ci(117.2, 105.4, 130.1) == "117 [105, 130]" and with_ci(4.0, float("nan"), 2) == "4"
     df = pd.DataFrame({"model": ["a"], "dlogppl_top_k": [22.04], "lo": [20.0], "hi": [24.5], "odd_name": [1.5]},
                       index=[7])
@@ -63,9 +63,11 @@ def _answers(rows: list[dict]) -> pd.DataFrame:
 
 def test_outcome_paragraphs_say_answer_evidence_and_what_would_change_it():
     rows = [{"id": "P1.finite.m", "phase": 1, "verdict": "PASS", "measured": 0, "threshold": "== 0"},
-            {"id": "P2.overlap.m", "phase": 2, "verdict": "FAIL", "measured": 0.3, "threshold": "> 0.6"},
+            {"id": "P2.overlap.m", "phase": 2, "verdict": "FAIL", "measured": 0.3, "threshold": "> 0.6",
+             "notebook": "nb2"},
             {"id": "P2.tail.m", "phase": 2, "verdict": "PASS", "measured": 40, "threshold": ">= 10"},
-            {"id": "P3.ratio.m", "phase": 3, "verdict": "underpowered", "measured": 9, "threshold": "> 10"}]
+            {"id": "P3.ratio.m", "phase": 3, "verdict": "underpowered", "measured": 9, "threshold": "> 10",
+             "note": "only 2 seed(s) run. The rest of the note"}]
     figs = {1: ["0.1"], 2: ["1.1", "1.2"], 3: [], 4: [], 5: []}
     paras = synthesis.outcome_paragraphs(rows, _answers(rows), figs)
     assert len(paras) == len(synthesis.OUTCOMES)
@@ -76,8 +78,11 @@ def test_outcome_paragraphs_say_answer_evidence_and_what_would_change_it():
     assert "It would change if P2.overlap.m (0.3 against > 0.6) passed" in p2
     assert "is not established at this budget" in p3 and "Judging 1 underpowered criteria" in p3
     assert "power-planned profile" in p3 and "was not tested: the phase did not run" in p4
-    claims = synthesis.claims_table(rows, figs)
-    assert claims["id"].tolist() == [r["id"] for r in rows] and claims["evidence"].iloc[3] == "table 16.4"
+    claims = synthesis.claims_table(rows, figs, {"nb2": (2, ["2.1"])})
+    assert claims["id"].tolist() == [r["id"] for r in rows]
+    assert claims["evidence"].tolist() == ["figure 0.1 and table 16.2", "figure 2.1 and table 16.3",
+                                           "figures 1.1, 1.2 and table 16.3", "table 16.4"]
+    assert claims["why"].tolist() == ["", "", "", "only 2 seed(s) run"]
 
 
 def _with_registry_and_commit(run: Path, figs: Path) -> None:

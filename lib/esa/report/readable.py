@@ -31,11 +31,12 @@ HEADERS: dict[str, str] = {
     "beats_unigram": "Beats unigram", "id": "Criterion", "phase": "Phase", "measured": "Measured",
     "threshold": "Threshold", "verdict": "Verdict", "note": "Why", "notebook": "Notebook",
     "expected outcome": "Expected outcome", "answer": "Answer", "evidence": "Evidence",
+    "why": "Why not judged",
 }
 
 
 def sig(x: Any, digits: int = 3) -> str:
-    """`x` to `digits` significant figures; scientific notation only beyond 1e6 or below 1e-3, where the
+    """`x` to `digits` significant figures; scientific notation only beyond 1e6 or below 1e-4, where the
     exponent is the information; integers stay whole; text passes through; missing is an en dash."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -49,7 +50,7 @@ def sig(x: Any, digits: int = 3) -> str:
         return str(x)
     if not math.isfinite(v):
         return str(v)
-    if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+    if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-4):
         return f"{v:.{digits - 1}e}"
     return f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:,.0f}"
 

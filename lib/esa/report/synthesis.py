@@ -126,6 +126,7 @@ def _phase3(run_dir: Path) -> pd.DataFrame | None:
         comps = {(c["perturbation"], c["scale"], c["b"]): c for c in st.get("comparisons", []) if c["a"] == "top_k"}
         for (pert, scale), g in summ.groupby(["perturbation", "scale"], sort=True):
             m = g.set_index("group")
+            m = m.loc[sorted(m.index, key=lambda grp: (grp != "top_k", grp))]  # the top-k first, then its controls
             c = comps.get((pert, scale, "random_k"), {})
             ci = {f"dlogppl_{grp}_{end}": fd._num(m.loc[grp].get(f"ci_{end}")) for grp in m.index for end in ("lo", "hi")}
             rows.append({"model": model, "perturbation": pert, "scale": scale, "k": int(g["k"].iloc[0]),
@@ -316,16 +317,24 @@ def phase_table_number(phase: int) -> str:
     return f"16.{phase + 1}"
 
 
-TABLE_SCORECARD = phase_table_number(max(PHASE_NAMES) + 1)
+TABLE_COUNTS = phase_table_number(max(PHASE_NAMES) + 1)
 
 
-def phase_figures(run_dir: str | Path) -> dict[int, list[str]]:
-    """Phase -> the numbers of the figures its notebooks drew in this run ("5.1", "5.2", ...)."""
-    out: dict[int, list[str]] = {p: [] for p in PHASE_NAMES}
+def notebook_figures(run_dir: str | Path) -> dict[str, tuple[int, list[str]]]:
+    """Notebook -> (its phase, the numbers of the figures it drew in this run: "5.1", "5.2", ...)."""
+    out = {}
     for e in load_schedule():
         reg = artefacts.read_registry(Path(run_dir) / "data" / e["id"])
         if reg is not None and e["id"] != SELF:
-            out.setdefault(int(e["phase"]), []).extend(f.number for f in reg.figures)
+            out[e["id"]] = (int(e["phase"]), [f.number for f in reg.figures])
+    return out
+
+
+def phase_figures(nb_figs: Mapping[str, tuple[int, list[str]]]) -> dict[int, list[str]]:
+    """Phase -> the figure numbers of all its notebooks, in schedule order."""
+    out: dict[int, list[str]] = {p: [] for p in PHASE_NAMES}
+    for phase, numbers in nb_figs.values():
+        out.setdefault(phase, []).extend(numbers)
     return out
 
 
@@ -381,14 +390,19 @@ def outcome_paragraphs(rows: list[dict[str, Any]], ans: pd.DataFrame,
     return out
 
 
-def claims_table(rows: list[dict[str, Any]], figs: Mapping[int, list[str]]) -> pd.DataFrame:
-    """Every criterion once with its verdict and where its evidence is: the claims and evidence table, in
-    full (the outcome each phase's criteria test is named in that phase's paragraph)."""
-    cols = ["phase", "id", "measured", "threshold", "verdict", "evidence"]
-    return pd.DataFrame([{"phase": int(r.get("phase", 0)), "id": r["id"], "measured": r.get("measured"),
-                          "threshold": r.get("threshold"), "verdict": verdict_of(r),
-                          "evidence": _cite(int(r.get("phase", 0)), list(figs.get(int(r.get("phase", 0)), [])))}
-                         for r in rows], columns=cols)
+def claims_table(rows: list[dict[str, Any]], figs: Mapping[int, list[str]],
+                 nb_figs: Mapping[str, tuple[int, list[str]]] | None = None) -> pd.DataFrame:
+    """Every criterion once: its value, threshold and verdict, why it is not judged (when it is not), and
+    its evidence (the figures of the notebook that wrote it, else its phase's, and the phase table): the
+    claims and evidence table, in full. The outcome each phase's criteria test is in its paragraph."""
+    out = []
+    for r in rows:
+        phase, verdict = int(r.get("phase", 0)), verdict_of(r)
+        own = (nb_figs or {}).get(str(r.get("notebook")), (phase, []))[1]
+        out.append({"phase": phase, "id": r["id"], "measured": r.get("measured"), "threshold": r.get("threshold"),
+                    "verdict": verdict, "why": "" if verdict in ("PASS", "FAIL") else _reason(r.get("note", "")),
+                    "evidence": _cite(phase, own or list(figs.get(phase, [])))})
+    return pd.DataFrame(out, columns=["phase", "id", "measured", "threshold", "verdict", "why", "evidence"])
 
 
 def _control_words(group: str) -> str:
@@ -448,8 +462,9 @@ def synthesize(run_dir: str | Path, fig_dir: str | Path | None = None,
     ans = answers(rows, gone)
     models = fd._models(run_dir)[0]
     tables = phase_tables(run_dir, rows)
-    figs = phase_figures(run_dir)
-    return {"rows": rows, "paragraphs": outcome_paragraphs(rows, ans, figs), "claims": claims_table(rows, figs),
+    nb_figs = notebook_figures(run_dir)
+    figs = phase_figures(nb_figs)
+    return {"rows": rows, "paragraphs": outcome_paragraphs(rows, ans, figs), "claims": claims_table(rows, figs, nb_figs),
             "contradictions": contradictions(tables[3], rows), "size": run_size(run_dir, s), "missing": gone, "answers": ans, "tables": tables,
             "scorecard": scorecard_frame(rows), "counts": verdict_counts(rows),
             "limitations": limitations(run_dir, rows, s, gone),
