@@ -48,6 +48,7 @@ TEMPLATE = r"""
 #set heading(numbering: "1.")
 #show heading.where(level: 1): it => { pagebreak(weak: true); it }
 #let grid-table(t) = block(breakable: true, width: 100%)[
+  #set par(justify: false)
   #text(size: 9pt)[*#t.caption*]
   #v(0.3em)
   #text(size: 7pt, table(columns: t.header.len(), inset: 3pt, stroke: 0.4pt + luma(180),
@@ -125,7 +126,7 @@ def _notebooks(run_dir: Path, phase: int, tmp: Path) -> list[dict[str, Any]]:
     for data in sorted((run_dir / "data").glob(f"phase{phase}_week*")):
         reg = artefacts.read_registry(data)
         week = artefacts.week_of(data.name)
-        if reg is not None and week is not None:
+        if reg is not None and week is not None and data.name != synthesis.SELF:  # this document is the synthesis
             found.append((int(week), data.name, reg))
     out = []
     for week, name, reg in sorted(found, key=lambda x: (x[0], x[1])):
@@ -167,8 +168,8 @@ def document_model(run_dir: Path, fig_dir: Path | None, tmp: Path) -> dict[str, 
                                                                   "top-k, and no criterion failed as judged."]})
     sections.append({"title": "Limitations", "appendix": False, "tables": [], "notebooks": [],
                      "paragraphs": [_plain(x) for x in syn["limitations"]]})
-    card = _table(syn["claims"], f"Table {synthesis.TABLE_CLAIMS}. Every criterion, the outcome it tests, its "
-                                 "verdict and its evidence.")
+    card = _table(syn["claims"], f"Table {synthesis.TABLE_CLAIMS}. Every criterion: its value against its "
+                                 "threshold, its verdict, why it could not be judged, and its evidence.")
     sections.append({"title": "Appendix: the scorecard", "appendix": True, "notebooks": [], "tables": [card] if card else [],
                      "paragraphs": [] if card else ["The run wrote no scorecard."]})
     return {"title": TITLE, "subtitle": f"Results of run {run_dir.name}", "facts": facts,
