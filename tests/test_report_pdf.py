@@ -142,3 +142,22 @@ def test_report_pdf_falls_back_to_printing_without_typst(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "typst", None)  # import typst -> ImportError
     monkeypatch.setattr(docs, "print_pdf", lambda run_dir, dest, chrome: called.append(dest) or dest)
     assert docs.build_pdf(run) == run / "report.pdf" and called == [run / "report.pdf"]
+
+
+def test_phase5_paragraph_is_sentences_with_ids_apart():
+    from esa.report import findings
+
+    rows = [{"id": "P5.ft.sparse_vs_random.grad_x_weight@0.01.m", "phase": 5, "verdict": "underpowered",
+             "measured": 0.1391, "threshold": "gain diff > 0", "text": "sparse FT beats random-k"},
+            {"id": "P5.ft.gap.m", "phase": 5, "verdict": "underpowered", "measured": 0.2, "threshold": "> 0"},
+            {"id": "P5.security.attack.m", "phase": 5, "verdict": "PASS", "measured": 3.0, "threshold": "> 1"},
+            {"id": "P5.security.faults.m", "phase": 5, "verdict": "FAIL", "measured": 0.5, "threshold": "> 1",
+             "text": "faults on critical weights hurt more"},
+            {"id": "P3.other", "phase": 3, "verdict": "PASS"}]
+    (ft, ft_ids), (sec, sec_ids) = findings._phase5(rows)
+    assert ft == ("Sparse fine-tuning of critical weights: 0 of 2 criteria could be judged (2 underpowered). "
+                  "For example, on whether sparse FT beats random-k: measured 0.139 against gain diff > 0, underpowered.")
+    assert sec.startswith("Attacks on critical weights: 2 of 2 criteria could be judged (1 PASS, 1 FAIL). It failed "
+                          "on whether faults on critical weights hurt more: measured 0.5 against > 1.")
+    assert ft_ids == [r["id"] for r in rows[:2]] and sec_ids == [r["id"] for r in rows[2:4]]
+    assert "P5." not in ft + sec  # the ids go apart, in small type on the index
