@@ -156,8 +156,8 @@ def test_phase5_paragraph_is_sentences_with_ids_apart():
             {"id": "P3.other", "phase": 3, "verdict": "PASS"}]
     (ft, ft_ids), (sec, sec_ids) = findings._phase5(rows)
     assert ft == ("Sparse fine-tuning of critical weights: 0 of 2 criteria could be judged (2 underpowered). "
-                  "For example, on whether sparse FT beats random-k: measured 0.139 against gain diff > 0, underpowered.")
-    assert sec.startswith("Attacks on critical weights: 2 of 2 criteria could be judged (1 PASS, 1 FAIL). It failed "
-                          "on whether faults on critical weights hurt more: measured 0.5 against > 1.")
+                  "For example: “sparse FT beats random-k”, measured 0.139 against gain diff > 0, underpowered.")
+    assert sec.startswith("Attacks on critical weights: 2 of 2 criteria could be judged (1 PASS, 1 FAIL). Failed: "
+                          "“faults on critical weights hurt more”, measured 0.5 against > 1.")
     assert ft_ids == [r["id"] for r in rows[:2]] and sec_ids == [r["id"] for r in rows[2:4]]
     assert "P5." not in ft + sec  # the ids go apart, in small type on the index

@@ -253,9 +253,9 @@ def _phase5(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         tally = ", ".join(f"{n} {v}" for v, n in c.most_common())
         what = str(key.get("text") or key["id"])
         text = (f"{APPLICATIONS.get(fam, fam.replace('_', ' ').capitalize())}: {judged_n} of {len(rs)} "
-                f"criteria could be judged ({tally}). "
-                f"{'It failed' if verdict_of(key) == 'FAIL' else 'It passed' if verdict_of(key) == 'PASS' else 'For example,'}"
-                f" on whether {what}: measured {_short(key.get('measured'))} against {key.get('threshold')}"
+                f"criteri{'on' if len(rs) == 1 else 'a'} could be judged ({tally}). "
+                f"{'Failed' if verdict_of(key) == 'FAIL' else 'Passed' if verdict_of(key) == 'PASS' else 'For example'}"
+                f": “{what}”, measured {_short(key.get('measured'))} against {key.get('threshold')}"
                 + (f", {verdict_of(key)}" if verdict_of(key) not in ("PASS", "FAIL") else "") + ".")
         out.append((text, [str(r["id"]) for r in rs]))
     return out
