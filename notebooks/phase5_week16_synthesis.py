@@ -28,7 +28,7 @@ run_dir = "reports/interactive"
 overrides = {}
 
 # %%
-from IPython.display import Image, Markdown, display
+from IPython.display import Markdown, display
 
 import esa.nb
 from esa.report import synthesis
@@ -101,9 +101,5 @@ Markdown("\n".join(f"- {line}" for line in syn["limitations"]))
 # ## Each phase's key figure
 
 # %%
-figs = syn["figures"]
-ctx.savefig(synthesis.figure_grid(figs), "key_figures")
-for phase, path in figs.items():
-    if path is not None:
-        display(Markdown(f"**Phase {phase}** ({synthesis.PHASE_NAMES[phase]}): {path.parent.name}, {path.stem}"))
-        display(Image(filename=str(path), width=720))
+ctx.savefig(synthesis.figure_grid(syn["figures"]), "key_figures", caption="The key figure of each phase in this run.",
+            takeaway=synthesis.key_figure_takeaway(ctx.run_dir, syn["figures"]))

@@ -136,6 +136,15 @@ def test_report_pdf_is_a_document(tmp_path):
     assert text.index("Appendix: the scorecard") > max(text.index(h) for h in heads)
 
 
+def test_key_figures_are_cited_by_their_page_numbers(tmp_path):
+    run, figs = make_run(tmp_path, SMOKE)
+    _with_registry_and_commit(run, figs)
+    keys = synthesis.key_figures(figs, [MODEL])
+    assert synthesis.key_figure_numbers(run, keys) == {1: None, 2: None, 3: "5.1", 4: None, 5: None}
+    assert synthesis.key_figure_takeaway(run, keys).startswith("Phase 1: baselines. Phase 2: no figure. Phase 3: "
+                                                               "figure 5.1.")
+
+
 def test_report_pdf_falls_back_to_printing_without_typst(tmp_path, monkeypatch):
     run, figs = make_run(tmp_path, SMOKE)
     called = []

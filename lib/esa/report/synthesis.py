@@ -295,6 +295,23 @@ def key_figures(fig_dir: str | Path, models: list[str]) -> dict[int, Path | None
     return out
 
 
+def key_figure_numbers(run_dir: str | Path, figs: Mapping[int, Path | None]) -> dict[int, str | None]:
+    """Phase -> the number its key figure carries on its own page (from the notebook's registry), or None."""
+    out: dict[int, str | None] = {}
+    for phase, path in figs.items():
+        reg = artefacts.read_registry(Path(run_dir) / "data" / path.parent.name) if path is not None else None
+        out[phase] = next((f.number for f in (reg.figures if reg else []) if Path(f.png).resolve() == path.resolve()),
+                          None)
+    return out
+
+
+def key_figure_takeaway(run_dir: str | Path, figs: Mapping[int, Path | None]) -> str:
+    """'Phase 1: figure 0.1. Phase 2: no figure. ...': where each phase's key figure sits in the report."""
+    numbers = key_figure_numbers(run_dir, figs)
+    return " ".join(f"Phase {p}: " + (f"figure {numbers[p]}." if numbers[p] else
+                                      "no figure." if figs[p] is None else f"{figs[p].stem}.") for p in sorted(figs))
+
+
 def headline(rows: list[dict[str, Any]], ans: pd.DataFrame, f: fd.Findings) -> str:
     """The short answer to the research question, computed from the findings and the outcome table."""
     judged_n = sum(verdict_of(r) in ("PASS", "FAIL") for r in rows)
