@@ -48,7 +48,7 @@ $(STAMP): pyproject.toml requirements.lock Makefile
 
 env: $(STAMP)
 
-# Debian's chromium prints the report PDF and runs the browser test (playwright drives it, never downloads
+# Debian's chromium runs the browser test (and prints the report PDF only when typst is missing) (playwright drives it, never downloads
 # a browser). As root (CI, fresh machines) make installs it; otherwise it says how.
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \

@@ -28,72 +28,78 @@ run_dir = "reports/interactive"
 overrides = {}
 
 # %%
-from IPython.display import Image, Markdown, display
+from IPython.display import Markdown, display
 
 import esa.nb
 from esa.report import synthesis
+from esa.report.readable import people_table, to_markdown
 
 ctx = esa.nb.context("phase5_week16_synthesis", profile, models, run_dir, overrides)
 P = ctx.profile
 syn = synthesis.synthesize(ctx.run_dir, ctx.fig_dir.parent, P.as_dict())
 gone = syn["missing"]
-print(f"profile {P.name}: run {ctx.run_dir.name}; {len(gone['present'])} notebooks with results; "
-      f"missing phases {gone['phases'] or 'none'}; missing notebooks {gone['notebooks'] or 'none'}")
+display(Markdown(f"Profile **{P.name}**, run `{ctx.run_dir.name}`: {len(gone['present'])} notebooks left results. "
+                 + (f"Phases with no output: {', '.join(map(str, gone['phases']))}. " if gone["phases"] else "")
+                 + syn["headline"]))
 
 # %% [markdown]
-# ## The answer, outcome by outcome
+# ## Results, outcome by outcome
+# Each paragraph gives the answer, the figures and tables that carry it, and what would change it.
 
 # %%
 ctx.save_table(syn["answers"], "answers")
-display(Markdown(syn["headline"]))
-syn["answers"]
+Markdown("\n\n".join(syn["paragraphs"]))
+
+# %% [markdown]
+# ## What the runs found against the hypothesis
+
+# %%
+found = syn["contradictions"]
+Markdown("\n".join(f"- {line}" for line in found) if found else
+         "No control did more damage than the sensitivity top-k, and no criterion failed as judged.")
+
+# %% [markdown]
+# ## Claims and evidence
+
+# %%
+ctx.save_table(syn["claims"].astype({"measured": str}), "claims")
+Markdown(f"**Table {synthesis.TABLE_CLAIMS}.** Every criterion of the run (the scorecard, each criterion once): "
+         "its value against its threshold, its verdict, why it could not be judged where it could not, and the "
+         "figures and table that carry its evidence.\n\n" + to_markdown(people_table(syn["claims"])))
 
 # %% [markdown]
 # ## One table per phase
 
 # %%
 for phase, table in syn["tables"].items():
+    number = synthesis.phase_table_number(phase)
     display(Markdown(f"### Phase {phase}: {synthesis.PHASE_NAMES[phase]}"))
     if table is None or table.empty:
         display(Markdown(f"*Phase {phase} left no table in this run.*"))
         continue
     ctx.save_table(table, f"phase{phase}")
-    display(table)
+    display(Markdown(f"**Table {number}.** Phase {phase} in this run.\n\n" + to_markdown(people_table(table))))
 
 # %% [markdown]
-# ## The scorecard across all phases (each criterion once)
+# ## The verdicts by phase
 
 # %%
 ctx.save_table(syn["counts"], "verdict_counts")
 ctx.save_table(syn["scorecard"].astype({"measured": str}), "scorecard")
 fig = synthesis.counts_figure(syn["counts"])
 ctx.savefig(fig, "scorecard_by_phase")
-syn["scorecard"]
+Markdown(f"**Table {synthesis.TABLE_COUNTS}.** Criteria per phase by verdict (every row is in table "
+         f"{synthesis.TABLE_CLAIMS}).\n\n" + to_markdown(people_table(syn["counts"])))
 
 # %% [markdown]
 # ## Limitations (computed from this run)
 
 # %%
-display(Markdown("\n".join(f"- {line}" for line in syn["limitations"])))
+Markdown("\n".join(f"- {line}" for line in syn["limitations"]))
 
 # %% [markdown]
 # ## Each phase's key figure
 
 # %%
-figs = syn["figures"]
-ctx.savefig(synthesis.figure_grid(figs), "key_figures")
-for phase, path in figs.items():
-    if path is not None:
-        display(Markdown(f"**Phase {phase}** ({synthesis.PHASE_NAMES[phase]}): `{path.parent.name}/{path.name}`"))
-        display(Image(filename=str(path), width=720))
-
-# %%
-c = syn["counts"].sum(numeric_only=True)
-ans = syn["answers"].set_index("phase")["answer"]
-lines = [f"{int(c.get('PASS', 0))} PASS, {int(c.get('FAIL', 0))} FAIL, {int(c.get('underpowered', 0))} underpowered, "
-         f"{int(c.get('not estimable', 0))} not estimable, {int(c.get('machinery-only', 0))} machinery-only "
-         f"over {int(c.drop('phase', errors='ignore').sum())} unique criteria."]
-lines += [f"- Phase {p} ({synthesis.PHASE_NAMES[p]}): {a}." for p, a in ans.items()]
-if gone["phases"]:
-    lines.append(f"\nNot in this run: phase(s) {gone['phases']}, so their outcomes are unanswered here.")
-Markdown("\n".join(lines))
+ctx.savefig(synthesis.figure_grid(syn["figures"]), "key_figures", caption="The key figure of each phase in this run.",
+            takeaway=synthesis.key_figure_takeaway(ctx.run_dir, syn["figures"]))

@@ -114,7 +114,7 @@ def test_index_leads_with_findings_and_counts_unique_verdicts(tmp_path):
     assert c["FAIL"] == 0 and c["machinery-only"] >= 2  # smoke budget and the untrained micro-suite
     assert f'href="data/{findings.W5}/stats_{MODEL}.json"' in html  # evidence paths are links
     assert "table-layout: fixed" in html and "overflow-wrap: anywhere" in html
-    assert "Phase 5: P5.prune_beats_magnitude PASS" in html
+    assert "1 of 1 criterion could be judged (1 PASS)" in html and '<span class="cid">P5.prune_beats_magnitude</span>' in html
     assert "<script" not in html
 
 

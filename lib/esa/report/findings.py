@@ -35,6 +35,7 @@ HERO = (f"{W5}/damage_{{model}}.png", f"{W8}/cumulative_ablation.png", f"{W4}/co
 class ModelFindings:
     model: str
     sentences: list[str] = field(default_factory=list)
+    ids: list[list[str]] = field(default_factory=list)  # per sentence, the criterion ids it rests on (may be empty)
 
 
 @dataclass
@@ -230,12 +231,34 @@ def _short(x: Any) -> str:
     return f"{v:.3g}" if v is not None else str(x)
 
 
-def _phase5(rows: list[dict[str, Any]]) -> str | None:
-    p5 = [r for r in rows if r.get("phase") == 5]
-    if not p5:
-        return None
-    return "Phase 5: " + "; ".join(f"{r['id']} {verdict_of(r)} ({_short(r.get('measured'))})" for r in p5[:6]) + (
-        f"; {len(p5) - 6} more in the scorecard" if len(p5) > 6 else "") + "."
+# Phase 5's criterion families (the id's second field), in words
+APPLICATIONS = {"prune_gain": "Pruning guided by critical weights", "reproduce": "Reproducing published pruning",
+                "ft": "Sparse fine-tuning of critical weights", "security": "Attacks on critical weights",
+                "interpret_roles": "Interpretable roles of critical weights"}
+
+
+def _phase5(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """One sentence per Phase 5 application: how many of its criteria were judged and how they came out,
+    and the deciding row (a FAIL, else a PASS, else the first) in words with its value and threshold.
+    Returns (sentence, the ids it rests on)."""
+    fams: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("phase") == 5:
+            fams.setdefault(str(r["id"]).split(".")[1] if "." in str(r["id"]) else str(r["id"]), []).append(r)
+    out = []
+    for fam, rs in fams.items():
+        c = Counter(verdict_of(r) for r in rs)
+        judged_n = c["PASS"] + c["FAIL"]
+        key = next((r for v in ("FAIL", "PASS") for r in rs if verdict_of(r) == v), rs[0])
+        tally = ", ".join(f"{n} {v}" for v, n in c.most_common())
+        what = str(key.get("text") or key["id"])
+        text = (f"{APPLICATIONS.get(fam, fam.replace('_', ' ').capitalize())}: {judged_n} of {len(rs)} "
+                f"criteri{'on' if len(rs) == 1 else 'a'} could be judged ({tally}). "
+                f"{'Failed' if verdict_of(key) == 'FAIL' else 'Passed' if verdict_of(key) == 'PASS' else 'For example'}"
+                f": “{what}”, measured {_short(key.get('measured'))} against {key.get('threshold')}"
+                + (f", {verdict_of(key)}" if verdict_of(key) not in ("PASS", "FAIL") else "") + ".")
+        out.append((text, [str(r["id"]) for r in rs]))
+    return out
 
 
 def _models(run_dir: Path) -> tuple[list[str], str | None]:
@@ -271,7 +294,7 @@ def collect(run_dir: str | Path, fig_dir: str | Path | None = None,
             out.append(ModelFindings(model, sentences))
     p5 = _phase5(rows)
     if p5:
-        out.append(ModelFindings("Phase 5", [p5]))
+        out.append(ModelFindings("Phase 5", [t for t, _ in p5], [ids for _, ids in p5]))
     banner = profile_banner(s, holm_m(run_dir))
     prov = provenance(run_dir)
     if prov:

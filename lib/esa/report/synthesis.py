@@ -21,9 +21,13 @@ from typing import Any
 
 import pandas as pd
 
+from esa.errors import EsaError
 from esa.params import load_schedule
+from esa.perturb import CONTROLS
 from esa.phases.criteria import untrained_reason
+from esa.report import artefacts
 from esa.report import findings as fd
+from esa.report.readable import sig
 from esa.report.scorecard import judged
 from esa.stats.verdicts import VERDICTS, verdict_of
 
@@ -121,10 +125,12 @@ def _phase3(run_dir: Path) -> pd.DataFrame | None:
             continue
         comps = {(c["perturbation"], c["scale"], c["b"]): c for c in st.get("comparisons", []) if c["a"] == "top_k"}
         for (pert, scale), g in summ.groupby(["perturbation", "scale"], sort=True):
-            m = g.set_index("group")["mean"]
+            m = g.set_index("group")
+            m = m.loc[sorted(m.index, key=lambda grp: (grp != "top_k", grp))]  # the top-k first, then its controls
             c = comps.get((pert, scale, "random_k"), {})
+            ci = {f"dlogppl_{grp}_{end}": fd._num(m.loc[grp].get(f"ci_{end}")) for grp in m.index for end in ("lo", "hi")}
             rows.append({"model": model, "perturbation": pert, "scale": scale, "k": int(g["k"].iloc[0]),
-                         **{f"dlogppl_{grp}": float(v) for grp, v in m.items()},
+                         **{f"dlogppl_{grp}": float(v) for grp, v in m["mean"].items()}, **ci,
                          "p_holm_top_vs_random": c.get("p_primary_holm"), "test": c.get("primary")})
     for p in sorted((run_dir / "data" / fd.W8).glob("cumulative_*.parquet")):
         t = pd.read_parquet(p)
@@ -220,7 +226,7 @@ def limitations(run_dir: str | Path, rows: list[dict[str, Any]], settings: Mappi
     """Limitations computed from the run: budget, not-judged rows grouped by reason, data and model
     provenance, untrained suites, noisy estimators, what did not run."""
     run_dir = Path(run_dir)
-    out = [f"Budget: {fd.profile_banner(settings, fd.holm_m(run_dir))}."]
+    out = [run_size(run_dir, settings), f"Budget: {fd.profile_banner(settings, fd.holm_m(run_dir))}."]
     for verdict in VERDICTS[2:]:
         rs = [r for r in rows if verdict_of(r) == verdict]
         if rs:
@@ -289,6 +295,23 @@ def key_figures(fig_dir: str | Path, models: list[str]) -> dict[int, Path | None
     return out
 
 
+def key_figure_numbers(run_dir: str | Path, figs: Mapping[int, Path | None]) -> dict[int, str | None]:
+    """Phase -> the number its key figure carries on its own page (from the notebook's registry), or None."""
+    out: dict[int, str | None] = {}
+    for phase, path in figs.items():
+        reg = artefacts.read_registry(Path(run_dir) / "data" / path.parent.name) if path is not None else None
+        out[phase] = next((f.number for f in (reg.figures if reg else []) if Path(f.png).resolve() == path.resolve()),
+                          None)
+    return out
+
+
+def key_figure_takeaway(run_dir: str | Path, figs: Mapping[int, Path | None]) -> str:
+    """'Phase 1: figure 0.1. Phase 2: no figure. ...': where each phase's key figure sits in the report."""
+    numbers = key_figure_numbers(run_dir, figs)
+    return " ".join(f"Phase {p}: " + (f"figure {numbers[p]}." if numbers[p] else
+                                      "no figure." if figs[p] is None else f"{figs[p].stem}.") for p in sorted(figs))
+
+
 def headline(rows: list[dict[str, Any]], ans: pd.DataFrame, f: fd.Findings) -> str:
     """The short answer to the research question, computed from the findings and the outcome table."""
     judged_n = sum(verdict_of(r) in ("PASS", "FAIL") for r in rows)
@@ -302,6 +325,150 @@ def headline(rows: list[dict[str, Any]], ans: pd.DataFrame, f: fd.Findings) -> s
     return ". ".join(p.rstrip(".") for p in parts) + "."
 
 
+# ------------------------------------------------------------------ the results section
+# the synthesis page numbers its tables in this order (week 16): claims first, then one per phase, then the scorecard
+TABLE_CLAIMS = "16.1"
+
+
+def phase_table_number(phase: int) -> str:
+    return f"16.{phase + 1}"
+
+
+TABLE_COUNTS = phase_table_number(max(PHASE_NAMES) + 1)
+
+
+def notebook_figures(run_dir: str | Path) -> dict[str, tuple[int, list[str]]]:
+    """Notebook -> (its phase, the numbers of the figures it drew in this run: "5.1", "5.2", ...)."""
+    out = {}
+    for e in load_schedule():
+        reg = artefacts.read_registry(Path(run_dir) / "data" / e["id"])
+        if reg is not None and e["id"] != SELF:
+            out[e["id"]] = (int(e["phase"]), [f.number for f in reg.figures])
+    return out
+
+
+def phase_figures(nb_figs: Mapping[str, tuple[int, list[str]]]) -> dict[int, list[str]]:
+    """Phase -> the figure numbers of all its notebooks, in schedule order."""
+    out: dict[int, list[str]] = {p: [] for p in PHASE_NAMES}
+    for phase, numbers in nb_figs.values():
+        out.setdefault(phase, []).extend(numbers)
+    return out
+
+
+def _measured(row: Mapping[str, Any]) -> str:
+    v = fd._num(row.get("measured"))
+    return sig(v) if v is not None else str(row.get("measured"))
+
+
+def _cite(phase: int, figs: list[str]) -> str:
+    refs = ([f"figure{'s' if len(figs) > 1 else ''} {', '.join(figs)}"] if figs else []) + \
+        [f"table {phase_table_number(phase)}"]
+    return " and ".join(refs)
+
+
+def _change(answer: str, mine: list[dict[str, Any]]) -> str:
+    """What would change an answer, from the verdicts behind it."""
+    c = Counter(verdict_of(r) for r in mine)
+    if not mine:
+        return "Running the phase's notebooks would give it criteria to judge."
+    if answer == "contradicted":
+        fails = [r for r in mine if verdict_of(r) == "FAIL"]
+        return ("It would change if " + "; ".join(f"{r['id']} ({_measured(r)} against "
+                                                 f"{r.get('threshold')})" for r in fails[:3])
+                + (f" and {len(fails) - 3} more" if len(fails) > 3 else "") + " passed in a larger run.")
+    open_ = {v: n for v, n in c.items() if v not in ("PASS", "FAIL")}
+    text = ""
+    if open_:
+        text = ("Judging " + ", ".join(f"{n} {v}" for v, n in open_.items()) + " criteria would settle it: "
+                "the underpowered ones need the sample the power-planned profile sizes"
+                if c["underpowered"] else "Judging " + ", ".join(f"{n} {v}" for v, n in open_.items())
+                + " criteria would settle it")
+        text += "."
+    if c["PASS"]:
+        text += (" " if text else "") + f"A FAIL on any of its {c['PASS']} passing criteria in a larger run would overturn it."
+    return text
+
+
+def outcome_paragraphs(rows: list[dict[str, Any]], ans: pd.DataFrame,
+                       figs: Mapping[int, list[str]]) -> list[str]:
+    """Per expected outcome: the answer in one sentence, its evidence by number, and what would change it."""
+    out = []
+    for o, (_, a) in zip(OUTCOMES, ans.iterrows(), strict=True):
+        mine = [r for r in rows if str(r["id"]).startswith(o.prefixes)]
+        c = Counter(verdict_of(r) for r in mine)
+        counted = ", ".join(f"{n} {v}" for v, n in c.most_common())
+        answer = {"supported": "is supported", "contradicted": "is contradicted",
+                  "not run": "was not tested: the phase did not run",
+                  "no criterion written": "has no criterion in this run"}.get(
+            a["answer"], f"is {a['answer']}")
+        out.append(f"**Phase {o.phase} ({PHASE_NAMES[o.phase]}).** That {o.expected} {answer}"
+                   + (f" ({counted} of {len(mine)} criteria)" if mine else "") + ". "
+                   f"Evidence: {_cite(o.phase, list(figs.get(o.phase, [])))}. {_change(a['answer'], mine)}")
+    return out
+
+
+def claims_table(rows: list[dict[str, Any]], figs: Mapping[int, list[str]],
+                 nb_figs: Mapping[str, tuple[int, list[str]]] | None = None) -> pd.DataFrame:
+    """Every criterion once: its value, threshold and verdict, why it is not judged (when it is not), and
+    its evidence (the figures of the notebook that wrote it, else its phase's, and the phase table): the
+    claims and evidence table, in full. The outcome each phase's criteria test is in its paragraph."""
+    out = []
+    for r in rows:
+        phase, verdict = int(r.get("phase", 0)), verdict_of(r)
+        own = (nb_figs or {}).get(str(r.get("notebook")), (phase, []))[1]
+        out.append({"phase": phase, "id": r["id"], "measured": r.get("measured"), "threshold": r.get("threshold"),
+                    "verdict": verdict, "why": "" if verdict in ("PASS", "FAIL") else _reason(r.get("note", "")),
+                    "evidence": _cite(phase, own or list(figs.get(phase, [])))})
+    return pd.DataFrame(out, columns=["phase", "id", "measured", "threshold", "verdict", "why", "evidence"])
+
+
+def _control_words(group: str) -> str:
+    try:
+        return f"{group} ({CONTROLS.definition(group)})"
+    except EsaError:  # a group that is no registered control (renamed, or from an older run)
+        return group
+
+
+def contradictions(phase3: pd.DataFrame | None, rows: list[dict[str, Any]]) -> list[str]:
+    """What the runs found against the hypothesis, stated plainly: a control group that does more damage
+    than the sensitivity top-k under the same perturbation (from the phase 3 table), and every criterion
+    judged FAIL."""
+    out = []
+    if phase3 is not None and "dlogppl_top_k" in phase3.columns:
+        ref = phase_table_number(3)
+        for r in phase3.to_dict("records"):
+            top = fd._num(r.get("dlogppl_top_k"))
+            if top is None:
+                continue
+            for col, v in r.items():
+                ctl = col.removeprefix("dlogppl_")
+                v = fd._num(v)
+                if not col.startswith("dlogppl_") or col.endswith(("_lo", "_hi")) or ctl == "top_k" or v is None \
+                        or v <= top:
+                    continue
+                out.append(f"On {r['model']}, {r['perturbation']} (scale {sig(r.get('scale'))}) of the "
+                           f"{_control_words(ctl)} does more damage than the same perturbation of the sensitivity "
+                           f"top-k: {sig(v)} vs {sig(top)} nats/token (table {ref}).")
+    for r in rows:
+        if verdict_of(r) == "FAIL":
+            out.append(f"{r['id']} failed: measured {_measured(r)} against {r.get('threshold')} "
+                       f"(table {TABLE_CLAIMS}).")
+    return out
+
+
+def run_size(run_dir: str | Path, settings: Mapping[str, Any]) -> str:
+    """The run's size in one sentence: models, windows, seeds, tokens."""
+    models = fd._models(Path(run_dir))[0]
+    p1 = _read(Path(run_dir), fd.P1, "summary")
+    if p1 is not None and "model" in p1.columns:
+        models = list(dict.fromkeys([*p1["model"].astype(str), *models]))
+    seeds = settings.get("seeds") or []
+    w = settings.get("perturb_eval_windows") or settings.get("eval_windows")
+    return (f"The run covers {len(models)} model(s) ({', '.join(models) or 'none'}), {len(seeds)} seed(s), "
+            f"{w} evaluation window(s) per perturbation condition and {settings.get('max_samples')} calibration "
+            f"window(s) of {settings.get('seqlen')} tokens per seed.")
+
+
 def synthesize(run_dir: str | Path, fig_dir: str | Path | None = None,
                settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything the week 16 notebook shows, from one run folder."""
@@ -311,7 +478,11 @@ def synthesize(run_dir: str | Path, fig_dir: str | Path | None = None,
     gone = missing(run_dir)
     ans = answers(rows, gone)
     models = fd._models(run_dir)[0]
-    return {"rows": rows, "missing": gone, "answers": ans, "tables": phase_tables(run_dir, rows),
+    tables = phase_tables(run_dir, rows)
+    nb_figs = notebook_figures(run_dir)
+    figs = phase_figures(nb_figs)
+    return {"rows": rows, "paragraphs": outcome_paragraphs(rows, ans, figs), "claims": claims_table(rows, figs, nb_figs),
+            "contradictions": contradictions(tables[3], rows), "size": run_size(run_dir, s), "missing": gone, "answers": ans, "tables": tables,
             "scorecard": scorecard_frame(rows), "counts": verdict_counts(rows),
             "limitations": limitations(run_dir, rows, s, gone),
             "headline": headline(rows, ans, fd.collect(run_dir, fig_dir, s, rows)),

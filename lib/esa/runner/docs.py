@@ -1,10 +1,12 @@
 """The report's paper-ready files from an executed run, without executing anything.
 
 `python -m esa.runner.docs tables [--run-id R]` writes the CSV and LaTeX of every parquet table a
-notebook saved (for runs executed before notebooks wrote them), and `... pdf [--run-id R]` prints the
-index and each notebook page without code to one PDF, `reports/<run>/report.pdf`, with a bookmark per
-page. Printing uses Debian's `chromium` driven by playwright (`executable_path`, so playwright never
-downloads a browser of its own); pages are self-contained files, so nothing is fetched.
+notebook saved (for runs executed before notebooks wrote them), and `... pdf [--run-id R]` writes
+`reports/<run>/report.pdf`: a document typeset by Typst (esa.report.document: title page, abstract, one
+section per phase, the scorecard as appendix). Only when the `typst` wheel is missing or fails does it
+fall back to printing the index and each notebook page without code, with a bookmark per page, through
+Debian's `chromium` driven by playwright (`executable_path`, so playwright never downloads a browser of
+its own); pages are self-contained files, so nothing is fetched.
 `make run` and `make generate-docs` call these after the runner.
 """
 
@@ -20,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from esa.errors import EsaError
-from esa.report import artefacts
+from esa.report import artefacts, document
 from esa.runner import schedule
-from esa.runner.layout import outputs, report_pdf
+from esa.runner.layout import figures_dir, outputs, report_pdf
 from esa.runner.state import all_stamps
 from esa.store import REPO_ROOT, atomic_path
 
@@ -92,7 +94,25 @@ def report_pages(run_dir: Path) -> list[tuple[str, Path]]:
 
 
 def build_pdf(run_dir: Path, dest: Path | None = None, chrome: Any = None) -> Path:
-    """Print the run's pages to one PDF (A4 landscape, backgrounds on) with one bookmark per page.
+    """The run's report PDF: the Typst document, else (no typst, or it failed) the printed pages."""
+    dest = dest or report_pdf(run_dir)
+    try:
+        import typst  # noqa: F401 - only whether it is installed
+    except ImportError:
+        print("esa.runner.docs: typst is not installed (pip install -e '.[report]'); printing the HTML pages",
+              file=sys.stderr)
+        return print_pdf(run_dir, dest, chrome)
+    try:
+        with atomic_path(dest) as tmp:
+            document.build(run_dir, figures_dir(run_dir.parent.parent, run_dir.name), tmp)
+    except RuntimeError as err:  # typst reports a compile error as RuntimeError: keep a report all the same
+        print(f"esa.runner.docs: typst failed ({err}); printing the HTML pages instead", file=sys.stderr)
+        return print_pdf(run_dir, dest, chrome)
+    return dest
+
+
+def print_pdf(run_dir: Path, dest: Path | None = None, chrome: Any = None) -> Path:
+    """The fallback: print the run's pages to one PDF (A4 landscape, backgrounds on) with one bookmark per page.
 
     `chrome`: a playwright Browser already running (the browser test's); by default one is launched.
     """
@@ -176,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             dest = build_pdf(run_dir)
-            print(
-                f"{dest} ({len(report_pages(run_dir))} pages printed in {time.perf_counter() - started:.1f} s)"
-            )
+            print(f"{dest} written in {time.perf_counter() - started:.1f} s")
     except EsaError as err:
         print(f"esa.runner.docs: error: {err}", file=sys.stderr)
         return 2

@@ -119,6 +119,7 @@ dd, figcaption, .banner, .finding { overflow-wrap: anywhere; }
 .under { background: #b7791f; } .mach { background: #6d28d9; }
 .banner { background: #fff7e6; border: 1px solid #f0c36d; border-radius: 8px; padding: 8px 14px; margin: 8px 0; }
 .findings figure { width: 100%; max-width: 900px; margin: 10px 0 0; }
+.cid { font-size: 0.75em; color: #6b7280; overflow-wrap: anywhere; }
 </style>"""
 
 
@@ -171,8 +172,9 @@ def _scorecard(run_dir: Path, settings: dict[str, Any] | None) -> tuple[str, dic
 def _findings(run_dir: Path, fig_dir: Path, settings: dict[str, Any] | None) -> str:
     f = collect(run_dir, fig_dir, settings)
     parts = [f'<div class="banner"><b>Profile.</b> {h.esc(f.banner)}</div>']
-    text = "".join(f"<h3>{h.esc(m.model)}</h3>" + "".join(f'<p class="finding">{h.esc(s)}</p>' for s in m.sentences)
-                   for m in f.models) or '<p class="muted">No Phase 2-5 results in this run yet.</p>'
+    text = "".join(f"<h3>{h.esc(m.model)}</h3>" + "".join(
+        f'<p class="finding">{h.esc(s)}' + (f' <span class="cid">{h.esc(", ".join(ids))}</span>' if ids else "") + "</p>"
+        for s, ids in zip(m.sentences, m.ids or [[]] * len(m.sentences), strict=True)) for m in f.models) or '<p class="muted">No Phase 2-5 results in this run yet.</p>'
     if f.missing:
         text += f'<p class="muted">Not in this run: {h.esc("; ".join(f.missing))}.</p>'
     fig = ""
