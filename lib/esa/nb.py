@@ -84,7 +84,8 @@ class NotebookContext:
         shown = df.head(rows).to_html(max_rows=rows, border=0)
         links = " · ".join(
             f'<a href="{html.escape(artefacts.relative(self.data_dir / f"{name}{ext}", self.page_dir))}">{label}</a>'
-            for ext, label in ((".csv", "CSV"), (".tex", "LaTeX"))
+            for ext, label in ((".csv", "CSV"), (".tex", "LaTeX"), (".parquet", "parquet"))
+            if (self.data_dir / f"{name}{ext}").is_file()  # a table too large for a CSV has none
         )
         head = f"{min(rows, len(df))} of {len(df):,} rows" if len(df) > rows else f"{len(df):,} rows"
         return (
