@@ -302,3 +302,21 @@ def test_index_thumbnails_carry_the_figure_number_and_caption(tmp_path) -> None:
     page = _figures(run_dir, fig_dir, ["nb1"])
     assert "<figcaption>Figure 5.1. Damage per group top-k hurts most.</figcaption>" in page
     assert "<figcaption>bare</figcaption>" in page  # no registry entry: the file stem, as before
+
+
+def test_a_table_too_large_for_a_csv_keeps_its_parquet_only(tmp_path, monkeypatch):
+    """Week 1's top-k sets made a 25 MB CSV: over the cap the CSV is not written (an older one is removed),
+    the parquet holds every row, the LaTeX note points at it, and the artefacts list says why no CSV."""
+    big = _frame(300)
+    (tmp_path / "big.csv").write_text("stale\n")
+    monkeypatch.setattr(artefacts, "CSV_MAX_BYTES", 1000)
+    rec = artefacts.write_table(big, tmp_path, "big")
+    assert rec.csv == "" and not (tmp_path / "big.csv").exists()
+    assert not list(tmp_path.glob(".big.csv.*"))  # no temporary file left behind
+    assert len(pd.read_parquet(tmp_path / rec.parquet)) == 300
+    assert "all rows in big.parquet" in (tmp_path / rec.tex).read_text()
+    small = artefacts.write_table(_frame(3), tmp_path, "small")
+    assert small.csv == "small.csv" and len(pd.read_csv(tmp_path / small.csv)) == 3
+    reg = artefacts.Registry("phase2_week1_demo", tables=[rec, small])
+    section = pages._artefacts_markdown(reg, tmp_path / "no.log", tmp_path, tmp_path)
+    assert "big.parquet" in section and "big.csv" not in section and "no CSV: too large" in section

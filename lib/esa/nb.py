@@ -113,7 +113,8 @@ class NotebookContext:
         """Links from the page to a table's full CSV and LaTeX files."""
         return " · ".join(
             f'<a href="{html.escape(artefacts.relative(self.data_dir / f"{name}{ext}", self.page_dir))}">{label}</a>'
-            for ext, label in ((".csv", "CSV"), (".tex", "LaTeX"))
+            for ext, label in ((".csv", "CSV"), (".tex", "LaTeX"), (".parquet", "parquet"))
+            if (self.data_dir / f"{name}{ext}").is_file()  # a table too large for a CSV has none
         )
 
     def table_html(self, df: Any, name: str, rows: int = HEADLINE_ROWS) -> str:

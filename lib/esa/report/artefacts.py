@@ -24,6 +24,9 @@ TEX_MAX_ROWS = 200
 FOUND_MARK = "<!-- esa:found -->"
 # Marks a page's criteria in words (esa.report.scorecard.in_words); the renderer shows it last.
 CRITERIA_MARK = "<!-- esa:criteria -->"
+# A CSV is for people opening a table in a spreadsheet: one over this size (week 1's top-k sets, 1.6 M rows,
+# 25 MB) is not written, and the parquet alone holds the table (a committed record stays small).
+CSV_MAX_BYTES = 4 << 20
 LONGTABLE_ROWS = 40  # longer than a page: longtable, so LaTeX can break it
 
 
@@ -33,7 +36,7 @@ class TableRecord:
     rows: int
     columns: list[str]
     parquet: str  # paths relative to the notebook's data folder
-    csv: str
+    csv: str  # "" when the table was too large for a CSV (CSV_MAX_BYTES): the parquet holds every row
     tex: str
     tex_rows: int
 
@@ -102,14 +105,13 @@ def write_table(df: Any, data_dir: Path, name: str, caption: str = "") -> TableR
     if _named_index(df):
         df = df.reset_index()
     csv = data_dir / f"{name}.csv"
-    with atomic_path(csv) as tmp:
-        df.to_csv(tmp, index=False)
+    small = _write_csv(df, csv)
     tex = data_dir / f"{name}.tex"
     head = df.head(TEX_MAX_ROWS)
     note = (
         ""
         if len(df) <= TEX_MAX_ROWS
-        else f" (first {TEX_MAX_ROWS} of {len(df)} rows; all rows in {csv.name})"
+        else f" (first {TEX_MAX_ROWS} of {len(df)} rows; all rows in {(csv if small else parquet).name})"
     )
     with atomic_path(tex) as tmp:
         tmp.write_text(
@@ -120,10 +122,27 @@ def write_table(df: Any, data_dir: Path, name: str, caption: str = "") -> TableR
         rows=len(df),
         columns=[str(c) for c in df.columns],
         parquet=parquet.name,
-        csv=csv.name,
+        csv=csv.name if small else "",
         tex=tex.name,
         tex_rows=len(head),
     )
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _write_csv(df: Any, csv: Path) -> bool:
+    """Write `df` to `csv` unless that CSV would exceed CSV_MAX_BYTES; returns whether it was written."""
+    try:
+        with atomic_path(csv) as tmp:
+            df.to_csv(tmp, index=False)
+            if tmp.stat().st_size > CSV_MAX_BYTES:
+                raise _TooLarge  # atomic_path drops the temporary file
+    except _TooLarge:
+        csv.unlink(missing_ok=True)  # an older CSV of the same name would contradict the parquet
+        return False
+    return True
 
 
 def _latex(df: Any, caption: str, label: str) -> str:

@@ -61,7 +61,7 @@ def rebuild_tables(run_dir: Path) -> int:
         tables = []
         for parquet in sorted(data_dir.glob("*.parquet")):
             rec = known.get(parquet.stem)
-            if rec is None or not (data_dir / rec.csv).is_file() or not (data_dir / rec.tex).is_file():
+            if rec is None or (rec.csv and not (data_dir / rec.csv).is_file()) or not (data_dir / rec.tex).is_file():
                 rec = artefacts.write_table(pd.read_parquet(parquet), data_dir, parquet.stem)
                 n += 1
             tables.append(rec)

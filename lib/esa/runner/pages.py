@@ -187,8 +187,8 @@ def _artefacts_markdown(
         for t in registry.tables:
             files = " · ".join(
                 f"[{label}]({artefacts.relative(data_dir / name, page_dir)})"
-                for name, label in ((t.csv, "CSV"), (t.tex, "LaTeX"), (t.parquet, "parquet"))
-            )
+                for name, label in ((t.csv, "CSV"), (t.tex, "LaTeX"), (t.parquet, "parquet")) if name
+            ) + ("" if t.csv else " (no CSV: too large)")
             parts.append(f"| `{t.name}` | {t.rows:,} | {files} |")
         parts.append("")
     if registry and registry.figures:
