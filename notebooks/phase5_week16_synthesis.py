@@ -32,7 +32,7 @@ from IPython.display import Markdown, display
 
 import esa.nb
 from esa.report import synthesis
-from esa.report.readable import people_table, to_markdown
+from esa.report.tables import markdown, people
 
 ctx = esa.nb.context("phase5_week16_synthesis", profile, models, run_dir, overrides)
 P = ctx.profile
@@ -65,7 +65,7 @@ Markdown("\n".join(f"- {line}" for line in found) if found else
 ctx.save_table(syn["claims"].astype({"measured": str}), "claims")
 Markdown(f"**Table {synthesis.TABLE_CLAIMS}.** Every criterion of the run (the scorecard, each criterion once): "
          "its value against its threshold, its verdict, why it could not be judged where it could not, and the "
-         "figures and table that carry its evidence.\n\n" + to_markdown(people_table(syn["claims"])))
+         "figures and table that carry its evidence.\n\n" + markdown(people(syn["claims"])))
 
 # %% [markdown]
 # ## One table per phase
@@ -78,7 +78,7 @@ for phase, table in syn["tables"].items():
         display(Markdown(f"*Phase {phase} left no table in this run.*"))
         continue
     ctx.save_table(table, f"phase{phase}")
-    display(Markdown(f"**Table {number}.** Phase {phase} in this run.\n\n" + to_markdown(people_table(table))))
+    display(Markdown(f"**Table {number}.** Phase {phase} in this run.\n\n" + markdown(people(table))))
 
 # %% [markdown]
 # ## The verdicts by phase
@@ -89,7 +89,7 @@ ctx.save_table(syn["scorecard"].astype({"measured": str}), "scorecard")
 fig = synthesis.counts_figure(syn["counts"])
 ctx.savefig(fig, "scorecard_by_phase")
 Markdown(f"**Table {synthesis.TABLE_COUNTS}.** Criteria per phase by verdict (every row is in table "
-         f"{synthesis.TABLE_CLAIMS}).\n\n" + to_markdown(people_table(syn["counts"])))
+         f"{synthesis.TABLE_CLAIMS}).\n\n" + markdown(people(syn["counts"])))
 
 # %% [markdown]
 # ## Limitations (computed from this run)

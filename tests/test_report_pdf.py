@@ -15,26 +15,25 @@ from test_findings import MODEL, make_run
 from test_scorecard import SMOKE
 
 from esa.report import artefacts, document, synthesis
-from esa.report.readable import people_table, sig, to_markdown, with_ci
+from esa.report.tables import markdown, people, with_ci
 from esa.runner import docs
 from esa.store import read_json, write_json
 
 PDF_SECONDS = 60  # as tests/test_browser.py
 
 
-def test_numbers_and_tables_for_people():
-    assert [sig(117.234), sig(0.01234), sig(-0.000297), sig(5.893999e24), sig(12345.6), sig(3), sig(None), sig(True)] == \
-        ["117", "0.0123", "-0.000297", "5.89e+24", "12,346", "3", "–", "yes"]
-    assert with_ci(117.2, 105.4, 130.1) == "117 [105, 130]" and with_ci(4.0, float("nan"), 2) == "4"
+def test_tables_for_the_synthesis_and_the_pdf():
+    """The synthesis and the PDF use the pages' table helper (esa.report.tables), as Markdown."""
+    assert with_ci(117.2, 105.4, 130.1) == "117 [105, 130]" and with_ci(4.0, float("nan"), 2) == "4.00"
     df = pd.DataFrame({"model": ["a"], "dlogppl_top_k": [22.04], "lo": [20.0], "hi": [24.5], "odd_name": [1.5]},
                       index=[7])
-    t = people_table(df, cis={"dlogppl_top_k": ("lo", "hi")})
-    assert list(t.columns) == ["Model", "Top-k Δ log-PPL (nats/token)", "odd name"]
-    assert t.iloc[0].tolist() == ["a", "22 [20, 24.5]", "1.5"]
-    auto = people_table(df.rename(columns={"lo": "dlogppl_top_k_lo", "hi": "dlogppl_top_k_hi"}))
+    t = people(df, ci={"dlogppl_top_k": ("lo", "hi")})
+    assert list(t.columns) == ["Model", "Top-k Δ log-PPL (nats/token) [95% CI]", "Odd name"]
+    assert t.iloc[0].tolist() == ["a", "22.0 [20.0, 24.5]", "1.50"]
+    auto = people(df.rename(columns={"lo": "dlogppl_top_k_lo", "hi": "dlogppl_top_k_hi"}))
     assert auto.equals(t)  # X_lo / X_hi beside X are its interval without being asked
-    md = to_markdown(t)
-    assert md.splitlines()[0] == "| Model | Top-k Δ log-PPL (nats/token) | odd name |" and "7" not in md
+    md = markdown(t)
+    assert md.splitlines()[0] == "| Model | Top-k Δ log-PPL (nats/token) [95% CI] | Odd name |" and "7" not in md
 
 
 def _phase3(top: float, magnitude: float, random: float = 0.1) -> pd.DataFrame:
@@ -48,7 +47,7 @@ def test_contradictions_are_computed_from_the_tables():
     assert len(found) == 1
     assert found[0].startswith("On smollm2-135m, sign_flip (scale 1) of the magnitude_k (per matrix, the top-k's "
                                "count of largest |w|) does more damage")
-    assert "52 vs 22 nats/token" in found[0]
+    assert "52.0 vs 22.0 nats/token" in found[0]
     assert synthesis.contradictions(_phase3(52.0, 22.0), []) == []  # the top-k wins: nothing against it
     assert synthesis.contradictions(None, []) == []
     rows = [{"id": "P3.sign_flip_ratio.m", "phase": 3, "verdict": "FAIL", "measured": 1.234, "threshold": "> 10"},
@@ -75,7 +74,7 @@ def test_outcome_paragraphs_say_answer_evidence_and_what_would_change_it():
     assert "is supported (1 PASS of 1 criteria)" in p1 and "Evidence: figure 0.1 and table 16.2." in p1
     assert "A FAIL on any of its 1 passing criteria" in p1
     assert "is contradicted" in p2 and "figures 1.1, 1.2 and table 16.3" in p2
-    assert "It would change if P2.overlap.m (0.3 against > 0.6) passed" in p2
+    assert "It would change if P2.overlap.m (0.300 against > 0.6) passed" in p2
     assert "is not established at this budget" in p3 and "Judging 1 underpowered criteria" in p3
     assert "power-planned profile" in p3 and "was not tested: the phase did not run" in p4
     claims = synthesis.claims_table(rows, figs, {"nb2": (2, ["2.1"])})

@@ -48,7 +48,7 @@ def test_people_joins_cis_names_headers_in_words_and_drops_the_index():
                        "ci_hi": [130.2, np.nan], "p_primary_holm": [1e-5, 0.2], "dlogppl_random_global": [1.0, 2.0]},
                       index=[7, 9])
     out = tables.people(df)
-    assert list(out.columns) == ["Model", "Mean [95% CI]", "p (primary test, Holm)", "Dlogppl random global"]
+    assert list(out.columns) == ["Model", "Mean [95% CI]", "p (primary test, Holm)", "Random (global) Δ log-PPL (nats/token)"]
     assert tables.people(df, headers={"mean": "Δ log-PPL (nats/token)"}).columns[1] == "Δ log-PPL (nats/token) [95% CI]"
     assert out.iloc[0, 1] == "117 [105, 130]" and out.iloc[1, 1] == "3.10"
     assert out.iloc[0, 2] == "1.00 × 10⁻⁵"

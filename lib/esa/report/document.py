@@ -31,7 +31,7 @@ import pandas as pd
 from esa.params import load_schedule
 from esa.report import artefacts, synthesis
 from esa.report import findings as fd
-from esa.report.readable import people_table
+from esa.report.tables import people
 from esa.stats.verdicts import VERDICTS, verdict_of
 
 TITLE = "Critical weights in small transformer language models"
@@ -91,7 +91,7 @@ def _breakable(cell: str) -> str:
 def _table(df: pd.DataFrame | None, caption: str) -> dict[str, Any] | None:
     if df is None or df.empty:
         return None
-    t = people_table(df)
+    t = people(df)
     return {"caption": caption, "header": [str(c) for c in t.columns],
             "rows": [[_breakable(str(v)) for v in row] for row in t.itertuples(index=False)]}
 

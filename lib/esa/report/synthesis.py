@@ -27,7 +27,7 @@ from esa.perturb import CONTROLS
 from esa.phases.criteria import untrained_reason
 from esa.report import artefacts
 from esa.report import findings as fd
-from esa.report.readable import sig
+from esa.report.tables import number as sig
 from esa.report.scorecard import judged
 from esa.stats.verdicts import VERDICTS, verdict_of
 
@@ -446,7 +446,7 @@ def contradictions(phase3: pd.DataFrame | None, rows: list[dict[str, Any]]) -> l
                 if not col.startswith("dlogppl_") or col.endswith(("_lo", "_hi")) or ctl == "top_k" or v is None \
                         or v <= top:
                     continue
-                out.append(f"On {r['model']}, {r['perturbation']} (scale {sig(r.get('scale'))}) of the "
+                out.append(f"On {r['model']}, {r['perturbation']} (scale {r.get('scale'):g}) of the "
                            f"{_control_words(ctl)} does more damage than the same perturbation of the sensitivity "
                            f"top-k: {sig(v)} vs {sig(top)} nats/token (table {ref}).")
     for r in rows:

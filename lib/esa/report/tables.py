@@ -86,6 +86,37 @@ HEADERS: dict[str, str] = {
     "window_level_p_holm": "p, windows (Holm)",
     "seed_level_effect_size": "Effect size, seeds",
     "window_level_effect_size": "Effect size, windows",
+    # the synthesis and the report PDF
+    "family": "Family",
+    "ppl_std": "Perplexity s.d.",
+    "unigram_ppl": "Unigram perplexity",
+    "gpl3_ppl": "GPT-3-style perplexity",
+    "gpl3_expected": "Expected",
+    "copy_ppl_repeated": "Perplexity on repeated text",
+    "tokens_per_seed": "Tokens per seed",
+    "jaccard_mean": "Top-k Jaccard across seeds",
+    "spearman_union": "Spearman on the union",
+    "dlogppl_top_k": "Top-k Δ log-PPL (nats/token)",
+    "dlogppl_random_k": "Random-k Δ log-PPL (nats/token)",
+    "dlogppl_bottom_k": "Bottom-k Δ log-PPL (nats/token)",
+    "dlogppl_magnitude_k": "Largest-|w| Δ log-PPL (nats/token)",
+    "dlogppl_random_global": "Random (global) Δ log-PPL (nats/token)",
+    "p_holm_top_vs_random": "p, top-k vs random-k (Holm)",
+    "test": "Test",
+    "moe": "Mixture of experts",
+    "base_ppl": "Dense perplexity",
+    "dlogppl_topk_zero": "Top-k zeroed Δ log-PPL (nats/token)",
+    "dlogppl_random_zero": "Random-k zeroed Δ log-PPL (nats/token)",
+    "topk_over_random": "Top-k ÷ random-k damage",
+    "tail_top1pct_over_median": "Top-1% score ÷ median",
+    "frac_selected": "Fraction selected",
+    "beats_unigram": "Beats unigram",
+    "id": "Criterion",
+    "phase": "Phase",
+    "notebook": "Notebook",
+    "expected outcome": "Expected outcome",
+    "answer": "Answer",
+    "why": "Why not judged",
 }
 # Columns that name a thing by number (seed 1337, layer 12): written as they are, without separators.
 IDENTIFIERS = {"seed", "layer", "row", "col", "block", "expert", "rank", "step", "head"}
@@ -272,3 +303,15 @@ class Table:
 
     def _repr_latex_(self) -> str:
         return latex(self.df, self.caption, self.columns, self.ci)
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """A pipe table of `df` (already text, e.g. from `people`), every row, no index: for Markdown prose
+    and the report PDF."""
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    head = "| " + " | ".join(cell(c) for c in df.columns) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
