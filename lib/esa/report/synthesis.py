@@ -27,8 +27,8 @@ from esa.perturb import CONTROLS
 from esa.phases.criteria import untrained_reason
 from esa.report import artefacts
 from esa.report import findings as fd
-from esa.report.tables import number as sig
 from esa.report.scorecard import judged
+from esa.report.tables import number as sig
 from esa.stats.verdicts import VERDICTS, verdict_of
 
 SELF = "phase5_week16_synthesis"
