@@ -13,6 +13,7 @@ import logging
 import math
 import mmap
 import os
+import re
 import struct
 import time
 from collections.abc import Callable
@@ -43,6 +44,63 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise unknown("dtype", dtype, DTYPES)
     return DTYPES[dtype]
+
+
+# --device-map strings accelerate understands; --attn kernels every pass here can run (the double backward
+# switches SDPA to its math kernel; eager is for readers of attention probabilities)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+ATTN_KERNELS = ("sdpa", "eager")
+_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+
+
+def check_device_map(value: str | None) -> str | None:
+    if value is not None and value not in DEVICE_MAPS:
+        raise unknown("device map", value, DEVICE_MAPS)
+    return value
+
+
+def check_attn(value: str | None) -> str | None:
+    if value is not None and value not in ATTN_KERNELS:
+        raise unknown("attention kernel", value, ATTN_KERNELS)
+    return value
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """`0=70GiB,1=70GiB,cpu=200GiB` -> {0: '70GiB', 1: '70GiB', 'cpu': '200GiB'} (accelerate's max_memory)."""
+    if text is None:
+        return None
+    out: dict[int | str, str] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, _, size = part.partition("=")
+        key, size = key.strip(), size.strip()
+        if not (key.isdigit() or key in ("cpu", "disk")) or not _SIZE.match(size):
+            raise EsaError(f"bad --max-memory entry {part!r}; accepted: comma list of DEVICE=SIZE with DEVICE a GPU "
+                           "number, cpu or disk and SIZE like 70GiB or 500MB (e.g. 0=70GiB,1=70GiB,cpu=200GiB)")
+        out[int(key) if key.isdigit() else key] = size
+    if not out:
+        raise EsaError("--max-memory is empty; accepted: DEVICE=SIZE pairs, e.g. 0=70GiB,1=70GiB")
+    return out
+
+
+def is_hub_ref(ref: str) -> bool:
+    """A hub id (org/name) that is not a local folder, a tiny/micro/embedded name or a .gguf file."""
+    return (_looks_like_hub_id(ref) and not Path(ref).exists() and ref not in tiny.TINY_CONFIGS
+            and not micro.is_micro(ref) and ref not in embedded.EMBEDDED)
+
+
+def placement(device: str | None, device_map: str | None, configured_map: str | None,
+              where: str) -> tuple[str | None, str | None]:
+    """(device, device_map) under one rule: --device and --device-map together are refused; an explicit
+    --device wins over the device_map a params file (`where`) sets, and says so in the log; otherwise the
+    flag's device map, else the params file's."""
+    if device is not None and device_map is not None:
+        raise EsaError(f"--device {device} and --device-map {device_map} both place the model; give one of them")
+    if device is not None:
+        if configured_map is not None:
+            log.warning("--device %s wins over device_map %r of %s: the whole model goes to %s",
+                        device, configured_map, where, device)
+        return device, None
+    return None, device_map if device_map is not None else configured_map
 
 
 def known_models() -> list[str]:
