@@ -16,12 +16,14 @@ import os
 import re
 import struct
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 
 from esa.dispatch import check_device, default_offload_folder, dispatch, input_device
 from esa.errors import EsaError, unknown
@@ -335,6 +337,34 @@ def load(
     info = describe(model, ref, source)
     log.info("loaded %s (%s, %.1fM params) in %.1fs", ref, source, info.n_params / 1e6, time.perf_counter() - t0)
     return LoadedModel(model, tokenizer, info, weight_inventory(model))
+
+
+# model -> (the in-place version of each tensor when hashed, digest): weakly keyed, so a digest goes with its model
+_DIGESTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, ...], str]] = weakref.WeakKeyDictionary()
+
+
+def weights_digest(model: torch.nn.Module) -> str | None:
+    """xxh3-128 over every parameter's and buffer's name, dtype, shape and raw bytes: the model's content,
+    whatever name, id or path it was reached by (buffers carry config-derived tensors such as RoPE's
+    inverse frequencies). Cached per model and recomputed when a tensor's in-place version counter moved
+    (an optimizer step); writes through `.data` (esa.perturb.apply) are restored bit-exactly by their
+    callers. Hashes on the host: a GPU model's tensors are copied once per tensor, not kept. None when a
+    tensor is offloaded (meta device): its bytes are not where they can be read cheaply."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    versions = tuple(t._version for _, t in tensors)
+    hit = _DIGESTS.get(model)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    h = xxhash.xxh3_128()
+    for name, t in tensors:
+        if t.device.type == "meta":
+            return None
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        raw = t.detach().contiguous().reshape(-1).cpu()
+        h.update(raw.view(torch.uint8).numpy() if raw.numel() else b"")
+    digest = h.hexdigest()
+    _DIGESTS[model] = (versions, digest)
+    return digest
 
 
 def _looks_like_hub_id(ref: str) -> bool:
