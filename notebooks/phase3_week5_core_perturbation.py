@@ -52,7 +52,7 @@ for m, r in runs.items():
     ctx.save_json({"baseline": r.baseline.as_dict(), "from_cache": r.from_cache, **r.stats}, f"stats_{m}")
     print(f"{m}: baseline PPL {r.baseline.ppl:.2f}; top-k sets from Phase 2 cache: {r.from_cache}; {r.seconds:.0f} s")
 table[["model", "perturbation", "scale", "prob", "group", "seed", "k", "ppl", "delta_log_ppl", "n_nonfinite_windows",
-       "n_inf_weights", "n_nan_weights"]]
+       "n_inf_weights", "n_nan_weights", "unchanged_share"]]
 
 # %% [markdown]
 # ## What each group holds
@@ -75,7 +75,7 @@ for (m, g), z in comp.groupby(["model", "group"])["zero_share"].mean().items():
 for m, r in runs.items():
     s = pd.DataFrame(r.stats["summary"])
     display(s[["perturbation", "scale", "prob", "group", "n_seeds", "mean", "ci_lo", "ci_hi", "mean_delta_ppl",
-               "n_capped"]])
+               "n_capped", "unchanged_share"]])
     _sf = s[s.perturbation == "sign_flip"].set_index("group")["mean"]
     ctx.savefig(plots.damage_bars(s, f"{m}: damage per group"), f"damage_{m}",
                 caption=f"{m}: mean damage per group and perturbation, 95% bootstrap CIs over seeds.",

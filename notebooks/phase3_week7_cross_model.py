@@ -62,7 +62,8 @@ for m, r in runs.items():
     s = pd.DataFrame(r.stats["summary"]).assign(model=m, family=r.family)  # k is in the table
     rows.append(s)
 summary = pd.concat(rows, ignore_index=True)
-summary[["model", "family", "perturbation", "group", "n_seeds", "mean", "ci_lo", "ci_hi", "mean_delta_ppl"]]
+summary[["model", "family", "perturbation", "group", "n_seeds", "mean", "ci_lo", "ci_hi", "mean_delta_ppl",
+         "unchanged_share"]]
 
 # %% [markdown]
 # Damage per group, one panel per model (delta log-PPL in nats/token, 95% bootstrap CIs over seeds).
