@@ -61,7 +61,7 @@ display(say(*(f"{m}: the unperturbed model's perplexity is {r.baseline.ppl:.3g};
               f"{'read from Phase 2' if r.from_cache else 'scored afresh (no Phase 2 cache)'}; the sweep took "
               f"{r.seconds:.0f} s." for m, r in runs.items())))
 ctx.table(table, "perturbation", "Every run: perplexity and damage per model, perturbation, group and seed.",
-          columns=["model", "perturbation", "group", "seed", "k", "ppl", "delta_log_ppl", "n_nonfinite_windows"])
+          columns=["model", "perturbation", "group", "seed", "k", "ppl", "delta_log_ppl", "unchanged_share"])
 
 # %% [markdown]
 # ## What each group holds
@@ -84,7 +84,7 @@ say(*(f"On {m}, {z:.0%} of {g} are exactly zero, so sign flips, zeroing and expo
 for m, r in runs.items():
     s = pd.DataFrame(r.stats["summary"])
     display(ctx.table(s, f"summary_{m}", f"{m}: mean damage per perturbation and group, 95% bootstrap CI over seeds.",
-                      columns=["perturbation", "group", "n_seeds", "mean", "mean_delta_ppl", "n_capped"],
+                      columns=["perturbation", "group", "n_seeds", "mean", "mean_delta_ppl", "n_capped", "unchanged_share"],
                       headers={"mean": "Δ log-PPL (nats/token)"}))
     _sf = s[s.perturbation == "sign_flip"].set_index("group")["mean"]
     ctx.savefig(plots.damage_bars(s, f"{m}: damage per group"), f"damage_{m}",

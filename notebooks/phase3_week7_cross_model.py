@@ -68,7 +68,7 @@ for m, r in runs.items():
 summary = pd.concat(rows, ignore_index=True)
 display(say("; ".join(ks) + "."))
 ctx.table(summary, "damage_summary", "Mean damage per model, perturbation and group, 95% bootstrap CI over seeds.",
-          columns=["model", "family", "perturbation", "group", "n_seeds", "mean", "mean_delta_ppl"],
+          columns=["model", "family", "perturbation", "group", "n_seeds", "mean", "mean_delta_ppl", "unchanged_share"],
           headers={"mean": "Δ log-PPL (nats/token)", "family": "Family"})
 
 # %% [markdown]

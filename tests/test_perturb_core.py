@@ -278,3 +278,18 @@ def test_dense_backup_past_a_fifth_of_a_matrix_restores_bit_exactly(dtype):
     assert writes.stats.n_weights == 902 and writes.stats.n_changed == 902  # none was 7.0 or -3.0 before
     writes.restore()
     assert torch.equal(ints, before)
+
+
+def test_sweep_tables_state_the_unchanged_share_and_bf16_leaves_large_weights_unchanged():
+    """gauss_noise at 0.01 sigma in bf16: about half of the largest weights round back to themselves, a fifth of random
+    ones do, and the sweep table says so in its unchanged_share column (1 - n_changed / k)."""
+    model = tiny_model("tiny-llama", seed=1, dtype=torch.bfloat16)
+    inv = weight_inventory(model)
+    params = dict(model.named_parameters())
+    large = {s.name: params[s.name].detach().float().abs().reshape(-1).topk(40).indices.sort().values for s in inv}
+    rand = targets_from_selection(random_selection(inv, 40, seed=2), inv)
+    groups = {("top_k", 1): large, ("random_k", 1): rand}
+    res = run_sweep(model, windows(), groups, [PerturbSpec("gauss_noise", scale=0.01)], show_progress=False)
+    t = res.table.set_index("group")
+    assert (t["unchanged_share"] == 1 - t["n_changed"] / t["k"]).all()
+    assert t.loc["top_k", "unchanged_share"] > 0.4 > 0.3 > t.loc["random_k", "unchanged_share"]  # 0.48 vs 0.20

@@ -316,3 +316,31 @@ def test_the_attention_kernel_is_part_of_the_key_and_a_recipe_loads_one_kernel(m
     assert engine.pass_attention(model, "hutchinson_diag") == "sdpa-math"  # the math kernel, around that pass only
     assert engine.pass_attention(model, "grad_x_weight") == "sdpa"
     assert engine.attention_of(plain.load("smollm2-135m", eager=True).model) == "eager"
+
+
+def test_the_key_is_the_weights_content_not_the_name_and_holds_the_device_type(tmp_path):
+    """The same weights reached by name and by a local folder find one entry; another device type, another
+    weight value or another dtype is another entry."""
+    from esa.models.loader import weights_digest
+    from esa.models.tiny import tiny_tokenizer
+    from esa.sensitivity.engine import score_key, settings_for
+
+    by_name = load("tiny-llama", device="cpu")
+    folder = tmp_path / "copy"
+    by_name.model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    by_path = load(str(folder), device="cpu", attn_implementation=engine.attention_of(by_name.model))
+    assert weights_digest(by_path.model) == weights_digest(by_name.model)
+    a = score(by_name, "grad_x_weight", Calibration(seed=1), CFG, windows=_windows(1))
+    b = score(by_path, "grad_x_weight", Calibration(seed=1), CFG, windows=_windows(1))
+    assert not a.from_cache and b.from_cache and a.key == b.key
+    assert a.settings["model"] == "tiny-llama"  # the entry keeps the first name as its label
+    w = _windows(1)
+    args = ("tiny-llama", w, "hutchinson_diag", 1, "float32", CFG, by_name.inventory)
+    digest = weights_digest(by_name.model)
+    cpu = score_key(settings_for(*args, weights_digest=digest, device_type="cpu"))
+    assert cpu == score_key(settings_for("another/name", *args[1:], weights_digest=digest, device_type="cpu"))
+    assert cpu != score_key(settings_for(*args, weights_digest=digest, device_type="cuda"))
+    with torch.no_grad():
+        next(by_path.model.parameters()).add_(1.0)  # an in-place change moves the version counter: a new digest
+    assert weights_digest(by_path.model) != digest

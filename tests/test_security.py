@@ -13,7 +13,7 @@ import torch
 
 from esa.apps import security as sec
 from esa.apps.security.common import contains
-from esa.apps.security.defences import apply_guard
+from esa.apps.security.defences import apply_guard, make_guard
 from esa.apps.security.formats import (
     BitDomain,
     combine,
@@ -574,3 +574,25 @@ def test_bad_inputs_fail_before_any_work(trained):
         assert msg in str(e.value), (msg, str(e.value))
         assert "\n" not in str(e.value)
         assert weights_hash(model) == h0
+
+
+def test_bfa_ranking_on_the_device_finds_the_same_candidates(trained, monkeypatch):
+    """The GPU path (every bit ranked on the device, one read after the backward) against the CPU path (host
+    reads and the exact early stop): the same weight, bit and gain per matrix, guard and target set included."""
+    from esa.apps.security import bfa
+
+    lm, _, att = trained
+    names = [s.name for s in lm.inventory]
+    for fmt in ("int8", "fp32"):
+        with sec.stored(lm.model, fmt) as store:
+            bits = store.fmt.positions("bounded")
+            space = {n: None for n in store.names} | {names[4]: torch.arange(0, 400, 3)}
+            guard = make_guard("ecc", {names[2]: torch.arange(0, 50)}, store.fmt, lm.inventory)
+            host, _ = bfa._in_layer(store, att, space, bits, guard)
+            monkeypatch.setattr(bfa, "host_reads_are_free", lambda device: False)
+            dev, _ = bfa._in_layer(store, att, space, bits, guard)
+            monkeypatch.undo()
+            key = {c.name: (c.index, c.bit) for c in host}
+            assert {c.name: (c.index, c.bit) for c in dev} == key and len(key) == len(store.names)
+            assert [c.gain for c in sorted(dev, key=lambda c: c.name)] == pytest.approx(
+                [c.gain for c in sorted(host, key=lambda c: c.name)], rel=1e-12)

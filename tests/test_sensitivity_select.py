@@ -136,3 +136,34 @@ def test_tail_stats_are_exact_and_hill_recovers_alpha():
     assert tails.tail_stats(torch.from_numpy(pareto))["hill_alpha"] == pytest.approx(1.5, rel=0.15)
     surv = tails.survival_curve(parts)
     assert surv["survival"].is_monotonic_decreasing and surv["survival"].iloc[0] == pytest.approx(1.0)
+
+
+def _numpy_histogram(parts: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The histogram as the host path built it before it moved to torch (np.bincount of the copied scores)."""
+    counts = np.zeros(tails.N_BINS, dtype=np.int64)
+    sums = np.zeros(tails.N_BINS, dtype=np.float64)
+    n_neg = n_nonfinite = 0
+    for t in parts.values():
+        raw = t.reshape(-1).float()
+        n_nonfinite += int((~torch.isfinite(raw)).sum())
+        raw = torch.nan_to_num(raw, nan=0.0, posinf=tails.F32_MAX, neginf=-tails.F32_MAX)
+        n_neg += int((raw < 0).sum())
+        v = raw.abs()
+        b = (v.view(torch.int32) >> 16).numpy()
+        counts += np.bincount(b, minlength=tails.N_BINS)
+        sums += np.bincount(b, weights=v.numpy(), minlength=tails.N_BINS)
+    return counts, sums, n_neg, n_nonfinite
+
+
+def test_tail_histogram_on_torch_equals_the_numpy_path():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(50_001) * rng.lognormal(0, 3, 50_001)).astype(np.float32)
+    x[[5, 17, 99]] = [np.nan, np.inf, -np.inf]
+    parts = {"a": torch.from_numpy(x[:20_000]).reshape(100, 200), "b": torch.from_numpy(x[20_000:]),
+             "c": torch.from_numpy(x[:300]).bfloat16()}
+    p = tails._Pass(parts)
+    counts, sums, n_neg, n_nonfinite = _numpy_histogram(parts)
+    assert np.array_equal(p.counts, counts)
+    assert np.array_equal(p.sums, sums)  # float64 sums in the same order on the CPU: bit-equal
+    assert (p.n_negative, p.n_nonfinite, p.n) == (n_neg, n_nonfinite, 50_301)
+    assert n_nonfinite == 6 and n_neg > 20_000  # the bf16 copy of x[:300] holds the three once more

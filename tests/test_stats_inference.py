@@ -164,3 +164,21 @@ def test_dose_response_monotonic_and_hierarchy():
     assert all(h["holds"] for h in out["hierarchy"])
     flat = pd.DataFrame(rows).assign(delta_log_ppl=lambda d: np.where(d.dose == 0.1, 0.0, d.delta_log_ppl))
     assert not [c for c in dose_response(flat)["curves"] if c["group"] == "top_k"][0]["monotonic"]
+
+
+def test_unchanged_share_enters_the_statistics():
+    """bf16 leaves more top-k weights unchanged: equal totals from fewer moved weights are a larger effect per
+    changed weight, and the comparison says the doses were not matched."""
+    table, wins = synthetic_table(effect=0.05)  # equal totals for top_k and random_k
+    table["n_changed"] = np.where(table["group"] == "top_k", 4, 10)  # of k = 10: 60% of top_k stayed put
+    res = analyze(table, wins, n_boot=200)
+    top = [s for s in res["summary"] if s["group"] == "top_k"]
+    assert all(s["unchanged_share"] == pytest.approx(0.6) for s in top)
+    c = next(c for c in res["comparisons"] if (c["a"], c["b"]) == ("top_k", "random_k"))
+    assert (c["unchanged_share_a"], c["unchanged_share_b"], c["dose_matched"]) == (pytest.approx(0.6), 0.0, False)
+    assert not c["significant"]  # in total, no difference
+    assert c["per_changed_weight"]["p"] < 0.01 and c["per_changed_weight"]["mean_diff"] > 0  # per moved weight: more
+    assert comparisons_frame(res)["dose_matched"].tolist().count(False) == 4  # top_k against both controls
+    assert "unchanged_share" in " ".join(res["notes"])
+    old = analyze(synthetic_table(effect=0.05)[0], None, n_boot=50)  # tables without n_changed: as before
+    assert "per_changed_weight" not in old["comparisons"][0] and math.isnan(old["summary"][0]["unchanged_share"])

@@ -27,7 +27,16 @@ from esa.data import check_corpus
 from esa.dispatch import check_device
 from esa.errors import EsaError, machine_failure, unknown
 from esa.models import DTYPES, EMBEDDED
-from esa.models.loader import check_local_model
+from esa.models.loader import (
+    ATTN_KERNELS,
+    DEVICE_MAPS,
+    check_attn,
+    check_device_map,
+    check_local_model,
+    is_hub_ref,
+    parse_max_memory,
+    placement,
+)
 from esa.params import check_seed, load_profile, model_params
 from esa.perturb.controls import CONTROLS, parse_controls
 from esa.perturb.ops import PERTURBATIONS, PerturbSpec, parse_perturbations, parse_scales
@@ -85,7 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache entries also keep every weight's score (bf16, 2 bytes a weight; default: candidates only)")
     p.add_argument("--candidate-depth", type=int, default=None,
                    help="top/bottom candidates per matrix a cache entry stores (default: the profile's, 1000)")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available); wins over a params file's "
+                   "device_map")
+    p.add_argument("--device-map", help=f"spread the model over the visible devices ({', '.join(DEVICE_MAPS)}); "
+                   "not with --device")
+    p.add_argument("--max-memory", help="per-device budget for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    p.add_argument("--attn", help=f"attention kernel ({', '.join(ATTN_KERNELS)}; default sdpa, the Hessian pass "
+                   "switches to SDPA's math kernel itself)")
+    p.add_argument("--revision", help="branch, tag or commit of a hub id")
     p.add_argument("--dry-run", action="store_true",
                    help="print what the run would compute (each requested study's plan), check it, load nothing")
     for study in command.STUDIES:  # Phase 5: --prune, --finetune, --attack/--faults, --roles (esa.phases.phase5_*)
@@ -221,7 +237,15 @@ def resolve(args: argparse.Namespace) -> command.Command:
         raise EsaError(f"--topk {recipe.topk} is deeper than the {recipe.candidate_depth} candidates a cache entry "
                        f"stores per matrix: add --candidate-depth {recipe.topk} or --keep-scores")
     model = args.model or prof.models[0]
-    check_local_model(model_params(model).ref)
+    mp = model_params(model)
+    check_local_model(mp.ref)
+    device_map = check_device_map(args.device_map)
+    placement(args.device, device_map, None, "")  # --device with --device-map: refused here, before any work
+    max_memory = parse_max_memory(args.max_memory)
+    if max_memory is not None and device_map is None and mp.device_map is None:
+        raise EsaError("--max-memory budgets a device map; add --device-map (accepted: " + ", ".join(DEVICE_MAPS) + ")")
+    if args.revision is not None and not is_hub_ref(mp.ref):
+        raise EsaError(f"--revision picks a version of a hub id; {mp.ref!r} is not one (an embedded, test or local model)")
     explicit = frozenset(k for k in _COMMON if getattr(args, k, None) not in (None, False))
     ctx = RunContext(prof, model, recipe, explicit, dry_run=args.dry_run)
     apps = {}
@@ -232,7 +256,8 @@ def resolve(args: argparse.Namespace) -> command.Command:
     flags = {k.split("__")[-1]: v for k, v in vars(args).items() if v not in (None, False)}
     return command.Command(
         model=model, recipe=recipe, profile=args.profile,
-        run_id=args.run_id or time.strftime("%Y%m%d-%H%M%S"), device=args.device,
+        run_id=args.run_id or time.strftime("%Y%m%d-%H%M%S"), device=args.device, device_map=device_map,
+        max_memory=max_memory, attn=check_attn(args.attn), revision=args.revision,
         stability_check=args.stability_check, weight_analysis=args.weight_analysis,
         architecture_analysis=args.architecture_analysis, save_plots=args.save_plots, perturb=bool(perturbations),
         perturb_scales=tuple(scales), perturb_probs=tuple(probs), flags=flags, apps=apps)

@@ -20,6 +20,7 @@ import torch
 
 from esa.data import Calibration, Windows, evaluation
 from esa.models import LoadedModel, load
+from esa.models.loader import placement
 from esa.params import Profile, model_params
 from esa.perturb.ops import PerturbSpec, sweep_specs
 from esa.sensitivity.engine import ScoreRun, score, score_many
@@ -32,10 +33,14 @@ _FULL_MAPS: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, str], Map
     weakref.WeakKeyDictionary())
 
 
-def load_configured(name: str, dtype: str | torch.dtype = "float32", **kwargs: Any) -> LoadedModel:
-    """`load` by a params/models name (or any raw reference), with the ref and device_map its params file sets."""
+def load_configured(name: str, dtype: str | torch.dtype = "float32", device: str | None = None,
+                    device_map: str | None = None, **kwargs: Any) -> LoadedModel:
+    """`load` by a params/models name (or any raw reference: hub id, folder), with the ref its params file
+    sets; placement follows `esa.models.loader.placement` (an explicit device or device map wins over the
+    params file's device_map, and both together are refused)."""
     mp = model_params(name)
-    return load(mp.ref, dtype=dtype, device_map=mp.device_map, **kwargs)
+    device, device_map = placement(device, device_map, mp.device_map, f"params/models/{name}.yaml")
+    return load(mp.ref, dtype=dtype, device=device, device_map=device_map, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -78,15 +83,16 @@ class Recipe:
         return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 
     # ------------------------------------------------------------ model
-    def load(self, name: str, eager: bool = False, **kwargs: Any) -> LoadedModel:
+    def load(self, name: str, eager: bool = False, attn: str | None = None, **kwargs: Any) -> LoadedModel:
         """Model `name` (a params/models name or any reference) in the recipe's dtype, with SDPA attention.
 
         Every pass runs SDPA's fused kernels except the double backward (hutchinson_diag and the curvature
         reliability), which switches to SDPA's math kernel around itself (`esa.sensitivity.passes.
         math_attention`): no pass pays for eager attention's (heads x T x T) buffers unless it needs them.
         `eager=True` is for readers of attention probabilities (interpretability). The kernel a pass ran is
-        part of its scores' cache key (`esa.sensitivity.engine.pass_attention`)."""
-        return load_configured(name, self.dtype, attn_implementation="eager" if eager else "sdpa", **kwargs)
+        part of its scores' cache key (`esa.sensitivity.engine.pass_attention`). `attn` (esa-runner --attn)
+        replaces that choice."""
+        return load_configured(name, self.dtype, attn_implementation=attn or ("eager" if eager else "sdpa"), **kwargs)
 
     # ------------------------------------------------------------ sensitivity
     def calibration(self, seed: int, n_samples: int | None = None) -> Calibration:

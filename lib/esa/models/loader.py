@@ -13,14 +13,17 @@ import logging
 import math
 import mmap
 import os
+import re
 import struct
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 
 from esa.dispatch import check_device, default_offload_folder, dispatch, input_device
 from esa.errors import EsaError, unknown
@@ -43,6 +46,63 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise unknown("dtype", dtype, DTYPES)
     return DTYPES[dtype]
+
+
+# --device-map strings accelerate understands; --attn kernels every pass here can run (the double backward
+# switches SDPA to its math kernel; eager is for readers of attention probabilities)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+ATTN_KERNELS = ("sdpa", "eager")
+_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+
+
+def check_device_map(value: str | None) -> str | None:
+    if value is not None and value not in DEVICE_MAPS:
+        raise unknown("device map", value, DEVICE_MAPS)
+    return value
+
+
+def check_attn(value: str | None) -> str | None:
+    if value is not None and value not in ATTN_KERNELS:
+        raise unknown("attention kernel", value, ATTN_KERNELS)
+    return value
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """`0=70GiB,1=70GiB,cpu=200GiB` -> {0: '70GiB', 1: '70GiB', 'cpu': '200GiB'} (accelerate's max_memory)."""
+    if text is None:
+        return None
+    out: dict[int | str, str] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, _, size = part.partition("=")
+        key, size = key.strip(), size.strip()
+        if not (key.isdigit() or key in ("cpu", "disk")) or not _SIZE.match(size):
+            raise EsaError(f"bad --max-memory entry {part!r}; accepted: comma list of DEVICE=SIZE with DEVICE a GPU "
+                           "number, cpu or disk and SIZE like 70GiB or 500MB (e.g. 0=70GiB,1=70GiB,cpu=200GiB)")
+        out[int(key) if key.isdigit() else key] = size
+    if not out:
+        raise EsaError("--max-memory is empty; accepted: DEVICE=SIZE pairs, e.g. 0=70GiB,1=70GiB")
+    return out
+
+
+def is_hub_ref(ref: str) -> bool:
+    """A hub id (org/name) that is not a local folder, a tiny/micro/embedded name or a .gguf file."""
+    return (_looks_like_hub_id(ref) and not Path(ref).exists() and ref not in tiny.TINY_CONFIGS
+            and not micro.is_micro(ref) and ref not in embedded.EMBEDDED)
+
+
+def placement(device: str | None, device_map: str | None, configured_map: str | None,
+              where: str) -> tuple[str | None, str | None]:
+    """(device, device_map) under one rule: --device and --device-map together are refused; an explicit
+    --device wins over the device_map a params file (`where`) sets, and says so in the log; otherwise the
+    flag's device map, else the params file's."""
+    if device is not None and device_map is not None:
+        raise EsaError(f"--device {device} and --device-map {device_map} both place the model; give one of them")
+    if device is not None:
+        if configured_map is not None:
+            log.warning("--device %s wins over device_map %r of %s: the whole model goes to %s",
+                        device, configured_map, where, device)
+        return device, None
+    return None, device_map if device_map is not None else configured_map
 
 
 def known_models() -> list[str]:
@@ -277,6 +337,34 @@ def load(
     info = describe(model, ref, source)
     log.info("loaded %s (%s, %.1fM params) in %.1fs", ref, source, info.n_params / 1e6, time.perf_counter() - t0)
     return LoadedModel(model, tokenizer, info, weight_inventory(model))
+
+
+# model -> (the in-place version of each tensor when hashed, digest): weakly keyed, so a digest goes with its model
+_DIGESTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, ...], str]] = weakref.WeakKeyDictionary()
+
+
+def weights_digest(model: torch.nn.Module) -> str | None:
+    """xxh3-128 over every parameter's and buffer's name, dtype, shape and raw bytes: the model's content,
+    whatever name, id or path it was reached by (buffers carry config-derived tensors such as RoPE's
+    inverse frequencies). Cached per model and recomputed when a tensor's in-place version counter moved
+    (an optimizer step); writes through `.data` (esa.perturb.apply) are restored bit-exactly by their
+    callers. Hashes on the host: a GPU model's tensors are copied once per tensor, not kept. None when a
+    tensor is offloaded (meta device): its bytes are not where they can be read cheaply."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    versions = tuple(t._version for _, t in tensors)
+    hit = _DIGESTS.get(model)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    h = xxhash.xxh3_128()
+    for name, t in tensors:
+        if t.device.type == "meta":
+            return None
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        raw = t.detach().contiguous().reshape(-1).cpu()
+        h.update(raw.view(torch.uint8).numpy() if raw.numel() else b"")
+    digest = h.hexdigest()
+    _DIGESTS[model] = (versions, digest)
+    return digest
 
 
 def _looks_like_hub_id(ref: str) -> bool:

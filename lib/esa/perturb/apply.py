@@ -93,7 +93,9 @@ class _InPlace:
     def __init__(self) -> None:
         # (int view, idx or None for a whole-matrix copy, raw values)
         self.entries: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
-        self.stats = PerturbStats()
+        self._stats = PerturbStats()
+        # device -> (changed, inf, nan) counts, summed on the weights' devices; `stats` reads them once
+        self._counts: dict[torch.device, torch.Tensor] = {}
 
     def write(self, name: str, p: torch.Tensor, idx_d: torch.Tensor, new: torch.Tensor) -> None:
         """Set `p.view(-1)[idx_d] = new` (same dtype as p), backing up the old bit patterns first."""
@@ -109,11 +111,23 @@ class _InPlace:
             self.entries.append((ints, idx_d, raw))
             old = raw
         p.view(-1)[idx_d] = new
-        st = self.stats
-        st.n_weights += int(idx_d.numel())
-        st.n_changed += int((ints[idx_d] != old).sum())
-        st.n_inf += int(torch.isinf(new).sum())
-        st.n_nan += int(torch.isnan(new).sum())
+        self._stats.n_weights += int(idx_d.numel())  # a host number: no sync
+        counts = torch.stack([(ints[idx_d] != old).sum(), torch.isinf(new).sum(), torch.isnan(new).sum()])
+        if p.device in self._counts:
+            self._counts[p.device] += counts
+        else:
+            self._counts[p.device] = counts
+
+    @property
+    def stats(self) -> PerturbStats:
+        """The stats of every write so far: one host sync per device when read (after the last write)."""
+        for counts in self._counts.values():
+            changed, inf, nan = (int(c) for c in counts.cpu())
+            self._stats.n_changed += changed
+            self._stats.n_inf += inf
+            self._stats.n_nan += nan
+        self._counts.clear()
+        return self._stats
 
     def restore(self) -> None:
         with torch.no_grad():

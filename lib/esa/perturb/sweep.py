@@ -39,7 +39,13 @@ log = logging.getLogger(__name__)
 TOP = "top_k"
 COLUMNS = ["perturbation", "scale", "prob", "dose", "group", "k", "seed", "ppl", "log_ppl", "delta_ppl",
            "delta_log_ppl", "accuracy", "n_nonfinite_windows", "n_inf_weights", "n_nan_weights", "seconds",
-           "n_changed", "overlap_top"]
+           "n_changed", "unchanged_share", "overlap_top"]
+
+
+def unchanged_share(n_changed: int, k: int) -> float:
+    """Share of the selected weights whose stored value the perturbation left as it was: in bf16, noise below
+    half an ulp of |w| rounds back to w, more often for large (top-k) weights than for random ones."""
+    return 1.0 - n_changed / k if k else math.nan
 
 
 class AllNonFinite(EsaError):
@@ -161,6 +167,7 @@ def run_sweep(
             delta_ppl=float(ppl - baseline.ppl), delta_log_ppl=float(log_ppl - baseline.log_ppl),
             accuracy=float(acc), n_nonfinite_windows=int(nonfinite), n_inf_weights=st.n_inf,
             n_nan_weights=st.n_nan, seconds=secs, n_changed=st.n_changed,
+            unchanged_share=unchanged_share(st.n_changed, count_targets(targets)),
             overlap_top=overlap(targets, top) if group != TOP else count_targets(targets),
         ))
         for w, (a, b) in enumerate(zip(nll, base_nll, strict=True)):
@@ -283,6 +290,7 @@ def _sequential_row(spec: PerturbSpec, g: tuple[str, int], parts: list[Any], nll
                 delta_ppl=_exp(log_ppl) - _exp(base_lp), delta_log_ppl=log_ppl - base_lp, accuracy=float(acc),
                 n_nonfinite_windows=int(nonfinite), n_inf_weights=st.n_inf, n_nan_weights=st.n_nan,
                 seconds=float(sum(t for _, _, t, _ in parts)), n_changed=st.n_changed,
+                unchanged_share=unchanged_share(st.n_changed, count_targets(targets)),
                 overlap_top=overlap(targets, top) if g[0] != TOP else count_targets(targets), n_windows=n)
 
 

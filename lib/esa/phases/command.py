@@ -55,6 +55,10 @@ class Command:
     profile: str = "smoke"
     run_id: str = ""
     device: str | None = None
+    device_map: str | None = None  # --device-map: accelerate's placement over the visible devices
+    max_memory: dict[int | str, str] | None = None  # --max-memory, for the device map
+    attn: str | None = None  # --attn: the attention kernel (default: sdpa; see Recipe.load)
+    revision: str | None = None  # --revision: a hub id's branch, tag or commit
     stability_check: bool = False
     weight_analysis: bool = False
     architecture_analysis: bool = False
@@ -78,7 +82,8 @@ class Command:
 def load_model(cmd: Command) -> LoadedModel:
     """The model, checked against the settings before any scoring (k fits, the corpus has the windows)."""
     R = cmd.recipe
-    lm = R.load(cmd.model, device=cmd.device)
+    lm = R.load(cmd.model, device=cmd.device, device_map=cmd.device_map, max_memory=cmd.max_memory, attn=cmd.attn,
+                revision=cmd.revision)
     check_k(lm.inventory, R.topk, R.mode)
     check_k(lm.inventory, R.topk, "global")
     # --max-samples larger than the corpus provides fails here, before any scoring

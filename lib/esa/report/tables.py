@@ -51,6 +51,7 @@ HEADERS: dict[str, str] = {
     "n_nonfinite_windows": "Non-finite windows",
     "n_inf_weights": "Inf weights",
     "n_nan_weights": "NaN weights",
+    "unchanged_share": "Share left unchanged (bf16 rounding)",
     "n": "Weights",
     "zero_share": "Share exactly zero",
     "median_abs_w": "Median |w|",

@@ -23,6 +23,8 @@ from typing import Any
 
 import pandas as pd
 import torch
+import transformers
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -30,7 +32,7 @@ from esa import memory
 from esa.data import Calibration, Windows
 from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
-from esa.models.loader import LoadedModel
+from esa.models.loader import LoadedModel, weights_digest
 from esa.sensitivity.metrics import METRICS, MetricConfig, fused_gradients, get_metric
 from esa.sensitivity.select import (
     BottomSource,
@@ -156,19 +158,36 @@ class ScoreRun:
         return df
 
 
+# labels an entry records but its key leaves out once the content is known: the same weights and tokens
+# reached by another name, id or path find the same entry
+_LABELS = ("model", "tokenizer")
+
+
 def score_key(settings: dict[str, Any]) -> str:
-    return content_key(settings)
+    keyed = settings if settings.get("weights_digest") is None else {
+        k: v for k, v in settings.items() if k not in _LABELS}
+    return content_key(keyed)
 
 
 def settings_for(model_ref: str, windows: Windows, metric: str, seed: int, dtype: str, cfg: MetricConfig,
                  inventory: list[WeightSpec], depth: int = DEPTH_DEFAULT, keep_scores: bool = False,
-                 attention: str | None = None) -> dict[str, Any]:
+                 attention: str | None = None, weights_digest: str | None = None,
+                 device_type: str | None = None) -> dict[str, Any]:
     """The cache key's content: everything that determines a metric's scores and what the entry stores
-    (`attention`: the model's attention kernel, e.g. "eager" or "sdpa": it changes the scores)."""
+    (`attention`: the model's attention kernel, e.g. "eager" or "sdpa": it changes the scores).
+
+    `weights_digest` (esa.models.loader.weights_digest) keys the entry by the weights' content and the
+    calibration tokens' digest instead of the model's name and tokenizer label. The device type and the
+    torch/transformers versions are in the key: Hutchinson and GGN probes come from a generator on the
+    model's device (a CUDA generator draws other numbers than the CPU one), and kernels change between
+    versions."""
     return {
         "model": model_ref, "corpus": windows.corpus, "seqlen": windows.seqlen, "n_samples": windows.n_windows,
         "seed": seed, "metric": metric, "metric_settings": METRICS[metric].key(cfg), "dtype": dtype,
         "tokenizer": windows.tokenizer, "weights": content_key([s.name for s in inventory]),
+        "weights_digest": weights_digest,
+        "inputs": xxhash.xxh3_128(windows.ids.cpu().contiguous().numpy()).hexdigest() if weights_digest else None,
+        "device_type": device_type, "torch": torch.__version__, "transformers": transformers.__version__,
         "attention": attention, "format": FORMAT, "depth": int(depth), "full_map": str(MAP_DTYPE).removeprefix("torch.") if keep_scores else None,
         # the code that determines the scores, not the commit: unrelated commits keep the cache
         "code_version": source_hash(*SCORE_CODE),
@@ -236,11 +255,12 @@ def score_many(lm: LoadedModel, metrics: list[str], calib: Calibration,
         windows = calib.windows(lm.tokenizer, max_positions=lm.info.max_positions or None)
     t_data = time.perf_counter() - t0
     ref = model_ref or lm.info.ref
+    digest = weights_digest(lm.model) if use_cache else None  # once per loaded model (cached with it)
     runs: dict[str, ScoreRun] = {}
     todo: dict[str, tuple[dict[str, Any], Path]] = {}
     for m in metrics:
         settings = settings_for(ref, windows, m, seed, lm.info.dtype, cfgs[m], inventory, depth, keep_scores,
-                                pass_attention(lm.model, m))
+                                pass_attention(lm.model, m), digest, lm.device.type)
         folder = cache_dir("scores") / score_key(settings)
         if use_cache and not refresh and usable(folder):
             t1 = time.perf_counter()

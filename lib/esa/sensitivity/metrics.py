@@ -298,7 +298,8 @@ def hutchinson_diag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.
     }
     per_probe = {n: torch.zeros(cfg.probes, len(sample_idx[n]), dtype=torch.float32, device=p.device)
                  for n, p in params.items()}
-    trace = torch.zeros(cfg.probes, len(names), dtype=torch.float64)
+    # per-probe traces stay on each weight's device and reach the host once, after the last window
+    trace_d = {n: torch.zeros(cfg.probes, dtype=torch.float64, device=p.device) for n, p in params.items()}
     state: dict[str, Any] = {"w": 0.0, "probe": 0, "v": {}}
 
     def fold(name: str, p: torch.nn.Parameter, hv: torch.Tensor) -> None:
@@ -306,7 +307,7 @@ def hutchinson_diag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.
         est.mul_(state["w"])
         acc[name].add_(est, alpha=1.0 / cfg.probes)
         per_probe[name][state["probe"]].add_(est.view(-1)[sample_idx[name]])
-        trace[state["probe"], names.index(name)] += float(est.sum())
+        trace_d[name][state["probe"]] += est.sum(dtype=torch.float64)
 
     dev = _device(model)
     n_weights = sum(p.numel() for p in params.values())
@@ -343,6 +344,7 @@ def hutchinson_diag(model: torch.nn.Module, specs: list[WeightSpec], ids: torch.
             state["v"] = {}
     del probes
 
+    trace = torch.stack([trace_d[n].cpu() for n in names], dim=1)  # (probes, matrices)
     spread = _hutchinson_spread(per_probe, trace, names)
     if cfg.hutchinson_output == "saliency":
         for n, p in params.items():

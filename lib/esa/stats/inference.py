@@ -271,7 +271,8 @@ def analyze(
                                 delta_ppl_ci_hi=phi, n_capped=int(gg["_cap"].sum()),
                                 n_nonfinite_windows=int(gg["n_nonfinite_windows"].sum()),
                                 n_inf_weights=int(gg["n_inf_weights"].sum()),
-                                n_nan_weights=int(gg["n_nan_weights"].sum())))
+                                n_nan_weights=int(gg["n_nan_weights"].sum()),
+                                unchanged_share=_unchanged(gg)))
         groups = set(g["group"])
         pairs = [(top, c) for c in sorted(groups - {top})] if top in groups else []
         if {"random_k", "bottom_k"} <= groups:
@@ -286,7 +287,8 @@ def analyze(
             rl, rllo, rlhi = ratio_ci(ga["_v"], gb["_v"], paired, n_boot, level, seed)
             ratios.append(dict(**key, numerator=a, denominator=b, ratio_delta_ppl=r, ci_lo=rlo, ci_hi=rhi,
                                ratio_delta_log_ppl=rl, log_ci_lo=rllo, log_ci_hi=rlhi, paired=paired))
-            comp = dict(**key, a=a, b=b, alternative=f"{a} > {b}", seed_level=seed_res)
+            comp = dict(**key, a=a, b=b, alternative=f"{a} > {b}", seed_level=seed_res,
+                        **_per_changed_weight(ga, gb, paired))
             con = dict(**key, a=a, b=b, c=contrast_c)
             if paired and len(ga) >= 2:
                 con["seed_level"] = contrast(ga["_v"].to_numpy(), gb["_v"].to_numpy(), contrast_c, 0.0, alpha,
@@ -321,6 +323,12 @@ def analyze(
         f"primary = seed-level with >= {SEED_TEST_MIN_FOR_PRIMARY} seeds, else window-level; alpha = {alpha}",
         f"CIs: {int(level * 100)}% percentile bootstrap over seeds ({n_boot} resamples)",
     ]
+    if "n_changed" in table:
+        notes.append(f"unchanged_share: selected weights whose stored value did not change (bf16 rounds noise below "
+                     f"half an ulp of |w| back to w, more often for large weights); per_changed_weight compares "
+                     f"{value} / n_changed (to leading order the loss change is a sum over the weights that moved, "
+                     f"and an unmoved weight adds nothing); dose_matched: unchanged shares within "
+                     f"{DOSE_MATCH:.0%} of each other, else read per_changed_weight first")
     notes.append(f"contrasts: D = a − {contrast_c:g}·b per seed and per (seed, window) pair, one-sided "
                  f"{1 - alpha:.0%} t bounds (esa.stats.contrasts); PASS when the lower bound is above 0")
     out = dict(value=value, cap=cap, alpha=alpha, summary=summary, ratios=ratios, comparisons=comps,
@@ -334,6 +342,33 @@ def analyze(
         out["sequential_windows"] = {"evaluated": n_used, "fixed_n_plan": n_fixed}
         notes.append(f"sequential evaluation: {n_used} condition-windows evaluated against {n_fixed} for the fixed-n "
                      f"plan; decisions from {sequential['design'].iloc[0]}")
+    return out
+
+
+DOSE_MATCH = 0.05  # unchanged shares further apart than this: the groups did not receive the same perturbation
+
+
+def _unchanged(g: pd.DataFrame) -> float:
+    """Mean share of selected weights left unchanged over a group's seeds (NaN for tables without n_changed)."""
+    if "n_changed" not in g:
+        return math.nan
+    k = g["k"].to_numpy(dtype=float)
+    return float(np.mean(1.0 - g["n_changed"].to_numpy(dtype=float) / np.where(k > 0, k, np.nan)))
+
+
+def _per_changed_weight(ga: pd.DataFrame, gb: pd.DataFrame, paired: bool) -> dict[str, Any]:
+    """The comparison of effects per changed weight, with both groups' unchanged shares (empty without n_changed)."""
+    if "n_changed" not in ga:
+        return {}
+    ua, ub = _unchanged(ga), _unchanged(gb)
+    out: dict[str, Any] = dict(unchanged_share_a=ua, unchanged_share_b=ub,
+                               dose_matched=bool(abs(ua - ub) <= DOSE_MATCH) if np.isfinite(ua - ub) else None)
+    na, nb = ga["n_changed"].to_numpy(dtype=float), gb["n_changed"].to_numpy(dtype=float)
+    if len(na) and len(nb) and (na > 0).all() and (nb > 0).all():
+        test = paired_test if paired else unpaired_test
+        out["per_changed_weight"] = test(ga["_v"].to_numpy() / na, gb["_v"].to_numpy() / nb)
+    else:
+        out["per_changed_weight"] = {"note": "a seed changed no weight: no effect per changed weight"}
     return out
 
 
@@ -381,5 +416,10 @@ def comparisons_frame(result: dict[str, Any]) -> pd.DataFrame:
                 f = c[fam]
                 row.update({f"{fam}_{k}": f.get(k) for k in ("test", "n", "p", "p_holm", "effect_size",
                                                               "mean_diff")})
+        for k in ("unchanged_share_a", "unchanged_share_b", "dose_matched"):
+            if k in c:
+                row[k] = c[k]
+        if "p" in c.get("per_changed_weight", {}):
+            row["per_changed_weight_p"] = c["per_changed_weight"]["p"]
         rows.append(row)
     return pd.DataFrame(rows)

@@ -44,25 +44,40 @@ def _bin_lower_edge(b: np.ndarray) -> np.ndarray:
 
 
 class _Pass:
-    """First pass: count and sum of |score| per bin, plus the non-finite / negative counts."""
+    """First pass: count and sum of |score| per bin, plus the non-finite / negative counts.
+
+    The histogram is built with torch on each score's own device and summed there; the host sees one
+    (N_BINS,) count and sum array per device at the end, not every score matrix, and no per-matrix sync."""
 
     def __init__(self, scores: Any) -> None:
         self.scores = scores
-        self.counts = np.zeros(N_BINS, dtype=np.int64)
-        self.sums = np.zeros(N_BINS, dtype=np.float64)
-        self.n = self.n_negative = self.n_nonfinite = 0
+        acc: dict[torch.device, list[torch.Tensor]] = {}  # device -> [counts, sums, n_negative, n_nonfinite]
+        self.n = 0
         for t in _tensors(scores):
             raw = t.detach().reshape(-1).float()
-            if not torch.isfinite(raw.sum()):  # cheap test first: a sum is finite iff every term is
-                self.n_nonfinite += int((~torch.isfinite(raw)).sum())
-                raw = torch.nan_to_num(raw, nan=0.0, posinf=F32_MAX, neginf=-F32_MAX)
-            if raw.min() < 0:
-                self.n_negative += int((raw < 0).sum())
-            v = raw.abs().cpu()  # the one copy of the pass
-            self.n += v.numel()
-            b = _bins(v).numpy()
-            self.counts += np.bincount(b, minlength=N_BINS)
-            self.sums += np.bincount(b, weights=v.numpy(), minlength=N_BINS)
+            self.n += raw.numel()
+            dev = raw.device
+            if dev not in acc:
+                acc[dev] = [torch.zeros(N_BINS, dtype=torch.int64, device=dev),
+                            torch.zeros(N_BINS, dtype=torch.float64, device=dev),
+                            torch.zeros((), dtype=torch.int64, device=dev),
+                            torch.zeros((), dtype=torch.int64, device=dev)]
+            counts, sums, n_neg, n_nonfin = acc[dev]
+            n_nonfin += (~torch.isfinite(raw)).sum()
+            n_neg += (raw < 0).sum()  # NaN is not negative, -inf is
+            v = torch.nan_to_num(raw, nan=0.0, posinf=F32_MAX, neginf=F32_MAX).abs_()
+            b = _bins(v)  # int32: bincount takes it as is
+            counts += torch.bincount(b, minlength=N_BINS)
+            # float64 weights: the per-bin sums are those the float64 numpy path gave
+            sums += torch.bincount(b, weights=v.double(), minlength=N_BINS)
+        self.counts = np.zeros(N_BINS, dtype=np.int64)
+        self.sums = np.zeros(N_BINS, dtype=np.float64)
+        self.n_negative = self.n_nonfinite = 0
+        for counts, sums, n_neg, n_nonfin in acc.values():  # the one copy to the host per device
+            self.counts += counts.cpu().numpy()
+            self.sums += sums.cpu().numpy()
+            self.n_negative += int(n_neg)
+            self.n_nonfinite += int(n_nonfin)
         self.cum = np.cumsum(self.counts)
         self.total = float(self.sums.sum())
 

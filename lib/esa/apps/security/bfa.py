@@ -148,14 +148,30 @@ def _search_space(specs: list[WeightSpec], targets: Targets | None) -> dict[str,
     return dict(check_targets(targets, specs, "attack target set"))
 
 
+def host_reads_are_free(device: torch.device) -> bool:
+    """On the CPU a value read is free, so the ranking may stop early by the bit bounds; on a GPU a read inside
+    the backward stalls it, so every bit is ranked on the device and read once after the backward."""
+    return device.type == "cpu"
+
+
 def _in_layer(store: Store, ids: torch.Tensor, space: dict[str, torch.Tensor | None],
               bit_list: tuple[int, ...], guard: Guard | None) -> tuple[list[_Candidate], float]:
     """One forward+backward; each matrix's best (weight, bit) by first-order gain g * dw, and the seconds
     spent ranking (inside the backward pass, as each gradient is ready)."""
     blocked = set(blocked_bits(guard, store.fmt))
     params = {n: store.params[n] for n in space}
+    order = tuple(sorted(bit_list, key=lambda b: -store.step_bound(b)))  # falling bound: ties go to the first
     cands: list[_Candidate] = []
+    # matrices ranked on a device: name -> (its flat indices or None, (bits, 2) float64 [best gain, its position])
+    pending: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
     ranking = [0.0]
+
+    def gains(name: str, g: torch.Tensor, idx: torch.Tensor | None, prot: torch.Tensor | None,
+              b: int) -> torch.Tensor:
+        gain = torch.nan_to_num(g * store.delta(name, b, idx), nan=-math.inf)  # (n,)
+        if prot is not None and b in blocked:
+            gain[prot] = -math.inf
+        return gain
 
     def fold(name: str, p: torch.nn.Parameter, grad: torch.Tensor) -> None:
         t = time.perf_counter()
@@ -168,25 +184,44 @@ def _in_layer(store: Store, ids: torch.Tensor, space: dict[str, torch.Tensor | N
                 prot = guard.targets[name].to(g.device)  # positions into the whole matrix
             else:
                 prot = contains(guard.targets, name, idx).nonzero().reshape(-1).to(g.device)
-        best = _Candidate(name, -1, -1, -math.inf)
+        if not host_reads_are_free(g.device):
+            best = []
+            for b in order:
+                gain = gains(name, g, idx, prot, b)
+                j = gain.argmax()
+                best.append(torch.stack([gain[j].double(), j.double()]))  # no host read: stays on the device
+            pending[name] = (idx, torch.stack(best))
+            ranking[0] += time.perf_counter() - t
+            return
+        best_c = _Candidate(name, -1, -1, -math.inf)
         # gain(b) <= unit * step_bound(b) for every weight, so bits taken in falling bound order can stop
         # as soon as the bound drops below the best gain found: exact, and usually after two or three bits
         unit = store.gain_bound(name, g, idx)
-        for b in sorted(bit_list, key=lambda b: -store.step_bound(b)):
-            if best.gain >= unit * store.step_bound(b):
+        for b in order:
+            if best_c.gain >= unit * store.step_bound(b):
                 break
-            gain = torch.nan_to_num(g * store.delta(name, b, idx), nan=-math.inf)  # (n,)
-            if prot is not None and b in blocked:
-                gain[prot] = -math.inf
+            gain = gains(name, g, idx, prot, b)
             j = int(torch.argmax(gain))
-            if float(gain[j]) > best.gain:
-                best = _Candidate(name, int(idx[j]) if idx is not None else j, b, float(gain[j]))
-        if best.index >= 0:
-            cands.append(best)
+            if float(gain[j]) > best_c.gain:
+                best_c = _Candidate(name, int(idx[j]) if idx is not None else j, b, float(gain[j]))
+        if best_c.index >= 0:
+            cands.append(best_c)
         ranking[0] += time.perf_counter() - t
 
     with streamed_grads(params, fold):
         batch_loss(store.model, ids).backward()
+    t = time.perf_counter()
+    by_device: dict[torch.device, list[str]] = {}
+    for name, (_, best) in pending.items():
+        by_device.setdefault(best.device, []).append(name)
+    for names in by_device.values():  # one read per device, after the backward
+        rows = torch.stack([pending[n][1] for n in names]).cpu().numpy()  # (matrices, bits, 2)
+        for name, r in zip(names, rows, strict=True):
+            k = int(r[:, 0].argmax())  # the first bit (in bound order) with the largest gain
+            if r[k, 0] > -math.inf:
+                idx, j = pending[name][0], int(r[k, 1])
+                cands.append(_Candidate(name, int(idx[j]) if idx is not None else j, order[k], float(r[k, 0])))
+    ranking[0] += time.perf_counter() - t
     return cands, ranking[0]
 
 
