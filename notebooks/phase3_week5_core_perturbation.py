@@ -106,7 +106,8 @@ for m, r in runs.items():
                       ci={"ratio_delta_log_ppl": ("log_ci_lo", "log_ci_hi")}))
     display(ctx.table(comparisons_frame(r.stats), f"tests_{m}", f"{m}: is the first group damaged more? "
                       "One-sided tests, Holm-corrected.",
-                      columns=["perturbation", "a", "b", "primary", "p_primary_holm", "significant"]))
+                      columns=["perturbation", "a", "b", "primary", "p_primary_holm", "significant",
+                               "dose_matched", "per_changed_weight_p"]))
 
 # %%
 rows = []

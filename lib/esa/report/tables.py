@@ -52,6 +52,8 @@ HEADERS: dict[str, str] = {
     "n_inf_weights": "Inf weights",
     "n_nan_weights": "NaN weights",
     "unchanged_share": "Share left unchanged (bf16 rounding)",
+    "dose_matched": "Unchanged shares within 5 points",
+    "per_changed_weight_p": "p per changed weight",
     "n": "Weights",
     "zero_share": "Share exactly zero",
     "median_abs_w": "Median |w|",
