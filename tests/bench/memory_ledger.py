@@ -44,6 +44,7 @@ SPARSITY = 0.5  # pruning: Wanda's and SparseGPT's usual share
 CALIB_WINDOWS = 2  # pruning: calibration windows (their block inputs are held for the whole pass)
 SPARSE_DENSITY = 0.01  # sparse fine-tuning: share of the studied weights trained
 LORA_RANK = 4
+PRUNE_BLOCKS = 2  # pruning: the blocks pruned (see pruned_specs)
 
 
 def _qwen_config() -> Any:
@@ -155,10 +156,17 @@ def _finetune(lm: Any, ids: torch.Tensor) -> Any:
 # ---------------------------------------------------------------- application passes (Phase 5)
 
 
+def pruned_specs(lm: Any) -> list[Any]:
+    """What the pruning passes prune: the linears of the first PRUNE_BLOCKS blocks (SparseGPT's column loop is
+    slow on the CPU; the plan is per block plus what grows with the pruned weights, so a few blocks test it)."""
+    return [s for s in lm.inventory if s.kind in ("attention", "mlp") and s.layer < PRUNE_BLOCKS]
+
+
 def _work(lm: Any, pass_name: str, b: int) -> dict[str, int]:
     """The plan's `work` for an application pass as the ledger runs it."""
     n = sum(s.numel for s in lm.inventory)
     if pass_name in ("prune_wanda", "prune_sparsegpt"):
+        n = sum(s.numel for s in pruned_specs(lm))
         return {"written": int(SPARSITY * n), "windows": CALIB_WINDOWS * b}
     if pass_name == "finetune_sparse":
         return {"trainable": sum(max(1, int(SPARSE_DENSITY * s.numel)) for s in lm.inventory)}
@@ -182,7 +190,7 @@ def _prune(method: str) -> Callable[[Any, torch.Tensor], Any]:
 
         spec = PruneSpec(method, sparsity=SPARSITY, seqlen=int(ids.shape[1]), n_calib=int(ids.shape[0]),
                          batch_size=BATCH["b"], calibration="sequential", kinds=("attention", "mlp"))
-        return prune(lm, spec, calib=_calib(ids), use_cache=False).masks
+        return prune(lm, spec, calib=_calib(ids), specs=pruned_specs(lm), use_cache=False).masks
     return run
 
 
@@ -254,11 +262,17 @@ PASSES: dict[str, tuple[str, dict[str, Any], Callable[[Any, torch.Tensor], Any]]
 }
 
 
+def runner(lm: Any, pass_name: str, b: int, t: int) -> Callable[[], Any]:
+    """Ledger pass `pass_name` on `lm` at batch b x seqlen t, ready to run once (its inputs drawn outside)."""
+    fn = PASSES[pass_name][2]
+    ids = _ids(lm.model, b * WINDOWS.get(pass_name, 1), t)
+    return _perturb(lm, ids) if pass_name == "perturb" else (lambda: fn(lm, ids))
+
+
 def measure_pass(lm: Any, pass_name: str, b: int, t: int) -> dict[str, Any]:
     """One pass on `lm` at batch b x seqlen t: measured peak, the plan's need and their ratio."""
-    plan_pass, kw, fn = PASSES[pass_name]
-    ids = _ids(lm.model, b * WINDOWS.get(pass_name, 1), t)
-    run = _perturb(lm, ids) if pass_name == "perturb" else (lambda: fn(lm, ids))
+    plan_pass = PASSES[pass_name][0]
+    run = runner(lm, pass_name, b, t)
     t0 = time.perf_counter()
     peak, out = measure(run)
     seconds = time.perf_counter() - t0
@@ -268,14 +282,20 @@ def measure_pass(lm: Any, pass_name: str, b: int, t: int) -> dict[str, Any]:
     return {**row, **planned(lm, row)}
 
 
-def planned(lm: Any, row: dict[str, Any]) -> dict[str, Any]:
-    """The plan's need for a measured row (esa.memory as it is now), its ratio to the measurement and components."""
-    plan_pass, kw, _ = PASSES[row["pass"]]
-    if row["pass"] == "perturb":
+def plan_args(lm: Any, pass_name: str, b: int) -> tuple[str, dict[str, Any]]:
+    """(esa.memory's pass, its estimate arguments) for ledger pass `pass_name` run at batch b on `lm`."""
+    plan_pass, kw, _ = PASSES[pass_name]
+    if pass_name == "perturb":
         kw = {"written": sum(int(v.numel()) for v in _targets(lm).values())}
     elif plan_pass in memory.APP_PASSES:
-        kw = {"work": _work(lm, row["pass"], row["batch"])}
-    est = memory.estimate(lm.model, plan_pass, row["batch"], row["seqlen"], specs=lm.inventory, target="cpu", **kw)
+        kw = {"work": _work(lm, pass_name, b)}
+    return plan_pass, {**kw, "specs": pruned_specs(lm) if plan_pass in ("prune", "sparsegpt") else lm.inventory}
+
+
+def planned(lm: Any, row: dict[str, Any]) -> dict[str, Any]:
+    """The plan's need for a measured row (esa.memory as it is now), its ratio to the measurement and components."""
+    plan_pass, kw = plan_args(lm, row["pass"], row["batch"])
+    est = memory.estimate(lm.model, plan_pass, row["batch"], row["seqlen"], target="cpu", **kw)
     plan = est.need("cpu")
     ratio = plan / max(1, row["measured"])
     return {"plan": plan, "ratio": round(ratio, 4), "within": abs(ratio - 1) <= TOLERANCE,
