@@ -190,3 +190,23 @@ def test_refusal_names_the_setting_that_fits():
     assert "device map over 2 GPUs" in msg
     est = memory.estimate(m, "int8_store", 1, 1, target="cuda:0")
     assert "backup" in est.per_device["cpu"] and "backup" not in est.per_device["cuda:0"]  # host memory
+
+
+def test_overwritten_holds_the_backup_not_the_callers_updates():
+    """Pruning enters one `overwritten` block per matrix until it ends: each must keep only its backup (here a
+    dense copy, cheaper than index + values), not the index and values it was handed."""
+    import gc
+    import weakref
+
+    from esa.perturb.apply import overwritten
+
+    lin = torch.nn.Linear(8, 8, bias=False)
+    before = lin.weight.detach().clone()
+    idx, values = torch.arange(64), torch.zeros(64)
+    refs = (weakref.ref(idx), weakref.ref(values))
+    with overwritten(lin, {"weight": (idx, values)}):
+        del idx, values
+        gc.collect()
+        assert all(r() is None for r in refs)
+        assert bool((lin.weight == 0).all())
+    assert torch.equal(lin.weight, before)

@@ -244,12 +244,25 @@ def _finetune_full(s: ModelShape, b: int, t: int) -> dict[str, int]:
 # Measured like the passes above (tests/bench/memory_ledger.py): bytes per studied/selected weight
 SPARSE_PER_SELECTED = 40  # sparse FT: int64 index, fp32 delta, base, gradient, two AdamW moments, CSR columns
 LORA_PER_TRAINABLE = 16  # LoRA: fp32 adapter number, its gradient, two AdamW moments
+# pruning (bytes per weight): deciding a block holds every matrix's fp32 score and mask (per block weight);
+# writing a matrix holds its index, new values and selection temporaries (per weight of the largest matrix)
+PRUNE_SCORES = 5
+PRUNE_WRITE = 10
+# SparseGPT: the reconstruction of one matrix (fp32 copies, transposes, masks) per weight of the down
+# projection; writing its largest matrix (index, fp32 target, values) per weight
+SGPT_SOLVE = 15
+SGPT_WRITE = 16
 INT8_PER_WEIGHT = 1  # int8 store: one code per studied weight (scales: one per row, negligible)
 
 
 def _layer_working(s: ModelShape, b: int, t: int) -> int:
     """One decoder layer's live tensors when nothing is kept for backward (the forward-only working set)."""
     return _activations(s, b, t, False)
+
+
+def _block_numel(s: ModelShape) -> int:
+    """Weights of one decoder block's linears: q and o (h x h), k and v (h x kv), gate, up and down (h x I)."""
+    return 2 * s.hidden * s.hidden + 2 * s.hidden * (s.kv or s.hidden) + 3 * s.hidden * s.intermediate
 
 
 def _restore_backup(s: ModelShape) -> int:
@@ -259,29 +272,44 @@ def _restore_backup(s: ModelShape) -> int:
 
 
 def _prune(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    # layer-sequential pruning from input statistics (Wanda; esa.apps.pruning.calibrate.run_sequential): every
-    # calibration window's input to the current block, twice while the next block's inputs are made, one
-    # batch's layer working set, and the decision's fp32 scores and sort of the largest matrix; the masks
-    # (one bit per pruned-matrix weight) and the restore backup grow to the end
+    # layer-sequential pruning from input statistics (Wanda; esa.apps.pruning.calibrate.run_sequential). Held
+    # throughout: every calibration window's input to the current block (twice while the next block's inputs
+    # are made) and one batch's layer working set, or the decisions; growing to the end: the restore backup
+    # and the masks (a bit per weight). The peak is the larger of deciding the last block (the backup of the
+    # others, the block's fp32 scores and masks) and writing its largest matrix (every backup, the block's
+    # masks, that matrix's index, values and selection temporaries)
+    blk = min(_block_numel(s), s.n_studied)
+    before = _restore_backup(s) * (s.n_studied - blk) // max(1, s.n_studied)
+    decide = before + PRUNE_SCORES * blk
+    write = _restore_backup(s) + blk + PRUNE_WRITE * s.largest_studied
     inputs = 2 * s.windows * t * s.hidden * s.dtype_bytes
-    decide = 16 * s.largest_studied
-    return {"backup": _restore_backup(s), "masks": s.n_studied // 8,
-            "calibration": inputs + max(_layer_working(s, b, t), decide)}
+    return {"masks": s.n_studied // 8, "calibration": inputs + _layer_working(s, b, t),
+            **({"backup": before, "decide": decide - before} if decide > write
+               else {"backup": _restore_backup(s), "decide": write - _restore_backup(s)})}
 
 
 def _sparsegpt(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    # SparseGPT (esa.apps.pruning.sparsegpt): as _prune, plus the block's fp32 Hessians X^T X (one per distinct
-    # input: attention, its output projection, MLP, down projection), the reconstruction's fp32 copies of the
-    # largest stacked matrix and the (cols, cols) factorisation, and the kept (reconstructed) values of every
-    # pruned matrix in the model dtype
-    d = _prune(s, b, t)
+    # SparseGPT (esa.apps.pruning.sparsegpt): every kept weight is rewritten too, so the backup is a copy of
+    # each matrix, and the mask set keeps the reconstructed values (model dtype; host memory on a GPU). Deciding
+    # the last block holds its fp32 Hessians X^T X (one per distinct input: attention, output projection, MLP,
+    # down projection), the factorisation of the widest one (H, its Cholesky factor, H^-1, U: four (cols, cols))
+    # and the reconstruction of its matrix (fp32 copies, masks), with the block's earlier decisions (fp32
+    # values and masks); writing the last matrix holds every backup, the block's decisions and the matrix's
+    # index and values
+    blk = min(_block_numel(s), s.n_studied)
+    backup, kept = s.n_studied * s.dtype_bytes, max(0, s.n_studied - s.written) * s.dtype_bytes
+    down = s.hidden * s.intermediate
     hess = 4 * (3 * s.hidden * s.hidden + s.intermediate * s.intermediate)
-    solve = 12 * max(2 * s.intermediate * s.hidden, 0) + 12 * s.intermediate * s.intermediate
-    d["calibration"] = 2 * s.windows * t * s.hidden * s.dtype_bytes + max(_layer_working(s, b, t), solve)
-    d["hessians"] = hess
-    d["backup"] = s.n_studied * s.dtype_bytes  # every kept weight is rewritten too: a copy of each matrix
-    d["kept_values"] = max(0, s.n_studied - s.written) * s.dtype_bytes  # the mask set's copy (host memory)
-    return d
+    share = (s.n_studied - blk) / max(1, s.n_studied)
+    decide = int(share * (backup + kept)) + hess + 16 * s.intermediate ** 2 + SGPT_SOLVE * down + 5 * (blk - down)
+    write = backup + kept + 5 * blk + SGPT_WRITE * s.largest_studied
+    inputs = 2 * s.windows * t * s.hidden * s.dtype_bytes
+    if decide > write:
+        parts = {"backup": int(share * backup), "kept_values": int(share * kept), "hessians": hess,
+                 "decide": decide - int(share * (backup + kept)) - hess}
+    else:
+        parts = {"backup": backup, "kept_values": kept, "decide": write - backup - kept}
+    return {"masks": s.n_studied // 8, "calibration": inputs + _layer_working(s, b, t), **parts}
 
 
 def _train_frozen(s: ModelShape, b: int, t: int) -> dict[str, int]:
