@@ -247,7 +247,9 @@ LORA_PER_TRAINABLE = 16  # LoRA: fp32 adapter number, its gradient, two AdamW mo
 # pruning (bytes per weight): deciding a block holds every matrix's fp32 score and mask (per block weight);
 # writing a matrix holds its index, new values and selection temporaries (per weight of the largest matrix)
 PRUNE_SCORES = 5
-PRUNE_WRITE = 10
+PRUNE_WRITE = 12
+# a calibration pass of one block alone keeps this share of the forward's layer working set (ledger fit)
+BLOCK_WORKING = 0.8
 # SparseGPT: the reconstruction of one matrix (fp32 copies, transposes, masks) per weight of the down
 # projection; writing its largest matrix (index, fp32 target, values) per weight
 SGPT_SOLVE = 15
@@ -271,45 +273,48 @@ def _restore_backup(s: ModelShape) -> int:
     return min(s.written * (s.dtype_bytes + 8), s.n_studied * s.dtype_bytes)
 
 
+def _peak_phase(held: dict[str, int], *phases: dict[str, int]) -> dict[str, int]:
+    """What is held throughout, plus the largest of the phases that follow one another."""
+    top = max(phases, key=lambda p: sum(p.values()))
+    return {k: held.get(k, 0) + top.get(k, 0) for k in {**held, **top}}
+
+
 def _prune(s: ModelShape, b: int, t: int) -> dict[str, int]:
     # layer-sequential pruning from input statistics (Wanda; esa.apps.pruning.calibrate.run_sequential). Held
-    # throughout: every calibration window's input to the current block (twice while the next block's inputs
-    # are made) and one batch's layer working set, or the decisions; growing to the end: the restore backup
-    # and the masks (a bit per weight). The peak is the larger of deciding the last block (the backup of the
-    # others, the block's fp32 scores and masks) and writing its largest matrix (every backup, the block's
-    # masks, that matrix's index, values and selection temporaries)
+    # throughout: every calibration window's input to the current block and the masks (a bit per weight). Then,
+    # per block, one after the other: a block pass gathering statistics or making the next block's inputs (one
+    # batch's layer working set and, while propagating, a second set of inputs), the decision (the block's fp32
+    # scores and masks) and the writes (the restore backup, grown by the matrix written, with that matrix's
+    # index, values and selection temporaries). The last block's phases are the largest
     blk = min(_block_numel(s), s.n_studied)
+    inputs = s.windows * t * s.hidden * s.dtype_bytes
     before = _restore_backup(s) * (s.n_studied - blk) // max(1, s.n_studied)
-    decide = before + PRUNE_SCORES * blk
-    write = _restore_backup(s) + blk + PRUNE_WRITE * s.largest_studied
-    inputs = 2 * s.windows * t * s.hidden * s.dtype_bytes
-    return {"masks": s.n_studied // 8, "calibration": inputs + _layer_working(s, b, t),
-            **({"backup": before, "decide": decide - before} if decide > write
-               else {"backup": _restore_backup(s), "decide": write - _restore_backup(s)})}
+    return _peak_phase({"masks": s.n_studied // 8, "calibration": inputs},
+                       {"backup": before, "calibration": inputs + int(BLOCK_WORKING * _layer_working(s, b, t))},
+                       {"backup": before, "decide": PRUNE_SCORES * blk},
+                       {"backup": _restore_backup(s), "decide": blk + PRUNE_WRITE * s.largest_studied})
 
 
 def _sparsegpt(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    # SparseGPT (esa.apps.pruning.sparsegpt): every kept weight is rewritten too, so the backup is a copy of
-    # each matrix, and the mask set keeps the reconstructed values (model dtype; host memory on a GPU). Deciding
-    # the last block holds its fp32 Hessians X^T X (one per distinct input: attention, output projection, MLP,
-    # down projection), the factorisation of the widest one (H, its Cholesky factor, H^-1, U: four (cols, cols))
-    # and the reconstruction of its matrix (fp32 copies, masks), with the block's earlier decisions (fp32
-    # values and masks); writing the last matrix holds every backup, the block's decisions and the matrix's
-    # index and values
+    # SparseGPT (esa.apps.pruning.sparsegpt), the phases of _prune. Every kept weight is rewritten too, so the
+    # backup is a copy of each matrix, and the mask set keeps the reconstructed values (model dtype; host memory
+    # on a GPU). Deciding the last block holds its fp32 Hessians X^T X (one per distinct input: attention,
+    # output projection, MLP, down projection), the factorisation of the widest (H, its Cholesky factor, H^-1,
+    # U: four (cols, cols)), the reconstruction of its matrix (fp32 copies, masks) and the block's earlier
+    # decisions (fp32 values and masks); writing the last matrix holds every backup, the block's decisions and
+    # the matrix's index and values
     blk = min(_block_numel(s), s.n_studied)
     backup, kept = s.n_studied * s.dtype_bytes, max(0, s.n_studied - s.written) * s.dtype_bytes
     down = s.hidden * s.intermediate
-    hess = 4 * (3 * s.hidden * s.hidden + s.intermediate * s.intermediate)
     share = (s.n_studied - blk) / max(1, s.n_studied)
-    decide = int(share * (backup + kept)) + hess + 16 * s.intermediate ** 2 + SGPT_SOLVE * down + 5 * (blk - down)
-    write = backup + kept + 5 * blk + SGPT_WRITE * s.largest_studied
-    inputs = 2 * s.windows * t * s.hidden * s.dtype_bytes
-    if decide > write:
-        parts = {"backup": int(share * backup), "kept_values": int(share * kept), "hessians": hess,
-                 "decide": decide - int(share * (backup + kept)) - hess}
-    else:
-        parts = {"backup": backup, "kept_values": kept, "decide": write - backup - kept}
-    return {"masks": s.n_studied // 8, "calibration": inputs + _layer_working(s, b, t), **parts}
+    inputs = s.windows * t * s.hidden * s.dtype_bytes
+    before = {"backup": int(share * backup), "kept_values": int(share * kept)}
+    hess = 4 * (3 * s.hidden * s.hidden + s.intermediate * s.intermediate)
+    return _peak_phase({"masks": s.n_studied // 8, "calibration": inputs},
+                       {**before, "calibration": inputs + int(BLOCK_WORKING * _layer_working(s, b, t)), "hessians": hess},
+                       {**before, "hessians": hess,
+                        "decide": 16 * s.intermediate ** 2 + SGPT_SOLVE * down + 5 * (blk - down)},
+                       {"backup": backup, "kept_values": kept, "decide": 5 * blk + SGPT_WRITE * s.largest_studied})
 
 
 def _train_frozen(s: ModelShape, b: int, t: int) -> dict[str, int]:
@@ -349,9 +354,9 @@ def _bfa(s: ModelShape, b: int, t: int) -> dict[str, int]:
 
 def _capture(s: ModelShape, b: int, t: int) -> dict[str, int]:
     # esa.apps.interpret.passes.forward_capture: a forward with reducing hooks; the stopword mass takes an
-    # fp32 softmax of the whole (B, T, V) logits
+    # fp32 softmax of the whole (B, T, V) logits (after their fp32 copy when the model is not fp32)
     d = _forward_only(s, b, t)
-    d["logits"] = b * t * s.vocab * (s.dtype_bytes + 8)
+    d["logits"] = b * t * s.vocab * (s.dtype_bytes + 4 + _upcast(s))
     return d
 
 # The passes the guard knows; a metric names its own (esa.sensitivity.metrics.Metric.memory_pass).
