@@ -51,6 +51,15 @@ def test_plan_matches_the_measured_peak_on_tiny_llama(ledger, dtype):
         assert abs(row["ratio"] - 1) <= ledger.TOLERANCE, (p, dtype, row["measured"], row["plan"], row["components"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_application_plans_match_the_measured_peak_on_tiny_llama(ledger, dtype):
+    lm = ledger.load_model("tiny-llama", dtype)
+    for p in ("prune_wanda", "int8_store", "capture", "finetune_lora"):
+        row = ledger.measure_pass(lm, p, 1, 64)
+        assert row["measured"] > 0
+        assert abs(row["ratio"] - 1) <= ledger.TOLERANCE, (p, dtype, row["measured"], row["plan"], row["components"])
+
+
 def test_ledger_refuses_an_unknown_pass(ledger, capsys):
     assert ledger.main(["--models", "tiny-llama", "--passes", "backprop", "--out", "/dev/null"]) == 2
     assert "unknown pass 'backprop'; accepted: eval" in capsys.readouterr().err

@@ -31,6 +31,12 @@ and Qwen2.5-0.5B's shape in fp32 and bf16 and checks each estimate within +-15% 
 - perturbation: the raw-bit backup of the written weights (with their int64 index on an accelerator), at
   most a copy of each matrix (esa.perturb.apply backs up whichever is smaller).
 - offload staging: accelerate loads an offloaded block's weights for its forward: the largest block.
+- application passes (Phase 5; `work` gives their counts): pruning's restore backup (a copy of each matrix
+  once that is cheaper than index + bits), masks, calibration inputs and per-block decision (SparseGPT adds its
+  Hessians, factorisation and kept values); sparse fine-tuning's O(k) state and LoRA's fp32 adapters with
+  AdamW over a frozen-weight backward; the int8 store's codes and host backup, and the bit search's streamed
+  gradient pass on it; an interpretability capture's forward with its fp32 softmax. `check` refuses them in
+  one line naming the first setting that fits (fewer tokens per step, bf16, a device map over N GPUs).
 On a GPU, tests/bench/gpu_check.py records the estimates next to torch.cuda.max_memory_allocated.
 """
 
@@ -247,7 +253,8 @@ LORA_PER_TRAINABLE = 16  # LoRA: fp32 adapter number, its gradient, two AdamW mo
 # pruning (bytes per weight): deciding a block holds every matrix's fp32 score and mask (per block weight);
 # writing a matrix holds its index, new values and selection temporaries (per weight of the largest matrix)
 PRUNE_SCORES = 5
-PRUNE_WRITE = 12
+PRUNE_WRITE = 13
+PRUNE_WRITE_UPCAST = 5  # more when the model is not fp32 (fp32 copies of the selection's values)
 # a calibration pass of one block alone keeps this share of the forward's layer working set (ledger fit)
 BLOCK_WORKING = 0.8
 # SparseGPT: the reconstruction of one matrix (fp32 copies, transposes, masks) per weight of the down
@@ -292,7 +299,8 @@ def _prune(s: ModelShape, b: int, t: int) -> dict[str, int]:
     return _peak_phase({"masks": s.n_studied // 8, "calibration": inputs},
                        {"backup": before, "calibration": inputs + int(BLOCK_WORKING * _layer_working(s, b, t))},
                        {"backup": before, "decide": PRUNE_SCORES * blk},
-                       {"backup": _restore_backup(s), "decide": blk + PRUNE_WRITE * s.largest_studied})
+                       {"backup": _restore_backup(s),
+                        "decide": blk + (PRUNE_WRITE + PRUNE_WRITE_UPCAST * (_upcast(s) > 0)) * s.largest_studied})
 
 
 def _sparsegpt(s: ModelShape, b: int, t: int) -> dict[str, int]:

@@ -207,12 +207,12 @@ def _train(method_of: Callable[[Any], Any]) -> Callable[[Any, torch.Tensor], Any
     return run
 
 
-def _sparse_method(lm: Any) -> Any:
-    from esa.apps.training.sparse import SparseFT
-
+def sparse_targets(lm: Any) -> dict[str, torch.Tensor]:
+    """The sparse fine-tuning selection, drawn before the measurement (the caller's selection, not the pass's
+    memory); cloned, so that no full permutation stays alive behind a slice."""
     g = torch.Generator().manual_seed(0)
-    return SparseFT({s.name: torch.randperm(s.numel, generator=g)[: max(1, int(SPARSE_DENSITY * s.numel))]
-                     for s in lm.inventory})
+    return {s.name: torch.randperm(s.numel, generator=g)[: max(1, int(SPARSE_DENSITY * s.numel))].clone()
+            for s in lm.inventory}
 
 
 def _lora_method(lm: Any) -> Any:
@@ -254,7 +254,7 @@ PASSES: dict[str, tuple[str, dict[str, Any], Callable[[Any, torch.Tensor], Any]]
     "finetune_full": ("finetune_full", {}, _finetune),  # fp32 only: full fine-tuning refuses bf16 weights
     "prune_wanda": ("prune", {}, _prune("wanda")),
     "prune_sparsegpt": ("sparsegpt", {}, _prune("sparsegpt")),
-    "finetune_sparse": ("finetune_sparse", {}, _train(_sparse_method)),
+    "finetune_sparse": ("finetune_sparse", {}, None),  # built per model (its selection): runner()
     "finetune_lora": ("finetune_lora", {}, _train(_lora_method)),
     "int8_store": ("int8_store", {}, _int8),
     "bfa": ("bfa", {}, _bfa),
@@ -266,6 +266,11 @@ def runner(lm: Any, pass_name: str, b: int, t: int) -> Callable[[], Any]:
     """Ledger pass `pass_name` on `lm` at batch b x seqlen t, ready to run once (its inputs drawn outside)."""
     fn = PASSES[pass_name][2]
     ids = _ids(lm.model, b * WINDOWS.get(pass_name, 1), t)
+    if pass_name == "finetune_sparse":
+        from esa.apps.training.sparse import SparseFT
+
+        targets = sparse_targets(lm)
+        fn = _train(lambda _: SparseFT(targets))
     return _perturb(lm, ids) if pass_name == "perturb" else (lambda: fn(lm, ids))
 
 
