@@ -496,7 +496,7 @@ def estimate(
         if written and shape.n_studied:  # spread like the studied weights it copies
             part["backup"] = backup_bytes(int(written * pl["studied"] / shape.n_studied), shape.dtype_bytes, dev)
         part = {"weights": int(pl["weights"]), **part, "offload_staging": int(pl["staging"])}
-        if not dev.startswith("cpu"):  # parts some passes keep in host memory whatever the device
+        if pass_name in HOST_PARTS and not dev.startswith("cpu"):  # parts kept in host memory whatever the device
             host = per_device.setdefault("cpu", {})
             for k in HOST_PARTS.get(pass_name, ()):
                 host[k] = host.get(k, 0) + part.pop(k, 0)
