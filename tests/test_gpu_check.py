@@ -19,21 +19,27 @@ def _module():
 
 
 def test_gpu_check_tiny_runs_every_pass(tmp_path):
-    out = _module().main(["--tiny", "--device", "cpu", "--out", str(tmp_path / "check.json"), "--seqlen", "16",
-                          "--eval-windows", "2", "--calib-windows", "2", "--k", "4"])
+    """Every pass of the memory ledger, guarded, run and measured against its plan (CPU: the allocator trace)."""
+    mod = _module()
+    out = mod.main(["--tiny", "--device", "cpu", "--out", str(tmp_path / "check.json"), "--seqlen", "16"])
     rep = json.loads(Path(out).read_text())
     assert rep["tiny"] and rep["device_type"] == "cpu"
-    assert [m["model"] for m in rep["models"]] == ["mixtral-small", "llama-8b"]
-    for m in rep["models"]:
-        assert m.get("status") != "error", m.get("traceback")
-        for p in ("eval", "grad_x_weight", "sweep"):
-            entry = m["passes"][p]
-            assert entry["status"] == "ok" and entry["seconds"] > 0 and entry["peak_bytes"] > 0
-            assert entry["estimate"]["total"] > 0
-        conds = {c["group"]: c for c in m["passes"]["sweep"]["conditions"]}
-        assert set(conds) == {"top_k", "random_k"} and conds["top_k"]["k"] == conds["random_k"]["k"] > 0
-    moe = rep["models"][0]
-    assert moe["shape"]["num_local_experts"] == 4 and moe["n_studied"] < moe["n_params"]
+    (lay,) = rep["layouts"]
+    assert lay["model"] == "llama-8b" and lay["devices"] == ["cpu"]
+    by = {p["pass"]: p for p in lay["passes"]}
+    assert list(by) == list(mod.ledger().PASSES)
+    for name, p in by.items():
+        assert p["status"] == "ok", (name, p.get("error"), p.get("traceback"))
+        assert p["measured"]["cpu"] > 0 and p["plan"]["cpu"] > 0 and p["ratio"]["cpu"] > 0
+
+
+def test_gpu_check_splits_layers_over_two_devices():
+    mod = _module()
+    model = mod.build(mod.TINY_SHAPES["llama-8b"], __import__("torch").device("cpu"), __import__("torch").float32)
+    dmap = mod.split_map(model, ["cuda:0", "cuda:1"])
+    assert dmap["model.layers.0"] == "cuda:0" and dmap["model.layers.1"] == "cuda:1"
+    assert dmap["model.embed_tokens"] == "cuda:0" and dmap["lm_head"] == "cuda:1"
+    assert {n for n, _ in model.named_children()} <= {"model", "lm_head"}
 
 
 def test_gpu_check_refuses_full_shapes_without_gpu(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from esa import memory
+from esa.errors import EsaError
 from esa.memtrace import measure
 from esa.phases import memplan
 
@@ -45,6 +46,15 @@ def test_plan_matches_the_measured_peak_on_tiny_llama(ledger, dtype):
     lm = ledger.load_model("tiny-llama", dtype)
     full_ft = ("finetune_full",) if dtype == torch.float32 else ()  # full FT refuses bf16 weights
     for p in ("eval", "grad_x_weight", "grad_fused", "act_mag", "hutchinson_diag", "perturb", *full_ft):
+        row = ledger.measure_pass(lm, p, 1, 64)
+        assert row["measured"] > 0
+        assert abs(row["ratio"] - 1) <= ledger.TOLERANCE, (p, dtype, row["measured"], row["plan"], row["components"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_application_plans_match_the_measured_peak_on_tiny_llama(ledger, dtype):
+    lm = ledger.load_model("tiny-llama", dtype)
+    for p in ("prune_wanda", "int8_store", "capture", "finetune_lora"):
         row = ledger.measure_pass(lm, p, 1, 64)
         assert row["measured"] > 0
         assert abs(row["ratio"] - 1) <= ledger.TOLERANCE, (p, dtype, row["measured"], row["plan"], row["components"])
@@ -86,6 +96,13 @@ def test_8b_extended_dry_run_prints_each_pass_and_loads_nothing(capsys, monkeypa
     # full fine-tuning runs on fp32 weights (no master weights in bf16): 8B of them, with AdamW, need GPUs
     full = plan["full fine-tuning step (fp32 weights, AdamW)"]
     assert "batch 8 x 512" in full and "weights 29.9" in full and "optimizer 59.8" in full and "needs" in full
+    # the Phase 5 passes of the profile: pruning, fine-tuning, security and interpretability, each with a verdict
+    apps = {k: v for k, v in plan.items() if k.startswith(("pruning ", "sparse fine-tuning", "LoRA", "int8 store",
+                                                           "bit search", "interpretability"))}
+    assert len(apps) == 7, out
+    assert all("fits one GPU" in v or "GPUs (device_map over" in v for v in apps.values()), apps
+    assert "batch 1 x 4096" in plan["pruning sparsegpt at 0.9 (128 x 4096 calibration windows)"]
+    assert "GiB host" in plan["int8 store (codes + host backup)"]  # the raw backup is host memory, not the GPU's
     rows, source = memplan.plan("llama-3.1-8b", cli.Recipe(dtype="bfloat16", seqlen=2048, metrics=("hutchinson_diag",),
                                                              hutchinson_probes=16, batch_size=1))
     hutch = next(r for r in rows if r.label == "hutchinson_diag")
@@ -95,7 +112,6 @@ def test_8b_extended_dry_run_prints_each_pass_and_loads_nothing(capsys, monkeypa
 
 def test_scoring_asks_the_plan_before_the_pass(monkeypatch, tmp_path):
     from esa.data import Calibration, Windows
-    from esa.errors import EsaError
     from esa.models import load
     from esa.sensitivity.engine import score
     from esa.sensitivity.metrics import MetricConfig
@@ -110,3 +126,96 @@ def test_scoring_asks_the_plan_before_the_pass(monkeypatch, tmp_path):
         score(lm, "grad_x_weight", Calibration(seed=1), cfg, windows=w, use_cache=False)
     monkeypatch.setattr(memory, "free_bytes", lambda device: 1 << 40)
     assert score(lm, "grad_x_weight", Calibration(seed=1), cfg, windows=w, use_cache=False).top is not None
+
+
+def _one_line_refusal(fn, pass_name: str) -> str:
+    with pytest.raises(EsaError) as ei:
+        fn()
+    msg = str(ei.value)
+    assert msg.startswith(f"not enough memory for {pass_name} ") and "\n" not in msg, msg
+    assert "is free" in msg and ("fewer tokens per step" in msg or "bf16" in msg or "device map over" in msg), msg
+    return msg
+
+
+def test_application_passes_ask_the_plan_before_they_run(monkeypatch, tmp_path):
+    """Pruning, sparse and LoRA fine-tuning, the int8 store, the bit search and a capture are refused in one
+    line (need, free, the setting that makes it fit) before they allocate, and run when memory suffices."""
+    from esa.apps.interpret.anatomy import anatomy
+    from esa.apps.interpret.passes import Wants, forward_capture
+    from esa.apps.pruning import PruneSpec, prune
+    from esa.apps.security.bfa import AttackConfig, progressive_bit_search
+    from esa.apps.security.formats import stored
+    from esa.apps.training import TrainConfig, train
+    from esa.apps.training.lora import LoraFT
+    from esa.apps.training.sparse import SparseFT
+    from esa.data import Windows
+    from esa.models import load
+
+    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path))
+    lm = load("tiny-llama", device="cpu")
+    ids = torch.randint(3, 259, (2, 32), generator=torch.Generator().manual_seed(0))
+    calib = Windows(ids, "random", "calib", 32, False, "byt5", 2, (0, 1))
+    cfg = TrainConfig(steps=1, batch_size=1, eval_start=False, show_progress=False)
+    sel = {s.name: torch.arange(4) for s in lm.inventory}
+    runs = {
+        "prune": lambda: prune(lm, PruneSpec("wanda", sparsity=0.5, seqlen=32, n_calib=2, batch_size=1),
+                               calib=calib, use_cache=False),
+        "sparsegpt": lambda: prune(lm, PruneSpec("sparsegpt", sparsity=0.5, seqlen=32, n_calib=2, batch_size=1,
+                                                 kinds=("attention", "mlp")), calib=calib, use_cache=False),
+        "finetune_sparse": lambda: train(lm.model, SparseFT(sel), ids, cfg, inventory=lm.inventory),
+        "finetune_lora": lambda: train(lm.model, LoraFT(lm.inventory, rank=1), ids, cfg, inventory=lm.inventory),
+        "int8_store": lambda: stored(lm.model, "int8", lm.inventory).__enter__(),
+        "bfa": lambda: progressive_bit_search(lm.model, ids, ids, cfg=AttackConfig(max_flips=1, show_progress=False)),
+        "capture": lambda: forward_capture(lm.model, anatomy(lm.model), ids, Wants(residual=True)),
+    }
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 20_000)  # less than any of them needs
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    for pass_name, run in runs.items():
+        _one_line_refusal(run, pass_name)
+    assert all(torch.equal(before[n], p) for n, p in lm.model.named_parameters())  # refused before any write
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1 << 40)
+    assert forward_capture(lm.model, anatomy(lm.model), ids, Wants(residual=True)).residual is not None
+    assert prune(lm, PruneSpec("wanda", sparsity=0.5, seqlen=32, n_calib=2, batch_size=1), calib=calib,
+                 use_cache=False).achieved_sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_refusal_names_the_setting_that_fits():
+    """A pass whose tokens dominate is told the batch and seqlen that fit; one whose weights-sized state
+    dominates is told the GPUs a device map needs."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    gpu = {"cuda:0": 40 << 30, "cpu": 1 << 40}
+    msg = _one_line_refusal(lambda: memory.check(m, "finetune_lora", 16, 2048, loaded=True, available=gpu,
+                                                 target="cuda:0", work={"trainable": 10**6}), "finetune_lora")
+    assert "fewer tokens per step (batch" in msg
+    need = memory.estimate(m, "finetune_lora", 16, 2048, target="cuda:0", work={"trainable": 10**6}).need("cuda:0")
+    assert memory._gib(need) in msg
+    msg = _one_line_refusal(lambda: memory.check(m, "int8_store", 1, 1, loaded=False, available=gpu,
+                                                 target="cuda:0", headroom=0.3), "int8_store")
+    assert "device map over 2 GPUs" in msg
+    est = memory.estimate(m, "int8_store", 1, 1, target="cuda:0")
+    assert "backup" in est.per_device["cpu"] and "backup" not in est.per_device["cuda:0"]  # host memory
+
+
+def test_overwritten_holds_the_backup_not_the_callers_updates():
+    """Pruning enters one `overwritten` block per matrix until it ends: each must keep only its backup (here a
+    dense copy, cheaper than index + values), not the index and values it was handed."""
+    import gc
+    import weakref
+
+    from esa.perturb.apply import overwritten
+
+    lin = torch.nn.Linear(8, 8, bias=False)
+    before = lin.weight.detach().clone()
+    idx, values = torch.arange(64), torch.zeros(64)
+    refs = (weakref.ref(idx), weakref.ref(values))
+    with overwritten(lin, {"weight": (idx, values)}):
+        del idx, values
+        gc.collect()
+        assert all(r() is None for r in refs)
+        assert bool((lin.weight == 0).all())
+    assert torch.equal(lin.weight, before)

@@ -387,7 +387,8 @@ def dry_run_lines(cmd: command.Command, args: argparse.Namespace) -> list[str]:
     try:  # the profile's passes (every metric it lists: the notebooks run them all), on the meta device
         ft = prof.finetune
         lines += memplan.lines(cmd.model, r.but(metrics=list(dict.fromkeys([*r.metrics, *prof.metrics]))),
-                               finetune=(int(ft.get("batch_size", 8)), int(ft.get("seqlen", r.seqlen))) if ft else None)
+                               finetune=(int(ft.get("batch_size", 8)), int(ft.get("seqlen", r.seqlen))) if ft else None,
+                               profile=prof)
     except EsaError as e:
         lines.append(str(e))
     lines.append("nothing loaded (dry run)")

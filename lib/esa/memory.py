@@ -31,6 +31,12 @@ and Qwen2.5-0.5B's shape in fp32 and bf16 and checks each estimate within +-15% 
 - perturbation: the raw-bit backup of the written weights (with their int64 index on an accelerator), at
   most a copy of each matrix (esa.perturb.apply backs up whichever is smaller).
 - offload staging: accelerate loads an offloaded block's weights for its forward: the largest block.
+- application passes (Phase 5; `work` gives their counts): pruning's restore backup (a copy of each matrix
+  once that is cheaper than index + bits), masks, calibration inputs and per-block decision (SparseGPT adds its
+  Hessians, factorisation and kept values); sparse fine-tuning's O(k) state and LoRA's fp32 adapters with
+  AdamW over a frozen-weight backward; the int8 store's codes and host backup, and the bit search's streamed
+  gradient pass on it; an interpretability capture's forward with its fp32 softmax. `check` refuses them in
+  one line naming the first setting that fits (fewer tokens per step, bf16, a device map over N GPUs).
 On a GPU, tests/bench/gpu_check.py records the estimates next to torch.cuda.max_memory_allocated.
 """
 
@@ -38,7 +44,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -90,6 +96,10 @@ class ModelShape:
     materialised_attention: bool  # eager attention keeps (a, T, T) probabilities in every pass
     kv: int = 0  # key/value width: kv heads x head dim (0: as hidden)
     largest_param: int = 0  # elements of the largest parameter (the embedding, usually)
+    # what an application pass works on (esa.memory.estimate's `work`; 0 where a pass has none)
+    written: int = 0  # pruning: weights pruned (their restore backup is held until pruning ends)
+    trainable: int = 0  # sparse fine-tuning: selected weights; LoRA: adapter numbers
+    windows: int = 0  # pruning: calibration windows whose block inputs are held at once
 
     @classmethod
     def of(cls, model: torch.nn.Module, specs: list[Any] | None = None) -> ModelShape:
@@ -235,6 +245,128 @@ def _finetune_full(s: ModelShape, b: int, t: int) -> dict[str, int]:
     return {**moments, **(start if sum(start.values()) > sum(step.values()) else step)}
 
 
+
+# ---------------------------------------------------------------- application passes (Phase 5)
+# Measured like the passes above (tests/bench/memory_ledger.py): bytes per studied/selected weight
+SPARSE_PER_SELECTED = 40  # sparse FT: int64 index, fp32 delta, base, gradient, two AdamW moments, CSR columns
+LORA_PER_TRAINABLE = 16  # LoRA: fp32 adapter number, its gradient, two AdamW moments
+# pruning (bytes per weight): deciding a block holds every matrix's fp32 score and mask (per block weight);
+# writing a matrix holds its index, new values and selection temporaries (per weight of the largest matrix)
+PRUNE_SCORES = 5
+PRUNE_WRITE = 13
+PRUNE_WRITE_UPCAST = 5  # more when the model is not fp32 (fp32 copies of the selection's values)
+# a calibration pass of one block alone keeps this share of the forward's layer working set (ledger fit)
+BLOCK_WORKING = 0.8
+# SparseGPT: the reconstruction of one matrix (fp32 copies, transposes, masks) per weight of the down
+# projection; writing its largest matrix (index, fp32 target, values) per weight
+SGPT_SOLVE = 15
+SGPT_WRITE = 16
+INT8_PER_WEIGHT = 1  # int8 store: one code per studied weight (scales: one per row, negligible)
+
+
+def _layer_working(s: ModelShape, b: int, t: int) -> int:
+    """One decoder layer's live tensors when nothing is kept for backward (the forward-only working set)."""
+    return _activations(s, b, t, False)
+
+
+def _block_numel(s: ModelShape) -> int:
+    """Weights of one decoder block's linears: q and o (h x h), k and v (h x kv), gate, up and down (h x I)."""
+    return 2 * s.hidden * s.hidden + 2 * s.hidden * (s.kv or s.hidden) + 3 * s.hidden * s.intermediate
+
+
+def _restore_backup(s: ModelShape) -> int:
+    """Pruning's restore backup of `written` weights: the raw bits with their int64 index, or a copy of each
+    matrix when that is smaller (esa.perturb.apply._InPlace), held until pruning ends."""
+    return min(s.written * (s.dtype_bytes + 8), s.n_studied * s.dtype_bytes)
+
+
+def _peak_phase(held: dict[str, int], *phases: dict[str, int]) -> dict[str, int]:
+    """What is held throughout, plus the largest of the phases that follow one another."""
+    top = max(phases, key=lambda p: sum(p.values()))
+    return {k: held.get(k, 0) + top.get(k, 0) for k in {**held, **top}}
+
+
+def _prune(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    # layer-sequential pruning from input statistics (Wanda; esa.apps.pruning.calibrate.run_sequential). Held
+    # throughout: every calibration window's input to the current block and the masks (a bit per weight). Then,
+    # per block, one after the other: a block pass gathering statistics or making the next block's inputs (one
+    # batch's layer working set and, while propagating, a second set of inputs), the decision (the block's fp32
+    # scores and masks) and the writes (the restore backup, grown by the matrix written, with that matrix's
+    # index, values and selection temporaries). The last block's phases are the largest
+    blk = min(_block_numel(s), s.n_studied)
+    inputs = s.windows * t * s.hidden * s.dtype_bytes
+    before = _restore_backup(s) * (s.n_studied - blk) // max(1, s.n_studied)
+    return _peak_phase({"masks": s.n_studied // 8, "calibration": inputs},
+                       {"backup": before, "calibration": inputs + int(BLOCK_WORKING * _layer_working(s, b, t))},
+                       {"backup": before, "decide": PRUNE_SCORES * blk},
+                       {"backup": _restore_backup(s),
+                        "decide": blk + (PRUNE_WRITE + PRUNE_WRITE_UPCAST * (_upcast(s) > 0)) * s.largest_studied})
+
+
+def _sparsegpt(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    # SparseGPT (esa.apps.pruning.sparsegpt), the phases of _prune. Every kept weight is rewritten too, so the
+    # backup is a copy of each matrix, and the mask set keeps the reconstructed values (model dtype; host memory
+    # on a GPU). Deciding the last block holds its fp32 Hessians X^T X (one per distinct input: attention,
+    # output projection, MLP, down projection), the factorisation of the widest (H, its Cholesky factor, H^-1,
+    # U: four (cols, cols)), the reconstruction of its matrix (fp32 copies, masks) and the block's earlier
+    # decisions (fp32 values and masks); writing the last matrix holds every backup, the block's decisions and
+    # the matrix's index and values
+    blk = min(_block_numel(s), s.n_studied)
+    backup, kept = s.n_studied * s.dtype_bytes, max(0, s.n_studied - s.written) * s.dtype_bytes
+    down = s.hidden * s.intermediate
+    share = (s.n_studied - blk) / max(1, s.n_studied)
+    inputs = s.windows * t * s.hidden * s.dtype_bytes
+    before = {"backup": int(share * backup), "kept_values": int(share * kept)}
+    hess = 4 * (3 * s.hidden * s.hidden + s.intermediate * s.intermediate)
+    return _peak_phase({"masks": s.n_studied // 8, "calibration": inputs},
+                       {**before, "calibration": inputs + int(BLOCK_WORKING * _layer_working(s, b, t)), "hessians": hess},
+                       {**before, "hessians": hess,
+                        "decide": 16 * s.intermediate ** 2 + SGPT_SOLVE * down + 5 * (blk - down)},
+                       {"backup": backup, "kept_values": kept, "decide": 5 * blk + SGPT_WRITE * s.largest_studied})
+
+
+def _train_frozen(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    """A training step whose base weights are frozen: the graph and the fp32 loss's buffers."""
+    return {"activations": _activations(s, b, t, True), "logits": _loss_logits(s, b, t)}
+
+
+def _finetune_sparse(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    # esa.apps.training.sparse (sampled backend): the O(k) optimiser state, and the sampled product's fp32
+    # copies of one Linear's output gradient and input
+    return {**_train_frozen(s, b, t), "optimizer": SPARSE_PER_SELECTED * s.trainable,
+            "grads_in_flight": 4 * b * t * (s.hidden + s.intermediate)}
+
+
+def _finetune_lora(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    # esa.apps.training.lora (peft keeps the adapters fp32 whatever the base dtype)
+    return {**_train_frozen(s, b, t), "optimizer": LORA_PER_TRAINABLE * s.trainable}
+
+
+def _int8_store(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    # esa.apps.security.formats.stored("int8"): the codes, the raw backup of every studied weight (host
+    # memory), and quantising the largest matrix (its fp32 copy, |w|, the dequantised values and their cast)
+    return {"store": INT8_PER_WEIGHT * s.n_studied, "backup": s.n_studied * s.dtype_bytes,
+            "quantise": (12 + s.dtype_bytes) * s.largest_studied}
+
+
+def _bfa(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    # progressive bit search (esa.apps.security.bfa) on the int8 store: a streamed gradient pass whose
+    # gradients are ranked per bit and freed one parameter at a time (no accumulators)
+    d = _gradient(s, b, t)
+    del d["accumulators"]
+    store = _int8_store(s, b, t)
+    d["store"], d["backup"] = store["store"], store["backup"]
+    d["grads_in_flight"] += 16 * s.largest_studied  # one bit's value changes and gains of the matrix ranked
+    return d
+
+
+def _capture(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    # esa.apps.interpret.passes.forward_capture: a forward with reducing hooks; the stopword mass takes an
+    # fp32 softmax of the whole (B, T, V) logits (after their fp32 copy when the model is not fp32)
+    d = _forward_only(s, b, t)
+    d["logits"] = b * t * s.vocab * (s.dtype_bytes + 4 + _upcast(s))
+    return d
+
 # The passes the guard knows; a metric names its own (esa.sensitivity.metrics.Metric.memory_pass).
 _PASS_FNS: dict[str, Callable[[ModelShape, int, int], dict[str, int]]] = {
     "eval": _forward_only,
@@ -244,8 +376,18 @@ _PASS_FNS: dict[str, Callable[[ModelShape, int, int], dict[str, int]]] = {
     "grad_fused": _grad_fused,  # grad_x_weight and grad_squared from one backward
     "hutchinson": _hutchinson,
     "finetune_full": _finetune_full,  # one full fine-tuning step (AdamW)
+    "prune": _prune,  # layer-sequential pruning from input statistics (Wanda, magnitude)
+    "sparsegpt": _sparsegpt,  # layer-sequential SparseGPT reconstruction
+    "finetune_sparse": _finetune_sparse,  # one sparse fine-tuning step (work: trainable = selected weights)
+    "finetune_lora": _finetune_lora,  # one LoRA step (work: trainable = adapter numbers)
+    "int8_store": _int8_store,  # the security int8 store opened over the studied weights
+    "bfa": _bfa,  # one bit-search iteration (gradient pass) on the int8 store
+    "capture": _capture,  # one interpretability capture forward
 }
 PASSES = tuple(_PASS_FNS)
+# parts of a pass held in host memory whatever the device: the int8 store's raw backup, SparseGPT's kept values
+HOST_PARTS = {"int8_store": ("backup",), "bfa": ("backup",), "sparsegpt": ("kept_values",)}
+APP_PASSES = ("prune", "sparsegpt", "finetune_sparse", "finetune_lora", "int8_store", "bfa", "capture")
 
 
 # ---------------------------------------------------------------- placement over devices
@@ -310,12 +452,16 @@ def estimate(
     target: str | torch.device | None = None,
     probes: int = 1,
     written: int = 0,
+    work: dict[str, int] | None = None,
 ) -> MemoryEstimate:
     """Memory a pass over `model` needs, whole and per device (see the module docstring for the model).
 
     `probes`: hutchinson_diag's probe count (all probes are kept while they fit PROBE_CACHE_BYTES).
     `written`: weights a perturbation writes (pass "perturb"): its raw-bit backup, and on an accelerator the
     int64 index moved there, are held while the perturbed model is evaluated.
+
+    `work`: what an application pass works on (ModelShape's `written`, `trainable`, `windows`), whole-model
+    counts; each device gets the share of them that its studied weights hold.
 
     `specs`: the studied weights (default: the model's inventory). `target`: the device a model still on
     `meta` (built for planning, not loaded) would be placed on; default cuda:0 if available, else cpu.
@@ -325,7 +471,7 @@ def estimate(
     if batch_size < 1 or seqlen < 1:
         raise EsaError(f"batch_size and seqlen must be >= 1, got {batch_size} and {seqlen}")
     specs = weight_inventory(model) if specs is None else specs
-    shape = ModelShape.of(model, specs)
+    shape = replace(ModelShape.of(model, specs), **(work or {}))
     tgt = str(torch.device(target)) if target is not None else ("cuda:0" if torch.cuda.is_available() else "cpu")
     if tgt == "cuda":
         tgt = "cuda:0"
@@ -335,7 +481,9 @@ def estimate(
     resident: dict[str, int] = {}
     for dev, pl in place.items():
         # the same model of memory, restricted to what this device holds
-        local = ModelShape(**{**asdict(shape), "n_studied": int(pl["studied"]), "largest_studied": int(pl["largest"])})
+        share = pl["studied"] / shape.n_studied if shape.n_studied else 1.0
+        local = replace(shape, n_studied=int(pl["studied"]), largest_studied=int(pl["largest"]),
+                        written=int(shape.written * share), trainable=int(shape.trainable * share))
         part = _PASS_FNS[pass_name](local, batch_size, seqlen)
         part["activations"] = int(part.get("activations", 0) * (pl["layers"] if "grads_in_flight" in part else
                                                                (1.0 if pl["layers"] else 0.0)))
@@ -348,7 +496,11 @@ def estimate(
         if written and shape.n_studied:  # spread like the studied weights it copies
             part["backup"] = backup_bytes(int(written * pl["studied"] / shape.n_studied), shape.dtype_bytes, dev)
         part = {"weights": int(pl["weights"]), **part, "offload_staging": int(pl["staging"])}
-        per_device[dev] = {k: v for k, v in part.items() if v}
+        if pass_name in HOST_PARTS and not dev.startswith("cpu"):  # parts kept in host memory whatever the device
+            host = per_device.setdefault("cpu", {})
+            for k in HOST_PARTS.get(pass_name, ()):
+                host[k] = host.get(k, 0) + part.pop(k, 0)
+        per_device[dev] = {**per_device.get(dev, {}), **{k: v for k, v in part.items() if v}}
         if not dev.startswith("meta"):
             resident[dev] = int(pl["weights"])
     if pass_name == "hutchinson":
@@ -410,14 +562,16 @@ def check(
     headroom: float = HEADROOM,
     target: str | torch.device | None = None,
     probes: int = 1,
+    work: dict[str, int] | None = None,
 ) -> MemoryEstimate:
     """Raise EsaError before the pass if a device cannot hold what it needs; return the estimate otherwise.
 
     `loaded`: the weights are already allocated (their memory is not free any more, so only the rest is
     checked); False to plan a model built on `meta`. `available`: device -> free bytes, to override the
-    measurement (tests, or a budget smaller than the machine's).
+    measurement (tests, or a budget smaller than the machine's). `work`: an application pass's counts
+    (see `estimate`); such a pass is refused in one line naming the setting that makes it fit.
     """
-    est = estimate(model, pass_name, batch_size, seqlen, specs, target, probes)
+    est = estimate(model, pass_name, batch_size, seqlen, specs, target, probes, work=work)
     short = []
     for dev in est.per_device:
         if dev in ("disk", "meta"):
@@ -426,9 +580,32 @@ def check(
         have = available[dev] if available and dev in available else free_bytes(dev)
         if need > headroom * have:
             short.append((dev, need, have))
+    if short and pass_name in APP_PASSES:
+        dev, need, have = short[0]
+        fix = _app_fix(model, est, specs, work, loaded, dev, int(headroom * have), target)
+        raise EsaError(f"not enough memory for {pass_name} (batch {batch_size} x seqlen {seqlen}): needs about "
+                       f"{_gib(need)} on {dev}, {_gib(have)} is free (using at most {headroom:.0%}); {fix}")
     if short:
         raise EsaError(_message(est, short, headroom, loaded, model))
     return est
+
+
+def _app_fix(model: torch.nn.Module, est: MemoryEstimate, specs: list[Any] | None, work: dict[str, int] | None,
+             loaded: bool, dev: str, usable: int, target: str | torch.device | None) -> str:
+    """The first setting that makes an application pass fit `usable` bytes of `dev`: fewer tokens per step,
+    bf16, or a device map over the GPUs its need asks for."""
+    b, t = est.batch_size, est.seqlen
+    while b > 1 or t > 64:  # halve the batch first, then the sequence
+        b, t = (b // 2, t) if b > 1 else (b, t // 2)
+        if estimate(model, est.pass_name, b, t, specs, target, work=work).need(dev, loaded) <= usable:
+            return f"it fits with fewer tokens per step (batch {b} x seqlen {t})"
+    shape = replace(ModelShape.of(model, specs), **(work or {}))
+    if shape.dtype_bytes == 4:
+        half = replace(shape, dtype_bytes=2)
+        if sum(_PASS_FNS[est.pass_name](half, b, t).values()) + (0 if loaded else half.n_params * 2) <= usable:
+            return "it fits in bf16 (dtype='bfloat16')"
+    n = -(-est.need(dev, loaded) // max(1, usable))
+    return f"it fits with a device map over {n} GPUs (device_map='auto', max_memory per GPU)"
 
 
 def _gib(n: float) -> str:

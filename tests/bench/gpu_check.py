@@ -1,51 +1,61 @@
-"""The GPU check of issue 6: one prepared script, run once on a GPU machine (not a test).
+"""The GPU check of issue 36: every pass at Llama-3.1-8B's shape, on one GPU and on two, against its plan.
 
-    python tests/bench/gpu_check.py                 # GPU: Mixtral-shaped MoE + Llama-3.1-8B-shaped, bf16
-    python tests/bench/gpu_check.py --tiny          # CPU: the same path on tiny shapes, in seconds
+    python tests/bench/gpu_check.py                 # GPU: llama-8b, bf16, 2048 tokens; one GPU, then two if present
+    python tests/bench/gpu_check.py --tiny          # CPU: the same passes on a tiny shape, in seconds
 
-For each model: build it random-initialised directly on the device (no download, no `meta` round trip),
-then run, one after the other on random token windows: evaluation (esa.evaluate), grad_x_weight over
-every studied weight (esa.sensitivity.metrics), a per-matrix top-k (esa.sensitivity.select) and one
-perturbation sweep (sign_flip on the top-k and a random_k control, esa.perturb.run_sweep). Before each
-pass the memory guard's estimate is recorded (and checked: a pass the guard refuses is recorded as
-refused, not run); after it, wall time and the measured peak (CUDA: torch.cuda.max_memory_allocated;
-CPU: peak resident set size of the process). Writes reports/bench/gpu_check-<device>.json atomically.
+The model is built random-initialised directly on the first GPU (no download, no `meta` round trip); for the
+two-GPU layout accelerate's `dispatch_model` then moves the second half of the decoder layers (and the final
+norm and LM head) to the second GPU. Every pass of the CPU memory ledger (tests/bench/memory_ledger.py: its
+pass functions are reused, so both measure the same work) runs once: evaluation, the gradient metrics, the
+fused gradient pass, act_mag, Hutchinson, a perturbation, full fine-tuning (fp32 only: refused in bf16),
+Wanda and SparseGPT pruning, sparse and LoRA fine-tuning, the int8 store, one bit-search iteration and an
+interpretability capture. Before each pass the memory guard is asked (a refusal is recorded, not run); after
+it, each GPU's peak (torch.cuda.max_memory_allocated less what was allocated before the pass) is set
+against the plan's need on that GPU (esa.memory.estimate(...).need). An out-of-memory error is recorded
+too: that is what this check is for. Writes reports/bench/gpu_check-<device>.json after every pass.
 
-Shapes: `mixtral-small` keeps Mixtral-8x7B's routing (8 experts, top-2, SwiGLU experts, GQA) at a width
-that fits one GPU with room for fp32 scores; `llama-8b` is Llama-3.1-8B's shape (hidden 4096, 32
-layers, intermediate 14336, 32 heads / 8 kv heads, vocab 128256).
+Sized for an 8-minute device slot on one H200: 2048 tokens per window, one window per micro-batch, two
+calibration windows for pruning, one flip of the bit search; `--passes` narrows it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
-import resource
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+LEDGER = Path(__file__).resolve().parent / "memory_ledger.py"
 
 SHAPES: dict[str, dict[str, Any]] = {
+    "llama-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
     "mixtral-small": dict(arch="mixtral", hidden_size=1024, intermediate_size=3584, num_hidden_layers=8,
                           num_attention_heads=16, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
                           vocab_size=32000),
-    "llama-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
 }
 TINY_SHAPES: dict[str, dict[str, Any]] = {
+    "llama-8b": dict(arch="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=384),
     "mixtral-small": dict(arch="mixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                           vocab_size=384),
-    "llama-8b": dict(arch="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=384),
 }
+
+
+def ledger() -> Any:
+    """tests/bench/memory_ledger.py as a module: its passes, their inputs and their plan arguments."""
+    spec = importlib.util.spec_from_file_location("memory_ledger", LEDGER)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
 
 
 def build(shape: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
@@ -55,113 +65,145 @@ def build(shape: dict[str, Any], device: torch.device, dtype: torch.dtype, seed:
     kw = {k: v for k, v in shape.items() if k != "arch"}
     cfg = (MixtralConfig if shape["arch"] == "mixtral" else LlamaConfig)(
         **kw, max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg._attn_implementation = "sdpa"  # grad_x_weight is first order: the fused kernels are fine
+    cfg._attn_implementation = "sdpa"  # as every pass loads it; Hutchinson switches to the math kernel itself
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model.eval().requires_grad_(False)
 
 
-def _peak_reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+def split_map(model: torch.nn.Module, devices: list[str]) -> dict[str, str]:
+    """A device map giving each device an equal run of decoder layers; embeddings on the first, the final norm
+    and LM head on the last (accelerate's dispatch then moves each module's weights)."""
+    n = model.config.num_hidden_layers
+    per = -(-n // len(devices))
+    dmap = {"model.embed_tokens": devices[0], "model.rotary_emb": devices[0]}
+    dmap.update({f"model.layers.{i}": devices[i // per] for i in range(n)})
+    dmap.update({"model.norm": devices[-1], "lm_head": devices[-1]})
+    return dmap
 
 
-def _peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process-lifetime peak RSS (Linux: KiB)
+def _devices(model: torch.nn.Module) -> list[str]:
+    return sorted({str(p.device) for p in model.parameters()})
 
 
-def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
-    _peak_reset(device)
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, {"seconds": round(time.perf_counter() - t0, 4), "peak_bytes": _peak(device),
-                 "peak_gib": round(_peak(device) / 2**30, 3)}
+def _allocated(devs: list[str]) -> dict[str, int]:
+    out = {}
+    for d in devs:
+        dev = torch.device(d)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            out[d] = int(torch.cuda.memory_allocated(dev))
+    return out
 
 
-def run_model(name: str, shape: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def _peaks(base: dict[str, int]) -> dict[str, int]:
+    out = {}
+    for d, b in base.items():
+        torch.cuda.synchronize(torch.device(d))
+        out[d] = int(torch.cuda.max_memory_allocated(torch.device(d))) - b
+    return out
+
+
+def run_pass(led: Any, lm: Any, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Guard, run and measure one ledger pass; the plan's need and the measured peak per device."""
     from esa import memory
-    from esa.evaluate import evaluate
+    from esa.memtrace import measure
+
+    b, t = args.batch_size, args.seqlen
+    plan_pass, kw = led.plan_args(lm, name, b)
+    devs = _devices(lm.model)
+    target = devs[0]
+    entry: dict[str, Any] = {"pass": name, "plan_pass": plan_pass, "batch": b, "seqlen": t}
+    est = memory.estimate(lm.model, plan_pass, b, t, target=target, **kw)
+    entry["plan"] = {d: est.need(d) for d in est.per_device}
+    entry["components"] = est.per_device
+    if name == "finetune_full" and next(lm.model.parameters()).dtype != torch.float32:
+        entry.update(status="refused", error="full fine-tuning needs fp32 weights (esa.apps.training.full)")
+        return entry
+    try:
+        memory.check(lm.model, plan_pass, b, t, target=target, **{k: v for k, v in kw.items() if k != "written"})
+    except Exception as e:  # the guard refused: record it, do not run
+        entry.update(status="refused", error=str(e).splitlines()[0])
+        return entry
+    run = led.runner(lm, name, b, t)
+    base = _allocated(devs)
+    t0 = time.perf_counter()
+    try:
+        if base:
+            out = run()
+            measured = _peaks(base)
+        else:  # CPU (--tiny): the allocator trace the ledger uses
+            peak, out = measure(run)
+            measured = {"cpu": peak.peak}
+        del out
+    except torch.cuda.OutOfMemoryError as e:  # the plan was wrong: exactly what this check is for
+        entry.update(status="oom", error=str(e).splitlines()[0], plan_total=est.total)
+        torch.cuda.empty_cache()
+        return entry
+    entry.update(status="ok", seconds=round(time.perf_counter() - t0, 3), measured=measured)
+    entry["ratio"] = {d: round(entry["plan"].get(d, 0) / max(1, m), 3) for d, m in measured.items()}
+    entry["within"] = all(abs(r - 1) <= led.TOLERANCE for r in entry["ratio"].values())
+    if base:
+        torch.cuda.empty_cache()
+    return entry
+
+
+def run_layout(led: Any, name: str, shape: dict[str, Any], devices: list[str], args: argparse.Namespace,
+               report: dict[str, Any], out: Path) -> None:
+    """Every requested pass on `shape` spread over `devices` (one or two), written after each pass."""
     from esa.models import weight_inventory
-    from esa.perturb import PerturbSpec, build_groups, run_sweep
-    from esa.sensitivity.metrics import METRICS, MetricConfig
-    from esa.sensitivity.select import select_topk
+    from esa.store import write_json
 
     dtype = torch.float32 if args.tiny else torch.bfloat16
     rec: dict[str, Any] = {"model": name, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
-                           "batch_size": args.batch_size, "seqlen": args.seqlen, "passes": {}}
-    model, t_build = timed(device, lambda: build(shape, device, dtype))
-    inventory = weight_inventory(model)
-    rec.update(build=t_build, n_params=sum(p.numel() for p in model.parameters()),
-               n_studied=sum(s.numel for s in inventory))
-    gen = torch.Generator().manual_seed(1)
-    vocab = shape["vocab_size"]
-    eval_ids = torch.randint(3, vocab, (args.eval_windows, args.seqlen), generator=gen)
-    calib_ids = torch.randint(3, vocab, (args.calib_windows, args.seqlen), generator=gen)
+                           "devices": devices, "passes": []}
+    report["layouts"].append(rec)
+    t0 = time.perf_counter()
+    model = build(shape, torch.device(devices[0]), dtype)
+    if len(devices) > 1:
+        from accelerate import dispatch_model
 
-    def guarded(pass_name: str, fn: Callable[[], Any]) -> Any:
-        entry: dict[str, Any] = {}
-        rec["passes"][pass_name if pass_name not in rec["passes"] else f"{pass_name}_2"] = entry
+        model = dispatch_model(model, split_map(model, devices))
+    rec["build_seconds"] = round(time.perf_counter() - t0, 2)
+    lm = led._Loaded(model, weight_inventory(model))
+    for p in args.passes:
         try:
-            guard = "eval" if pass_name == "sweep" else METRICS[pass_name].memory_pass if pass_name in METRICS \
-                else pass_name
-            est = memory.check(model, guard, args.batch_size, args.seqlen, inventory)
-            entry["estimate"] = est.as_dict()
-        except Exception as e:  # the guard refused: record it, do not run
-            entry.update(status="refused", error=str(e))
-            return None
-        try:
-            out, t = timed(device, fn)
-        except torch.cuda.OutOfMemoryError as e:  # the estimate was wrong: exactly what this check is for
-            entry.update(status="oom", error=str(e).splitlines()[0])
-            torch.cuda.empty_cache()
-            return None
-        entry.update(status="ok", **t)
-        entry["estimate_over_measured"] = round(entry["estimate"]["total"] / max(1, t["peak_bytes"]), 3)
-        return out
-
-    base = guarded("eval", lambda: evaluate(model, eval_ids, batch_size=args.batch_size, show_progress=False))
-    if base is not None:
-        rec["passes"]["eval"].update(log_ppl=base.log_ppl, accuracy=base.accuracy)
-    res = guarded("grad_x_weight", lambda: METRICS["grad_x_weight"](model, inventory, calib_ids,
-                                                         MetricConfig(batch_size=args.batch_size, show_progress=False)))
-    if res is None or base is None:
-        return rec
-    sel, t_sel = timed(device, lambda: select_topk(res.scores, inventory, args.k, mode="per_layer"))
-    sel["seed"] = 0
-    rec["select"] = {**t_sel, "rows": len(sel)}
-    res.scores.clear()  # free the fp32 scores before the sweep
-    groups = build_groups(model, inventory, sel, seeds=[0], controls=["random_k"])
-    sweep = guarded("sweep", lambda: run_sweep(model, eval_ids, groups, [PerturbSpec("sign_flip")], baseline=base,
-                                               batch_size=args.batch_size, show_progress=False))
-    if sweep is not None:
-        rec["passes"]["sweep"]["conditions"] = sweep.table[["group", "k", "log_ppl", "delta_log_ppl",
-                                                            "seconds"]].to_dict("records")
-    return rec
+            rec["passes"].append(run_pass(led, lm, p, args))
+        except Exception as e:  # keep the other passes' numbers; say what broke
+            rec["passes"].append({"pass": p, "status": "error", "error": repr(e),
+                                  "traceback": traceback.format_exc()[-3000:]})
+        r = rec["passes"][-1]
+        print(f"{name} on {len(devices)} device(s) {p:16s} {r['status']:8s} plan "
+              f"{ {d: round(v / 2**30, 2) for d, v in r.get('plan', {}).items()} } GiB measured "
+              f"{ {d: round(v / 2**30, 2) for d, v in r.get('measured', {}).items()} } GiB", flush=True)
+        write_json(out, report)
+    del lm, model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> Path:
+    led = ledger()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes in fp32 (runs on CPU in seconds)")
-    ap.add_argument("--models", default="mixtral-small,llama-8b", help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--tiny", action="store_true", help="a tiny shape in fp32 (runs on CPU in seconds)")
+    ap.add_argument("--models", default="llama-8b", help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--seqlen", type=int, default=None, help="default 512 (GPU) / 32 (--tiny)")
-    ap.add_argument("--batch-size", type=int, default=None, help="default 2 (GPU) / 2 (--tiny)")
-    ap.add_argument("--eval-windows", type=int, default=None, help="default 16 (GPU) / 4 (--tiny)")
-    ap.add_argument("--calib-windows", type=int, default=None, help="default 8 (GPU) / 4 (--tiny)")
-    ap.add_argument("--k", type=int, default=16, help="top-k per weight matrix for the sweep")
+    ap.add_argument("--gpus", default="1,2", help="layouts to run: GPU counts (those above the machine's are skipped)")
+    ap.add_argument("--seqlen", type=int, default=None, help="default 2048 (GPU) / 32 (--tiny)")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--passes", default=",".join(led.PASSES), help="comma list of the ledger's passes")
     ap.add_argument("--out", default=None, help="output JSON (default reports/bench/gpu_check-<device>.json)")
     args = ap.parse_args(argv)
-    args.seqlen = args.seqlen or (32 if args.tiny else 512)
-    args.batch_size = args.batch_size or 2
-    args.eval_windows = args.eval_windows or (4 if args.tiny else 16)
-    args.calib_windows = args.calib_windows or (4 if args.tiny else 8)
+    args.seqlen = args.seqlen or (32 if args.tiny else 2048)
+    args.passes = [p for p in args.passes.split(",") if p]
+    bad = [p for p in args.passes if p not in led.PASSES]
+    if bad:
+        from esa.errors import unknown
+
+        raise unknown("gpu_check pass", bad[0], led.PASSES)
+    led.BATCH["b"] = args.batch_size
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and not args.tiny:
         print("no GPU: the full shapes need one (the 8B model alone is 16 GB in bf16); use --tiny on CPU",
@@ -174,30 +216,31 @@ def main(argv: list[str] | None = None) -> Path:
             from esa.errors import unknown
 
             raise unknown("gpu_check model", m, shapes)
-
     from esa.store import write_json
 
+    n_gpu = torch.cuda.device_count() if device.type == "cuda" else 0
+    layouts = [["cpu"]] if device.type == "cpu" else \
+        [[f"cuda:{i}" for i in range(int(g))] for g in args.gpus.split(",") if 0 < int(g) <= n_gpu]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report: dict[str, Any] = {
-        "device": dev_name, "device_type": device.type, "tiny": args.tiny, "torch": torch.__version__,
+        "device": dev_name, "device_type": device.type, "gpus": n_gpu, "tiny": args.tiny, "torch": torch.__version__,
         "python": platform.python_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "total_memory_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
-        "models": [],
-        "peak_kind": "torch.cuda.max_memory_allocated, reset before each pass" if device.type == "cuda" else
-                     "peak RSS of the whole process so far (CPU: not per pass; estimate_over_measured not meaningful)",
+        "tolerance": led.TOLERANCE, "layouts": [],
+        "peak_kind": "per GPU: torch.cuda.max_memory_allocated less the allocation before the pass" if n_gpu else
+                     "CPU allocator trace (esa.memtrace), as in the memory ledger",
     }
     out = Path(args.out) if args.out else REPO / "reports" / "bench" / \
         f"gpu_check-{'tiny-' if args.tiny else ''}{dev_name.replace(' ', '_').replace('/', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     for m in names:
-        try:
-            report["models"].append(run_model(m, shapes[m], args, device))
-        except Exception as e:  # keep the other model's numbers; say what broke
-            report["models"].append({"model": m, "status": "error", "error": repr(e),
-                                     "traceback": traceback.format_exc()[-4000:]})
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, report)  # after each model: a crash in the second keeps the first's numbers
+        for devs in layouts:
+            try:
+                run_layout(led, m, shapes[m], devs, args, report, out)
+            except Exception as e:  # keep the other layouts' numbers; say what broke
+                report["layouts"].append({"model": m, "devices": devs, "status": "error", "error": repr(e),
+                                          "traceback": traceback.format_exc()[-3000:]})
+            write_json(out, report)
     print(f"wrote {out}")
     return out
 

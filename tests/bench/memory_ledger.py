@@ -40,6 +40,11 @@ QWEN_SHAPE = "qwen2.5-0.5b-shape"
 MODELS = ("tiny-llama", "smollm2-135m", QWEN_SHAPE)
 PROBES = 2
 PERTURB_SHARE = 0.01  # perturbation pass: this share of every studied matrix is written (a large top-k)
+SPARSITY = 0.5  # pruning: Wanda's and SparseGPT's usual share
+CALIB_WINDOWS = 2  # pruning: calibration windows (their block inputs are held for the whole pass)
+SPARSE_DENSITY = 0.01  # sparse fine-tuning: share of the studied weights trained
+LORA_RANK = 4
+PRUNE_BLOCKS = 2  # pruning: the blocks pruned (see pruned_specs)
 
 
 def _qwen_config() -> Any:
@@ -65,10 +70,13 @@ def qwen_shape(dtype: torch.dtype) -> _Loaded:
 
 
 class _Loaded:
-    """What the passes read of a LoadedModel: the model and its studied weights."""
+    """What the passes read of a LoadedModel: the model, its studied weights and the info pruning keys on."""
 
     def __init__(self, model: torch.nn.Module, inventory: list[Any]) -> None:
+        from types import SimpleNamespace
+
         self.model, self.inventory = model, inventory
+        self.info = SimpleNamespace(ref="ledger", dtype=str(next(model.parameters()).dtype), max_positions=0)
 
 
 def meta_model(name: str, dtype: torch.dtype) -> _Loaded:
@@ -88,7 +96,7 @@ def load_model(name: str, dtype: torch.dtype) -> Any:
     if name == QWEN_SHAPE:
         return qwen_shape(dtype)
     lm = load(name, dtype=dtype, device="cpu", attn_implementation="sdpa")
-    return _Loaded(lm.model, lm.inventory)
+    return lm
 
 
 def _ids(model: torch.nn.Module, b: int, t: int) -> torch.Tensor:
@@ -112,7 +120,8 @@ def _eval(lm: Any, ids: torch.Tensor) -> Any:
 BATCH = {"b": 1}  # windows per micro-batch (main's --batch)
 # micro-batches per pass: a gradient pass's second micro-batch runs with every accumulator allocated (its
 # steady state); the others hold nothing across windows, and Hutchinson allocates its buffers up front
-WINDOWS = {"grad_x_weight": 2, "grad_fused": 2, "finetune_full": 2}
+WINDOWS = {"grad_x_weight": 2, "grad_fused": 2, "finetune_full": 2, "finetune_sparse": 2, "finetune_lora": 2,
+           "prune_wanda": CALIB_WINDOWS, "prune_sparsegpt": CALIB_WINDOWS}
 
 
 def _metric(name: str) -> Callable[[Any, torch.Tensor], Any]:
@@ -144,6 +153,97 @@ def _finetune(lm: Any, ids: torch.Tensor) -> Any:
     return train(lm.model, FullFT(), ids, cfg).summary
 
 
+# ---------------------------------------------------------------- application passes (Phase 5)
+
+
+def pruned_specs(lm: Any) -> list[Any]:
+    """What the pruning passes prune: the linears of the first PRUNE_BLOCKS blocks (SparseGPT's column loop is
+    slow on the CPU; the plan is per block plus what grows with the pruned weights, so a few blocks test it)."""
+    return [s for s in lm.inventory if s.kind in ("attention", "mlp") and s.layer < PRUNE_BLOCKS]
+
+
+def _work(lm: Any, pass_name: str, b: int) -> dict[str, int]:
+    """The plan's `work` for an application pass as the ledger runs it."""
+    n = sum(s.numel for s in lm.inventory)
+    if pass_name in ("prune_wanda", "prune_sparsegpt"):
+        n = sum(s.numel for s in pruned_specs(lm))
+        return {"written": int(SPARSITY * n), "windows": CALIB_WINDOWS * b}
+    if pass_name == "finetune_sparse":
+        return {"trainable": sum(max(1, int(SPARSE_DENSITY * s.numel)) for s in lm.inventory)}
+    if pass_name == "finetune_lora":
+        from esa.apps.training.lora import lora_specs
+
+        return {"trainable": LORA_RANK * sum(sum(s.shape[-2:]) for s in lora_specs(lm.inventory))}
+    return {}
+
+
+def _calib(ids: torch.Tensor) -> Any:
+    from esa.data import Windows
+
+    return Windows(ids, "ledger", "train", int(ids.shape[1]), False, "ledger", int(ids.shape[0]),
+                   tuple(range(ids.shape[0])))
+
+
+def _prune(method: str) -> Callable[[Any, torch.Tensor], Any]:
+    def run(lm: Any, ids: torch.Tensor) -> Any:
+        from esa.apps.pruning import PruneSpec, prune
+
+        spec = PruneSpec(method, sparsity=SPARSITY, seqlen=int(ids.shape[1]), n_calib=int(ids.shape[0]),
+                         batch_size=BATCH["b"], calibration="sequential", kinds=("attention", "mlp"))
+        return prune(lm, spec, calib=_calib(ids), specs=pruned_specs(lm), use_cache=False).masks
+    return run
+
+
+def _train(method_of: Callable[[Any], Any]) -> Callable[[Any, torch.Tensor], Any]:
+    def run(lm: Any, ids: torch.Tensor) -> Any:
+        from esa.apps.training import TrainConfig, train
+
+        cfg = TrainConfig(steps=2, batch_size=BATCH["b"], eval_start=False, grad_clip=1.0, show_progress=False)
+        method = method_of(lm)
+        try:
+            return train(lm.model, method, ids, cfg, inventory=lm.inventory).summary
+        finally:
+            method.close()
+    return run
+
+
+def sparse_targets(lm: Any) -> dict[str, torch.Tensor]:
+    """The sparse fine-tuning selection, drawn before the measurement (the caller's selection, not the pass's
+    memory); cloned, so that no full permutation stays alive behind a slice."""
+    g = torch.Generator().manual_seed(0)
+    return {s.name: torch.randperm(s.numel, generator=g)[: max(1, int(SPARSE_DENSITY * s.numel))].clone()
+            for s in lm.inventory}
+
+
+def _lora_method(lm: Any) -> Any:
+    from esa.apps.training.lora import LoraFT
+
+    return LoraFT(lm.inventory, rank=LORA_RANK)
+
+
+def _int8(lm: Any, ids: torch.Tensor) -> Any:
+    from esa.apps.security.formats import stored
+
+    with stored(lm.model, "int8", lm.inventory) as store:
+        return store.quant_rel_error
+
+
+def _bfa(lm: Any, ids: torch.Tensor) -> Any:
+    """One bit-search iteration (one flip, two candidate matrices) judged on the same windows."""
+    from esa.apps.security.bfa import AttackConfig, progressive_bit_search
+
+    cfg = AttackConfig(max_flips=1, layer_candidates=2, batch_size=BATCH["b"], show_progress=False)
+    return progressive_bit_search(lm.model, ids, ids, cfg=cfg, weights=lm.inventory).summary()
+
+
+def _capture(lm: Any, ids: torch.Tensor) -> Any:
+    from esa.apps.interpret.anatomy import anatomy
+    from esa.apps.interpret.passes import Wants, forward_capture
+
+    wants = Wants(residual=True, stopwords=torch.arange(3, 13))
+    return forward_capture(lm.model, anatomy(lm.model), ids, wants, batch_size=BATCH["b"])
+
+
 PASSES: dict[str, tuple[str, dict[str, Any], Callable[[Any, torch.Tensor], Any]]] = {
     "eval": ("eval", {}, _eval),
     "grad_x_weight": ("gradient", {}, _metric("grad_x_weight")),
@@ -152,14 +252,32 @@ PASSES: dict[str, tuple[str, dict[str, Any], Callable[[Any, torch.Tensor], Any]]
     "hutchinson_diag": ("hutchinson", {"probes": PROBES}, _metric("hutchinson_diag")),
     "perturb": ("perturb", {}, None),  # built per model (its targets, their count: `written`): below
     "finetune_full": ("finetune_full", {}, _finetune),  # fp32 only: full fine-tuning refuses bf16 weights
+    "prune_wanda": ("prune", {}, _prune("wanda")),
+    "prune_sparsegpt": ("sparsegpt", {}, _prune("sparsegpt")),
+    "finetune_sparse": ("finetune_sparse", {}, None),  # built per model (its selection): runner()
+    "finetune_lora": ("finetune_lora", {}, _train(_lora_method)),
+    "int8_store": ("int8_store", {}, _int8),
+    "bfa": ("bfa", {}, _bfa),
+    "capture": ("capture", {}, _capture),
 }
+
+
+def runner(lm: Any, pass_name: str, b: int, t: int) -> Callable[[], Any]:
+    """Ledger pass `pass_name` on `lm` at batch b x seqlen t, ready to run once (its inputs drawn outside)."""
+    fn = PASSES[pass_name][2]
+    ids = _ids(lm.model, b * WINDOWS.get(pass_name, 1), t)
+    if pass_name == "finetune_sparse":
+        from esa.apps.training.sparse import SparseFT
+
+        targets = sparse_targets(lm)
+        fn = _train(lambda _: SparseFT(targets))
+    return _perturb(lm, ids) if pass_name == "perturb" else (lambda: fn(lm, ids))
 
 
 def measure_pass(lm: Any, pass_name: str, b: int, t: int) -> dict[str, Any]:
     """One pass on `lm` at batch b x seqlen t: measured peak, the plan's need and their ratio."""
-    plan_pass, kw, fn = PASSES[pass_name]
-    ids = _ids(lm.model, b * WINDOWS.get(pass_name, 1), t)
-    run = _perturb(lm, ids) if pass_name == "perturb" else (lambda: fn(lm, ids))
+    plan_pass = PASSES[pass_name][0]
+    run = runner(lm, pass_name, b, t)
     t0 = time.perf_counter()
     peak, out = measure(run)
     seconds = time.perf_counter() - t0
@@ -169,12 +287,20 @@ def measure_pass(lm: Any, pass_name: str, b: int, t: int) -> dict[str, Any]:
     return {**row, **planned(lm, row)}
 
 
+def plan_args(lm: Any, pass_name: str, b: int) -> tuple[str, dict[str, Any]]:
+    """(esa.memory's pass, its estimate arguments) for ledger pass `pass_name` run at batch b on `lm`."""
+    plan_pass, kw, _ = PASSES[pass_name]
+    if pass_name == "perturb":
+        kw = {"written": sum(int(v.numel()) for v in _targets(lm).values())}
+    elif plan_pass in memory.APP_PASSES:
+        kw = {"work": _work(lm, pass_name, b)}
+    return plan_pass, {**kw, "specs": pruned_specs(lm) if plan_pass in ("prune", "sparsegpt") else lm.inventory}
+
+
 def planned(lm: Any, row: dict[str, Any]) -> dict[str, Any]:
     """The plan's need for a measured row (esa.memory as it is now), its ratio to the measurement and components."""
-    plan_pass, kw, _ = PASSES[row["pass"]]
-    if row["pass"] == "perturb":
-        kw = {"written": sum(int(v.numel()) for v in _targets(lm).values())}
-    est = memory.estimate(lm.model, plan_pass, row["batch"], row["seqlen"], specs=lm.inventory, target="cpu", **kw)
+    plan_pass, kw = plan_args(lm, row["pass"], row["batch"])
+    est = memory.estimate(lm.model, plan_pass, row["batch"], row["seqlen"], target="cpu", **kw)
     plan = est.need("cpu")
     ratio = plan / max(1, row["measured"])
     return {"plan": plan, "ratio": round(ratio, 4), "within": abs(ratio - 1) <= TOLERANCE,

@@ -182,17 +182,25 @@ def overwritten(model: torch.nn.Module, updates: dict[str, tuple[torch.Tensor, t
     params = _params_for(model, updates, "an in-place update")
     writes = _InPlace()
     try:
-        with torch.no_grad():
-            for name, (idx, values) in updates.items():
-                if idx.numel() == 0:
-                    continue
-                if values.numel() != idx.numel():
-                    raise EsaError(f"update of {name}: {idx.numel()} indices but {values.numel()} values")
-                p = params[name].data
-                writes.write(name, p, idx.to(p.device).long(), values.reshape(-1).to(device=p.device, dtype=p.dtype))
+        _write_updates(writes, params, updates)
+        # this frame lives as long as the block: without the del it would keep every index and value the caller
+        # handed over (pruning enters one block per matrix until it ends), not only the backup
+        del updates
         yield writes.stats
     finally:
         writes.restore()
+
+
+@torch.no_grad()
+def _write_updates(writes: _InPlace, params: dict[str, torch.nn.Parameter],
+                   updates: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for name, (idx, values) in updates.items():
+        if idx.numel() == 0:
+            continue
+        if values.numel() != idx.numel():
+            raise EsaError(f"update of {name}: {idx.numel()} indices but {values.numel()} values")
+        p = params[name].data
+        writes.write(name, p, idx.to(p.device).long(), values.reshape(-1).to(device=p.device, dtype=p.dtype))
 
 
 def weights_hash(model: torch.nn.Module) -> str:

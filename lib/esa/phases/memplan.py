@@ -26,6 +26,9 @@ from esa.params import model_params
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 
+# components one device holds whole under a device map (the rest spreads with the layers): the logits, the
+# largest gradient in flight, offload staging, and pruning's and the int8 store's one-block working sets
+WHOLE = ("logits", "grads_in_flight", "offload_staging", "calibration", "hessians", "quantise")
 GPU_BYTES = 80 * memory.GIB  # "one 80 GB GPU" (A100/H100 80GB), of which memory.HEADROOM is used
 MAX_GPUS = 64
 
@@ -62,13 +65,60 @@ def gpus_needed(est: memory.MemoryEstimate, capacity: int = GPU_BYTES, headroom:
     and Hutchinson's buffers spread with the layers; the logits, the largest gradient in flight and offload
     staging stay whole on one device. None past MAX_GPUS."""
     c = est.components
-    whole = c.get("logits", 0) + c.get("grads_in_flight", 0) + c.get("offload_staging", 0)
-    spread = est.total - whole
+    whole = sum(c.get(k, 0) for k in WHOLE)
+    spread = est.total - whole - host_bytes(est)
     usable = headroom * capacity
     if whole >= usable:
         return None
     n = max(1, math.ceil(spread / (usable - whole)))
     return n if n <= MAX_GPUS else None
+
+
+def host_bytes(est: memory.MemoryEstimate) -> int:
+    """What a pass keeps in host memory, not on a GPU (esa.memory.HOST_PARTS)."""
+    return sum(est.components.get(k, 0) for k in memory.HOST_PARTS.get(est.pass_name, ()))
+
+
+def app_passes(profile: Any, model: torch.nn.Module) -> list[tuple[str, str, int, int, dict[str, int]]]:
+    """(label, pass, batch size, seqlen, work) of the Phase 5 passes `profile` configures on `model`: pruning
+    (Wanda at the sweep's largest sparsity, SparseGPT), sparse fine-tuning at its largest density and LoRA at
+    the same trainable count, the int8 store and one bit-search iteration, and an interpretability capture."""
+    n = sum(s.numel for s in weight_inventory(model))
+    out: list[tuple[str, str, int, int, dict[str, int]]] = []
+    pr = getattr(profile, "pruning", None) or {}
+    if pr:
+        sp = max(pr.get("sweep") or [0.5])
+        calib, t, b = int(pr.get("calib_windows", 128)), int(pr.get("calib_seqlen", 2048)), int(pr.get("batch_size", 1))
+        out.append((f"pruning wanda at {sp:g} ({calib} x {t} calibration windows)", "prune", b, t,
+                    {"written": int(sp * n), "windows": calib}))
+        out.append((f"pruning sparsegpt at {sp:g} ({calib} x {t} calibration windows)", "sparsegpt", b, t,
+                    {"written": int(sp * n), "windows": calib}))
+    ft = getattr(profile, "finetune", None) or {}
+    if ft:
+        k = int(max(ft.get("densities") or [0.01]) * n)
+        b, t = int(ft.get("batch_size", 8)), int(ft.get("seqlen", 512))
+        out.append((f"sparse fine-tuning step ({k:,} weights, AdamW)", "finetune_sparse", b, t, {"trainable": k}))
+        out.append((f"LoRA step ({k:,} adapter numbers, AdamW)", "finetune_lora", b, t, {"trainable": k}))
+    sec = getattr(profile, "security", None) or {}
+    if sec:
+        out.append(("int8 store (codes + host backup)", "int8_store", 1, 1, {}))
+        out.append(("bit search iteration (int8, gradient pass)", "bfa", int(sec.get("attack_windows", 4)),
+                    int(sec.get("attack_seqlen", 256)), {}))
+    it = getattr(profile, "interpret", None) or {}
+    if it:
+        out.append(("interpretability capture", "capture", int(it.get("n_inputs", 32)),
+                    max(int(it.get("input_seqlen", 64)), int(it.get("probe_seqlen", 128))), {}))
+    return out
+
+
+def app_plan(name: str, profile: Any, dtype: str, capacity: int = GPU_BYTES) -> list[PassPlan]:
+    """The Phase 5 passes of `profile` on model `name` in `dtype`, planned on the meta device."""
+    model, _ = meta_model(name, dtype)
+    rows = []
+    for label, pass_name, b, t, work in app_passes(profile, model):
+        est = memory.estimate(model, pass_name, b, t, target="cuda:0", work=work)
+        rows.append(PassPlan(label, pass_name, b, est, gpus_needed(est, capacity)))
+    return rows
 
 
 def passes(recipe: Recipe, model: torch.nn.Module) -> list[tuple[str, str, int, dict[str, Any]]]:
@@ -108,12 +158,15 @@ def finetune_plan(name: str, batch_size: int, seqlen: int, capacity: int = GPU_B
 
 
 def lines(name: str, recipe: Recipe, capacity: int = GPU_BYTES,
-          finetune: tuple[int, int] | None = None) -> list[str]:
+          finetune: tuple[int, int] | None = None, profile: Any = None) -> list[str]:
     """The plan as the dry run prints it: one line per pass, its peak, and one GPU or the count it needs.
-    `finetune`: (batch size, seqlen) of the profile's fine-tuning, to add its full fine-tuning step."""
+    `finetune`: (batch size, seqlen) of the profile's fine-tuning, to add its full fine-tuning step;
+    `profile`: to add its pruning, fine-tuning, security and interpretability passes (`app_passes`)."""
     rows, source = plan(name, recipe, capacity)
     if finetune:
         rows.append(finetune_plan(name, *finetune, capacity=capacity))
+    if profile is not None:
+        rows += app_plan(name, profile, recipe.dtype, capacity)
     cap = f"{capacity / memory.GIB:.0f} GiB"
     out = [f"memory plan: {name} ({source}, {recipe.dtype}, SDPA; built on the meta device, nothing loaded), "
            f"seqlen {recipe.seqlen}, one GPU = {cap} used up to {memory.HEADROOM:.0%}:"]
@@ -121,7 +174,10 @@ def lines(name: str, recipe: Recipe, capacity: int = GPU_BYTES,
         parts = ", ".join(f"{k} {v / memory.GIB:.1f}" for k, v in r.estimate.components.items())
         verdict = ("fits one GPU" if r.gpus == 1 else f"needs {r.gpus} GPUs (device_map over {r.gpus} x {cap})"
                    if r.gpus else f"does not fit {MAX_GPUS} GPUs")
-        out.append(f"  {r.label}: batch {r.batch_size} x {r.estimate.seqlen}, peak {r.estimate.total / memory.GIB:.1f} GiB ({parts} GiB): "
+        host = host_bytes(r.estimate)
+        peak = (r.estimate.total - host) / memory.GIB
+        where = f" + {host / memory.GIB:.1f} GiB host" if host else ""
+        out.append(f"  {r.label}: batch {r.batch_size} x {r.estimate.seqlen}, peak {peak:.1f} GiB{where} ({parts} GiB): "
                    f"{verdict}")
     return out
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from esa import memory
 from esa.apps.interpret.anatomy import Anatomy
 from esa.dispatch import input_device
 from esa.errors import EsaError
@@ -70,6 +71,7 @@ def forward_capture(model: torch.nn.Module, anat: Anatomy, ids: torch.Tensor, wa
         sink_mask = torch.zeros(n, t_len, dtype=torch.bool)
         sink_mask[:, 0] = True
     bs = batch_size or n
+    memory.check(model, "capture", min(bs, n), t_len)
     dev = input_device(model)
     parts: dict[str, list[torch.Tensor]] = {}
     layer_pos = {name: i for i, name in enumerate(anat.layers)}

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from esa import memory
 from esa.apps.pruning import calibrate
 from esa.apps.pruning.allocation import get_allocation
 from esa.apps.pruning.core import Decision
@@ -188,6 +189,7 @@ def prune(
         except CacheCorrupt as err:
             quarantine(folder, err.reason)
 
+    _check_memory(lm, spec, specs, calib)
     names = {s.name for s in specs}
     protected_info = {"label": spec.protect, "n_protected": sum(int(v.numel()) for n, v in protect_t.items() if n in names),
                       "n_outside": sum(int(v.numel()) for n, v in protect_t.items() if n not in names)}
@@ -243,6 +245,16 @@ def prune(
         masks.save(folder, {"calibration": calib_info, "allocation": alloc_info, "protected": protected_info,
                             "timings": timings, "summary": result.summary()})
     return result
+
+
+def _check_memory(lm: LoadedModel, spec: PruneSpec, specs: list[WeightSpec], calib: Windows | None) -> None:
+    """Ask the memory plan before any pass: the restore backup of what is rewritten, the calibration windows'
+    block inputs, and SparseGPT's Hessians and kept values."""
+    sparsegpt = get_method(spec.method).needs == "hessian"
+    written = sum(round(float(spec.sparsity or 0.0) * s.numel) for s in specs)
+    windows = calib.n_windows if calib is not None else 0
+    memory.check(lm.model, "sparsegpt" if sparsegpt else "prune", spec.batch_size, spec.seqlen, specs,
+                 work={"written": written, "windows": windows})
 
 
 def _sum_timings(blocks: list[dict[str, float]]) -> dict[str, float]:

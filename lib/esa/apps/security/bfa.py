@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from esa import memory
 from esa.apps.security.common import (
     baseline,
     check_factor,
@@ -247,6 +248,8 @@ def progressive_bit_search(
     space = _search_space(specs, targets)
     if guard is not None:
         guard = make_guard(guard.mode, guard.targets, f, specs)
+    # one search iteration: the gradient pass over the attack batch, with the store open
+    memory.check(model, "bfa", int(attack_ids.shape[0]), int(attack_ids.shape[1]), specs)
     with stored(model, cfg.fmt, specs) as store:
         base = baseline(model, heldout, cfg.batch_size)
         loss = base_attack = attack_loss(model, attack_ids)

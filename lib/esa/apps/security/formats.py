@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from esa import memory
 from esa.apps.security.common import resolve_weights
 from esa.dispatch import require_resident
 from esa.errors import EsaError, unknown
@@ -284,6 +285,7 @@ def stored(model: torch.nn.Module, fmt: str,
     if not f.simulated:
         yield store
         return
+    memory.check(model, "int8_store", 1, 1, specs)  # codes, host backup, one matrix's quantisation
     backup: list[tuple[torch.Tensor, torch.Tensor]] = []
     _OPEN_INT8.setdefault(id(model), []).append(store)
     try:

@@ -281,6 +281,10 @@ def train(
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
 
     frozen = frozen_set(protect, model, inventory)
+    if method.name in ("sparse", "lora"):  # their O(k) state, asked before prepare allocates it (esa.memory)
+        n = sum(int(v.numel()) for v in method.targets.values()) if method.name == "sparse" else method.plan.n_trainable
+        memory.check(model, f"finetune_{method.name}", cfg.batch_size, int(ids.shape[1]), inventory or None,
+                     work={"trainable": n})
     module = method.prepare(model, frozen)
     if method.name == "full":  # the memory plan of one AdamW step, asked before the first (esa.memory)
         try:
