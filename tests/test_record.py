@@ -96,6 +96,10 @@ def test_a_record_grows_across_code_versions_and_says_so(project: Path, monkeypa
     manifest = json.loads((rec / "manifest.json").read_text())
     assert len(manifest["code_versions"]) == 2
     assert "2 code versions" in (project / "README.md").read_text()
+    # a commit that changes no code (the record's own, say) is the same code version
+    chunks = {nb: json.loads((rec / "chunks" / f"{nb}.json").read_text()) for nb in ("nb_a", "nb_b")}
+    chunks["nb_c"] = {**chunks["nb_b"], "commit": "another-commit"}
+    assert sorted(record.code_versions(chunks)) == ["code-one", "code-two"]
 
 
 def test_verify_record_reruns_a_chunk_and_finds_a_changed_number(project: Path, capsys) -> None:

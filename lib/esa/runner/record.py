@@ -241,10 +241,11 @@ def _environment(chunks: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def code_versions(chunks: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
-    """Each code hash the record's chunks ran at, with the chunks made at it (one entry: one code version)."""
+    """Each code hash the record's chunks ran at, with the commits and chunks made at it (one entry: one code
+    version; commits that changed only the record or the docs share their code's entry)."""
     out: dict[str, list[str]] = {}
     for nb, c in chunks.items():
-        out.setdefault(f"{c.get('code_hash')} (commit {str(c.get('commit'))[:12]})", []).append(nb)
+        out.setdefault(str(c.get("code_hash")), []).append(f"{nb} (commit {str(c.get('commit'))[:12]})")
     return out
 
 
