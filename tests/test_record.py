@@ -48,6 +48,7 @@ def test_chunks_publish_in_order_and_the_index_names_what_is_missing(project: Pa
     assert {"commit", "code_hash", "models"} <= set(manifest)
     assert (rec / "data" / "nb_a" / "numbers.csv").is_file() and (rec / "html" / "nb_a.nocode.html").is_file()
     assert (rec / "figures" / "nb_a" / "line.png").is_file()  # figures inside the record
+    assert (rec / "report.pdf").read_bytes().startswith(b"%PDF")  # rebuilt with the index
     art = json.loads((rec / "data" / "nb_a" / "artefacts.json").read_text())
     assert art["figures"][0]["png"] == "figures/nb_a/line.png"  # relative: a clone elsewhere reads it
     index = (rec / "index.html").read_text()

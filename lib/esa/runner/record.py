@@ -33,7 +33,7 @@ from esa.errors import EsaError
 from esa.figures import FIGURES_INSIDE
 from esa.params import yaml_load
 from esa.phases import costs
-from esa.runner import schedule
+from esa.runner import docs, schedule
 from esa.runner.driver import RunConfig, RunResult, build_index, make_plan, run
 from esa.runner.layout import outputs
 from esa.runner.manifest import environment
@@ -223,7 +223,12 @@ def rebuild(cfg: RunConfig) -> Path:
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "executor": "record chunks", "jobs": 1, "kernel": cfg.kernel,
         "environment": _environment(chunks),
     })
-    return build_index(replace(cfg, run_id=RECORD))
+    index = build_index(replace(cfg, run_id=RECORD))
+    try:
+        docs.build_pdf(rec)  # report.pdf from the chunks present, as the index
+    except EsaError as err:
+        print(f"reports/record/report.pdf not rebuilt: {err}")
+    return index
 
 
 def _chunks(rec: Path) -> dict[str, dict[str, Any]]:
