@@ -48,8 +48,12 @@ def fake(private_cache):
     cfg = lambda s: MetricConfig(batch_size=2, seed=s, show_progress=False)  # noqa: E731
     runs = [score(lm, "grad_x_weight", Calibration(seed=s), cfg=cfg(s), windows=_windows(s)) for s in (1, 2)]
     runs.append(score(lm, "grad_squared", Calibration(seed=1), cfg=cfg(1), windows=_windows(1), keep_scores=True))
-    runs += [score(lm, "grad_x_weight", Calibration(seed=s), cfg=cfg(s), windows=_windows(s), model_ref="tiny-llama-b")
-             for s in (1, 3)]
+    # entries are keyed by the weights' content, so "tiny-llama-b" is another model: one weight differs
+    lm_b = load("tiny-llama", device="cpu")
+    with torch.no_grad():
+        next(lm_b.model.parameters()).view(-1)[0] += 1.0
+    runs += [score(lm_b, "grad_x_weight", Calibration(seed=s), cfg=cfg(s), windows=_windows(s),
+                   model_ref="tiny-llama-b") for s in (1, 3)]
     scores = private_cache / "scores"
     old = scores / "0123456789abcdef"  # what the format-1 code wrote: no "format" key, fp32 map, a `complete` file
     old.mkdir()
