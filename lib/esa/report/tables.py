@@ -311,10 +311,12 @@ class Table:
 def markdown(df: pd.DataFrame) -> str:
     """A pipe table of `df` (already text, e.g. from `people`), every row, no index: for Markdown prose
     and the report PDF."""
-    def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    head = "| " + " | ".join(cell(c) for c in df.columns) + " |"
+    head = "| " + " | ".join(md_cell(c) for c in df.columns) + " |"
     rule = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    body = ["| " + " | ".join(md_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, rule, *body])
+
+
+def md_cell(v: Any) -> str:
+    """One cell of a Markdown pipe table: its pipes escaped and its line breaks made spaces."""
+    return str(v).replace("|", "\\|").replace("\n", " ")

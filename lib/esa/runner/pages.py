@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from esa.report import artefacts
+from esa.report import artefacts, tables
 from esa.runner.layout import outputs
 
 _BARE_REPR = re.compile(r"^(Posix|Windows|Pure\w*)?Path\(.*\)$", re.S)
@@ -198,7 +198,7 @@ def _artefacts_markdown(
             files = (
                 f"[PDF]({artefacts.relative(f.pdf, page_dir)}) · [PNG]({artefacts.relative(f.png, page_dir)})"
             )
-            parts.append(f"| {f.number} | {_md_cell(f.caption)} | {files} |")
+            parts.append(f"| {f.number} | {tables.md_cell(f.caption)} | {files} |")
         parts.append("")
     if log.is_file():
         text = log.read_text(encoding="utf-8", errors="replace")
@@ -212,6 +212,3 @@ def _artefacts_markdown(
         return ""
     return '## Artefacts\n<div class="esa-artefacts">\n\n' + "\n".join(parts) + "\n\n</div>"
 
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
