@@ -336,6 +336,11 @@ def distinct_half_splits(n_windows: int) -> int:
     return c // 2 if n_windows % 2 == 0 else c
 
 
+def stability_windows() -> int:
+    """The fewest evaluation windows whose half-splits give MIN_DISTINCT_SPLITS distinct ones (7 for 20)."""
+    return next(n for n in range(2, 64) if distinct_half_splits(n) >= MIN_DISTINCT_SPLITS)
+
+
 def p3_ranking_stability(stab: Mapping[str, Any], model: str, evidence: str, threshold: float = 0.8) -> list[Criterion]:
     """'damage ranking stable across evaluation samples' (a project check): mean Spearman rho of condition
     damages between random halves of the evaluation windows. With few windows every random split is one of a
@@ -348,7 +353,7 @@ def p3_ranking_stability(stab: Mapping[str, Any], model: str, evidence: str, thr
     if rho is None:
         return [Criterion(cid, 3, text, None, thr, None, evidence, stab.get("note") or "no finite rho",
                           verdict="not estimable")]
-    need = next(n for n in range(2, 64) if distinct_half_splits(n) >= MIN_DISTINCT_SPLITS)
+    need = stability_windows()
     if distinct < MIN_DISTINCT_SPLITS:
         return [Criterion(cid, 3, text, rho, thr, None, evidence,
                           f"{n_win} evaluation windows allow {distinct} distinct half-split(s), so the "
