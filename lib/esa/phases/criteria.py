@@ -109,9 +109,7 @@ def p3_sign_flip_ratio(stats: Mapping[str, Any], evidence: str, control: str = "
         return [Criterion("P3.sign_flip_ratio", 3, text, value, thr, k["decision"] == "PASS", evidence, note)]
     if value is None:
         return [Criterion("P3.sign_flip_ratio", 3, text, None, thr, None, evidence, note, verdict="not estimable")]
-    need = power.plan_n(k["estimate"], k["sd"], ALPHA) if math.isfinite(k["sd"]) and k["sd"] > 0 else None
-    more = (f"at the observed contrast about {need} {k['unit']} would decide it" if need
-            else "the observed contrast is not positive, so more units would not make it pass")
+    more = power.units_note(k["estimate"], k["sd"], k["unit"], ALPHA)
     return [Criterion("P3.sign_flip_ratio", 3, text, value, thr, None, evidence, f"{note}; {more}",
                       verdict="underpowered")]
 
