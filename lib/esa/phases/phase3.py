@@ -84,8 +84,11 @@ def feasible_k(inventory: list, k: int) -> int:
 
 
 def sweep_model(model_name: str, P: Profile, specs: list[PerturbSpec], controls: list[str] | None = None,
-                metric: str = PRIMARY_METRIC, lm: LoadedModel | None = None, k: int | None = None) -> ModelSweep:
-    """Top-k (cached) + controls -> sweep -> statistics, for one model (k: default the profile's top-k)."""
+                metric: str = PRIMARY_METRIC, lm: LoadedModel | None = None, k: int | None = None,
+                min_windows: int = 0) -> ModelSweep:
+    """Top-k (cached) + controls -> sweep -> statistics, for one model (k: default the profile's top-k).
+    min_windows: a sequential sweep's first look holds at least this many windows per seed (an analysis of
+    the windows themselves, such as week 8's ranking stability, needs them even when a comparison is decided)."""
     t0 = time.perf_counter()
     lm = lm or load_model(model_name, P)
     sel, scores, cached = topk_sets(lm, model_name, P, metric, k=k)
@@ -93,7 +96,7 @@ def sweep_model(model_name: str, P: Profile, specs: list[PerturbSpec], controls:
     wins = eval_windows(lm, P)
     groups = build_groups(lm.model, lm.inventory, sel, P.seeds, controls, scores)
     if P.sequential:
-        design = sweep_design(P, specs, controls, wins.n_windows)
+        design = sweep_design(P, specs, controls, wins.n_windows, min_windows)
         res = run_sweep_sequential(lm.model, wins, groups, specs, lambda s: comparisons(s, controls), design,
                                    batch_size=P.batch_size, show_progress=False)
     else:
@@ -114,12 +117,13 @@ def comparisons(spec: PerturbSpec, controls: list[str]) -> list[tuple[str, str, 
     return out
 
 
-def sweep_design(P: Profile, specs: list[PerturbSpec], controls: list[str], n_windows: int) -> Design:
+def sweep_design(P: Profile, specs: list[PerturbSpec], controls: list[str], n_windows: int,
+                 min_windows: int = 0) -> Design:
     """The sequential design of a sweep: looks at `first_windows` x seeds (doubling) up to every window, each
     comparison at alpha / m (Bonferroni over the sweep's m comparisons: valid for any stopping)."""
     S = len(P.seeds)
     m = sum(len(comparisons(s, controls)) for s in specs)
-    first = int(P.sequential.get("first_windows", 2))
+    first = max(int(P.sequential.get("first_windows", 2)), min_windows)
     return Design(alpha=criteria.ALPHA / max(1, m), n0=S * min(first, n_windows), n_max=S * n_windows,
                   spending=P.sequential.get("spending", "pocock"))
 

@@ -2,8 +2,10 @@
 not yet studies. Each condition names its units (windows of `seqlen` tokens, or calibration windows), the
 pass each unit costs (esa.phases.costs.KINDS) and the criterion its numbers decide; nothing is loaded. A
 sequential comparison is planned at its cap (the worst case); scores a notebook reads from the cache that an
-earlier notebook of the run wrote are planned where they are computed, not again. `run_all.py --dry-run`
-prints these with the seconds this machine's measured costs predict.
+earlier notebook of the run wrote are planned where they are computed, not again. So is the micro-suite's
+training (`_training`): planned in the first notebook that loads a member (week 7 for its micro extras, week
+9 for the Phase 4 suite, which weeks 10-12 depend on), for the members not in the cache when planned.
+`run_all.py --dry-run` prints these with the seconds this machine's measured costs predict.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from esa.errors import EsaError
+from esa.models import micro
 from esa.params import Profile
 from esa.phases.study import Plan, Planned
 from esa.registry import Registry
@@ -87,6 +90,23 @@ def _scoring(P: Profile, model: str, seeds: Sequence[int], metrics: Sequence[str
     return out
 
 
+def _training(models: Sequence[str]) -> list[Planned]:
+    """The training of each micro-suite member among `models` that the cache does not hold yet: its budget's
+    steps, each a batch of windows at the measured `train` cost (esa.phases.costs). Trained once, then read
+    by every notebook (esa.models.micro caches it by architecture, budget, data and training code)."""
+    out = []
+    for m in models:
+        if not micro.is_micro(m):
+            continue
+        name, budget = micro.parse_ref(m)
+        if micro.seems_trained(name, budget):
+            continue
+        b, steps = micro.BUDGETS[budget], micro.planned_steps(name, budget)
+        out.append(Planned(m, f"training ({budget} budget: {steps} steps of {b.batch_size} x {b.seqlen} tokens)", steps,
+                           "steps", (), kind="train", seqlen=b.seqlen, per_unit=b.batch_size))
+    return out
+
+
 def _sweep(P: Profile, model: str, n_perturbations: int, groups: Sequence[str], serves: tuple[str, ...]) -> list[Planned]:
     w = P.perturb_eval_windows or P.eval_windows or 0
     how = "up to" if P.sequential else "on"
@@ -158,7 +178,7 @@ def phase3_week6_dose_response(P: Profile, models: Sequence[str]) -> Plan:
 def phase3_week7_cross_model(P: Profile, models: Sequence[str]) -> Plan:
     every = cross_model_list(P, models)
     evals = ZERO_ALONE_TARGETS * (1 + SINGLE_CONTROLS)  # each tested weight and its controls, zeroed alone
-    conds = []
+    conds = _training(every)
     for m in every:
         conds.append(_load(m))
         conds += _scoring(P, m, P.seeds, P.metrics[:1], ("P3.cross_architecture",)) if m not in models else []
@@ -181,11 +201,15 @@ def phase3_week8_advanced(P: Profile, models: Sequence[str]) -> Plan:
 
 def _micro(P: Profile, models: Sequence[str], what: str, serves: tuple[str, ...], windows: int) -> Plan:
     conds = [Planned(m, what, windows, "windows", serves, seqlen=P.seqlen) for m in models]
-    return Plan(what, P, list(models), None, conds, notes=["micro-suite training is measured by week 9 (not planned)"])
+    return Plan(what, P, list(models), None, conds,
+                notes=["the micro-suite is trained by week 9, a dependency of this notebook: not planned again"])
 
 
 def phase4_week9_parameter_scaling(P: Profile, models: Sequence[str]) -> Plan:
-    return _micro(P, models, "sensitivity measures per model", ("P4.scaling_r2",), P.max_samples * len(P.seeds))
+    plan = _micro(P, models, "sensitivity measures per model", ("P4.scaling_r2",), P.max_samples * len(P.seeds))
+    plan.conditions[:0] = _training(models)
+    plan.notes = ["micro-suite members not in the cache are trained first (planned here; weeks 10-12 read them)"]
+    return plan
 
 
 def phase4_week10_architecture_comparison(P: Profile, models: Sequence[str]) -> Plan:

@@ -270,7 +270,7 @@ def study_plans(plan: Plan) -> list[str]:
     lines = [("costs: " + (f"measured on {measured.machine.get('cores')} cores, {measured.machine.get('cpu')}"
                            + ("" if measured.same_machine() else " (another machine: predictions are that machine's)"))
               if measured else "costs: none measured here (make costs): no seconds predicted")]
-    total = 0.0
+    total, trained = 0.0, set[str]()
     for item in plan.items:
         study = by_name.get(item.entry.study or "")
         if study is not None:
@@ -282,6 +282,9 @@ def study_plans(plan: Plan) -> list[str]:
         else:
             lines.append(f"{item.entry.id}: no plan (it reads what the notebooks before it computed)")
             continue
+        # a micro-suite member trained by an earlier notebook of this run is read from the cache after it
+        p.conditions = [c for c in p.conditions if c.kind != "train" or c.model not in trained]
+        trained |= {c.model for c in p.conditions if c.kind == "train"}
         total += p.seconds() or 0.0
         lines += [f"{item.entry.id}:"] + ["  " + ln for ln in p.lines()]
         # a notebook with per-model parts: each part's prediction, and which the judged record holds already
