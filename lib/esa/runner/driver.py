@@ -260,7 +260,7 @@ def study_plans(plan: Plan) -> list[str]:
     """Per notebook of the plan: a study's plan (schedule.yaml `study:`) or the week's (esa.phases.plans): its
     conditions, n, the criterion each serves and the seconds predicted from this machine's measured costs
     (esa.phases.costs); loads nothing."""
-    from esa.phases import costs
+    from esa.phases import costs, parts
     from esa.phases.command import STUDIES
     from esa.phases.plans import PLANS
 
@@ -287,6 +287,10 @@ def study_plans(plan: Plan) -> list[str]:
         trained |= {c.model for c in p.conditions if c.kind == "train"}
         total += p.seconds() or 0.0
         lines += [f"{item.entry.id}:"] + ["  " + ln for ln in p.lines()]
+        # a notebook with per-model parts: each part's prediction, and which the judged record holds already
+        record = Path(plan.config.root) / "reports" / "record"
+        lines += ["  " + ln for ln in parts.plan_lines(p, item.entry.id, profile, item.task.parameters["models"],
+                                                      record)]
     lines.append(f"predicted for the studies above: {total / 60:.0f} min on this machine" if measured else "")
     return lines
 
