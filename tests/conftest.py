@@ -21,6 +21,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+@pytest.fixture(autouse=True)
+def _params_dir_as_it_was():
+    """An in-process `run_all` points $ESA_PARAMS_DIR at its project's params (the kernels read it): put it
+    back after every test, so a later test's project is not read with an earlier one's schedule."""
+    before = os.environ.get("ESA_PARAMS_DIR")
+    yield
+    if before is None:
+        os.environ.pop("ESA_PARAMS_DIR", None)
+    else:
+        os.environ["ESA_PARAMS_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_names() -> list[str]:
     from esa.models import TINY_CONFIGS

@@ -155,6 +155,7 @@ def fault_campaign(
     rates = [check_rate(r) for r in rates]
     if not rates:
         raise EsaError("no fault rate given")
+    trials = check_positive_int(trials, "number of trials")
     factor = check_factor(factor, "catastrophe factor")
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
