@@ -102,10 +102,13 @@ curvature-reliability: env
 costs: env
 	$(BIN)/python tests/bench/bench_costs.py
 
-# the judged record (reports/record/, committed): one chunk of the powered profile, and its re-check
+# the judged record (reports/record/, committed): one chunk of the powered profile, and its re-check.
+# PART=<model>: only that model's part of a multi-model notebook (reports/record/parts/<notebook>/<model>/),
+# which the notebook's chunk then reads instead of computing the model (esa.phases.parts)
 CHUNK ?= phase1_week0_baselines
+PART ?=
 record: env
-	$(RUN) --profile powered --only $(CHUNK) --record
+	$(RUN) --profile powered --only $(CHUNK) --record $(if $(PART),--part $(PART))
 verify-record: env
 	$(RUN) --verify-record $(CHUNK)
 

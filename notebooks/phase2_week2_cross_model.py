@@ -31,49 +31,52 @@ import logging
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from IPython.display import display
 
 import esa.nb
-from esa.errors import EsaError
 from esa.nb import say
-from esa.phases import criteria, phase2
+from esa.phases import criteria, parts, phase2, plans
 from esa.report import scorecard
 from esa.sensitivity import plots
 
 ctx = esa.nb.context("phase2_week2_cross_model", profile, models, run_dir, overrides)
 P = ctx.profile
-say(f"Profile *{P.name}*: models {', '.join(ctx.models)}; metrics {', '.join(P.metrics)}; seeds "
-    f"{', '.join(map(str, P.seeds))}; top-{P.topk} ({P.mode}).")
+_plan = plans.PLANS[ctx.notebook](P, ctx.models)
+say(f"Profile *{P.name}*: models {', '.join(ctx.models)}; seeds {', '.join(map(str, P.seeds))}; top-{P.topk} "
+    f"({P.mode}); metrics: " + "; ".join(f"{m} {', '.join(plans.week2_metrics(P, m))}" for m in ctx.models) + ".",
+    *[n[0].upper() + n[1:] + "." for n in _plan.notes])
+
+# %% [markdown]
+# Each model's scores and tables come from one function (`esa.phases.phase2.cross_model_one`); in the judged
+# record a model can be recorded on its own as a part (`make record CHUNK=phase2_week2_cross_model
+# PART=<model>`), which keeps that model's tables (not its score maps nor its full top-k table), and this page
+# then reads that part instead of scoring the model again.
 
 # %%
+res, origins = parts.per_model(ctx.run_dir, ctx.notebook, P, ctx.models, on_model=lambda m, r: gc.collect())
+ctx.save_json(origins, "parts")
 tails, tops, stabs, agrees, sws, infos, rows = [], [], [], [], [], [], []
 curves = {}
-for model in ctx.models:
-    lm = phase2.load_model(model, P)
-    runs = phase2.score_model(lm, model, P)
-    table = phase2.selections(runs, P.topk, P.mode, lm)
-    ctx.save_table(table, f"topk_{model}")
-    obd = phase2.obd_selections(runs, lm, P.topk, P.mode)  # grad_squared x w^2, free from the cached Fisher scores
-    t, s = phase2.tails_table(runs), phase2.stability_table(runs, table, lm)
-    a = phase2.agreement_table(runs, table, derived=obd)
+for model, r in res.items():
+    if "topk" in r:  # computed on this page (a part keeps only the tables below)
+        ctx.save_table(r.pop("topk"), f"topk_{model}")
+    t, s, a = r["tails"], r["stability"], r["agreement"]
     tails.append(t.assign(model=model))
     stabs.append(s.assign(model=model))
     agrees.append(a.assign(model=model))
-    tops.append(phase2.top_weights(runs, lm, n=3).assign(model=model))
-    try:
-        sws.append(phase2.superweight_table(lm, runs).assign(model=model))
-    except EsaError as e:  # a model without dense down projections (MoE): say so, keep going
-        skipped = f"{model}: super-weight detector skipped ({e})"
-        logging.getLogger(ctx.notebook).warning(skipped)
-    curves[model] = runs[(P.metrics[0], P.seeds[0])].survival
-    infos.append({"model": model, "family": lm.info.family, "layers": lm.info.n_layers,
-                  "weights_studied_M": lm.info.n_weights_studied / 1e6, "moe": lm.info.moe})
+    tops.append(r["top_weights"].assign(model=model))
+    if r.get("super_weights") is not None:
+        sws.append(r["super_weights"].assign(model=model))
+    else:  # a model without dense down projections (MoE): say so, keep going
+        logging.getLogger(ctx.notebook).warning(f"{model}: super-weight detector skipped ({r['super_weights_skipped']})")
+    curves[model] = r["survival"]
+    infos.append({"model": model, **r["info"]})
     rows += phase2.phase2_criteria(s, a, t, model, "phase2_week2_cross_model")
-    del lm, runs
-    gc.collect()
 tails, stabs, agrees, tops = (pd.concat(x, ignore_index=True) for x in (tails, stabs, agrees, tops))
 sws = pd.concat(sws, ignore_index=True) if sws else pd.DataFrame()
 for df, name in ((tails, "tails"), (stabs, "stability"), (agrees, "agreement"), (tops, "top_weights"), (sws, "super_weights")):
     ctx.save_table(df, name)
+display(say(parts.origin_sentence(origins)))
 pd.DataFrame(infos)
 
 # %%

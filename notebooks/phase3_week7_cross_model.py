@@ -29,44 +29,42 @@ run_dir = "reports/interactive"
 overrides = {}
 
 # %%
+import gc
+
 import pandas as pd
 from IPython.display import Markdown, display
 
 import esa.nb
 from esa.nb import say
-from esa.perturb import PerturbSpec, plots
-from esa.phases import criteria, phase3
+from esa.perturb import plots
+from esa.phases import criteria, parts, phase3, plans
 from esa.report import scorecard
 from esa.report.tables import number
 
 ctx = esa.nb.context("phase3_week7_cross_model", profile, models, run_dir, overrides)
 P = ctx.profile
-model_list = list(dict.fromkeys([*ctx.models, *P.cross_model_extra]))
-controls = [c for c in P.controls if c in ("random_k", "bottom_k")]
-specs = [PerturbSpec("sign_flip", scale=P.perturb_scale), PerturbSpec("zero")]
-say(f"Models {', '.join(model_list)}; perturbations {', '.join(s.label() for s in specs)}; the top-k against "
-    f"{', '.join(controls)}; seeds {', '.join(map(str, P.seeds))}.")
+model_list = plans.cross_model_list(P, ctx.models)
+say(f"Models {', '.join(model_list)}; perturbations {', '.join(s.label() for s in phase3.cross_model_specs(P))}; "
+    f"the top-k against {', '.join(phase3.cross_model_controls(P))}; seeds {', '.join(map(str, P.seeds))}.")
+
+# %% [markdown]
+# Each model's sweep and zero-alone ranks come from one function (`esa.phases.phase3.cross_model_one`); in the
+# judged record a model can be recorded on its own as a part (`make record CHUNK=phase3_week7_cross_model
+# PART=<model>`), and this page then reads that part instead of computing the model again.
 
 # %%
-runs, alone, detector, ks = {}, [], {}, []
-for m in model_list:
-    lm = phase3.load_model(m, P)
-    k = phase3.feasible_k(lm.inventory, P.topk)  # tiny models' routers are too small for the profile's k
-    ks.append(f"{m}: the top-{k} per matrix" + ("" if k == P.topk else f" (the profile's {P.topk}, capped by its "
-                                                                      "smallest matrix)"))
-    runs[m] = phase3.sweep_model(m, P, specs, controls=controls, lm=lm, k=k)
-    one = phase3.zero_alone(lm, P, runs[m].selection, baseline=runs[m].baseline)  # the sweep's windows
-    detector[m] = one.attrs["detector"]
-    alone.append(one.assign(model=m, family=runs[m].family))
-table = pd.concat([r.table for r in runs.values()], ignore_index=True)
+res, origins = parts.per_model(ctx.run_dir, ctx.notebook, P, model_list, on_model=lambda m, r: gc.collect())
+ctx.save_json(origins, "parts")
+table = pd.concat([r["table"] for r in res.values()], ignore_index=True)
 ctx.save_table(table, "cross_model")
 rows = []
-for m, r in runs.items():
-    ctx.save_json({"baseline": r.baseline.as_dict(), "family": r.family, **r.stats}, f"stats_{m}")
-    s = pd.DataFrame(r.stats["summary"]).assign(model=m, family=r.family)  # k is in the table
-    rows.append(s)
+for m, r in res.items():
+    ctx.save_json({"baseline": r["baseline"], "family": r["family"], **r["stats"]}, f"stats_{m}")
+    rows.append(pd.DataFrame(r["stats"]["summary"]).assign(model=m, family=r["family"]))  # k is in the table
 summary = pd.concat(rows, ignore_index=True)
-display(say("; ".join(ks) + "."))
+ks = [f"{m}: the top-{r['k']} per matrix" + ("" if r["k"] == P.topk else f" (the profile's {P.topk}, capped by its "
+                                                                         "smallest matrix)") for m, r in res.items()]
+display(say(parts.origin_sentence(origins), "; ".join(ks) + "."))
 ctx.table(summary, "damage_summary", "Mean damage per model, perturbation and group, 95% bootstrap CI over seeds.",
           columns=["model", "family", "perturbation", "group", "n_seeds", "mean", "mean_delta_ppl", "unchanged_share"],
           headers={"mean": "Δ log-PPL (nats/token)", "family": "Family"})
@@ -75,8 +73,8 @@ ctx.table(summary, "damage_summary", "Mean damage per model, perturbation and gr
 # Damage per group, one panel per model (delta log-PPL in nats/token, 95% bootstrap CIs over seeds).
 
 # %%
-for m in runs:
-    fig = plots.damage_bars(summary[summary.model == m], f"{m} ({runs[m].family}): damage per group")
+for m, r in res.items():
+    fig = plots.damage_bars(summary[summary.model == m], f"{m} ({r['family']}): damage per group")
     ctx.savefig(fig, f"damage_{m}")
 
 # %% [markdown]
@@ -86,30 +84,31 @@ for m in runs:
 # controls; with 20 controls its floor is 1/21.
 
 # %%
-alone = pd.concat(alone, ignore_index=True)
+alone = pd.concat([r["zero_alone"] for r in res.values()], ignore_index=True)
 ctx.save_table(alone, "zero_alone")
+display(say(plans.zero_alone_note(P, model_list) + "."))
 phase3.zero_alone_view(alone)
 
 # %%
-Markdown("\n".join(phase3.zero_alone_lines(alone, detector)))
+Markdown("\n".join(phase3.zero_alone_lines(alone, {m: r["detector"] for m, r in res.items()})))
 
 # %%
-verdicts = {m: (r.family, r.stats) for m, r in runs.items()}
+verdicts = {m: (r["family"], r["stats"]) for m, r in res.items()}
 cards = criteria.budgeted(criteria.p3_cross_architecture(verdicts, "data/phase3_week7_cross_model/"), P)
 scorecard.write_rows(ctx.run_dir, ctx.notebook, cards)
 say(scorecard.in_words(cards))
 
 # %%
-held = {m: criteria.holds(r.stats) for m, r in runs.items()}
+held = {m: criteria.holds(r["stats"]) for m, r in res.items()}
 Markdown(f"The Phase 3 claim (sign-flip ΔPPL ratio ≥ 5 and top_k > random_k significant for every perturbation) holds "
          f"for {sum(bool(v) for v in held.values())} of {len(held)} models; "
-         f"{len({r.family for r in runs.values()})} architectures were run.\n\n"
-         + "\n".join(f"- {m} ({runs[m].family}): {criteria.holds_word(v)}" for m, v in held.items()))
+         f"{len({r['family'] for r in res.values()})} architectures were run.\n\n"
+         + "\n".join(f"- {m} ({res[m]['family']}): {criteria.holds_word(v)}" for m, v in held.items()))
 
 # %%
 _sf = summary[summary.perturbation.str.startswith("sign_flip")].pivot_table(index="model", columns="group", values="mean")
 esa.nb.found(
-    *[f"On {m} ({runs[m].family}), a sign flip of the top-k adds {number(_sf.loc[m, 'top_k'])} nats/token against "
+    *[f"On {m} ({res[m]['family']}), a sign flip of the top-k adds {number(_sf.loc[m, 'top_k'])} nats/token against "
       f"{number(_sf.loc[m, 'random_k'])} for random weights ({ctx.ref('figure', f'damage_{m}')})."
       for m in _sf.index if {"top_k", "random_k"} <= set(_sf.columns)][:2],
     f"The Phase 3 claim holds for {sum(bool(v) for v in held.values())} of {len(held)} models "

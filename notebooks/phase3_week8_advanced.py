@@ -53,7 +53,8 @@ for m in ctx.models:
     cum = advanced.cumulative_ablation(lm.model, lm.inventory, ranked, wins, ns, batch_size=P.batch_size)
     r1 = advanced.restore_one(lm.model, lm.inventory, ranked.head(P.topk), wins, batch_size=P.batch_size)
     sw = phase3.sweep_model(m, P, [PerturbSpec("sign_flip", scale=P.perturb_scale), PerturbSpec("zero")],
-                            controls=[c for c in P.controls if c in ("random_k", "bottom_k")], lm=lm)
+                            controls=[c for c in P.controls if c in ("random_k", "bottom_k")], lm=lm,
+                            min_windows=criteria.stability_windows())
     stab = advanced.ranking_stability(sw.windows)
     results[m] = dict(cum=cum, restore=r1, stability=stab, top1=ranked.head(1).to_dict("records"))
     ctx.save_json({"stability": stab, "top1": results[m]["top1"], "from_cache": cached}, f"advanced_{m}")

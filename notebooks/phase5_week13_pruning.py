@@ -41,6 +41,7 @@ from IPython.display import Markdown, display
 import esa.nb
 from esa.apps.pruning import plots
 from esa.nb import say
+from esa.phases import parts
 from esa.phases import phase5_pruning as pp
 from esa.report import scorecard
 
@@ -52,8 +53,15 @@ ctx.save_json(plan.as_dict(), "plan")  # the plan goes to the manifest's data fo
 Markdown(f"The plan: {len(plan.conditions)} evaluations of {plan.setup['evaluation']['windows']} windows each on "
          f"{', '.join(plan.models)}.")
 
+# %% [markdown]
+# Each model is pruned and evaluated by one function (`esa.phases.phase5_pruning.run_model`); in the judged
+# record a model can be recorded on its own as a part (`make record CHUNK=phase5_week13_pruning PART=<model>`),
+# and this page then reads that part's tables instead of pruning the model again.
+
 # %%
-results = study.run(plan)
+res, origins = parts.per_model(ctx.run_dir, ctx.notebook, ctx.profile, plan.models)
+ctx.save_json(origins, "parts")
+results = {m: pp.from_result(m, r) for m, r in res.items()}
 rows = pd.concat([r.rows for r in results.values()], ignore_index=True)
 ctx.save_table(rows, "pruning_rows")
 for m, r in results.items():
@@ -62,9 +70,10 @@ for m, r in results.items():
             ctx.save_table(t, f"{name}_{m}")
     ctx.save_json({"critical": r.critical, "evaluation": r.evaluation, "zeroshot": r.zeroshot, "restored": r.restored,
                    "seconds": r.seconds}, f"setup_{m}")
-Markdown("\n".join(f"- **{m}**: {r.evaluation['n_windows']} evaluation windows of {r.evaluation['seqlen']} tokens; "
-                   f"protected set {r.critical['label']} ({r.critical['n_protected']} weights); weights restored "
-                   f"bit-exactly: {'yes' if r.restored else 'NO'}; {r.seconds:.0f} s." for m, r in results.items()))
+Markdown(parts.origin_sentence(origins) + "\n\n"
+         + "\n".join(f"- **{m}**: {r.evaluation['n_windows']} evaluation windows of {r.evaluation['seqlen']} tokens; "
+                     f"protected set {r.critical['label']} ({r.critical['n_protected']} weights); weights restored "
+                     f"bit-exactly: {'yes' if r.restored else 'NO'}; {r.seconds:.0f} s." for m, r in results.items()))
 
 # %% [markdown]
 # ## The 50% table

@@ -24,12 +24,15 @@
 # so the first table measures that share, and the critical-vs-random comparisons are made where one
 # flip's damage is bounded: int8 (a flip moves a weight by at most its row's range).
 #
-# **The criterion, defined** (esa.phases.phase5_security; verdicts: esa.stats.ratios): three ratios
-# V = vulnerability(critical) / vulnerability(random-k), random-k matched per matrix, with 95% bootstrap
-# CIs: flips the bit search needs to reach PPL ×100 (random / critical, paired over attack seeds), damage
-# per trial of random bounded faults inside the set, and the PGD loss increase under an L∞ budget.
-# PASS when the CI's lower bound exceeds 1; underpowered, not estimable or machinery-only with the
-# reason when the numbers cannot carry a verdict.
+# **The criterion, defined** (esa.phases.phase5_security; verdicts: esa.stats.vulnerability): the critical
+# set is at least c times as vulnerable as random-k (matched per matrix; c = `criterion_factor`, 1 by
+# default), judged three ways as a contrast D, never as a ratio over a control that may do nothing: flips
+# the bit search needs to reach PPL ×100 (D = random − c·critical, paired by attack seed), damage per trial
+# of random bounded faults inside the set (D = critical − c·random, trials paired), and the PGD loss
+# increase under an L∞ budget (D = critical − c·random, paired by attack seed). PASS when D's one-sided
+# (1 − alpha) lower bound is above 0, FAIL when its upper bound is below 0; underpowered, not estimable or
+# machinery-only with the reason when the numbers cannot carry a verdict. The ratio of means is shown beside,
+# as a description.
 
 # %% tags=["parameters"]
 profile = "smoke"
@@ -46,7 +49,7 @@ from esa.apps.security import plots
 from esa.nb import say
 from esa.phases import phase5_security as sec5
 from esa.report import scorecard
-from esa.stats.ratios import ratio_table
+from esa.stats.vulnerability import vulnerability_table
 
 ctx = esa.nb.context("phase5_week14_security", profile, models, run_dir, overrides)
 study = sec5.STUDY
@@ -134,12 +137,13 @@ display(bd.detection)
 ctx.savefig(plots.detector_plot(bd.scores, f"backdoor detection on {S.backdoor_base} twins"), "backdoor")
 
 # %% [markdown]
-# ## Vulnerability ratios, in numbers
+# ## Critical against random, in numbers
 
 # %%
-ratios = pd.concat([ratio_table(m, r.ratios) for m, r in results.items()], ignore_index=True)
-display(ctx.table(ratios, "vulnerability_ratios", "How much more vulnerable the critical set is than controls."))
-crit = study.criteria(results, plan, "data/phase5_week14_security/vulnerability_ratios.parquet")
+judged = pd.concat([vulnerability_table(m, r.vulnerability) for m, r in results.items()], ignore_index=True)
+display(ctx.table(judged, "vulnerability", "Critical against random: each contrast, its one-sided bounds and verdict, "
+                  "and the ratio of means beside."))
+crit = study.criteria(results, plan, "data/phase5_week14_security/vulnerability.parquet")
 scorecard.write_rows(ctx.run_dir, ctx.notebook, crit)
 display(Markdown("\n\n".join([*study.findings(results, plan), sec5.backdoor_findings(bd)])))
 say(scorecard.in_words(crit))

@@ -36,15 +36,22 @@ def test_sizes_are_geometric_and_moe_matches_active():
     total, active = counts["micro-mixtral-176k"]
     assert active < total
     assert abs(active - counts["micro-llama-176k"][0]) / counts["micro-llama-176k"][0] < 0.02
+    # a plan's step count, from the config on the meta device, is what training runs: tokens over active params
+    b = micro.BUDGETS["standard"]
+    for name, (_, n_active) in counts.items():
+        want = round(b.tokens_per_param * n_active / (b.batch_size * b.seqlen))
+        assert micro.planned_steps(name, "standard") == max(b.min_steps, min(b.max_steps, want))
 
 
 def test_tiny_budget_trains_loss_decreases_and_cache_is_reused(micro_cache, monkeypatch):
+    assert not micro.seems_trained("micro-llama-33k", "unit")  # what a plan sees before the training
     lm = load("micro-llama-33k@unit")
     assert lm.info.source == "micro" and lm.info.family == "llama"
     assert not lm.model.training and not any(p.requires_grad for p in lm.model.parameters())
     rec = micro.train_log("micro-llama-33k@unit")
     losses = rec["losses"]
     assert rec["steps"] == 25 and len(losses) == 25
+    assert micro.seems_trained("micro-llama-33k", "unit") and not micro.seems_trained("micro-llama-74k", "unit")
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3  # clearly learning
     w = lm.model.model.layers[0].mlp.down_proj.weight.clone()
 

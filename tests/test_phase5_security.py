@@ -1,6 +1,6 @@
 """esa.phases.phase5_security: the profile section, the plan, esa-runner's --attack / --faults, the comparisons'
 bit-exact restore (esa.apps.security.compare), the backdoor twins, and the criterion's verdict logic on
-constructed inputs (esa.stats.ratios)."""
+constructed inputs (esa.stats.vulnerability)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from esa.params import load_profile
 from esa.perturb import weights_hash
 from esa.phases import phase5_security as s5
 from esa.sensitivity.metrics import batch_loss
-from esa.stats import ratios
+from esa.stats import vulnerability
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -77,6 +77,8 @@ def test_profiles_have_valid_sections():
     ({"max_flips": "ten"}, "expected an integer"),
     ({"attack_seeds": [1, 1]}, "duplicates"),
     ({"attack_seeds": [-1]}, "seed -1 is not accepted"),
+    ({"alpha": 0.5}, "security.alpha 0.5 is a one-sided level"),
+    ({"criterion_factor": 0}, "security.criterion_factor must be"),
 ])
 def test_bad_settings_are_one_line(override, msg):
     with pytest.raises(EsaError) as e:
@@ -97,7 +99,7 @@ def test_plan_lists_the_conditions_and_the_criteria_they_serve():
     crit_attack = next(c for c in one if c.label.startswith("bit search over critical"))
     assert (crit_attack.n, crit_attack.unit) == (len(S.attack_seeds), "seeds")
     faults = [c for c in one if c.serves == ("P5.security.faults.m1",)]
-    assert [c.n for c in faults] == [S.set_fault_trials, S.set_fault_trials // len(S.attack_seeds) * len(S.attack_seeds)]
+    assert [c.n for c in faults] == [S.set_fault_trials, S.set_fault_trials]  # every critical trial has a pair
     assert sum(c.label.startswith("fault campaign") for c in one) == len(S.fault_formats) * len(S.fault_rates)
     assert sum(c.label.startswith("single-flip collapse") for c in one) == len(S.formats)
     assert not any("guarded" in label for label in by_label)  # smoke: guard_attack false
@@ -207,10 +209,12 @@ def test_phase_functions_restore_bit_exactly(tiny):
     assert all(len(v) == 2 for v in runs.results.values())
     crit_hist = runs.history[runs.history["set"] == "critical"]
     assert crit_hist["in_critical"].all()  # the restricted search stays inside its set
-    sf = compare.set_fault_table(lm, crit, wins, S.attack_format, S.set_fault_flips, S.set_fault_trials,
-                                 S.attack_seeds, S.attack_bits, S.seed, S.fault_factor)
+    sf = compare.set_fault_table(lm, crit, wins, S.attack_format, S.set_fault_flips, 5, S.attack_seeds,
+                                 S.attack_bits, S.seed, S.fault_factor)
     assert weights_hash(lm.model) == h0
-    assert (sf.groupby("set")["trial"].count() == 4).all() and (sf["n_flips"] == 3).all()
+    # as many random trials as critical ones (each has a pair), split over the seeds' random sets
+    assert (sf.groupby("set")["trial"].count() == 5).all() and (sf["n_flips"] == 3).all()
+    assert sf[sf["set"] == "random_k"].groupby("random_set").size().to_dict() == {"random_k@0": 3, "random_k@1": 2}
     adv = compare.pgd_table(lm, crit, wins, batch, S.attack_seeds, S.pgd_budgets, S.pgd_radius, S.pgd_steps)
     assert weights_hash(lm.model) == h0
     assert set(adv["set"]) == {"critical", "random_k", "magnitude_k"} and adv["equal_size"].all()
@@ -221,9 +225,9 @@ def test_phase_functions_restore_bit_exactly(tiny):
     assert weights_hash(lm.model) == h0
     assert len(trials) == 2 and list(prot["kind"]) == ["none", "critical", "random"]
     assert list(prot.columns[-2:]) == ["model", "format"] and set(faults["model"]) == {"tiny-llama"}
-    ratio = compare.attack_ratio(runs, f"ppl_x{S.criterion_goal:g}", S.min_runs, S.n_boot, S.seed)
-    assert ratio.verdict in ("PASS", "FAIL", "underpowered", "not estimable")
-    assert (ratio.n_critical, ratio.n_random) == (2, 2)
+    judged = compare.attack_contrast(runs, f"ppl_x{S.criterion_goal:g}", S.criterion_factor, S.alpha, S.min_runs)
+    assert judged.verdict in ("PASS", "FAIL", "underpowered")  # both sides ran: the contrast exists
+    assert (judged.n_critical, judged.n_random, judged.unit) == (2, 2, "seeds")
 
 
 def test_analyse_one_model_and_its_findings(tiny):
@@ -243,13 +247,13 @@ def test_analyse_one_model_and_its_findings(tiny):
     assert r.weights_restored and weights_hash(lm.model) == h0
     assert set(r.attacks.results) == {"all", "critical", "random_k", "random_flips"}
     assert list(r.collapse["format"]) == ["fp32", "int8"] and (r.set_faults["model"] == "tiny-llama").all()
-    assert set(r.ratios) == {"attack", "faults", "adversarial"} and list(r.ratios["adversarial"]) == [0.1]
+    assert set(r.vulnerability) == {"attack", "faults", "adversarial"} and list(r.vulnerability["adversarial"]) == [0.1]
     assert list(r.seconds) == ["load_and_critical_set", "collapse", "adversarial", "faults", "attack", "set_faults",
                                "protection"]
     plan = s5.STUDY.plan(S, P, ["tiny-llama"])
     (text,) = s5.STUDY.findings({"tiny-llama": r}, plan)
-    assert text.startswith("**tiny-llama**") and "vulnerability ratio from the attack" in text
-    assert "{" not in text and "Ratio(" not in text and "/work" not in text and "\n" not in text
+    assert text.startswith("**tiny-llama**") and "Critical against random under the bit search" in text
+    assert "{" not in text and "Vulnerability(" not in text and "/work" not in text and "\n" not in text
     rows = s5.STUDY.criteria({"tiny-llama": r}, plan, "ev")
     assert [c.id for c in rows] == [f"P5.security.{k}.tiny-llama" for k in ("attack", "faults", "adversarial")]
     assert {c.id.rsplit(".", 1)[0] for c in rows} == {s for c in plan.conditions for s in (x.rsplit(".", 1)[0]
@@ -323,69 +327,111 @@ def test_twins_share_everything_but_the_poison(tiny):
 
 
 # ---------------------------------------------------------------- the criterion's verdicts
-V = ratios.vulnerability_verdict
+V = vulnerability.vulnerability_contrast
 
 
-def test_verdict_pass_fail_and_direction():
-    r = V([2, 3, 2, 3], [10, 12, 11, 9], more_is_vulnerable=False, paired=True, n_boot=500)
-    assert r.verdict == "PASS" and r.passed and r.value == pytest.approx(42 / 10) and r.lo > 1
-    r = V([10, 12, 11, 9], [2, 3, 2, 3], more_is_vulnerable=False, paired=True, n_boot=500)
-    assert r.verdict == "FAIL" and "random weights are the more vulnerable" in r.note and r.hi < 1
-    r = V([5, 6, 5, 6], [5, 6, 6, 5], more_is_vulnerable=False, paired=True, n_boot=500)
-    assert r.verdict == "FAIL" and "includes 1" in r.note
-    r = V([0.9, 1.1, 1.0, 1.2], [0.1, 0.12, 0.09, 0.11], more_is_vulnerable=True, paired=False, n_boot=500)
-    assert r.verdict == "PASS" and r.value == pytest.approx(4.2 / 0.42)
+def test_contrast_pass_fail_and_direction():
+    # flips: fewer is more vulnerable, D = random − c·critical
+    r = V([2, 3, 2, 3], [10, 12, 11, 9], more_is_vulnerable=False)
+    assert r.verdict == "PASS" and r.passed and r.value == pytest.approx(42 / 4 - 10 / 4) and r.lo > 0
+    assert r.ratio == pytest.approx(42 / 10) and "D = random − 1·critical" in r.note
+    r = V([10, 12, 11, 9], [2, 3, 2, 3], more_is_vulnerable=False)
+    assert r.verdict == "FAIL" and r.hi < 0 and "less than 1× as vulnerable" in r.note
+    # damage: D = critical − c·random; the factor c is part of the claim
+    crit, rand = [0.9, 1.1, 1.0, 1.2], [0.1, 0.12, 0.09, 0.11]
+    r = V(crit, rand, more_is_vulnerable=True)
+    assert r.verdict == "PASS" and r.ratio == pytest.approx(4.2 / 0.42)
+    assert V(crit, rand, more_is_vulnerable=True, c=20.0).verdict == "FAIL"  # ~10x, not 20x
 
 
-def test_verdict_not_judged_cases():
-    r = V([2, 3], [10, 12], more_is_vulnerable=False, paired=True, min_runs=3)
+def test_a_harmless_control_decides_the_claim_instead_of_dividing_by_noise():
+    # the random side's damage is noise around 0 (its ratio's CI would be unbounded): the contrast decides
+    noise = [0.0001, -0.0002, 0.00005, 0.0, -0.0001, 0.00015]
+    r = V([0.05, 0.06, 0.04, 0.055, 0.045, 0.05], noise, more_is_vulnerable=True, unit="trials")
+    assert r.verdict == "PASS" and r.passed and r.lo > 0 and math.isfinite(r.hi)
+    # critical no more harmful than random: never a PASS (here the upper bound is below 0)
+    same = V([0.01, 0.012, 0.011, 0.009, 0.01, 0.011], [0.0105, 0.0115, 0.0112, 0.0101, 0.0103, 0.0111],
+             more_is_vulnerable=True, unit="trials")
+    assert same.verdict in ("FAIL", "underpowered") and same.passed is not True
+    # both sides noise around 0: undecided, with the units the observed contrast would need
+    both = V([0.0002, -0.0003, 0.0003, 0.0], noise[:4], more_is_vulnerable=True, unit="trials")
+    assert both.verdict == "underpowered" and "trials" in both.note
+
+
+def test_contrast_not_judged_cases():
+    r = V([2, 3], [10, 12], more_is_vulnerable=False, min_runs=3)
     assert r.verdict == "underpowered" and r.passed is None and "needs 3" in r.note
-    # damage: the random side's mean within noise of zero -> the ratio's denominator is noise
-    r = V([1.0, 1.2, 0.9], [0.01, -0.02, 0.005], more_is_vulnerable=True, paired=False, n_boot=500)
-    assert r.verdict == "not estimable" and "within noise" in r.note
-    r = V([1.0, math.inf, 0.9], [0.2, 0.3, 0.25], more_is_vulnerable=True, paired=False, n_boot=500)
+    r = V([1.0, math.inf, 0.9], [0.2, 0.3, 0.25], more_is_vulnerable=True)
     assert r.verdict == "not estimable"
-    # flips: a critical run that hit its budget makes a PASS unsafe; a random one makes a PASS a lower bound
-    cens = V([2, 3, 11], [10, 12, 11], more_is_vulnerable=False, paired=True, n_boot=500,
-             censored_critical=[False, False, True])
-    assert cens.verdict in ("underpowered", "FAIL") and cens.passed is not True
-    low = V([2, 3, 2], [10, 11, 11], more_is_vulnerable=False, paired=True, n_boot=500,
-            censored_random=[False, True, True])
+    assert V([], [], more_is_vulnerable=True).verdict == "not estimable"
+    with pytest.raises(EsaError, match="pairs its runs"):
+        V([1.0, 2.0, 3.0], [1.0, 2.0], more_is_vulnerable=True)
+
+
+def test_censored_flips_keep_only_the_verdict_they_bound():
+    # a critical run that hit its budget overstates D: a PASS does not stand
+    cens = V([2, 3, 21, 2], [10, 12, 11, 11], more_is_vulnerable=False,
+             censored_critical=[False, False, True, False])
+    assert cens.passed is not True and cens.verdict in ("underpowered", "FAIL")
+    clear = V([2, 3, 2, 2], [10, 12, 11, 11], more_is_vulnerable=False)
+    assert clear.verdict == "PASS"
+    hit = V([2, 3, 2, 2], [10, 12, 11, 11], more_is_vulnerable=False, censored_critical=[False, False, True, False])
+    assert hit.verdict == "underpowered" and "overstated" in hit.note
+    # a random run that hit its budget understates D: a PASS is a lower bound, a FAIL does not stand
+    low = V([2, 3, 2], [10, 11, 12], more_is_vulnerable=False, censored_random=[False, True, True])
     assert low.verdict == "PASS" and "lower bound" in low.note
-    both = V([11, 3, 2], [11, 11, 11], more_is_vulnerable=False, paired=True, n_boot=500,
-             censored_critical=[True, False, False], censored_random=[True, True, True])
-    assert both.verdict == "underpowered" and "both sides" in both.note
+    fail = V([10, 12, 11, 11], [2, 3, 2, 3], more_is_vulnerable=False, censored_random=[False, True, False, False])
+    assert fail.verdict == "underpowered" and "understated" in fail.note
 
 
 def test_criterion_rows_demote_below_budget():
-    good = V([2, 3, 2, 3], [10, 12, 11, 9], more_is_vulnerable=False, paired=True, n_boot=500)
+    good = V([2, 3, 2, 3], [10, 12, 11, 9], more_is_vulnerable=False)
     S = dataclasses.replace(small(), attack_seeds=[0, 1, 2], set_fault_trials=20, heldout_windows=4,
                             heldout_seqlen=128)
     rows = s5.criterion_rows("m", S, good, None, {0.1: good}, "ev")
     assert [r.verdict for r in rows] == ["PASS", "not estimable", "PASS"]
-    assert rows[0].measured == pytest.approx(good.value) and rows[0].threshold.startswith("> 1")
+    assert rows[0].measured == pytest.approx(good.value)
+    assert rows[0].threshold == "flips(random-k) − 1·flips(critical) > 0: one-sided 95% lower bound"
+    assert rows[1].note == "faults comparison not run"
     smoke = s5.criterion_rows("m", small(), good, None, None, "ev")
     assert smoke[0].verdict == "machinery-only" and "budget below" in smoke[0].note
     assert smoke[2].verdict == "not estimable"
 
 
-def test_fault_ratio_refuses_nonfinite_damage():
-    t = pd.DataFrame({"set": ["critical"] * 3 + ["random_k"] * 3, "damage": [1.0, np.inf, 2.0, 0.1, 0.2, 0.3]})
-    assert ratios.fault_ratio(t, min_runs=2, n_boot=200).verdict == "not estimable"
-    finite = pd.DataFrame({"set": ["critical"] * 3 + ["random_k"] * 3, "damage": [1.0, 1.2, 0.9, 0.1, 0.12, 0.09]})
-    r = ratios.fault_ratio(finite, min_runs=2, n_boot=200)
-    assert r.verdict == "PASS" and r.value == pytest.approx(3.1 / 0.31)
+def test_fault_contrast_pairs_trials_and_passes_over_a_harmless_control():
+    rng = np.random.default_rng(0)
+    crit = 0.02 + 0.005 * rng.standard_normal(20)
+    rand = 1e-4 * rng.standard_normal(20)  # a control within noise of 0
+    t = pd.DataFrame({"set": ["critical"] * 20 + ["random_k"] * 20, "trial": [*range(20), *range(7), *range(7),
+                      *range(6)], "random_set": [None] * 20 + ["random_k@0"] * 7 + ["random_k@1"] * 7 + ["random_k@2"] * 6,
+                      "damage": [*crit, *rand]})
+    r = vulnerability.fault_contrast(t, min_runs=3)
+    assert r.verdict == "PASS" and (r.n_critical, r.n_random, r.unit) == (20, 20, "trials")
+    assert r.value == pytest.approx(crit.mean() - rand.mean())
+    same = vulnerability.fault_contrast(t.assign(damage=np.r_[rand[::-1], rand]), min_runs=3)
+    assert same.passed is not True
+    short = vulnerability.fault_contrast(t.iloc[:38], min_runs=3)  # 20 critical vs 18 random trials
+    assert short.n_critical == 18 and "the first 18 of each paired" in short.note
+    assert vulnerability.fault_contrast(t[t["set"] == "critical"]).verdict == "not estimable"  # random not run
+    bad = t.assign(damage=np.where(np.arange(40) == 1, np.inf, t["damage"]))
+    assert vulnerability.fault_contrast(bad, min_runs=2).verdict == "not estimable"
 
 
-def test_adversarial_ratios_pair_by_seed_per_budget():
+def test_fault_table_splits_the_random_trials_to_match_the_critical_ones():
+    assert compare.split_trials(20, 3) == [7, 7, 6] and compare.split_trials(2, 3) == [1, 1, 0]
+
+
+def test_adversarial_contrasts_pair_by_seed_per_budget():
     t = pd.DataFrame({"eps": [0.1] * 6 + [0.2] * 6, "set": (["critical"] * 3 + ["random_k"] * 3) * 2,
-                      "seed": [0, 1, 2] * 4,
-                      "loss_increase": [2.0, 2.2, 2.1, 0.5, 0.4, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]})
-    by = ratios.adversarial_ratios(t, min_runs=2, n_boot=200)
+                      "seed": [0, 1, 2, 2, 1, 0] * 2,
+                      "loss_increase": [2.0, 2.2, 2.1, 0.5, 0.4, 0.6, 0.1, 0.1, 0.1, 0.2, 0.21, 0.19]})
+    by = vulnerability.adversarial_contrasts(t, min_runs=2)
     assert list(by) == [0.1, 0.2] and by[0.1].verdict == "PASS" and by[0.2].verdict == "FAIL"
-    table = ratios.ratio_table("m", {"attack": by[0.1], "faults": by[0.2], "adversarial": by})
+    assert by[0.1].value == pytest.approx(6.3 / 3 - 1.5 / 3)
+    table = vulnerability.vulnerability_table("m", {"attack": by[0.1], "faults": by[0.2], "adversarial": by})
     assert list(table["comparison"]) == ["attack", "faults", "adversarial", "adversarial"]
     assert table["eps"].tolist()[2:] == [0.1, 0.2] and (table["model"] == "m").all()
+    assert {"value", "lo", "hi", "ratio", "c", "alpha"} <= set(table.columns)
 
 
 def test_backdoor_findings_say_when_the_backdoors_did_not_take():

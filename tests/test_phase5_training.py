@@ -283,6 +283,22 @@ def test_degenerate_statistics_are_never_a_pass():
     assert r.verdict == "FAIL" and "gain kept 17%" in r.note
 
 
+def test_protection_cost_is_a_contrast_not_a_share_over_noise():
+    sp, rk = "sparse[grad_x_weight]@0.01", "sparse[random_k]@0.01"
+    same = [(0.2, 0.1)] * 3
+    # the unprotected gain is noise around 0 (a share of it has no denominator); freeze gains clearly and cuts
+    # forgetting: gain(freeze) − 0.5·gain(full) is decided, and the row passes
+    noise = _rows({sp: same, rk: same, "full": [(0.001, 0.2), (-0.002, 0.22), (0.0015, 0.21)],
+                   "full+freeze": [(0.1, 0.1), (0.11, 0.11), (0.09, 0.09)], "full+random_freeze": [(0.0, 0.2)] * 3})
+    r = noise["P5.ft.protect_freeze"]
+    assert r.verdict == "PASS" and "cost: gain(freeze) − 0.5·gain(none) = " in r.note and ": PASS" in r.note
+    # freeze keeps about half the gain, sometimes more, sometimes less: the cost is undecided, never a PASS
+    near = _rows({sp: same, rk: same, "full": [(0.3, 0.2), (0.31, 0.22), (0.29, 0.21)],
+                  "full+freeze": [(0.10, 0.1), (0.2, 0.11), (0.15, 0.09)], "full+random_freeze": [(0.3, 0.2)] * 3})
+    r = near["P5.ft.protect_freeze"]
+    assert r.verdict == "underpowered" and "the cost is undecided" in r.note
+
+
 def test_smoke_budget_demotes_pass_to_machinery_only():
     P = load_profile("smoke")
     S = ft.settings(P)

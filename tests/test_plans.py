@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from esa import store
+from esa.models import micro
 from esa.params import load_profile
 from esa.phases import costs
 from esa.phases.command import STUDIES
@@ -64,3 +66,53 @@ def test_a_fine_tuning_seed_costs_its_training_steps_and_its_evaluations():
     plan = study.plan(S, P, ["smollm2-135m"]).predict(measured)
     per_seed = 3.0 * S.n_steps() * S.batch_size * S.seqlen / 128 + 1.0 * (S.target_windows + S.source_windows) * S.seqlen / 128
     assert all(c.seconds == pytest.approx(per_seed * c.n) for c in plan.conditions)
+
+
+def test_week9_plans_the_training_of_the_suite_members_the_cache_lacks(private_cache):
+    P = load_profile("powered")
+    models = [m for m in P.phase4_models if micro.is_micro(m)]
+    per_step = {name: {"train": 0.01 * (i + 1)} for i, name in enumerate(micro.MICRO_SUITE)}
+    measured = costs.Costs(256, {"micro": {"eval": 0.04, "grad": 0.2, "act": 0.05, "hvp": 0.9, "load": 1.0},
+                                 **per_step}, costs.machine())
+    plan = PLANS["phase4_week9_parameter_scaling"](P, models).predict(measured)
+    train = [c for c in plan.conditions if c.kind == "train"]
+    assert [c.model for c in train] == models  # an empty cache: every member is trained here
+    for c in train:
+        name, budget = micro.parse_ref(c.model)
+        b = micro.BUDGETS[budget]
+        assert c.n == micro.planned_steps(name, budget) > 0 and c.unit == "steps"
+        # each step is a batch of windows at the member's own measured cost, not the family's gradient pass
+        assert c.seconds > 0 and c.seconds == pytest.approx(per_step[name]["train"] * c.n * b.batch_size * b.seqlen / 256)
+    assert plan.seconds() == pytest.approx(sum(c.seconds for c in plan.conditions))
+    assert plan.seconds() > sum(c.seconds for c in plan.conditions if c.kind != "train")
+    # weeks 10-12 read the suite week 9 trained: they never plan its training
+    for week in ("phase4_week10_architecture_comparison", "phase4_week11_scaling_validation",
+                 "phase4_week12_architecture_patterns"):
+        assert not any(c.kind == "train" for c in PLANS[week](P, models).conditions)
+    # a member the cache holds (trained by this code) is not planned again; one of another recipe is
+    name, budget = micro.parse_ref(models[0])
+    for key, spec in (("old", {**micro.train_recipe(name, budget), "train_version": 0}),
+                      ("this", micro.train_recipe(name, budget))):
+        store.write_json(private_cache / "micro" / f"{name}-{budget}-{key}" / "train.json", {"spec": spec})
+    again = [c.model for c in PLANS["phase4_week9_parameter_scaling"](P, models).conditions if c.kind == "train"]
+    assert again == models[1:]
+
+
+def test_a_measured_training_step_is_a_cost_per_window():
+    measured = costs.measure([], train=["micro-llama-33k@smoke"])
+    b = micro.BUDGETS["smoke"]
+    per = measured.per_window["micro-llama-33k"]["train"]
+    assert per > 0 and measured.seconds("micro-llama-33k@smoke", "train", 3 * b.batch_size, b.seqlen) == \
+        pytest.approx(per * 3 * b.batch_size * b.seqlen / 256)
+    assert measured.seconds("micro-llama-74k@smoke", "train", 1) is None  # not measured: no guess
+
+
+def test_a_dry_run_plans_each_members_training_once(private_cache_shared_text, capsys):
+    from esa.runner.cli import main
+
+    # week 7 loads the micro MoE first, week 9 the whole suite: the MoE is trained (and planned) once
+    only = "phase3_week7_cross_model,phase4_week9_parameter_scaling,phase4_week10_architecture_comparison"
+    assert main(["--profile", "powered", "--dry-run", "--no-deps", "--only", only]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[micro-mixtral-176k@standard] training") == 1
+    assert all(out.count(f"[{m}] training") == 1 for m in load_profile("powered").phase4_models)

@@ -127,3 +127,27 @@ def test_a_given_baseline_is_used_instead_of_a_new_evaluation(one_thread, plante
     monkeypatch.setattr(advanced, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
     r = single_weight_test(lm.model, lm.inventory, spec.name, 9, 4, wins, n_controls=3, baseline=base)
     assert r["base_ppl"] == base.ppl and calls == []  # perturbed evaluations go through the sweep's evaluate
+
+
+def test_zero_alone_on_its_first_windows_evaluates_their_own_baseline(one_thread, planted, monkeypatch):
+    """Week 7's zero_alone_windows: the ranks run on the first n perturbation windows, against a baseline of
+    those windows (the sweep's, over every window, would bias every delta), and say how many they used."""
+    import pandas as pd
+
+    from esa.data import Windows
+    from esa.evaluate import evaluate
+    from esa.params import load_profile
+    from esa.phases import phase3
+
+    lm, spec = planted
+    ids = _windows(3)
+    monkeypatch.setattr(phase3, "eval_windows", lambda lm, P: Windows(ids, "x", "eval", 24, False, "t", 3, (0, 1, 2)))
+    monkeypatch.setattr(phase3, "detect_superweights", lambda *a, **k: (_ for _ in ()).throw(EsaError("no detector")))
+    P = load_profile("smoke")
+    sel = pd.DataFrame([dict(seed=P.seeds[0], param=spec.name, row=9, col=4, expert=-1, score=1.0)])
+    full = evaluate(lm.model, ids, show_progress=False)
+    one = phase3.zero_alone(lm, P, sel, n_controls=3, baseline=full, n_windows=1)
+    assert one["windows"].tolist() == [1]
+    assert one["base_ppl"].iloc[0] == evaluate(lm.model, ids[:1], show_progress=False).ppl != full.ppl
+    every = phase3.zero_alone(lm, P, sel, n_controls=3, baseline=full, n_windows=3)
+    assert every["windows"].tolist() == [3] and every["base_ppl"].iloc[0] == full.ppl

@@ -182,3 +182,15 @@ def test_unchanged_share_enters_the_statistics():
     assert "unchanged_share" in " ".join(res["notes"])
     old = analyze(synthetic_table(effect=0.05)[0], None, n_boot=50)  # tables without n_changed: as before
     assert "per_changed_weight" not in old["comparisons"][0] and math.isnan(old["summary"][0]["unchanged_share"])
+
+
+def test_groups_evaluated_on_different_windows_pair_on_the_shared_ones():
+    """A sequential sweep stops a decided control early while an undecided one gets more windows: the
+    window-level comparison pairs only the (seed, window) pairs both groups have."""
+    table, wins = synthetic_table(effect=1.0, seeds=(1, 2))
+    short = wins[(wins.group == "random_k") & (wins.window >= 10)].index
+    res = analyze(table, wins.drop(short), n_boot=200)
+    c = next(x for x in res["comparisons"] if x["a"] == "top_k" and x["b"] == "random_k")
+    assert c["window_level"]["n"] == 2 * 10 and c["significant"]
+    d = next(x for x in res["comparisons"] if x["a"] == "top_k" and x["b"] == "bottom_k")
+    assert d["window_level"]["n"] == 2 * 30

@@ -85,3 +85,13 @@ def test_plan_criteria_per_criterion():
     assert first["n_max"] == 4 and first["expected_n"] == 4.0
     assert second["n_max"] > second["n_fixed"] > 4 and second["power_sequential"] >= 0.8
     assert pd.isna(third["n_max"]) and "direction" in third["note"]
+
+
+def test_units_note_says_what_would_decide_an_undecided_contrast():
+    n = power.plan_n(0.5, 1.0, 0.05)
+    assert power.units_note(0.5, 1.0, "seeds", 0.05) == f"at the observed contrast about {n} seeds would decide it"
+    # equal differences: the exact sign test decides once 2^-n <= alpha (n = 5 at 0.05)
+    assert power.units_note(1.0, 0.0, "trials", 0.05) == "at the observed contrast about 5 trials would decide it"
+    assert "not positive" in power.units_note(-0.2, 1.0, "seeds", 0.05)
+    assert "too small to decide" in power.units_note(1e-9, 1.0, "seeds", 0.05)
+    assert "about" in power.units_note("0.5", "1.0", "seeds", 0.05)  # stored contrasts hold strings

@@ -113,3 +113,18 @@ def test_phase3_criteria_read_the_sequential_decisions():
     assert criteria.p3_sign_flip_ratio(st, "x")[0].verdict == "FAIL"
     missing = criteria.p3_significance({"sequential": rows[:2]}, "x", expected=["sign_flip", "zero"])[0]
     assert missing.verdict == "not estimable" and "zero" in missing.note
+
+
+def test_a_sweeps_first_look_holds_the_windows_an_analysis_needs():
+    """Week 8's ranking stability reads the sweep's windows: its first look must hold ≥ 7 per seed even when
+    every comparison is decided at the profile's 2."""
+    from esa.params import load_profile
+    from esa.phases import criteria, phase3
+
+    P = load_profile("powered")
+    specs, controls = [PerturbSpec("sign_flip", scale=1.0), PerturbSpec("zero")], ["random_k", "bottom_k"]
+    plain = phase3.sweep_design(P, specs, controls, 16)
+    held = phase3.sweep_design(P, specs, controls, 16, min_windows=criteria.stability_windows())
+    assert criteria.stability_windows() == 7
+    assert plain.n0 == 2 * len(P.seeds) and held.n0 == 7 * len(P.seeds) and held.n_max == plain.n_max
+    assert phase3.sweep_design(P, specs, controls, 4, min_windows=7).n0 == 4 * len(P.seeds)  # capped by the windows

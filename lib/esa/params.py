@@ -44,6 +44,8 @@ class Profile:
     # the notebooks whose criteria compare models (schedule `models: several`: week 2, the synthesis); empty:
     # the profile's `models`
     several_models: list[str] = field(default_factory=list)
+    # week 2: the metrics on those of `several_models` that are not in `models` (None: `metrics`)
+    several_metrics: list[str] | None = None
     # Phase 4 scaling/architecture: a suite of sizes (micro-suite `name@budget` and/or real models)
     phase4_models: list[str] = field(default_factory=list)
     perturbations: list[str] = field(default_factory=lambda: ["sign_flip"])
@@ -69,6 +71,9 @@ class Profile:
     highres_seeds: list[int] = field(default_factory=lambda: [1337, 123, 999, 2024, 7])  # week 3 seeds
     # Phase 3 week 7: models added to `models` for the cross-architecture test (a trained MoE, a third family)
     cross_model_extra: list[str] = field(default_factory=lambda: ["tiny-mixtral"])
+    # week 7: evaluation windows of a model's zero-alone ranks (the first n perturbation windows), by model;
+    # a model not listed uses every perturbation window
+    zero_alone_windows: dict[str, int] = field(default_factory=dict)
     # Phase 5: one mapping per application, checked by its phases module (esa.phases.phase5_*.settings)
     pruning: dict[str, Any] = field(default_factory=dict)  # week 13a
     finetune: dict[str, Any] = field(default_factory=dict)  # week 13b: protection and sparse fine-tuning

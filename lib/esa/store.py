@@ -179,6 +179,14 @@ def write_parquet(path: str | os.PathLike[str], df: Any) -> Path:
     return Path(path)
 
 
+def storable(df: Any) -> Any:
+    """`df` with each object column that mixes value types (a "measured" column of numbers and words)
+    written as text, which parquet can store; every other column is left exactly as it is."""
+    mixed = [c for c in df.columns if df[c].dtype == object
+             and len({type(v) for v in df[c] if v is not None}) > 1]
+    return df.astype({c: str for c in mixed}) if mixed else df
+
+
 def _json_default(obj: Any) -> Any:
     # numpy / torch scalars and paths appear in summaries; make them plain JSON.
     if hasattr(obj, "item"):

@@ -41,7 +41,7 @@ from esa.data import get_corpus, windows
 from esa.errors import unknown
 from esa.models.inventory import weight_inventory
 from esa.registry import Registry
-from esa.store import cache_dir, cached, content_key, read_json, write_json
+from esa.store import cache_dir, cache_root, cached, content_key, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,14 @@ def active_params(model: torch.nn.Module) -> int:
 
 def train_spec(name: str, budget: str, seed: int = 0) -> dict[str, Any]:
     """Everything that decides a trained model's weights: its cache key is a hash of this."""
+    return {**train_recipe(name, budget, seed), "corpus_id": _corpus_id(CORPUS)}
+
+
+def train_recipe(name: str, budget: str, seed: int = 0) -> dict[str, Any]:
+    """`train_spec` but the corpus id (reading the corpus is what that costs)."""
     precision = "bf16" if torch.cuda.is_available() else "fp32"
     return dict(name=name, arch=asdict(MICRO_SUITE[name]), budget=asdict(BUDGETS[budget]), seed=seed,
-                corpus=CORPUS, corpus_id=_corpus_id(CORPUS), split="calib",
-                tokenizer="byt5", precision=precision,
+                corpus=CORPUS, split="calib", tokenizer="byt5", precision=precision,
                 train_version=TRAIN_VERSION, transformers=transformers.__version__)
 
 
@@ -179,6 +183,44 @@ def model_dir(name: str, budget: str, seed: int = 0) -> Path:
 
 def is_trained(name: str, budget: str, seed: int = 0) -> bool:
     return (model_dir(name, budget, seed) / "train.json").exists()
+
+
+def seems_trained(name: str, budget: str, seed: int = 0) -> bool:
+    """Whether the cache holds this suite member trained as this code would train it, judged from the training
+    records alone, for a plan (a dry run reads no corpus and checks no entry): an entry of this name and
+    budget whose recorded spec matches in all but the corpus id (a changed corpus is missed here; the run's
+    `ensure_trained` still retrains)."""
+    want = train_recipe(name, budget, seed)
+    for record in sorted((cache_root() / "micro").glob(f"{name}-{budget}-*/train.json")):
+        spec = read_json(record).get("spec", {})
+        if all(spec.get(k) == v for k, v in want.items()):
+            return True
+    return False
+
+
+def planned_steps(name: str, budget: str) -> int:
+    """The training steps of a suite member at `budget`, from its config alone (built on the meta device:
+    nothing allocated, read or trained)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(build_config(MICRO_SUITE[name]))
+    return _steps(BUDGETS[budget], active_params(model))
+
+
+def step_seconds(name: str, budget: str, steps: int = 3, seed: int = 0) -> float:
+    """Seconds per training step of a suite member on this machine's CPU, at `budget`'s batch: `steps` steps of
+    `train`'s update after one warm-up, from a fresh initialisation on random byte ids (nothing read or
+    cached; the global RNG is left as it was). What esa.phases.costs stores as the `train` cost."""
+    b = BUDGETS[budget]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(build_config(MICRO_SUITE[name]), dtype=torch.float32).train()
+        opt, sched = _optimiser(model, b, steps + 1)
+        ids = torch.randint(0, model.config.vocab_size, (steps + 1, b.batch_size, b.seqlen))  # (steps+1, B, T)
+        _step(model, opt, sched, ids[0], False)
+        t = time.perf_counter()
+        for batch in ids[1:]:
+            _step(model, opt, sched, batch, False)
+        return (time.perf_counter() - t) / steps
 
 
 def load_micro(ref: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn_implementation: str = "eager"):
@@ -233,30 +275,14 @@ def train(name: str, budget: str, seed: int = 0, device: str | torch.device | No
     n_active = active_params(model)
 
     data = windows(micro_tokenizer(), CORPUS, "calib", b.seqlen).ids  # (n_windows, seqlen), every window
-    steps = int(round(b.tokens_per_param * n_active / (b.batch_size * b.seqlen)))
-    steps = max(b.min_steps, min(b.max_steps, steps))
-    warmup = max(1, int(b.warmup_frac * steps))
-
-    # weight decay on matrices only (not norms), the usual AdamW practice
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": b.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=b.lr, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, warmup))
+    steps = _steps(b, n_active)
+    opt, sched = _optimiser(model, b, steps)
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     t0 = time.perf_counter()
-    for _step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, data.shape[0], (b.batch_size,), generator=gen)
-        batch = data[idx].to(dev)  # (B, T)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = model(input_ids=batch, labels=batch, use_cache=False)
-        out.loss.backward()  # includes the router's load-balancing term for the MoE
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss.detach()))
+        losses.append(_step(model, opt, sched, data[idx].to(dev), use_bf16))  # batch (B, T)
     seconds = time.perf_counter() - t0
     model.eval().to("cpu")
     record = dict(spec=train_spec(name, budget, seed), n_params=n_params, n_params_active=n_active,
@@ -265,6 +291,34 @@ def train(name: str, budget: str, seed: int = 0, device: str | torch.device | No
     log.info("trained %s@%s: %d steps, %.0f s, loss %.3f -> %.3f", name, budget, steps, seconds,
              losses[0], losses[-1])
     return model, record
+
+
+def _steps(b: Budget, n_active: int) -> int:
+    """tokens_per_param x active parameters over the tokens of a batch, clipped to the budget's range."""
+    steps = int(round(b.tokens_per_param * n_active / (b.batch_size * b.seqlen)))
+    return max(b.min_steps, min(b.max_steps, steps))
+
+
+def _optimiser(model: torch.nn.Module, b: Budget, steps: int) -> tuple[Any, Any]:
+    """AdamW with weight decay on matrices only (not norms), the usual practice; warmup then cosine."""
+    warmup = max(1, int(b.warmup_frac * steps))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": b.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=b.lr, betas=(0.9, 0.95))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, warmup))
+
+
+def _step(model: torch.nn.Module, opt: Any, sched: Any, batch: torch.Tensor, bf16: bool) -> float:
+    """One update on `batch` (B, T); returns its loss."""
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(input_ids=batch, labels=batch, use_cache=False)
+    out.loss.backward()  # includes the router's load-balancing term for the MoE
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(out.loss.detach())
 
 
 def _thin(xs: list[float], n: int = 200) -> list[float]:

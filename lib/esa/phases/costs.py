@@ -5,9 +5,11 @@
 times, per model, the passes every notebook is made of, on `windows` windows of `seqlen` tokens after one
 warm-up: an evaluation window (forward + loss), a gradient window (forward + backward), an act_mag window
 (forward with input hooks), a curvature product (one Hessian-vector product of hutchinson_diag), and the
-load. It writes reports/bench/costs.json with the machine (cores, CPU model). A plan multiplies its units by
-these (linear in windows and in tokens per window, which holds for the windows sizes we plan: compute-bound
-matmuls); with no measurement for a model the prediction is None and the plan says so.
+load; and, per micro-suite member (`train`: they differ 15x in size and are trained where they are first
+used), a training step of its budget (forward, backward, AdamW update, esa.models.micro.step_seconds) per
+window of the step's batch. It writes reports/bench/costs.json with the machine (cores, CPU model). A plan
+multiplies its units by these (linear in windows and in tokens per window, which holds for the windows sizes
+we plan: compute-bound matmuls); with no measurement for a model the prediction is None and the plan says so.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from esa.store import REPO_ROOT, write_json
 
-KINDS = ("eval", "grad", "act", "hvp", "load")
+KINDS = ("eval", "grad", "act", "hvp", "load", "train")
 DEFAULT = REPO_ROOT / "reports" / "bench" / "costs.json"
 RECORD = REPO_ROOT / "reports" / "record" / "costs.json"  # committed with the record: the machine that made it
 
@@ -46,8 +48,10 @@ class Costs:
     machine: dict[str, Any]
 
     def seconds(self, model: str, kind: str, windows: float = 1.0, seqlen: int | None = None) -> float | None:
-        """Predicted seconds for `windows` windows of `seqlen` tokens (None: `model` was not measured)."""
-        per = self.per_window.get(_family(model), {}).get(kind)
+        """Predicted seconds for `windows` windows of `seqlen` tokens (None: `model` was not measured): the
+        model's own measurement (a micro-suite member's `train`), else its family's."""
+        own = self.per_window.get(_member(model), {}).get(kind)
+        per = own if own is not None else self.per_window.get(_family(model), {}).get(kind)
         if per is None:
             return None
         if kind == "load":
@@ -56,6 +60,11 @@ class Costs:
 
     def same_machine(self) -> bool:
         return self.machine == machine()
+
+
+def _member(model: str) -> str:
+    """A micro-suite reference without its budget (`micro-llama-33k@standard` -> `micro-llama-33k`)."""
+    return model.partition("@")[0]
 
 
 def _family(model: str) -> str:
@@ -81,9 +90,21 @@ def save(costs: Costs, path: Path = DEFAULT) -> Path:
                              "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
-def measure(models: list[str], seqlen: int = 256, windows: int = 2) -> Costs:
-    """Time each pass of KINDS on each model (after one warm-up window), on the evaluation split."""
-    return Costs(seqlen, {_family(m): _measure_one(m, seqlen, windows) for m in models}, machine())
+def measure(models: list[str], seqlen: int = 256, windows: int = 2, train: list[str] | None = None) -> Costs:
+    """Time each pass of KINDS but `train` on each model (after one warm-up window), on the evaluation split;
+    and the training step of each micro-suite reference in `train` (`name@budget`), per window of its batch."""
+    per = {_family(m): _measure_one(m, seqlen, windows) for m in models}
+    for ref in train or []:
+        per.setdefault(_member(ref), {})["train"] = _measure_train(ref, seqlen)
+    return Costs(seqlen, per, machine())
+
+
+def _measure_train(ref: str, seqlen: int) -> float:
+    from esa.models import micro
+
+    name, budget = micro.parse_ref(ref)
+    b = micro.BUDGETS[budget]
+    return micro.step_seconds(name, budget) / (b.batch_size * b.seqlen / seqlen)
 
 
 def _measure_one(name: str, seqlen: int, windows: int) -> dict[str, float]:

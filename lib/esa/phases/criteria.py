@@ -109,9 +109,7 @@ def p3_sign_flip_ratio(stats: Mapping[str, Any], evidence: str, control: str = "
         return [Criterion("P3.sign_flip_ratio", 3, text, value, thr, k["decision"] == "PASS", evidence, note)]
     if value is None:
         return [Criterion("P3.sign_flip_ratio", 3, text, None, thr, None, evidence, note, verdict="not estimable")]
-    need = power.plan_n(k["estimate"], k["sd"], ALPHA) if math.isfinite(k["sd"]) and k["sd"] > 0 else None
-    more = (f"at the observed contrast about {need} {k['unit']} would decide it" if need
-            else "the observed contrast is not positive, so more units would not make it pass")
+    more = power.units_note(k["estimate"], k["sd"], k["unit"], ALPHA)
     return [Criterion("P3.sign_flip_ratio", 3, text, value, thr, None, evidence, f"{note}; {more}",
                       verdict="underpowered")]
 
@@ -336,6 +334,11 @@ def distinct_half_splits(n_windows: int) -> int:
     return c // 2 if n_windows % 2 == 0 else c
 
 
+def stability_windows() -> int:
+    """The fewest evaluation windows whose half-splits give MIN_DISTINCT_SPLITS distinct ones (7 for 20)."""
+    return next(n for n in range(2, 64) if distinct_half_splits(n) >= MIN_DISTINCT_SPLITS)
+
+
 def p3_ranking_stability(stab: Mapping[str, Any], model: str, evidence: str, threshold: float = 0.8) -> list[Criterion]:
     """'damage ranking stable across evaluation samples' (a project check): mean Spearman rho of condition
     damages between random halves of the evaluation windows. With few windows every random split is one of a
@@ -348,7 +351,7 @@ def p3_ranking_stability(stab: Mapping[str, Any], model: str, evidence: str, thr
     if rho is None:
         return [Criterion(cid, 3, text, None, thr, None, evidence, stab.get("note") or "no finite rho",
                           verdict="not estimable")]
-    need = next(n for n in range(2, 64) if distinct_half_splits(n) >= MIN_DISTINCT_SPLITS)
+    need = stability_windows()
     if distinct < MIN_DISTINCT_SPLITS:
         return [Criterion(cid, 3, text, rho, thr, None, evidence,
                           f"{n_win} evaluation windows allow {distinct} distinct half-split(s), so the "

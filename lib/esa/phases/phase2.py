@@ -3,6 +3,8 @@
 `score_model` runs (or reads from the cache) every metric x seed of a profile on one model, through the
 recipe layer; the table builders turn those runs into the stability, agreement, tail, component and
 super-weight tables, and `phase2_criteria` judges the guide's Phase 2 success criteria from them.
+Week 2's per-model body (`cross_model_one`: those tables for one model, not its score maps) is a record part
+(esa.phases.parts): the notebook and `make record ... PART=<model>` call the same function.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from typing import Any
 
 import pandas as pd
 
+from esa.errors import EsaError
 from esa.models import LoadedModel
 from esa.params import Profile
-from esa.phases import criteria
+from esa.phases import criteria, parts
+from esa.phases.plans import week2_metrics
 from esa.recipes import Recipe
 from esa.sensitivity import resolution
 from esa.sensitivity.engine import ScoreRun
@@ -239,3 +243,41 @@ def concentration(selection: pd.DataFrame, n_matrices: int) -> dict[str, float]:
     return {"matrices_hit": int(len(counts)), "n_matrices": n_matrices,
             "share_in_busiest_10pct": float(counts[:top].sum() / max(1, counts.sum())),
             "largest_matrix_share": float(counts[0] / counts.sum()) if len(counts) else float("nan")}
+
+
+# ------------------------------------------------------------------ week 2: one model, as a record part
+CROSS_MODEL = "phase2_week2_cross_model"
+_CROSS_KEYS = ("corpus", "dtype", "seqlen", "max_samples", "seeds", "topk", "mode", "batch_size", "candidate_depth",
+               "keep_scores")
+
+
+def cross_model_settings(P: Profile, model: str) -> dict[str, Any]:
+    """What determines `cross_model_one(P, model)` (a part's settings)."""
+    metrics = week2_metrics(P, model)
+    return parts.model_settings(P, model, _CROSS_KEYS, metrics=metrics,
+                                hutchinson_probes=P.hutchinson_probes if "hutchinson_diag" in metrics else None)
+
+
+def cross_model_one(P: Profile, model: str) -> dict[str, Any]:
+    """Week 2's body for one model: every metric x seed scored (or read from the cache), and the tables the
+    page and later notebooks read; `topk` (the full per-matrix selection) is not stored in a part."""
+    lm = load_model(model, P)
+    runs = score_model(lm, model, P, metrics=week2_metrics(P, model))
+    table = selections(runs, P.topk, P.mode, lm)
+    obd = obd_selections(runs, lm, P.topk, P.mode)  # grad_squared x w^2, free from the cached Fisher scores
+    out: dict[str, Any] = {
+        "topk": table, "tails": tails_table(runs), "stability": stability_table(runs, table, lm),
+        "agreement": agreement_table(runs, table, derived=obd), "top_weights": top_weights(runs, lm, n=3),
+        "survival": runs[(week2_metrics(P, model)[0], P.seeds[0])].survival,
+        "info": {"family": lm.info.family, "layers": lm.info.n_layers,
+                 "weights_studied_M": lm.info.n_weights_studied / 1e6, "moe": lm.info.moe},
+        "super_weights_skipped": None}
+    try:
+        out["super_weights"] = superweight_table(lm, runs)
+    except EsaError as e:  # a model without dense down projections (MoE): said on the page
+        out["super_weights_skipped"] = str(e)
+    return out
+
+
+parts.SPECS.register(parts.PartSpec(CROSS_MODEL, lambda P, models: list(models), cross_model_settings,
+                                    cross_model_one, transient=("topk",)))

@@ -3,6 +3,9 @@
 Top-k sets come through the recipe layer from the score cache, which returns Phase 2's run when the
 settings (model, corpus, seqlen, samples, seed, metric settings, dtype, code version) match: Phase 3 never
 computes its own selection. Whether each set came from the cache is reported (`from_cache`).
+
+Week 7's per-model body (`cross_model_one`: the sweep and the zero-alone ranks of one model) is a record part
+(esa.phases.parts): the notebook and `make record ... PART=<model>` call the same function.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from esa.perturb import build_groups, run_sweep
 from esa.perturb.advanced import single_weight_test
 from esa.perturb.ops import PerturbSpec
 from esa.perturb.sweep import TOP, group_composition, run_sweep_sequential
-from esa.phases import criteria
+from esa.phases import criteria, parts
+from esa.phases.plans import SINGLE_CONTROLS, cross_model_list, zero_alone_windows
 from esa.recipes import Recipe
 from esa.sensitivity.superweights import detect_superweights
 from esa.stats.inference import analyze
@@ -32,7 +36,6 @@ from esa.stats.sequential import Design
 log = logging.getLogger(__name__)
 
 PRIMARY_METRIC = "grad_x_weight"
-SINGLE_CONTROLS = 20  # random single weights per tested weight: the rank p-value can then reach 1/21 < 0.05
 
 
 @dataclass
@@ -81,8 +84,11 @@ def feasible_k(inventory: list, k: int) -> int:
 
 
 def sweep_model(model_name: str, P: Profile, specs: list[PerturbSpec], controls: list[str] | None = None,
-                metric: str = PRIMARY_METRIC, lm: LoadedModel | None = None, k: int | None = None) -> ModelSweep:
-    """Top-k (cached) + controls -> sweep -> statistics, for one model (k: default the profile's top-k)."""
+                metric: str = PRIMARY_METRIC, lm: LoadedModel | None = None, k: int | None = None,
+                min_windows: int = 0) -> ModelSweep:
+    """Top-k (cached) + controls -> sweep -> statistics, for one model (k: default the profile's top-k).
+    min_windows: a sequential sweep's first look holds at least this many windows per seed (an analysis of
+    the windows themselves, such as week 8's ranking stability, needs them even when a comparison is decided)."""
     t0 = time.perf_counter()
     lm = lm or load_model(model_name, P)
     sel, scores, cached = topk_sets(lm, model_name, P, metric, k=k)
@@ -90,7 +96,7 @@ def sweep_model(model_name: str, P: Profile, specs: list[PerturbSpec], controls:
     wins = eval_windows(lm, P)
     groups = build_groups(lm.model, lm.inventory, sel, P.seeds, controls, scores)
     if P.sequential:
-        design = sweep_design(P, specs, controls, wins.n_windows)
+        design = sweep_design(P, specs, controls, wins.n_windows, min_windows)
         res = run_sweep_sequential(lm.model, wins, groups, specs, lambda s: comparisons(s, controls), design,
                                    batch_size=P.batch_size, show_progress=False)
     else:
@@ -111,24 +117,26 @@ def comparisons(spec: PerturbSpec, controls: list[str]) -> list[tuple[str, str, 
     return out
 
 
-def sweep_design(P: Profile, specs: list[PerturbSpec], controls: list[str], n_windows: int) -> Design:
+def sweep_design(P: Profile, specs: list[PerturbSpec], controls: list[str], n_windows: int,
+                 min_windows: int = 0) -> Design:
     """The sequential design of a sweep: looks at `first_windows` x seeds (doubling) up to every window, each
     comparison at alpha / m (Bonferroni over the sweep's m comparisons: valid for any stopping)."""
     S = len(P.seeds)
     m = sum(len(comparisons(s, controls)) for s in specs)
-    first = int(P.sequential.get("first_windows", 2))
+    first = max(int(P.sequential.get("first_windows", 2)), min_windows)
     return Design(alpha=criteria.ALPHA / max(1, m), n0=S * min(first, n_windows), n_max=S * n_windows,
                   spending=P.sequential.get("spending", "pocock"))
 
 
 def zero_alone(lm: LoadedModel, P: Profile, selection: pd.DataFrame, metric: str = PRIMARY_METRIC,
-               n_controls: int = SINGLE_CONTROLS, baseline: EvalResult | None = None) -> pd.DataFrame:
+               n_controls: int = SINGLE_CONTROLS, baseline: EvalResult | None = None,
+               n_windows: int | None = None) -> pd.DataFrame:
     """The headline super-weight question for one model: the detector's strongest candidate and `metric`'s
     global top-1 (first seed), each zeroed alone against `n_controls` random single weights of its matrix, on
-    the perturbation windows. A row per tested weight (one when both are the same weight); a model the
-    detector cannot read (no dense MLP down projections) gets only the metric's row, with the reason in
-    `attrs["detector"]`. `baseline`: the unperturbed evaluation on the perturbation windows (a sweep's
-    `ModelSweep.baseline`), evaluated once here when not given."""
+    the first `n_windows` perturbation windows (None: all). A row per tested weight (one when both are the
+    same weight); a model the detector cannot read (no dense MLP down projections) gets only the metric's
+    row, with the reason in `attrs["detector"]`. `baseline`: the unperturbed evaluation on every perturbation
+    window (a sweep's `ModelSweep.baseline`), used when all of them are; else evaluated here."""
     targets: dict[tuple, list[str]] = {}
     note = ""
     try:
@@ -145,25 +153,62 @@ def zero_alone(lm: LoadedModel, P: Profile, selection: pd.DataFrame, metric: str
         t = first.sort_values("score", ascending=False, kind="stable").iloc[0]
         expert = int(t["expert"]) if "expert" in t and pd.notna(t["expert"]) else -1
         targets.setdefault((t["param"], int(t["row"]), int(t["col"]), expert), []).append(f"the {metric} top-1")
-    wins = eval_windows(lm, P)
+    ids = eval_windows(lm, P).ids
+    if n_windows is not None and n_windows < len(ids):
+        ids, baseline = ids[:n_windows], None  # the sweep's baseline is over every window
     if baseline is None:
-        baseline = evaluate(lm.model, wins, batch_size=P.batch_size, show_progress=False)
-    rows = [dict(tested=" and ".join(why), **single_weight_test(lm.model, lm.inventory, param, row, col, wins,
+        baseline = evaluate(lm.model, ids, batch_size=P.batch_size, show_progress=False)
+    rows = [dict(tested=" and ".join(why), **single_weight_test(lm.model, lm.inventory, param, row, col, ids,
                                                                n_controls=n_controls, seed=P.seeds[0],
                                                                batch_size=P.batch_size, expert=expert,
-                                                               baseline=baseline))
+                                                               baseline=baseline), windows=len(ids))
             for (param, row, col, expert), why in targets.items()]
     out = pd.DataFrame(rows)
     out.attrs["detector"] = note
     return out
 
 
+# ------------------------------------------------------------------ week 7: one model, as a record part
+CROSS_MODEL = "phase3_week7_cross_model"
+_CROSS_KEYS = ("corpus", "dtype", "seqlen", "max_samples", "seeds", "topk", "mode", "batch_size", "candidate_depth",
+               "keep_scores", "perturb_scale", "sequential")
+
+
+def cross_model_controls(P: Profile) -> list[str]:
+    return [c for c in P.controls if c in ("random_k", "bottom_k")]
+
+
+def cross_model_specs(P: Profile) -> list[PerturbSpec]:
+    return [PerturbSpec("sign_flip", scale=P.perturb_scale), PerturbSpec("zero")]
+
+
+def cross_model_settings(P: Profile, model: str) -> dict[str, Any]:
+    """What determines `cross_model_one(P, model)` (a part's settings)."""
+    return parts.model_settings(P, model, _CROSS_KEYS, windows=P.perturb_eval_windows or P.eval_windows,
+                                controls=cross_model_controls(P), metric=PRIMARY_METRIC,
+                                zero_alone_windows=zero_alone_windows(P, model), single_controls=SINGLE_CONTROLS)
+
+
+def cross_model_one(P: Profile, model: str) -> dict[str, Any]:
+    """Week 7's body for one model: the top-k (capped by the smallest matrix) against random_k and bottom_k
+    under sign flip and zero, and the zero-alone ranks on the sweep's windows. Only what the page reads."""
+    lm = load_model(model, P)
+    k = feasible_k(lm.inventory, P.topk)  # tiny models' routers are too small for the profile's k
+    run = sweep_model(model, P, cross_model_specs(P), controls=cross_model_controls(P), lm=lm, k=k)
+    one = zero_alone(lm, P, run.selection, baseline=run.baseline, n_windows=zero_alone_windows(P, model))
+    return {"table": run.table, "zero_alone": one.assign(model=model, family=run.family), "stats": run.stats,
+            "baseline": run.baseline.as_dict(), "family": run.family, "detector": one.attrs["detector"], "k": k}
+
+
+parts.SPECS.register(parts.PartSpec(CROSS_MODEL, cross_model_list, cross_model_settings, cross_model_one))
+
+
 def zero_alone_view(table: pd.DataFrame) -> pd.DataFrame:
     """The page's columns of `zero_alone` rows: which weight, what zeroing it alone does, and the controls."""
     view = table.assign(weight_at=[f"{p.removeprefix('model.')}[{r}, {c}]"
                                    for p, r, c in zip(table["param"], table["row"], table["col"], strict=True)])
-    return view[["model", "tested", "weight_at", "weight", "base_ppl", "ppl", "delta_log_ppl", "control_max",
-                 "n_controls", "p_value", "verdict"]]
+    return view[["model", "tested", "weight_at", "weight", "windows", "base_ppl", "ppl", "delta_log_ppl",
+                 "control_max", "n_controls", "p_value", "verdict"]]
 
 
 def zero_alone_lines(table: pd.DataFrame, detector: dict[str, str]) -> list[str]:

@@ -45,6 +45,7 @@ from esa.errors import EsaError
 from esa.models.loader import LoadedModel, inventory_without_weights
 from esa.params import Profile, model_params
 from esa.perturb.apply import weights_hash
+from esa.phases import parts as record_parts
 from esa.phases import study as st
 from esa.phases.study import Plan, Planned, RunContext, Study, option, setting
 from esa.recipes import Recipe
@@ -320,6 +321,41 @@ def findings(results: Mapping[str, ModelPruning], p: Plan) -> list[str]:
     _, detail = criterion_rows(pd.concat([r.rows for r in results.values()], ignore_index=True), S, "")
     return [sentences.paragraph(mp.model, mp.tables, mp.critical, detail[detail["model"] == mp.model] if len(detail)
                                 else detail, S.sparsity, S.min_damage) for mp in results.values()]
+
+
+# ---------------------------------------------------------------- one model, as a record part
+NOTEBOOK = "phase5_week13_pruning"
+_PART_KEYS = ("corpus", "dtype", "seqlen", "eval_windows", "max_samples", "seeds", "topk", "mode", "batch_size",
+              "candidate_depth", "keep_scores", "hutchinson_probes", "sequential")
+
+
+def part_models(P: Profile, models: Sequence[str]) -> list[str]:
+    """The notebook's models: the section's `models`, else the schedule's."""
+    S = settings(P, None)
+    return plan(S, P, None if S.models else list(models)).models
+
+
+def part_settings(P: Profile, model: str) -> dict[str, Any]:
+    """What determines `run_model(model, P, settings(P))`: the section and the profile keys it reads."""
+    return record_parts.model_settings(P, model, _PART_KEYS, pruning=asdict(settings(P, None)))
+
+
+def as_result(mp: ModelPruning) -> dict[str, Any]:
+    """A ModelPruning as a part stores it (tables and plain values; no masks)."""
+    return {"rows": mp.rows, **{f"tables.{k}": v for k, v in mp.tables.items()}, "critical": mp.critical,
+            "evaluation": mp.evaluation, "zeroshot": mp.zeroshot, "restored": mp.restored, "seconds": mp.seconds,
+            "decisions": mp.decisions}
+
+
+def from_result(model: str, r: Mapping[str, Any]) -> ModelPruning:
+    """`as_result`'s inverse (a part's, or a model computed in the notebook)."""
+    tables = {k.split(".", 1)[1]: v for k, v in r.items() if k.startswith("tables.")}
+    return ModelPruning(model, r["rows"], tables, r["critical"], r["evaluation"], r["zeroshot"], r["restored"],
+                        r["seconds"], [], r.get("decisions"))
+
+
+record_parts.SPECS.register(record_parts.PartSpec(NOTEBOOK, part_models, part_settings,
+                                                  lambda P, model: as_result(run_model(model, P, settings(P, None)))))
 
 
 # ---------------------------------------------------------------- esa-runner

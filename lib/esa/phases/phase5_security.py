@@ -11,11 +11,15 @@ called on its own. esa-runner's `SecurityRequest` (--attack --flips --format --f
 MSB sends |w| < 2 to ~1e38; the collapse share measures it), so critical and random weights are compared
 where one flip's damage is bounded: simulated per-channel int8, or a float format's bounded bit class. The
 critical set is the profile's top-k of `critical_metric` (Phase 2's cached scores); its control has the same
-count in every matrix, disjoint from it, drawn anew per attack seed. V = vulnerability(critical) /
-vulnerability(random), 95% bootstrap CI, three ways: flips random-k / critical to PPL x `criterion_goal`
-(paired over attack seeds), damage of `set_fault_flips` bounded flips in each set (unpaired), PGD loss
-increase at the largest budget (paired). Verdicts: esa.stats.ratios; below the guide's budget
-(`budget_reason`) a PASS/FAIL becomes machinery-only.
+count in every matrix, disjoint from it, drawn anew per attack seed. "Quantified vulnerability differences"
+is read as the claim that the critical set is at least c = `criterion_factor` (default 1: more) times as
+vulnerable as the random set, judged three ways, each as a contrast by its one-sided (1 − `alpha`) bound,
+never as a ratio over a control that may do nothing: flips random-k − c·flips critical to PPL x
+`criterion_goal` (paired by attack seed; runs that hit the flip budget are censored), damage of
+`set_fault_flips` bounded flips per trial in the critical set − c·in a matched random set (trials paired by
+position), PGD loss increase on the critical set − c·on random-k at the largest budget (paired by attack
+seed). Verdicts: esa.stats.vulnerability; below the guide's budget (`budget_reason`) a PASS/FAIL becomes
+machinery-only.
 """
 
 from __future__ import annotations
@@ -59,8 +63,8 @@ from esa.phases.study import (
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 from esa.stats import budget
-from esa.stats.ratios import Ratio
 from esa.stats.verdicts import Criterion, demote
+from esa.stats.vulnerability import Vulnerability
 from esa.store import write_json, write_parquet
 
 if TYPE_CHECKING:
@@ -97,6 +101,8 @@ class Settings:
     max_flips: int = setting(30, _COUNT)
     goals: list[float] = setting(check=each(common.check_factor, nonempty=True), factory=lambda: [100.0, 1000.0])
     criterion_goal: float = setting(100.0, common.check_factor)
+    # the claim each comparison judges: the critical set at least this many times as vulnerable as random
+    criterion_factor: float = setting(1.0, _POSITIVE)
     layer_candidates: int | None = setting(8, optional(_COUNT))  # null: all
     attack_sets: list[str] = setting(check=each(one_of(lambda: ATTACK_SETS)), factory=lambda: list(ATTACK_SETS))
     attack_seeds: list[int] = setting(check=each(seed_value, nonempty=True, unique=True), factory=lambda: [0, 1, 2])
@@ -141,7 +147,8 @@ class Settings:
     backdoor_prompts: int = setting(32, _COUNT)
     backdoor_metric: str = setting("grad_x_weight", _METRIC)
     # statistics
-    min_runs: int = setting(3, _COUNT)  # fewer runs per side of a ratio: underpowered
+    alpha: float = setting(0.05, fraction("a one-sided level"))  # of the criterion's bounds (its CI was 95%)
+    min_runs: int = setting(3, _COUNT)  # fewer paired runs: underpowered
     n_boot: int = setting(2000, _COUNT)
     seed: int = setting(0, seed_value)
 
@@ -157,6 +164,8 @@ def validate(S: Settings) -> Settings:
     except EsaError as e:
         raise EsaError(f"security.protect_mode {S.protect_mode!r} with protect_format {S.protect_format}: {e}") \
             from None
+    if not S.alpha < 0.5:
+        raise EsaError(f"security.alpha {S.alpha:g} is a one-sided level: give one below 0.5")
     if S.criterion_goal not in S.goals:
         raise EsaError(f"security.criterion_goal {S.criterion_goal:g} is not among security.goals {S.goals}")
     return S
@@ -224,29 +233,36 @@ def backdoor(P: Profile, S: Settings) -> BackdoorResult:
 
 
 # ------------------------------------------------------------------ the criterion
-def criterion_rows(model: str, S: Settings, attack: Ratio | None, faults: Ratio | None,
-                   adversarial: dict[float, Ratio] | None, evidence: str, planned: bool = False) -> list[Criterion]:
-    """One row per comparison (attack, faults, adversarial at the largest budget); not run -> not estimable."""
+def criterion_rows(model: str, S: Settings, attack: Vulnerability | None, faults: Vulnerability | None,
+                   adversarial: dict[float, Vulnerability] | None, evidence: str,
+                   planned: bool = False) -> list[Criterion]:
+    """One row per comparison (attack, faults, adversarial at the largest budget): the contrast "critical at
+    least `criterion_factor` times as vulnerable as random" by its one-sided bound; the measured value is the
+    contrast's mean. Not run -> not estimable."""
     where = f"{S.attack_format}, bits {S.attack_bits or FORMATS[S.attack_format].bounded}"
     eps = max(adversarial) if adversarial else math.nan
+    c = f"{S.criterion_factor:g}"
     specs = [
-        ("attack", attack, f"flips(random-k) / flips(critical) to PPL x{S.criterion_goal:g}, bit search in {where}"),
-        ("faults", faults, f"damage per trial of {S.set_fault_flips} random flips in the critical / a matched "
-                           f"random set, {where}"),
-        ("adversarial", adversarial[eps] if adversarial else None,
-         f"PGD loss increase critical / random-k at L-inf {eps:g} ({S.pgd_radius})"),
+        ("attack", attack, f"flips(random-k) − {c}·flips(critical)",
+         f"flips to PPL x{S.criterion_goal:g}, bit search in {where}"),
+        ("faults", faults, f"damage(critical) − {c}·damage(random)",
+         f"damage (log PPL ratio) per trial of {S.set_fault_flips} random flips in the critical / a matched random "
+         f"set, {where}"),
+        ("adversarial", adversarial[eps] if adversarial else None, f"loss(critical) − {c}·loss(random-k)",
+         f"PGD loss increase at L-inf {eps:g} ({S.pgd_radius})"),
     ]
     rows = []
     why = budget_reason(S, planned)
-    for key, r, what in specs:
+    for key, v, contrast, what in specs:
         cid, text = f"P5.security.{key}.{model}", f"{CRITERION} ({key}, {model})"
-        if r is None:
-            rows.append(Criterion(cid, 5, text, None, "> 1 (95% CI lower bound)", None, evidence,
-                                  f"{key} comparison not run", verdict="not estimable"))
+        thr = f"{contrast} > 0: one-sided {1 - S.alpha:.0%} lower bound"
+        if v is None:
+            rows.append(Criterion(cid, 5, text, None, thr, None, evidence, f"{key} comparison not run",
+                                  verdict="not estimable"))
             continue
-        note = f"V = {what}; 95% CI [{r.lo:.3g}, {r.hi:.3g}]; n = {r.n_critical} vs {r.n_random}; {r.note}"
-        c = Criterion(cid, 5, text, r.value, "> 1 (95% CI lower bound)", r.passed, evidence, note, verdict=r.verdict)
-        rows.append(demote(c, "machinery-only", why) if why and c.verdict in ("PASS", "FAIL") else c)
+        measured = v.value if math.isfinite(v.value) else None
+        row = Criterion(cid, 5, text, measured, thr, v.passed, evidence, f"{what}; {v.note}", verdict=v.verdict)
+        rows.append(demote(row, "machinery-only", why) if why and row.verdict in ("PASS", "FAIL") else row)
     return rows
 
 
@@ -254,7 +270,7 @@ def criterion_rows(model: str, S: Settings, attack: Ratio | None, faults: Ratio 
 def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
     """Every condition of each model, the criterion row it serves, and what they share; nothing loaded."""
     chosen = list(models or P.models)
-    n, per, top = len(S.attack_seeds), max(1, S.set_fault_trials // len(S.attack_seeds)), max(S.pgd_budgets)
+    n, top = len(S.attack_seeds), max(S.pgd_budgets)
     bits = S.attack_bits or FORMATS[S.attack_format].bounded
     conds: list[Planned] = []
     for m in chosen:
@@ -268,7 +284,7 @@ def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
         conds += [Planned(m, f"{S.set_fault_flips} bounded faults per trial in the critical set", S.set_fault_trials,
                           "trials", (f,)),
                   Planned(m, f"{S.set_fault_flips} bounded faults per trial in matched random sets, one per seed",
-                          per * n, "trials", (f,))]
+                          S.set_fault_trials, "trials", (f,))]
         conds += [Planned(m, f"fault campaign, {x} at per-bit rate {r:g}", S.fault_trials, "trials")
                   for x in S.fault_formats for r in S.fault_rates]
         conds += [Planned(m, f"protection ({S.protect_mode}, {S.protect_format} at rate {S.protect_rate:g}): {g}",
@@ -281,7 +297,7 @@ def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
              "heldout": {"corpus": P.corpus, "windows": S.heldout_windows, "seqlen": S.heldout_seqlen},
              "attack_batch": {"windows": S.attack_windows, "seqlen": S.attack_seqlen, "seeds": list(S.attack_seeds)},
              "criterion": {"goal": f"PPL x{S.criterion_goal:g}", "format": S.attack_format, "bits": bits,
-                           "min_runs": S.min_runs, "n_boot": S.n_boot},
+                           "factor": S.criterion_factor, "alpha": S.alpha, "min_runs": S.min_runs},
              "backdoor": {"base": S.backdoor_base, "pairs": S.backdoor_pairs, "steps": S.backdoor_steps,
                           "metric": S.backdoor_metric}}
     why = budget_reason(S, P.planned)
@@ -296,7 +312,8 @@ def run(p: Plan) -> dict[str, ModelSecurity]:
 
 def criteria(results: Mapping[str, ModelSecurity], p: Plan, evidence: str) -> list[Criterion]:
     return [row for m, r in results.items() for row in criterion_rows(
-        m, p.settings, r.ratios["attack"], r.ratios["faults"], r.ratios["adversarial"], evidence, p.profile.planned)]
+        m, p.settings, r.vulnerability["attack"], r.vulnerability["faults"], r.vulnerability["adversarial"], evidence,
+        p.profile.planned)]
 
 
 def findings(results: Mapping[str, ModelSecurity], p: Plan) -> list[str]:

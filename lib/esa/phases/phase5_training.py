@@ -17,8 +17,9 @@ observed effect; a NaN or a constant difference -> not estimable; below the guid
    fine-tuning). The gap (nats and as a share of the baseline's gain) is the measured value; PASS needs the
    one-sided test; a significant loss is said in the note. Family: every gap row.
 3. `protection`: for each protection of the `protect_method` run, forgetting(none) - forgetting(p) > 0
-   (significant) while keeping at least `MIN_GAIN_KEPT` of the unprotected gain (the cost in gain is the
-   stated share kept); and `freeze_vs_random`: freezing the critical set reduces forgetting more than
+   (significant) while keeping at least `MIN_GAIN_KEPT` of the unprotected gain, judged as the contrast
+   gain(p) - MIN_GAIN_KEPT·gain(none) > 0 by its one-sided bound (so an unprotected gain within noise of zero
+   decides the cost instead of leaving a share over noise; the share kept is said beside); and `freeze_vs_random`: freezing the critical set reduces forgetting more than
    freezing a random set of the same size (forgetting(random_freeze) - forgetting(freeze) > 0).
    Family: every protection row.
 """
@@ -59,8 +60,7 @@ from esa.phases.study import (
 )
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
-from esa.stats import budget, paired
-from esa.stats.inference import bootstrap_ci
+from esa.stats import budget, paired, power
 from esa.stats.verdicts import Criterion
 from esa.store import write_json, write_parquet
 
@@ -237,7 +237,8 @@ def criteria_rows(res: Result, P: Profile, S: Settings, evidence: str) -> list[C
             else:
                 text = f"protection '{p.key}' reduces forgetting at a stated cost in gain ({ref}, {m})"
                 threshold = (f"forgetting(none) - forgetting({p.key}) > 0 (one-sided paired t, Holm p < {alpha}) and "
-                             f"gain kept >= {MIN_GAIN_KEPT:.0%}")
+                             f"gain({p.key}) - {MIN_GAIN_KEPT:g}·gain(none) > 0 (one-sided {1 - alpha:.0%} lower "
+                             "bound)")
                 judged = _protection_verdict(final, ref, p.key, c, n)
             rows.append(paired.comparison_row(cid, 5, text, c, n, threshold, evidence, extra, why, judged))
     return rows
@@ -255,26 +256,28 @@ def _gap_note(final: pd.DataFrame, c: paired.Comparison, base: str) -> str:
 
 def _protection_verdict(final: pd.DataFrame, ref: str, p: str, c: paired.Comparison,
                         n_family: int) -> tuple[bool | None, str, str]:
-    """The paired verdict of protection `p`, not estimable when the reference did not forget or gained within
-    noise of zero, and a FAIL when it keeps less than MIN_GAIN_KEPT of the reference's gain."""
+    """The paired verdict of protection `p` on forgetting (not estimable when the reference did not forget:
+    nothing to reduce), joined to its cost: gain(p) − MIN_GAIN_KEPT·gain(reference) > 0, paired by seed and
+    judged by its one-sided bounds (esa.stats.paired.share_kept). A PASS needs both claims (each one-sided at
+    alpha: their conjunction needs no correction); a refuted cost makes it a FAIL, an undecided one
+    underpowered."""
     ok = paired.ran(final)
     base = ok[ok["arm"] == ref]
-    kept = paired.mean_ratio(final, f"{ref}+{p}", ref, "gain")
-    if not c.missing and len(base):
-        g = bootstrap_ci(base["gain"].to_numpy(float))
-        if not float(base["forgetting"].mean()) > 0:
-            c.missing = (f"the unprotected run did not forget (forgetting {float(base['forgetting'].mean()):+.4f} "
-                         "nats): nothing to reduce")
-        elif not math.isfinite(kept) or (len(base) >= 2 and not g[1] > 0):
-            c.missing = (f"the unprotected gain ({g[0]:+.4f} nats, 95% CI [{g[1]:.4f}, {g[2]:.4f}]) is within "
-                         "noise of zero: the share of gain kept has no denominator")
+    if not c.missing and len(base) and not float(base["forgetting"].mean()) > 0:
+        c.missing = (f"the unprotected run did not forget (forgetting {float(base['forgetting'].mean()):+.4f} "
+                     "nats): nothing to reduce")
     passed, verdict, note = paired.judge_comparison(c, n_family)
-    if passed is not None and math.isfinite(kept):
-        note += f"; gain kept {kept:.0%} (cost {1 - kept:.0%} of the unprotected gain)"
-        if kept < MIN_GAIN_KEPT:
-            passed, verdict = False, "FAIL"
-    elif math.isfinite(kept):
-        note += f"; gain kept {kept:.0%}"
+    cost = paired.share_kept(final, f"{ref}+{p}", ref, "gain", MIN_GAIN_KEPT)
+    if cost is None:
+        return passed, verdict, note
+    kept = paired.mean_ratio(final, f"{ref}+{p}", ref, "gain")
+    note += (f"; cost: gain({p}) − {MIN_GAIN_KEPT:g}·gain(none) = {cost.describe()}"
+             + (f"; gain kept {kept:.0%} (described, not judged)" if math.isfinite(kept) else ""))
+    if verdict == "PASS" and cost.decision == "FAIL":
+        passed, verdict = False, "FAIL"
+    elif verdict == "PASS" and cost.decision != "PASS":
+        passed, verdict = None, "underpowered"
+        note += f"; the cost is undecided: {power.units_note(cost.estimate, cost.sd, 'seeds', cost.alpha)}"
     return passed, verdict, note
 
 

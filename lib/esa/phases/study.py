@@ -220,9 +220,9 @@ class Plan:
     setup: dict[str, Any] = field(default_factory=dict)  # what every condition shares (calibration, evaluation)
     notes: list[str] = field(default_factory=list)
 
-    def seconds(self) -> float | None:
-        """The predicted total, or None when any condition has no prediction."""
-        s = [c.seconds for c in self.conditions]
+    def seconds(self, model: str | None = None) -> float | None:
+        """The predicted total (of `model`'s conditions when given), or None when any has no prediction."""
+        s = [c.seconds for c in self.conditions if model is None or c.model == model]
         return None if not s or any(x is None for x in s) else float(sum(s))  # type: ignore[arg-type]
 
     def predict(self, costs: Any) -> Plan:
@@ -247,11 +247,11 @@ class Plan:
         per = {m: len(self.for_model(m)) for m in self.models}
         head = (f"{self.study} plan, profile {self.profile.name}: models {', '.join(self.models)}; "
                 + ", ".join(f"{n} conditions for {m}" for m, n in per.items())
-                + (f"; predicted {_duration(total)} on this machine" if total is not None else ""))
+                + (f"; predicted {duration(total)} on this machine" if total is not None else ""))
         out = [head] + [f"  {k}: {_flat(v)}" for k, v in self.setup.items()] + [f"  note: {n}" for n in self.notes]
         if conditions:
             for c in self.conditions:
-                cost = f", ~{_duration(c.seconds)}" if c.seconds is not None else ""
+                cost = f", ~{duration(c.seconds)}" if c.seconds is not None else ""
                 serves = f" -> {', '.join(c.serves)}" if c.serves else ""
                 out.append(f"  - [{c.model}] {c.label}: n = {c.n} {c.unit}{cost}{serves}")
         return out
@@ -265,7 +265,8 @@ def _flat(v: Any) -> str:
     return str(v)
 
 
-def _duration(s: float | None) -> str:
+def duration(s: float | None) -> str:
+    """Seconds as people read a plan's prediction ("45 s", "12 min", "2.1 h"; "unknown" for None)."""
     if s is None or not math.isfinite(s):
         return "unknown"
     if s < 90:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esa.store import atomic_path, read_json, write_json, write_parquet
+from esa.store import atomic_path, read_json, storable, write_json, write_parquet
 
 REGISTRY = "artefacts.json"
 # A LaTeX table is for a paper: beyond this many rows the .tex holds the first rows and says so (the CSV
@@ -87,21 +87,13 @@ def _named_index(df: Any) -> bool:
     return any(name is not None for name in df.index.names)
 
 
-def _storable(df: Any) -> Any:
-    """`df` with each object column that mixes value types (a "measured" column of numbers and words)
-    written as text, which parquet can store; every other column is left exactly as it is."""
-    mixed = [c for c in df.columns if df[c].dtype == object
-             and len({type(v) for v in df[c] if v is not None}) > 1]
-    return df.astype({c: str for c in mixed}) if mixed else df
-
-
 def write_table(df: Any, data_dir: Path, name: str, caption: str = "") -> TableRecord:
     """Write `df` as parquet (the store's format), CSV and LaTeX (booktabs); return what was written.
 
     The parquet is what later notebooks read, written as it always was (index dropped); the CSV and
     LaTeX, for people, keep a named index (a groupby result) as leading columns.
     """
-    parquet = write_parquet(data_dir / f"{name}.parquet", _storable(df))
+    parquet = write_parquet(data_dir / f"{name}.parquet", storable(df))
     if _named_index(df):
         df = df.reset_index()
     csv = data_dir / f"{name}.csv"

@@ -82,6 +82,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--record", action="store_true",
                    help="run the --only selection as one chunk of the judged record and publish what finished ok "
                         "into reports/record/ (esa.runner.record); its dependencies must be in the record already")
+    p.add_argument("--part", metavar="MODEL",
+                   help="with --record and --only <notebook>: record only MODEL's part of that multi-model notebook "
+                        "(reports/record/parts/<notebook>/<model>/); the notebook's chunk then reads it instead of "
+                        "computing that model (esa.phases.parts)")
     p.add_argument("--verify-record", metavar="NOTEBOOK",
                    help="re-run one committed chunk of reports/record/ in a scratch folder and check its numbers "
                         "equal the committed ones")
@@ -137,6 +141,8 @@ def _run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         if args.overwrite and not args.record:
             raise EsaError("--overwrite only applies to --record (it clears a record of other code or profile)")
+        if args.part is not None and not args.record:
+            raise EsaError("--part only applies to --record (it records one model of a notebook into reports/record/)")
         if args.verify_record:
             diffs = record.verify(cfg, args.verify_record)
             for d in diffs:
@@ -149,6 +155,12 @@ def _run(args: argparse.Namespace) -> int:
                 raise EsaError("--record runs into reports/record/; it takes no --dry-run, --generate-docs or --run-id")
             if not cfg.only:
                 raise EsaError("--record needs --only: a chunk is one notebook or a few (each under 2 h)")
+            if args.part is not None:
+                if args.overwrite:
+                    raise EsaError("--part takes no --overwrite (a part joins the record as it is)")
+                path = record.run_part(cfg, args.part)
+                print(f"run_all.py: part recorded in {path}; the chunk (--only {cfg.only[0]} --record) reads it")
+                return 0
             result = record.run_chunk(cfg, overwrite=args.overwrite)
             print(result.index if not result.failures else "run_all.py: the chunk failed; reports/record/ unchanged")
             return result.exit_code

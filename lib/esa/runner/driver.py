@@ -261,7 +261,7 @@ def study_plans(plan: Plan) -> list[str]:
     """Per notebook of the plan: a study's plan (schedule.yaml `study:`) or the week's (esa.phases.plans): its
     conditions, n, the criterion each serves and the seconds predicted from this machine's measured costs
     (esa.phases.costs); loads nothing."""
-    from esa.phases import costs
+    from esa.phases import costs, parts
     from esa.phases.command import STUDIES
     from esa.phases.plans import PLANS
 
@@ -271,7 +271,7 @@ def study_plans(plan: Plan) -> list[str]:
     lines = [("costs: " + (f"measured on {measured.machine.get('cores')} cores, {measured.machine.get('cpu')}"
                            + ("" if measured.same_machine() else " (another machine: predictions are that machine's)"))
               if measured else "costs: none measured here (make costs): no seconds predicted")]
-    total = 0.0
+    total, trained = 0.0, set[str]()
     for item in plan.items:
         study = by_name.get(item.entry.study or "")
         if study is not None:
@@ -283,8 +283,15 @@ def study_plans(plan: Plan) -> list[str]:
         else:
             lines.append(f"{item.entry.id}: no plan (it reads what the notebooks before it computed)")
             continue
+        # a micro-suite member trained by an earlier notebook of this run is read from the cache after it
+        p.conditions = [c for c in p.conditions if c.kind != "train" or c.model not in trained]
+        trained |= {c.model for c in p.conditions if c.kind == "train"}
         total += p.seconds() or 0.0
         lines += [f"{item.entry.id}:"] + ["  " + ln for ln in p.lines()]
+        # a notebook with per-model parts: each part's prediction, and which the judged record holds already
+        record = Path(plan.config.root) / "reports" / "record"
+        lines += ["  " + ln for ln in parts.plan_lines(p, item.entry.id, profile, item.task.parameters["models"],
+                                                      record)]
     lines.append(f"predicted for the studies above: {total / 60:.0f} min on this machine" if measured else "")
     return lines
 

@@ -11,12 +11,23 @@ notebook leaves reports/record/ as it was. Then index.html and report.pdf are re
 present, and the index names the schedule's notebooks still missing.
 
 Refused in one line, before any work: a chunk whose dependency has no chunk in the record yet (it says
-which to run first); and a record of another profile or other overrides, unless `--overwrite`, which clears
-the record first. Code may change between chunks (a record grows over several sessions): each chunk's
-manifest names the commit and code hash it ran at, `make verify-record` re-runs it at the code checked out,
-and the index says how many code versions the record spans. Nothing here reads a cache left by an earlier session as
-input: a chunk recomputes what it needs (deterministically: seeds, strict MKL) or reads the committed
-chunks it depends on.
+which to run first); a record of another profile or other overrides, unless `--overwrite`, which clears
+the record first; and a committed part the chunk would read that is damaged or was made with other settings.
+
+A multi-model notebook with per-model parts (esa.phases.parts) can have one model recorded on its own:
+
+    python run_all.py --profile powered --only phase3_week7_cross_model --record --part qwen2.5-coder-0.5b
+
+computes that model's loop body in this process and moves it, whole, into
+reports/record/parts/<notebook>/<model>/ (its tables and part.json: commit, code hash, profile, the settings
+that determine it, machine, wall time, file digests). The notebook's chunk then reads every matching committed
+part and computes only the other models; its manifest (`parts`) and page say which model came from which part.
+
+Code may change between chunks (a record grows over several sessions): each chunk's (and part's) manifest
+names the commit and code hash it ran at, `make verify-record` re-runs a chunk at the code checked out, and
+the index says how many code versions the record spans. Nothing here reads a cache left by an earlier session
+as input: a chunk recomputes what it needs (deterministically: seeds, strict MKL) or reads the committed
+chunks and parts it depends on.
 """
 
 from __future__ import annotations
@@ -31,14 +42,14 @@ from typing import Any
 
 from esa.errors import EsaError
 from esa.figures import FIGURES_INSIDE
-from esa.params import yaml_load
-from esa.phases import costs
+from esa.params import load_profile, yaml_load
+from esa.phases import costs, parts
 from esa.runner import docs, schedule
 from esa.runner.driver import RunConfig, RunResult, build_index, make_plan, run
 from esa.runner.layout import outputs
 from esa.runner.manifest import environment
 from esa.runner.state import code_hash, read_stamp
-from esa.store import file_digest, read_json, write_json
+from esa.store import file_digest, read_json, write_json, write_problem
 
 RECORD = "record"
 STAGING = "record-staging"  # a plain run id (names stay inside reports/)
@@ -61,8 +72,9 @@ def identity(cfg: RunConfig) -> dict[str, Any]:
     return {"profile": cfg.profile, "overrides": dict(cfg.overrides)}
 
 
-def check(cfg: RunConfig, chosen: list[str], overwrite: bool) -> None:
-    """The refusals of the module docstring, before any work."""
+def _same_record(cfg: RunConfig, overwrite: bool) -> bool:
+    """Whether the record (if any) is of `cfg`'s profile and overrides; refused in one line when it is not and
+    `overwrite` was not given."""
     rec = record_dir(cfg.root)
     mine = identity(cfg)
     theirs = read_json(rec / IDENTITY) if (rec / IDENTITY).is_file() else None
@@ -70,7 +82,13 @@ def check(cfg: RunConfig, chosen: list[str], overwrite: bool) -> None:
         diff = sorted(k for k in mine if theirs.get(k) != mine[k])
         raise EsaError(f"reports/record holds chunks of profile {theirs.get('profile')!r} (differs in "
                        f"{', '.join(diff)}); add --overwrite to clear it and start a new record")
-    if theirs is not None and theirs != mine:
+    return theirs is None or theirs == mine
+
+
+def check(cfg: RunConfig, chosen: list[str], overwrite: bool) -> None:
+    """The refusals of the module docstring, before any work."""
+    rec = record_dir(cfg.root)
+    if not _same_record(cfg, overwrite):
         return  # --overwrite: every dependency is rerun from an empty record, so none can be missing below
     entries = {e.id: e for e in schedule.entries()}
     for nb in chosen:
@@ -91,6 +109,9 @@ def run_chunk(cfg: RunConfig, overwrite: bool = False) -> RunResult:
         shutil.rmtree(rec)
     if rec.is_dir():
         check_intact(rec)  # what survives (--overwrite of the same profile keeps it) is read by this chunk
+        P = load_profile(cfg.profile, cfg.overrides)
+        for item in plan.items:  # the committed parts this chunk will read: whole and made with its settings
+            parts.check_committed(rec, item.entry.id, P, _part_models(item, P))
     stage = root / "reports" / STAGING
     shutil.rmtree(stage, ignore_errors=True)
     if rec.is_dir():
@@ -113,6 +134,51 @@ def run_chunk(cfg: RunConfig, overwrite: bool = False) -> RunResult:
         if (root / "README.md").is_file() and README_BEGIN in (root / "README.md").read_text():
             update_readme(root)
     return result
+
+
+def _part_models(item: Any, P: Any) -> list[str]:
+    """The models a plan item's notebook computes one by one (none without per-model parts)."""
+    s = parts.spec(item.entry.id)
+    return s.models(P, item.task.parameters["models"]) if s is not None else []
+
+
+def run_part(cfg: RunConfig, model: str) -> Path:
+    """Compute `model`'s part of the one notebook of `cfg.only` and move it, whole, into the record (module
+    docstring); returns its folder. Every bad input is refused in one line before any work."""
+    root = Path(cfg.root).resolve()
+    rec = record_dir(root)
+    plan = make_plan(replace(cfg, run_id=STAGING, with_deps=False))
+    if len(plan.items) != 1:
+        raise EsaError("--part needs --only with exactly one notebook (the one the part belongs to), got "
+                       f"{', '.join(i.entry.id for i in plan.items)}")
+    item = plan.items[0]
+    nb = item.entry.id
+    spec = parts.spec(nb)
+    if spec is None:
+        raise EsaError(f"{nb} has no per-model parts; notebooks with parts: {', '.join(parts.specs())}")
+    P = load_profile(cfg.profile, cfg.overrides)
+    models = _part_models(item, P)
+    if model not in models:
+        raise EsaError(f"{nb} computes no model {model!r} under profile {cfg.profile}; its models: {', '.join(models)}")
+    _same_record(cfg, overwrite=False)
+    settings = spec.settings(P, model)  # a bad setting is refused here, before the model loads
+    target = parts.folder(rec, nb, model)
+    unwritable = write_problem(target.parent)
+    if unwritable:  # found now, not after the hours of computing
+        raise EsaError(f"{target.parent} cannot be written: {unwritable}")
+    print(f"run_all.py: recording part {model} of {nb} into {target.relative_to(root)}", flush=True)
+    code = {**environment(), "code_hash": code_hash()}
+    started, t0 = time.time(), time.perf_counter()
+    result = spec.compute(P, model)
+    manifest = {"notebook": nb, "model": model, "commit": code.get("git_commit"), "git_dirty": code.get("git_dirty"),
+                "code_hash": code["code_hash"], "profile": cfg.profile, "overrides": dict(cfg.overrides),
+                "settings": settings, "machine": costs.machine(), "seconds": round(time.perf_counter() - t0, 1),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+                "packages": code.get("packages")}
+    parts.write(target, result, manifest, spec.transient)
+    if not (rec / IDENTITY).is_file():
+        write_json(rec / IDENTITY, identity(cfg))  # a record may start with a part
+    return target
 
 
 def _parts(run_dir: Path, nb: str) -> list[Path]:
@@ -142,8 +208,15 @@ def publish(stage: Path, rec: Path, nb: str, cfg: RunConfig, result: dict[str, A
         "models": (stamp.get("parameters") or {}).get("models"), "machine": costs.machine(),
         "seconds": result.get("seconds"), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "packages": code.get("packages"),
+        "parts": _origins(rec, nb),  # which model came from which committed part (and commit)
         "files": _digests(rec, nb),  # xxh3-128 of every file of the chunk: a damaged record is caught, never used
     })
+
+
+def _origins(rec: Path, nb: str) -> dict[str, Any] | None:
+    """Where each model of a chunk with per-model parts came from (the notebook's data/<nb>/parts.json)."""
+    path = rec / "data" / nb / f"{parts.PARTS}.json"
+    return read_json(path) if path.is_file() else None
 
 
 def _files(rec: Path, nb: str) -> list[Path]:
@@ -216,12 +289,13 @@ def rebuild(cfg: RunConfig) -> Path:
             write_json(rec / CHUNKS / f"{nb}.json", chunks[nb])
     write_json(rec / "manifest.json", {
         "run_id": RECORD, "status": "partial" if missing(root) else "ok", "profile": cfg.profile,
-        "overrides": dict(cfg.overrides), "code_versions": code_versions(chunks),
+        "overrides": dict(cfg.overrides), "code_versions": code_versions(_pieces(rec)),
         "profile_settings": _profile_settings(cfg), "chunks": chunks, "missing": missing(root),
+        "parts": committed_parts(rec),
         "wall_seconds": round(sum(c.get("seconds") or 0 for c in chunks.values()), 1),
         "started": min((c.get("started") or "" for c in chunks.values()), default=None),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "executor": "record chunks", "jobs": 1, "kernel": cfg.kernel,
-        "environment": _environment(chunks),
+        "environment": _environment(_pieces(rec)),
     })
     index = build_index(replace(cfg, run_id=RECORD))
     try:
@@ -229,6 +303,24 @@ def rebuild(cfg: RunConfig) -> Path:
     except EsaError as err:
         print(f"reports/record/report.pdf not rebuilt: {err}")
     return index
+
+
+def committed_parts(rec: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every committed part, by notebook and model: its commit, code hash, digest and wall time."""
+    out = {}
+    for nb in sorted(p.name for p in (rec / parts.PARTS).glob("*") if p.is_dir()):
+        found = parts.committed(rec, nb)
+        if found:
+            out[nb] = {m: {k: made.get(k) for k in ("commit", "code_hash", "digest", "seconds", "started")}
+                       for m, made in found.items()}
+    return out
+
+
+def _pieces(rec: Path) -> dict[str, dict[str, Any]]:
+    """Every chunk's manifest and every part's (as "<notebook> part <model>"): what the record's code versions
+    and commits are counted over."""
+    found = {f"{nb} part {m}": made for nb in committed_parts(rec) for m, made in parts.committed(rec, nb).items()}
+    return {**_chunks(rec), **found}
 
 
 def _chunks(rec: Path) -> dict[str, dict[str, Any]]:
@@ -355,7 +447,7 @@ def summary_sentences(root: Path) -> list[str]:
                                                                   "machinery-only")}
     meta = read_json(rec / IDENTITY)
     n_all = len(_entries(root))
-    versions = code_versions(done)
+    versions = code_versions(_pieces(rec))
     code = "one code version" if len(versions) == 1 else f"{len(versions)} code versions"
     first = (f"The record (profile `{meta['profile']}`, {code}) holds {len(done)} of {n_all} "
              f"notebooks and judges {len(rows)} criteria: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n) + ".")

@@ -373,22 +373,23 @@ def _per_changed_weight(ga: pd.DataFrame, gb: pd.DataFrame, paired: bool) -> dic
 
 
 def _window_matrices(w: pd.DataFrame, key: dict[str, Any], a: str, b: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The capped per-window deltas of groups a and b, (seeds, windows) each, on the seeds both have."""
+    """The capped per-window deltas of groups a and b, (seeds, windows) each, on the seeds and windows both
+    have (a sequential sweep gives a group more windows than another once their comparison is decided)."""
     sel = w
     for col, v in key.items():
         sel = sel[sel[col] == v]
     pa = sel[sel.group == a].pivot_table(index="seed", columns="window", values="_d")
     pb = sel[sel.group == b].pivot_table(index="seed", columns="window", values="_d")
-    common = pa.index.intersection(pb.index)
-    if len(common) == 0:
+    seeds, wins = pa.index.intersection(pb.index), pa.columns.intersection(pb.columns)
+    if len(seeds) == 0 or len(wins) == 0:
         return None
-    return pa.loc[common].to_numpy(), pb.loc[common, pa.columns].to_numpy()
+    return pa.loc[seeds, wins].to_numpy(), pb.loc[seeds, wins].to_numpy()
 
 
 def _window_comparison(w: pd.DataFrame, key: dict[str, Any], a: str, b: str) -> dict[str, Any]:
     mats = _window_matrices(w, key, a, b)
     if mats is None:
-        return dict(test="none", p=math.nan, n=0, note="no shared seeds for window pairing")
+        return dict(test="none", p=math.nan, n=0, note="no shared (seed, window) pairs")
     return window_test(*mats)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from esa.stats import power
+from esa.stats.contrasts import Contrast, contrast
 from esa.stats.inference import holm, paired_test
 from esa.stats.verdicts import Criterion, demote
 
@@ -68,11 +69,8 @@ def compare(final: pd.DataFrame, key: str, a: str, b: str, value: str, sign: flo
         if len(errs) and arm not in set(ok["arm"]):
             c.missing = f"{arm} could not run: {errs.iloc[0]}"
             return c
-    pa = ok[ok["arm"] == a].set_index("seed")[value]
-    pb = ok[ok["arm"] == b].set_index("seed")[value]
-    both = pa.index.intersection(pb.index)
-    d = (sign * (pa.loc[both] - pb.loc[both])).to_numpy(float)
-    d = d[np.isfinite(d)]
+    va, vb = seed_pairs(final, a, b, value)
+    d = sign * (va - vb)
     c.n, c.diffs = int(d.size), [float(x) for x in d]
     if d.size == 0:
         c.missing = "no seed has finite values for both arms"
@@ -85,6 +83,25 @@ def compare(final: pd.DataFrame, key: str, a: str, b: str, value: str, sign: flo
     if d.size >= 2:
         c.reverse_p = float(paired_test(d, np.zeros_like(d), alternative="less")["p"])
     return c
+
+
+def seed_pairs(final: pd.DataFrame, a: str, b: str, value: str) -> tuple[np.ndarray, np.ndarray]:
+    """`value` of arm `a` and of arm `b` on the seeds where both ran and both are finite, aligned by seed."""
+    ok = ran(final)
+    pa = ok[ok["arm"] == a].set_index("seed")[value]
+    pb = ok[ok["arm"] == b].set_index("seed")[value]
+    both = pa.index.intersection(pb.index)
+    va, vb = pa.loc[both].to_numpy(float), pb.loc[both].to_numpy(float)
+    keep = np.isfinite(va) & np.isfinite(vb)
+    return va[keep], vb[keep]
+
+
+def share_kept(final: pd.DataFrame, a: str, b: str, value: str, share: float, alpha: float = ALPHA) -> Contrast | None:
+    """The claim "arm `a` keeps at least `share` of arm `b`'s value" as the contrast value(a) − share·value(b)
+    > 0, paired by seed and judged by its one-sided bounds (esa.stats.contrasts): decided also where b's value
+    is within noise of zero, where the share a/b would have no denominator. None when no seed has both."""
+    va, vb = seed_pairs(final, a, b, value)
+    return contrast(va, vb, share, 0.0, alpha, "seeds") if va.size else None
 
 
 def with_holm(comps: list[Comparison]) -> list[Comparison]:

@@ -158,6 +158,19 @@ def plan_n(
     return None if planned is None else planned.n_max
 
 
+def units_note(estimate: float, sd: float, unit: str, alpha: float) -> str:
+    """What would decide an undecided one-sided contrast (esa.stats.contrasts) at level `alpha`: the units a
+    paired t needs at the observed mean and sd of D, or why more units would not make it pass (stored
+    contrasts hold non-finite numbers as strings, hence the conversion)."""
+    estimate, sd = float(estimate), float(sd)
+    need = plan_n(estimate, sd, alpha) if math.isfinite(sd) else None
+    if need:
+        return f"at the observed contrast about {need} {unit} would decide it"
+    if 0 < estimate < math.inf:
+        return f"the observed contrast is too small to decide within {MAX_N:,} {unit}"
+    return "the observed contrast is not positive, so more units would not make it pass"
+
+
 def operating_characteristics(
     design: Design, effect_mean: float, effect_sd: float, n_sim: int = 4000, seed: int = 0,
     df: float | None = None,

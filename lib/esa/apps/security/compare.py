@@ -12,7 +12,7 @@ these arguments, and hands `in_formats` the loader for a format that needs the m
 - `protection_table`: catastrophic rate against the guarded fraction, top-scored vs an equal random set;
 - `collapse_table`, `fault_curve_table`: per storage format (the model as `in_formats` gives it), the
   single-flip collapse share and the fault campaigns over per-bit rates;
-- `attack_ratio`: the criterion's flips ratio (esa.stats.ratios) from the attack runs.
+- `attack_contrast`: the criterion's flips comparison (esa.stats.vulnerability) from the attack runs.
 `analyse` runs them all on one model with the sizes a study's settings give (`Knobs`: the keys of the
 profile's `security` section it reads) and returns the model's `ModelSecurity`.
 """
@@ -40,7 +40,12 @@ from esa.data import Windows, calibration, evaluation
 from esa.evaluate import evaluate
 from esa.models import LoadedModel
 from esa.perturb.apply import Targets, count_targets, weights_hash
-from esa.stats.ratios import Ratio, adversarial_ratios, fault_ratio, vulnerability_verdict
+from esa.stats.vulnerability import (
+    Vulnerability,
+    adversarial_contrasts,
+    fault_contrast,
+    vulnerability_contrast,
+)
 
 InFormat = Callable[[str], tuple[torch.nn.Module, Windows]]  # storage format -> (model in its dtype, windows)
 
@@ -80,6 +85,8 @@ class Knobs(Protocol):
     pgd_budgets: list[float]
     pgd_radius: str
     pgd_steps: int
+    criterion_factor: float
+    alpha: float
     min_runs: int
     n_boot: int
     seed: int
@@ -208,28 +215,36 @@ def attack_runs(lm: LoadedModel, crit: CriticalSet, wins: Windows, batch: Callab
                       summarise_attacks(results, n_boot=n_boot))
 
 
-def attack_ratio(runs: AttackRuns, goal: str, min_runs: int = 3, n_boot: int = 2000, seed: int = 0) -> Ratio:
-    """Flips random-k / flips critical to `goal` (e.g. "ppl_x100"), paired over attack seeds, censored runs
-    flagged (esa.stats.ratios.vulnerability_verdict)."""
+def attack_contrast(runs: AttackRuns, goal: str, c: float = 1.0, alpha: float = 0.05,
+                    min_runs: int = 3) -> Vulnerability:
+    """Flips random-k − c · flips critical to `goal` (e.g. "ppl_x100"), paired by attack seed, runs that hit
+    the flip budget flagged as censored (esa.stats.vulnerability)."""
     crit, rand = runs.results.get("critical", []), runs.results.get("random_k", [])
     if not crit or not rand:
-        return Ratio(float("nan"), float("nan"), float("nan"), len(crit), len(rand), None, "not estimable",
-                     "the critical and random_k attack sets were not both run")
-    c, okc = flips_needed(crit, goal)
-    r, okr = flips_needed(rand, goal)
-    return vulnerability_verdict(c, r, more_is_vulnerable=False, paired=True, min_runs=min_runs,
-                                 censored_critical=~okc, censored_random=~okr, n_boot=n_boot, seed=seed)
+        return vulnerability_contrast([], [], more_is_vulnerable=False, c=c, alpha=alpha, min_runs=min_runs)
+    cf, okc = flips_needed(crit, goal)
+    rf, okr = flips_needed(rand, goal)
+    return vulnerability_contrast(cf, rf, more_is_vulnerable=False, c=c, alpha=alpha, min_runs=min_runs,
+                                  censored_critical=~okc, censored_random=~okr)
+
+
+def split_trials(trials: int, n_sets: int) -> list[int]:
+    """`trials` over `n_sets` sets as evenly as possible, the first sets taking the remainder (some get 0
+    when there are fewer trials than sets)."""
+    q, r = divmod(trials, n_sets)
+    return [q + (i < r) for i in range(n_sets)]
 
 
 def set_fault_table(lm: LoadedModel, crit: CriticalSet, wins: Windows, fmt: str, n_flips: int, trials: int,
                     seeds: Sequence[int], bits: str | None, seed: int, factor: float) -> pd.DataFrame:
     """Bounded faults inside the critical set (`trials` trials) vs matched random sets (one per attack seed,
-    the trials split evenly between them); the random rows have set "random_k" and their draw in `random_set`."""
-    per = max(1, trials // len(seeds))
-    rand = {f"random_k@{s}": matched_random(crit.targets, crit.sizes(lm), s) for s in seeds}
+    `trials` in all, split as evenly as the seeds allow, so each critical trial has a random one to pair
+    with); the random rows have set "random_k" and their draw in `random_set`."""
+    counts = {s: n for s, n in zip(seeds, split_trials(trials, len(seeds)), strict=True) if n}
+    rand = {f"random_k@{s}": matched_random(crit.targets, crit.sizes(lm), s) for s in counts}
     kw: dict[str, Any] = dict(bits=bits, seed=seed, factor=factor, show_progress=False)
     t = set_faults(lm.model, wins, fmt, {"critical": crit.targets}, n_flips, trials, **kw)
-    r = set_faults(lm.model, wins, fmt, rand, n_flips, per, **kw)
+    r = set_faults(lm.model, wins, fmt, rand, n_flips, {f"random_k@{s}": n for s, n in counts.items()}, **kw)
     return pd.concat([t, r.assign(set="random_k", random_set=r["set"])], ignore_index=True)
 
 
@@ -299,14 +314,14 @@ class ModelSecurity:
     set_faults: pd.DataFrame
     protection: pd.DataFrame
     adversarial: pd.DataFrame
-    ratios: dict[str, Any]  # attack / faults: Ratio; adversarial: eps -> Ratio
+    vulnerability: dict[str, Any]  # attack / faults: Vulnerability; adversarial: eps -> Vulnerability
     seconds: dict[str, float]
     weights_restored: bool
 
 
 def analyse(name: str, lm: LoadedModel, crit: CriticalSet, wins: Windows, in_format: InFormat, corpus: str,
             S: Knobs, before: str, started: float) -> ModelSecurity:
-    """Every comparison of model `name` in the order the study runs them, its ratios and timings; `before`
+    """Every comparison of model `name` in the order the study runs them, its judged contrasts and timings; `before`
     is the weights' hash when loaded (`weights_restored`: unchanged after every analysis), `started` the
     perf_counter at the load (the first timing: load and critical set)."""
     base = evaluate(lm.model, wins, show_progress=False)
@@ -336,9 +351,9 @@ def analyse(name: str, lm: LoadedModel, crit: CriticalSet, wins: Windows, in_for
     with shared_int8(lm, S.protect_format == "int8"):
         prot = timed("protection", protection_table, lm, in_format, name, crit, S.protect_fractions,
                      S.protect_format, S.protect_rate, S.protect_trials, S.protect_mode, S.seed, S.fault_factor)
-    stat = dict(min_runs=S.min_runs, n_boot=S.n_boot, seed=S.seed)
-    ratios = {"attack": attack_ratio(runs, f"ppl_x{S.criterion_goal:g}", **stat), "faults": fault_ratio(sf, **stat),
-              "adversarial": adversarial_ratios(adv, **stat)}
+    stat = dict(c=S.criterion_factor, alpha=S.alpha, min_runs=S.min_runs)
+    judged = {"attack": attack_contrast(runs, f"ppl_x{S.criterion_goal:g}", **stat),
+              "faults": fault_contrast(sf, **stat), "adversarial": adversarial_contrasts(adv, **stat)}
     return ModelSecurity(name, crit.describe(lm), dict(ppl=base.ppl, log_ppl=base.log_ppl, accuracy=base.accuracy),
                          collapse.assign(model=name), cw, runs, faults, ft, sf.assign(model=name), prot,
-                         adv.assign(model=name), ratios, sec_t, weights_hash(lm.model) == before)
+                         adv.assign(model=name), judged, sec_t, weights_hash(lm.model) == before)

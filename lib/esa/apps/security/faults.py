@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,7 +155,6 @@ def fault_campaign(
     rates = [check_rate(r) for r in rates]
     if not rates:
         raise EsaError("no fault rate given")
-    trials = check_positive_int(trials, "number of trials")
     factor = check_factor(factor, "catastrophe factor")
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -303,7 +302,7 @@ def set_faults(
     fmt: str,
     sets: dict[str, Targets],
     n_flips: int,
-    trials: int,
+    trials: int | Mapping[str, int],
     bits: str | None = None,
     seed: int = 0,
     weights: Sequence[str | WeightSpec] | None = None,
@@ -315,22 +314,26 @@ def set_faults(
     from the bit class `bits` (default: the format's bounded class) of one set's weights, evaluates once and
     restores. One row per (set, trial): damage log(PPL/base), catastrophic (PPL >= factor x base), inf/NaN
     counts. Sets of equal size (a critical set and random sets matched per matrix) make the damage per flip
-    comparable; the draws of set s, trial t use their own seeded stream."""
+    comparable; the draws of set s, trial t use their own seeded stream. `trials`: one count for every set,
+    or a count per set label."""
     f = get_format(fmt)
     bits = bits or f.bounded
     f.positions(bits)
     n_flips = check_positive_int(n_flips, "faults per trial")
-    trials = check_positive_int(trials, "number of trials")
     factor = check_factor(factor, "catastrophe factor")
     if not sets:
         raise EsaError("set_faults needs at least one weight set")
+    per = dict(trials) if isinstance(trials, Mapping) else dict.fromkeys(sets, trials)
+    if set(per) != set(sets):
+        raise EsaError(f"trials per set are given for {sorted(per)}, the sets are {sorted(sets)}")
+    per = {label: check_positive_int(n, f"number of trials of set {label!r}") for label, n in per.items()}
     specs = resolve_weights(model, weights)
     checked = {label: check_targets(t, specs, f"weight set {label!r}") for label, t in sets.items()}
     rows = []
     with stored(model, fmt, specs) as store:
         base = baseline(model, windows, batch_size)
         domains = {label: BitDomain(store, bits, t) for label, t in checked.items()}
-        jobs = [(label, t) for label in checked for t in range(trials)]
+        jobs = [(label, t) for label in checked for t in range(per[label])]
         for label, t in progress(jobs, desc=f"set faults {fmt}", disable=not show_progress, unit="trial"):
             dom = domains[label]
             fl = dom.locate(draw_distinct(rng_for(seed, "set_faults", label, t), dom.total, n_flips))

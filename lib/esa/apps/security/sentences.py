@@ -1,7 +1,7 @@
 """What the security tables say, as sentences computed from them (nothing typed in).
 
-One function per table of esa.apps.security (collapse shares, attack summaries and histories, the
-vulnerability ratios of esa.stats.ratios, fault campaigns, protection curves, the backdoor twin study);
+One function per table of esa.apps.security (collapse shares, attack summaries and histories, the judged
+vulnerability contrasts of esa.stats.vulnerability, fault campaigns, protection curves, the backdoor twin study);
 each returns plain sentences, Markdown-ready, for a study's findings (esa.phases.phase5_security);
 `paragraph` is one model's (`compare.ModelSecurity`) in that order, `backdoor_paragraph` the twin study's.
 """
@@ -51,16 +51,12 @@ def attacks(summary: pd.DataFrame, history: pd.DataFrame, goal: float, fmt: str,
     return out
 
 
-def _ratio(r: Any) -> str:
-    v = f"{r.value:.3g}" if math.isfinite(r.value) else "not finite"
-    return f"{v} (95% CI [{r.lo:.3g}, {r.hi:.3g}]), {r.verdict}"
-
-
-def ratios(by: Mapping[str, Any]) -> list[str]:
-    """The vulnerability ratios (attack, faults: a Ratio each; adversarial: eps -> Ratio) with their verdicts."""
-    out = [f"The vulnerability ratio from the {key} is {_ratio(by[key])}: {by[key].note}."
-           for key in ("attack", "faults")]
-    return out + [f"Under PGD at L-inf {eps:g} the ratio is {_ratio(r)}." for eps, r in by["adversarial"].items()]
+def vulnerability(by: Mapping[str, Any]) -> list[str]:
+    """The judged contrasts (attack, faults: a Vulnerability each; adversarial: eps -> Vulnerability), each
+    with its verdict and the numbers behind it."""
+    what = [("the bit search (flips needed)", by["attack"]), ("bounded faults (damage per trial)", by["faults"])]
+    what += [(f"PGD at L-inf {eps:g} (loss increase)", v) for eps, v in by["adversarial"].items()]
+    return [f"Critical against random under {label}: {v.verdict}; {v.note}." for label, v in what]
 
 
 def faults(table: pd.DataFrame) -> list[str]:
@@ -107,13 +103,14 @@ def backdoor(twins: pd.DataFrame, detection: pd.DataFrame, settings: Mapping[str
 
 
 def paragraph(r: ModelSecurity, S: Knobs) -> str:
-    """One model's findings: the base, collapse shares, attacks, the ratios, faults and protection (Markdown)."""
+    """One model's findings: the base, collapse shares, attacks, the judged contrasts, faults and protection
+    (Markdown)."""
     return " ".join([f"**{r.model}** (base perplexity {r.base['ppl']:.1f} on the held-out windows; critical set "
                      f"{r.critical['n_weights']:,} weights, {r.critical['fraction']:.3%} of those studied).",
                      collapse(r.collapse, S.collapse_factor),
                      *attacks(r.attacks.summary, r.attacks.history, S.criterion_goal, S.attack_format,
                               r.critical["fraction"]),
-                     *ratios(r.ratios), *faults(r.faults),
+                     *vulnerability(r.vulnerability), *faults(r.faults),
                      *protection(r.protection, S.protect_mode, S.protect_format, S.protect_rate)])
 
 
