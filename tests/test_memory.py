@@ -8,6 +8,7 @@ import torch
 from esa import memory
 from esa.errors import EsaError
 from esa.models import load
+from esa.models.inventory import weight_inventory
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,12 @@ def test_components_scale_with_batch_and_seqlen(fp32):
     assert b["logits"] == 2 * a["logits"] and c["logits"] == 2 * a["logits"]  # linear in B and T
     # eager attention keeps (a, T, T) scores: doubling T more than doubles activations
     assert c["activations"] > 2 * a["activations"]
-    for k in ("weights", "accumulators", "grads_in_flight"):  # do not depend on the batch
+    for k in ("weights", "accumulators"):  # do not depend on the batch
         assert a[k] == b[k] == c[k]
+    # the loss's logits buffers are freed before the first gradient exists: the larger of the two is planned
+    assert "grads_in_flight" not in a
+    one = memory.estimate(m, "gradient", 1, 1).components
+    assert "logits" not in one and one["grads_in_flight"] == max(s.numel for s in fp32.inventory) * (4 + 4)
     n_studied = sum(s.numel for s in fp32.inventory)
     assert a["accumulators"] == 4 * n_studied
     assert a["weights"] == 4 * sum(p.numel() for p in m.parameters())
@@ -116,3 +121,110 @@ def test_bad_inputs(fp32):
         memory.estimate(fp32.model, "backprop", 1, 8)
     with pytest.raises(EsaError, match="batch_size"):
         memory.estimate(fp32.model, "eval", 0, 8)
+
+
+def _meta_llama(dtype: torch.dtype, tie: bool = False) -> torch.nn.Module:
+    """A small Llama on the meta device: h 64, I 128, 2 layers, 4 heads of 16, 2 kv heads (kv 32), vocab 256."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, tie_word_embeddings=tie)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+
+H, INTER, KV, A, L, V = 64, 128, 32, 4, 2, 256
+LINEARS = L * (2 * H * H + 2 * H * KV + 3 * H * INTER) + V * H  # the blocks' Linears and the LM head
+
+
+def _graph(compute: int, inputs: float) -> int:
+    """The training graph of esa.memory at batch 2 x 16: the layer outputs (compute dtype), the norms' fp32
+    inputs and SDPA's log-sum-exp, and what the method keeps of the Linears' inputs (bytes per token)."""
+    return int(L * 2 * 16 * (compute * (2 * H + 3 * INTER + 2 * KV) + 4 * (2 * H + A) + inputs))
+
+
+def test_training_plans_count_what_bf16_autocast_adds_on_an_fp32_model():
+    """On CUDA the training loop runs under bf16 autocast (esa.apps.training.loop.uses_autocast): an fp32 model's
+    Linears keep bf16 casts of their weights and compute in bf16; each method keeps its own inputs."""
+    m = _meta_llama(torch.float32)
+    work = {"trainable": 1000}
+
+    def est(p: str, autocast: bool, target: str = "cuda:0") -> dict[str, int]:
+        return memory.estimate(m, p, 2, 16, target=target, work=work, autocast=autocast).components
+
+    plain, cast = est("finetune_lora", False), est("finetune_lora", True)
+    assert plain["activations"] == _graph(4, 4 * (2 * H + INTER)) and "weight_casts" not in plain
+    # autocast: bf16 layer outputs, LoRA's bf16 casts of q, k, v, gate and up's fp32 inputs and of the product
+    assert cast["activations"] == _graph(2, 2 * (5 * H + INTER)) and cast["weight_casts"] == 2 * LINEARS
+    assert cast["optimizer"] == plain["optimizer"] == 16 * 1000
+    sparse = est("finetune_sparse", True)  # the hook keeps the norms' fp32 outputs and the bf16 product
+    assert sparse["activations"] == _graph(2, 4 * 2 * H + 2 * INTER) and sparse["weight_casts"] == 2 * LINEARS
+    # full fine-tuning: the backward's start (graph, casts, logits, head gradient) against the step
+    full = memory.estimate(m, "finetune_full", 2, 16, target="cpu", autocast=True).components
+    assert "optimizer_step" in full  # a tiny model peaks at the step
+    n = sum(p.numel() for p in m.parameters())
+    start = (_graph(2, 2 * (5 * H + INTER) + 4 * 2 * H) + 2 * LINEARS + 12 * 2 * 16 * V + 4 * V * H)
+    assert sum(full.values()) - full["weights"] - full["optimizer"] == max(start, 4 * n + 2 * 4 * V * H)
+    # an accelerator's foreach AdamW holds an fp32 copy of every weight in its step; the CPU's one at a time
+    gpu = memory.estimate(m, "finetune_full", 2, 16, target="cuda:0", autocast=True).components
+    assert gpu["optimizer_step"] == 4 * n and full["optimizer_step"] == 2 * 4 * V * H
+
+
+def test_autocast_on_a_bf16_model_changes_only_loras_input_copies():
+    m = _meta_llama(torch.bfloat16)
+    work = {"trainable": 1000}
+
+    def act(p: str, autocast: bool) -> dict[str, int]:
+        return memory.estimate(m, p, 2, 16, target="cuda:0", work=work, autocast=autocast).components
+
+    # frozen bf16 weights keep nothing of their inputs; peft's fp32 copy of each adapted input (4 bytes), made
+    # bf16 again by autocast (2 bytes) for q, k, v, o, gate and up (h wide) and down (I wide)
+    assert act("finetune_lora", False)["activations"] == _graph(2, 4 * (6 * H + INTER))
+    assert act("finetune_lora", True)["activations"] == _graph(2, 2 * (6 * H + INTER))
+    assert act("finetune_sparse", True) == act("finetune_sparse", False)  # nothing to cast: no weight casts
+    assert act("finetune_sparse", True)["activations"] == _graph(2, 2 * (2 * H + INTER))
+
+
+def test_loop_plans_the_autocast_it_runs(monkeypatch):
+    """The training loop asks the plan with the autocast it is about to enable (CPU: only precision 'bf16')."""
+    from esa.apps.training import TrainConfig, train
+    from esa.apps.training.loop import uses_autocast
+    from esa.apps.training.lora import LoraFT
+
+    assert uses_autocast(torch.device("cuda"), "auto") and not uses_autocast(torch.device("cpu"), "auto")
+    assert uses_autocast(torch.device("cpu"), "bf16") and not uses_autocast(torch.device("cuda"), "fp32")
+    seen = []
+
+    def check(*a, **k):
+        seen.append(k.get("autocast"))
+        raise EsaError("stop here")
+
+    monkeypatch.setattr(memory, "check", check)
+    lm = load("tiny-llama", device="cpu")
+    ids = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    for precision in ("auto", "bf16"):
+        cfg = TrainConfig(steps=1, batch_size=1, eval_start=False, show_progress=False, precision=precision)
+        with pytest.raises(EsaError, match="stop here"):
+            train(lm.model, LoraFT(lm.inventory, rank=1), ids, cfg, inventory=lm.inventory)
+    assert seen == [False, True]
+
+
+def test_one_shot_sparsegpt_holds_every_blocks_hessians_and_writes_nothing():
+    from esa.apps.pruning import PruneSpec
+    from esa.apps.pruning.prune import memory_pass
+
+    m = _meta_llama(torch.float32)
+    n = sum(s.numel for s in weight_inventory(m))
+    work = {"written": n // 2, "windows": 4}
+    seq = memory.estimate(m, "sparsegpt", 1, 32, target="cpu", work=work).components
+    one = memory.estimate(m, "sparsegpt_one_shot", 1, 32, target="cpu", work=work).components
+    hess = 4 * (3 * H * H + INTER * INTER)  # one block's X^T X per distinct input
+    assert seq["hessians"] == hess and "stats" not in seq and seq["backup"] > 0
+    assert one["hessians"] == hess and one["stats"] == hess * (L - 1) and "backup" not in one
+    wanda = memory.estimate(m, "prune_one_shot", 1, 32, target="cpu", work=work).components
+    assert "backup" not in wanda and "calibration" not in wanda  # no block inputs held; the decision peaks here
+    assert memory_pass(PruneSpec("sparsegpt", sparsity=0.5)) == "sparsegpt"  # its default: layer-sequential
+    assert memory_pass(PruneSpec("sparsegpt", sparsity=0.5, calibration="one-shot")) == "sparsegpt_one_shot"
+    assert memory_pass(PruneSpec("wanda", sparsity=0.5, calibration="one-shot")) == "prune_one_shot"
+    assert memory_pass(PruneSpec("magnitude", sparsity=0.5)) == "prune_one_shot"  # data-free: nothing written

@@ -54,3 +54,31 @@ def test_the_task_kernel_sees_exactly_its_gpus(monkeypatch, tmp_path):
                   gpus=2, gpu_ids=["2", "3"])
     stamp = task.run_task(t.as_dict())
     assert seen["cvd"] == "2,3" and stamp["cuda_visible_devices"] == "2,3"
+
+
+def test_a_phase5_notebook_gets_the_gpus_of_its_studys_passes_at_8b(monkeypatch):
+    """The runner plans a Phase 5 notebook with its study's passes (esa.phases.memplan.gpus_for), on the meta
+    device at Llama-3.1-8B's shape: a fine-tuning notebook needs the GPUs of full fine-tuning's fp32 AdamW step,
+    the pruning, security and interpretability ones fit one GPU. One metric that fits one GPU is scored."""
+    monkeypatch.setenv("ESA_PARAMS_DIR", str(driver.REPO_ROOT / "params"))
+    monkeypatch.setattr(executors, "visible_gpus", lambda: ["0", "1", "2", "3"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from esa.params import load_profile
+    from esa.phases import memplan
+    from esa.recipes import Recipe
+
+    prof = load_profile("extended", {"metrics": ["grad_x_weight"]})
+    recipe = Recipe.of(prof)
+    rows, _ = memplan.rows_of("llama-3.1-8b", recipe, prof, studies=("finetune",))
+    by_pass = {r.pass_name: r for r in rows}
+    assert {"gradient", "finetune_sparse", "finetune_lora", "finetune_full"} <= set(by_pass)
+    assert by_pass["finetune_full"].gpus == 3 and by_pass["finetune_full"].estimate.autocast  # ~150 GiB
+    assert by_pass["gradient"].gpus == 1
+    assert memplan.gpus_for(["llama-3.1-8b"], recipe, profile=prof) == 1  # scoring alone
+    need = {s: memplan.gpus_for(["llama-3.1-8b"], recipe, profile=prof, study=s) for s in memplan.STUDIES}
+    assert need == {"prune": 1, "finetune": 3, "security": 1, "interpret": 1}, need
+    plan = driver.make_plan(driver.RunConfig(profile="extended", overrides={"metrics": ["grad_x_weight"]},
+                                             only=["phase5_week13_finetune", "phase5_week14_security"],
+                                             models=["llama-3.1-8b"], with_deps=False))
+    assert {i.entry.id: i.task.gpus for i in plan.items} == {"phase5_week13_finetune": 3,
+                                                             "phase5_week14_security": 1}

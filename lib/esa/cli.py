@@ -385,9 +385,7 @@ def dry_run_lines(cmd: command.Command, args: argparse.Namespace) -> list[str]:
             plan = study.plan(job.settings, prof, [args.model] if args.model else None)
             lines += plan.lines() + [f"esa-runner {flag_name_of(study)}: {job.describe()}: settings checked"]
     try:  # the profile's passes (every metric it lists: the notebooks run them all), on the meta device
-        ft = prof.finetune
         lines += memplan.lines(cmd.model, r.but(metrics=list(dict.fromkeys([*r.metrics, *prof.metrics]))),
-                               finetune=(int(ft.get("batch_size", 8)), int(ft.get("seqlen", r.seqlen))) if ft else None,
                                profile=prof)
     except EsaError as e:
         lines.append(str(e))

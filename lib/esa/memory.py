@@ -15,15 +15,17 @@ and Qwen2.5-0.5B's shape in fp32 and bf16 and checks each estimate within +-15% 
   only the rest against free memory).
 - accumulators: gradient metrics, Hutchinson and act_mag keep one fp32 score per studied weight: 4N.
 - gradients in flight: the metrics fold each .grad into its accumulator in a post-accumulate-grad hook
-  and free it at once, so at most the largest studied gradient plus its fp32 copy live: n_max (b + 4).
+  and free it at once, so at most the largest studied gradient plus its fp32 copy live: n_max (b + 4). They
+  exist only once the loss's logits buffers are freed, so a backward plans the larger of the two.
 - activations kept for backward (SDPA): L B T (b (4h + 4I + 2kv) + 4 (2h + a)): the linear layers' inputs
   and outputs, the RMSNorms' fp32 upcasts and SDPA's log-sum-exp; eager attention adds its (a, T, T)
   probabilities. Without backward (evaluation, act_mag, perturbation) the peak is the larger of one layer's
   working set, B T (b (4h + 3I) + 8h), and the logits phase.
 - logits: evaluation holds the (B, T, V) logits and, one window at a time, their fp32 copy (bf16 only) and
-  log-softmax: B T V b + T V (4 + 4 [b != 4]); a backward through the fp32 loss holds the log-softmax, its
-  gradient, the logits' fp32 gradient and its cast: B T V (12 + b [b != 4]); act_mag keeps the last
-  position's logits only (its peak is its fp32 scores, built after the forward).
+  log-softmax: B T V b + T V (4 + 4 [b != 4]); a backward through the fp32 loss starts holding the
+  log-softmax, its gradient and the logits' fp32 gradient: 12 B T V (the cast to the model dtype comes after
+  the first two are freed); act_mag keeps the last position's logits only (its peak is its fp32 scores, built
+  after the forward).
 - Hutchinson (double backward, one window at a time): on top of a gradient pass, 3 N b (the create_graph
   gradients, the probe cast to the model dtype, the second backward's products), 3.5 more activation sets
   (the first backward's graph) and 30 bytes per (a, T, T) element per layer for SDPA's math kernel; all P
@@ -33,10 +35,14 @@ and Qwen2.5-0.5B's shape in fp32 and bf16 and checks each estimate within +-15% 
 - offload staging: accelerate loads an offloaded block's weights for its forward: the largest block.
 - application passes (Phase 5; `work` gives their counts): pruning's restore backup (a copy of each matrix
   once that is cheaper than index + bits), masks, calibration inputs and per-block decision (SparseGPT adds its
-  Hessians, factorisation and kept values); sparse fine-tuning's O(k) state and LoRA's fp32 adapters with
-  AdamW over a frozen-weight backward; the int8 store's codes and host backup, and the bit search's streamed
-  gradient pass on it; an interpretability capture's forward with its fp32 softmax. `check` refuses them in
-  one line naming the first setting that fits (fewer tokens per step, bf16, a device map over N GPUs).
+  Hessians, factorisation and kept values); one-shot calibration writes nothing and holds every block's
+  statistics (SparseGPT: every block's Hessians) instead; sparse fine-tuning's O(k) state and LoRA's fp32
+  adapters with AdamW over a frozen-weight backward (which keeps less of the Linears' inputs than a gradient
+  pass), under bf16 autocast as on CUDA (`autocast`: bf16 layer outputs and casts, and an fp32 model's bf16
+  weight casts), full fine-tuning's foreach AdamW step on an accelerator; the int8 store's codes and host
+  backup, and the bit search's streamed gradient pass on it; an interpretability capture's forward with its
+  fp32 softmax. `check` refuses them in one line naming the first setting that fits (fewer tokens per step,
+  bf16, a device map over N GPUs).
 On a GPU, tests/bench/gpu_check.py records the estimates next to torch.cuda.max_memory_allocated.
 """
 
@@ -62,6 +68,11 @@ ACT_INTER = 4.0
 ACT_KV = 2.0
 ACT_HIDDEN_F32 = 2.0
 ACT_HEAD_F32 = 1.0
+# of which the Linears' inputs that only their weights' gradients need (both RMSNorms' outputs, the MLP's
+# product); a backward through frozen weights does not keep them
+ACT_INPUT_HIDDEN = 2.0
+ACT_INPUT_INTER = 1.0
+AUTOCAST_BYTES = 2  # bf16 autocast: the Linears and SDPA compute in bf16 whatever the weights' dtype
 # eager attention also keeps (a, T, T) probabilities: fp32 softmax output (+ its cast to the model dtype)
 # Live elements per token inside one layer when nothing is kept for backward (evaluation, act_mag, perturbation)
 EVAL_HIDDEN = 4.0
@@ -100,6 +111,8 @@ class ModelShape:
     written: int = 0  # pruning: weights pruned (their restore backup is held until pruning ends)
     trainable: int = 0  # sparse fine-tuning: selected weights; LoRA: adapter numbers
     windows: int = 0  # pruning: calibration windows whose block inputs are held at once
+    autocast: bool = False  # a training step under bf16 autocast (esa.apps.training.loop on CUDA)
+    foreach: bool = False  # AdamW steps every tensor at once (its default on an accelerator, not on the CPU)
 
     @classmethod
     def of(cls, model: torch.nn.Module, specs: list[Any] | None = None) -> ModelShape:
@@ -136,6 +149,7 @@ class MemoryEstimate:
     components: dict[str, int]  # bytes, whole model
     per_device: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> component -> bytes
     resident_weights: dict[str, int] = field(default_factory=dict)  # device -> weight bytes already allocated
+    autocast: bool = False  # planned as a training step under bf16 autocast
 
     @property
     def total(self) -> int:
@@ -186,9 +200,18 @@ def _eval_logits(s: ModelShape, b: int, t: int) -> int:
 
 
 def _loss_logits(s: ModelShape, b: int, t: int) -> int:
-    """Backward through the fp32 loss: the log-softmax kept for it, the gradient of the loss w.r.t. it, the
-    fp32 gradient of the logits and its cast to the model dtype (the logits themselves are not kept)."""
-    return b * t * s.vocab * (12 + (s.dtype_bytes if s.dtype_bytes != 4 else 0))
+    """The backward's start through the fp32 loss: the log-softmax kept for it, the loss's gradient w.r.t. it
+    and the fp32 gradient of the logits, 12 bytes each (B, T, V) element whatever the model dtype (the logits
+    are not kept, and the cast of their gradient to the model dtype comes after the first two are freed)."""
+    return 12 * b * t * s.vocab
+
+
+def _backward_start_or_layers(s: ModelShape, b: int, t: int, in_flight: int) -> dict[str, int]:
+    """On top of the graph: the loss's logits buffers at the backward's start, or what the layers' backward
+    holds at once later (`in_flight`: gradients, their fp32 copies, a ranking), whichever is larger; the
+    logits buffers are freed before the first layer's gradient exists."""
+    logits = _loss_logits(s, b, t)
+    return {"logits": logits} if logits >= in_flight else {"grads_in_flight": in_flight}
 
 
 def _forward_only(s: ModelShape, b: int, t: int) -> dict[str, int]:
@@ -210,9 +233,8 @@ def _act_mag(s: ModelShape, b: int, t: int) -> dict[str, int]:
 def _gradient(s: ModelShape, b: int, t: int) -> dict[str, int]:
     return {
         "accumulators": 4 * s.n_studied,
-        "grads_in_flight": s.largest_studied * (s.dtype_bytes + 4),
         "activations": _activations(s, b, t, True),
-        "logits": _loss_logits(s, b, t),
+        **_backward_start_or_layers(s, b, t, s.largest_studied * (s.dtype_bytes + 4)),
     }
 
 
@@ -223,9 +245,10 @@ def _grad_fused(s: ModelShape, b: int, t: int) -> dict[str, int]:
 
 
 def _hutchinson(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    # one window at a time (the metric's own micro-batches), whatever the batch size
-    d = _gradient(s, 1, t)
-    d["grads_in_flight"] = s.largest_studied * (s.dtype_bytes + 8)  # Hv, v.float() and the product
+    # one window at a time (the metric's own micro-batches), whatever the batch size; the double backward's
+    # peak holds the loss's buffers and a gradient in flight (Hv, v.float() and the product) at once
+    d = {"accumulators": 4 * s.n_studied, "activations": _activations(s, 1, t, True),
+         "logits": _loss_logits(s, 1, t), "grads_in_flight": s.largest_studied * (s.dtype_bytes + 8)}
     # create_graph: every studied gradient at once, the probe in use cast to the model dtype, and the graph of
     # the first backward (HVP_GRAPH activation sets and SDPA's math kernel's (a, T, T) buffers per layer)
     d["hutchinson"] = (int(HVP_GRADS * s.n_studied * s.dtype_bytes) + int(HVP_GRAPH * _activations(s, 1, t, True))
@@ -233,15 +256,62 @@ def _hutchinson(s: ModelShape, b: int, t: int) -> dict[str, int]:
     return d
 
 
+def _linear_numel(s: ModelShape) -> int:
+    """Weights of every Linear the forward runs: the decoder blocks' and the LM head."""
+    return s.layers * _block_numel(s) + s.vocab * s.hidden
+
+
+def _training_graph(s: ModelShape, b: int, t: int, method: str) -> dict[str, int]:
+    """What one training step's forward keeps for its backward. Every method keeps the layer outputs the next
+    ops save (q, the attention output, k, v, the MLP's gate, SiLU and up) in the compute dtype, the RMSNorms'
+    fp32 inputs and SDPA's log-sum-exp; then what its own gradients read of the Linears' inputs
+    (`_training_inputs`). Under bf16 autocast an fp32 model's Linears also keep a bf16 cast of their weight for
+    the input's gradient (cached once for trained weights, made per call for frozen ones): `weight_casts`."""
+    c = AUTOCAST_BYTES if s.autocast else s.dtype_bytes
+    kept = (c * ((ACT_HIDDEN - ACT_INPUT_HIDDEN) * s.hidden + (ACT_INTER - ACT_INPUT_INTER) * s.intermediate
+                 + ACT_KV * (s.kv or s.hidden))
+            + 4 * (ACT_HIDDEN_F32 * s.hidden + ACT_HEAD_F32 * s.heads) + _training_inputs(s, method))
+    out = {"activations": int(s.layers * (b * t * kept + _attn_probs(s, b, t)))}
+    if s.autocast and s.dtype_bytes != AUTOCAST_BYTES:
+        out["weight_casts"] = AUTOCAST_BYTES * _linear_numel(s)
+    return out
+
+
+def _training_inputs(s: ModelShape, method: str) -> float:
+    """Bytes per token per layer kept of the Linears' inputs for a step's gradients: `full` (every weight),
+    `sparse` (the sampled products of the selected weights: the hook keeps each Linear's input as it arrives),
+    `lora` (the adapters: peft casts each input to the fp32 adapter's dtype first).
+    Without autocast they are the two norms' outputs and the MLP's product in the model dtype (q, k and v read one
+    tensor, o the attention output SDPA keeps), except LoRA on a non-fp32 model: an fp32 copy per adapted Linear
+    (q, k, v, o, gate and up read h-wide inputs, down an I-wide one). Under bf16 autocast on an fp32 model each
+    Linear casts its own input: full FT keeps those bf16 casts (three of the first norm's output, two of the
+    second's, the product) and the norms' fp32 outputs for their own weights; the sparse hook keeps the norms'
+    fp32 outputs and the bf16 product; LoRA keeps the casts of the inputs that are not bf16 yet (o reads the
+    attention output SDPA keeps; down the product); on a bf16 model autocast only makes LoRA's copies bf16."""
+    h, i, w = s.hidden, s.intermediate, s.dtype_bytes
+    per_linear = 6 * h + i
+    if method == "lora" and w != 4:
+        return (AUTOCAST_BYTES if s.autocast else 4) * per_linear
+    if not s.autocast or w == AUTOCAST_BYTES:
+        return w * (ACT_INPUT_HIDDEN * h + ACT_INPUT_INTER * i)
+    if method == "lora":
+        return AUTOCAST_BYTES * (5 * h + i)
+    if method == "sparse":
+        return 4 * ACT_INPUT_HIDDEN * h + AUTOCAST_BYTES * ACT_INPUT_INTER * i
+    return AUTOCAST_BYTES * (5 * h + i) + 4 * ACT_INPUT_HIDDEN * h
+
+
 def _finetune_full(s: ModelShape, b: int, t: int) -> dict[str, int]:
     # one AdamW step of full fine-tuning (esa.apps.training, fp32 weights), with AdamW's two moments allocated.
     # The backward frees the graph as it fills the gradients, so the peak is the larger of its start (the graph,
     # the loss's logits buffers, the first (head) gradient) and the step (every gradient, and the update's
-    # temporaries for the largest parameter: CPU steps one tensor at a time; a GPU's foreach step may hold more)
+    # temporaries: the CPU steps one tensor at a time, the largest parameter's; an accelerator's foreach step
+    # takes the square root of every second moment at once, an fp32 copy of every weight)
     moments = {"optimizer": 2 * s.n_params * s.dtype_bytes}
-    start = {"activations": _activations(s, b, t, True), "logits": _loss_logits(s, b, t),
+    start = {**_training_graph(s, b, t, "full"), "logits": _loss_logits(s, b, t),
              "gradients": s.largest_param * s.dtype_bytes}
-    step = {"gradients": s.n_params * s.dtype_bytes, "optimizer_step": 2 * s.largest_param * s.dtype_bytes}
+    step = {"gradients": s.n_params * s.dtype_bytes,
+            "optimizer_step": (s.n_params if s.foreach else 2 * s.largest_param) * s.dtype_bytes}
     return {**moments, **(start if sum(start.values()) > sum(step.values()) else step)}
 
 
@@ -255,8 +325,12 @@ LORA_PER_TRAINABLE = 16  # LoRA: fp32 adapter number, its gradient, two AdamW mo
 PRUNE_SCORES = 5
 PRUNE_WRITE = 13
 PRUNE_WRITE_UPCAST = 5  # more when the model is not fp32 (fp32 copies of the selection's values)
+PRUNE_SELECT = 12  # choosing a matrix's lowest scores: an fp32 copy and int64 positions (per weight of the largest)
 # a calibration pass of one block alone keeps this share of the forward's layer working set (ledger fit)
 BLOCK_WORKING = 0.8
+# one-shot calibration's dense forward: model-dtype elements per token live at its peak (ledger fit)
+ONE_SHOT_HIDDEN = 2
+ONE_SHOT_INTER = 2
 # SparseGPT: the reconstruction of one matrix (fp32 copies, transposes, masks) per weight of the down
 # projection; writing its largest matrix (index, fp32 target, values) per weight
 SGPT_SOLVE = 15
@@ -298,7 +372,7 @@ def _prune(s: ModelShape, b: int, t: int) -> dict[str, int]:
     before = _restore_backup(s) * (s.n_studied - blk) // max(1, s.n_studied)
     return _peak_phase({"masks": s.n_studied // 8, "calibration": inputs},
                        {"backup": before, "calibration": inputs + int(BLOCK_WORKING * _layer_working(s, b, t))},
-                       {"backup": before, "decide": PRUNE_SCORES * blk},
+                       {"backup": before, "decide": PRUNE_SCORES * blk + PRUNE_SELECT * s.largest_studied},
                        {"backup": _restore_backup(s),
                         "decide": blk + (PRUNE_WRITE + PRUNE_WRITE_UPCAST * (_upcast(s) > 0)) * s.largest_studied})
 
@@ -325,21 +399,61 @@ def _sparsegpt(s: ModelShape, b: int, t: int) -> dict[str, int]:
                        {"backup": backup, "kept_values": kept, "decide": 5 * blk + SGPT_WRITE * s.largest_studied})
 
 
-def _train_frozen(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    """A training step whose base weights are frozen: the graph and the fp32 loss's buffers."""
-    return {"activations": _activations(s, b, t, True), "logits": _loss_logits(s, b, t)}
+def _sgpt_hessians(s: ModelShape) -> int:
+    """One block's fp32 Hessians X^T X, one per distinct input: attention, output projection, MLP (h wide), down (I)."""
+    return 4 * (3 * s.hidden * s.hidden + s.intermediate * s.intermediate)
+
+
+def _one_shot(s: ModelShape, b: int, t: int) -> tuple[int, float, dict[str, int]]:
+    """(a block's weights, the blocks pruned, the dense forward's phase) of one-shot pruning
+    (esa.apps.pruning.calibrate.run_one_shot): one dense forward per calibration batch, stopped after the last
+    pruned block, gathers every pruned Linear's input statistics at once; no block inputs are held. It peaks in
+    the statistics hook of the down projection: the MLP's tensors around it and the hook's fp32 copy of the
+    I-wide input and its square (ledger fit)."""
+    blk = min(_block_numel(s), s.n_studied)
+    per_token = s.dtype_bytes * (ONE_SHOT_HIDDEN * s.hidden + ONE_SHOT_INTER * s.intermediate) + 8 * s.intermediate
+    forward = {"calibration": b * t * per_token} if s.windows else {}
+    return blk, s.n_studied / max(1, blk), forward
+
+
+def _prune_one_shot(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    # one-shot pruning from input statistics (Wanda) or from the weights alone (data-free: no windows). Every
+    # block is decided from the dense model and nothing is written (no restore backup); every block's statistics
+    # (an fp32 squared norm per input column) and the masks are held while each block's scores are decided
+    blk, blocks, forward = _one_shot(s, b, t)
+    stats = int(4 * (3 * s.hidden + s.intermediate) * blocks) if s.windows else 0
+    return _peak_phase({"masks": s.n_studied // 8, "stats": stats}, forward,
+                       {"decide": PRUNE_SCORES * blk + PRUNE_SELECT * s.largest_studied})
+
+
+def _sparsegpt_one_shot(s: ModelShape, b: int, t: int) -> dict[str, int]:
+    # one-shot SparseGPT: the dense forward gathers every block's Hessians, all held until pruning ends (no block
+    # is written, so no restore backup, and later blocks see dense inputs). Deciding the last block holds them,
+    # the mask set's kept values of the blocks before it and the factorisation and reconstruction of _sparsegpt.
+    # The block being decided has its Hessians on one device ("hessians"); the others spread with the layers
+    blk, blocks, forward = _one_shot(s, b, t)
+    kept = max(0, s.n_studied - s.written) * s.dtype_bytes
+    down = s.hidden * s.intermediate
+    held = {"masks": s.n_studied // 8, "hessians": _sgpt_hessians(s),
+            "stats": int(_sgpt_hessians(s) * max(0.0, blocks - 1))}
+    share = (s.n_studied - blk) / max(1, s.n_studied)
+    return _peak_phase(held, forward,
+                       {"kept_values": int(share * kept),
+                        "decide": 16 * s.intermediate ** 2 + SGPT_SOLVE * down + 5 * (blk - down)},
+                       {"kept_values": kept, "decide": 5 * blk})
 
 
 def _finetune_sparse(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    # esa.apps.training.sparse (sampled backend): the O(k) optimiser state, and the sampled product's fp32
-    # copies of one Linear's output gradient and input
-    return {**_train_frozen(s, b, t), "optimizer": SPARSE_PER_SELECTED * s.trainable,
-            "grads_in_flight": 4 * b * t * (s.hidden + s.intermediate)}
+    # esa.apps.training.sparse (sampled backend): the O(k) optimiser state over a frozen-weight backward, whose
+    # layers hold the sampled product's fp32 copies of one Linear's output gradient and input
+    return {**_training_graph(s, b, t, "sparse"), "optimizer": SPARSE_PER_SELECTED * s.trainable,
+            **_backward_start_or_layers(s, b, t, 4 * b * t * (s.hidden + s.intermediate))}
 
 
 def _finetune_lora(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    # esa.apps.training.lora (peft keeps the adapters fp32 whatever the base dtype)
-    return {**_train_frozen(s, b, t), "optimizer": LORA_PER_TRAINABLE * s.trainable}
+    # esa.apps.training.lora (peft keeps the adapters fp32 whatever the base dtype) over a frozen-weight backward
+    return {**_training_graph(s, b, t, "lora"), "logits": _loss_logits(s, b, t),
+            "optimizer": LORA_PER_TRAINABLE * s.trainable}
 
 
 def _int8_store(s: ModelShape, b: int, t: int) -> dict[str, int]:
@@ -351,13 +465,11 @@ def _int8_store(s: ModelShape, b: int, t: int) -> dict[str, int]:
 
 def _bfa(s: ModelShape, b: int, t: int) -> dict[str, int]:
     # progressive bit search (esa.apps.security.bfa) on the int8 store: a streamed gradient pass whose
-    # gradients are ranked per bit and freed one parameter at a time (no accumulators)
-    d = _gradient(s, b, t)
-    del d["accumulators"]
+    # gradients are ranked per bit and freed one parameter at a time (no accumulators); ranking a matrix holds
+    # its gradient, their fp32 copy and one bit's value changes and gains
     store = _int8_store(s, b, t)
-    d["store"], d["backup"] = store["store"], store["backup"]
-    d["grads_in_flight"] += 16 * s.largest_studied  # one bit's value changes and gains of the matrix ranked
-    return d
+    return {"activations": _activations(s, b, t, True), "store": store["store"], "backup": store["backup"],
+            **_backward_start_or_layers(s, b, t, s.largest_studied * (s.dtype_bytes + 4 + 16))}
 
 
 def _capture(s: ModelShape, b: int, t: int) -> dict[str, int]:
@@ -378,6 +490,8 @@ _PASS_FNS: dict[str, Callable[[ModelShape, int, int], dict[str, int]]] = {
     "finetune_full": _finetune_full,  # one full fine-tuning step (AdamW)
     "prune": _prune,  # layer-sequential pruning from input statistics (Wanda, magnitude)
     "sparsegpt": _sparsegpt,  # layer-sequential SparseGPT reconstruction
+    "prune_one_shot": _prune_one_shot,  # pruning with calibration 'one-shot' (Wanda) or 'none' (data-free)
+    "sparsegpt_one_shot": _sparsegpt_one_shot,  # SparseGPT with calibration 'one-shot'
     "finetune_sparse": _finetune_sparse,  # one sparse fine-tuning step (work: trainable = selected weights)
     "finetune_lora": _finetune_lora,  # one LoRA step (work: trainable = adapter numbers)
     "int8_store": _int8_store,  # the security int8 store opened over the studied weights
@@ -386,8 +500,12 @@ _PASS_FNS: dict[str, Callable[[ModelShape, int, int], dict[str, int]]] = {
 }
 PASSES = tuple(_PASS_FNS)
 # parts of a pass held in host memory whatever the device: the int8 store's raw backup, SparseGPT's kept values
-HOST_PARTS = {"int8_store": ("backup",), "bfa": ("backup",), "sparsegpt": ("kept_values",)}
-APP_PASSES = ("prune", "sparsegpt", "finetune_sparse", "finetune_lora", "int8_store", "bfa", "capture")
+HOST_PARTS = {"int8_store": ("backup",), "bfa": ("backup",), "sparsegpt": ("kept_values",),
+              "sparsegpt_one_shot": ("kept_values",)}
+APP_PASSES = ("prune", "sparsegpt", "prune_one_shot", "sparsegpt_one_shot", "finetune_sparse", "finetune_lora",
+              "int8_store", "bfa", "capture")
+# passes whose graph is kept for a backward: their activations spread with the layers under a device map
+BACKWARD = ("gradient", "grad_fused", "hutchinson", "finetune_full", "finetune_sparse", "finetune_lora", "bfa")
 
 
 # ---------------------------------------------------------------- placement over devices
@@ -453,6 +571,7 @@ def estimate(
     probes: int = 1,
     written: int = 0,
     work: dict[str, int] | None = None,
+    autocast: bool = False,
 ) -> MemoryEstimate:
     """Memory a pass over `model` needs, whole and per device (see the module docstring for the model).
 
@@ -463,6 +582,9 @@ def estimate(
     `work`: what an application pass works on (ModelShape's `written`, `trainable`, `windows`), whole-model
     counts; each device gets the share of them that its studied weights hold.
 
+    `autocast`: a training pass runs under bf16 autocast (what esa.apps.training.loop does on CUDA with
+    precision 'auto'; `esa.apps.training.loop.uses_autocast`).
+
     `specs`: the studied weights (default: the model's inventory). `target`: the device a model still on
     `meta` (built for planning, not loaded) would be placed on; default cuda:0 if available, else cpu.
     """
@@ -471,10 +593,10 @@ def estimate(
     if batch_size < 1 or seqlen < 1:
         raise EsaError(f"batch_size and seqlen must be >= 1, got {batch_size} and {seqlen}")
     specs = weight_inventory(model) if specs is None else specs
-    shape = replace(ModelShape.of(model, specs), **(work or {}))
     tgt = str(torch.device(target)) if target is not None else ("cuda:0" if torch.cuda.is_available() else "cpu")
     if tgt == "cuda":
         tgt = "cuda:0"
+    shape = replace(ModelShape.of(model, specs), **(work or {}), autocast=autocast, foreach=_foreach(tgt))
     comps = {"weights": shape.n_params * shape.dtype_bytes, **_PASS_FNS[pass_name](shape, batch_size, seqlen)}
     place = _placement(model, specs, tgt)
     per_device: dict[str, dict[str, int]] = {}
@@ -482,11 +604,13 @@ def estimate(
     for dev, pl in place.items():
         # the same model of memory, restricted to what this device holds
         share = pl["studied"] / shape.n_studied if shape.n_studied else 1.0
+        # a device without the LM head sees no vocabulary, so a pass's phase choice (logits or layers) is its own
         local = replace(shape, n_studied=int(pl["studied"]), largest_studied=int(pl["largest"]),
-                        written=int(shape.written * share), trainable=int(shape.trainable * share))
+                        written=int(shape.written * share), trainable=int(shape.trainable * share),
+                        vocab=shape.vocab if pl["logits"] else 0, foreach=_foreach(dev))
         part = _PASS_FNS[pass_name](local, batch_size, seqlen)
-        part["activations"] = int(part.get("activations", 0) * (pl["layers"] if "grads_in_flight" in part else
-                                                               (1.0 if pl["layers"] else 0.0)))
+        for k in ("activations", "weight_casts"):  # the graph follows the layers this device holds
+            part[k] = int(part.get(k, 0) * (pl["layers"] if pass_name in BACKWARD else (1.0 if pl["layers"] else 0.0)))
         if "hutchinson" in part:  # the graph part follows the layers this device holds
             grads = int(HVP_GRADS * local.n_studied * local.dtype_bytes)
             part["hutchinson"] = grads + int((part["hutchinson"] - grads) * pl["layers"])
@@ -508,7 +632,13 @@ def estimate(
     if written:
         comps["backup"] = backup_bytes(written, shape.dtype_bytes, tgt, shape.n_studied * shape.dtype_bytes)
     comps["offload_staging"] = max((int(pl["staging"]) for pl in place.values()), default=0)
-    return MemoryEstimate(pass_name, batch_size, seqlen, {k: v for k, v in comps.items() if v}, per_device, resident)
+    return MemoryEstimate(pass_name, batch_size, seqlen, {k: v for k, v in comps.items() if v}, per_device, resident,
+                          autocast)
+
+
+def _foreach(device: str) -> bool:
+    """torch's AdamW takes its foreach path on an accelerator's tensors, the one-tensor loop on the CPU's."""
+    return not device.startswith(("cpu", "meta", "disk"))
 
 
 def backup_bytes(written: int, dtype_bytes: int, device: str, dense: int | None = None) -> int:
@@ -563,15 +693,17 @@ def check(
     target: str | torch.device | None = None,
     probes: int = 1,
     work: dict[str, int] | None = None,
+    autocast: bool = False,
 ) -> MemoryEstimate:
     """Raise EsaError before the pass if a device cannot hold what it needs; return the estimate otherwise.
 
     `loaded`: the weights are already allocated (their memory is not free any more, so only the rest is
     checked); False to plan a model built on `meta`. `available`: device -> free bytes, to override the
     measurement (tests, or a budget smaller than the machine's). `work`: an application pass's counts
-    (see `estimate`); such a pass is refused in one line naming the setting that makes it fit.
+    (see `estimate`); such a pass is refused in one line naming the setting that makes it fit. `autocast`:
+    see `estimate`.
     """
-    est = estimate(model, pass_name, batch_size, seqlen, specs, target, probes, work=work)
+    est = estimate(model, pass_name, batch_size, seqlen, specs, target, probes, work=work, autocast=autocast)
     short = []
     for dev in est.per_device:
         if dev in ("disk", "meta"):
@@ -597,9 +729,10 @@ def _app_fix(model: torch.nn.Module, est: MemoryEstimate, specs: list[Any] | Non
     b, t = est.batch_size, est.seqlen
     while b > 1 or t > 64:  # halve the batch first, then the sequence
         b, t = (b // 2, t) if b > 1 else (b, t // 2)
-        if estimate(model, est.pass_name, b, t, specs, target, work=work).need(dev, loaded) <= usable:
+        smaller = estimate(model, est.pass_name, b, t, specs, target, work=work, autocast=est.autocast)
+        if smaller.need(dev, loaded) <= usable:
             return f"it fits with fewer tokens per step (batch {b} x seqlen {t})"
-    shape = replace(ModelShape.of(model, specs), **(work or {}))
+    shape = replace(ModelShape.of(model, specs), **(work or {}), autocast=est.autocast, foreach=_foreach(dev))
     if shape.dtype_bytes == 4:
         half = replace(shape, dtype_bytes=2)
         if sum(_PASS_FNS[est.pass_name](half, b, t).values()) + (0 if loaded else half.n_params * 2) <= usable:

@@ -109,17 +109,20 @@ def _peaks(base: dict[str, int]) -> dict[str, int]:
 def run_pass(led: Any, lm: Any, name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Guard, run and measure one ledger pass; the plan's need and the measured peak per device."""
     from esa import memory
+    from esa.apps.training.loop import uses_autocast
     from esa.memtrace import measure
 
     b, t = args.batch_size, args.seqlen
     plan_pass, kw = led.plan_args(lm, name, b)
     devs = _devices(lm.model)
     target = devs[0]
+    if plan_pass in ("finetune_full", "finetune_sparse", "finetune_lora"):  # as the loop runs it on this device
+        kw["autocast"] = uses_autocast(torch.device(target), "bf16" if name.endswith(led.AUTOCAST) else "auto")
     entry: dict[str, Any] = {"pass": name, "plan_pass": plan_pass, "batch": b, "seqlen": t}
     est = memory.estimate(lm.model, plan_pass, b, t, target=target, **kw)
     entry["plan"] = {d: est.need(d) for d in est.per_device}
     entry["components"] = est.per_device
-    if name == "finetune_full" and next(lm.model.parameters()).dtype != torch.float32:
+    if name.startswith("finetune_full") and next(lm.model.parameters()).dtype != torch.float32:
         entry.update(status="refused", error="full fine-tuning needs fp32 weights (esa.apps.training.full)")
         return entry
     try:
@@ -193,18 +196,20 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--gpus", default="1,2", help="layouts to run: GPU counts (those above the machine's are skipped)")
     ap.add_argument("--seqlen", type=int, default=None, help="default 2048 (GPU) / 32 (--tiny)")
     ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--passes", default=",".join(led.PASSES), help="comma list of the ledger's passes")
+    ap.add_argument("--passes", default=None, help="comma list of the ledger's passes (default: all; on a GPU "
+                    "without the *_autocast repeats, which precision 'auto' already runs there)")
     ap.add_argument("--out", default=None, help="output JSON (default reports/bench/gpu_check-<device>.json)")
     args = ap.parse_args(argv)
     args.seqlen = args.seqlen or (32 if args.tiny else 2048)
-    args.passes = [p for p in args.passes.split(",") if p]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    default = [p for p in led.PASSES if device.type == "cpu" or not p.endswith(led.AUTOCAST)]
+    args.passes = [p for p in args.passes.split(",") if p] if args.passes else default
     bad = [p for p in args.passes if p not in led.PASSES]
     if bad:
         from esa.errors import unknown
 
         raise unknown("gpu_check pass", bad[0], led.PASSES)
     led.BATCH["b"] = args.batch_size
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and not args.tiny:
         print("no GPU: the full shapes need one (the 8B model alone is 16 GB in bf16); use --tiny on CPU",
               file=sys.stderr)

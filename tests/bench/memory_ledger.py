@@ -45,6 +45,19 @@ CALIB_WINDOWS = 2  # pruning: calibration windows (their block inputs are held f
 SPARSE_DENSITY = 0.01  # sparse fine-tuning: share of the studied weights trained
 LORA_RANK = 4
 PRUNE_BLOCKS = 2  # pruning: the blocks pruned (see pruned_specs)
+# the full ledger: every pass of every model in both dtypes at these seqlens (Qwen's shape, the slowest: 64)
+GRID_SEQLENS: dict[str, tuple[int, ...]] = {"tiny-llama": (64, 128), "smollm2-135m": (64, 128), QWEN_SHAPE: (64,)}
+# rows of the full ledger left out on purpose, and why; any other row a run lacks is listed with NOT_IN_RUN
+_SHARED_CPU = ("not measured: too slow or too large for the shared 2-core CPU it was last measured on; measure it "
+               "on a free machine with --models {model} --dtypes {dtype} --passes {pass} --append")
+NOT_MEASURED: dict[tuple[str, str, str], str] = {
+    ("smollm2-135m", "bfloat16", "prune_sparsegpt"): _SHARED_CPU,
+    (QWEN_SHAPE, "bfloat16", "prune_sparsegpt"): _SHARED_CPU,
+    (QWEN_SHAPE, "bfloat16", "bfa"): _SHARED_CPU,
+    (QWEN_SHAPE, "bfloat16", "finetune_sparse"): _SHARED_CPU,
+}
+NOT_IN_RUN = ("not measured: this run's --models/--dtypes/--seqlens/--passes left it out and --out held no earlier "
+              "row of it (measure it with --append)")
 
 
 def _qwen_config() -> Any:
@@ -121,7 +134,11 @@ BATCH = {"b": 1}  # windows per micro-batch (main's --batch)
 # micro-batches per pass: a gradient pass's second micro-batch runs with every accumulator allocated (its
 # steady state); the others hold nothing across windows, and Hutchinson allocates its buffers up front
 WINDOWS = {"grad_x_weight": 2, "grad_fused": 2, "finetune_full": 2, "finetune_sparse": 2, "finetune_lora": 2,
-           "prune_wanda": CALIB_WINDOWS, "prune_sparsegpt": CALIB_WINDOWS}
+           "finetune_full_autocast": 2, "finetune_sparse_autocast": 2, "finetune_lora_autocast": 2,
+           "prune_wanda": CALIB_WINDOWS, "prune_sparsegpt": CALIB_WINDOWS, "prune_wanda_one_shot": CALIB_WINDOWS,
+           "prune_sparsegpt_one_shot": CALIB_WINDOWS}
+# training passes measured again under bf16 autocast (the CPU's, standing for the CUDA runs' precision 'auto')
+AUTOCAST = "_autocast"
 
 
 def _metric(name: str) -> Callable[[Any, torch.Tensor], Any]:
@@ -144,13 +161,21 @@ def _perturb(lm: Any, ids: torch.Tensor) -> Any:
     return run
 
 
-def _finetune(lm: Any, ids: torch.Tensor) -> Any:
+def _train_config(precision: str) -> Any:
+    from esa.apps.training import TrainConfig
+
+    return TrainConfig(steps=2, batch_size=BATCH["b"], eval_start=False, grad_clip=1.0, show_progress=False,
+                       precision=precision)
+
+
+def _finetune(precision: str) -> Callable[[Any, torch.Tensor], Any]:
     """Two steps of full fine-tuning (the second runs with AdamW's moments allocated: its steady state). It
     trains the model in place, which changes no later pass's memory."""
-    from esa.apps.training import FullFT, TrainConfig, train
+    def run(lm: Any, ids: torch.Tensor) -> Any:
+        from esa.apps.training import FullFT, train
 
-    cfg = TrainConfig(steps=2, batch_size=BATCH["b"], eval_start=False, grad_clip=1.0, show_progress=False)
-    return train(lm.model, FullFT(), ids, cfg).summary
+        return train(lm.model, FullFT(), ids, _train_config(precision)).summary
+    return run
 
 
 # ---------------------------------------------------------------- application passes (Phase 5)
@@ -165,12 +190,12 @@ def pruned_specs(lm: Any) -> list[Any]:
 def _work(lm: Any, pass_name: str, b: int) -> dict[str, int]:
     """The plan's `work` for an application pass as the ledger runs it."""
     n = sum(s.numel for s in lm.inventory)
-    if pass_name in ("prune_wanda", "prune_sparsegpt"):
+    if pass_name.startswith("prune_"):
         n = sum(s.numel for s in pruned_specs(lm))
         return {"written": int(SPARSITY * n), "windows": CALIB_WINDOWS * b}
-    if pass_name == "finetune_sparse":
+    if pass_name.startswith("finetune_sparse"):
         return {"trainable": sum(max(1, int(SPARSE_DENSITY * s.numel)) for s in lm.inventory)}
-    if pass_name == "finetune_lora":
+    if pass_name.startswith("finetune_lora"):
         from esa.apps.training.lora import lora_specs
 
         return {"trainable": LORA_RANK * sum(sum(s.shape[-2:]) for s in lora_specs(lm.inventory))}
@@ -184,24 +209,23 @@ def _calib(ids: torch.Tensor) -> Any:
                    tuple(range(ids.shape[0])))
 
 
-def _prune(method: str) -> Callable[[Any, torch.Tensor], Any]:
+def _prune(method: str, calibration: str = "sequential") -> Callable[[Any, torch.Tensor], Any]:
     def run(lm: Any, ids: torch.Tensor) -> Any:
         from esa.apps.pruning import PruneSpec, prune
 
         spec = PruneSpec(method, sparsity=SPARSITY, seqlen=int(ids.shape[1]), n_calib=int(ids.shape[0]),
-                         batch_size=BATCH["b"], calibration="sequential", kinds=("attention", "mlp"))
+                         batch_size=BATCH["b"], calibration=calibration, kinds=("attention", "mlp"))
         return prune(lm, spec, calib=_calib(ids), specs=pruned_specs(lm), use_cache=False).masks
     return run
 
 
-def _train(method_of: Callable[[Any], Any]) -> Callable[[Any, torch.Tensor], Any]:
+def _train(method_of: Callable[[Any], Any], precision: str = "auto") -> Callable[[Any, torch.Tensor], Any]:
     def run(lm: Any, ids: torch.Tensor) -> Any:
-        from esa.apps.training import TrainConfig, train
+        from esa.apps.training import train
 
-        cfg = TrainConfig(steps=2, batch_size=BATCH["b"], eval_start=False, grad_clip=1.0, show_progress=False)
         method = method_of(lm)
         try:
-            return train(lm.model, method, ids, cfg, inventory=lm.inventory).summary
+            return train(lm.model, method, ids, _train_config(precision), inventory=lm.inventory).summary
         finally:
             method.close()
     return run
@@ -251,14 +275,19 @@ PASSES: dict[str, tuple[str, dict[str, Any], Callable[[Any, torch.Tensor], Any]]
     "act_mag": ("act_mag", {}, _metric("act_mag")),
     "hutchinson_diag": ("hutchinson", {"probes": PROBES}, _metric("hutchinson_diag")),
     "perturb": ("perturb", {}, None),  # built per model (its targets, their count: `written`): below
-    "finetune_full": ("finetune_full", {}, _finetune),  # fp32 only: full fine-tuning refuses bf16 weights
+    "finetune_full": ("finetune_full", {}, _finetune("auto")),  # fp32 only: full fine-tuning refuses bf16 weights
     "prune_wanda": ("prune", {}, _prune("wanda")),
     "prune_sparsegpt": ("sparsegpt", {}, _prune("sparsegpt")),
+    "prune_wanda_one_shot": ("prune_one_shot", {}, _prune("wanda", "one-shot")),
+    "prune_sparsegpt_one_shot": ("sparsegpt_one_shot", {}, _prune("sparsegpt", "one-shot")),
     "finetune_sparse": ("finetune_sparse", {}, None),  # built per model (its selection): runner()
     "finetune_lora": ("finetune_lora", {}, _train(_lora_method)),
     "int8_store": ("int8_store", {}, _int8),
     "bfa": ("bfa", {}, _bfa),
     "capture": ("capture", {}, _capture),
+    "finetune_full" + AUTOCAST: ("finetune_full", {"autocast": True}, _finetune("bf16")),
+    "finetune_sparse" + AUTOCAST: ("finetune_sparse", {"autocast": True}, None),
+    "finetune_lora" + AUTOCAST: ("finetune_lora", {"autocast": True}, _train(_lora_method, "bf16")),
 }
 
 
@@ -266,11 +295,11 @@ def runner(lm: Any, pass_name: str, b: int, t: int) -> Callable[[], Any]:
     """Ledger pass `pass_name` on `lm` at batch b x seqlen t, ready to run once (its inputs drawn outside)."""
     fn = PASSES[pass_name][2]
     ids = _ids(lm.model, b * WINDOWS.get(pass_name, 1), t)
-    if pass_name == "finetune_sparse":
+    if pass_name.startswith("finetune_sparse"):
         from esa.apps.training.sparse import SparseFT
 
         targets = sparse_targets(lm)
-        fn = _train(lambda _: SparseFT(targets))
+        fn = _train(lambda _: SparseFT(targets), "bf16" if pass_name.endswith(AUTOCAST) else "auto")
     return _perturb(lm, ids) if pass_name == "perturb" else (lambda: fn(lm, ids))
 
 
@@ -293,18 +322,51 @@ def plan_args(lm: Any, pass_name: str, b: int) -> tuple[str, dict[str, Any]]:
     if pass_name == "perturb":
         kw = {"written": sum(int(v.numel()) for v in _targets(lm).values())}
     elif plan_pass in memory.APP_PASSES:
-        kw = {"work": _work(lm, pass_name, b)}
-    return plan_pass, {**kw, "specs": pruned_specs(lm) if plan_pass in ("prune", "sparsegpt") else lm.inventory}
+        kw = {**kw, "work": _work(lm, pass_name, b)}
+    pruning = plan_pass.startswith(("prune", "sparsegpt"))
+    return plan_pass, {**kw, "specs": pruned_specs(lm) if pruning else lm.inventory}
+
+
+def plan_of(lm: Any, pass_name: str, b: int, t: int) -> dict[str, Any]:
+    """The plan's need for ledger pass `pass_name` at batch b x seqlen t (esa.memory as it is now), and its
+    components."""
+    plan_pass, kw = plan_args(lm, pass_name, b)
+    est = memory.estimate(lm.model, plan_pass, b, t, target="cpu", **kw)
+    return {"plan": est.need("cpu"), "components": {k: v for k, v in est.per_device["cpu"].items() if k != "weights"}}
 
 
 def planned(lm: Any, row: dict[str, Any]) -> dict[str, Any]:
-    """The plan's need for a measured row (esa.memory as it is now), its ratio to the measurement and components."""
-    plan_pass, kw = plan_args(lm, row["pass"], row["batch"])
-    est = memory.estimate(lm.model, plan_pass, row["batch"], row["seqlen"], target="cpu", **kw)
-    plan = est.need("cpu")
-    ratio = plan / max(1, row["measured"])
-    return {"plan": plan, "ratio": round(ratio, 4), "within": abs(ratio - 1) <= TOLERANCE,
-            "components": {k: v for k, v in est.per_device["cpu"].items() if k != "weights"}}
+    """The plan's need for a measured row, its ratio to the measurement and components."""
+    out = plan_of(lm, row["pass"], row["batch"], row["seqlen"])
+    ratio = out["plan"] / max(1, row["measured"])
+    return {"plan": out["plan"], "ratio": round(ratio, 4), "within": abs(ratio - 1) <= TOLERANCE,
+            "components": out["components"]}
+
+
+def _refused(pass_name: str, dtype: str) -> bool:
+    """Full fine-tuning refuses non-fp32 weights (no fp32 master weights: esa.apps.training.full)."""
+    return pass_name.startswith("finetune_full") and dtype != "float32"
+
+
+def not_measured(rows: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
+    """Every row of the full ledger (GRID_SEQLENS x dtypes x PASSES) that `rows` lacks, planned on the meta
+    device, with the reason it was not measured: listed, never silently absent."""
+    have = {(r["model"], r["dtype"], r["pass"], r["seqlen"]) for r in rows}
+    out: list[dict[str, Any]] = []
+    for model, seqlens in GRID_SEQLENS.items():
+        for dtype in ("float32", "bfloat16"):
+            lm = None
+            for pass_name in PASSES:
+                for t in seqlens:
+                    if _refused(pass_name, dtype) or (model, dtype, pass_name, t) in have:
+                        continue
+                    lm = lm or meta_model(model, getattr(torch, dtype))
+                    why = NOT_MEASURED.get((model, dtype, pass_name), NOT_IN_RUN)
+                    out.append({"model": model, "dtype": dtype, "pass": pass_name, "batch": batch, "seqlen": t,
+                                "status": "not measured", "reason": why.format(**{"model": model, "dtype": dtype,
+                                                                                  "pass": pass_name}),
+                                **plan_of(lm, pass_name, batch, t)})
+    return out
 
 
 def features(lm: Any, b: int, t: int) -> dict[str, float]:
@@ -356,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             lm = load_model(name, getattr(torch, dt))
             for t in (int(s) for s in a.seqlens.split(",")):
                 for p in passes:
-                    if p == "finetune_full" and dt != "float32":
-                        continue  # refused: no fp32 master weights (esa.apps.training.full)
+                    if _refused(p, dt):
+                        continue
                     r = measure_pass(lm, p, a.batch, t)
                     r.update(model=name, dtype=dt, features=features(lm, a.batch, t))
                     rows.append(r)
@@ -377,12 +439,21 @@ def main(argv: list[str] | None = None) -> int:
             metas[key] = metas.get(key) or meta_model(r["model"], getattr(torch, r["dtype"]))
             r.update(planned(metas[key], r))
         rows = kept + rows
+    missing = not_measured(rows, a.batch)
     report = {"tolerance": TOLERANCE, "measure": "torch.profiler CPU allocator events (esa.memtrace)",
-              "torch": torch.__version__, "rows": rows, "fit": fit(rows),
-              "within": sum(r["within"] for r in rows), "n": len(rows)}
+              "torch": torch.__version__, "rows": rows, "fit": fit(rows) if rows else {},
+              "within": sum(r["within"] for r in rows), "n": len(rows),
+              "not_measured": missing, "n_not_measured": len(missing)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1))
-    print(f"memory ledger: {report['within']}/{report['n']} passes within +-{TOLERANCE:.0%} of the plan -> {a.out}")
+    left_out = [r for r in missing if r["reason"] == NOT_IN_RUN]
+    for r in missing:
+        if r["reason"] != NOT_IN_RUN:  # the rows left out on purpose, one line each (all are in --out)
+            print(f"{r['model']:20s} {r['dtype']:9s} T={r['seqlen']:<4d} {r['pass']:16s} plan "
+                  f"{r['plan'] / 2**20:9.2f} MiB  {r['reason']}")
+    print(f"memory ledger: {report['within']}/{report['n']} measured passes within +-{TOLERANCE:.0%} of the plan; "
+          f"not measured: {len(missing) - len(left_out)} listed above, {len(left_out)} left out of this run "
+          f"(each in {a.out} with its plan and reason)")
     return 0 if report["within"] == report["n"] else 1
 
 

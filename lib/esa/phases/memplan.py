@@ -79,45 +79,65 @@ def host_bytes(est: memory.MemoryEstimate) -> int:
     return sum(est.components.get(k, 0) for k in memory.HOST_PARTS.get(est.pass_name, ()))
 
 
-def app_passes(profile: Any, model: torch.nn.Module) -> list[tuple[str, str, int, int, dict[str, int]]]:
-    """(label, pass, batch size, seqlen, work) of the Phase 5 passes `profile` configures on `model`: pruning
-    (Wanda at the sweep's largest sparsity, SparseGPT), sparse fine-tuning at its largest density and LoRA at
-    the same trainable count, the int8 store and one bit-search iteration, and an interpretability capture."""
+STUDIES = ("prune", "finetune", "security", "interpret")  # the schedule's Phase 5 studies (Entry.study)
+# the training passes run under bf16 autocast on CUDA (esa.apps.training.loop.uses_autocast, precision 'auto')
+AUTOCAST = ("finetune_full", "finetune_sparse", "finetune_lora")
+
+
+def _calibration_pass(base: str, mode: str | None) -> str:
+    """esa.memory's pass of a pruning method in calibration `mode` (esa.apps.pruning.prune.memory_pass; None:
+    Wanda's and SparseGPT's default, layer-sequential)."""
+    return base if (mode or "sequential") == "sequential" else f"{base}_one_shot"
+
+
+def app_passes(profile: Any, model: torch.nn.Module,
+               studies: tuple[str, ...] = STUDIES) -> list[tuple[str, str, int, int, dict[str, int]]]:
+    """(label, pass, batch size, seqlen, work) of the Phase 5 passes `profile` configures on `model` for
+    `studies`: pruning (Wanda at the sweep's largest sparsity, SparseGPT, each in the section's calibration
+    mode), sparse fine-tuning at its largest density and LoRA at the same trainable count, the int8 store and
+    one bit-search iteration, and an interpretability capture. (Full fine-tuning: `finetune_plan`.)"""
     n = sum(s.numel for s in weight_inventory(model))
     out: list[tuple[str, str, int, int, dict[str, int]]] = []
     pr = getattr(profile, "pruning", None) or {}
-    if pr:
-        sp = max(pr.get("sweep") or [0.5])
+    if pr and "prune" in studies:
+        sp, mode = max(pr.get("sweep") or [0.5]), pr.get("calibration")
         calib, t, b = int(pr.get("calib_windows", 128)), int(pr.get("calib_seqlen", 2048)), int(pr.get("batch_size", 1))
-        out.append((f"pruning wanda at {sp:g} ({calib} x {t} calibration windows)", "prune", b, t,
-                    {"written": int(sp * n), "windows": calib}))
-        out.append((f"pruning sparsegpt at {sp:g} ({calib} x {t} calibration windows)", "sparsegpt", b, t,
-                    {"written": int(sp * n), "windows": calib}))
+        for method, base in (("wanda", "prune"), ("sparsegpt", "sparsegpt")):
+            out.append((f"pruning {method} at {sp:g} ({calib} x {t} calibration windows)",
+                        _calibration_pass(base, mode), b, t, {"written": int(sp * n), "windows": calib}))
     ft = getattr(profile, "finetune", None) or {}
-    if ft:
+    if ft and "finetune" in studies:
         k = int(max(ft.get("densities") or [0.01]) * n)
         b, t = int(ft.get("batch_size", 8)), int(ft.get("seqlen", 512))
         out.append((f"sparse fine-tuning step ({k:,} weights, AdamW)", "finetune_sparse", b, t, {"trainable": k}))
         out.append((f"LoRA step ({k:,} adapter numbers, AdamW)", "finetune_lora", b, t, {"trainable": k}))
     sec = getattr(profile, "security", None) or {}
-    if sec:
+    if sec and "security" in studies:
         out.append(("int8 store (codes + host backup)", "int8_store", 1, 1, {}))
         out.append(("bit search iteration (int8, gradient pass)", "bfa", int(sec.get("attack_windows", 4)),
                     int(sec.get("attack_seqlen", 256)), {}))
     it = getattr(profile, "interpret", None) or {}
-    if it:
+    if it and "interpret" in studies:
         out.append(("interpretability capture", "capture", int(it.get("n_inputs", 32)),
                     max(int(it.get("input_seqlen", 64)), int(it.get("probe_seqlen", 128))), {}))
     return out
 
 
-def app_plan(name: str, profile: Any, dtype: str, capacity: int = GPU_BYTES) -> list[PassPlan]:
-    """The Phase 5 passes of `profile` on model `name` in `dtype`, planned on the meta device."""
+def app_plan(name: str, profile: Any, dtype: str, capacity: int = GPU_BYTES,
+             studies: tuple[str, ...] = STUDIES) -> list[PassPlan]:
+    """The Phase 5 passes of `profile` for `studies` on model `name` in `dtype`, planned on the meta device,
+    with full fine-tuning's step when the profile fine-tunes."""
     model, _ = meta_model(name, dtype)
     rows = []
-    for label, pass_name, b, t, work in app_passes(profile, model):
-        est = memory.estimate(model, pass_name, b, t, target="cuda:0", work=work)
+    for label, pass_name, b, t, work in app_passes(profile, model, studies):
+        est = memory.estimate(model, pass_name, b, t, target="cuda:0", work=work, autocast=pass_name in AUTOCAST)
         rows.append(PassPlan(label, pass_name, b, est, gpus_needed(est, capacity)))
+    ft = getattr(profile, "finetune", None) or {}
+    # full fine-tuning runs as a baseline, or as the method the protections act on (esa.apps.training.grid.arms)
+    full = "full" in ft.get("baselines", ["full"]) or (ft.get("protections", ["none"]) and
+                                                       ft.get("protect_method", "full") == "full")
+    if ft and full and "finetune" in studies:
+        rows.append(finetune_plan(name, int(ft.get("batch_size", 8)), int(ft.get("seqlen", 512)), capacity))
     return rows
 
 
@@ -149,24 +169,28 @@ def plan(name: str, recipe: Recipe, capacity: int = GPU_BYTES) -> tuple[list[Pas
 
 
 def finetune_plan(name: str, batch_size: int, seqlen: int, capacity: int = GPU_BYTES) -> PassPlan:
-    """One full fine-tuning step (AdamW) of model `name`: always on fp32 weights (esa.apps.training.full refuses
-    others, having no separate master weights)."""
+    """One full fine-tuning step (AdamW, under bf16 autocast as on CUDA) of model `name`: always on fp32 weights
+    (esa.apps.training.full refuses others, having no separate master weights)."""
     model, _ = meta_model(name, "float32")
-    est = memory.estimate(model, "finetune_full", batch_size, seqlen, target="cuda:0")
+    est = memory.estimate(model, "finetune_full", batch_size, seqlen, target="cuda:0", autocast=True)
     return PassPlan("full fine-tuning step (fp32 weights, AdamW)", "finetune_full", batch_size, est,
                     gpus_needed(est, capacity))
 
 
-def lines(name: str, recipe: Recipe, capacity: int = GPU_BYTES,
-          finetune: tuple[int, int] | None = None, profile: Any = None) -> list[str]:
-    """The plan as the dry run prints it: one line per pass, its peak, and one GPU or the count it needs.
-    `finetune`: (batch size, seqlen) of the profile's fine-tuning, to add its full fine-tuning step;
-    `profile`: to add its pruning, fine-tuning, security and interpretability passes (`app_passes`)."""
+def rows_of(name: str, recipe: Recipe, profile: Any = None, capacity: int = GPU_BYTES,
+            studies: tuple[str, ...] = STUDIES) -> tuple[list[PassPlan], str]:
+    """Every pass's plan for model `name`: the scoring run of `recipe` (`plan`) and, given `profile`, the Phase 5
+    passes of `studies` (`app_plan`); and the shape's source."""
     rows, source = plan(name, recipe, capacity)
-    if finetune:
-        rows.append(finetune_plan(name, *finetune, capacity=capacity))
     if profile is not None:
-        rows += app_plan(name, profile, recipe.dtype, capacity)
+        rows += app_plan(name, profile, recipe.dtype, capacity, studies)
+    return rows, source
+
+
+def lines(name: str, recipe: Recipe, capacity: int = GPU_BYTES, profile: Any = None) -> list[str]:
+    """The plan as the dry run prints it: one line per pass, its peak, and one GPU or the count it needs.
+    `profile`: to add its pruning, fine-tuning (full FT's step too), security and interpretability passes."""
+    rows, source = rows_of(name, recipe, profile, capacity)
     cap = f"{capacity / memory.GIB:.0f} GiB"
     out = [f"memory plan: {name} ({source}, {recipe.dtype}, SDPA; built on the meta device, nothing loaded), "
            f"seqlen {recipe.seqlen}, one GPU = {cap} used up to {memory.HEADROOM:.0%}:"]
@@ -182,14 +206,18 @@ def lines(name: str, recipe: Recipe, capacity: int = GPU_BYTES,
     return out
 
 
-def gpus_for(models: list[str], recipe: Recipe, capacity: int = GPU_BYTES) -> int:
-    """The GPUs a notebook running every pass of `recipe` on each of `models` needs: the most any pass of any
-    model needs (1 for a model without an offline shape, or a pass no GPU count holds: the run then fails with
-    the memory guard's message instead of waiting forever)."""
+def gpus_for(models: list[str], recipe: Recipe, capacity: int = GPU_BYTES, profile: Any = None,
+             study: str | None = None) -> int:
+    """The GPUs a notebook needs: the most any of its passes needs on any of `models`. Its passes are every
+    pass of `recipe` (scoring: each Phase 5 notebook scores too) and, for the notebook of a Phase 5 `study`
+    (the schedule entry's `study`), that study's passes under `profile` (pruning, fine-tuning, security,
+    interpretability). 1 for a model without an offline shape, or a pass no GPU count holds: the run then fails
+    with the memory guard's message instead of waiting forever."""
+    studies = (study,) if study in STUDIES else ()
     need = 1
     for name in models:
         try:
-            rows, _ = plan(name, recipe, capacity)
+            rows, _ = rows_of(name, recipe, profile if studies else None, capacity, studies)
         except EsaError:
             continue
         need = max([need, *(r.gpus for r in rows if r.gpus)])

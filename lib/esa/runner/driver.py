@@ -103,12 +103,13 @@ def _rel(path: Path, root: Path) -> str:
         return str(path.resolve())
 
 
-def _gpus(models: list[str], profile: Any) -> int:
-    """GPUs a notebook of `models` under `profile` needs: every metric of the profile at its settings."""
+def _gpus(models: list[str], profile: Any, study: str | None) -> int:
+    """GPUs a notebook of `models` under `profile` needs: every metric of the profile at its settings, and the
+    passes of its Phase 5 `study` (pruning, fine-tuning, security, interpretability)."""
     from esa.phases import memplan
     from esa.recipes import Recipe
 
-    return memplan.gpus_for(models, Recipe.of(profile))
+    return memplan.gpus_for(models, Recipe.of(profile), profile=profile, study=study)
 
 
 def make_plan(cfg: RunConfig) -> Plan:
@@ -173,7 +174,7 @@ def make_plan(cfg: RunConfig) -> Plan:
             key=key,
             depends_on=[d for d in entry.depends_on if d in in_plan],
             timeout=cfg.timeout,
-            gpus=_gpus(models, profile) if gpu_machine else 1,
+            gpus=_gpus(models, profile, entry.study) if gpu_machine else 1,
         )
         # --force applies to what was asked for, not to dependencies pulled in to satisfy it.
         action, reason = _decide(cfg.force and entry.id not in added, run_dir, entry.id, key)

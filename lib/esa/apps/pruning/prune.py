@@ -247,13 +247,19 @@ def prune(
     return result
 
 
+def memory_pass(spec: PruneSpec) -> str:
+    """esa.memory's pass for `spec`'s calibration mode: layer-sequential calibration holds every window's block
+    inputs and the restore backup of the blocks written; one-shot (and data-free) writes nothing and holds every
+    block's statistics at once (SparseGPT: every block's Hessians)."""
+    base = "sparsegpt" if get_method(spec.method).needs == "hessian" else "prune"
+    return base if spec.calibration == "sequential" else f"{base}_one_shot"
+
+
 def _check_memory(lm: LoadedModel, spec: PruneSpec, specs: list[WeightSpec], calib: Windows | None) -> None:
-    """Ask the memory plan before any pass: the restore backup of what is rewritten, the calibration windows'
-    block inputs, and SparseGPT's Hessians and kept values."""
-    sparsegpt = get_method(spec.method).needs == "hessian"
+    """Ask the memory plan of the calibration mode before any pass (`memory_pass`)."""
     written = sum(round(float(spec.sparsity or 0.0) * s.numel) for s in specs)
     windows = calib.n_windows if calib is not None else 0
-    memory.check(lm.model, "sparsegpt" if sparsegpt else "prune", spec.batch_size, spec.seqlen, specs,
+    memory.check(lm.model, memory_pass(spec), spec.batch_size, spec.seqlen, specs,
                  work={"written": written, "windows": windows})
 
 

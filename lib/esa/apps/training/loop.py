@@ -13,8 +13,10 @@ with the same arguments and a *fresh base model* resumes after the last checkpoi
 applied twice or skipped, and the final weights are bit-identical to an uninterrupted run's. A checkpoint of
 a different set-up (config, method, protection, data) is refused.
 
-Precision: fp32 on CPU; bf16 autocast on a GPU (`precision="auto"`), with fp32 master weights (the model's
-own dtype) and the loss computed from fp32 logits. Evaluations run in the model's dtype.
+Precision: fp32 on CPU; bf16 autocast on a GPU (`precision="auto"`), with the loss computed from fp32 logits.
+The weights stay in the model's dtype (full fine-tuning refuses any but fp32: they are its master weights);
+the memory plan asked before the first step counts what autocast adds (`uses_autocast`, esa.memory).
+Evaluations run in the model's dtype.
 """
 
 from __future__ import annotations
@@ -224,8 +226,13 @@ class TrainResult:
     summary: dict[str, Any]
 
 
+def uses_autocast(device: torch.device, precision: str) -> bool:
+    """Whether a step on `device` at `precision` runs under bf16 autocast (what the memory plan must know)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def _autocast(device: torch.device, precision: str) -> Any:
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    bf16 = uses_autocast(device, precision)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), ("bf16" if bf16 else "fp32")
 
 
@@ -281,14 +288,16 @@ def train(
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
 
     frozen = frozen_set(protect, model, inventory)
+    device = input_device(model)
+    bf16 = uses_autocast(device, cfg.precision)  # the plan counts autocast's bf16 casts as the step makes them
     if method.name in ("sparse", "lora"):  # their O(k) state, asked before prepare allocates it (esa.memory)
         n = sum(int(v.numel()) for v in method.targets.values()) if method.name == "sparse" else method.plan.n_trainable
         memory.check(model, f"finetune_{method.name}", cfg.batch_size, int(ids.shape[1]), inventory or None,
-                     work={"trainable": n})
+                     work={"trainable": n}, autocast=bf16)
     module = method.prepare(model, frozen)
     if method.name == "full":  # the memory plan of one AdamW step, asked before the first (esa.memory)
         try:
-            memory.check(model, "finetune_full", cfg.batch_size, int(ids.shape[1]))
+            memory.check(model, "finetune_full", cfg.batch_size, int(ids.shape[1]), autocast=bf16)
         except EsaError:
             method.close()
             raise
@@ -300,7 +309,6 @@ def train(
             opt, lambda s: cosine_lr(s, n_steps, warmup, cfg.min_lr_frac))
         if evaluator is not None:
             evaluator.snapshot(method)
-        device = input_device(model)
         autocast, precision = _autocast(device, cfg.precision)
         fp = _fingerprint(cfg, method, protect, ids, n_steps)
         steps_log: list[dict[str, Any]] = []
