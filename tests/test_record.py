@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,20 @@ def test_a_chunk_published_before_sealing_is_sealed_at_the_next_rebuild(project:
     record.rebuild(RunConfig(profile="smoke", root=project, kernel=KERNEL))
     again = json.loads(path.read_text())
     assert again["files"] == sealed and again["sealed"] == "after publishing"
+
+
+def test_a_second_chunk_is_refused_while_one_runs(project: Path, capsys) -> None:
+    """Chunks share the staging folder: a second one, while the first holds the record's lock, is refused in
+    one line naming the holder, and touches neither the staging folder nor the record."""
+    from esa import store
+    from esa.runner import record
+
+    stage = project / "reports" / record.STAGING
+    stage.mkdir(parents=True)
+    (stage / "the first chunk's work").write_text("x")
+    with store.folder_lock(project / "reports" / record.LOCK):
+        rc, err = run_all(project, "--only", "nb_a", "--record", capsys=capsys)
+    assert rc == 2 and f"is in use by PID {os.getpid()}" in err and "one chunk or part at a time" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert (stage / "the first chunk's work").is_file() and not (project / "reports" / "record").exists()
+    assert run_all(project, "--only", "nb_a", "--record")[0] == 0  # released: the next chunk runs

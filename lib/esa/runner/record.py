@@ -49,10 +49,11 @@ from esa.runner.driver import RunConfig, RunResult, build_index, make_plan, run
 from esa.runner.layout import outputs
 from esa.runner.manifest import environment
 from esa.runner.state import code_hash, read_stamp
-from esa.store import file_digest, read_json, write_json, write_problem
+from esa.store import file_digest, folder_lock, read_json, write_json, write_problem
 
 RECORD = "record"
 STAGING = "record-staging"  # a plain run id (names stay inside reports/)
+LOCK = "record-lock"  # reports/record-lock/: one chunk or part at a time (they share the staging folder)
 IDENTITY = "record.json"  # the record's identity: profile and overrides (code is per chunk)
 CHUNKS = "chunks"  # chunks/<notebook>.json: one manifest per published chunk
 MAX_BYTES = 60 * 2**20  # the committed record stays under 60 MB
@@ -112,6 +113,18 @@ def run_chunk(cfg: RunConfig, overwrite: bool = False) -> RunResult:
         P = load_profile(cfg.profile, cfg.overrides)
         for item in plan.items:  # the committed parts this chunk will read: whole and made with its settings
             parts.check_committed(rec, item.entry.id, P, _part_models(item, P))
+    with _one_at_a_time(root):
+        return _run_chunk(cfg, plan, chosen, root, rec)
+
+
+def _one_at_a_time(root: Path) -> Any:
+    """The record's lock: a second chunk or part would wipe the first's staging folder and publish into the same
+    record, so it is refused in one line naming the holder (an flock: a killed holder leaves no stale lock)."""
+    return folder_lock(root / "reports" / LOCK, what="the record (one chunk or part at a time)",
+                       command="run_all.py --record")
+
+
+def _run_chunk(cfg: RunConfig, plan: Any, chosen: list[str], root: Path, rec: Path) -> RunResult:
     stage = root / "reports" / STAGING
     shutil.rmtree(stage, ignore_errors=True)
     if rec.is_dir():
@@ -166,6 +179,12 @@ def run_part(cfg: RunConfig, model: str) -> Path:
     unwritable = write_problem(target.parent)
     if unwritable:  # found now, not after the hours of computing
         raise EsaError(f"{target.parent} cannot be written: {unwritable}")
+    with _one_at_a_time(root):
+        return _run_part(cfg, nb, model, spec, P, settings, rec, target, root)
+
+
+def _run_part(cfg: RunConfig, nb: str, model: str, spec: Any, P: Any, settings: dict[str, Any], rec: Path,
+              target: Path, root: Path) -> Path:
     print(f"run_all.py: recording part {model} of {nb} into {target.relative_to(root)}", flush=True)
     code = {**environment(), "code_hash": code_hash()}
     started, t0 = time.time(), time.perf_counter()
