@@ -114,7 +114,7 @@ def run_chunk(cfg: RunConfig, overwrite: bool = False) -> RunResult:
         for item in plan.items:  # the committed parts this chunk will read: whole and made with its settings
             parts.check_committed(rec, item.entry.id, P, _part_models(item, P))
     with _one_at_a_time(root):
-        return _run_chunk(cfg, plan, chosen, root, rec)
+        return _run_chunk(cfg, chosen, root, rec)
 
 
 def _one_at_a_time(root: Path) -> Any:
@@ -124,7 +124,7 @@ def _one_at_a_time(root: Path) -> Any:
                        command="run_all.py --record")
 
 
-def _run_chunk(cfg: RunConfig, plan: Any, chosen: list[str], root: Path, rec: Path) -> RunResult:
+def _run_chunk(cfg: RunConfig, chosen: list[str], root: Path, rec: Path) -> RunResult:
     stage = root / "reports" / STAGING
     shutil.rmtree(stage, ignore_errors=True)
     if rec.is_dir():
