@@ -42,13 +42,15 @@ from esa.sensitivity import plots
 ctx = esa.nb.context("phase2_week1_metric_validation", profile, models, run_dir, overrides)
 P = ctx.profile
 model = ctx.models[0]  # week 1: the embedded default (the first model of the profile)
+windows = {m: phase2.validation_windows(P, m) for m in P.metrics}
 say(f"Profile *{P.name}*: model {model}, metrics {', '.join(P.metrics)}, seeds {', '.join(map(str, P.seeds))}; "
-    f"{P.max_samples} calibration windows of {P.seqlen} tokens ({P.corpus}), top-{P.topk} ({P.mode}), "
-    f"{P.hutchinson_probes} Hutchinson probes.")
+    + ", ".join(f"{n} calibration windows for {', '.join(m for m in P.metrics if windows[m] == n)}"
+                for n in dict.fromkeys(windows.values()))
+    + f" ({P.seqlen} tokens each, {P.corpus}), top-{P.topk} ({P.mode}), {P.hutchinson_probes} Hutchinson probes.")
 
 # %%
 lm = phase2.load_model(model, P)
-runs = phase2.score_model(lm, model, P)
+runs = phase2.validation_runs(lm, model, P)
 table = phase2.selections(runs, P.topk, P.mode, lm)
 ctx.save_table(table, "topk")
 info = phase2.describe_runs(runs)
@@ -110,7 +112,7 @@ sw.sort_values("out_max", ascending=False).head(8)
 # error), and beside it the Monte-Carlo GGN diagonal (`ggn_mc_diag`: diag(GGN) = Fisher, **not** diag(H)) at
 # an equal number of products. The size follows the profile (`curvature.reliability_budget`). When the top-k
 # does not stand 2 standard errors above its matrix median at the profile's probes, hutchinson_diag's rows
-# below are "not estimable".
+# below are judged again (next section).
 
 # %%
 from esa import data  # noqa: E402
@@ -149,10 +151,13 @@ Markdown("\n".join(curvature.record_lines(curvature.read_record(ctx.run_dir.pare
 # it, and the per-window spread gives the standard error (`esa.sensitivity.resolution`, on six matrices spread
 # over depth and components, one pass over the windows for all metrics; Hutchinson's probe noise comes from the
 # two probe streams above). A metric whose top-k does not stand 2 standard errors above its matrix median at the
-# run's sample is "not estimable" in the rows below, with the windows (or probes) it would need.
+# run's sample is "underpowered" in the rows below, with the windows (or probes) it would need; one with no
+# held-out signal at all (z within noise of zero, so no sample size follows) FAILs them: it does not identify a
+# set of weights that stands out, whatever its stability or tail number reads. Week 1 scores every metric but
+# hutchinson_diag on the profile's `validation_samples` windows, sized so that grad_squared resolves.
 
 # %%
-resolutions = phase2.metric_resolutions(lm, P, resolution)
+resolutions = phase2.metric_resolutions(lm, phase2.validation_profile(P), resolution)
 res_table = phase2.resolution_table(resolutions)
 ctx.save_table(res_table, "metric_resolution")
 res_table[["metric", "unit", "n", "z", "resolved", "needed", "note"]]
@@ -160,8 +165,8 @@ res_table[["metric", "unit", "n", "z", "resolved", "needed", "note"]]
 # %%
 rows = phase2.phase2_criteria(stab, agree, tails, model, "phase2_week1_metric_validation: stability, agreement, tails")
 for m, r in resolutions.items():
-    rows = criteria.unresolved(rows, m, r)  # a ranking its own noise does not resolve is not judged
-rows = criteria.budgeted(rows, P)  # rows resting on a sample below the guide's: machinery-only, with the reason
+    rows = criteria.unresolved(rows, m, r)  # a ranking its own noise does not resolve: underpowered, or FAIL
+rows = criteria.budgeted(rows, phase2.validation_profile(P))  # below the guide's sample: machinery-only, with the reason
 scorecard.write_rows(ctx.run_dir, ctx.notebook, rows)
 card = scorecard.as_frame(rows)
 say(scorecard.in_words(rows))

@@ -49,7 +49,7 @@ def test_plans_predict_seconds_from_measured_costs():
                            costs.machine())
     plan = PLANS["phase2_week1_metric_validation"](P, ["smollm2-135m"]).predict(measured)
     by = {c.label: c.seconds for c in plan.conditions}
-    assert by["gradient metrics seed 1337"] == 2.0 * P.max_samples
+    assert by["gradient metrics seed 1337"] == 2.0 * P.validation_samples  # week 1 validates on more windows
     assert by[f"hutchinson_diag seed 1337 ({P.hutchinson_probes} probe(s))"] == 10.0 * P.max_samples * P.hutchinson_probes
     assert plan.seconds() == pytest.approx(sum(by.values()))
     # a model nobody measured has no prediction, and the plan's total says so (None), never a guess

@@ -61,12 +61,13 @@ def _row(metric: str, verdict: str = "PASS") -> Criterion:
     return Criterion(f"P2.heavy_tail.{metric}.m", 2, "t", 3.0, "> 2", passed, "e", verdict=verdict)
 
 
-def test_unresolved_rows_become_not_estimable_with_the_windows_needed():
+def test_unresolved_rows_become_underpowered_with_the_windows_needed():
     res = {"metric": "grad_x_weight", "unit": "calibration windows", "n": 4, "z": 0.7, "resolved": False,
            "needed": 33.0}
     rows = criteria.unresolved([_row("grad_x_weight"), _row("act_mag"), _row("grad_x_weight", "underpowered")],
                                "grad_x_weight", res)
-    assert [r.verdict for r in rows] == ["not estimable", "PASS", "underpowered"]
+    assert [r.verdict for r in rows] == ["underpowered", "PASS", "underpowered"]
+    assert rows[0].passed is None and rows[0].face_value == "PASS"
     assert "not resolved at 4 calibration windows" in rows[0].note and "about 33 calibration windows" in rows[0].note
     # not measured (too few windows): nothing changes
     same = criteria.unresolved([_row("grad_x_weight")], "grad_x_weight", {**res, "resolved": None})
@@ -74,6 +75,16 @@ def test_unresolved_rows_become_not_estimable_with_the_windows_needed():
     # the probe format of hutchinson_diag keeps working
     probes = {"probes": 2, "z": 0.1, "resolved": False, "probes_needed": 900.0}
     assert "about 900 probes" in criteria.unresolved([_row("hutchinson_diag")], "hutchinson_diag", probes)[0].note
+
+
+def test_a_metric_without_held_out_signal_fails_whatever_its_number_reads():
+    # z within noise of zero: no sample size follows, and the top-k is not above the median held out
+    probes = {"probes": 1, "z": -0.003, "resolved": False, "probes_needed": math.inf}
+    rows = criteria.unresolved([_row("hutchinson_diag"), _row("hutchinson_diag", "FAIL"), _row("grad_x_weight")],
+                               "hutchinson_diag", probes)
+    assert [r.verdict for r in rows] == ["FAIL", "FAIL", "PASS"]
+    assert rows[0].passed is False and rows[0].face_value == "PASS"
+    assert "not distinguishable from the median" in rows[0].note and "reads PASS" in rows[0].note
 
 
 def test_sample_needed_is_inf_when_the_median_z_is_within_noise_of_zero():

@@ -33,6 +33,9 @@ class Profile:
     seqlen: int = 256  # tokens per window, evaluation and calibration alike
     eval_windows: int | None = 8  # None: every window of the eval split
     max_samples: int = 4  # calibration windows per seed
+    # week 1 (metric validation): calibration windows per seed of every metric but hutchinson_diag (None:
+    # max_samples), so that each metric's top-k resolves on held-out windows (esa.sensitivity.resolution)
+    validation_samples: int | None = None
     seeds: list[int] = field(default_factory=lambda: [1337])
     topk: int = 100
     mode: str = "per_layer"
@@ -124,6 +127,7 @@ MINIMUM: dict[str, int] = {
     "seqlen": 2,  # a BOS token plus at least one predicted token
     "eval_windows": 1,
     "max_samples": 1,
+    "validation_samples": 1,
     "topk": 1,
     "hutchinson_probes": 1,
     "batch_size": 1,

@@ -151,7 +151,9 @@ class Recipe:
         if key not in memo:
             while len(memo) >= 2:  # at most two maps held: a 7B model's fp32 map is 28 GB
                 memo.pop(next(iter(memo)))
-            windows = self.calibration(run.seed).windows(lm.tokenizer, max_positions=lm.info.max_positions or None)
+            # the run's own sample: week 1 scores some metrics on more windows than max_samples
+            n = len(run.extras.get("window_indices") or []) or None
+            windows = self.calibration(run.seed, n).windows(lm.tokenizer, max_positions=lm.info.max_positions or None)
             cfg = self.metric_config(run.seed)
             memo[key] = get_metric(run.metric)(lm.model, lm.inventory, windows.ids, cfg).scores
         return memo[key]

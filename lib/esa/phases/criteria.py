@@ -478,16 +478,31 @@ def machinery_only(rows: Iterable[Criterion], reason: str | None) -> list[Criter
 
 
 def unresolved(rows: Iterable[Criterion], metric: str, resolution: Mapping[str, Any] | None) -> list[Criterion]:
-    """PASS/FAIL rows of `metric` (its id part) become 'not estimable' when the metric's own measured per-weight
-    noise leaves its top-k unresolved at the sample it ran: probes (esa.sensitivity.curvature.resolution_at) or
-    calibration windows (esa.sensitivity.resolution.window_resolution). An unmeasured resolution changes nothing."""
+    """PASS/FAIL rows of `metric` (its id part) judged again when the metric's own measured per-weight noise leaves
+    its top-k unresolved at the sample it ran: probes (esa.sensitivity.curvature.resolution_at) or calibration
+    windows (esa.sensitivity.resolution.window_resolution). An unmeasured resolution changes nothing.
+
+    - Held-out signal short of z = 2, with a finite sample that would reach it: underpowered, with that sample
+      (the profile should have planned it; the row says so rather than judging noise).
+    - No held-out signal (z within noise of zero: no sample size follows): FAIL. The claim of these rows is that
+      the metric identifies a set of weights that stands out; held out, its top-k does not stand above the matrix
+      median, so whatever the number says (a stable or heavy-tailed ranking) is the estimator's noise."""
     rows = list(rows)
     if not resolution or resolution["resolved"] in (True, None):
         return rows
     n, unit = resolution.get("n", resolution.get("probes")), resolution.get("unit", "probes")
     need = resolution.get("needed", resolution.get("probes_needed", math.nan))
-    why = (f"not resolved at {n} {unit}: the top-k stands z = {resolution['z']:.2f} standard "
-           f"errors above the matrix median (< 2); " + (f"about {need:.3g} {unit} needed" if math.isfinite(need) else
-                                                        "held out, it is not distinguishable from the median"))
-    return [demote(r, "not estimable", why) if metric in r.id.split(".") and r.verdict in ("PASS", "FAIL") else r
-            for r in rows]
+    head = f"not resolved at {n} {unit}: the top-k stands z = {resolution['z']:.2f} standard errors above the matrix median"
+    out = []
+    for r in rows:
+        if metric not in r.id.split(".") or r.verdict not in ("PASS", "FAIL"):
+            out.append(r)
+        elif math.isfinite(need):
+            out.append(demote(r, "underpowered", f"{head} (< 2); about {need:.3g} {unit} needed"))
+        else:
+            r.note = (f"{head}: held out, it is not distinguishable from the median, so the metric does not "
+                      f"identify a set that stands out (the number alone reads {r.verdict})"
+                      + (f". {r.note}" if r.note else ""))
+            r.face_value, r.passed, r.verdict = r.verdict, False, "FAIL"
+            out.append(r)
+    return out

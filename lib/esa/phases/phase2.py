@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
@@ -47,6 +48,25 @@ def score_model(lm: LoadedModel, name: str, P: Profile, metrics: list[str] | Non
     runs = Recipe.of(P).score_model(lm, name, metrics, seeds, n_samples)
     log.info("%s: %d metric x seed runs in %.1f s", name, len(runs), time.perf_counter() - t0)
     return runs
+
+
+def validation_profile(P: Profile) -> Profile:
+    """Week 1's profile: `validation_samples` calibration windows per seed when set (else `max_samples`)."""
+    return replace(P, max_samples=P.validation_samples) if P.validation_samples else P
+
+
+def validation_windows(P: Profile, metric: str) -> int:
+    """Week 1's calibration windows of `metric`: hutchinson_diag keeps `max_samples`, since its resolution is
+    bounded by its probes (make curvature-reliability), not by its windows."""
+    return P.max_samples if metric == "hutchinson_diag" else validation_profile(P).max_samples
+
+
+def validation_runs(lm: LoadedModel, name: str, P: Profile) -> Runs:
+    """Week 1's scores: every metric of the profile at its `validation_windows`, in the profile's metric order."""
+    runs: Runs = {}
+    for n in dict.fromkeys(validation_windows(P, m) for m in P.metrics):
+        runs.update(score_model(lm, name, P, [m for m in P.metrics if validation_windows(P, m) == n], n_samples=n))
+    return {(m, s): runs[(m, s)] for m in P.metrics for s in P.seeds if (m, s) in runs}
 
 
 def selections(runs: Runs, k: int, mode: str, lm: LoadedModel) -> pd.DataFrame:

@@ -11,6 +11,7 @@ training (`_training`): planned in the first notebook that loads a member (week 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from esa.errors import EsaError
 from esa.models import micro
@@ -121,12 +122,17 @@ def phase1_week0_baselines(P: Profile, models: Sequence[str]) -> Plan:
 
 
 def phase2_week1_metric_validation(P: Profile, models: Sequence[str]) -> Plan:
-    m = models[0]
-    conds = _scoring(P, m, P.seeds, P.metrics, ("P2.jaccard", "P2.heavy_tail", "P2.metric_overlap"))
-    conds.append(Planned(m, "held-out resolution check (every metric, one pass)", P.max_samples, "calibration windows",
-                         ("P2.heavy_tail",), kind="grad", seqlen=P.seqlen))
-    return Plan("metric validation", P, [m], None, conds, {"calibration": f"{P.max_samples} x {P.seqlen} tokens",
-                                                          "seeds": P.seeds, "metrics": P.metrics})
+    m, serves = models[0], ("P2.jaccard", "P2.heavy_tail", "P2.metric_overlap")
+    n = P.validation_samples or P.max_samples  # every metric but hutchinson_diag (phase2.validation_windows)
+    wide = [x for x in P.metrics if x != "hutchinson_diag"]
+    conds = _scoring(replace(P, max_samples=n), m, P.seeds, wide, serves)
+    conds += _scoring(P, m, P.seeds, [x for x in P.metrics if x == "hutchinson_diag"], serves)
+    conds.append(Planned(m, "held-out resolution check (every metric, one pass)", n, "calibration windows",
+                         ("P2.jaccard", "P2.heavy_tail"), kind="grad", seqlen=P.seqlen))
+    calib = f"{n} x {P.seqlen} tokens" + (f" ({P.max_samples} for hutchinson_diag)" if n != P.max_samples
+                                          and "hutchinson_diag" in P.metrics else "")
+    return Plan("metric validation", P, [m], None, conds, {"calibration": calib, "seeds": P.seeds,
+                                                          "metrics": P.metrics})
 
 
 def phase2_week2_cross_model(P: Profile, models: Sequence[str]) -> Plan:

@@ -485,7 +485,8 @@ def summary_lines(rel: dict[str, Any], resolution: dict[str, Any] | None) -> lis
         lines.append(f"- At the profile's {resolution['probes']} Hutchinson probes the top-k stands z = "
                      f"{resolution['z']:.2f} SE above the median: "
                      + ("resolved." if resolution["resolved"] else
-                        "not resolved, so its stability and heavy-tail rows are 'not estimable' below."))
+                        "not resolved, so its stability and heavy-tail rows below are 'underpowered' (with the "
+                        "probes they need) or, with no held-out signal at all, FAIL."))
     return lines
 
 
