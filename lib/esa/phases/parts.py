@@ -73,7 +73,7 @@ SPECS: Registry[PartSpec] = Registry("notebook with parts", key=lambda s: s.note
 
 def specs() -> Registry[PartSpec]:
     """Every registered PartSpec (the phases modules register theirs when imported)."""
-    from esa.phases import phase2, phase3, phase5_pruning  # noqa: F401 - importing registers their parts
+    from esa.phases import phase2, phase3, phase5_pruning, phase5_training  # noqa: F401 - importing registers
 
     return SPECS
 
