@@ -103,8 +103,9 @@ costs: env
 	$(BIN)/python tests/bench/bench_costs.py
 
 # the judged record (reports/record/, committed): one chunk of the powered profile, and its re-check.
-# PART=<model>: only that model's part of a multi-model notebook (reports/record/parts/<notebook>/<model>/),
-# which the notebook's chunk then reads instead of computing the model (esa.phases.parts)
+# PART=<unit>: only that unit's part of a notebook with parts (reports/record/parts/<notebook>/<unit>/), a model
+# (weeks 2, 7, pruning) or <model>@seed<N> (fine-tuning), which the notebook's chunk then reads instead of
+# computing the unit (esa.phases.parts; `run_all.py --profile powered --dry-run --only <notebook>` lists them)
 CHUNK ?= phase1_week0_baselines
 PART ?=
 record: env

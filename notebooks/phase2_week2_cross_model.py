@@ -53,7 +53,7 @@ say(f"Profile *{P.name}*: models {', '.join(ctx.models)}; seeds {', '.join(map(s
 # then reads that part instead of scoring the model again.
 
 # %%
-res, origins = parts.per_model(ctx.run_dir, ctx.notebook, P, ctx.models, on_model=lambda m, r: gc.collect())
+res, origins = parts.per_unit(ctx.run_dir, ctx.notebook, P, ctx.models, on_unit=lambda m, r: gc.collect())
 ctx.save_json(origins, "parts")
 tails, tops, stabs, agrees, sws, infos, rows = [], [], [], [], [], [], []
 curves = {}

@@ -53,7 +53,7 @@ say(f"Models {', '.join(model_list)}; perturbations {', '.join(s.label() for s i
 # PART=<model>`), and this page then reads that part instead of computing the model again.
 
 # %%
-res, origins = parts.per_model(ctx.run_dir, ctx.notebook, P, model_list, on_model=lambda m, r: gc.collect())
+res, origins = parts.per_unit(ctx.run_dir, ctx.notebook, P, model_list, on_unit=lambda m, r: gc.collect())
 ctx.save_json(origins, "parts")
 table = pd.concat([r["table"] for r in res.values()], ignore_index=True)
 ctx.save_table(table, "cross_model")

@@ -44,6 +44,7 @@ import esa.nb
 from esa.apps.training import plots
 from esa.apps.training.tables import equal_count_table, protection_table, summary_table
 from esa.nb import say
+from esa.phases import parts
 from esa.phases import phase5_training as ft
 from esa.report import scorecard
 
@@ -60,8 +61,15 @@ Markdown(f"The plan: on {', '.join(plan.models)}, {len(grid)} runs per seed ({',
          f"top {S.critical_density:g}; EWC's lambda is {S.ewc_strength:g} (Fisher diagonal normalised to mean 1) "
          f"and the anchor's {S.anchor_strength:g}.")
 
+# %% [markdown]
+# Each seed of each model trains every arm (`esa.phases.phase5_training.part_compute`); in the judged record a
+# seed can be recorded on its own as a part (`make record CHUNK=phase5_week13_finetune PART=<model>@seed<N>`),
+# and this page then reads that part's tables instead of training that seed again. The criteria below are
+# judged over all seeds, wherever each came from.
+
 # %%
-results = study.run(plan)
+results, origins = ft.run_parts(ctx.run_dir, plan)
+ctx.save_json(origins, "parts")
 for m, res in results.items():
     ctx.save_table(res.final, f"final_{m}")
     ctx.save_table(res.steps, f"steps_{m}")
@@ -75,7 +83,7 @@ def windows(d: dict) -> str:
     return f"{d['n_windows']} windows of {d['seqlen']} tokens"
 
 
-Markdown("\n".join(
+Markdown(parts.origin_sentence(origins) + "\n\n" + "\n".join(
     f"- **{m}** ({r.seconds:.0f} s; base weights restored bit-exactly after every run: "
     f"{'yes' if r.weights_restored else 'NO'}). Target: {r.data['domain']['description']}. Training on "
     f"{windows(r.data['train'])}, evaluated on {windows(r.data['target'])} of held-out target text and "

@@ -59,7 +59,7 @@ Markdown(f"The plan: {len(plan.conditions)} evaluations of {plan.setup['evaluati
 # and this page then reads that part's tables instead of pruning the model again.
 
 # %%
-res, origins = parts.per_model(ctx.run_dir, ctx.notebook, ctx.profile, plan.models)
+res, origins = parts.per_unit(ctx.run_dir, ctx.notebook, ctx.profile, plan.models)
 ctx.save_json(origins, "parts")
 results = {m: pp.from_result(m, r) for m, r in res.items()}
 rows = pd.concat([r.rows for r in results.values()], ignore_index=True)

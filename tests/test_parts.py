@@ -116,7 +116,7 @@ def test_a_damaged_part_is_refused_in_one_line_and_never_read(project: Path, cap
     # the notebook's own loop refuses it too (a part damaged after the chunk's check)
     P = _profile(project, monkeypatch)
     with pytest.raises(EsaError, match="is damaged"):
-        parts.per_model(project / "reports" / "record", NB, P, ["tiny-qwen2"])
+        parts.per_unit(project / "reports" / "record", NB, P, ["tiny-qwen2"])
 
 
 def test_a_part_of_other_settings_is_refused_with_the_value_and_what_was_expected(project: Path, capsys,
@@ -132,7 +132,7 @@ def test_a_part_of_other_settings_is_refused_with_the_value_and_what_was_expecte
     assert "refused: part tiny-qwen2" in capsys.readouterr().out
     P = _profile(project, monkeypatch)
     with pytest.raises(EsaError, match="other settings"):
-        parts.per_model(project / "reports" / "record", NB, P, ["tiny-qwen2"])
+        parts.per_unit(project / "reports" / "record", NB, P, ["tiny-qwen2"])
 
 
 def test_an_interrupted_part_leaves_nothing_and_keeps_the_part_it_would_replace(project: Path, monkeypatch) -> None:
@@ -163,7 +163,7 @@ def test_an_interrupted_part_leaves_nothing_and_keeps_the_part_it_would_replace(
 
 def test_part_refusals_before_any_work(project: Path, capsys) -> None:
     rc, err = run_all(project, "--only", NB, "--record", "--part", "tiny-gptneox", capsys=capsys)
-    assert rc == 2 and "computes no model 'tiny-gptneox'" in err and "tiny-llama, tiny-qwen2" in err
+    assert rc == 2 and "has no part 'tiny-gptneox'" in err and "one per model (PART=<model>): tiny-llama, tiny-qwen2" in err
     rc, err = run_all(project, "--only", NB, "--part", "tiny-qwen2", capsys=capsys)
     assert rc == 2 and "--part only applies to --record" in err
     assert not (project / "reports" / "record").exists()
@@ -248,7 +248,7 @@ def test_powered_record_chunks_and_parts_fit_two_hours() -> None:
         models = schedule.resolve_models(next(e for e in schedule.entries() if e.id == nb), P, None)
         S = pp.settings(P, None)
         plan = (PLANS[nb](P, models) if nb in PLANS else pp.plan(S, P, None)).predict(measured)
-        each = parts.specs()[nb].models(P, models)
+        each = parts.specs()[nb].units(P, models)
         assert set(each) >= {"smollm2-135m", *big}
         assert all(plan.seconds(m) <= 7200 for m in each), {m: plan.seconds(m) for m in each}
         assert sum(plan.seconds(m) for m in each if m not in big) <= 7200

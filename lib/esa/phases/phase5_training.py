@@ -7,6 +7,11 @@ run once per seed; `run` trains them from the same base weights, restored bit-ex
 replication); `criteria` judges the criteria below by paired-by-seed comparisons (esa.stats.paired);
 `findings` says the numbers in sentences. esa-runner's request is `FinetuneRequest`.
 
+**Seed parts.** The notebook's unit of work is one seed of one model (`<model>@seed<N>`: every arm for that
+seed), a record part of its own (esa.phases.parts; `make record CHUNK=phase5_week13_finetune
+PART=smollm2-135m@seed1337`). `run_parts` reads each committed seed part or computes the seed, and `combine`
+stacks a model's seeds into the Result one grid over every seed gives; the criteria are judged over all seeds.
+
 **Criteria, defined** (one-sided paired t over seeds on per-seed differences, Holm within each family,
 alpha `ALPHA`; fewer than `MIN_SEEDS` seeds -> underpowered, with the seeds a test would need at the
 observed effect; a NaN or a constant difference -> not estimable; below the guide's budget
@@ -26,10 +31,12 @@ observed effect; a NaN or a constant difference -> not estimable; below the guid
 
 from __future__ import annotations
 
+import gc
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +50,7 @@ from esa.errors import EsaError, unknown
 from esa.models import LoadedModel, inventory_without_weights
 from esa.params import Profile, model_params
 from esa.perturb.controls import CONTROLS
+from esa.phases import parts as record_parts
 from esa.phases.study import (
     Check,
     Plan,
@@ -197,6 +205,101 @@ def run_grid(name: str, P: Profile, S: Settings, lm: LoadedModel | None = None,
 
 def run(p: Plan) -> dict[str, Result]:
     return {m: run_grid(m, p.profile, p.settings) for m in p.models}
+
+
+# ------------------------------------------------------------------ one seed of one model, as a record part
+NOTEBOOK = "phase5_week13_finetune"
+SEED_MARK = "@seed"  # a unit: <model>@seed<N>
+# the profile keys a seed's grid reads besides its section: the scores' calibration and metric configuration
+# (esa.recipes.Recipe), the model's dtype and the source corpus
+_PART_KEYS = ("corpus", "dtype", "seqlen", "max_samples", "batch_size")
+_TABLES = ("final", "steps", "evals", "drift")
+
+
+def unit(model: str, seed: int) -> str:
+    return f"{model}{SEED_MARK}{seed}"
+
+
+def split_unit(name: str) -> tuple[str, int]:
+    """(model, seed) of a unit `unit` named."""
+    model, _, seed = name.rpartition(SEED_MARK)
+    return model, int(seed)
+
+
+def part_units(P: Profile, models: Sequence[str] | None) -> list[str]:
+    """The notebook's units: every seed of every model, model by model."""
+    S = settings(P, None)
+    return [unit(m, s) for m in plan(S, P, models).models for s in seeds_of(S, P)]
+
+
+def part_settings(P: Profile, name: str) -> dict[str, Any]:
+    """What determines a seed's grid: the section's fields (less the seed list: a seed added to the profile
+    leaves this seed's part valid; one key each, so a refusal names the field), the seed, the metrics it
+    scores and the profile keys it reads."""
+    model, seed = split_unit(name)
+    S = settings(P, None)
+    metrics = grid.needed_metrics(S, arms(S))
+    section = {f"finetune.{k}": v for k, v in asdict(S).items() if k != "seeds"}
+    return record_parts.model_settings(P, model, _PART_KEYS, seed=seed, metrics=metrics, **section,
+                                       hutchinson_probes=P.hutchinson_probes if "hutchinson_diag" in metrics else None)
+
+
+def as_result(res: Result) -> dict[str, Any]:
+    """A grid Result as a part stores it: its tables and plain values."""
+    return {f.name: getattr(res, f.name) for f in fields(Result) if f.name != "model"}
+
+
+def part_compute(P: Profile, name: str) -> dict[str, Any]:
+    """Every arm for one seed of one model (the model loaded, its scores for that seed computed)."""
+    model, seed = split_unit(name)
+    return as_result(run_grid(model, P, settings(P, None), seeds=[seed]))
+
+
+def part_seconds(p: Plan, name: str) -> float | None:
+    """A seed's predicted seconds: its model's conditions (one per arm, n = the seeds), each divided by its n."""
+    conds = p.for_model(split_unit(name)[0])
+    if not conds or any(c.seconds is None for c in conds):
+        return None
+    return float(sum(c.seconds / c.n for c in conds))  # type: ignore[operator]
+
+
+def _shared(r: Mapping[str, Any]) -> str:
+    """What every seed of a model must share (its settings, and its data less the seed list), as text (so
+    NaN equals NaN)."""
+    return json.dumps([r["settings"], {k: v for k, v in r["data"].items() if k != "seeds"}], sort_keys=True,
+                      default=str)
+
+
+def combine(model: str, seeds: Sequence[int], per_seed: Sequence[Mapping[str, Any]]) -> Result:
+    """One model's Result from its seeds' results (`as_result`, in `seeds` order), as one grid over every seed
+    gives it: the tables stacked seed by seed; one EsaError when two seeds did not share their inputs."""
+    first = per_seed[0]
+    for s, r in zip(seeds, per_seed, strict=True):
+        if _shared(r) != _shared(first):
+            raise EsaError(f"{NOTEBOOK}: seed {s} of {model} was run on other settings or data than seed {seeds[0]} "
+                           f"(its part was recorded at other code?); re-record it (make record CHUNK={NOTEBOOK} "
+                           f"PART={unit(model, s)})")
+
+    def stacked(name: str) -> pd.DataFrame:
+        frames = [r[name] for r in per_seed if len(r[name])]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    return Result(model=model, settings=first["settings"], **{t: stacked(t) for t in _TABLES},
+                  data={**first["data"], "seeds": list(seeds)}, seconds=float(sum(r["seconds"] for r in per_seed)),
+                  weights_restored=all(r["weights_restored"] for r in per_seed))
+
+
+def run_parts(run_dir: str | Path, p: Plan) -> tuple[dict[str, Result], dict[str, dict[str, Any]]]:
+    """({model: Result}, {unit: origin}): each seed of each model read from its committed part under `run_dir`
+    or computed (esa.phases.parts.per_unit, through the storage form either way), then combined."""
+    got, origins = record_parts.per_unit(run_dir, NOTEBOOK, p.profile, part_units(p.profile, p.models),
+                                         on_unit=lambda u, r: gc.collect())
+    seeds = seeds_of(p.settings, p.profile)
+    return {m: combine(m, seeds, [got[unit(m, s)] for s in seeds]) for m in p.models}, origins
+
+
+record_parts.SPECS.register(record_parts.PartSpec(NOTEBOOK, part_units, part_settings, part_compute, unit="seed",
+                                                  syntax=f"<model>{SEED_MARK}<N>", seconds=part_seconds))
 
 
 # ------------------------------------------------------------------ criteria

@@ -82,10 +82,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--record", action="store_true",
                    help="run the --only selection as one chunk of the judged record and publish what finished ok "
                         "into reports/record/ (esa.runner.record); its dependencies must be in the record already")
-    p.add_argument("--part", metavar="MODEL",
-                   help="with --record and --only <notebook>: record only MODEL's part of that multi-model notebook "
-                        "(reports/record/parts/<notebook>/<model>/); the notebook's chunk then reads it instead of "
-                        "computing that model (esa.phases.parts)")
+    p.add_argument("--part", metavar="UNIT",
+                   help="with --record and --only <notebook>: record only UNIT's part of that notebook, a model "
+                        "(weeks 2, 7, pruning) or <model>@seed<N> (fine-tuning) "
+                        "(reports/record/parts/<notebook>/<unit>/); the notebook's chunk then reads it instead of "
+                        "computing that unit (esa.phases.parts; --dry-run lists each notebook's parts)")
     p.add_argument("--verify-record", metavar="NOTEBOOK",
                    help="re-run one committed chunk of reports/record/ in a scratch folder and check its numbers "
                         "equal the committed ones")
@@ -142,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.overwrite and not args.record:
             raise EsaError("--overwrite only applies to --record (it clears a record of other code or profile)")
         if args.part is not None and not args.record:
-            raise EsaError("--part only applies to --record (it records one model of a notebook into reports/record/)")
+            raise EsaError("--part only applies to --record (it records one unit of a notebook into reports/record/)")
         if args.verify_record:
             diffs = record.verify(cfg, args.verify_record)
             for d in diffs:

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from esa import store
 from esa.errors import EsaError, unknown
@@ -36,6 +36,10 @@ from esa.runner.state import (
 )
 from esa.runner.task import Task
 from esa.store import REPO_ROOT, write_json
+
+if TYPE_CHECKING:
+    from esa.params import Profile
+    from esa.phases.study import Plan as StudyPlan
 
 
 @dataclass
@@ -257,15 +261,28 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def study_plans(plan: Plan) -> list[str]:
-    """Per notebook of the plan: a study's plan (schedule.yaml `study:`) or the week's (esa.phases.plans): its
-    conditions, n, the criterion each serves and the seconds predicted from this machine's measured costs
-    (esa.phases.costs); loads nothing."""
-    from esa.phases import costs, parts
+def predicted_plan(item: PlanItem, profile: Profile, measured: Any) -> StudyPlan | None:
+    """A plan item's notebook's plan, a study's (schedule.yaml `study:`) or the week's (esa.phases.plans), with
+    the seconds predicted from `measured` costs (esa.phases.costs; None: none predicted); None when the
+    notebook has no plan. Loads nothing."""
     from esa.phases.command import STUDIES
     from esa.phases.plans import PLANS
 
-    by_name = {s.name: s for s in STUDIES}
+    study = next((s for s in STUDIES if s.name == item.entry.study), None)
+    if study is not None:
+        S = study.settings(profile, None)
+        models = None if getattr(S, "models", None) else item.task.parameters["models"]  # a section's models win
+        return study.plan(S, profile, models).predict(measured)
+    if item.entry.id in PLANS:
+        return PLANS[item.entry.id](profile, item.task.parameters["models"]).predict(measured)
+    return None
+
+
+def study_plans(plan: Plan) -> list[str]:
+    """Per notebook of the plan: its `predicted_plan`: its conditions, n, the criterion each serves and the
+    seconds predicted from this machine's measured costs (esa.phases.costs); loads nothing."""
+    from esa.phases import costs, parts
+
     measured = costs.load()
     profile = load_profile(plan.config.profile, plan.config.overrides)
     lines = [("costs: " + (f"measured on {measured.machine.get('cores')} cores, {measured.machine.get('cpu')}"
@@ -273,14 +290,8 @@ def study_plans(plan: Plan) -> list[str]:
               if measured else "costs: none measured here (make costs): no seconds predicted")]
     total, trained = 0.0, set[str]()
     for item in plan.items:
-        study = by_name.get(item.entry.study or "")
-        if study is not None:
-            S = study.settings(profile, None)
-            models = None if getattr(S, "models", None) else item.task.parameters["models"]  # a section's models win
-            p = study.plan(S, profile, models).predict(measured)
-        elif item.entry.id in PLANS:
-            p = PLANS[item.entry.id](profile, item.task.parameters["models"]).predict(measured)
-        else:
+        p = predicted_plan(item, profile, measured)
+        if p is None:
             lines.append(f"{item.entry.id}: no plan (it reads what the notebooks before it computed)")
             continue
         # a micro-suite member trained by an earlier notebook of this run is read from the cache after it
@@ -288,7 +299,7 @@ def study_plans(plan: Plan) -> list[str]:
         trained |= {c.model for c in p.conditions if c.kind == "train"}
         total += p.seconds() or 0.0
         lines += [f"{item.entry.id}:"] + ["  " + ln for ln in p.lines()]
-        # a notebook with per-model parts: each part's prediction, and which the judged record holds already
+        # a notebook with parts: each part's prediction, and which the judged record holds already
         record = Path(plan.config.root) / "reports" / "record"
         lines += ["  " + ln for ln in parts.plan_lines(p, item.entry.id, profile, item.task.parameters["models"],
                                                       record)]

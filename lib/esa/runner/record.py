@@ -14,14 +14,17 @@ Refused in one line, before any work: a chunk whose dependency has no chunk in t
 which to run first); a record of another profile or other overrides, unless `--overwrite`, which clears
 the record first; and a committed part the chunk would read that is damaged or was made with other settings.
 
-A multi-model notebook with per-model parts (esa.phases.parts) can have one model recorded on its own:
+A notebook with parts (esa.phases.parts: one per model, or one per seed of a model) can have one unit
+recorded on its own:
 
     python run_all.py --profile powered --only phase3_week7_cross_model --record --part qwen2.5-coder-0.5b
+    python run_all.py --profile powered --only phase5_week13_finetune --record --part smollm2-135m@seed1337
 
-computes that model's loop body in this process and moves it, whole, into
-reports/record/parts/<notebook>/<model>/ (its tables and part.json: commit, code hash, profile, the settings
+computes that unit's loop body in this process and moves it, whole, into
+reports/record/parts/<notebook>/<unit>/ (its tables and part.json: commit, code hash, profile, the settings
 that determine it, machine, wall time, file digests). The notebook's chunk then reads every matching committed
-part and computes only the other models; its manifest (`parts`) and page say which model came from which part.
+part and computes only the other units; its manifest (`parts`) and page say which unit came from which part.
+Both print the notebook's parts with their predicted minutes first (as --dry-run does).
 
 Code may change between chunks (a record grows over several sessions): each chunk's (and part's) manifest
 names the commit and code hash it ran at, `make verify-record` re-runs a chunk at the code checked out, and
@@ -45,7 +48,7 @@ from esa.figures import FIGURES_INSIDE
 from esa.params import load_profile, yaml_load
 from esa.phases import costs, parts
 from esa.runner import docs, schedule
-from esa.runner.driver import RunConfig, RunResult, build_index, make_plan, run
+from esa.runner.driver import RunConfig, RunResult, build_index, make_plan, predicted_plan, run
 from esa.runner.layout import outputs
 from esa.runner.manifest import environment
 from esa.runner.state import code_hash, read_stamp
@@ -112,7 +115,8 @@ def run_chunk(cfg: RunConfig, overwrite: bool = False) -> RunResult:
         check_intact(rec)  # what survives (--overwrite of the same profile keeps it) is read by this chunk
         P = load_profile(cfg.profile, cfg.overrides)
         for item in plan.items:  # the committed parts this chunk will read: whole and made with its settings
-            parts.check_committed(rec, item.entry.id, P, _part_models(item, P))
+            parts.check_committed(rec, item.entry.id, P, _part_units(item, P))
+    _print_parts(cfg, plan.items, rec)
     with _one_at_a_time(root):
         return _run_chunk(cfg, chosen, root, rec)
 
@@ -149,14 +153,28 @@ def _run_chunk(cfg: RunConfig, chosen: list[str], root: Path, rec: Path) -> RunR
     return result
 
 
-def _part_models(item: Any, P: Any) -> list[str]:
-    """The models a plan item's notebook computes one by one (none without per-model parts)."""
+def _part_units(item: Any, P: Any) -> list[str]:
+    """The units a plan item's notebook computes one by one (none without parts)."""
     s = parts.spec(item.entry.id)
-    return s.models(P, item.task.parameters["models"]) if s is not None else []
+    return s.units(P, item.task.parameters["models"]) if s is not None else []
 
 
-def run_part(cfg: RunConfig, model: str) -> Path:
-    """Compute `model`'s part of the one notebook of `cfg.only` and move it, whole, into the record (module
+def _print_parts(cfg: RunConfig, items: list[Any], rec: Path) -> None:
+    """The chosen notebooks' parts with their predicted minutes and state (the dry run's lines), so the user
+    sees before the work what each part and the chunk are predicted to take."""
+    profile = load_profile(cfg.profile, cfg.overrides)
+    measured = costs.load()
+    for item in items:
+        if parts.spec(item.entry.id) is None:
+            continue
+        p = predicted_plan(item, profile, measured)
+        lines = parts.plan_lines(p, item.entry.id, profile, item.task.parameters["models"], rec) if p else []
+        if lines:
+            print("\n".join([f"run_all.py: {item.entry.id}:", *(f"  {ln}" for ln in lines)]), flush=True)
+
+
+def run_part(cfg: RunConfig, unit: str) -> Path:
+    """Compute `unit`'s part of the one notebook of `cfg.only` and move it, whole, into the record (module
     docstring); returns its folder. Every bad input is refused in one line before any work."""
     root = Path(cfg.root).resolve()
     rec = record_dir(root)
@@ -166,30 +184,26 @@ def run_part(cfg: RunConfig, model: str) -> Path:
                        f"{', '.join(i.entry.id for i in plan.items)}")
     item = plan.items[0]
     nb = item.entry.id
-    spec = parts.spec(nb)
-    if spec is None:
-        raise EsaError(f"{nb} has no per-model parts; notebooks with parts: {', '.join(parts.specs())}")
     P = load_profile(cfg.profile, cfg.overrides)
-    models = _part_models(item, P)
-    if model not in models:
-        raise EsaError(f"{nb} computes no model {model!r} under profile {cfg.profile}; its models: {', '.join(models)}")
+    spec = parts.check_unit(nb, P, item.task.parameters["models"], unit)
     _same_record(cfg, overwrite=False)
-    settings = spec.settings(P, model)  # a bad setting is refused here, before the model loads
-    target = parts.folder(rec, nb, model)
+    settings = spec.settings(P, unit)  # a bad setting is refused here, before the model loads
+    target = parts.folder(rec, nb, unit)
     unwritable = write_problem(target.parent)
     if unwritable:  # found now, not after the hours of computing
         raise EsaError(f"{target.parent} cannot be written: {unwritable}")
+    _print_parts(cfg, plan.items, rec)
     with _one_at_a_time(root):
-        return _run_part(cfg, nb, model, spec, P, settings, rec, target, root)
+        return _run_part(cfg, nb, unit, spec, P, settings, rec, target, root)
 
 
-def _run_part(cfg: RunConfig, nb: str, model: str, spec: Any, P: Any, settings: dict[str, Any], rec: Path,
+def _run_part(cfg: RunConfig, nb: str, unit: str, spec: Any, P: Any, settings: dict[str, Any], rec: Path,
               target: Path, root: Path) -> Path:
-    print(f"run_all.py: recording part {model} of {nb} into {target.relative_to(root)}", flush=True)
+    print(f"run_all.py: recording part {unit} of {nb} into {target.relative_to(root)}", flush=True)
     code = {**environment(), "code_hash": code_hash()}
     started, t0 = time.time(), time.perf_counter()
-    result = spec.compute(P, model)
-    manifest = {"notebook": nb, "model": model, "commit": code.get("git_commit"), "git_dirty": code.get("git_dirty"),
+    result = spec.compute(P, unit)
+    manifest = {"notebook": nb, "unit": unit, "commit": code.get("git_commit"), "git_dirty": code.get("git_dirty"),
                 "code_hash": code["code_hash"], "profile": cfg.profile, "overrides": dict(cfg.overrides),
                 "settings": settings, "machine": costs.machine(), "seconds": round(time.perf_counter() - t0, 1),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
@@ -227,13 +241,13 @@ def publish(stage: Path, rec: Path, nb: str, cfg: RunConfig, result: dict[str, A
         "models": (stamp.get("parameters") or {}).get("models"), "machine": costs.machine(),
         "seconds": result.get("seconds"), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "packages": code.get("packages"),
-        "parts": _origins(rec, nb),  # which model came from which committed part (and commit)
+        "parts": _origins(rec, nb),  # which unit came from which committed part (and commit)
         "files": _digests(rec, nb),  # xxh3-128 of every file of the chunk: a damaged record is caught, never used
     })
 
 
 def _origins(rec: Path, nb: str) -> dict[str, Any] | None:
-    """Where each model of a chunk with per-model parts came from (the notebook's data/<nb>/parts.json)."""
+    """Where each unit of a chunk with parts came from (the notebook's data/<nb>/parts.json)."""
     path = rec / "data" / nb / f"{parts.PARTS}.json"
     return read_json(path) if path.is_file() else None
 
@@ -325,20 +339,20 @@ def rebuild(cfg: RunConfig) -> Path:
 
 
 def committed_parts(rec: Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """Every committed part, by notebook and model: its commit, code hash, digest and wall time."""
+    """Every committed part, by notebook and unit: its commit, code hash, digest and wall time."""
     out = {}
     for nb in sorted(p.name for p in (rec / parts.PARTS).glob("*") if p.is_dir()):
         found = parts.committed(rec, nb)
         if found:
-            out[nb] = {m: {k: made.get(k) for k in ("commit", "code_hash", "digest", "seconds", "started")}
-                       for m, made in found.items()}
+            out[nb] = {u: {k: made.get(k) for k in ("commit", "code_hash", "digest", "seconds", "started")}
+                       for u, made in found.items()}
     return out
 
 
 def _pieces(rec: Path) -> dict[str, dict[str, Any]]:
-    """Every chunk's manifest and every part's (as "<notebook> part <model>"): what the record's code versions
+    """Every chunk's manifest and every part's (as "<notebook> part <unit>"): what the record's code versions
     and commits are counted over."""
-    found = {f"{nb} part {m}": made for nb in committed_parts(rec) for m, made in parts.committed(rec, nb).items()}
+    found = {f"{nb} part {u}": made for nb in committed_parts(rec) for u, made in parts.committed(rec, nb).items()}
     return {**_chunks(rec), **found}
 
 
