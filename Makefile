@@ -111,7 +111,7 @@ PART ?=
 record: env
 	$(RUN) --profile powered --only $(CHUNK) --record $(if $(PART),--part $(PART))
 verify-record: env
-	$(RUN) --verify-record $(CHUNK)
+	$(RUN) --verify-record $(CHUNK) $(if $(PART),--part $(PART))
 
 verify-cache: env
 	$(BIN)/python -m esa.runner.cache verify

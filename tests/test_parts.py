@@ -103,6 +103,28 @@ def test_week2_chunk_reads_a_part_and_saves_the_top_k_only_of_what_it_computed(t
     assert "grad_squared runs on tiny-llama only" in (rec / "html" / f"{week2}.nocode.html").read_text()  # the plan's note
 
 
+def test_verify_record_recomputes_a_committed_part(project: Path, capsys, monkeypatch) -> None:
+    assert run_all(project, "--only", NB, "--record", "--part", "tiny-qwen2")[0] == 0
+    rc, err = run_all(project, "--verify-record", NB, "--part", "tiny-qwen2")
+    assert rc == 0 and "part tiny-qwen2 of phase3_week7_cross_model: numbers equal" in capsys.readouterr().out
+    # a recomputation that differs in one number is found (the part itself is intact)
+    real = parts.spec(NB)
+
+    def shifted(P, unit):
+        out = real.compute(P, unit)
+        out["table"] = out["table"].assign(ppl=out["table"]["ppl"] * (1 + 1e-12)) if "ppl" in out["table"] else \
+            out["table"].iloc[1:]
+        return out
+
+    monkeypatch.setattr(parts, "spec", lambda nb: replace(real, compute=shifted) if nb == NB else None)
+    rc, err = run_all(project, "--verify-record", NB, "--part", "tiny-qwen2", capsys=capsys)
+    assert rc == 1 and "table.parquet" in err
+    assert not (project / "reports" / "record-verify").exists()  # the scratch folder is gone
+    monkeypatch.undo()
+    rc, err = run_all(project, "--verify-record", NB, "--part", "tiny-llama", capsys=capsys)
+    assert rc == 2 and "no part 'tiny-llama'" in err and "tiny-qwen2" in err
+
+
 def test_a_damaged_part_is_refused_in_one_line_and_never_read(project: Path, capsys, monkeypatch) -> None:
     assert run_all(project, "--only", NB, "--record", "--part", "tiny-qwen2")[0] == 0
     table = _part(project) / "table.parquet"

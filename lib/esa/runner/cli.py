@@ -142,14 +142,18 @@ def _run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         if args.overwrite and not args.record:
             raise EsaError("--overwrite only applies to --record (it clears a record of other code or profile)")
-        if args.part is not None and not args.record:
-            raise EsaError("--part only applies to --record (it records one unit of a notebook into reports/record/)")
+        if args.part is not None and not (args.record or args.verify_record):
+            raise EsaError("--part only applies to --record (it records one unit of a notebook into reports/record/) "
+                           "or --verify-record (it recomputes that committed part)")
         if args.verify_record:
-            diffs = record.verify(cfg, args.verify_record)
+            if args.part is not None:
+                diffs, what = record.verify_part(cfg, args.verify_record, args.part), f"part {args.part} of"
+            else:
+                diffs, what = record.verify(cfg, args.verify_record), "chunk"
             for d in diffs:
                 print(f"  {d}", file=sys.stderr)
-            print(f"run_all.py: chunk {args.verify_record}: " + (f"{len(diffs)} difference(s) from the committed record"
-                                                              if diffs else "numbers equal the committed record"))
+            print(f"run_all.py: {what} {args.verify_record}: " + (f"{len(diffs)} difference(s) from the committed "
+                                                                 "record" if diffs else "numbers equal the committed record"))
             return 1 if diffs else 0
         if args.record:
             if args.dry_run or args.generate_docs or args.run_id:

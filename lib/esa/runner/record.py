@@ -463,6 +463,40 @@ def verify(cfg: RunConfig, notebook: str) -> list[str]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def verify_part(cfg: RunConfig, notebook: str, unit: str) -> list[str]:
+    """Recompute one committed part (`unit` of `notebook`) in a scratch folder and compare its tables and values
+    with the committed ones, as `verify` does for a chunk (a chunk's verification re-reads its parts, so this is
+    what re-checks a part's own numbers); returns the differences (empty: verified)."""
+    root = Path(cfg.root).resolve()
+    rec = record_dir(root)
+    meta = read_json(rec / IDENTITY) if (rec / IDENTITY).is_file() else {"profile": cfg.profile, "overrides": {}}
+    cfg = replace(cfg, profile=meta["profile"], overrides=meta["overrides"], only=[notebook], with_deps=False,
+                  run_id="record-verify")
+    make_plan(cfg)  # the notebook and profile checked, and the params folder the record was made with in use
+    P = load_profile(cfg.profile, cfg.overrides)
+    have = parts.committed(rec, notebook)
+    if unit not in have:
+        raise EsaError(f"reports/record has no part {unit!r} of {notebook}; committed parts of it: "
+                       + (", ".join(sorted(have)) or "none"))
+    spec = parts.spec(notebook)
+    assert spec is not None  # a committed part belongs to a notebook with parts
+    path = parts.folder(rec, notebook, unit)
+    bad = parts.problem(path, spec.settings(P, unit))
+    if bad:
+        return [bad]
+    made = have[unit]
+    if made.get("code_hash") != code_hash():
+        print(f"note: part {unit} of {notebook} ran at code {made.get('code_hash')} (commit {made.get('commit')}); "
+              f"`git checkout {str(made.get('commit'))[:12]}` first to verify it exactly")
+    scratch = root / "reports" / "record-verify" / parts.folder_name(unit)
+    shutil.rmtree(scratch.parent, ignore_errors=True)
+    try:
+        parts.write(scratch, spec.compute(P, unit), {"notebook": notebook, "unit": unit}, spec.transient)
+        return [d for d in compare(path, scratch) if not d.startswith(parts.PART_FILE)]
+    finally:
+        shutil.rmtree(scratch.parent, ignore_errors=True)
+
+
 README_BEGIN, README_END = "<!-- record:begin -->", "<!-- record:end -->"
 
 
