@@ -56,7 +56,8 @@ def test_application_plans_match_the_measured_peak_on_tiny_llama(ledger, dtype):
     lm = ledger.load_model("tiny-llama", dtype)
     # the training passes again under bf16 autocast (the CPU's, as the CUDA runs use it), pruning one-shot too
     full_ft = ("finetune_full_autocast",) if dtype == torch.float32 else ()
-    for p in ("prune_wanda", "prune_wanda_one_shot", "prune_sparsegpt_one_shot", "int8_store", "capture",
+    for p in ("prune_wanda", "prune_wanda_one_shot", "prune_sparsegpt", "prune_sparsegpt_one_shot", "prune_grad_x_weight",
+              "prune_grad_x_weight_one_shot", "prune_hutchinson_diag_one_shot", "int8_store", "capture",
               "finetune_lora", "finetune_sparse", "bfa", "finetune_lora_autocast", "finetune_sparse_autocast",
               *full_ft):
         row = ledger.measure_pass(lm, p, 1, 64)
@@ -117,9 +118,12 @@ def test_8b_extended_dry_run_prints_each_pass_and_loads_nothing(capsys, monkeypa
     # the Phase 5 passes of the profile: pruning, fine-tuning, security and interpretability, each with a verdict
     apps = {k: v for k, v in plan.items() if k.startswith(("pruning ", "sparse fine-tuning", "LoRA", "int8 store",
                                                            "bit search", "interpretability"))}
-    assert len(apps) == 7, out
+    assert len(apps) == 8, out
     assert all("fits one GPU" in v or "GPUs (device_map over" in v for v in apps.values()), apps
     assert "batch 1 x 4096" in plan["pruning sparsegpt at 0.9 (128 x 4096 calibration windows)"]
+    # the profile's gradient scorers, planned as the gradient pass they run (fp32 accumulators, the graph)
+    grads = plan["pruning grad_x_weight, obd at 0.9 (128 x 4096 calibration windows)"]
+    assert "accumulators" in grads and "activations" in grads, grads
     assert "GiB host" in plan["int8 store (codes + host backup)"]  # the raw backup is host memory, not the GPU's
     rows, source = memplan.plan("llama-3.1-8b", cli.Recipe(dtype="bfloat16", seqlen=2048, metrics=("hutchinson_diag",),
                                                              hutchinson_probes=16, batch_size=1))
