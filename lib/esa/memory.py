@@ -122,6 +122,8 @@ class ModelShape:
     # to a block's weights alone runs from the head down to that block (pruning by a gradient scorer)
     first_layer: int = 0
     last_layer: int = 0
+    # decoder blocks holding a studied weight (0: every block): a backward keeps no Linear inputs in the others
+    studied_layers: int = 0
     foreach: bool = False  # AdamW steps every tensor at once (its default on an accelerator, not on the CPU)
 
     @classmethod
@@ -152,6 +154,7 @@ class ModelShape:
             largest_param=max((p.numel() for p in model.parameters()), default=0),
             first_layer=min(blocks) if in_blocks else 0,
             last_layer=max(blocks) if in_blocks else 0,
+            studied_layers=len(set(blocks)) if in_blocks else 0,
         )
 
 
@@ -202,7 +205,10 @@ def _activations(s: ModelShape, b: int, t: int, backward: bool) -> int:
     if backward:  # everything the layers keep for the backward pass
         per_tok = (s.dtype_bytes * (ACT_HIDDEN * s.hidden + ACT_INTER * s.intermediate + ACT_KV * (s.kv or s.hidden))
                    + 4 * (ACT_HIDDEN_F32 * s.hidden + ACT_HEAD_F32 * s.heads))
-        return int(s.layers * (b * t * per_tok + _attn_probs(s, b, t)))
+        # a block without studied weights keeps no Linear inputs (only its weights' gradients read them)
+        frozen = max(0, s.layers - s.studied_layers) if s.studied_layers else 0
+        inputs = s.dtype_bytes * (ACT_INPUT_HIDDEN * s.hidden + ACT_INPUT_INTER * s.intermediate)
+        return int(s.layers * (b * t * per_tok + _attn_probs(s, b, t)) - frozen * b * t * inputs)
     # no graph: one layer's working set at a time
     return int(b * t * ((EVAL_HIDDEN * s.hidden + EVAL_INTER * s.intermediate) * s.dtype_bytes
                         + 4 * EVAL_HIDDEN_F32 * s.hidden) + _attn_probs(s, b, t))
@@ -426,7 +432,7 @@ def _prune_gradient(s: ModelShape, b: int, t: int, double: bool = False) -> dict
     # and the graph shrinks from one block to the next: the first block's pass or the last one's is the largest
     blk = min(_block_numel(s), s.n_studied)
     before = _restore_backup(s) * (s.n_studied - blk) // max(1, s.n_studied)
-    block = replace(s, n_studied=blk)
+    block = replace(s, n_studied=blk, studied_layers=1)
     return _peak_phase({"masks": s.n_studied // 8}, _scoring(_graph_from(block, s.first_layer), b, t, double),
                        {**_scoring(_graph_from(block, s.last_layer), b, t, double), "backup": before},
                        *_decide_and_write(s, before))
