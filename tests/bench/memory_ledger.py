@@ -47,15 +47,11 @@ LORA_RANK = 4
 PRUNE_BLOCKS = 2  # pruning: the blocks pruned (see pruned_specs)
 # the full ledger: every pass of every model in both dtypes at these seqlens (Qwen's shape, the slowest: 64)
 GRID_SEQLENS: dict[str, tuple[int, ...]] = {"tiny-llama": (64, 128), "smollm2-135m": (64, 128), QWEN_SHAPE: (64,)}
-# rows of the full ledger left out on purpose, and why; any other row a run lacks is listed with NOT_IN_RUN
+# rows of the full ledger left out on purpose, and why (none: every row was measured, the last ones on 2 shared
+# cores); any other row a run lacks is listed with NOT_IN_RUN
 _SHARED_CPU = ("not measured: too slow or too large for the shared 2-core CPU it was last measured on; measure it "
                "on a free machine with --models {model} --dtypes {dtype} --passes {pass} --append")
-NOT_MEASURED: dict[tuple[str, str, str], str] = {
-    ("smollm2-135m", "bfloat16", "prune_sparsegpt"): _SHARED_CPU,
-    (QWEN_SHAPE, "bfloat16", "prune_sparsegpt"): _SHARED_CPU,
-    (QWEN_SHAPE, "bfloat16", "bfa"): _SHARED_CPU,
-    (QWEN_SHAPE, "bfloat16", "finetune_sparse"): _SHARED_CPU,
-}
+NOT_MEASURED: dict[tuple[str, str, str], str] = {}
 NOT_IN_RUN = ("not measured: this run's --models/--dtypes/--seqlens/--passes left it out and --out held no earlier "
               "row of it (measure it with --append)")
 
