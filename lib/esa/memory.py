@@ -34,9 +34,14 @@ and Qwen2.5-0.5B's shape in fp32 and bf16 and checks each estimate within +-15% 
   most a copy of each matrix (esa.perturb.apply backs up whichever is smaller).
 - offload staging: accelerate loads an offloaded block's weights for its forward: the largest block.
 - application passes (Phase 5; `work` gives their counts): pruning's restore backup (a copy of each matrix
-  once that is cheaper than index + bits), masks, calibration inputs and per-block decision (SparseGPT adds its
-  Hessians, factorisation and kept values); one-shot calibration writes nothing and holds every block's
-  statistics (SparseGPT: every block's Hessians) instead; sparse fine-tuning's O(k) state and LoRA's fp32
+  once that is cheaper than index + bits), masks, calibration inputs and per-block decision; SparseGPT's are
+  counted from what its code allocates, phase by phase: the block's fp32 Hessians, then one group of matrices
+  at a time either the factorisation (four (cols, cols)) or the column loop (fp32 copies and masks), then the
+  writes (index, values and an int64 count per weight) and the mask set's kept values; one-shot calibration
+  writes nothing and holds every block's statistics (SparseGPT: every block's Hessians) instead; a gradient
+  scorer (grad_x_weight, obd, hutchinson_diag) is its gradient pass (prune_gradient, prune_hutchinson: per
+  block, over the block's weights, with the restore backup held; *_one_shot: once over every pruned weight)
+  plus pruning's masks, decisions and writes; sparse fine-tuning's O(k) state and LoRA's fp32
   adapters with AdamW over a frozen-weight backward (which keeps less of the Linears' inputs than a gradient
   pass), under bf16 autocast as on CUDA (`autocast`: bf16 layer outputs and casts, and an fp32 model's bf16
   weight casts), full fine-tuning's foreach AdamW step on an accelerator; the int8 store's codes and host
@@ -51,6 +56,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -112,6 +118,12 @@ class ModelShape:
     trainable: int = 0  # sparse fine-tuning: selected weights; LoRA: adapter numbers
     windows: int = 0  # pruning: calibration windows whose block inputs are held at once
     autocast: bool = False  # a training step under bf16 autocast (esa.apps.training.loop on CUDA)
+    # the first and last decoder block holding a studied weight (0 for an embedding or head weight): a backward
+    # to a block's weights alone runs from the head down to that block (pruning by a gradient scorer)
+    first_layer: int = 0
+    last_layer: int = 0
+    # decoder blocks holding a studied weight (0: every block): a backward keeps no Linear inputs in the others
+    studied_layers: int = 0
     foreach: bool = False  # AdamW steps every tensor at once (its default on an accelerator, not on the CPU)
 
     @classmethod
@@ -125,6 +137,8 @@ class ModelShape:
         heads = int(cfg.num_attention_heads)
         head_dim = int(getattr(cfg, "head_dim", 0) or hidden // heads)
         p0 = next(model.parameters())
+        blocks = [s.layer for s in specs]
+        in_blocks = bool(blocks) and min(blocks) >= 0
         return cls(
             n_params=sum(p.numel() for p in model.parameters()),
             dtype_bytes=p0.element_size(),
@@ -138,6 +152,9 @@ class ModelShape:
             materialised_attention=attn == "eager",
             kv=int(getattr(cfg, "num_key_value_heads", 0) or heads) * head_dim,
             largest_param=max((p.numel() for p in model.parameters()), default=0),
+            first_layer=min(blocks) if in_blocks else 0,
+            last_layer=max(blocks) if in_blocks else 0,
+            studied_layers=len(set(blocks)) if in_blocks else 0,
         )
 
 
@@ -188,7 +205,10 @@ def _activations(s: ModelShape, b: int, t: int, backward: bool) -> int:
     if backward:  # everything the layers keep for the backward pass
         per_tok = (s.dtype_bytes * (ACT_HIDDEN * s.hidden + ACT_INTER * s.intermediate + ACT_KV * (s.kv or s.hidden))
                    + 4 * (ACT_HIDDEN_F32 * s.hidden + ACT_HEAD_F32 * s.heads))
-        return int(s.layers * (b * t * per_tok + _attn_probs(s, b, t)))
+        # a block without studied weights keeps no Linear inputs (only its weights' gradients read them)
+        frozen = max(0, s.layers - s.studied_layers) if s.studied_layers else 0
+        inputs = s.dtype_bytes * (ACT_INPUT_HIDDEN * s.hidden + ACT_INPUT_INTER * s.intermediate)
+        return int(s.layers * (b * t * per_tok + _attn_probs(s, b, t)) - frozen * b * t * inputs)
     # no graph: one layer's working set at a time
     return int(b * t * ((EVAL_HIDDEN * s.hidden + EVAL_INTER * s.intermediate) * s.dtype_bytes
                         + 4 * EVAL_HIDDEN_F32 * s.hidden) + _attn_probs(s, b, t))
@@ -331,10 +351,20 @@ BLOCK_WORKING = 0.8
 # one-shot calibration's dense forward: model-dtype elements per token live at its peak (ledger fit)
 ONE_SHOT_HIDDEN = 2
 ONE_SHOT_INTER = 2
-# SparseGPT: the reconstruction of one matrix (fp32 copies, transposes, masks) per weight of the down
-# projection; writing its largest matrix (index, fp32 target, values) per weight
-SGPT_SOLVE = 15
-SGPT_WRITE = 16
+# SparseGPT (esa.apps.pruning.sparsegpt), counted from what it allocates (tests/test_memory.py measures them):
+# its column loop works on blocks of SGPT_BLOCKSIZE columns (PruneSpec's default). Per element (column x row) of
+# one block it holds the block's fp32 copy, its saliency and mask (SGPT_SELECT) while kthvalue chooses each
+# matrix's pruned weights with an fp32 copy and int64 positions of that matrix's part (SGPT_KTH), then the copy,
+# saliency, both masks, the OBS errors and the kept share (SGPT_COLUMNS) while the columns are updated; the loop
+# leaves the copy, saliency, both masks and the errors alive (SGPT_LEFT)
+SGPT_BLOCKSIZE = 128
+SGPT_SELECT = 9
+SGPT_KTH = 12
+SGPT_COLUMNS = 20
+SGPT_LEFT = 14
+# writing a reconstructed matrix (nearly every weight changes): its int64 index, the comparison's bool and the
+# int64 copy its sum makes (17 bytes a weight), plus the new values and the overwritten ones (2 x model dtype)
+SGPT_WRITE = 17
 INT8_PER_WEIGHT = 1  # int8 store: one code per studied weight (scales: one per row, negligible)
 
 
@@ -360,43 +390,136 @@ def _peak_phase(held: dict[str, int], *phases: dict[str, int]) -> dict[str, int]
     return {k: held.get(k, 0) + top.get(k, 0) for k in {**held, **top}}
 
 
+def _decide_and_write(s: ModelShape, before: int) -> tuple[dict[str, int], dict[str, int]]:
+    """A scorer's last block, after its scores: the decision (the block's fp32 scores and masks, one matrix's
+    selection), then the writes (the restore backup grown by the matrix written, with that matrix's index,
+    values and selection temporaries); `before`: the restore backup of the blocks before it."""
+    blk = min(_block_numel(s), s.n_studied)
+    return ({"backup": before, "decide": PRUNE_SCORES * blk + PRUNE_SELECT * s.largest_studied},
+            {"backup": _restore_backup(s),
+             "decide": blk + (PRUNE_WRITE + PRUNE_WRITE_UPCAST * (_upcast(s) > 0)) * s.largest_studied})
+
+
 def _prune(s: ModelShape, b: int, t: int) -> dict[str, int]:
     # layer-sequential pruning from input statistics (Wanda; esa.apps.pruning.calibrate.run_sequential). Held
     # throughout: every calibration window's input to the current block and the masks (a bit per weight). Then,
     # per block, one after the other: a block pass gathering statistics or making the next block's inputs (one
-    # batch's layer working set and, while propagating, a second set of inputs), the decision (the block's fp32
-    # scores and masks) and the writes (the restore backup, grown by the matrix written, with that matrix's
-    # index, values and selection temporaries). The last block's phases are the largest
+    # batch's layer working set and, while propagating, a second set of inputs), the decision and the writes
+    # (_decide_and_write). The last block's phases are the largest
     blk = min(_block_numel(s), s.n_studied)
     inputs = s.windows * t * s.hidden * s.dtype_bytes
     before = _restore_backup(s) * (s.n_studied - blk) // max(1, s.n_studied)
     return _peak_phase({"masks": s.n_studied // 8, "calibration": inputs},
                        {"backup": before, "calibration": inputs + int(BLOCK_WORKING * _layer_working(s, b, t))},
-                       {"backup": before, "decide": PRUNE_SCORES * blk + PRUNE_SELECT * s.largest_studied},
-                       {"backup": _restore_backup(s),
-                        "decide": blk + (PRUNE_WRITE + PRUNE_WRITE_UPCAST * (_upcast(s) > 0)) * s.largest_studied})
+                       *_decide_and_write(s, before))
+
+
+def _scoring(s: ModelShape, b: int, t: int, double: bool) -> dict[str, int]:
+    """The gradient pass a gradient scorer runs (esa.sensitivity.metrics): grad_x_weight's and obd's backward, or
+    hutchinson_diag's double backward (`double`), with fp32 accumulators over the weights it scores."""
+    return _hutchinson(s, b, t) if double else _gradient(s, b, t)
+
+
+def _graph_from(s: ModelShape, layer: int) -> ModelShape:
+    """The shape a backward to weights of block `layer` and later sees: nothing before that block keeps a graph."""
+    return replace(s, layers=max(1, s.layers - layer))
+
+
+def _prune_gradient(s: ModelShape, b: int, t: int, double: bool = False) -> dict[str, int]:
+    # layer-sequential pruning by a gradient scorer (run_sequential without block inputs): per block, a gradient
+    # pass of the whole, partly pruned model scoring that block's weights alone (its backward stops at that block),
+    # with the restore backup of the blocks before it held, then the block's decision and writes. The backup grows
+    # and the graph shrinks from one block to the next: the first block's pass or the last one's is the largest
+    blk = min(_block_numel(s), s.n_studied)
+    before = _restore_backup(s) * (s.n_studied - blk) // max(1, s.n_studied)
+    block = replace(s, n_studied=blk, studied_layers=1)
+    return _peak_phase({"masks": s.n_studied // 8}, _scoring(_graph_from(block, s.first_layer), b, t, double),
+                       {**_scoring(_graph_from(block, s.last_layer), b, t, double), "backup": before},
+                       *_decide_and_write(s, before))
+
+
+def _prune_gradient_one_shot(s: ModelShape, b: int, t: int, double: bool = False) -> dict[str, int]:
+    # one-shot pruning by a gradient scorer (run_one_shot): one gradient pass scores every pruned weight (its fp32
+    # accumulators become the scores); then each block is decided from its own scores, the later blocks' held.
+    # Nothing is written
+    blk = min(_block_numel(s), s.n_studied)
+    return _peak_phase({"masks": s.n_studied // 8}, _scoring(_graph_from(s, s.first_layer), b, t, double),
+                       {"accumulators": 4 * (s.n_studied - blk),
+                        "decide": PRUNE_SCORES * blk + PRUNE_SELECT * s.largest_studied})
+
+
+def _sgpt_groups(s: ModelShape) -> list[tuple[int, int, int, int]]:
+    """(rows, cols, rows of its largest matrix, matrices) of the matrices SparseGPT solves together, in its order:
+    q/k/v stacked (one input), o, gate/up stacked, down."""
+    h, kv, i = s.hidden, s.kv or s.hidden, s.intermediate
+    return [(h + 2 * kv, h, h, 3), (h, h, h, 1), (2 * i, h, i, 2), (h, i, h, 1)]
+
+
+def _block_matrices(s: ModelShape) -> list[int]:
+    """Weights of one block's linears in inventory order: q, k, v, o, gate, up, down."""
+    h, kv, i = s.hidden, s.kv or s.hidden, s.intermediate
+    return [h * h, kv * h, kv * h, h * h, i * h, i * h, h * i]
+
+
+def _sgpt_decide(s: ModelShape) -> int:
+    """Peak bytes of SparseGPT deciding one block (SparseGPT.decide), its Hessians aside. Its groups run one after
+    the other, each holding the decisions of the groups before it (the fp32 new matrix and its bool mask: 5 bytes
+    a weight) and its own fp32 stacked copy (none for one fp32 matrix: the parameter itself), then either the
+    factorisation (H scaled, its Cholesky factor, H^-1 and U: four fp32 (cols, cols)) or, after it, the column
+    loop: U, the transposed fp32 copy and the pruned and protected masks (6 bytes a weight) with one column
+    block's working set, and at its end the new matrix, its mask and their check (6 more) with what the last
+    column block left alive. The two never overlap: the factorisation's temporaries are freed first."""
+    done, peak = 0, 0
+    for rows, cols, part, k in _sgpt_groups(s):
+        n = rows * cols
+        stacked = 4 * n if k > 1 or s.dtype_bytes != 4 else 0
+        first = min(SGPT_BLOCKSIZE, cols)
+        last = cols - SGPT_BLOCKSIZE * ((cols - 1) // SGPT_BLOCKSIZE)
+        block = first * max(SGPT_COLUMNS * rows, SGPT_SELECT * rows + SGPT_KTH * part)
+        loop = max(6 * n + block, 12 * n + SGPT_LEFT * last * rows)
+        peak = max(peak, done + stacked + max(16 * cols * cols, 4 * cols * cols + loop))
+        done += 5 * n
+    return peak
+
+
+def _sgpt_write(s: ModelShape) -> tuple[int, int]:
+    """(the block's backup so far, the write's temporaries) when writing one block's reconstructed matrices
+    (prune.write: masks.updates_for, then perturb.apply.overwritten, one matrix after the other, in inventory
+    order) peaks: each matrix adds its dense backup (model dtype) and holds SGPT_WRITE + 2 b bytes a weight."""
+    b, before, best = s.dtype_bytes, 0, (0, 0)
+    for n in _block_matrices(s):
+        before += b * n
+        best = max(best, (before, (SGPT_WRITE + 2 * b) * n), key=sum)
+    return best
+
+
+def _sgpt_emit(s: ModelShape) -> int:
+    """The largest matrix's temporaries while its decision is added to the mask set (MaskSet.add): the int64 copy
+    that counting its pruned weights makes (8 bytes a weight) is the largest."""
+    return 8 * max(_block_matrices(s))
 
 
 def _sparsegpt(s: ModelShape, b: int, t: int) -> dict[str, int]:
-    # SparseGPT (esa.apps.pruning.sparsegpt), the phases of _prune. Every kept weight is rewritten too, so the
-    # backup is a copy of each matrix, and the mask set keeps the reconstructed values (model dtype; host memory
-    # on a GPU). Deciding the last block holds its fp32 Hessians X^T X (one per distinct input: attention,
-    # output projection, MLP, down projection), the factorisation of the widest (H, its Cholesky factor, H^-1,
-    # U: four (cols, cols)), the reconstruction of its matrix (fp32 copies, masks) and the block's earlier
-    # decisions (fp32 values and masks); writing the last matrix holds every backup, the block's decisions and
-    # the matrix's index and values
+    # layer-sequential SparseGPT (esa.apps.pruning.calibrate.run_sequential with SparseGPT), the phases of _prune.
+    # Held throughout: the calibration windows' block inputs and the masks. Every weight is rewritten, so the
+    # restore backup is a copy of each matrix, and the mask set keeps the reconstructed values (model dtype; host
+    # memory on a GPU); the blocks before the last one hold both. The last block's job keeps its fp32 Hessians
+    # X^T X (one per distinct input) from its block pass through its decision (_sgpt_decide), its writes
+    # (_sgpt_write: every decision held, the backup growing to every matrix's) and the mask set's update
+    # (_sgpt_emit: the kept values growing to every block's)
     blk = min(_block_numel(s), s.n_studied)
     backup, kept = s.n_studied * s.dtype_bytes, max(0, s.n_studied - s.written) * s.dtype_bytes
-    down = s.hidden * s.intermediate
     share = (s.n_studied - blk) / max(1, s.n_studied)
     inputs = s.windows * t * s.hidden * s.dtype_bytes
     before = {"backup": int(share * backup), "kept_values": int(share * kept)}
-    hess = 4 * (3 * s.hidden * s.hidden + s.intermediate * s.intermediate)
+    hess = _sgpt_hessians(s)
+    written, writing = _sgpt_write(s)
     return _peak_phase({"masks": s.n_studied // 8, "calibration": inputs},
                        {**before, "calibration": inputs + int(BLOCK_WORKING * _layer_working(s, b, t)), "hessians": hess},
-                       {**before, "hessians": hess,
-                        "decide": 16 * s.intermediate ** 2 + SGPT_SOLVE * down + 5 * (blk - down)},
-                       {"backup": backup, "kept_values": kept, "decide": 5 * blk + SGPT_WRITE * s.largest_studied})
+                       {**before, "hessians": hess, "decide": _sgpt_decide(s)},
+                       {"backup": before["backup"] + written, "kept_values": before["kept_values"], "hessians": hess,
+                        "decide": 5 * blk + writing},
+                       {"backup": backup, "kept_values": kept, "hessians": hess, "decide": 5 * blk + _sgpt_emit(s)})
 
 
 def _sgpt_hessians(s: ModelShape) -> int:
@@ -429,18 +552,17 @@ def _prune_one_shot(s: ModelShape, b: int, t: int) -> dict[str, int]:
 def _sparsegpt_one_shot(s: ModelShape, b: int, t: int) -> dict[str, int]:
     # one-shot SparseGPT: the dense forward gathers every block's Hessians, all held until pruning ends (no block
     # is written, so no restore backup, and later blocks see dense inputs). Deciding the last block holds them,
-    # the mask set's kept values of the blocks before it and the factorisation and reconstruction of _sparsegpt.
-    # The block being decided has its Hessians on one device ("hessians"); the others spread with the layers
+    # the mask set's kept values of the blocks before it and _sgpt_decide; adding its decisions to the mask set
+    # holds every kept value and _sgpt_emit. The block being decided has its Hessians on one device ("hessians");
+    # the others spread with the layers
     blk, blocks, forward = _one_shot(s, b, t)
     kept = max(0, s.n_studied - s.written) * s.dtype_bytes
-    down = s.hidden * s.intermediate
     held = {"masks": s.n_studied // 8, "hessians": _sgpt_hessians(s),
             "stats": int(_sgpt_hessians(s) * max(0.0, blocks - 1))}
     share = (s.n_studied - blk) / max(1, s.n_studied)
     return _peak_phase(held, forward,
-                       {"kept_values": int(share * kept),
-                        "decide": 16 * s.intermediate ** 2 + SGPT_SOLVE * down + 5 * (blk - down)},
-                       {"kept_values": kept, "decide": 5 * blk})
+                       {"kept_values": int(share * kept), "decide": _sgpt_decide(s)},
+                       {"kept_values": kept, "decide": 5 * blk + _sgpt_emit(s)})
 
 
 def _finetune_sparse(s: ModelShape, b: int, t: int) -> dict[str, int]:
@@ -492,6 +614,11 @@ _PASS_FNS: dict[str, Callable[[ModelShape, int, int], dict[str, int]]] = {
     "sparsegpt": _sparsegpt,  # layer-sequential SparseGPT reconstruction
     "prune_one_shot": _prune_one_shot,  # pruning with calibration 'one-shot' (Wanda) or 'none' (data-free)
     "sparsegpt_one_shot": _sparsegpt_one_shot,  # SparseGPT with calibration 'one-shot'
+    # pruning by a gradient scorer (grad_x_weight, obd: its gradient pass; hutchinson_diag: its double backward)
+    "prune_gradient": _prune_gradient,  # layer-sequential: one gradient pass per block
+    "prune_gradient_one_shot": _prune_gradient_one_shot,  # one gradient pass scores every block (their default)
+    "prune_hutchinson": partial(_prune_gradient, double=True),
+    "prune_hutchinson_one_shot": partial(_prune_gradient_one_shot, double=True),
     "finetune_sparse": _finetune_sparse,  # one sparse fine-tuning step (work: trainable = selected weights)
     "finetune_lora": _finetune_lora,  # one LoRA step (work: trainable = adapter numbers)
     "int8_store": _int8_store,  # the security int8 store opened over the studied weights
@@ -502,10 +629,14 @@ PASSES = tuple(_PASS_FNS)
 # parts of a pass held in host memory whatever the device: the int8 store's raw backup, SparseGPT's kept values
 HOST_PARTS = {"int8_store": ("backup",), "bfa": ("backup",), "sparsegpt": ("kept_values",),
               "sparsegpt_one_shot": ("kept_values",)}
-APP_PASSES = ("prune", "sparsegpt", "prune_one_shot", "sparsegpt_one_shot", "finetune_sparse", "finetune_lora",
-              "int8_store", "bfa", "capture")
+PRUNE_GRADIENT = ("prune_gradient", "prune_gradient_one_shot", "prune_hutchinson", "prune_hutchinson_one_shot")
+APP_PASSES = ("prune", "sparsegpt", "prune_one_shot", "sparsegpt_one_shot", *PRUNE_GRADIENT, "finetune_sparse",
+              "finetune_lora", "int8_store", "bfa", "capture")
 # passes whose graph is kept for a backward: their activations spread with the layers under a device map
-BACKWARD = ("gradient", "grad_fused", "hutchinson", "finetune_full", "finetune_sparse", "finetune_lora", "bfa")
+BACKWARD = ("gradient", "grad_fused", "hutchinson", "finetune_full", "finetune_sparse", "finetune_lora", "bfa",
+            *PRUNE_GRADIENT)
+# passes that run Hutchinson's double backward and keep its probes (`probes`)
+HUTCHINSON = ("hutchinson", "prune_hutchinson", "prune_hutchinson_one_shot")
 
 
 # ---------------------------------------------------------------- placement over devices
@@ -615,7 +746,7 @@ def estimate(
             grads = int(HVP_GRADS * local.n_studied * local.dtype_bytes)
             part["hutchinson"] = grads + int((part["hutchinson"] - grads) * pl["layers"])
         part["logits"] = int(part.get("logits", 0) * pl["logits"])
-        if pass_name == "hutchinson":
+        if pass_name in HUTCHINSON:
             part["probe_cache"] = probe_cache_bytes(local.n_studied, probes, shape.n_studied)
         if written and shape.n_studied:  # spread like the studied weights it copies
             part["backup"] = backup_bytes(int(written * pl["studied"] / shape.n_studied), shape.dtype_bytes, dev)
@@ -627,7 +758,7 @@ def estimate(
         per_device[dev] = {**per_device.get(dev, {}), **{k: v for k, v in part.items() if v}}
         if not dev.startswith("meta"):
             resident[dev] = int(pl["weights"])
-    if pass_name == "hutchinson":
+    if pass_name in HUTCHINSON:
         comps["probe_cache"] = probe_cache_bytes(shape.n_studied, probes, shape.n_studied)
     if written:
         comps["backup"] = backup_bytes(written, shape.dtype_bytes, tgt, shape.n_studied * shape.dtype_bytes)

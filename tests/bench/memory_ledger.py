@@ -47,15 +47,11 @@ LORA_RANK = 4
 PRUNE_BLOCKS = 2  # pruning: the blocks pruned (see pruned_specs)
 # the full ledger: every pass of every model in both dtypes at these seqlens (Qwen's shape, the slowest: 64)
 GRID_SEQLENS: dict[str, tuple[int, ...]] = {"tiny-llama": (64, 128), "smollm2-135m": (64, 128), QWEN_SHAPE: (64,)}
-# rows of the full ledger left out on purpose, and why; any other row a run lacks is listed with NOT_IN_RUN
+# rows of the full ledger left out on purpose, and why (none: every row was measured, the last ones on 2 shared
+# cores); any other row a run lacks is listed with NOT_IN_RUN
 _SHARED_CPU = ("not measured: too slow or too large for the shared 2-core CPU it was last measured on; measure it "
                "on a free machine with --models {model} --dtypes {dtype} --passes {pass} --append")
-NOT_MEASURED: dict[tuple[str, str, str], str] = {
-    ("smollm2-135m", "bfloat16", "prune_sparsegpt"): _SHARED_CPU,
-    (QWEN_SHAPE, "bfloat16", "prune_sparsegpt"): _SHARED_CPU,
-    (QWEN_SHAPE, "bfloat16", "bfa"): _SHARED_CPU,
-    (QWEN_SHAPE, "bfloat16", "finetune_sparse"): _SHARED_CPU,
-}
+NOT_MEASURED: dict[tuple[str, str, str], str] = {}
 NOT_IN_RUN = ("not measured: this run's --models/--dtypes/--seqlens/--passes left it out and --out held no earlier "
               "row of it (measure it with --append)")
 
@@ -136,7 +132,8 @@ BATCH = {"b": 1}  # windows per micro-batch (main's --batch)
 WINDOWS = {"grad_x_weight": 2, "grad_fused": 2, "finetune_full": 2, "finetune_sparse": 2, "finetune_lora": 2,
            "finetune_full_autocast": 2, "finetune_sparse_autocast": 2, "finetune_lora_autocast": 2,
            "prune_wanda": CALIB_WINDOWS, "prune_sparsegpt": CALIB_WINDOWS, "prune_wanda_one_shot": CALIB_WINDOWS,
-           "prune_sparsegpt_one_shot": CALIB_WINDOWS}
+           "prune_sparsegpt_one_shot": CALIB_WINDOWS, "prune_grad_x_weight": CALIB_WINDOWS,
+           "prune_grad_x_weight_one_shot": CALIB_WINDOWS, "prune_hutchinson_diag_one_shot": CALIB_WINDOWS}
 # training passes measured again under bf16 autocast (the CPU's, standing for the CUDA runs' precision 'auto')
 AUTOCAST = "_autocast"
 
@@ -214,7 +211,7 @@ def _prune(method: str, calibration: str = "sequential") -> Callable[[Any, torch
         from esa.apps.pruning import PruneSpec, prune
 
         spec = PruneSpec(method, sparsity=SPARSITY, seqlen=int(ids.shape[1]), n_calib=int(ids.shape[0]),
-                         batch_size=BATCH["b"], calibration=calibration, kinds=("attention", "mlp"))
+                         batch_size=BATCH["b"], calibration=calibration, kinds=("attention", "mlp"), probes=PROBES)
         return prune(lm, spec, calib=_calib(ids), specs=pruned_specs(lm), use_cache=False).masks
     return run
 
@@ -280,6 +277,11 @@ PASSES: dict[str, tuple[str, dict[str, Any], Callable[[Any, torch.Tensor], Any]]
     "prune_sparsegpt": ("sparsegpt", {}, _prune("sparsegpt")),
     "prune_wanda_one_shot": ("prune_one_shot", {}, _prune("wanda", "one-shot")),
     "prune_sparsegpt_one_shot": ("sparsegpt_one_shot", {}, _prune("sparsegpt", "one-shot")),
+    # gradient scorers: their metric's gradient pass (per block, or once: their default) plus pruning's buffers
+    "prune_grad_x_weight": ("prune_gradient", {}, _prune("grad_x_weight")),
+    "prune_grad_x_weight_one_shot": ("prune_gradient_one_shot", {}, _prune("grad_x_weight", "one-shot")),
+    "prune_hutchinson_diag_one_shot": ("prune_hutchinson_one_shot", {"probes": PROBES},
+                                       _prune("hutchinson_diag", "one-shot")),
     "finetune_sparse": ("finetune_sparse", {}, None),  # built per model (its selection): runner()
     "finetune_lora": ("finetune_lora", {}, _train(_lora_method)),
     "int8_store": ("int8_store", {}, _int8),

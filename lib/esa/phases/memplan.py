@@ -17,6 +17,9 @@ from typing import Any
 import torch
 
 from esa import memory
+from esa.apps.pruning.prune import memory_pass
+from esa.apps.pruning.registry import get_method
+from esa.apps.pruning.spec import PruneSpec
 from esa.errors import EsaError
 from esa.evaluate import auto_batch_size
 from esa.models import parse_dtype
@@ -27,8 +30,9 @@ from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 
 # components one device holds whole under a device map (the rest spreads with the layers): the logits, the
-# largest gradient in flight, offload staging, and pruning's and the int8 store's one-block working sets
-WHOLE = ("logits", "grads_in_flight", "offload_staging", "calibration", "hessians", "quantise")
+# largest gradient in flight, offload staging, and pruning's (its block's decision too) and the int8 store's
+# one-block working sets
+WHOLE = ("logits", "grads_in_flight", "offload_staging", "calibration", "hessians", "decide", "quantise")
 GPU_BYTES = 80 * memory.GIB  # "one 80 GB GPU" (A100/H100 80GB), of which memory.HEADROOM is used
 MAX_GPUS = 64
 
@@ -84,17 +88,11 @@ STUDIES = ("prune", "finetune", "security", "interpret")  # the schedule's Phase
 AUTOCAST = ("finetune_full", "finetune_sparse", "finetune_lora")
 
 
-def _calibration_pass(base: str, mode: str | None) -> str:
-    """esa.memory's pass of a pruning method in calibration `mode` (esa.apps.pruning.prune.memory_pass; None:
-    Wanda's and SparseGPT's default, layer-sequential)."""
-    return base if (mode or "sequential") == "sequential" else f"{base}_one_shot"
-
-
 def app_passes(profile: Any, model: torch.nn.Module,
                studies: tuple[str, ...] = STUDIES) -> list[tuple[str, str, int, int, dict[str, int]]]:
     """(label, pass, batch size, seqlen, work) of the Phase 5 passes `profile` configures on `model` for
-    `studies`: pruning (Wanda at the sweep's largest sparsity, SparseGPT, each in the section's calibration
-    mode), sparse fine-tuning at its largest density and LoRA at the same trainable count, the int8 store and
+    `studies`: pruning (Wanda at the sweep's largest sparsity, SparseGPT, and the section's gradient scorers by
+    the gradient pass they run, each in the section's calibration mode), sparse fine-tuning at its largest density and LoRA at the same trainable count, the int8 store and
     one bit-search iteration, and an interpretability capture. (Full fine-tuning: `finetune_plan`.)"""
     n = sum(s.numel for s in weight_inventory(model))
     out: list[tuple[str, str, int, int, dict[str, int]]] = []
@@ -102,9 +100,12 @@ def app_passes(profile: Any, model: torch.nn.Module,
     if pr and "prune" in studies:
         sp, mode = max(pr.get("sweep") or [0.5]), pr.get("calibration")
         calib, t, b = int(pr.get("calib_windows", 128)), int(pr.get("calib_seqlen", 2048)), int(pr.get("batch_size", 1))
-        for method, base in (("wanda", "prune"), ("sparsegpt", "sparsegpt")):
-            out.append((f"pruning {method} at {sp:g} ({calib} x {t} calibration windows)",
-                        _calibration_pass(base, mode), b, t, {"written": int(sp * n), "windows": calib}))
+        by_pass: dict[str, list[str]] = {}  # the memory pass of each method planned, and its methods
+        for method in ("wanda", "sparsegpt", *(m for m in pr.get("methods") or [] if get_method(m).needs == "gradients")):
+            by_pass.setdefault(memory_pass(PruneSpec(method, sparsity=sp, calibration=mode)), []).append(method)
+        for pass_name, methods in by_pass.items():
+            out.append((f"pruning {', '.join(methods)} at {sp:g} ({calib} x {t} calibration windows)", pass_name, b, t,
+                        {"written": int(sp * n), "windows": calib}))
     ft = getattr(profile, "finetune", None) or {}
     if ft and "finetune" in studies:
         k = int(max(ft.get("densities") or [0.01]) * n)
@@ -129,8 +130,10 @@ def app_plan(name: str, profile: Any, dtype: str, capacity: int = GPU_BYTES,
     with full fine-tuning's step when the profile fine-tunes."""
     model, _ = meta_model(name, dtype)
     rows = []
+    probes = int(getattr(profile, "hutchinson_probes", 1) or 1)  # a hutchinson_diag pruning scorer's
     for label, pass_name, b, t, work in app_passes(profile, model, studies):
-        est = memory.estimate(model, pass_name, b, t, target="cuda:0", work=work, autocast=pass_name in AUTOCAST)
+        est = memory.estimate(model, pass_name, b, t, target="cuda:0", work=work, autocast=pass_name in AUTOCAST,
+                              probes=probes if pass_name in memory.HUTCHINSON else 1)
         rows.append(PassPlan(label, pass_name, b, est, gpus_needed(est, capacity)))
     ft = getattr(profile, "finetune", None) or {}
     # full fine-tuning runs as a baseline, or as the method the protections act on (esa.apps.training.grid.arms)

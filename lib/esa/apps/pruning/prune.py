@@ -248,18 +248,24 @@ def prune(
 
 
 def memory_pass(spec: PruneSpec) -> str:
-    """esa.memory's pass for `spec`'s calibration mode: layer-sequential calibration holds every window's block
-    inputs and the restore backup of the blocks written; one-shot (and data-free) writes nothing and holds every
-    block's statistics at once (SparseGPT: every block's Hessians)."""
-    base = "sparsegpt" if get_method(spec.method).needs == "hessian" else "prune"
+    """esa.memory's pass for `spec`'s method and calibration mode: layer-sequential calibration holds every
+    window's block inputs and the restore backup of the blocks written; one-shot (and data-free) writes nothing
+    and holds every block's statistics at once (SparseGPT: every block's Hessians). A gradient scorer runs its
+    metric's gradient pass (prune_gradient, or prune_hutchinson for the double backward): once per block
+    layer-sequentially, once over every pruned weight one-shot."""
+    method = get_method(spec.method)
+    if method.needs == "gradients":
+        base = f"prune_{method.scoring_pass}"
+    else:
+        base = "sparsegpt" if method.needs == "hessian" else "prune"
     return base if spec.calibration == "sequential" else f"{base}_one_shot"
 
 
 def _check_memory(lm: LoadedModel, spec: PruneSpec, specs: list[WeightSpec], calib: Windows | None) -> None:
-    """Ask the memory plan of the calibration mode before any pass (`memory_pass`)."""
+    """Ask the memory plan of the method and calibration mode before any pass (`memory_pass`)."""
     written = sum(round(float(spec.sparsity or 0.0) * s.numel) for s in specs)
     windows = calib.n_windows if calib is not None else 0
-    memory.check(lm.model, memory_pass(spec), spec.batch_size, spec.seqlen, specs,
+    memory.check(lm.model, memory_pass(spec), spec.batch_size, spec.seqlen, specs, probes=spec.probes,
                  work={"written": written, "windows": windows})
 
 

@@ -42,6 +42,12 @@ class Scorer:
     groups: tuple[str, ...] = GROUPS
     # gradient scorers default to one dense pass: layer-sequential costs one forward+backward per block
     default_calibration: str = "sequential"
+    metric: str = ""  # a gradient scorer's esa.sensitivity metric (its memory pass is what pruning plans)
+
+    @property
+    def scoring_pass(self) -> str:
+        """esa.memory's pass of a gradient scorer's metric (gradient, hutchinson); '' for the others."""
+        return get_metric(self.metric).memory_pass if self.metric else ""
 
     def score(self, job: Job) -> dict[str, torch.Tensor]:
         return job.scores if job.scores is not None else self.fn(job)
@@ -111,11 +117,15 @@ def _gradient(metric: str, **cfg_fields: object) -> ScoreFn:
 
 register(Scorer("magnitude", "|W_ij|", _magnitude, "weights", default_group="matrix"))
 register(Scorer("wanda", "|W_ij| * ||X_j||_2 over calibration tokens (act_mag), per output row", _wanda, "inputs"))
-register(Scorer("grad_x_weight", "|w * g|, g = gradient of the mean calibration loss", _gradient("grad_x_weight"),
-                "gradients", default_calibration="one-shot"))
-register(Scorer("obd", "mean_b g_b^2 * w^2 (empirical Fisher diagonal x w^2, OBD saliency)",
-                _gradient("grad_squared", times_w2=True), "gradients", default_calibration="one-shot"))
-register(Scorer("hutchinson_diag", "0.5 * diag(H) * w^2, diag(H) from Rademacher probes (signed)",
-                _gradient("hutchinson_diag"), "gradients", default_calibration="one-shot"))
+def _gradient_scorer(name: str, definition: str, metric: str, **cfg_fields: object) -> Scorer:
+    return Scorer(name, definition, _gradient(metric, **cfg_fields), "gradients", default_calibration="one-shot",
+                  metric=metric)
+
+
+register(_gradient_scorer("grad_x_weight", "|w * g|, g = gradient of the mean calibration loss", "grad_x_weight"))
+register(_gradient_scorer("obd", "mean_b g_b^2 * w^2 (empirical Fisher diagonal x w^2, OBD saliency)",
+                          "grad_squared", times_w2=True))
+register(_gradient_scorer("hutchinson_diag", "0.5 * diag(H) * w^2, diag(H) from Rademacher probes (signed)",
+                          "hutchinson_diag"))
 register(Scorer("random", "uniform scores seeded by (calibration seed, parameter)", _random, "weights",
                 default_group="matrix"))
