@@ -16,9 +16,12 @@ Scoring (`score_next_line`) is lm-evaluation-harness's (the `zeroshot` extra): `
 the items as an lm-eval task folder (YAML + JSON lines + a two-function utils.py) and `run_lm_eval` runs it
 through `HFLM` on the in-memory model, with any hub tasks (hellaswag, arc_easy, ...) in the same call. Each
 candidate's score is its summed log-likelihood after the context (`accuracy`), and the same per character of
-the candidate (`accuracy_norm`, lm-eval's acc_norm). lm-eval moves a context's trailing newline into the
-continuation, so each item also scores the newline alone, and a line's score is the difference: the line
-given the context *with* its newline, as the task defines it. An item counts as correct only if the true line
+the candidate (`accuracy_norm`, lm-eval's acc_norm). The context's trailing newline leads every candidate
+(lm-eval would move it there anyway), so a line's score is the log-likelihood of the newline and the line
+after the context; the newline's term is the same for the 4 candidates, so `accuracy` is that of the line
+given the context and its newline. (The newline is not scored alone and subtracted: a BPE that merges it with
+the context's last characters, as Qwen2's does with ',\n', leaves it no token of its own, which lm-eval refuses.)
+An item counts as correct only if the true line
 scores strictly highest, so ties (a broken model) count as wrong and chance is exactly 1/4 for a model that
 cannot tell the lines apart.
 """
@@ -165,14 +168,14 @@ class ZeroShotResult:
 
 # ---------------------------------------------------------------- the task as lm-eval reads it
 def doc_to_choice(doc: dict[str, Any]) -> list[str]:
-    """The 4 lines after the context's newline, then the newline alone (module docstring)."""
-    return [*("\n" + c for c in doc["choices"]), "\n"]
+    """The 4 lines, each led by the context's newline (module docstring)."""
+    return ["\n" + c for c in doc["choices"]]
 
 
 def line_loglik(results: Sequence[tuple[float, bool]]) -> np.ndarray:
-    """Each line's log-likelihood after the context and its newline, from lm-eval's 5 results of an item."""
-    lls = np.asarray([r[0] for r in results], dtype=np.float64)
-    return lls[:-1] - lls[-1]
+    """Each candidate's log-likelihood (its leading newline and the line) after the context, from lm-eval's
+    results of an item."""
+    return np.asarray([r[0] for r in results], dtype=np.float64)
 
 
 def _strict_first(scores: np.ndarray) -> bool:
@@ -183,7 +186,7 @@ def _strict_first(scores: np.ndarray) -> bool:
 def process_results(doc: dict[str, Any], results: Sequence[tuple[float, bool]]) -> dict[str, float]:
     """lm-eval's per-item metrics: strict accuracy, per character, and whether every score is finite."""
     ll = line_loglik(results)
-    chars = np.asarray([max(1, len(c)) for c in doc["choices"]], dtype=np.float64)
+    chars = np.asarray([len(c) + 1 for c in doc["choices"]], dtype=np.float64)  # the newline is scored too
     return {"acc": float(_strict_first(ll)), "acc_norm": float(_strict_first(ll / chars)),
             "finite": float(np.isfinite(ll).all())}
 
