@@ -22,7 +22,7 @@ import pandas as pd
 
 from esa.stats import power
 from esa.stats.budget import budget_reason as stats_budget
-from esa.stats.verdicts import Criterion, demote, judge
+from esa.stats.verdicts import Criterion, demote, judge, overrule
 
 RATIO_THRESHOLD = 5.0
 ALPHA = 0.01
@@ -500,9 +500,6 @@ def unresolved(rows: Iterable[Criterion], metric: str, resolution: Mapping[str, 
         elif math.isfinite(need):
             out.append(demote(r, "underpowered", f"{head} (< 2); about {need:.3g} {unit} needed"))
         else:
-            r.note = (f"{head}: held out, it is not distinguishable from the median, so the metric does not "
-                      f"identify a set that stands out (the number alone reads {r.verdict})"
-                      + (f". {r.note}" if r.note else ""))
-            r.face_value, r.passed, r.verdict = r.verdict, False, "FAIL"
-            out.append(r)
+            out.append(overrule(r, f"{head}: held out, it is not distinguishable from the median, so the metric "
+                                   "does not identify a set that stands out"))
     return out

@@ -20,7 +20,7 @@ from esa.errors import EsaError
 from esa.models import LoadedModel
 from esa.params import Profile
 from esa.phases import criteria, parts
-from esa.phases.plans import week2_metrics
+from esa.phases.plans import validation_windows, week2_metrics
 from esa.recipes import Recipe
 from esa.sensitivity import resolution
 from esa.sensitivity.engine import ScoreRun
@@ -53,12 +53,6 @@ def score_model(lm: LoadedModel, name: str, P: Profile, metrics: list[str] | Non
 def validation_profile(P: Profile) -> Profile:
     """Week 1's profile: `validation_samples` calibration windows per seed when set (else `max_samples`)."""
     return replace(P, max_samples=P.validation_samples) if P.validation_samples else P
-
-
-def validation_windows(P: Profile, metric: str) -> int:
-    """Week 1's calibration windows of `metric`: hutchinson_diag keeps `max_samples`, since its resolution is
-    bounded by its probes (make curvature-reliability), not by its windows."""
-    return P.max_samples if metric == "hutchinson_diag" else validation_profile(P).max_samples
 
 
 def validation_runs(lm: LoadedModel, name: str, P: Profile) -> Runs:

@@ -121,12 +121,20 @@ def phase1_week0_baselines(P: Profile, models: Sequence[str]) -> Plan:
     return Plan("baselines", P, list(models), None, conds, {"windows per seed": P.eval_windows, "seeds": P.seeds})
 
 
+def validation_windows(P: Profile, metric: str) -> int:
+    """Week 1's calibration windows of `metric`: `validation_samples` when set (else `max_samples`), but
+    hutchinson_diag keeps `max_samples`, since its resolution is bounded by its probes (make
+    curvature-reliability), not by its windows."""
+    return P.max_samples if metric == "hutchinson_diag" else P.validation_samples or P.max_samples
+
+
 def phase2_week1_metric_validation(P: Profile, models: Sequence[str]) -> Plan:
     m, serves = models[0], ("P2.jaccard", "P2.heavy_tail", "P2.metric_overlap")
-    n = P.validation_samples or P.max_samples  # every metric but hutchinson_diag (phase2.validation_windows)
-    wide = [x for x in P.metrics if x != "hutchinson_diag"]
-    conds = _scoring(replace(P, max_samples=n), m, P.seeds, wide, serves)
-    conds += _scoring(P, m, P.seeds, [x for x in P.metrics if x == "hutchinson_diag"], serves)
+    n = validation_windows(P, "grad_x_weight")  # every metric but hutchinson_diag
+    conds = []
+    for k in dict.fromkeys(validation_windows(P, x) for x in P.metrics):
+        conds += _scoring(replace(P, max_samples=k), m, P.seeds,
+                          [x for x in P.metrics if validation_windows(P, x) == k], serves)
     conds.append(Planned(m, "held-out resolution check (every metric, one pass)", n, "calibration windows",
                          ("P2.jaccard", "P2.heavy_tail"), kind="grad", seqlen=P.seqlen))
     calib = f"{n} x {P.seqlen} tokens" + (f" ({P.max_samples} for hutchinson_diag)" if n != P.max_samples

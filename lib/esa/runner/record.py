@@ -427,6 +427,15 @@ def compare(committed: Path, fresh: Path) -> list[str]:
     return out
 
 
+def _other_code(what: str, made: dict[str, Any]) -> None:
+    """Bit-exact numbers are promised at a piece's own code: when the code checked out is other, say which code
+    made it (and compare anyway)."""
+    now = code_hash()
+    if made.get("code_hash") != now:
+        print(f"note: {what} ran at code {made.get('code_hash')} (commit {made.get('commit')}); this is code {now}: "
+              f"`git checkout {str(made.get('commit'))[:12]}` first to verify it exactly")
+
+
 def verify(cfg: RunConfig, notebook: str) -> list[str]:
     """Re-run one committed chunk in a scratch copy of the record and compare its data and scorecard rows
     with the committed ones (bit-exact numbers on a CPU); returns the differences (empty: verified)."""
@@ -439,11 +448,8 @@ def verify(cfg: RunConfig, notebook: str) -> list[str]:
     if bad:
         return [f"{f}: differs from the digest chunk {notebook}'s manifest recorded" for f in bad]
     meta = read_json(rec / IDENTITY)
-    made, now = read_json(rec / CHUNKS / f"{notebook}.json"), code_hash()
-    if made.get("code_hash") != now:
-        # bit-exact numbers are promised at the chunk's own code: say which, and compare anyway
-        print(f"note: chunk {notebook} ran at code {made.get('code_hash')} (commit {made.get('commit')}); this is "
-              f"code {now}: `git checkout {str(made.get('commit'))[:12]}` first to verify it exactly")
+    made = read_json(rec / CHUNKS / f"{notebook}.json")
+    _other_code(f"chunk {notebook}", made)
     cfg = replace(cfg, profile=meta["profile"], overrides=meta["overrides"], only=[notebook])
     scratch = root / "reports" / "record-verify"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -484,10 +490,7 @@ def verify_part(cfg: RunConfig, notebook: str, unit: str) -> list[str]:
     bad = parts.problem(path, spec.settings(P, unit))
     if bad:
         return [bad]
-    made = have[unit]
-    if made.get("code_hash") != code_hash():
-        print(f"note: part {unit} of {notebook} ran at code {made.get('code_hash')} (commit {made.get('commit')}); "
-              f"`git checkout {str(made.get('commit'))[:12]}` first to verify it exactly")
+    _other_code(f"part {unit} of {notebook}", have[unit])
     scratch = root / "reports" / "record-verify" / parts.folder_name(unit)
     shutil.rmtree(scratch.parent, ignore_errors=True)
     try:

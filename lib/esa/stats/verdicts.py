@@ -64,12 +64,22 @@ def demote(c: Criterion, verdict: str, reason: str) -> Criterion:
     stays. A PASS/FAIL it had is named in the note, so the reader sees what the number alone would say."""
     if verdict not in NOT_JUDGED:
         raise ValueError(f"verdict {verdict!r}; accepted: {', '.join(NOT_JUDGED)}")
+    return _relabel(c, verdict, None, reason)
+
+
+def overrule(c: Criterion, reason: str) -> Criterion:
+    """`c` judged FAIL for `reason` whatever its number reads (e.g. a metric whose ranking is noise held out),
+    with the reason and the number's own reading leading its note, as `demote` writes them."""
+    return _relabel(c, "FAIL", False, reason)
+
+
+def _relabel(c: Criterion, verdict: str, passed: bool | None, reason: str) -> Criterion:
     was = (f" (the number alone reads {c.verdict})" if c.verdict in ("PASS", "FAIL") else
            f" (also {c.verdict})" if c.verdict != verdict else "")
     c.note = f"{reason}{was}" + (f". {c.note}" if c.note else "")
     if c.verdict in ("PASS", "FAIL"):
         c.face_value = c.verdict
-    c.passed, c.verdict = None, verdict
+    c.passed, c.verdict = passed, verdict
     return c
 
 
