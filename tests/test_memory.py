@@ -356,6 +356,12 @@ def test_gradient_scorers_are_planned_as_the_gradient_pass_they_run(monkeypatch,
     first = memory.estimate(m, "gradient", 2, 32, block0, target="cpu").per_device["cpu"]
     del first["weights"]
     assert need("prune_gradient", work=work) == {**first, "masks": n // 8}  # here the first block's is the largest
+    # hutchinson_diag layer-sequentially: the double backward per block, whose create_graph gradients and kept
+    # probes cover that block's weights alone (the probes had been planned over every pruned weight)
+    hutch0 = memory.estimate(m, "hutchinson", 2, 32, block0, target="cpu", probes=2).per_device["cpu"]
+    del hutch0["weights"]
+    assert need("prune_hutchinson", work=work, probes=2) == {**hutch0, "masks": n // 8}
+    assert hutch0["probe_cache"] == 2 * sum(s.numel for s in block0) < 2 * n
     # a block without studied weights keeps no Linear inputs for the backward (both norms' outputs, the MLP's
     # product): SmolLM2's and Qwen's pruning rows score 2 of 30 and 24 blocks (measured 1.12-1.24x before)
     assert first["activations"] == grad["activations"] - 2 * 32 * 4 * (2 * H + INTER)

@@ -29,7 +29,8 @@ and Qwen2.5-0.5B's shape in fp32 and bf16 and checks each estimate within +-15% 
 - Hutchinson (double backward, one window at a time): on top of a gradient pass, 3 N b (the create_graph
   gradients, the probe cast to the model dtype, the second backward's products), 3.5 more activation sets
   (the first backward's graph) and 30 bytes per (a, T, T) element per layer for SDPA's math kernel; all P
-  int8 probes (P N) are kept between windows while that fits PROBE_CACHE_BYTES, else redrawn per window.
+  int8 probes (P N) are kept between windows while that fits PROBE_CACHE_BYTES, else redrawn per window
+  (layer-sequential pruning probes one block at a time: N is then one block's weights).
 - perturbation: the raw-bit backup of the written weights (with their int64 index on an accelerator), at
   most a copy of each matrix (esa.perturb.apply backs up whichever is smaller).
 - offload staging: accelerate loads an offloaded block's weights for its forward: the largest block.
@@ -743,11 +744,11 @@ def estimate(
         for k in ("activations", "weight_casts"):  # the graph follows the layers this device holds
             part[k] = int(part.get(k, 0) * (pl["layers"] if pass_name in BACKWARD else (1.0 if pl["layers"] else 0.0)))
         if "hutchinson" in part:  # the graph part follows the layers this device holds
-            grads = int(HVP_GRADS * local.n_studied * local.dtype_bytes)
+            grads = int(HVP_GRADS * _probed(local, pass_name) * local.dtype_bytes)
             part["hutchinson"] = grads + int((part["hutchinson"] - grads) * pl["layers"])
         part["logits"] = int(part.get("logits", 0) * pl["logits"])
         if pass_name in HUTCHINSON:
-            part["probe_cache"] = probe_cache_bytes(local.n_studied, probes, shape.n_studied)
+            part["probe_cache"] = probe_cache_bytes(_probed(local, pass_name), probes, _probed(shape, pass_name))
         if written and shape.n_studied:  # spread like the studied weights it copies
             part["backup"] = backup_bytes(int(written * pl["studied"] / shape.n_studied), shape.dtype_bytes, dev)
         part = {"weights": int(pl["weights"]), **part, "offload_staging": int(pl["staging"])}
@@ -759,12 +760,18 @@ def estimate(
         if not dev.startswith("meta"):
             resident[dev] = int(pl["weights"])
     if pass_name in HUTCHINSON:
-        comps["probe_cache"] = probe_cache_bytes(shape.n_studied, probes, shape.n_studied)
+        comps["probe_cache"] = probe_cache_bytes(_probed(shape, pass_name), probes, _probed(shape, pass_name))
     if written:
         comps["backup"] = backup_bytes(written, shape.dtype_bytes, tgt, shape.n_studied * shape.dtype_bytes)
     comps["offload_staging"] = max((int(pl["staging"]) for pl in place.values()), default=0)
     return MemoryEstimate(pass_name, batch_size, seqlen, {k: v for k, v in comps.items() if v}, per_device, resident,
                           autocast)
+
+
+def _probed(s: ModelShape, pass_name: str) -> int:
+    """Weights one Hutchinson call probes (its create_graph gradients and its kept probes): layer-sequential
+    pruning calls it once per block, over that block's weights alone; the other passes over every studied one."""
+    return min(_block_numel(s), s.n_studied) if pass_name == "prune_hutchinson" else s.n_studied
 
 
 def _foreach(device: str) -> bool:

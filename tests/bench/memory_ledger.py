@@ -133,7 +133,8 @@ WINDOWS = {"grad_x_weight": 2, "grad_fused": 2, "finetune_full": 2, "finetune_sp
            "finetune_full_autocast": 2, "finetune_sparse_autocast": 2, "finetune_lora_autocast": 2,
            "prune_wanda": CALIB_WINDOWS, "prune_sparsegpt": CALIB_WINDOWS, "prune_wanda_one_shot": CALIB_WINDOWS,
            "prune_sparsegpt_one_shot": CALIB_WINDOWS, "prune_grad_x_weight": CALIB_WINDOWS,
-           "prune_grad_x_weight_one_shot": CALIB_WINDOWS, "prune_hutchinson_diag_one_shot": CALIB_WINDOWS}
+           "prune_grad_x_weight_one_shot": CALIB_WINDOWS, "prune_hutchinson_diag": CALIB_WINDOWS,
+           "prune_hutchinson_diag_one_shot": CALIB_WINDOWS}
 # training passes measured again under bf16 autocast (the CPU's, standing for the CUDA runs' precision 'auto')
 AUTOCAST = "_autocast"
 
@@ -280,6 +281,7 @@ PASSES: dict[str, tuple[str, dict[str, Any], Callable[[Any, torch.Tensor], Any]]
     # gradient scorers: their metric's gradient pass (per block, or once: their default) plus pruning's buffers
     "prune_grad_x_weight": ("prune_gradient", {}, _prune("grad_x_weight")),
     "prune_grad_x_weight_one_shot": ("prune_gradient_one_shot", {}, _prune("grad_x_weight", "one-shot")),
+    "prune_hutchinson_diag": ("prune_hutchinson", {"probes": PROBES}, _prune("hutchinson_diag")),
     "prune_hutchinson_diag_one_shot": ("prune_hutchinson_one_shot", {"probes": PROBES},
                                        _prune("hutchinson_diag", "one-shot")),
     "finetune_sparse": ("finetune_sparse", {}, None),  # built per model (its selection): runner()
