@@ -32,7 +32,8 @@
 # increase under an L∞ budget (D = critical − c·random, paired by attack seed). PASS when D's one-sided
 # (1 − alpha) lower bound is above 0, FAIL when its upper bound is below 0; underpowered, not estimable or
 # machinery-only with the reason when the numbers cannot carry a verdict. The ratio of means is shown beside,
-# as a description.
+# as a description. With the profile's `sequential`, the fault pairs run in looks and stop once the
+# comparison is decided (its bounds hold at whichever look stopped it); the plan names the looks.
 
 # %% tags=["parameters"]
 profile = "smoke"
@@ -106,6 +107,9 @@ for m, r in results.items():
                                           "catastrophic_rate", "damage_median", "catastrophes_hit_critical"],
                       ci={"catastrophic_rate": ("catastrophic_lo", "catastrophic_hi")}))
     display(r.set_faults.groupby("set")[["damage", "catastrophic", "n_inf", "n_nan"]].mean())
+    for key, seq in r.sequential.items():  # a comparison decided in looks: each look, and the pairs it used
+        display(ctx.table(seq.history, f"{key}_looks_{m}", f"{m}: the {key} comparison look by look; "
+                          f"{seq.describe()}; {seq.n} of {seq.n_max} {seq.unit} evaluated (fixed n: {seq.n_max})."))
     if len(r.protection):
         display(ctx.table(r.protection, f"protection_{m}", f"{m}: faults with a protected set.",
                           columns=["protected", "kind", "protected_fraction", "mean_flips", "mean_flips_stopped",

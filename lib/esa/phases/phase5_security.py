@@ -16,10 +16,11 @@ is read as the claim that the critical set is at least c = `criterion_factor` (d
 vulnerable as the random set, judged three ways, each as a contrast by its one-sided (1 − `alpha`) bound,
 never as a ratio over a control that may do nothing: flips random-k − c·flips critical to PPL x
 `criterion_goal` (paired by attack seed; runs that hit the flip budget are censored), damage of
-`set_fault_flips` bounded flips per trial in the critical set − c·in a matched random set (trials paired by
-position), PGD loss increase on the critical set − c·on random-k at the largest budget (paired by attack
+`set_fault_flips` bounded flips per trial in the critical set − c·in a matched random set (critical trial i
+paired with random trial i, the random sets taken in turn), PGD loss increase on the critical set − c·on random-k at the largest budget (paired by attack
 seed). Verdicts: esa.stats.vulnerability; below the guide's budget (`budget_reason`) a PASS/FAIL becomes
-machinery-only.
+machinery-only. With the profile's `sequential`, the fault pairs run in looks until the comparison is decided
+(`fault_design`, esa.stats.sequential), and the row reads that decision.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from esa.phases.study import (
 from esa.recipes import Recipe
 from esa.sensitivity.metrics import METRICS
 from esa.stats import budget
+from esa.stats.sequential import Design
 from esa.stats.verdicts import Criterion, demote
 from esa.stats.vulnerability import Vulnerability
 from esa.store import write_json, write_parquet
@@ -120,6 +122,8 @@ class Settings:
     fault_factor: float = setting(10.0, common.check_factor)
     set_fault_flips: int = setting(10, _COUNT)
     set_fault_trials: int = setting(20, _COUNT)
+    # with the profile's `sequential`: trial pairs at the first look (then doubling, up to set_fault_trials)
+    set_fault_first: int = setting(30, at_least(2))
     # protection: guarded fractions of the top-scored weights (curve), mode (checked against the format in
     # `validate`), the campaign it is run on; the attack under a guard of the top `guard_fraction` (vs an
     # equal random guard: two more searches per attack seed when `guard_attack`)
@@ -189,6 +193,30 @@ def budget_reason(S: Settings, planned: bool = False) -> str | None:
          f"{S.heldout_windows} x {S.heldout_seqlen} held-out tokens (guide-sized: >= {GUIDE_HELDOUT_TOKENS})")])
 
 
+# O'Brien-Fleming-type spending for the set-fault comparison, not the sweeps' Pocock: its effect is marginal
+# (record: D = 0.0186, sd ~0.08, d_z ~0.24 over 120 pairs), so the cap decides it, and OBF keeps 0.97·alpha
+# for the last look where Pocock keeps 0.38·alpha. Simulated at that effect (120 pairs, alpha 0.01): power
+# 0.60 as for fixed n, 0.50 with Pocock; an effect with d_z > 1.2 still stops at a first look of 30 pairs.
+# D's right tail is heavy (median 0.0009 against mean 0.015): the t errs safe for PASS, not for an early FAIL.
+FAULT_SPENDING = "obf"
+# The set-fault row is the one sequential comparison of a model's analysis (the attack and PGD rows are fixed n,
+# each at alpha), so its design runs at alpha / 1 (Bonferroni over a family of one).
+FAULT_FAMILY = 1
+
+
+def fault_design(S: Settings, P: Profile) -> Design | None:
+    """The sequential design of the set-fault comparison: looks at `set_fault_first` pairs (at least `min_runs`),
+    doubling, up to the cap `set_fault_trials`; None when the profile is not sequential (fixed n)."""
+    if not P.sequential:
+        return None
+    n_max = S.set_fault_trials
+    if n_max < 2:
+        raise EsaError(f"security.set_fault_trials {n_max} cannot be run sequentially; accepted: 2 or more "
+                       "(or a profile without `sequential`)")
+    n0 = min(max(S.set_fault_first, S.min_runs), n_max)
+    return Design(alpha=S.alpha / FAULT_FAMILY, n0=n0, n_max=n_max, spending=FAULT_SPENDING)
+
+
 # ------------------------------------------------------------------ one model
 def critical_set(lm: LoadedModel, name: str, P: Profile, S: Settings) -> CriticalSet:
     """Top-k of `critical_metric` on the profile's first seed, through the score cache (Phase 2's run)."""
@@ -220,7 +248,7 @@ def analyse(name: str, P: Profile, S: Settings) -> ModelSecurity:
             gguf_log.setLevel(level)
 
     in_format = compare.in_formats(lm, wins, load, lambda m: heldout(m, P.corpus, S))
-    return compare.analyse(name, lm, crit, wins, in_format, P.corpus, S, h0, t)
+    return compare.analyse(name, lm, crit, wins, in_format, P.corpus, S, h0, t, fault_design(S, P))
 
 
 def backdoor(P: Profile, S: Settings) -> BackdoorResult:
@@ -256,6 +284,7 @@ def criterion_rows(model: str, S: Settings, attack: Vulnerability | None, faults
     for key, v, contrast, what in specs:
         cid, text = f"P5.security.{key}.{model}", f"{CRITERION} ({key}, {model})"
         thr = f"{contrast} > 0: one-sided {1 - S.alpha:.0%} lower bound"
+        thr += " (group-sequential: valid at the look that stopped it)" if v is not None and v.n_fixed else ""
         if v is None:
             rows.append(Criterion(cid, 5, text, None, thr, None, evidence, f"{key} comparison not run",
                                   verdict="not estimable"))
@@ -272,6 +301,9 @@ def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
     chosen = list(models or P.models)
     n, top = len(S.attack_seeds), max(S.pgd_budgets)
     bits = S.attack_bits or FORMATS[S.attack_format].bounded
+    design = fault_design(S, P)
+    how = (f"; sequential: looks at {', '.join(map(str, design.looks))} pairs (n: the cap), {design.spending} "
+           f"spending, one-sided alpha {design.alpha:g}") if design else ""
     conds: list[Planned] = []
     for m in chosen:
         a, f, v = (f"P5.security.{k}.{m}" for k in ("attack", "faults", "adversarial"))
@@ -281,9 +313,9 @@ def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
         conds.append(Planned(m, f"random flips, budget {S.random_flips}", n, "seeds"))
         conds += [Planned(m, f"bit search with the top {S.guard_fraction:g} {g} guarded (ecc)", n, "seeds")
                   for g in (("critical", "random") if S.guard_attack else ())]
-        conds += [Planned(m, f"{S.set_fault_flips} bounded faults per trial in the critical set", S.set_fault_trials,
-                          "trials", (f,)),
-                  Planned(m, f"{S.set_fault_flips} bounded faults per trial in matched random sets, one per seed",
+        conds += [Planned(m, f"{S.set_fault_flips} bounded faults per trial in the critical set{how}",
+                          S.set_fault_trials, "trials", (f,)),
+                  Planned(m, f"{S.set_fault_flips} bounded faults per trial in matched random sets, one per seed{how}",
                           S.set_fault_trials, "trials", (f,))]
         conds += [Planned(m, f"fault campaign, {x} at per-bit rate {r:g}", S.fault_trials, "trials")
                   for x in S.fault_formats for r in S.fault_rates]
@@ -298,10 +330,13 @@ def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
              "attack_batch": {"windows": S.attack_windows, "seqlen": S.attack_seqlen, "seeds": list(S.attack_seeds)},
              "criterion": {"goal": f"PPL x{S.criterion_goal:g}", "format": S.attack_format, "bits": bits,
                            "factor": S.criterion_factor, "alpha": S.alpha, "min_runs": S.min_runs},
+             "set_faults": design.describe() if design else "no (fixed n)",
              "backdoor": {"base": S.backdoor_base, "pairs": S.backdoor_pairs, "steps": S.backdoor_steps,
                           "metric": S.backdoor_metric}}
     why = budget_reason(S, P.planned)
     notes = ["the backdoor study fine-tunes twins of its own base model, apart from the models (`backdoor`)"]
+    notes += ["set faults stop adding pairs once decided; O'Brien-Fleming-type spending keeps nearly all of alpha "
+              "for the cap, where a marginal effect is decided"] * bool(design)
     return Plan("security", P, chosen, S, conds, setup, notes + [f"verdicts are machinery checks: {why}"] * bool(why))
 
 

@@ -7,7 +7,8 @@ these arguments, and hands `in_formats` the loader for a format that needs the m
 (`matched_random`), drawn anew per attack seed:
 - `attack_runs`: the bit search over all weights / the critical set / random-k per attack seed, the
   random-flip baseline, and optionally the search under a guard of the top scores vs an equal random guard;
-- `set_fault_table`: bounded random faults inside the critical set vs inside the matched random sets;
+- `set_fault_table`: bounded random faults inside the critical set vs inside the matched random sets, in pairs
+  (`set_fault_pairs`); `sequential_set_faults` runs the pairs look by look until the comparison is decided;
 - `pgd_table`: weight-space PGD on the critical set, random-k and magnitude-k;
 - `protection_table`: catastrophic rate against the guarded fraction, top-scored vs an equal random set;
 - `collapse_table`, `fault_curve_table`: per storage format (the model as `in_formats` gives it), the
@@ -22,9 +23,10 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -40,6 +42,8 @@ from esa.data import Windows, calibration, evaluation
 from esa.evaluate import evaluate
 from esa.models import LoadedModel
 from esa.perturb.apply import Targets, count_targets, weights_hash
+from esa.stats.sequential import Design, SequentialResult
+from esa.stats.sequential import run as run_sequential
 from esa.stats.vulnerability import (
     Vulnerability,
     adversarial_contrasts,
@@ -235,17 +239,60 @@ def split_trials(trials: int, n_sets: int) -> list[int]:
     return [q + (i < r) for i in range(n_sets)]
 
 
+def set_fault_pairs(lm: LoadedModel, crit: CriticalSet, wins: Windows, fmt: str, n_flips: int, pairs: range,
+                    seeds: Sequence[int], bits: str | None, seed: int, factor: float) -> pd.DataFrame:
+    """The bounded-fault trial pairs `pairs` (e.g. range(30, 60)): pair i is critical trial i and random trial i,
+    the latter trial i // S of the matched random set of seeds[i % S] (S seeds in turn). Each trial draws
+    from its own seeded stream, so pair i is the same whichever calls run it, and any prefix of the pairs
+    uses the random sets evenly. Rows as `set_faults`, with `pair`; random rows have set "random_k" and
+    their draw in `random_set`."""
+    n_sets = len(seeds)
+    before, upto = split_trials(pairs.start, n_sets), split_trials(pairs.stop, n_sets)  # per set: trials below
+    runs = {f"random_k@{s}": (a, b - a) for s, a, b in zip(seeds, before, upto, strict=True) if b > a}
+    kw: dict[str, Any] = dict(bits=bits, seed=seed, factor=factor, show_progress=False)
+    t = set_faults(lm.model, wins, fmt, {"critical": crit.targets}, n_flips, len(pairs), start=pairs.start, **kw)
+    frames = [t.assign(pair=t["trial"])]
+    if runs:
+        rand = {f"random_k@{s}": matched_random(crit.targets, crit.sizes(lm), s) for s in seeds
+                if f"random_k@{s}" in runs}
+        r = set_faults(lm.model, wins, fmt, rand, n_flips, {k: n for k, (_, n) in runs.items()},
+                       start={k: a for k, (a, _) in runs.items()}, **kw)
+        j = r["set"].map({f"random_k@{s}": i for i, s in enumerate(seeds)})
+        frames.append(r.assign(set="random_k", random_set=r["set"], pair=r["trial"] * n_sets + j))
+    return pd.concat(frames, ignore_index=True)
+
+
 def set_fault_table(lm: LoadedModel, crit: CriticalSet, wins: Windows, fmt: str, n_flips: int, trials: int,
                     seeds: Sequence[int], bits: str | None, seed: int, factor: float) -> pd.DataFrame:
     """Bounded faults inside the critical set (`trials` trials) vs matched random sets (one per attack seed,
-    `trials` in all, split as evenly as the seeds allow, so each critical trial has a random one to pair
-    with); the random rows have set "random_k" and their draw in `random_set`."""
-    counts = {s: n for s, n in zip(seeds, split_trials(trials, len(seeds)), strict=True) if n}
-    rand = {f"random_k@{s}": matched_random(crit.targets, crit.sizes(lm), s) for s in counts}
-    kw: dict[str, Any] = dict(bits=bits, seed=seed, factor=factor, show_progress=False)
-    t = set_faults(lm.model, wins, fmt, {"critical": crit.targets}, n_flips, trials, **kw)
-    r = set_faults(lm.model, wins, fmt, rand, n_flips, {f"random_k@{s}": n for s, n in counts.items()}, **kw)
-    return pd.concat([t, r.assign(set="random_k", random_set=r["set"])], ignore_index=True)
+    `trials` in all, split as evenly as the seeds allow): the pairs 0 .. trials − 1 (`set_fault_pairs`)."""
+    return set_fault_pairs(lm, crit, wins, fmt, n_flips, range(trials), seeds, bits, seed, factor)
+
+
+def paired_damage(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(critical, random) damage per pair, in pair order, of a `set_fault_pairs` table."""
+    side = {k: table[table["set"] == k].sort_values("pair")["damage"].to_numpy(float) for k in ("critical", "random_k")}
+    return side["critical"], side["random_k"]
+
+
+PAIRS = "trial pairs"
+
+
+def sequential_set_faults(lm: LoadedModel, crit: CriticalSet, wins: Windows, fmt: str, n_flips: int, design: Design,
+                          seeds: Sequence[int], bits: str | None, seed: int, factor: float,
+                          c: float = 1.0) -> tuple[pd.DataFrame, SequentialResult]:
+    """The set-fault comparison decided sequentially (esa.stats.sequential): pairs run look by look, up to
+    `design.looks`, until D = damage(critical) − c·damage(random) > 0 is decided (PASS or FAIL) or the cap
+    n_max is reached. Returns every pair run (`set_fault_pairs` rows) and the decision."""
+    frames: list[pd.DataFrame] = []
+
+    def more(k: int) -> tuple[np.ndarray, np.ndarray]:
+        done = sum(len(f) for f in frames) // 2  # every pair has a critical and a random row
+        frames.append(set_fault_pairs(lm, crit, wins, fmt, n_flips, range(done, done + k), seeds, bits, seed, factor))
+        return paired_damage(frames[-1])
+
+    result = run_sequential(design, more, c=c, threshold=0.0, unit=PAIRS)
+    return pd.concat(frames, ignore_index=True), result
 
 
 def protection_table(lm: LoadedModel, in_format: InFormat, model: str, crit: CriticalSet,
@@ -317,13 +364,26 @@ class ModelSecurity:
     vulnerability: dict[str, Any]  # attack / faults: Vulnerability; adversarial: eps -> Vulnerability
     seconds: dict[str, float]
     weights_restored: bool
+    sequential: dict[str, SequentialResult] = field(default_factory=dict)  # comparisons decided in looks
+
+
+def set_fault_study(lm: LoadedModel, crit: CriticalSet, wins: Windows, S: Knobs,
+                    design: Design | None) -> tuple[pd.DataFrame, SequentialResult | None]:
+    """The criterion's set faults in the attack format: every pair (`design` None: fixed n), or look by look
+    until decided (`sequential_set_faults`)."""
+    args = (lm, crit, wins, S.attack_format, S.set_fault_flips)
+    rest = (S.attack_seeds, S.attack_bits, S.seed, S.fault_factor)
+    if design is None:
+        return set_fault_table(*args, S.set_fault_trials, *rest), None
+    return sequential_set_faults(*args, design, *rest, c=S.criterion_factor)
 
 
 def analyse(name: str, lm: LoadedModel, crit: CriticalSet, wins: Windows, in_format: InFormat, corpus: str,
-            S: Knobs, before: str, started: float) -> ModelSecurity:
+            S: Knobs, before: str, started: float, fault_design: Design | None = None) -> ModelSecurity:
     """Every comparison of model `name` in the order the study runs them, its judged contrasts and timings; `before`
     is the weights' hash when loaded (`weights_restored`: unchanged after every analysis), `started` the
-    perf_counter at the load (the first timing: load and critical set)."""
+    perf_counter at the load (the first timing: load and critical set). `fault_design`: decide the set-fault
+    comparison sequentially with it (None: all `set_fault_trials` pairs, fixed n)."""
     base = evaluate(lm.model, wins, show_progress=False)
     sec_t: dict[str, float] = {"load_and_critical_set": time.perf_counter() - started}
 
@@ -346,14 +406,16 @@ def analyse(name: str, lm: LoadedModel, crit: CriticalSet, wins: Windows, in_for
     with shared_int8(lm, fmt == "int8"):
         runs = timed("attack", attack_runs, lm, crit, wins, batch, attack_config(S), seeds, S.attack_sets,
                      S.random_flips, S.guard_fraction if S.guard_attack else None, S.n_boot)
-        sf = timed("set_faults", set_fault_table, lm, crit, wins, fmt, S.set_fault_flips, S.set_fault_trials, seeds,
-                   S.attack_bits, S.seed, S.fault_factor)
+        sf, seq = timed("set_faults", set_fault_study, lm, crit, wins, S, fault_design)
     with shared_int8(lm, S.protect_format == "int8"):
         prot = timed("protection", protection_table, lm, in_format, name, crit, S.protect_fractions,
                      S.protect_format, S.protect_rate, S.protect_trials, S.protect_mode, S.seed, S.fault_factor)
     stat = dict(c=S.criterion_factor, alpha=S.alpha, min_runs=S.min_runs)
     judged = {"attack": attack_contrast(runs, f"ppl_x{S.criterion_goal:g}", **stat),
-              "faults": fault_contrast(sf, **stat), "adversarial": adversarial_contrasts(adv, **stat)}
+              "faults": fault_contrast(sf, **{**stat, "alpha": fault_design.alpha if fault_design else S.alpha},
+                                       result=seq),
+              "adversarial": adversarial_contrasts(adv, **stat)}
     return ModelSecurity(name, crit.describe(lm), dict(ppl=base.ppl, log_ppl=base.log_ppl, accuracy=base.accuracy),
                          collapse.assign(model=name), cw, runs, faults, ft, sf.assign(model=name), prot,
-                         adv.assign(model=name), judged, sec_t, weights_hash(lm.model) == before)
+                         adv.assign(model=name), judged, sec_t, weights_hash(lm.model) == before,
+                         {"faults": seq} if seq is not None else {})

@@ -310,13 +310,15 @@ def set_faults(
     factor: float = 10.0,
     batch_size: int | None = None,
     show_progress: bool = True,
+    start: int | Mapping[str, int] = 0,
 ) -> pd.DataFrame:
     """Damage per fault inside a weight set: each trial flips `n_flips` distinct stored bits drawn uniformly
     from the bit class `bits` (default: the format's bounded class) of one set's weights, evaluates once and
     restores. One row per (set, trial): damage log(PPL/base), catastrophic (PPL >= factor x base), inf/NaN
     counts. Sets of equal size (a critical set and random sets matched per matrix) make the damage per flip
     comparable; the draws of set s, trial t use their own seeded stream. `trials`: one count for every set,
-    or a count per set label."""
+    or a count per set label. `start`: the first trial index (one for every set, or per set label), so trials
+    run in several calls (the looks of a sequential comparison) are the trials one call would run."""
     f = get_format(fmt)
     bits = bits or f.bounded
     f.positions(bits)
@@ -328,13 +330,14 @@ def set_faults(
     if set(per) != set(sets):
         raise EsaError(f"trials per set are given for {sorted(per)}, the sets are {sorted(sets)}")
     per = {label: check_positive_int(n, f"number of trials of set {label!r}") for label, n in per.items()}
+    first = _first_trials(start, per)
     specs = resolve_weights(model, weights)
     checked = {label: check_targets(t, specs, f"weight set {label!r}") for label, t in sets.items()}
     rows = []
     with stored(model, fmt, specs) as store:
         base = baseline(model, windows, batch_size)
         domains = {label: BitDomain(store, bits, t) for label, t in checked.items()}
-        jobs = [(label, t) for label in checked for t in range(per[label])]
+        jobs = [(label, t) for label in checked for t in range(first[label], first[label] + per[label])]
         for label, t in progress(jobs, desc=f"set faults {fmt}", disable=not show_progress, unit="trial"):
             dom = domains[label]
             fl = dom.locate(draw_distinct(rng_for(seed, "set_faults", label, t), dom.total, n_flips))
@@ -344,3 +347,14 @@ def set_faults(
                              n_nan=st.n_nan, format=fmt, bits=bits, base_log_ppl=base.log_ppl,
                              **_trial_row(r, base, factor)))
     return pd.DataFrame(rows)
+
+
+def _first_trials(start: int | Mapping[str, int], per: Mapping[str, int]) -> dict[str, int]:
+    """`set_faults`' first trial index per set label, checked (integers >= 0, for exactly the sets)."""
+    first = dict(start) if isinstance(start, Mapping) else dict.fromkeys(per, start)
+    if set(first) != set(per):
+        raise EsaError(f"first trials are given for {sorted(first)}, the sets are {sorted(per)}")
+    for label, t in first.items():
+        if isinstance(t, bool) or not isinstance(t, int | np.integer) or t < 0:
+            raise EsaError(f"first trial of set {label!r} is {t!r}; accepted: an integer >= 0")
+    return {label: int(t) for label, t in first.items()}

@@ -17,6 +17,7 @@ import pandas as pd
 from esa.apps.security.compare import Knobs, ModelSecurity
 from esa.apps.security.formats import FORMATS
 from esa.apps.security.poison import BackdoorResult
+from esa.stats.sequential import SequentialResult, fixed_n_equivalent
 
 WORKING_ASR = 0.5  # below this mean ASR the backdoors did not take, and detecting them means nothing
 
@@ -57,6 +58,16 @@ def vulnerability(by: Mapping[str, Any]) -> list[str]:
     what = [("the bit search (flips needed)", by["attack"]), ("bounded faults (damage per trial)", by["faults"])]
     what += [(f"PGD at L-inf {eps:g} (loss increase)", v) for eps, v in by["adversarial"].items()]
     return [f"Critical against random under {label}: {v.verdict}; {v.note}." for label, v in what]
+
+
+def sequential(results: Mapping[str, SequentialResult]) -> list[str]:
+    """The units the comparisons decided in looks used, against the fixed-n plan (every one at its cap)."""
+    if not results:
+        return []
+    s = fixed_n_equivalent(list(results.values()))
+    unit = next(iter(results.values())).unit
+    return [f"Decided sequentially ({', '.join(results)}): {s['n_sequential']} {unit} evaluated against "
+            f"{s['n_fixed']} for the fixed-n plan ({s['saved_fraction']:.0%} saved)."]
 
 
 def faults(table: pd.DataFrame) -> list[str]:
@@ -110,7 +121,7 @@ def paragraph(r: ModelSecurity, S: Knobs) -> str:
                      collapse(r.collapse, S.collapse_factor),
                      *attacks(r.attacks.summary, r.attacks.history, S.criterion_goal, S.attack_format,
                               r.critical["fraction"]),
-                     *vulnerability(r.vulnerability), *faults(r.faults),
+                     *vulnerability(r.vulnerability), *sequential(r.sequential), *faults(r.faults),
                      *protection(r.protection, S.protect_mode, S.protect_format, S.protect_rate)])
 
 
