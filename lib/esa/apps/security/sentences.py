@@ -66,8 +66,9 @@ def sequential(results: Mapping[str, SequentialResult]) -> list[str]:
         return []
     s = fixed_n_equivalent(list(results.values()))
     unit = next(iter(results.values())).unit
-    return [f"Decided sequentially ({', '.join(results)}): {s['n_sequential']} {unit} evaluated against "
-            f"{s['n_fixed']} for the fixed-n plan ({s['saved_fraction']:.0%} saved)."]
+    how = "; ".join(f"{k} {r.decision}" + (f" at look {r.look}" if r.look else "") for k, r in results.items())
+    return [f"Run in looks ({how}): {s['n_sequential']} {unit} evaluated against {s['n_fixed']} for the "
+            f"fixed-n plan ({s['saved_fraction']:.0%} saved)."]
 
 
 def faults(table: pd.DataFrame) -> list[str]:
