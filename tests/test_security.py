@@ -34,13 +34,7 @@ TEXT = ("the quick brown fox jumps over the lazy dog; pack my box with five doze
         ).encode()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls on a shared 2-core machine: thread hand-offs cost 30x the arithmetic
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls on one thread
 
 
 def _windows(n: int, length: int, seed: int) -> torch.Tensor:

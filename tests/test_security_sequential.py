@@ -22,13 +22,7 @@ from esa.phases import phase5_security as s5
 from esa.sensitivity.metrics import batch_loss
 from esa.stats import vulnerability
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls on one thread
 
 
 SEQUENTIAL = dataclasses.replace(load_profile("smoke"), sequential={"first_windows": 2})
