@@ -18,6 +18,7 @@ from test_runner_run import REPO, run_all
 from esa.errors import EsaError
 from esa.params import load_profile
 from esa.phases import parts, phase3, plans
+from esa.runner import record
 
 pytestmark = pytest.mark.usefixtures("private_cache_shared_text")
 
@@ -82,6 +83,11 @@ def test_a_part_is_recorded_then_read_by_its_chunk(project: Path, capsys, monkey
     assert set(alone[alone.model == "tiny-qwen2"]["windows"]) == {1} and set(alone[alone.model == "tiny-llama"]["windows"]) == {2}
     page = (rec / "html" / f"{NB}.nocode.html").read_text()
     assert "tiny-qwen2 from its committed part (commit" in page and "Computed on this page: tiny-llama" in page
+
+    # a part recorded after a chunk adds a piece to the record: README's block (which counts code versions) follows
+    (project / "README.md").write_text("# p\n\n<!-- record:begin -->\nstale\n<!-- record:end -->\n")
+    assert run_all(project, "--only", NB, "--record", "--part", "tiny-qwen2")[0] == 0
+    assert record.readme_block(project) in (project / "README.md").read_text()
 
 
 def test_week2_chunk_reads_a_part_and_saves_the_top_k_only_of_what_it_computed(tmp_path: Path) -> None:

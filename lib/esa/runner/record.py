@@ -147,10 +147,15 @@ def _run_chunk(cfg: RunConfig, chosen: list[str], root: Path, rec: Path) -> RunR
     if ok:
         write_json(rec / IDENTITY, identity(cfg))
         (rec / FIGURES_INSIDE).touch()
-        rebuild(cfg)
-        if (root / "README.md").is_file() and README_BEGIN in (root / "README.md").read_text():
-            update_readme(root)
+        _refresh(cfg, root)
     return result
+
+
+def _refresh(cfg: RunConfig, root: Path) -> None:
+    """Rebuild the record's index and README's block: both count the code versions, which a part adds to."""
+    rebuild(cfg)
+    if (root / "README.md").is_file() and README_BEGIN in (root / "README.md").read_text():
+        update_readme(root)
 
 
 def _part_units(item: Any, P: Any) -> list[str]:
@@ -211,6 +216,8 @@ def _run_part(cfg: RunConfig, nb: str, unit: str, spec: Any, P: Any, settings: d
     parts.write(target, result, manifest, spec.transient)
     if not (rec / IDENTITY).is_file():
         write_json(rec / IDENTITY, identity(cfg))  # a record may start with a part
+    if _chunks(rec):
+        _refresh(cfg, root)
     return target
 
 
