@@ -116,3 +116,28 @@ def test_a_dry_run_plans_each_members_training_once(private_cache_shared_text, c
     out = capsys.readouterr().out
     assert out.count("[micro-mixtral-176k@standard] training") == 1
     assert all(out.count(f"[{m}] training") == 1 for m in load_profile("powered").phase4_models)
+
+
+def test_every_pruning_condition_pays_its_zero_shot_items_and_none_without_the_task():
+    """The pruning study scores the next-line task once per condition (dense included): the plan prices it
+    per item (costs kind `zeroshot`), and without a measured zero-shot cost it predicts nothing."""
+    from esa.phases import phase5_pruning as pp
+
+    P = load_profile("powered")
+    per = {"eval": 1.0, "grad": 2.0, "act": 0.5, "hvp": 10.0, "load": 3.0}
+    measured = costs.Costs(256, {"smollm2-135m": {**per, "zeroshot": 0.5}}, costs.machine())
+    S = pp.settings(P, None)
+    with_zs = pp.plan(S, P, ["smollm2-135m"]).predict(measured)
+    without = pp.plan(pp.settings(P, {"zeroshot_items": 0}), P, ["smollm2-135m"]).predict(measured)
+    n = len(with_zs.conditions)
+    assert n == len(without.conditions) and n > 1
+    assert with_zs.seconds() - without.seconds() == pytest.approx(n * S.zeroshot_items * 0.5)
+    assert any("zero-shot" in note for note in with_zs.notes) and not any("zero-shot" in x for x in without.notes)
+    unmeasured = pp.plan(S, P, ["smollm2-135m"]).predict(costs.Costs(256, {"smollm2-135m": per}, costs.machine()))
+    assert unmeasured.seconds() is None
+
+
+def test_costs_measure_every_pass_a_plan_prices_on_a_tiny_model(private_cache):
+    got = costs.measure(["tiny-llama"], seqlen=32, windows=1).per_window["tiny"]
+    assert set(got) == set(costs.KINDS) - {"train"}
+    assert all(v > 0 for v in got.values()), got

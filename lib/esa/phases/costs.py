@@ -4,8 +4,9 @@
 
 times, per model, the passes every notebook is made of, on `windows` windows of `seqlen` tokens after one
 warm-up: an evaluation window (forward + loss), a gradient window (forward + backward), an act_mag window
-(forward with input hooks), a curvature product (one Hessian-vector product of hutchinson_diag), and the
-load; and, per micro-suite member (`train`: they differ 15x in size and are trained where they are first
+(forward with input hooks), a curvature product (one Hessian-vector product of hutchinson_diag), the
+load, and an item of the offline zero-shot next-line task (its four candidates scored through lm-eval, as the
+pruning study scores every condition; per item, since the items' lengths are the task's, not `seqlen`); and, per micro-suite member (`train`: they differ 15x in size and are trained where they are first
 used), a training step of its budget (forward, backward, AdamW update, esa.models.micro.step_seconds) per
 window of the step's batch. It writes reports/bench/costs.json with the machine (cores, CPU model). A plan
 multiplies its units by these (linear in windows and in tokens per window, which holds for the windows sizes
@@ -25,7 +26,8 @@ from typing import Any
 
 from esa.store import REPO_ROOT, write_json
 
-KINDS = ("eval", "grad", "act", "hvp", "load", "train")
+KINDS = ("eval", "grad", "act", "hvp", "load", "zeroshot", "train")
+ZS_ITEMS = 16  # next-line items timed per model (after a 2-item warm-up)
 DEFAULT = REPO_ROOT / "reports" / "bench" / "costs.json"
 RECORD = REPO_ROOT / "reports" / "record" / "costs.json"  # committed with the record: the machine that made it
 
@@ -56,6 +58,8 @@ class Costs:
             return None
         if kind == "load":
             return per
+        if kind == "zeroshot":
+            return per * windows  # `windows` counts items here
         return per * windows * (seqlen or self.seqlen) / self.seqlen
 
     def same_machine(self) -> bool:
@@ -113,6 +117,7 @@ def _measure_one(name: str, seqlen: int, windows: int) -> dict[str, float]:
     from esa.data import evaluation
     from esa.models import load as load_model
     from esa.sensitivity.metrics import METRICS, MetricConfig
+    from esa.zeroshot import build_next_line, zero_shot_columns
 
     t0 = time.perf_counter()
     lm = load_model(name, device="cpu", attn_implementation="sdpa")  # as recipes load: the Hessian pass runs math SDPA
@@ -140,6 +145,11 @@ def _measure_one(name: str, seqlen: int, windows: int) -> dict[str, float]:
                 p.grad = None
                 p.requires_grad_(False)
 
+    zero_shot_columns(model, lm.tokenizer, build_next_line("shakespeare", n_items=2))  # warm-up
+    t = time.perf_counter()
+    zero_shot_columns(model, lm.tokenizer, build_next_line("shakespeare", n_items=ZS_ITEMS))
+    zeroshot = (time.perf_counter() - t) / ZS_ITEMS
     return {"eval": timed(forward), "grad": timed(backward),
             "act": timed(lambda x: METRICS["act_mag"](model, lm.inventory, x, cfg)),
-            "hvp": timed(lambda x: METRICS["hutchinson_diag"](model, lm.inventory, x, cfg)), "load": load_s}
+            "hvp": timed(lambda x: METRICS["hutchinson_diag"](model, lm.inventory, x, cfg)), "load": load_s,
+            "zeroshot": zeroshot}

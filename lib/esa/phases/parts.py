@@ -40,6 +40,7 @@ from esa.store import atomic_folder, content_key, file_digest, read_json, storab
 PARTS = "parts"  # <run or record folder>/parts/<notebook>/<unit>/
 PART_FILE = "part.json"  # written last: a folder without it is no part
 RESULT_FILE = "result.json"
+CHUNK_LIMIT_S = 7200  # the guide: the record is produced in chunks (and parts) of at most 2 hours
 Result = dict[str, Any]  # one unit's result: DataFrames (stored as parquet) and JSON-able values
 
 
@@ -296,7 +297,10 @@ def plan_lines(plan: Plan, notebook: str, P: Profile, models: Sequence[str], rec
         where = ("not committed" if made is None else
                  f"committed (commit {str(made.get('commit'))[:12]}, {float(made.get('seconds') or 0) / 60:.0f} min), "
                  + ("the chunk reads it" if state.get(u) is None else f"refused: {state[u]}"))
-        out.append(f"  - {u}: predicted {_minutes(s.seconds(plan, u))}; {where}")
+        t = s.seconds(plan, u)
+        over = f" (over the record's {CHUNK_LIMIT_S // 3600}-hour limit for a chunk or part)" * (
+            t is not None and t > CHUNK_LIMIT_S)
+        out.append(f"  - {u}: predicted {_minutes(t)}{over}; {where}")
     rest = [u for u in each if not (u in state and state[u] is None)]
     times = [s.seconds(plan, u) for u in rest]
     total = None if any(t is None for t in times) else sum(times)  # type: ignore[arg-type]

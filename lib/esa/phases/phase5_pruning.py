@@ -147,14 +147,22 @@ def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
     notes += [f"reference ({S.reference_source}): {S.reference}; pass = within {S.reference_tolerance:g} PPL"] * bool(
         S.reference)
     first = min(n_eval, int(P.sequential.get("first_windows", 2))) if P.sequential else n_eval
+    # every condition, dense included, also scores the next-line task once (the tables average it per method):
+    # priced per item (costs kind `zeroshot`); at 64 items it costs about 70 evaluation windows of 256 tokens
+    zs = S.zeroshot_items
+    notes += [f"zero-shot: the next-line task ({zs} items x 4 candidates, lm-eval) is scored once on every "
+              "condition, dense included; each condition's prediction includes it"] * bool(zs)
+
+    def row(m: str, label: str, n: int, serves: tuple[str, ...]) -> Planned:
+        return Planned(m, label, n, "windows", serves, seqlen=seqlen, also=(("zeroshot", zs / n),) if zs else ())
+
     planned = []
     for m in chosen:
-        planned.append(Planned(m, "dense", n_eval, "windows", (CRITERION,), seqlen=seqlen))
+        planned.append(row(m, "dense", n_eval, (CRITERION,)))
         for c in conditions(S, P):
             decides = grid.serves(c, S.sparsity, (*S.esa_methods, *BASELINES))
-            planned.append(Planned(m, f"{c.spec.label()}{' [protected]' * c.protected} seed={c.spec.calib_seed} "
-                                   f"calib={c.spec.calibration}",
-                                   n_eval if decides else first, "windows", (CRITERION,) * decides, seqlen=seqlen))
+            planned.append(row(m, f"{c.spec.label()}{' [protected]' * c.protected} seed={c.spec.calib_seed} "
+                                  f"calib={c.spec.calibration}", n_eval if decides else first, (CRITERION,) * decides))
     setup = {"calibration": dict(corpus=S.calib_corpus or P.corpus, seqlen=S.calib_seqlen or P.seqlen,
                                  windows=S.calib_windows, seeds=list(S.calib_seeds)),
              "evaluation": dict(corpus=S.eval_corpus or P.corpus, seqlen=seqlen, windows=n_eval,
