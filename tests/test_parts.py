@@ -83,6 +83,8 @@ def test_a_part_is_recorded_then_read_by_its_chunk(project: Path, capsys, monkey
     assert set(alone[alone.model == "tiny-qwen2"]["windows"]) == {1} and set(alone[alone.model == "tiny-llama"]["windows"]) == {2}
     page = (rec / "html" / f"{NB}.nocode.html").read_text()
     assert "tiny-qwen2 from its committed part (commit" in page and "Computed on this page: tiny-llama" in page
+    index = (rec / "index.html").read_text()  # the part's own time counts in the record's compute
+    assert f"Committed parts (1, {made['seconds']:.1f} s):</b> {NB} tiny-qwen2" in index and "read by its chunk" in index
 
     # a part recorded after a chunk adds a piece to the record: README's block (which counts code versions) follows
     (project / "README.md").write_text("# p\n\n<!-- record:begin -->\nstale\n<!-- record:end -->\n")

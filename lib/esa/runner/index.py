@@ -56,6 +56,22 @@ def _missing(manifest: dict[str, Any]) -> str:
             + ", ".join(h.esc(n) for n in gone) + ".</p>")
 
 
+def _parts(manifest: dict[str, Any], stamps: dict[str, dict[str, Any]], notebook_s: float) -> str:
+    """A record's committed parts (per-model pieces its chunks read): each one's wall time, and the record's
+    compute with them, which the notebooks' times alone leave out."""
+    found = [(nb, unit, made) for nb, units in (manifest.get("parts") or {}).items() for unit, made in units.items()]
+    if not found:
+        return ""
+    part_s = sum(float(made.get("seconds") or 0) for _, _, made in found)
+    each = "; ".join(f"{h.esc(nb)} {h.esc(unit)} ({_seconds(made.get('seconds'))}, commit "
+                     f"{h.esc(str(made.get('commit'))[:12])}" + (", read by its chunk)" if nb in stamps else
+                                                                  ", its chunk not yet run)")
+                     for nb, unit, made in found)
+    return (f"<p class='missing'><b>Committed parts ({len(found)}, {_seconds(part_s)}):</b> {each}. The record's "
+            f"compute so far is {_seconds(notebook_s + part_s)}: the notebooks' {_seconds(notebook_s)} and the "
+            "parts' time, which a chunk reading a part does not repeat.</p>")
+
+
 def _notebook_rows(
     run_dir: Path, stamps: dict[str, dict[str, Any]], manifest: dict[str, Any], order: list[str]
 ) -> list[list[str]]:
@@ -283,6 +299,7 @@ def write_index(run_dir: Path, fig_dir: Path, order: list[str] | None = None) ->
         + "".join(f"<div class='card'><b>{h.esc(v)}</b><span>{h.esc(k)}</span></div>" for v, k in cards)
         + "</div>"
         + _missing(manifest)
+        + _parts(manifest, stamps, total_s)
         + "<h2>Notebooks</h2>"
         + h.table(
             ["#", "Phase/week", "Notebook", "Models", "Status", "Time", "Started", "Outputs"],
