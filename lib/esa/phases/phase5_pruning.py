@@ -154,7 +154,7 @@ def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
               "condition, dense included; each condition's prediction includes it"] * bool(zs)
 
     def row(m: str, label: str, n: int, serves: tuple[str, ...]) -> Planned:
-        return Planned(m, label, n, "windows", serves, seqlen=seqlen, also=(("zeroshot", zs / n),) if zs else ())
+        return Planned(m, label, n, "windows", serves, seqlen=seqlen, once=(("zeroshot", zs),) if zs else ())
 
     planned = []
     for m in chosen:

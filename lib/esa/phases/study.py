@@ -197,6 +197,7 @@ class Planned:
     seqlen: int | None = None
     per_unit: float = 1.0  # passes per unit (e.g. windows per training step, windows per seed)
     also: tuple[tuple[str, float], ...] = ()  # further (kind, passes per unit) each unit costs, at `seqlen`
+    once: tuple[tuple[str, float], ...] = ()  # further (kind, passes) the condition costs once, whatever n
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "label": self.label, "n": self.n, "unit": self.unit,
@@ -205,6 +206,7 @@ class Planned:
 
 def _predicted(costs: Any, c: Planned) -> float | None:
     parts = [costs.seconds(c.model, kind, c.n * per, c.seqlen) for kind, per in ((c.kind, c.per_unit), *c.also)]
+    parts += [costs.seconds(c.model, kind, passes, c.seqlen) for kind, passes in c.once]
     return None if any(x is None for x in parts) else float(sum(parts))
 
 
