@@ -254,18 +254,17 @@ def test_zero_alone_on_fewer_windows_evaluates_its_own_baseline(monkeypatch) -> 
     assert "the first 1 (256 tokens)" in plans.zero_alone_note(P, ["tiny-llama", "other"])
 
 
-# seconds per 256-token window on the record's machine (2 shared cores, AMD EPYC; make costs, 2026-12-04)
-RECORD_COSTS = {"smollm2-135m": {"eval": 4.70, "grad": 2.34, "act": 0.644, "hvp": 6.94, "load": 2.54},
-                "gemma3-270m": {"eval": 2.80, "grad": 24.7, "act": 11.1, "hvp": 71.6, "load": 36.5},
-                "qwen2.5-coder-0.5b": {"eval": 11.2, "grad": 32.3, "act": 15.5, "hvp": 73.9, "load": 46.0},
+# seconds per 256-token window on the record's machine (2 shared cores, AMD EPYC; make costs, 2026-12-04);
+# `zeroshot` is seconds per next-line item (2026-12-05, idle cores): 64 items through
+# esa.zeroshot.zero_shot_columns took 35.7 s on SmolLM2 and 76.8 s on Gemma; Qwen's 2.06 s is the ~2.2 min
+# per condition that py-spy showed in its committed pruning part
+RECORD_COSTS = {"smollm2-135m": {"eval": 4.70, "grad": 2.34, "act": 0.644, "hvp": 6.94, "load": 2.54, "zeroshot": 0.558},
+                "gemma3-270m": {"eval": 2.80, "grad": 24.7, "act": 11.1, "hvp": 71.6, "load": 36.5, "zeroshot": 1.20},
+                "qwen2.5-coder-0.5b": {"eval": 11.2, "grad": 32.3, "act": 15.5, "hvp": 73.9, "load": 46.0,
+                                       "zeroshot": 2.06},
                 "micro": {"eval": 0.038, "grad": 0.198, "act": 0.049, "hvp": 0.868, "load": 45.2},
                 # week 7 trains its micro MoE where no cache holds it (costs kind `train`, measured 2026-12-05)
                 "micro-mixtral-176k": {"train": 0.0354}}
-# seconds per next-line zero-shot item (kind `zeroshot`, 2026-12-05, idle cores): 64 items through
-# esa.zeroshot.zero_shot_columns took 35.7 s on SmolLM2 and 76.8 s on Gemma; Qwen's 2.06 s is the ~2.2 min
-# per condition that py-spy showed in its committed pruning part
-for _m, _s in {"smollm2-135m": 0.558, "gemma3-270m": 1.20, "qwen2.5-coder-0.5b": 2.06}.items():
-    RECORD_COSTS[_m]["zeroshot"] = _s
 
 
 def test_powered_record_chunks_and_parts_fit_two_hours() -> None:

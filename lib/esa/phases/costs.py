@@ -6,7 +6,8 @@ times, per model, the passes every notebook is made of, on `windows` windows of 
 warm-up: an evaluation window (forward + loss), a gradient window (forward + backward), an act_mag window
 (forward with input hooks), a curvature product (one Hessian-vector product of hutchinson_diag), the
 load, and an item of the offline zero-shot next-line task (its four candidates scored through lm-eval, as the
-pruning study scores every condition; per item, since the items' lengths are the task's, not `seqlen`); and, per micro-suite member (`train`: they differ 15x in size and are trained where they are first
+pruning study scores every condition; per item, since the items' lengths are the task's, not `seqlen`);
+and, per micro-suite member (`train`: they differ 15x in size and are trained where they are first
 used), a training step of its budget (forward, backward, AdamW update, esa.models.micro.step_seconds) per
 window of the step's batch. It writes reports/bench/costs.json with the machine (cores, CPU model). A plan
 multiplies its units by these (linear in windows and in tokens per window, which holds for the windows sizes
