@@ -31,7 +31,7 @@ overrides = {}
 from IPython.display import Markdown, display
 
 import esa.nb
-from esa.report import synthesis
+from esa.report import savings, synthesis
 from esa.report.tables import markdown, people
 
 ctx = esa.nb.context("phase5_week16_synthesis", profile, models, run_dir, overrides)
@@ -90,6 +90,19 @@ fig = synthesis.counts_figure(syn["counts"])
 ctx.savefig(fig, "scorecard_by_phase")
 Markdown(f"**Table {synthesis.TABLE_COUNTS}.** Criteria per phase by verdict (every row is in table "
          f"{synthesis.TABLE_CLAIMS}).\n\n" + markdown(people(syn["counts"])))
+
+# %% [markdown]
+# ## What sequential evaluation saved
+# Evaluation windows the perturbed and pruned conditions used, against the fixed-n plan that evaluates each
+# condition on all of its windows (`esa.report.savings`, from the tables the notebooks saved).
+
+# %%
+saved = savings.windows_saved(ctx.run_dir, P.as_dict())
+ctx.save_table(saved, "windows_saved")
+HEADERS = {"evaluated": "Windows evaluated", "fixed_n": "At fixed n", "fewer": "Times fewer"}
+Markdown(f"**Table {synthesis.TABLE_SAVINGS}.** Windows evaluated per notebook and model, against the fixed-n "
+         f"plan. {savings.in_words(saved)}.\n\n" + markdown(people(saved, headers=HEADERS)) if len(saved) else
+         "No notebook of this run left a sequential table.")
 
 # %% [markdown]
 # ## Limitations (computed from this run)

@@ -12,7 +12,7 @@ from PIL import Image
 from test_scorecard import SMOKE, sweep
 
 from esa.phases import criteria
-from esa.report import findings, scorecard, synthesis
+from esa.report import findings, savings, scorecard, synthesis
 from esa.runner.index import write_index
 from esa.stats.inference import analyze
 from esa.stats.verdicts import Criterion
@@ -154,3 +154,23 @@ def test_findings_survive_missing_or_broken_tables(tmp_path, broken):
     f = findings.collect(run, figs)
     assert f.banner and all(isinstance(s, str) for m in f.models for s in m.sentences)
     json.dumps([m.sentences for m in f.models])
+
+
+def test_index_and_savings_count_windows_against_the_fixed_n_plan(tmp_path):
+    run, figs = make_run(tmp_path, dict(SMOKE, perturb_eval_windows=16))
+    prune = _mk(run / "data" / "phase5_week13_pruning")
+    write_json(prune / "plan.json", {"setup": {"evaluation": {"windows": 8}}})  # the plan's cap wins for pruning
+    pd.DataFrame({"model": ["a", "a", "b"], "method": ["wanda", "magnitude", "wanda"],
+                  "eval_windows": [2, 8, 4]}).to_parquet(prune / "pruning_rows.parquet")
+    pert = _mk(run / "data" / "phase3_week5_core_perturbation")
+    pd.DataFrame({"model": ["a"] * 4, "n_windows": [2, 2, 16, None]}).to_parquet(pert / "perturbation.parquet")
+    t = savings.windows_saved(run, dict(SMOKE, perturb_eval_windows=16))
+    got = {(r.notebook, r.model): (r.conditions, r.evaluated, r.fixed_n) for r in t.itertuples()}
+    assert got == {("phase3_week5_core_perturbation", "a"): (3, 20, 48),  # the row with no count is left out
+                   ("phase5_week13_pruning", "a"): (2, 10, 16), ("phase5_week13_pruning", "b"): (1, 4, 8)}
+    words = savings.in_words(t)
+    assert "phase5_week13_pruning: 14 evaluation windows against 24 at fixed n (1.7x fewer; a 10 of 16, b 4 of 8)" in words
+    html = write_index(run, figs).read_text()
+    assert "<b>Sequential evaluation</b>" in html and "20 evaluation windows against 48 at fixed n (2.4x fewer" in html
+    assert savings.windows_saved(tmp_path / "empty", SMOKE).empty and savings.in_words(savings.windows_saved(
+        tmp_path / "empty", SMOKE)) == ""

@@ -335,6 +335,7 @@ def phase_table_number(phase: int) -> str:
 
 
 TABLE_COUNTS = phase_table_number(max(PHASE_NAMES) + 1)
+TABLE_SAVINGS = phase_table_number(max(PHASE_NAMES) + 2)  # the windows sequential evaluation saved
 
 
 def notebook_figures(run_dir: str | Path) -> dict[str, tuple[int, list[str]]]:

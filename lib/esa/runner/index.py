@@ -2,7 +2,8 @@
 
 First the findings (esa.report.findings: a profile banner, per-model sentences computed from the run's
 tables, one hero figure); then every notebook of the run folder (from its stamps) with links to the
-executed notebook and both HTML renderings, status and time; the success-criteria scorecard
+executed notebook and both HTML renderings, status and time (after the windows sequential evaluation
+saved against the fixed-n plan, esa.report.savings); the success-criteria scorecard
 (esa.report.scorecard.judged: each id once, verdicts PASS / FAIL / underpowered / not estimable /
 machinery-only, counted by verdict) with evidence links; the key figures under figures/<run>/ as embedded thumbnails linking to the full PNGs;
 and a summary of the manifest. One self-contained file: inline CSS, no JavaScript.
@@ -18,6 +19,7 @@ from typing import Any
 from esa.report import html as h
 from esa.report.artefacts import read_registry
 from esa.report.findings import collect
+from esa.report.savings import in_words, windows_saved
 from esa.report.scorecard import counts, judged
 from esa.runner.layout import outputs
 from esa.runner.state import all_stamps
@@ -70,6 +72,15 @@ def _parts(manifest: dict[str, Any], stamps: dict[str, dict[str, Any]], notebook
     return (f"<p class='missing'><b>Committed parts ({len(found)}, {_seconds(part_s)}):</b> {each}. The record's "
             f"compute so far is {_seconds(notebook_s + part_s)}: the notebooks' {_seconds(notebook_s)} and the "
             "parts' time, which a chunk reading a part does not repeat.</p>")
+
+
+def _savings(run_dir: Path, settings: dict[str, Any] | None) -> str:
+    """The windows sequential evaluation used against the fixed-n plan's, per notebook (esa.report.savings)."""
+    words = in_words(windows_saved(run_dir, settings))
+    if not words:
+        return ""
+    return ("<p class='missing'><b>Sequential evaluation</b> (a comparison stops adding windows once it is "
+            f"decided): {h.esc(words)}.</p>")
 
 
 def _notebook_rows(
@@ -300,6 +311,7 @@ def write_index(run_dir: Path, fig_dir: Path, order: list[str] | None = None) ->
         + "</div>"
         + _missing(manifest)
         + _parts(manifest, stamps, total_s)
+        + _savings(run_dir, settings)
         + "<h2>Notebooks</h2>"
         + h.table(
             ["#", "Phase/week", "Notebook", "Models", "Status", "Time", "Started", "Outputs"],
