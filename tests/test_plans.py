@@ -3,6 +3,9 @@ alone, and predicts seconds from measured costs."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from esa import store
@@ -141,3 +144,20 @@ def test_costs_measure_every_pass_a_plan_prices_on_a_tiny_model(private_cache):
     got = costs.measure(["tiny-llama"], seqlen=32, windows=1).per_window["tiny"]
     assert set(got) == set(costs.KINDS) - {"train"}
     assert all(v > 0 for v in got.values()), got
+
+
+def test_every_criterion_a_plan_serves_is_one_its_notebook_judges_in_the_record():
+    """A plan's "-> criterion" names rows its notebook writes: checked against the committed record's
+    scorecard, so an analysis with no criterion behind it cannot be planned as if it served one."""
+    rec = Path(__file__).resolve().parents[1] / "reports" / "record"
+    P = load_profile("powered")
+    checked = 0
+    for nb, make in PLANS.items():
+        card, chunk = rec / "scorecard" / f"{nb}.json", rec / "chunks" / f"{nb}.json"
+        if not card.is_file() or not chunk.is_file():
+            continue
+        ids = [r["id"] for r in json.loads(card.read_text())]
+        served = {s for c in make(P, json.loads(chunk.read_text())["models"]).conditions for s in c.serves}
+        assert all(any(i == s or i.startswith(s + ".") for i in ids) for s in served), (nb, sorted(served), ids)
+        checked += 1
+    assert checked >= 10  # the record's notebooks with a week plan and a scorecard

@@ -199,8 +199,8 @@ def phase3_week7_cross_model(P: Profile, models: Sequence[str]) -> Plan:
         conds += _sweep(P, m, 2, ["top_k", "random_k", "bottom_k"], ("P3.cross_architecture",))
         w = zero_alone_windows(P, m) or P.perturb_eval_windows or P.eval_windows or 0
         conds.append(Planned(m, f"zero-alone: {ZERO_ALONE_TARGETS} candidates + {SINGLE_CONTROLS} random single "
-                             f"weights each, on {w} window(s)", evals * w, "windows", ("P3.zero_alone",),
-                             seqlen=P.seqlen))
+                             f"weights each, on {w} window(s)", evals * w, "windows", (),
+                             seqlen=P.seqlen))  # descriptive: an exact rank test per weight, no criterion
     return Plan("cross-model", P, every, None, conds, notes=[zero_alone_note(P, every)])
 
 
