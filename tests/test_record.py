@@ -129,6 +129,16 @@ def test_readme_says_what_the_record_found_in_sentences_computed_from_it(project
     assert record.readme_block(project) in text
 
 
+def test_readme_sentences_count_verdicts_per_criterion_family() -> None:
+    from esa.runner import record
+
+    rows = [{"id": "P5.prune_gain.obd.vs_wanda.m", "verdict": "FAIL"}, {"id": "P3.cross_architecture", "verdict": "PASS"},
+            {"id": "P5.prune_gain.obd.vs_magnitude.m", "verdict": "PASS"}]
+    assert record._families(rows) == {"P5.prune_gain": {"P5.prune_gain.obd.vs_wanda.m": "FAIL",
+                                                        "P5.prune_gain.obd.vs_magnitude.m": "PASS"},
+                                      "P3.cross_architecture": {"P3.cross_architecture": "PASS"}}
+
+
 def test_the_repository_readme_block_is_the_committed_records() -> None:
     from esa.runner import record
     from esa.store import REPO_ROOT

@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -528,15 +529,28 @@ def summary_sentences(root: Path) -> list[str]:
     code = "one code version" if len(versions) == 1 else f"{len(versions)} code versions"
     first = (f"The record (profile `{meta['profile']}`, {code}) holds {len(done)} of {n_all} "
              f"notebooks and judges {len(rows)} criteria: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n) + ".")
-    passed = [r for r in rows if r["verdict"] == "PASS" and r.get("phase", 0) >= 2]
-    second = ("Among the claims beyond the baselines it confirms " + "; ".join(f"{r['id']} ({_short(r['measured'])})"
-                                                                             for r in passed[:3]) + "."
-              if passed else "No claim beyond the Phase 1 baselines is confirmed yet.")
-    failed = [r for r in rows if r["verdict"] == "FAIL"]
-    third = ("Against the guide's hypotheses it finds " + "; ".join(f"{r['id']} ({_short(r['measured'])} against "
-                                                                    f"{r['threshold']})" for r in failed[:3]) + "."
-             if failed else "Nothing it has judged so far contradicts the guide's hypotheses.")
+    fams = _families(r for r in rows if r.get("phase", 0) >= 2)
+    held = [f"{fam} ({sum(v == 'PASS' for v in got.values())} of {len(got)})" for fam, got in fams.items()
+            if "PASS" in got.values()]
+    second = ("Beyond the Phase 1 baselines it confirms, by criterion (PASS of judged): " + ", ".join(held) + "."
+              if held else "No claim beyond the Phase 1 baselines is confirmed yet.")
+    every, by_id = _families(rows), {r["id"]: r for r in rows}
+    against = []
+    for fam, got in _families(r for r in rows if r["verdict"] == "FAIL").items():
+        eg = next(iter(got))
+        against.append(f"{fam} fails {len(got)} of {len(every[fam])} (e.g. {eg}: {_short(by_id[eg]['measured'])})")
+    third = ("Against the guide's hypotheses: " + "; ".join(against) + "."
+             if against else "Nothing it has judged so far contradicts the guide's hypotheses.")
     return [first, second, third]
+
+
+def _families(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
+    """Rows grouped by criterion family, the id's first two parts ("P5.prune_gain.obd+protect.vs_wanda.m" ->
+    "P5.prune_gain"), in order of appearance: family -> {id: verdict}."""
+    out: dict[str, dict[str, str]] = {}
+    for r in rows:
+        out.setdefault(".".join(str(r["id"]).split(".")[:2]), {})[r["id"]] = r["verdict"]
+    return out
 
 
 def _short(x: Any) -> str:
