@@ -66,8 +66,29 @@ def test_seed_parts_that_disagree_on_their_data_are_refused() -> None:
            **{t: pd.DataFrame() for t in ("final", "steps", "evals", "drift")}}
     other = {**one, "data": {"seeds": [2], "n_studied": 11}}
     assert ft.combine("m", [1, 2], [one, {**one, "data": {"seeds": [2], "n_studied": 10}}]).data["seeds"] == [1, 2]
-    with pytest.raises(EsaError, match="seed 2 of m was run on other settings or data than seed 1"):
+    with pytest.raises(EsaError, match=r"seed 2 of m was run on other settings or data than seed 1 \(data/n_studied: "
+                       r"10 != 11"):
         ft.combine("m", [1, 2], [one, other])
+    with pytest.raises(EsaError, match="settings/a: 1 != 2"):
+        ft.combine("m", [1, 2], [one, {**one, "settings": {"a": 2}}])
+
+
+def test_seeds_recorded_on_two_cpus_combine_when_only_a_measured_float_differs_in_its_last_digits() -> None:
+    """The tracked super weight's activation read 496.92926 on one CPU and 496.92899 on another (the record's
+    seeds 1337 and 999): the same weight, so the same data; a different weight, or a float off by more than
+    MEASURED_RTOL, is refused."""
+    def seed(s: int, out_max: float, row: int = 507) -> dict:
+        tracked = [{"param": "model.layers.2.mlp.down_proj.weight", "row": row, "col": 90, "out_max": out_max,
+                    "weight": 5.09375, "flagged": True}]
+        return {"settings": {"lr": 1e-4}, "data": {"seeds": [s], "tracked": tracked, "note": float("nan")},
+                "seconds": 1.0, "weights_restored": True, **{t: pd.DataFrame() for t in ("final", "steps", "evals", "drift")}}
+
+    got = ft.combine("m", [1, 2], [seed(1, 496.92926025390625), seed(2, 496.9289855957031)])
+    assert got.data["seeds"] == [1, 2] and got.data["tracked"][0]["out_max"] == 496.92926025390625
+    with pytest.raises(EsaError, match=r"data/tracked\[0\]/row: 507 != 508"):
+        ft.combine("m", [1, 2], [seed(1, 496.9), seed(2, 496.9, row=508)])
+    with pytest.raises(EsaError, match="out_max"):
+        ft.combine("m", [1, 2], [seed(1, 496.9), seed(2, 496.9 * (1 + 10 * ft.MEASURED_RTOL))])
 
 
 @pytest.fixture

@@ -296,3 +296,12 @@ def test_powered_record_chunks_and_parts_fit_two_hours() -> None:
     assert "hutchinson_diag" in plans.week2_metrics(P, "smollm2-135m")
     assert plans.SINGLE_CONTROLS >= 20 and 1 / (plans.SINGLE_CONTROLS + 1) < 0.05
     assert phase3.SINGLE_CONTROLS == plans.SINGLE_CONTROLS
+
+
+def test_the_origin_sentence_names_each_parts_machine() -> None:
+    """Parts of one chunk may be recorded by sessions on different CPUs: the page says which made which."""
+    made = {"commit": "a" * 40, "started": "2026-12-05T18:17:00", "seconds": 1192.4,
+            "machine": {"cores": 2, "cpu": "Intel(R) Xeon(R) Processor"}}
+    got = parts.origin_sentence({"m@seed999": parts.origin(made), "m@seed1": parts.origin(None)})
+    assert "m@seed999 from its committed part (commit aaaaaaaaaaaa" in got and "20 min on 2 cores, Intel(R) Xeon" in got
+    assert got.endswith("Computed on this page: m@seed1.")

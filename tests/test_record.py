@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -194,3 +195,38 @@ def test_a_second_chunk_is_refused_while_one_runs(project: Path, capsys) -> None
     assert len(err.strip().splitlines()) == 1
     assert (stage / "the first chunk's work").is_file() and not (project / "reports" / "record").exists()
     assert run_all(project, "--only", "nb_a", "--record")[0] == 0  # released: the next chunk runs
+
+
+def test_verification_is_bit_exact_on_the_recording_cpu_and_decisions_only_on_another(monkeypatch, capsys) -> None:
+    from esa.phases import costs
+    from esa.runner import record
+
+    here = {"cores": 2, "cpu": "Intel(R) Xeon(R) Processor", "platform": "x"}
+    monkeypatch.setattr(costs, "machine", lambda: here)
+    assert record.same_cpu("chunk w5", {"machine": {**here, "platform": "y"}}) and not capsys.readouterr().out
+    assert not record.same_cpu("chunk w5", {"machine": {**here, "cpu": "AMD EPYC"}})
+    assert "chunk w5 was recorded on 2 cores of AMD EPYC, this is 2 cores of Intel" in capsys.readouterr().out
+    assert not record.same_cpu("part p", {"machine": {**here, "cores": 16}})
+
+
+def test_a_chunk_compared_across_cpus_still_needs_equal_verdicts_and_counts(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from esa.runner import record
+    from esa.store import write_json
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, mean, verdict, n in ((a, 6.933022, "PASS", 64), (b, 6.933031, "PASS", 64)):
+        d.mkdir()
+        pd.DataFrame({"mean": [mean], "n": [n]}).to_parquet(d / "summary.parquet")
+        write_json(d / "stats.json", {"verdict": verdict, "mean": mean, "seconds": mean})
+    assert len(record.compare(a, b)) == 2 and record.compare(a, b, record.CROSS_CPU_RTOL) == []
+    assert record.largest_gap(a, b) == (6.933031 - 6.933022) / 6.933031
+    write_json(b / "stats.json", {"verdict": "FAIL", "mean": 6.933031})
+    assert record.compare(a, b, record.CROSS_CPU_RTOL) == ["stats.json: JSON differs at /verdict: 'PASS' != 'FAIL'"]
+    # a float beyond rounding (a tie at a top-k threshold broken the other way) is listed, a count is failed
+    pd.DataFrame({"mean": [7.5], "n": [64]}).to_parquet(b / "summary.parquet")
+    write_json(b / "stats.json", {"verdict": "PASS", "mean": 6.933031})
+    assert record.compare(a, b, math.inf) == [] and len(record.compare(a, b, record.CROSS_CPU_RTOL)) == 1
+    pd.DataFrame({"mean": [7.5], "n": [128]}).to_parquet(b / "summary.parquet")
+    assert record.compare(a, b, math.inf) == ["summary.parquet: column 'n'[0]: 64 != 128"]

@@ -259,8 +259,11 @@ def per_unit(run_dir: str | Path, notebook: str, P: Profile, units: Sequence[str
 
 def origin_sentence(origins: Mapping[str, Mapping[str, Any]]) -> str:
     """One sentence: which units came from which committed part (commit, when, how long), which were computed."""
+    def where(machine: Mapping[str, Any]) -> str:  # parts of one chunk may come from other sessions' machines
+        return f"{machine.get('cores', '?')} cores" + (f", {machine['cpu']}" if machine.get("cpu") else "")
+
     came = [f"{m} from its committed part (commit {str(o.get('commit'))[:12]}, recorded {o.get('recorded')}, "
-            f"{float(o.get('seconds') or 0) / 60:.0f} min on {(o.get('machine') or {}).get('cores', '?')} cores)"
+            f"{float(o.get('seconds') or 0) / 60:.0f} min on {where(o.get('machine') or {})})"
             for m, o in origins.items() if o.get("from") == "part"]
     here = [m for m, o in origins.items() if o.get("from") != "part"]
     out = []

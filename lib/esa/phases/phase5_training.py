@@ -32,7 +32,6 @@ observed effect; a NaN or a constant difference -> not estimable; below the guid
 from __future__ import annotations
 
 import gc
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from esa import agree
 from esa.apps import training as tr
 from esa.apps.training import grid, prose
 from esa.apps.training.grid import Arm, Result, arms, pairs, reference
@@ -263,22 +263,31 @@ def part_seconds(p: Plan, name: str) -> float | None:
     return float(sum(c.seconds / c.n for c in conds))  # type: ignore[operator]
 
 
-def _shared(r: Mapping[str, Any]) -> str:
-    """What every seed of a model must share (its settings, and its data less the seed list), as text (so
-    NaN equals NaN)."""
-    return json.dumps([r["settings"], {k: v for k, v in r["data"].items() if k != "seeds"}], sort_keys=True,
-                      default=str)
+# A float measured on the model (the tracked super weight's activation, `out_max`) differs in its last digits
+# between CPUs (esa.agree), so seeds recorded on two machines agree to this tolerance; every other value (settings,
+# which weights are tracked, the data's sizes and digests) exactly.
+MEASURED_RTOL = 1e-4
+
+
+def shared_difference(first: Mapping[str, Any], other: Mapping[str, Any]) -> str | None:
+    """Where two seeds of a model did not share their inputs (None: they did): their settings exactly, their
+    data less the seed list with measured floats to MEASURED_RTOL."""
+    data = [{k: v for k, v in r["data"].items() if k != "seeds"} for r in (first, other)]
+    return (agree.difference(first["settings"], other["settings"], path="settings")
+            or agree.difference(*data, MEASURED_RTOL, "data"))
 
 
 def combine(model: str, seeds: Sequence[int], per_seed: Sequence[Mapping[str, Any]]) -> Result:
     """One model's Result from its seeds' results (`as_result`, in `seeds` order), as one grid over every seed
-    gives it: the tables stacked seed by seed; one EsaError when two seeds did not share their inputs."""
+    gives it: the tables stacked seed by seed, the shared data the first seed's; one EsaError when two seeds did
+    not share their inputs (`shared_difference`)."""
     first = per_seed[0]
     for s, r in zip(seeds, per_seed, strict=True):
-        if _shared(r) != _shared(first):
+        hit = shared_difference(first, r)
+        if hit:
             raise EsaError(f"{NOTEBOOK}: seed {s} of {model} was run on other settings or data than seed {seeds[0]} "
-                           f"(its part was recorded at other code?); re-record it (make record CHUNK={NOTEBOOK} "
-                           f"PART={unit(model, s)})")
+                           f"({hit}; its part was recorded at other code?); re-record it (make record "
+                           f"CHUNK={NOTEBOOK} PART={unit(model, s)})")
 
     def stacked(name: str) -> pd.DataFrame:
         frames = [r[name] for r in per_seed if len(r[name])]

@@ -36,6 +36,7 @@ chunks and parts it depends on.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -44,6 +45,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from esa import agree
 from esa.errors import EsaError
 from esa.figures import FIGURES_INSIDE
 from esa.params import load_profile, yaml_load
@@ -411,9 +413,18 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def compare(committed: Path, fresh: Path) -> list[str]:
-    """Differences between two runs of one chunk: every table (parquet, column by column, exactly) and every
-    JSON file (scorecard rows included) of the chunk, leaving out timing, cache keys and paths."""
+# Bit-exact numbers are promised on the CPU that made a piece. Another CPU (other kernels, other summation
+# orders) rounds differently, and a rounding can move a weight whose score ties another's across a top-k or
+# bottom-k threshold, so its floats may differ by more than rounding. There every decision must still be equal
+# (each criterion's verdict, every count, label and sequential stop); floats further apart than this (esa.agree)
+# are listed, not failed.
+CROSS_CPU_RTOL = 1e-3
+
+
+def compare(committed: Path, fresh: Path, rtol: float = 0.0) -> list[str]:
+    """Differences between two runs of one chunk: every table (parquet, column by column) and every JSON file
+    (scorecard rows included) of the chunk, leaving out timing, cache keys and paths; floats exactly, or to
+    `rtol` (esa.agree) when the runs were on different CPUs."""
     import pandas as pd
 
     out = []
@@ -426,13 +437,53 @@ def compare(committed: Path, fresh: Path) -> list[str]:
             a, b = pd.read_parquet(f), pd.read_parquet(g)
             a = a[[c for c in a.columns if not _volatile(c)]]
             b = b[[c for c in b.columns if not _volatile(c)]]
-            try:
-                pd.testing.assert_frame_equal(a, b, check_exact=True)
-            except AssertionError as e:
-                out.append(f"{rel}: {' '.join(str(e).split())[:300]}")
-        elif f.name != "artefacts.json" and _clean(read_json(f)) != _clean(read_json(g)):
-            out.append(f"{rel}: JSON differs")
+            if hit := agree.frame_difference(a, b, rtol):
+                out.append(f"{rel}: {hit}")
+        elif f.name != "artefacts.json" and (hit := agree.difference(_clean(read_json(f)), _clean(read_json(g)),
+                                                                    rtol)):
+            out.append(f"{rel}: JSON differs at {hit}"[:400])
     return out
+
+
+def largest_gap(committed: Path, fresh: Path) -> float:
+    """The largest float gap between two runs' tables and JSON (esa.agree.largest): 0 when bit-equal."""
+    import pandas as pd
+
+    gaps = [0.0]
+    for f in committed.rglob("*"):
+        g = fresh / f.relative_to(committed)
+        if not (f.is_file() and g.is_file()) or f.name == "artefacts.json":
+            continue
+        if f.suffix == ".parquet":
+            gaps.append(agree.largest(pd.read_parquet(f), pd.read_parquet(g)))
+        elif f.suffix == ".json":
+            gaps.append(agree.largest(_clean(read_json(f)), _clean(read_json(g))))
+    return max(gaps)
+
+
+def same_cpu(what: str, made: dict[str, Any]) -> bool:
+    """Whether this machine's CPU and cores are those that made the piece (its numbers then compare bit-exactly);
+    when not, says so and what is compared instead, in one line."""
+    here, there = costs.machine(), made.get("machine") or {}
+    if (here.get("cpu"), here.get("cores")) == (there.get("cpu"), there.get("cores")):
+        return True
+    print(f"note: {what} was recorded on {there.get('cores', '?')} cores of {there.get('cpu', 'an unrecorded CPU')}, "
+          f"this is {here.get('cores')} cores of {here.get('cpu')}: floats are bit-exact only on the recording CPU, "
+          "so every verdict, count, label and sequential stop is compared exactly and floats beyond rounding "
+          f"({CROSS_CPU_RTOL:g} of their size) are listed")
+    return False
+
+
+def _cross_cpu(committed: Path, fresh: Path) -> list[str]:
+    """On another CPU: the decisions that differ (returned), after listing the floats beyond rounding."""
+    for d in compare(committed, fresh, CROSS_CPU_RTOL):
+        print(f"  beyond rounding (another CPU): {d}")
+    print(f"largest float gap from the committed record: {largest_gap(committed, fresh):.1e} of the value")
+    return compare(committed, fresh, math.inf)
+
+
+def _verdicts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {r.get("id"): r.get("verdict") for r in rows}
 
 
 def _other_code(what: str, made: dict[str, Any]) -> None:
@@ -458,6 +509,7 @@ def verify(cfg: RunConfig, notebook: str) -> list[str]:
     meta = read_json(rec / IDENTITY)
     made = read_json(rec / CHUNKS / f"{notebook}.json")
     _other_code(f"chunk {notebook}", made)
+    exact = same_cpu(f"chunk {notebook}", made)
     cfg = replace(cfg, profile=meta["profile"], overrides=meta["overrides"], only=[notebook])
     scratch = root / "reports" / "record-verify"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -468,10 +520,14 @@ def verify(cfg: RunConfig, notebook: str) -> list[str]:
         result = run(replace(cfg, run_id=scratch.name, with_deps=False, force=True))
         if result.results.get(notebook, {}).get("status") != "ok":
             return [f"{notebook}: the re-run did not finish ok: {result.failures}"]
-        diffs = compare(rec / "data" / notebook, scratch / "data" / notebook)
+        ours, fresh = rec / "data" / notebook, scratch / "data" / notebook
+        diffs = compare(ours, fresh) if exact else _cross_cpu(ours, fresh)
         a, b = rec / "scorecard" / f"{notebook}.json", scratch / "scorecard" / f"{notebook}.json"
-        if a.is_file() and (not b.is_file() or _clean(read_json(a)) != _clean(read_json(b))):
-            diffs.append(f"scorecard/{notebook}.json: rows differ")
+        if a.is_file():
+            rows = [read_json(a), read_json(b) if b.is_file() else []]
+            hit = agree.difference(*map(_clean, rows)) if exact else agree.difference(*map(_verdicts, rows))
+            if hit:
+                diffs.append(f"scorecard/{notebook}.json: rows differ at {hit}")
         return diffs
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -499,11 +555,13 @@ def verify_part(cfg: RunConfig, notebook: str, unit: str) -> list[str]:
     if bad:
         return [bad]
     _other_code(f"part {unit} of {notebook}", have[unit])
+    exact = same_cpu(f"part {unit} of {notebook}", have[unit])
     scratch = root / "reports" / "record-verify" / parts.folder_name(unit)
     shutil.rmtree(scratch.parent, ignore_errors=True)
     try:
         parts.write(scratch, spec.compute(P, unit), {"notebook": notebook, "unit": unit}, spec.transient)
-        return [d for d in compare(path, scratch) if not d.startswith(parts.PART_FILE)]
+        diffs = compare(path, scratch) if exact else _cross_cpu(path, scratch)
+        return [d for d in diffs if not d.startswith(parts.PART_FILE)]
     finally:
         shutil.rmtree(scratch.parent, ignore_errors=True)
 
