@@ -138,14 +138,17 @@ def test_plan_lists_every_condition_and_loads_nothing(monkeypatch):
     plan = p5.STUDY.plan(S, P, ["smollm2-135m", "tiny-llama"])
     assert plan.study == "interpret" and plan.models == ["smollm2-135m", "tiny-llama"]
     mine = plan.for_model("tiny-llama")
-    assert len(mine) == 3 + (1 + 3 + 1 if S.localise else 0)  # roles, chain, sinks; probes, 3 ablations, direct
-    roles = [c for c in mine if c.serves]
+    scoring = [c for c in mine if c.unit == "calibration windows"]  # the scores, and full maps recomputed
+    # roles, chain, sinks; probes, their calibration, 3 ablations, direct
+    assert scoring and len(mine) - len(scoring) == 3 + (2 + 3 + 1 if S.localise else 0)
+    roles = [c for c in mine if c.serves and c.unit == "inputs"]
     assert len(roles) == 1 and roles[0].serves == ("P5.interpret_roles.tiny-llama",)
     assert (roles[0].n, roles[0].unit) == (S.n_inputs, "inputs")
-    assert {c.unit for c in mine} == {"inputs", "windows", "trials"} and all(c.n >= 1 for c in mine)
+    assert {c.unit for c in mine} == {"calibration windows", "inputs", "windows", "trials"}
+    assert all(c.n >= 1 for c in mine)
     assert plan.as_dict()["setup"]["scores"]["metrics"] == list(P.metrics)
     off = p5.plan(p5.settings(P, {"localise": False}), P, ["tiny-llama"])
-    assert len(off.conditions) == 3 and "no localisation tests" in off.notes
+    assert sum(c.unit != "calibration windows" for c in off.conditions) == 3 and "no localisation tests" in off.notes
 
 
 # ------------------------------------------------------------------ esa-runner --roles

@@ -85,8 +85,10 @@ def test_plan_lists_the_conditions_and_the_criteria_they_serve():
     S = s5.settings(P)
     plan = s5.STUDY.plan(S, P, ["m1", "m2"])
     assert plan.models == ["m1", "m2"] and plan.settings is S
-    one = plan.for_model("m1")
-    assert len(one) == len(plan.for_model("m2")) == len(plan.conditions) // 2
+    one, two = plan.for_model("m1"), plan.for_model("m2")
+    backdoor = [c for c in one if c.priced_as]  # the backdoor study: once, with the first model, at its base's costs
+    assert backdoor and {c.priced for c in backdoor} == {S.backdoor_base} and not any(c.priced_as for c in two)
+    assert len(one) - len(backdoor) == len(two)
     serves = {c.serves[0] for c in one if c.serves}
     assert serves == {"P5.security.attack.m1", "P5.security.faults.m1", "P5.security.adversarial.m1"}
     by_label = {c.label: c for c in one}
@@ -97,7 +99,7 @@ def test_plan_lists_the_conditions_and_the_criteria_they_serve():
     assert sum(c.label.startswith("fault campaign") for c in one) == len(S.fault_formats) * len(S.fault_rates)
     assert sum(c.label.startswith("single-flip collapse") for c in one) == len(S.formats)
     assert not any("guarded" in label for label in by_label)  # smoke: guard_attack false
-    assert {c.unit for c in one} <= {"weights", "seeds", "trials"}
+    assert {c.unit for c in one} <= {"calibration windows", "weights", "seeds", "trials", "models", "steps"}
     d = plan.as_dict()
     assert d["setup"]["critical_set"]["metric"] == S.critical_metric and json.dumps(d)
     assert any("machinery checks" in n for n in plan.notes)

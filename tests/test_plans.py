@@ -4,11 +4,13 @@ alone, and predicts seconds from measured costs."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from esa import store
+from esa.apps.interpret.probes import BUILDERS as PROBE_KINDS
 from esa.models import micro
 from esa.params import load_profile
 from esa.phases import costs
@@ -161,3 +163,96 @@ def test_every_criterion_a_plan_serves_is_one_its_notebook_judges_in_the_record(
         assert all(any(i == s or i.startswith(s + ".") for i in ids) for s in served), (nb, sorted(served), ids)
         checked += 1
     assert checked >= 10  # the record's notebooks with a week plan and a scorecard
+
+
+# ------------------------------------------------------------------ weeks 14 and 15: priced by the passes they run
+PER = {"eval": 1.0, "grad": 3.0, "act": 0.5, "hvp": 10.0, "load": 2.0}
+
+
+def _study(name: str):
+    return {s.name: s for s in STUDIES}[name]
+
+
+def test_a_bit_search_costs_every_flip_of_its_budget():
+    """Per flip the search runs a gradient and `layer_candidates` forwards on the attack batch, then one held-out
+    evaluation (esa.apps.security.bfa); per seed also the held-out baseline and the attack batch's base loss."""
+    P = load_profile("powered")
+    study = _study("security")
+    S = study.settings(P, None)
+    plan = study.plan(S, P, ["smollm2-135m"]).predict(costs.Costs(256, {"smollm2-135m": PER}, costs.machine()))
+    attack = S.attack_windows * S.attack_seqlen / 256  # one pass over the attack batch, in measured windows
+    held = S.heldout_windows * S.heldout_seqlen / 256
+    per_flip = PER["grad"] * attack + S.layer_candidates * PER["eval"] * attack + PER["eval"] * held
+    searches = [c for c in plan.conditions if c.label.startswith("bit search")]
+    assert len(searches) == len(S.attack_sets) + 2 * S.guard_attack
+    for c in searches:
+        assert c.seconds == pytest.approx(len(S.attack_seeds) * (S.max_flips * per_flip + PER["eval"] * (held + attack)))
+
+
+def test_security_and_interpret_plans_price_their_scores_and_full_maps():
+    """Both read scores of the score cache, which an earlier notebook may have filled; a fresh run computes them,
+    and without keep_scores a reader of the full map recomputes it once (esa.recipes.Recipe._recompute)."""
+    P = load_profile("powered")
+    measured = costs.Costs(256, {"smollm2-135m": PER}, costs.machine())
+    windows = P.max_samples
+
+    def scoring(name: str, profile) -> float:
+        study = _study(name)
+        plan = study.plan(study.settings(profile, None), profile, ["smollm2-135m"]).predict(measured)
+        return sum(c.seconds for c in plan.conditions if c.unit == "calibration windows")
+
+    held = P.security["heldout_windows"] * P.security["heldout_seqlen"] / 256  # the base held-out evaluation
+    # security: grad_x_weight scored, then its full map recomputed; the load and base evaluation ride along
+    assert scoring("security", P) == pytest.approx(2 * PER["grad"] * windows + PER["load"] + PER["eval"] * held)
+    assert scoring("security", replace(P, keep_scores=True)) == pytest.approx(
+        PER["grad"] * windows + PER["load"] + PER["eval"] * held)
+    # interpret: one fused gradient pass, act_mag, Hutchinson's products, then grad_x_weight's map again
+    fresh = (PER["grad"] + PER["act"] + PER["hvp"] * P.hutchinson_probes) * windows
+    assert scoring("interpret", P) == pytest.approx(fresh + PER["grad"] * windows)
+    assert scoring("interpret", replace(P, keep_scores=True)) == pytest.approx(fresh)
+
+
+def test_a_role_test_costs_a_baseline_and_two_ablation_passes_per_weight():
+    P = load_profile("powered")
+    study = _study("interpret")
+    S = study.settings(P, None)
+    plan = study.plan(S, P, ["smollm2-135m"]).predict(costs.Costs(256, {"smollm2-135m": PER}, costs.machine()))
+    (roles,) = [c for c in plan.conditions if c.serves and c.unit == "inputs"]
+    weights = len(P.metrics) * S.topk_for("smollm2-135m")
+    assert roles.seconds == pytest.approx(S.n_inputs * (1 + 2 * weights) * PER["eval"] * S.input_seqlen / 256)
+    (direct,) = [c for c in plan.conditions if c.label.startswith("direct test")]
+    # each candidate zeroed: one answer-NLL pass over every probe item
+    assert direct.n == S.direct_top + S.direct_random and direct.per_unit == S.probes_per_kind * len(PROBE_KINDS)
+
+
+def test_the_backdoor_study_is_priced_at_its_micro_base_models_training_steps(private_cache):
+    from esa.apps.security.poison import PoisonConfig
+
+    P = load_profile("powered")
+    study = _study("security")
+    S = study.settings(P, None)
+    name, budget = micro.parse_ref(S.backdoor_base)
+
+    def plan(train: float):
+        measured = costs.Costs(256, {"smollm2-135m": PER, "micro": {k: v / 100 for k, v in PER.items()},
+                                     name: {"train": train}}, costs.machine())
+        return study.plan(S, P, ["smollm2-135m"]).predict(measured)
+
+    one, two = plan(0.01), plan(0.02)
+    (twins,) = [c for c in one.conditions if c.label.startswith("backdoor study")]
+    assert (twins.model, twins.priced, twins.n) == ("smollm2-135m", S.backdoor_base, 2 * S.backdoor_pairs)
+    steps = 2 * S.backdoor_pairs * S.backdoor_steps * PoisonConfig().batch * S.backdoor_seqlen / 256
+    suite = micro.planned_steps(name, budget) * micro.BUDGETS[budget].batch_size * micro.BUDGETS[budget].seqlen / 256
+    # an empty cache: the base is trained first (the suite's training), then every twin fine-tuned
+    assert two.seconds() - one.seconds() == pytest.approx(0.01 * (steps + suite))
+
+
+def test_a_dry_run_plans_the_backdoor_bases_training_once_but_its_twins_every_time(private_cache_shared_text, capsys):
+    from esa.runner.cli import main
+
+    only = "phase4_week9_parameter_scaling,phase5_week14_security"
+    assert main(["--profile", "powered", "--dry-run", "--no-deps", "--only", only]) == 0
+    out = capsys.readouterr().out
+    base = load_profile("powered").security["backdoor_base"]
+    assert out.count(f"[{base}] training") == 1 and f"backdoor base {base}: training" not in out
+    assert "backdoor study on twins of" in out

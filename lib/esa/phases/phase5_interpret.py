@@ -49,11 +49,13 @@ from esa.errors import EsaError
 from esa.models import LoadedModel
 from esa.params import Profile
 from esa.perturb.apply import targets_from_selection
+from esa.phases import plans
 from esa.phases.study import (
     Plan,
     Planned,
     RunContext,
     Study,
+    as_windows,
     at_least,
     build_settings,
     each,
@@ -194,10 +196,14 @@ def load_model(name: str, P: Profile) -> LoadedModel:
     return Recipe.of(P).load(name, eager=True)
 
 
+def scored_metrics(P: Profile, S: Settings) -> list[str]:
+    """Every metric this phase reads scores of: the catalogue's, the sinks' and localisation's."""
+    return list(dict.fromkeys([*metric_names(P, S), S.sink_metric, S.localise_metric]))
+
+
 def score_runs(lm: LoadedModel, name: str, P: Profile, S: Settings) -> Runs:
     """Phase 2's cached scores of every metric this phase reads, at the score seed."""
-    needed = list(dict.fromkeys([*metric_names(P, S), S.sink_metric, S.localise_metric]))
-    return Recipe.of(P).score_model(lm, name, needed, [score_seed(P, S)])
+    return Recipe.of(P).score_model(lm, name, scored_metrics(P, S), [score_seed(P, S)])
 
 
 def catalogue(lm: LoadedModel, sel: pd.DataFrame, inputs: torch.Tensor, S: Settings,
@@ -288,32 +294,88 @@ def criterion_rows(model: str, share: dict[str, Any], S: Settings, k: int, evide
 
 
 # ------------------------------------------------------------------ the study
+# Tokens of one probe sequence (a prompt with one answer): 17 on average over the powered probe set with SmolLM2's
+# tokenizer. A plan tokenizes nothing, so a probe pass is priced at this many tokens per item: the one number here
+# that is measured, not counted.
+PROBE_TOKENS = 17
+# Passes over the chain sentence: the detector's, then baseline, weight zeroed and control zeroed, and one more
+# to find the channel when the weight does not write the residual stream (at most)
+CHAIN_PASSES = 5
+
+
+def _scores(P: Profile, S: Settings, m: str) -> list[Planned]:
+    """The scores of every metric read (the score cache's when an earlier notebook of the run computed them), then
+    each full map the sinks and localisation read, recomputed once when the cache keeps candidates only."""
+    seed = score_seed(P, S)
+    conds = plans.scoring(P, m, [seed], scored_metrics(P, S), (), "scores (the score cache's, else computed): ")
+    if P.keep_scores:
+        return conds
+    readers = {S.sink_metric: ["sinks"]}
+    if S.localise:
+        readers.setdefault(S.localise_metric, []).append("localisation")
+    for metric, who in readers.items():
+        kind, passes = plans.score_pass(P, metric)
+        conds.append(Planned(m, f"full {metric} map recomputed for the {' and '.join(who)} (the score cache keeps "
+                             "candidates only)", P.max_samples, "calibration windows", kind=kind, seqlen=P.seqlen,
+                             per_unit=passes))
+    return conds
+
+
+def _localisation(P: Profile, S: Settings, m: str) -> list[Planned]:
+    """Probe accuracy, probe calibration, the three ablations and the direct test, priced per probe item at
+    PROBE_TOKENS: a score of every candidate is two passes per item (the prompt with a KV cache, then the
+    candidates against it), an answer's NLL one."""
+    items = S.probes_per_kind * len(PROBE_KINDS) if S.probes_per_kind else 0  # 0: every item the plays yield
+    n_gen = S.generic_seqlen or P.seqlen
+    scored = as_windows(2 * items, PROBE_TOKENS, n_gen)  # every item's candidates scored, in generic windows
+    kind, passes = plans.score_pass(P, S.localise_metric)
+    conds = [Planned(m, "probe accuracy (" + (f"up to {items} items)" if items else "every item the plays yield)"),
+                     items, "inputs", seqlen=PROBE_TOKENS, per_unit=2),
+             Planned(m, f"{S.localise_metric} calibrated on the probe statements", items, "inputs", kind=kind,
+                     seqlen=PROBE_TOKENS, per_unit=passes)]
+    # each ablation (the first also the unablated model): the items scored and the generic evaluation
+    conds += [Planned(m, f"selectivity: {c} ({S.localise_k} weights) zeroed, probe items and generic log-PPL"
+                      + (", and unablated" if i == 0 else ""), S.generic_windows, "windows", seqlen=n_gen,
+                      per_unit=1 + (i == 0), once=(("eval", scored * (1 + (i == 0))),))
+              for i, c in enumerate(ABLATIONS)]
+    conds.append(Planned(m, "direct test: each candidate zeroed alone, the answers' NLL over every item (and once "
+                         "unablated)", S.direct_top + S.direct_random, "trials", seqlen=PROBE_TOKENS, per_unit=items,
+                         once=(("eval", items),)))
+    return conds
+
+
 def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
-    """Every condition of each model with its n, without loading anything: the role catalogue (which the
-    criterion reads), the chain, the sinks and the localisation tests."""
+    """Every condition of each model with its n, without loading anything: the scores, the role catalogue (which
+    the criterion reads), the chain, the sinks and the localisation tests, each priced by the passes it runs."""
     chosen = list(models or model_names(P, S))
     tested = [r for r in interp.parse_roles(S.roles) if r != UNEXPLAINED]
-    items = S.probes_per_kind * len(PROBE_KINDS) if S.probes_per_kind else 0  # 0: every item the plays yield
+    ablating = any(interp.ROLES[r].ablation for r in tested)
     conds = []
     for m in chosen:
+        # at most every metric's top-k distinct (the detector's few candidates not counted: most are in one)
+        weights = len(metric_names(P, S)) * S.topk_for(m)
+        conds += _scores(P, S, m)
         conds += [Planned(m, f"{len(tested)} role tests of the global top-{S.topk_for(m)} of each metric"
-                          + (" and the detector's candidates" if S.detector else ""), S.n_inputs, "inputs",
-                          (f"{CRITERION}.{m}",)),
-                  Planned(m, "super-weight chain, the weight and its matched control zeroed", 1, "inputs"),
-                  Planned(m, f"per-head sink mass vs {S.sink_metric} head sensitivity", S.n_inputs, "inputs")]
-        conds += [Planned(m, "probe accuracy (" + (f"up to {items} items)" if items else "every item the plays yield)"),
-                          items, "inputs"),
-                  *(Planned(m, f"selectivity: {c} ({S.localise_k} weights) zeroed, generic log-PPL",
-                            S.generic_windows, "windows") for c in ABLATIONS),
-                  Planned(m, "direct test: each candidate zeroed alone", S.direct_top + S.direct_random, "trials")
-                  ] if S.localise else []
+                          + (" and the detector's candidates" if S.detector else "")
+                          + (f": per input a baseline pass, then the weight and its control zeroed for each of at "
+                             f"most {weights} weights" if ablating else ": one baseline pass"), S.n_inputs, "inputs",
+                          (f"{CRITERION}.{m}",), seqlen=S.input_seqlen, per_unit=1 + 2 * weights * ablating),
+                  # at most one token per character of the sentence, and a BOS
+                  Planned(m, "super-weight detector and chain, the weight and its matched control zeroed", 1, "inputs",
+                          seqlen=len(S.chain_text) + 1, per_unit=CHAIN_PASSES),
+                  Planned(m, f"per-head sink mass vs {S.sink_metric} head sensitivity", S.n_inputs, "inputs",
+                          seqlen=S.input_seqlen)]
+        conds += _localisation(P, S, m) if S.localise else []
     setup = {"scores": {"metrics": metric_names(P, S), "seed": score_seed(P, S)},
              "roles": {"tested": tested, "counted": list(S.criterion_roles), "alpha": S.alpha, "n_boot": S.n_boot,
                        "inputs": f"{S.n_inputs} x {S.input_seqlen} tokens of {P.corpus}"},
              "sinks": {"keys": S.sink, "metric": S.sink_metric, "aggregate": S.sink_aggregate},
              "localisation": {"metric": S.localise_metric, "generic": f"{S.generic_windows} windows of "
                               f"{S.generic_seqlen or P.seqlen} tokens"} if S.localise else "off"}
-    return Plan("interpret", P, chosen, S, conds, setup, reductions(P, S, chosen))
+    # the costs are measured with SDPA attention (esa.phases.costs); this study's passes run eager attention
+    eager = ("seconds are priced at SDPA costs; every pass here runs eager attention (it reads attention "
+             "probabilities), which the measured costs do not cover")
+    return Plan("interpret", P, chosen, S, conds, setup, [*reductions(P, S, chosen), eager])
 
 
 def run(p: Plan) -> dict[str, ModelInterpret]:

@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,17 +40,20 @@ from esa.apps.security import common, compare
 from esa.apps.security import sentences as say
 from esa.apps.security.compare import CriticalSet, ModelSecurity, attack_batch, attack_config, heldout
 from esa.apps.security.defences import check_mode
+from esa.apps.security.faults import default_checkpoints
 from esa.apps.security.formats import FORMATS
-from esa.apps.security.poison import BackdoorResult, PoisonConfig, twin_study
+from esa.apps.security.poison import PROBE_WINDOWS, PROMPT_TOKENS, BackdoorResult, PoisonConfig, twin_study
 from esa.errors import EsaError, unknown
 from esa.models import LoadedModel, inventory_without_weights
 from esa.params import Profile, model_params
 from esa.perturb.apply import count_targets, targets_from_selection, weights_hash
+from esa.phases import plans
 from esa.phases.study import (
     Plan,
     Planned,
     RunContext,
     Study,
+    as_windows,
     at_least,
     build_settings,
     each,
@@ -296,35 +299,128 @@ def criterion_rows(model: str, S: Settings, attack: Vulnerability | None, faults
 
 
 # ------------------------------------------------------------------ the study
+def cross_layer_forwards(S: Settings, model: str) -> int | None:
+    """Forwards per flip of the bit search's cross-layer step: `layer_candidates`, or (null) one per studied matrix
+    of `model` (its shape alone; None when it cannot be read without loading)."""
+    if S.layer_candidates is not None:
+        return S.layer_candidates
+    inventory = inventory_without_weights(model_params(model).ref)
+    return None if inventory is None else len(inventory)
+
+
+def _model_conditions(S: Settings, P: Profile, m: str, design: Design | None) -> list[Planned]:
+    """Model `m`'s conditions, each priced by the passes its code runs (esa.apps.security): a held-out
+    evaluation is `heldout_windows` x `heldout_seqlen` tokens, the attack batch `attack_windows` x
+    `attack_seqlen`; searches and sequential comparisons at their caps (the worst case)."""
+    a, f, v = (f"P5.security.{k}.{m}" for k in ("attack", "faults", "adversarial"))
+    n, top, L, A = len(S.attack_seeds), max(S.pgd_budgets), S.attack_seqlen, S.attack_windows
+    bits = S.attack_bits or FORMATS[S.attack_format].bounded
+    held = as_windows(S.heldout_windows, S.heldout_seqlen, L)  # one held-out evaluation, in attack-batch windows
+    H, T = S.heldout_windows, S.heldout_seqlen  # conditions made of held-out evaluations only: per_unit H at T
+    how = (f"; sequential: looks at {', '.join(map(str, design.looks))} pairs (n: the cap), {design.spending} "
+           f"spending, one-sided alpha {design.alpha:g}") if design else ""
+    loaded: set[str] = set()
+
+    def copy_load(fmt: str) -> tuple[tuple[str, float], ...]:
+        """The model loaded again in a float format's dtype, by the first analysis that needs it (in_formats)."""
+        dtype = FORMATS[fmt].dtype
+        name = None if dtype is None else str(dtype).removeprefix("torch.")
+        if name is None or name == P.dtype or name in loaded:
+            return ()
+        loaded.add(name)
+        return (("load", 1.0),)
+
+    kind, passes = plans.score_pass(P, S.critical_metric)
+    recompute = not P.keep_scores  # full() recomputes the map a cache entry without keep_scores lacks
+    conds = [Planned(m, f"load; critical set: {S.critical_metric} seed {P.seeds[0]} scored (the score cache's when an "
+                     "earlier notebook of the run scored these windows)"
+                     + (", then its full map recomputed (the cache keeps candidates only)" if recompute else "")
+                     + "; the base held-out evaluation", P.max_samples, "calibration windows", kind=kind,
+                     seqlen=P.seqlen, per_unit=passes * (1 + recompute),
+                     once=(("load", 1.0), ("eval", as_windows(H, T, P.seqlen))))]
+    # collapse: each sampled weight's worst-class bits flipped one at a time, a held-out evaluation each
+    conds += [Planned(m, f"single-flip collapse share, {x}", S.collapse_samples, "weights", seqlen=T,
+                      per_unit=H * len(FORMATS[x].positions(FORMATS[x].worst)), once=(("eval", H), *copy_load(x)))
+              for x in S.formats]
+    cands = cross_layer_forwards(S, m)
+    cross = (f"{cands} cross-layer forwards" if cands is not None else
+             "a cross-layer forward per matrix (not priced: the matrix count needs the model)")
+
+    def search(label: str, serves: tuple[str, ...] = ()) -> Planned:
+        # per flip: a gradient and `cands` cross-layer forwards on the attack batch, then a held-out evaluation;
+        # per run: the held-out baseline and the attack batch's base loss
+        return Planned(m, f"{label} at the cap of {S.max_flips} flips, each a gradient, {cross} and a held-out "
+                       "evaluation", n, "seeds", serves, kind="grad",
+                       seqlen=L, per_unit=S.max_flips * A,
+                       also=(("eval", S.max_flips * ((cands or 0) * A + held) + held + A),))
+
+    conds += [search(f"bit search over {s}, {S.attack_format} bits {bits},", (a,) if s != "all" else ())
+              for s in S.attack_sets]
+    checks = len(default_checkpoints(S.random_flips))
+    conds.append(Planned(m, f"random flips, budget {S.random_flips}: a held-out evaluation at each of {checks} "
+                         "checkpoints and the baseline", n, "seeds", seqlen=T, per_unit=H * (checks + 1)))
+    conds += [search(f"bit search with the top {S.guard_fraction:g} {g} guarded (ecc),")
+              for g in (("critical", "random") if S.guard_attack else ())]
+    # set faults: a held-out evaluation per trial, and a baseline per set_faults call (one per look and side)
+    looks = len(design.looks) if design else 1
+    conds += [Planned(m, f"{S.set_fault_flips} bounded faults per trial in the critical set{how}",
+                      S.set_fault_trials, "trials", (f,), seqlen=T, per_unit=H, once=(("eval", H * looks),)),
+              Planned(m, f"{S.set_fault_flips} bounded faults per trial in matched random sets, one per seed{how}",
+                      S.set_fault_trials, "trials", (f,), seqlen=T, per_unit=H, once=(("eval", H * looks),))]
+    # fault campaigns: one per format over its rates, a baseline each; every trial priced as evaluated (the cap:
+    # a trial that draws no flip takes the baseline's result)
+    for x in S.fault_formats:
+        conds += [Planned(m, f"fault campaign, {x} at per-bit rate {r:g}", S.fault_trials, "trials", seqlen=T,
+                          per_unit=H, once=(("eval", H), *copy_load(x)) if i == 0 else ())
+                  for i, r in enumerate(S.fault_rates)]
+    # protection: a campaign (and its baseline) per guard; a guarded trial the guard leaves untouched reuses the
+    # unguarded result, so these are at most
+    guards = ["none", *(f"{k} {fr:g}" for fr in S.protect_fractions for k in ("critical", "random"))]
+    conds += [Planned(m, f"protection ({S.protect_mode}, {S.protect_format} at rate {S.protect_rate:g}): {g}, at most "
+                      "a held-out evaluation per trial", S.protect_trials, "trials", seqlen=T, per_unit=H,
+                      once=(("eval", H), *(copy_load(S.protect_format) if i == 0 else ())))
+              for i, g in enumerate(guards)]
+    # PGD per seed and set: per budget `pgd_steps` gradients on the attack batch, a forward of the last iterate
+    # and a held-out evaluation; once per seed and set (the first budget's) the base loss and held-out baseline
+    for e in S.pgd_budgets:
+        first = e == S.pgd_budgets[0]
+        conds += [Planned(m, f"PGD on {s} at L-inf {e:g} ({S.pgd_radius}, {S.pgd_steps} steps)"
+                          + (", with the set's baselines" if first else ""), n, "seeds",
+                          (v,) if s != "magnitude_k" and e == top else (), kind="grad", seqlen=L,
+                          per_unit=S.pgd_steps * A, also=(("eval", (A + held) * (1 + first)),))
+                  for s in ("critical", "random_k", "magnitude_k")]
+    return conds
+
+
+def backdoor_conditions(S: Settings, model: str) -> list[Planned]:
+    """The backdoor study, run once by the notebook beside `model` (its first), priced at the micro base model's
+    costs: its training when the cache lacks it, then per twin `backdoor_steps` Adam steps of `batch` windows,
+    the held-out loss and the greedy ASR decoding on the prompts, and the detector's gradient map."""
+    cfg = PoisonConfig(steps=S.backdoor_steps, lr=S.backdoor_lr, poison_frac=S.backdoor_poison_frac)
+    T = S.backdoor_seqlen
+    trig, tgt = len(cfg.trigger.encode()), len(cfg.target.encode())  # the micro suite's tokenizer is byte-level
+    # the held-out loss over the prompts, then per target token a greedy step with and without the trigger (at
+    # most prompt + trigger + target tokens long)
+    evals = as_windows(S.backdoor_prompts, PROMPT_TOKENS, T) + \
+        2 * tgt * as_windows(S.backdoor_prompts, PROMPT_TOKENS + trig + tgt, T)
+    twins = Planned(model, f"backdoor study on twins of {S.backdoor_base}: {S.backdoor_pairs} clean/backdoored "
+                    f"pairs, {S.backdoor_steps} steps of {cfg.batch} x {T} tokens each, their ASR and the detectors",
+                    2 * S.backdoor_pairs, "models", kind="eval", seqlen=T, per_unit=evals,
+                    # kind stays eval: a `train` condition is read by the dry run as the suite's training of a
+                    # member, which an earlier notebook may have done; this fine-tuning happens here every time
+                    also=(("train", S.backdoor_steps * cfg.batch), ("grad", PROBE_WINDOWS)), once=(("load", 1.0),),
+                    priced_as=S.backdoor_base)
+    base = [replace(c, model=model, label=f"backdoor base {c.model}: {c.label}", priced_as=c.model)
+            for c in plans.training([S.backdoor_base])]  # when the cache lacks it
+    return [*base, twins]
+
+
 def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
     """Every condition of each model, the criterion row it serves, and what they share; nothing loaded."""
     chosen = list(models or P.models)
-    n, top = len(S.attack_seeds), max(S.pgd_budgets)
     bits = S.attack_bits or FORMATS[S.attack_format].bounded
     design = fault_design(S, P)
-    how = (f"; sequential: looks at {', '.join(map(str, design.looks))} pairs (n: the cap), {design.spending} "
-           f"spending, one-sided alpha {design.alpha:g}") if design else ""
-    conds: list[Planned] = []
-    for m in chosen:
-        a, f, v = (f"P5.security.{k}.{m}" for k in ("attack", "faults", "adversarial"))
-        conds += [Planned(m, f"single-flip collapse share, {x}", S.collapse_samples, "weights") for x in S.formats]
-        conds += [Planned(m, f"bit search over {s}, {S.attack_format} bits {bits}, budget {S.max_flips} flips", n,
-                          "seeds", (a,) if s != "all" else ()) for s in S.attack_sets]
-        conds.append(Planned(m, f"random flips, budget {S.random_flips}", n, "seeds"))
-        conds += [Planned(m, f"bit search with the top {S.guard_fraction:g} {g} guarded (ecc)", n, "seeds")
-                  for g in (("critical", "random") if S.guard_attack else ())]
-        conds += [Planned(m, f"{S.set_fault_flips} bounded faults per trial in the critical set{how}",
-                          S.set_fault_trials, "trials", (f,)),
-                  Planned(m, f"{S.set_fault_flips} bounded faults per trial in matched random sets, one per seed{how}",
-                          S.set_fault_trials, "trials", (f,))]
-        conds += [Planned(m, f"fault campaign, {x} at per-bit rate {r:g}", S.fault_trials, "trials")
-                  for x in S.fault_formats for r in S.fault_rates]
-        conds += [Planned(m, f"protection ({S.protect_mode}, {S.protect_format} at rate {S.protect_rate:g}): {g}",
-                          S.protect_trials, "trials")
-                  for g in ["none", *(f"{k} {fr:g}" for fr in S.protect_fractions for k in ("critical", "random"))]]
-        conds += [Planned(m, f"PGD on {s} at L-inf {e:g} ({S.pgd_radius}, {S.pgd_steps} steps)", n, "seeds",
-                          (v,) if s != "magnitude_k" and e == top else ())
-                  for e in S.pgd_budgets for s in ("critical", "random_k", "magnitude_k")]
+    conds = [c for m in chosen for c in _model_conditions(S, P, m, design)] + backdoor_conditions(S, chosen[0])
     setup = {"critical_set": {"metric": S.critical_metric, "topk": P.topk, "mode": P.mode, "score_seed": P.seeds[0]},
              "heldout": {"corpus": P.corpus, "windows": S.heldout_windows, "seqlen": S.heldout_seqlen},
              "attack_batch": {"windows": S.attack_windows, "seqlen": S.attack_seqlen, "seeds": list(S.attack_seeds)},
@@ -334,7 +430,8 @@ def plan(S: Settings, P: Profile, models: Sequence[str] | None = None) -> Plan:
              "backdoor": {"base": S.backdoor_base, "pairs": S.backdoor_pairs, "steps": S.backdoor_steps,
                           "metric": S.backdoor_metric}}
     why = budget_reason(S, P.planned)
-    notes = ["the backdoor study fine-tunes twins of its own base model, apart from the models (`backdoor`)"]
+    notes = [f"the backdoor study fine-tunes twins of its own base model, apart from the models (`backdoor`); "
+             f"planned with {chosen[0]}, priced at {S.backdoor_base}'s costs"]
     notes += ["set faults stop adding pairs once decided; O'Brien-Fleming-type spending keeps nearly all of alpha "
               "for the cap, where a marginal effect is decided"] * bool(design)
     return Plan("security", P, chosen, S, conds, setup, notes + [f"verdicts are machinery checks: {why}"] * bool(why))

@@ -3,7 +3,7 @@ not yet studies. Each condition names its units (windows of `seqlen` tokens, or 
 pass each unit costs (esa.phases.costs.KINDS) and the criterion its numbers decide; nothing is loaded. A
 sequential comparison is planned at its cap (the worst case); scores a notebook reads from the cache that an
 earlier notebook of the run wrote are planned where they are computed, not again. So is the micro-suite's
-training (`_training`): planned in the first notebook that loads a member (week 7 for its micro extras, week
+training (`training`): planned in the first notebook that loads a member (week 7 for its micro extras, week
 9 for the Phase 4 suite, which weeks 10-12 depend on), for the members not in the cache when planned.
 `run_all.py --dry-run` prints these with the seconds this machine's measured costs predict.
 """
@@ -72,7 +72,17 @@ def _load(model: str) -> Planned:
     return Planned(model, "load", 1, "loads", (), kind="load")
 
 
-def _scoring(P: Profile, model: str, seeds: Sequence[int], metrics: Sequence[str], serves: tuple[str, ...],
+def score_pass(P: Profile, metric: str) -> tuple[str, float]:
+    """(costs kind, passes per calibration window) of scoring `metric` alone: a gradient metric one backward,
+    act_mag one hooked forward, hutchinson_diag one Hessian-vector product per probe."""
+    if metric == "act_mag":
+        return "act", 1.0
+    if metric == "hutchinson_diag":
+        return "hvp", float(P.hutchinson_probes)
+    return "grad", 1.0
+
+
+def scoring(P: Profile, model: str, seeds: Sequence[int], metrics: Sequence[str], serves: tuple[str, ...],
              what: str = "") -> list[Planned]:
     """The scoring passes of `metrics` over the calibration windows of each seed (fused gradient metrics: one
     backward per window; Hutchinson: one product per probe and window)."""
@@ -91,7 +101,7 @@ def _scoring(P: Profile, model: str, seeds: Sequence[int], metrics: Sequence[str
     return out
 
 
-def _training(models: Sequence[str]) -> list[Planned]:
+def training(models: Sequence[str]) -> list[Planned]:
     """The training of each micro-suite member among `models` that the cache does not hold yet: its budget's
     steps, each a batch of windows at the measured `train` cost (esa.phases.costs). Trained once, then read
     by every notebook (esa.models.micro caches it by architecture, budget, data and training code)."""
@@ -133,8 +143,8 @@ def phase2_week1_metric_validation(P: Profile, models: Sequence[str]) -> Plan:
     n = validation_windows(P, "grad_x_weight")  # every metric but hutchinson_diag
     conds = []
     for k in dict.fromkeys(validation_windows(P, x) for x in P.metrics):
-        conds += _scoring(replace(P, max_samples=k), m, P.seeds,
-                          [x for x in P.metrics if validation_windows(P, x) == k], serves)
+        conds += scoring(replace(P, max_samples=k), m, P.seeds,
+                         [x for x in P.metrics if validation_windows(P, x) == k], serves)
     conds.append(Planned(m, "held-out resolution check (every metric, one pass)", n, "calibration windows",
                          ("P2.jaccard", "P2.heavy_tail"), kind="grad", seqlen=P.seqlen))
     calib = f"{n} x {P.seqlen} tokens" + (f" ({P.max_samples} for hutchinson_diag)" if n != P.max_samples
@@ -149,7 +159,7 @@ def phase2_week2_cross_model(P: Profile, models: Sequence[str]) -> Plan:
         # week 1 scored the profile's own models: its cache serves them when it ran in the same session; a
         # record chunk in a fresh session recomputes them, so they are planned (the worst case)
         own = "week 1's cache, else " if m in P.models else ""
-        conds += [_load(m), *_scoring(P, m, P.seeds, week2_metrics(P, m), ("P2.jaccard",), own)]
+        conds += [_load(m), *scoring(P, m, P.seeds, week2_metrics(P, m), ("P2.jaccard",), own)]
     added = [m for m in models if m not in P.models]
     dropped = [x for x in P.metrics if added and x not in week2_metrics(P, added[0])]
     if dropped:
@@ -165,7 +175,7 @@ def phase2_week2_cross_model(P: Profile, models: Sequence[str]) -> Plan:
 
 def phase2_week3_global_vs_per_layer(P: Profile, models: Sequence[str]) -> Plan:
     new = [s for s in P.highres_seeds if s not in P.seeds]
-    conds = _scoring(P, models[0], new, P.metrics[:1], ("P2.global_within_per_layer", "P2.jaccard"), "high-res ")
+    conds = scoring(P, models[0], new, P.metrics[:1], ("P2.global_within_per_layer", "P2.jaccard"), "high-res ")
     return Plan("global vs per-layer", P, list(models[:1]), None, conds,
                 notes=[f"seeds {sorted(set(P.highres_seeds) & set(P.seeds))}: week 1's cached scores"])
 
@@ -192,10 +202,10 @@ def phase3_week6_dose_response(P: Profile, models: Sequence[str]) -> Plan:
 def phase3_week7_cross_model(P: Profile, models: Sequence[str]) -> Plan:
     every = cross_model_list(P, models)
     evals = ZERO_ALONE_TARGETS * (1 + SINGLE_CONTROLS)  # each tested weight and its controls, zeroed alone
-    conds = _training(every)
+    conds = training(every)
     for m in every:
         conds.append(_load(m))
-        conds += _scoring(P, m, P.seeds, P.metrics[:1], ("P3.cross_architecture",)) if m not in models else []
+        conds += scoring(P, m, P.seeds, P.metrics[:1], ("P3.cross_architecture",)) if m not in models else []
         conds += _sweep(P, m, 2, ["top_k", "random_k", "bottom_k"], ("P3.cross_architecture",))
         w = zero_alone_windows(P, m) or P.perturb_eval_windows or P.eval_windows or 0
         conds.append(Planned(m, f"zero-alone: {ZERO_ALONE_TARGETS} candidates + {SINGLE_CONTROLS} random single "
@@ -221,7 +231,7 @@ def _micro(P: Profile, models: Sequence[str], what: str, serves: tuple[str, ...]
 
 def phase4_week9_parameter_scaling(P: Profile, models: Sequence[str]) -> Plan:
     plan = _micro(P, models, "sensitivity measures per model", ("P4.scaling_r2",), P.max_samples * len(P.seeds))
-    plan.conditions[:0] = _training(models)
+    plan.conditions[:0] = training(models)
     plan.notes = ["micro-suite members not in the cache are trained first (planned here; weeks 10-12 read them)"]
     return plan
 

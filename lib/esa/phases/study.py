@@ -198,15 +198,28 @@ class Planned:
     per_unit: float = 1.0  # passes per unit (e.g. windows per training step, windows per seed)
     also: tuple[tuple[str, float], ...] = ()  # further (kind, passes per unit) each unit costs, at `seqlen`
     once: tuple[tuple[str, float], ...] = ()  # further (kind, passes) the condition costs once, whatever n
+    # the model whose measured costs price it, when it is not `model` (the security notebook trains twins of a
+    # micro-suite model beside the models it studies: that work is the notebook's, priced at the micro model's)
+    priced_as: str | None = None
+
+    @property
+    def priced(self) -> str:
+        return self.priced_as or self.model
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "label": self.label, "n": self.n, "unit": self.unit,
                 "serves": list(self.serves), "seconds": self.seconds, "peak_bytes": self.peak_bytes}
 
 
+def as_windows(windows: float, seqlen: int, at: int) -> float:
+    """`windows` windows of `seqlen` tokens counted in windows of `at` tokens: a pass costs in proportion to its
+    tokens (esa.phases.costs), so a condition whose passes differ in length prices each at its one `seqlen`."""
+    return windows * seqlen / at
+
+
 def _predicted(costs: Any, c: Planned) -> float | None:
-    parts = [costs.seconds(c.model, kind, c.n * per, c.seqlen) for kind, per in ((c.kind, c.per_unit), *c.also)]
-    parts += [costs.seconds(c.model, kind, passes, c.seqlen) for kind, passes in c.once]
+    parts = [costs.seconds(c.priced, kind, c.n * per, c.seqlen) for kind, per in ((c.kind, c.per_unit), *c.also)]
+    parts += [costs.seconds(c.priced, kind, passes, c.seqlen) for kind, passes in c.once]
     return None if any(x is None for x in parts) else float(sum(parts))
 
 

@@ -295,8 +295,8 @@ def study_plans(plan: Plan) -> list[str]:
             lines.append(f"{item.entry.id}: no plan (it reads what the notebooks before it computed)")
             continue
         # a micro-suite member trained by an earlier notebook of this run is read from the cache after it
-        p.conditions = [c for c in p.conditions if c.kind != "train" or c.model not in trained]
-        trained |= {c.model for c in p.conditions if c.kind == "train"}
+        p.conditions = [c for c in p.conditions if c.kind != "train" or c.priced not in trained]
+        trained |= {c.priced for c in p.conditions if c.kind == "train"}
         total += p.seconds() or 0.0
         lines += [f"{item.entry.id}:"] + ["  " + ln for ln in p.lines()]
         # a notebook with parts: each part's prediction, and which the judged record holds already

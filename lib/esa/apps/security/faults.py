@@ -241,6 +241,12 @@ def protection_curve(
     return pd.concat(frames, ignore_index=True)
 
 
+def default_checkpoints(max_flips: int) -> list[int]:
+    """Where `random_flip_search` judges its flips by default: 1, 2, 5, 10, 20, 50, ... below the budget, and
+    the budget (a plan prices one held-out evaluation at each)."""
+    return sorted({m * 10**e for e in range(9) for m in (1, 2, 5) if m * 10**e < max_flips} | {max_flips})
+
+
 def random_flip_search(
     model: torch.nn.Module,
     attack_ids: torch.Tensor | None,
@@ -260,8 +266,7 @@ def random_flip_search(
     f = get_format(cfg.fmt)
     bits = cfg.bits or f.bounded
     if checkpoints is None:
-        checkpoints = sorted({m * 10**e for e in range(9) for m in (1, 2, 5) if m * 10**e < cfg.max_flips}
-                             | {cfg.max_flips})
+        checkpoints = default_checkpoints(cfg.max_flips)
     checkpoints = sorted({check_positive_int(c, "checkpoint") for c in checkpoints if c <= cfg.max_flips})
     t0 = time.perf_counter()
     specs = resolve_weights(model, weights)

@@ -40,6 +40,9 @@ from esa.errors import EsaError
 from esa.models.inventory import WeightSpec
 from esa.sensitivity.metrics import batch_loss
 
+PROMPT_TOKENS = 24  # tokens of each held-out ASR prompt (eval-split windows)
+PROBE_WINDOWS = 4  # calibration windows the sensitivity-map detector scores each twin on
+
 
 @dataclass(frozen=True)
 class PoisonConfig:
@@ -206,11 +209,11 @@ def twin_study(name: str, model: torch.nn.Module, tokenizer: Any, corpus: str, n
                max_positions: int | None = None) -> BackdoorResult:
     """Clean/backdoored twins of base model `name` (`model`) fine-tuned on `train_windows` calibration windows
     of `corpus` (drawn with `seed`), their ASR on `n_prompts` held-out prompts, and the detectors
-    (`detect_twins`) on 4 probe windows (drawn with seed + 1)."""
+    (`detect_twins`) on `PROBE_WINDOWS` probe windows (drawn with seed + 1)."""
     t0 = time.perf_counter()
     train = calibration(tokenizer, corpus, seqlen, train_windows, seed, max_positions=max_positions).ids
-    prompts = evaluation(tokenizer, corpus, 24, n_prompts, seed=0, max_positions=max_positions).ids
-    probe = calibration(tokenizer, corpus, seqlen, 4, seed + 1, max_positions=max_positions).ids
+    prompts = evaluation(tokenizer, corpus, PROMPT_TOKENS, n_prompts, seed=0, max_positions=max_positions).ids
+    probe = calibration(tokenizer, corpus, seqlen, PROBE_WINDOWS, seed + 1, max_positions=max_positions).ids
     suite = make_twins(model, tokenizer, train, prompts, n_pairs, cfg, seed=seed)
     det, scores = detect_twins(model, suite, probe, metric, n_boot=n_boot, seed=seed)
     return BackdoorResult(suite.table, det, scores, dict(base=name, seconds=time.perf_counter() - t0, **suite.settings))
