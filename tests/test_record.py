@@ -138,6 +138,16 @@ def test_readme_sentences_count_verdicts_per_criterion_family() -> None:
     assert record._families(rows) == {"P5.prune_gain": {"P5.prune_gain.obd.vs_wanda.m": "FAIL",
                                                         "P5.prune_gain.obd.vs_magnitude.m": "PASS"},
                                       "P3.cross_architecture": {"P3.cross_architecture": "PASS"}}
+    rows = [{**r, "phase": 5 if r["id"].startswith("P5") else 3, "measured": 0.5} for r in rows]
+    rows += [{"id": "P5.ft.protect_ewc.m", "phase": 5, "verdict": "not estimable", "measured": None},
+             {"id": "P5.ft.gap_lora.m", "phase": 5, "verdict": "FAIL", "measured": 0.0076},
+             {"id": "P1.baseline_ppl", "phase": 1, "verdict": "PASS", "measured": 47.9}]
+    held, against = record.verdict_sentences(rows)
+    # a not-estimable row (no such quantity) is neither a PASS nor a FAIL: P5.ft is 0 of 1 judged, not 0 of 2
+    assert held == "Beyond the Phase 1 baselines it confirms, by criterion (PASS of judged): P5.prune_gain (1 of 2), " \
+                   "P3.cross_architecture (1 of 1)."
+    assert against == "Against the guide's hypotheses: P5.prune_gain fails 1 of 2 (e.g. P5.prune_gain.obd.vs_wanda.m: " \
+                      "0.5); P5.ft fails 1 of 1 (e.g. P5.ft.gap_lora.m: 0.0076)."
 
 
 def test_the_repository_readme_block_is_the_committed_records() -> None:

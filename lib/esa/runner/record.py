@@ -587,27 +587,40 @@ def summary_sentences(root: Path) -> list[str]:
     code = "one code version" if len(versions) == 1 else f"{len(versions)} code versions"
     first = (f"The record (profile `{meta['profile']}`, {code}) holds {len(done)} of {n_all} "
              f"notebooks and judges {len(rows)} criteria: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n) + ".")
-    fams = _families(r for r in rows if r.get("phase", 0) >= 2)
+    return [first, *verdict_sentences(rows)]
+
+
+def verdict_sentences(rows: list[Mapping[str, Any]]) -> tuple[str, str]:
+    """What the scorecard `rows` confirm beyond Phase 1 and what they contradict, per criterion family, each
+    family's share over its judged (PASS or FAIL) rows: a "not estimable" row (no such quantity) is neither."""
+    judged = [r for r in rows if r["verdict"] in ("PASS", "FAIL")]
+    fams, by_id = _families(judged), {r["id"]: r for r in rows}
+    later = {_family(r["id"]) for r in judged if r.get("phase", 0) >= 2}
     held = [f"{fam} ({sum(v == 'PASS' for v in got.values())} of {len(got)})" for fam, got in fams.items()
-            if "PASS" in got.values()]
+            if fam in later and "PASS" in got.values()]
     second = ("Beyond the Phase 1 baselines it confirms, by criterion (PASS of judged): " + ", ".join(held) + "."
               if held else "No claim beyond the Phase 1 baselines is confirmed yet.")
-    every, by_id = _families(rows), {r["id"]: r for r in rows}
     against = []
-    for fam, got in _families(r for r in rows if r["verdict"] == "FAIL").items():
-        eg = next(iter(got))
-        against.append(f"{fam} fails {len(got)} of {len(every[fam])} (e.g. {eg}: {_short(by_id[eg]['measured'])})")
+    for fam, got in fams.items():
+        failed = [i for i, v in got.items() if v == "FAIL"]
+        if failed:
+            against.append(f"{fam} fails {len(failed)} of {len(got)} (e.g. {failed[0]}: "
+                           f"{_short(by_id[failed[0]]['measured'])})")
     third = ("Against the guide's hypotheses: " + "; ".join(against) + "."
              if against else "Nothing it has judged so far contradicts the guide's hypotheses.")
-    return [first, second, third]
+    return second, third
+
+
+def _family(criterion: Any) -> str:
+    """A criterion id's family, its first two parts ("P5.prune_gain.obd+protect.vs_wanda.m" -> "P5.prune_gain")."""
+    return ".".join(str(criterion).split(".")[:2])
 
 
 def _families(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
-    """Rows grouped by criterion family, the id's first two parts ("P5.prune_gain.obd+protect.vs_wanda.m" ->
-    "P5.prune_gain"), in order of appearance: family -> {id: verdict}."""
+    """Rows grouped by criterion family (`_family`), in order of appearance: family -> {id: verdict}."""
     out: dict[str, dict[str, str]] = {}
     for r in rows:
-        out.setdefault(".".join(str(r["id"]).split(".")[:2]), {})[r["id"]] = r["verdict"]
+        out.setdefault(_family(r["id"]), {})[r["id"]] = r["verdict"]
     return out
 
 
