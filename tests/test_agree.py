@@ -18,8 +18,8 @@ def test_exact_unless_a_tolerance_is_given_and_then_only_for_floats() -> None:
     assert agree.difference(a, b, 1e-3) is None
     assert agree.difference(a, {**b, "verdict": "FAIL"}, 1e-3) == "/verdict: 'PASS' != 'FAIL'"
     assert agree.difference(a, {**b, "n": 65}, 1e-3) == "/n: 64 != 65"  # a sequential test that stopped elsewhere
-    assert agree.difference(a, {**b, "ci": [6.1]}, 1e-3) == "/ci: 2 != 1 items"
-    assert agree.difference(a, {**b, "extra": 1}, 1e-3) == "/extra: in one only"
+    assert agree.difference(a, {**b, "ci": [6.1]}, 1e-3) == "/ci: columns or rows differ, 2 != 1 items"
+    assert agree.difference(a, {**b, "extra": 1}, 1e-3) == "/extra: columns or rows differ, in one only"
 
 
 def test_a_float_below_one_is_compared_absolutely_above_one_relatively() -> None:

@@ -240,3 +240,9 @@ def test_a_chunk_compared_across_cpus_still_needs_equal_verdicts_and_counts(tmp_
     assert record.compare(a, b, math.inf) == [] and len(record.compare(a, b, record.CROSS_CPU_RTOL)) == 1
     pd.DataFrame({"mean": [7.5], "n": [128]}).to_parquet(b / "summary.parquet")
     assert record.compare(a, b, math.inf) == ["summary.parquet: column 'n'[0]: 64 != 128"]
+    # across CPUs a count may move with a tie broken the other way (listed); a table's shape may not (failed)
+    assert record._cross_cpu(a, b) == []
+    pd.DataFrame({"mean": [7.5, 1.0], "n": [64, 1]}).to_parquet(b / "summary.parquet")
+    assert [d.split(":")[0] for d in record._cross_cpu(a, b)] == ["summary.parquet"]
+    (b / "stats.json").unlink()
+    assert "stats.json: missing in the fresh run" in record._cross_cpu(a, b)

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+SHAPE = "columns or rows differ"  # said where two results differ in shape (columns, rows, keys, items), not values
+
 
 def _close(a: float, b: float, rtol: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= rtol * max(abs(a), abs(b), 1.0)
@@ -29,13 +31,13 @@ def difference(a: Any, b: Any, rtol: float = 0.0, path: str = "") -> str | None:
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         for k in sorted(set(a) | set(b), key=str):
             if k not in a or k not in b:
-                return f"{path}/{k}: in one only"
+                return f"{path}/{k}: {SHAPE}, in one only"
             if hit := difference(a[k], b[k], rtol, f"{path}/{k}"):
                 return hit
         return None
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
         if len(a) != len(b):
-            return f"{path}: {len(a)} != {len(b)} items"
+            return f"{path}: {SHAPE}, {len(a)} != {len(b)} items"
         return next((hit for i, (x, y) in enumerate(zip(a, b, strict=True))
                      if (hit := difference(x, y, rtol, f"{path}[{i}]"))), None)
     if isinstance(a, float) and isinstance(b, float):
@@ -47,7 +49,7 @@ def frame_difference(a: pd.DataFrame, b: pd.DataFrame, rtol: float = 0.0) -> str
     """The first column where table `b` differs from `a`, or None: the same columns, dtypes and rows; float
     columns to `rtol` (as `difference`), every other column exactly."""
     if list(a.columns) != list(b.columns) or len(a) != len(b):
-        return f"columns or rows differ: {list(a.columns)} x {len(a)} vs {list(b.columns)} x {len(b)}"
+        return f"{SHAPE}: {list(a.columns)} x {len(a)} vs {list(b.columns)} x {len(b)}"
     if rtol == 0.0:
         try:
             pd.testing.assert_frame_equal(a, b, check_exact=True)
