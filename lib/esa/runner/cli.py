@@ -147,13 +147,16 @@ def _run(args: argparse.Namespace) -> int:
                            "or --verify-record (it recomputes that committed part)")
         if args.verify_record:
             if args.part is not None:
-                diffs, what = record.verify_part(cfg, args.verify_record, args.part), f"part {args.part} of"
+                (diffs, exact), what = record.verify_part(cfg, args.verify_record, args.part), f"part {args.part} of"
             else:
-                diffs, what = record.verify(cfg, args.verify_record), "chunk"
+                (diffs, exact), what = record.verify(cfg, args.verify_record), "chunk"
             for d in diffs:
                 print(f"  {d}", file=sys.stderr)
-            print(f"run_all.py: {what} {args.verify_record}: " + (f"{len(diffs)} difference(s) from the committed "
-                                                                 "record" if diffs else "numbers equal the committed record"))
+            same = ("numbers equal the committed record" if exact else
+                    "its judgement equals the committed record (verdicts and table shapes; another CPU's numbers differ "
+                    "as listed)")
+            print(f"run_all.py: {what} {args.verify_record}: "
+                  + (f"{len(diffs)} difference(s) from the committed record" if diffs else same))
             return 1 if diffs else 0
         if args.record:
             if args.dry_run or args.generate_docs or args.run_id:

@@ -446,19 +446,20 @@ def compare(committed: Path, fresh: Path, rtol: float = 0.0) -> list[str]:
     return out
 
 
-def largest_gap(committed: Path, fresh: Path) -> float:
-    """The largest float gap between two runs' tables and JSON (esa.agree.largest): 0 when bit-equal."""
+def largest_gap(committed: Path, fresh: Path) -> tuple[float, str]:
+    """The largest float gap between two runs' tables and JSON (esa.agree.largest; 0 when bit-equal), and the
+    file it is in."""
     import pandas as pd
 
-    gaps = [0.0]
+    gaps = [(0.0, "")]
     for f in committed.rglob("*"):
         g = fresh / f.relative_to(committed)
         if not (f.is_file() and g.is_file()) or f.name == "artefacts.json":
             continue
         if f.suffix == ".parquet":
-            gaps.append(agree.largest(pd.read_parquet(f), pd.read_parquet(g)))
+            gaps.append((agree.largest(pd.read_parquet(f), pd.read_parquet(g)), f.name))
         elif f.suffix == ".json":
-            gaps.append(agree.largest(_clean(read_json(f)), _clean(read_json(g))))
+            gaps.append((agree.largest(_clean(read_json(f)), _clean(read_json(g))), f.name))
     return max(gaps)
 
 
@@ -481,7 +482,8 @@ def _cross_cpu(committed: Path, fresh: Path) -> list[str]:
     listed = compare(committed, fresh, CROSS_CPU_RTOL)
     for d in listed:
         print(f"  differs on another CPU: {d}")
-    print(f"largest float gap from the committed record: {largest_gap(committed, fresh):.1e} of the value")
+    gap, where = largest_gap(committed, fresh)
+    print(f"largest float gap from the committed record: {gap:.1e} of the value" + (f", in {where}" if where else ""))
     return [d for d in listed if agree.SHAPE in d or MISSING in d]
 
 
@@ -498,9 +500,10 @@ def _other_code(what: str, made: dict[str, Any]) -> None:
               f"`git checkout {str(made.get('commit'))[:12]}` first to verify it exactly")
 
 
-def verify(cfg: RunConfig, notebook: str) -> list[str]:
+def verify(cfg: RunConfig, notebook: str) -> tuple[list[str], bool]:
     """Re-run one committed chunk in a scratch copy of the record and compare its data and scorecard rows
-    with the committed ones (bit-exact numbers on a CPU); returns the differences (empty: verified)."""
+    with the committed ones: bit-exact on the CPU that recorded it, its judgement on another (`same_cpu`);
+    returns (the differences (empty: verified), whether the comparison was bit-exact)."""
     root = Path(cfg.root).resolve()
     rec = record_dir(root)
     if not chunk_done(rec, notebook):
@@ -508,7 +511,7 @@ def verify(cfg: RunConfig, notebook: str) -> list[str]:
                        + (", ".join(sorted(p.stem for p in (rec / CHUNKS).glob("*.json"))) or "none"))
     bad = damaged(rec, notebook)
     if bad:
-        return [f"{f}: differs from the digest chunk {notebook}'s manifest recorded" for f in bad]
+        return [f"{f}: differs from the digest chunk {notebook}'s manifest recorded" for f in bad], True
     meta = read_json(rec / IDENTITY)
     made = read_json(rec / CHUNKS / f"{notebook}.json")
     _other_code(f"chunk {notebook}", made)
@@ -522,7 +525,7 @@ def verify(cfg: RunConfig, notebook: str) -> list[str]:
             shutil.rmtree(part) if part.is_dir() else part.unlink(missing_ok=True)
         result = run(replace(cfg, run_id=scratch.name, with_deps=False, force=True))
         if result.results.get(notebook, {}).get("status") != "ok":
-            return [f"{notebook}: the re-run did not finish ok: {result.failures}"]
+            return [f"{notebook}: the re-run did not finish ok: {result.failures}"], exact
         ours, fresh = rec / "data" / notebook, scratch / "data" / notebook
         diffs = compare(ours, fresh) if exact else _cross_cpu(ours, fresh)
         a, b = rec / "scorecard" / f"{notebook}.json", scratch / "scorecard" / f"{notebook}.json"
@@ -531,15 +534,15 @@ def verify(cfg: RunConfig, notebook: str) -> list[str]:
             hit = agree.difference(*map(_clean, rows)) if exact else agree.difference(*map(_verdicts, rows))
             if hit:
                 diffs.append(f"scorecard/{notebook}.json: rows differ at {hit}")
-        return diffs
+        return diffs, exact
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def verify_part(cfg: RunConfig, notebook: str, unit: str) -> list[str]:
+def verify_part(cfg: RunConfig, notebook: str, unit: str) -> tuple[list[str], bool]:
     """Recompute one committed part (`unit` of `notebook`) in a scratch folder and compare its tables and values
     with the committed ones, as `verify` does for a chunk (a chunk's verification re-reads its parts, so this is
-    what re-checks a part's own numbers); returns the differences (empty: verified)."""
+    what re-checks a part's own numbers); returns (the differences (empty: verified), whether bit-exact)."""
     root = Path(cfg.root).resolve()
     rec = record_dir(root)
     meta = read_json(rec / IDENTITY) if (rec / IDENTITY).is_file() else {"profile": cfg.profile, "overrides": {}}
@@ -556,7 +559,7 @@ def verify_part(cfg: RunConfig, notebook: str, unit: str) -> list[str]:
     path = parts.folder(rec, notebook, unit)
     bad = parts.problem(path, spec.settings(P, unit))
     if bad:
-        return [bad]
+        return [bad], True
     _other_code(f"part {unit} of {notebook}", have[unit])
     exact = same_cpu(f"part {unit} of {notebook}", have[unit])
     scratch = root / "reports" / "record-verify" / parts.folder_name(unit)
@@ -564,7 +567,7 @@ def verify_part(cfg: RunConfig, notebook: str, unit: str) -> list[str]:
     try:
         parts.write(scratch, spec.compute(P, unit), {"notebook": notebook, "unit": unit}, spec.transient)
         diffs = compare(path, scratch) if exact else _cross_cpu(path, scratch)
-        return [d for d in diffs if not d.startswith(parts.PART_FILE)]
+        return [d for d in diffs if not d.startswith(parts.PART_FILE)], exact
     finally:
         shutil.rmtree(scratch.parent, ignore_errors=True)
 
