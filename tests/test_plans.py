@@ -256,3 +256,31 @@ def test_a_dry_run_plans_the_backdoor_bases_training_once_but_its_twins_every_ti
     base = load_profile("powered").security["backdoor_base"]
     assert out.count(f"[{base}] training") == 1 and f"backdoor base {base}: training" not in out
     assert "backdoor study on twins of" in out
+
+
+def test_a_gpu_is_planned_from_flops_or_its_launch_floor_whichever_is_longer(monkeypatch) -> None:
+    from esa.phases import costs
+
+    gpu = costs.Gpu("test GPU", peak_flops=1e12, utilisation=0.5, launch_s=1e-5, kernels_per_layer=10, load_s=3.0)
+    monkeypatch.setattr(costs, "_shape", lambda model: {"big": (1e9, 10), "small": (1e5, 10)}.get(model))
+    plan = costs.PlannedGpu(gpu, seqlen=256)
+    floor = 10 * 10 * 1e-5  # blocks x launches per block x seconds per launch
+    assert plan.seconds("big", "grad", 2) == 6 * 1e9 * 512 / (1e12 * 0.5)  # FLOP-bound: 6.1 s
+    assert plan.seconds("small", "grad", 2) == 2 * 3 * floor  # launch-bound: two windows of three forwards' launches
+    assert plan.seconds("small", "eval", 1, seqlen=128) == floor and plan.seconds("big", "load") == 3.0
+    assert plan.seconds("small", "zeroshot", 5) == 5 * gpu.item_passes * floor
+    assert plan.seconds("unknown", "eval") is None  # no config to plan from: no prediction, as with no measurement
+
+
+def test_the_dry_run_plans_a_gpu_on_request_and_refuses_the_flag_elsewhere(capsys) -> None:
+    from esa.runner import cli
+
+    assert cli.main(["--profile", "powered", "--only", "phase3_week5_core_perturbation", "--dry-run",
+                     "--gpu-plan", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "costs: planned for one H100 SXM, planned from FLOPs" in out and "on the planned H100" in out
+    assert cli.main(["--profile", "powered", "--gpu-plan", "h100"]) == 2
+    assert "--gpu-plan h100 only applies to --dry-run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--dry-run", "--gpu-plan", "tpu"])
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err

@@ -17,6 +17,7 @@ we plan: compute-bound matmuls); with no measurement for a model the prediction 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -154,3 +155,76 @@ def _measure_one(name: str, seqlen: int, windows: int) -> dict[str, float]:
             "act": timed(lambda x: METRICS["act_mag"](model, lm.inventory, x, cfg)),
             "hvp": timed(lambda x: METRICS["hutchinson_diag"](model, lm.inventory, x, cfg)), "load": load_s,
             "zeroshot": zeroshot}
+
+
+# ------------------------------------------------------------------ a GPU, planned from FLOPs
+# No GPU is lent here, so a GPU's seconds per pass are planned, not measured: a pass's matmul FLOPs (per parameter
+# and token: 2 forward, 6 forward + backward, 12 for a Hessian-vector product's double backward, 8 for a training
+# step) at a utilisation these small batches reach, or, when that is shorter, the launch floor of the kernels its
+# layers run (a 135M model's 256-token forward is launch-bound: ~3.8 ms of launches against 0.2 ms of matmuls).
+PASS_FLOPS = {"eval": 2.0, "act": 2.0, "grad": 6.0, "hvp": 12.0, "train": 8.0}
+PASS_LAUNCHES = {"eval": 1.0, "act": 1.0, "grad": 3.0, "hvp": 6.0, "train": 4.0}  # forward-launch multiples
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """The assumptions a GPU is planned from (no measurement: see `planned`)."""
+
+    name: str
+    peak_flops: float  # dense bf16 matmul FLOP/s
+    utilisation: float  # of peak, at these batch sizes
+    launch_s: float  # seconds per kernel launch (with its Python dispatch)
+    kernels_per_layer: int  # kernels one transformer block's forward launches
+    load_s: float  # loading a model already in the cache onto the device
+    item_passes: float = 4.0  # a zero-shot item: its four candidates, each a short forward (launch-bound)
+
+
+H100 = Gpu("one H100 SXM, planned from FLOPs (989 TFLOP/s bf16 dense at 30%, 5 us per launch, 25 launches per "
+           "block; not measured)", 989e12, 0.30, 5e-6, 25, 5.0)
+GPUS = {"h100": H100}
+
+
+@dataclass(frozen=True)
+class PlannedGpu:
+    """Costs' interface (`seconds`, `machine`, `same_machine`) for a GPU planned from FLOPs: per model, its block
+    matrices and LM head from its config (nothing loaded), per pass the longer of FLOP time and launch floor."""
+
+    gpu: Gpu
+    seqlen: int = 256
+
+    @property
+    def machine(self) -> dict[str, Any]:
+        return {"cores": None, "cpu": self.gpu.name}
+
+    def same_machine(self) -> bool:
+        return True  # a plan for the GPU it names, wherever it is printed
+
+    def seconds(self, model: str, kind: str, windows: float = 1.0, seqlen: int | None = None) -> float | None:
+        shape = _shape(model)
+        if shape is None:
+            return None
+        params, layers = shape
+        if kind == "load":
+            return self.gpu.load_s
+        floor = layers * self.gpu.kernels_per_layer * self.gpu.launch_s
+        if kind == "zeroshot":
+            return windows * self.gpu.item_passes * floor
+        tokens = windows * (seqlen or self.seqlen)
+        flops = PASS_FLOPS[kind] * params * tokens / (self.gpu.peak_flops * self.gpu.utilisation)
+        return max(flops, windows * PASS_LAUNCHES[kind] * floor)
+
+
+@functools.cache  # a plan asks per condition; the config is built once per model
+def _shape(model: str) -> tuple[float, int] | None:
+    """(matmul parameters: block matrices and LM head, blocks) of `model` from its config alone, or None."""
+    from esa.models.loader import inventory_without_weights, shape_source
+    from esa.params import model_params
+
+    ref = model_params(model).ref
+    inv, source = inventory_without_weights(ref), shape_source(ref)
+    if not inv or source is None:
+        return None
+    cfg = source[1]()
+    cfg = getattr(cfg, "text_config", None) or cfg
+    head = int(getattr(cfg, "vocab_size", 0) or 0) * int(getattr(cfg, "hidden_size", 0) or 0)
+    return float(sum(w.numel for w in inv) + head), max(1, len({w.layer for w in inv if w.layer >= 0}))

@@ -256,13 +256,13 @@ class Plan:
                 "notes": list(self.notes), "predicted_seconds": self.seconds(),
                 "conditions": [c.as_dict() for c in self.conditions]}
 
-    def lines(self, conditions: bool = True) -> list[str]:
-        """The plan as text (the command layer prints it; notebooks log it)."""
+    def lines(self, conditions: bool = True, where: str = "on this machine") -> list[str]:
+        """The plan as text (the command layer prints it; notebooks log it); `where` the seconds are predicted."""
         total = self.seconds()
         per = {m: len(self.for_model(m)) for m in self.models}
         head = (f"{self.study} plan, profile {self.profile.name}: models {', '.join(self.models)}; "
                 + ", ".join(f"{n} conditions for {m}" for m, n in per.items())
-                + (f"; predicted {duration(total)} on this machine" if total is not None else ""))
+                + (f"; predicted {duration(total)} {where}" if total is not None else ""))
         out = [head] + [f"  {k}: {_flat(v)}" for k, v in self.setup.items()] + [f"  note: {n}" for n in self.notes]
         if conditions:
             for c in self.conditions:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from esa.errors import EsaError, machine_failure
 from esa.params import yaml_load
+from esa.phases import costs
 from esa.runner import record
 from esa.runner.driver import RunConfig, format_plan, generate_docs, make_plan, run, study_plans, verify_cache
 from esa.runner.executors import EXECUTORS
@@ -55,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-id", help="run folder name under reports/ (default: the profile name)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--gpu-plan", choices=sorted(costs.GPUS), default=None,
+                   help="with --dry-run: predict seconds for this GPU from each pass's FLOPs and launch floor "
+                        "(esa.phases.costs: planned, not measured) instead of this machine's measured costs")
     p.add_argument("--force", action="store_true", help="rerun selected notebooks even if up to date")
     p.add_argument("--fail-fast", action="store_true", help="start nothing new after the first failure")
     p.add_argument("--no-deps", action="store_true",
@@ -145,6 +149,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.part is not None and not (args.record or args.verify_record):
             raise EsaError("--part only applies to --record (it records one unit of a notebook into reports/record/) "
                            "or --verify-record (it recomputes that committed part)")
+        if args.gpu_plan and not args.dry_run:
+            raise EsaError(f"--gpu-plan {args.gpu_plan} only applies to --dry-run (it plans seconds, it runs nothing)")
         if args.verify_record:
             if args.part is not None:
                 (diffs, exact), what = record.verify_part(cfg, args.verify_record, args.part), f"part {args.part} of"
@@ -179,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
             if cfg.verify_cache:
                 verify_cache()
             print(format_plan(plan))
-            print("\n".join(study_plans(plan)))
+            print("\n".join(study_plans(plan, args.gpu_plan)))
             return 0
         else:
             result = run(cfg)

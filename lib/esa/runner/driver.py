@@ -278,16 +278,22 @@ def predicted_plan(item: PlanItem, profile: Profile, measured: Any) -> StudyPlan
     return None
 
 
-def study_plans(plan: Plan) -> list[str]:
+def study_plans(plan: Plan, gpu: str | None = None) -> list[str]:
     """Per notebook of the plan: its `predicted_plan`: its conditions, n, the criterion each serves and the
-    seconds predicted from this machine's measured costs (esa.phases.costs); loads nothing."""
+    seconds predicted from this machine's measured costs (esa.phases.costs), or from `gpu`'s FLOP plan
+    (esa.phases.costs.GPUS: no GPU measured); loads nothing."""
     from esa.phases import costs, parts
 
-    measured = costs.load()
+    measured = costs.PlannedGpu(costs.GPUS[gpu]) if gpu else costs.load()
     profile = load_profile(plan.config.profile, plan.config.overrides)
-    lines = [("costs: " + (f"measured on {measured.machine.get('cores')} cores, {measured.machine.get('cpu')}"
-                           + ("" if measured.same_machine() else " (another machine: predictions are that machine's)"))
-              if measured else "costs: none measured here (make costs): no seconds predicted")]
+    where = f"on the planned {gpu.upper()}" if gpu else "on this machine"
+    if gpu:
+        lines = [f"costs: planned for {measured.machine['cpu']}"]
+    else:
+        lines = [("costs: " + (f"measured on {measured.machine.get('cores')} cores, {measured.machine.get('cpu')}"
+                               + ("" if measured.same_machine() else " (another machine: predictions are that "
+                                                                     "machine's)"))
+                  if measured else "costs: none measured here (make costs): no seconds predicted")]
     total, trained = 0.0, set[str]()
     for item in plan.items:
         p = predicted_plan(item, profile, measured)
@@ -298,12 +304,12 @@ def study_plans(plan: Plan) -> list[str]:
         p.conditions = [c for c in p.conditions if c.kind != "train" or c.priced not in trained]
         trained |= {c.priced for c in p.conditions if c.kind == "train"}
         total += p.seconds() or 0.0
-        lines += [f"{item.entry.id}:"] + ["  " + ln for ln in p.lines()]
+        lines += [f"{item.entry.id}:"] + ["  " + ln for ln in p.lines(where=where)]
         # a notebook with parts: each part's prediction, and which the judged record holds already
         record = Path(plan.config.root) / "reports" / "record"
         lines += ["  " + ln for ln in parts.plan_lines(p, item.entry.id, profile, item.task.parameters["models"],
                                                       record)]
-    lines.append(f"predicted for the studies above: {total / 60:.0f} min on this machine" if measured else "")
+    lines.append(f"predicted for the studies above: {total / 60:.0f} min {where}" if measured else "")
     return lines
 
 
