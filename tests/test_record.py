@@ -226,9 +226,9 @@ def test_a_chunk_compared_across_cpus_still_needs_equal_verdicts_and_counts(tmp_
     from esa.store import write_json
 
     a, b = tmp_path / "a", tmp_path / "b"
-    for d, mean, verdict, n in ((a, 6.933022, "PASS", 64), (b, 6.933031, "PASS", 64)):
-        d.mkdir()
-        pd.DataFrame({"mean": [mean], "n": [n]}).to_parquet(d / "summary.parquet")
+    for d, mean, verdict, n, s in ((a, 6.933022, "PASS", 64, 1.0), (b, 6.933031, "PASS", 64, 9.0)):
+        d.mkdir()  # `seconds` measures the run, not its result: no gap, no difference
+        pd.DataFrame({"mean": [mean], "n": [n], "seconds": [s]}).to_parquet(d / "summary.parquet")
         write_json(d / "stats.json", {"verdict": verdict, "mean": mean, "seconds": mean})
     assert len(record.compare(a, b)) == 2 and record.compare(a, b, record.CROSS_CPU_RTOL) == []
     assert record.largest_gap(a, b) == ((6.933031 - 6.933022) / 6.933031, "summary.parquet")

@@ -39,7 +39,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -422,45 +422,52 @@ CROSS_CPU_RTOL = 1e-3
 MISSING = "missing in the fresh run"
 
 
-def compare(committed: Path, fresh: Path, rtol: float = 0.0) -> list[str]:
-    """Differences between two runs of one chunk: every table (parquet, column by column) and every JSON file
-    (scorecard rows included) of the chunk, leaving out timing, cache keys and paths; floats exactly, or to
-    `rtol` (esa.agree) when the runs were on different CPUs."""
+def _loaded(committed: Path, fresh: Path) -> Iterator[tuple[Path, Any, Any]]:
+    """Each table and JSON file of a committed chunk's data with its fresh twin (None when missing), as they are
+    compared: tables without the columns that measure time or place, JSON without those keys."""
     import pandas as pd
 
-    out = []
     for f in sorted(p for p in committed.rglob("*") if p.suffix in (".parquet", ".json") and p.is_file()):
         rel = f.relative_to(committed)
         g = fresh / rel
-        if not g.is_file():
+        if f.suffix == ".parquet":
+            a = pd.read_parquet(f)
+            b = pd.read_parquet(g) if g.is_file() else None
+            yield rel, a[[c for c in a.columns if not _volatile(c)]], \
+                None if b is None else b[[c for c in b.columns if not _volatile(c)]]
+        elif f.name != "artefacts.json":
+            yield rel, _clean(read_json(f)), _clean(read_json(g)) if g.is_file() else None
+
+
+def _differences(pairs: Iterable[tuple[Path, Any, Any]], rtol: float) -> list[str]:
+    out = []
+    for rel, a, b in pairs:
+        if b is None:
             out.append(f"{rel}: {MISSING}")
-        elif f.suffix == ".parquet":
-            a, b = pd.read_parquet(f), pd.read_parquet(g)
-            a = a[[c for c in a.columns if not _volatile(c)]]
-            b = b[[c for c in b.columns if not _volatile(c)]]
+        elif rel.suffix == ".parquet":
             if hit := agree.frame_difference(a, b, rtol):
                 out.append(f"{rel}: {hit}")
-        elif f.name != "artefacts.json" and (hit := agree.difference(_clean(read_json(f)), _clean(read_json(g)),
-                                                                    rtol)):
+        elif hit := agree.difference(a, b, rtol):
             out.append(f"{rel}: JSON differs at {hit}"[:400])
     return out
 
 
-def largest_gap(committed: Path, fresh: Path) -> tuple[float, str]:
-    """The largest float gap between two runs' tables and JSON (esa.agree.largest; 0 when bit-equal), and the
-    file it is in."""
-    import pandas as pd
+def compare(committed: Path, fresh: Path, rtol: float = 0.0) -> list[str]:
+    """Differences between two runs of one chunk: every table (parquet, column by column) and every JSON file
+    (scorecard rows included) of the chunk, leaving out timing, cache keys and paths; floats exactly, or to
+    `rtol` (esa.agree) when the runs were on different CPUs."""
+    return _differences(_loaded(committed, fresh), rtol)
 
-    gaps = [(0.0, "")]
-    for f in committed.rglob("*"):
-        g = fresh / f.relative_to(committed)
-        if not (f.is_file() and g.is_file()) or f.name == "artefacts.json":
-            continue
-        if f.suffix == ".parquet":
-            gaps.append((agree.largest(pd.read_parquet(f), pd.read_parquet(g)), f.name))
-        elif f.suffix == ".json":
-            gaps.append((agree.largest(_clean(read_json(f)), _clean(read_json(g))), f.name))
-    return max(gaps)
+
+def _largest(pairs: Iterable[tuple[Path, Any, Any]]) -> tuple[float, str]:
+    """The largest float gap between two runs' tables and JSON as compared (esa.agree.largest; 0 when bit-equal),
+    and the file it is in."""
+    return max([(0.0, ""), *((agree.largest(a, b), rel.name) for rel, a, b in pairs if b is not None)])
+
+
+def largest_gap(committed: Path, fresh: Path) -> tuple[float, str]:
+    """`_largest` of two runs' folders (timing columns and keys left out, as `compare` leaves them out)."""
+    return _largest(_loaded(committed, fresh))
 
 
 def same_cpu(what: str, made: dict[str, Any]) -> bool:
@@ -479,10 +486,11 @@ def same_cpu(what: str, made: dict[str, Any]) -> bool:
 def _cross_cpu(committed: Path, fresh: Path) -> list[str]:
     """On another CPU: lists every difference beyond rounding and returns those of shape (a table's columns or
     rows, a missing file), which no rounding explains."""
-    listed = compare(committed, fresh, CROSS_CPU_RTOL)
+    pairs = list(_loaded(committed, fresh))  # read once: listed, then measured
+    listed = _differences(pairs, CROSS_CPU_RTOL)
     for d in listed:
         print(f"  differs on another CPU: {d}")
-    gap, where = largest_gap(committed, fresh)
+    gap, where = _largest(pairs)
     print(f"largest float gap from the committed record: {gap:.1e} of the value" + (f", in {where}" if where else ""))
     return [d for d in listed if agree.SHAPE in d or MISSING in d]
 
