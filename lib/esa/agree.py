@@ -21,8 +21,11 @@ import pandas as pd
 SHAPE = "columns or rows differ"  # said where two results differ in shape (columns, rows, keys, items), not values
 
 
-def _close(a: float, b: float, rtol: float) -> bool:
-    return a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= rtol * max(abs(a), abs(b), 1.0)
+def _close(a: Any, b: Any, rtol: float) -> Any:
+    """Whether floats (or arrays of them) `a` and `b` agree to `rtol` as the module says; NaN equals NaN."""
+    with np.errstate(invalid="ignore"):  # inf - inf: settled by a == b
+        size = np.maximum(np.maximum(np.abs(a), np.abs(b)), 1.0)
+        return (a == b) | (np.isnan(a) & np.isnan(b)) | (np.abs(a - b) <= rtol * size)
 
 
 def difference(a: Any, b: Any, rtol: float = 0.0, path: str = "") -> str | None:
@@ -41,7 +44,7 @@ def difference(a: Any, b: Any, rtol: float = 0.0, path: str = "") -> str | None:
         return next((hit for i, (x, y) in enumerate(zip(a, b, strict=True))
                      if (hit := difference(x, y, rtol, f"{path}[{i}]"))), None)
     if isinstance(a, float) and isinstance(b, float):
-        return None if _close(a, b, rtol) else f"{path}: {a!r} != {b!r}"
+        return None if _close(np.float64(a), np.float64(b), rtol) else f"{path}: {a!r} != {b!r}"
     return None if a == b else f"{path}: {a!r} != {b!r}"
 
 
@@ -62,9 +65,7 @@ def frame_difference(a: pd.DataFrame, b: pd.DataFrame, rtol: float = 0.0) -> str
             return f"column {col!r}: dtype {x.dtype} != {y.dtype}"
         if pd.api.types.is_float_dtype(x):
             u, v = x.to_numpy(float), y.to_numpy(float)
-            with np.errstate(invalid="ignore"):  # inf - inf: settled by u == v
-                bad = ~((u == v) | (np.isnan(u) & np.isnan(v))
-                        | (np.abs(u - v) <= rtol * np.maximum(np.maximum(np.abs(u), np.abs(v)), 1.0)))
+            bad = ~_close(u, v, rtol)
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 return f"column {col!r}, row {i}: {float(u[i])!r} != {float(v[i])!r} ({int(bad.sum())} rows beyond rtol {rtol:g})"
